@@ -1,0 +1,135 @@
+//! What the kernel programs count, defined once for both sides.
+//!
+//! Every packet a program sees ends in exactly one *verdict* counter (the
+//! `PASS_*` family today; `TX_*`/`DROP_*` join it as the fast paths grow), so
+//! the verdicts add up to the packets seen. `SEEN_*` counters are observations
+//! counted in addition to the verdict.
+//!
+//! No Rust `enum` crosses the boundary (reading an invalid discriminant from a
+//! map would be undefined behaviour): a counter is a transparent index.
+
+use crate::consts::{DHCP_CLIENT_PORT, DHCP_SERVER_PORT, PXE_PROXY_PORT, TFTP_PORT};
+
+/// Index into a program's per-CPU counter array.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Counter(pub u32);
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $name:ident = $idx:literal,)+) => {
+        impl Counter {
+            $($(#[doc = $doc])* pub const $name: Counter = Counter($idx);)+
+
+            /// Every counter with its name, in index order.
+            pub const ALL: &'static [(Counter, &'static str)] = &[$((Counter::$name, stringify!($name)),)+];
+        }
+    };
+}
+
+counters! {
+    /// Neither IPv4 nor one 802.1Q tag followed by IPv4 (ARP, IPv6, LLDP, ...).
+    PASS_NOT_IPV4 = 0,
+    /// Two or more VLAN tags (QinQ): not a network we serve on.
+    PASS_STACKED_VLAN = 1,
+    /// The frame ends inside the Ethernet, VLAN, IPv4 or UDP header.
+    PASS_TRUNCATED = 2,
+    /// IPv4 header that cannot be right: version not 4, IHL under 5 words, or
+    /// a header longer than the total length or the frame.
+    PASS_BAD_IPV4_HEADER = 3,
+    /// A fragment: only whole datagrams carry a trustworthy UDP header.
+    PASS_FRAGMENT = 4,
+    /// IPv4 but not UDP.
+    PASS_NOT_UDP = 5,
+    /// UDP for a port that is none of ours.
+    PASS_OTHER_UDP = 6,
+    /// UDP to 67: a client's or a relay's DHCP request.
+    PASS_DHCP_TO_SERVER = 7,
+    /// UDP to 68: a DHCP reply (ours seen on the wire, or another server's).
+    PASS_DHCP_TO_CLIENT = 8,
+    /// UDP to 4011: PXE boot server discovery (proxyDHCP).
+    PASS_PROXY_DHCP = 9,
+    /// UDP to 69: a TFTP request (RRQ/WRQ) to start a transfer.
+    PASS_TFTP_REQUEST = 10,
+    /// UDP to a registered TFTP transfer port: ACKs and errors of a transfer.
+    PASS_TFTP_TRANSFER = 11,
+    /// Observation: the frame carried one 802.1Q tag (counted besides its verdict).
+    SEEN_VLAN_TAG = 12,
+}
+
+impl Counter {
+    /// Length of a counter array.
+    pub const COUNT: u32 = 13;
+
+    /// The counter's name, e.g. `PASS_TFTP_REQUEST`.
+    pub fn name(self) -> &'static str {
+        match Self::ALL.get(self.0 as usize) {
+            Some((_, name)) => name,
+            None => "UNKNOWN",
+        }
+    }
+
+    /// True for verdicts (exactly one per packet), false for observations.
+    pub fn is_verdict(self) -> bool {
+        self.0 < Counter::SEEN_VLAN_TAG.0
+    }
+}
+
+/// Verdict for a whole, well-formed UDP datagram by its destination port.
+/// `transfer_port_registered` says whether userspace registered `dst_port` as
+/// the server side of a running TFTP transfer (a map lookup only the kernel
+/// side can make).
+pub const fn classify_udp(dst_port: u16, transfer_port_registered: bool) -> Counter {
+    match dst_port {
+        DHCP_SERVER_PORT => Counter::PASS_DHCP_TO_SERVER,
+        DHCP_CLIENT_PORT => Counter::PASS_DHCP_TO_CLIENT,
+        PXE_PROXY_PORT => Counter::PASS_PROXY_DHCP,
+        TFTP_PORT => Counter::PASS_TFTP_REQUEST,
+        _ if transfer_port_registered => Counter::PASS_TFTP_TRANSFER,
+        _ => Counter::PASS_OTHER_UDP,
+    }
+}
+
+/// True when `dst_port` is a well-known port, so no transfer-port lookup is needed.
+pub const fn is_well_known(dst_port: u16) -> bool {
+    matches!(
+        dst_port,
+        DHCP_SERVER_PORT | DHCP_CLIENT_PORT | PXE_PROXY_PORT | TFTP_PORT
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_table_is_dense_and_complete() {
+        assert_eq!(Counter::ALL.len() as u32, Counter::COUNT);
+        for (i, (c, _)) in Counter::ALL.iter().enumerate() {
+            assert_eq!(c.0 as usize, i, "{} is out of place", c.name());
+        }
+    }
+
+    #[test]
+    fn only_seen_counters_are_observations() {
+        for (c, name) in Counter::ALL {
+            assert_eq!(c.is_verdict(), !name.starts_with("SEEN_"), "{name}");
+        }
+    }
+
+    #[test]
+    fn udp_ports_classify_to_their_protocol() {
+        let cases = [
+            (67, false, Counter::PASS_DHCP_TO_SERVER),
+            (68, false, Counter::PASS_DHCP_TO_CLIENT),
+            (4011, false, Counter::PASS_PROXY_DHCP),
+            (69, false, Counter::PASS_TFTP_REQUEST),
+            (69, true, Counter::PASS_TFTP_REQUEST),
+            (50000, true, Counter::PASS_TFTP_TRANSFER),
+            (50000, false, Counter::PASS_OTHER_UDP),
+            (53, false, Counter::PASS_OTHER_UDP),
+        ];
+        for (port, registered, want) in cases {
+            assert_eq!(classify_udp(port, registered), want, "port {port} registered={registered}");
+        }
+    }
+}

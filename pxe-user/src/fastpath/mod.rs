@@ -1,0 +1,214 @@
+//! The kernel side as the control plane sees it: the BPF object built from
+//! `pxe-ebpf`, its programs attached to one interface, and its maps.
+//!
+//! Attachments are BPF links (XDP and TCX) owned by file descriptors of this
+//! process, so the kernel detaches them when the process exits for any
+//! reason, SIGKILL and crashes included: a dead daemon never leaves a program
+//! on an operator's interface.
+
+mod counters;
+
+use std::{ffi::CString, fmt};
+
+use aya::{
+    maps::{HashMap, MapData, MapError},
+    programs::{tc, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
+    Ebpf, EbpfError,
+};
+use pxe_common::maps::{self, TftpPortEntry, TftpPortKey};
+
+pub use self::counters::{CounterSnapshot, Counters};
+
+/// The BPF object compiled from `pxe-ebpf` by build.rs.
+pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pxe-xdp"));
+
+/// Name of the XDP entry point in the object.
+pub const XDP_PROGRAM: &str = "pxe_ingress";
+/// Name of the TC ingress entry point in the object.
+pub const TC_PROGRAM: &str = "pxe_tc_ingress";
+
+/// How to attach the XDP program, as the operator asks for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpModeChoice {
+    /// Native (driver) mode if the driver supports it, otherwise generic.
+    Auto,
+    /// Native mode only: the driver runs the program before any skb exists.
+    Native,
+    /// Generic mode: the stack runs the program on an skb; works on any interface.
+    Generic,
+    /// No XDP program; the TC program and userspace serve everything.
+    Off,
+}
+
+/// The XDP mode actually in effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachedXdp {
+    Native,
+    Generic,
+}
+
+impl fmt::Display for AttachedXdp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FastPathError {
+    #[error("the embedded BPF object could not be parsed or its maps created: {0}")]
+    Object(#[source] EbpfError),
+    #[error("the kernel refused the {program} program. Last lines of the verifier log:\n{log_tail}")]
+    Verifier { program: &'static str, log_tail: String },
+    #[error("loading the {program} program failed: {source}")]
+    Load { program: &'static str, source: ProgramError },
+    #[error("no interface named {iface:?} in this network namespace (`ip link` lists them)")]
+    UnknownInterface { iface: String },
+    #[error("attaching XDP to {iface} in {mode} mode failed: {source}")]
+    AttachXdp { iface: String, mode: &'static str, source: ProgramError },
+    #[error("attaching XDP to {iface} failed in native mode ({native}) and in generic mode ({generic})")]
+    AttachXdpAuto { iface: String, native: ProgramError, generic: ProgramError },
+    #[error("attaching the TC ingress program to {iface} failed: {source}")]
+    AttachTc { iface: String, source: ProgramError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+}
+
+/// The loaded object: programs verified and loaded, maps created. Dropping it
+/// detaches whatever it attached.
+pub struct FastPath {
+    ebpf: Ebpf,
+}
+
+impl FastPath {
+    /// Loads the embedded object and both programs into the kernel (this is
+    /// when the verifier runs). Nothing is attached yet.
+    pub fn load() -> Result<Self, FastPathError> {
+        let mut ebpf = Ebpf::load(BPF_OBJECT).map_err(FastPathError::Object)?;
+        load_program::<Xdp>(&mut ebpf, XDP_PROGRAM, |p| p.load())?;
+        load_program::<SchedClassifier>(&mut ebpf, TC_PROGRAM, |p| p.load())?;
+        Ok(Self { ebpf })
+    }
+
+    /// The loaded object, for tests that run the programs with BPF_PROG_TEST_RUN.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Attaches the XDP program to `iface` as `choice` asks and returns the
+    /// mode in effect (`None` for [`XdpModeChoice::Off`]).
+    pub fn attach_xdp(&mut self, iface: &str, choice: XdpModeChoice) -> Result<Option<AttachedXdp>, FastPathError> {
+        let if_index = interface_index(iface)?;
+        let program: &mut Xdp = program_mut(&mut self.ebpf, XDP_PROGRAM);
+        let attach = |program: &mut Xdp, mode: XdpMode, name: &'static str| {
+            program
+                .attach_to_if_index(if_index, mode)
+                .map(|_| ())
+                .map_err(|source| FastPathError::AttachXdp { iface: iface.to_owned(), mode: name, source })
+        };
+        match choice {
+            XdpModeChoice::Off => Ok(None),
+            XdpModeChoice::Native => attach(program, XdpMode::Driver, "native").map(|()| Some(AttachedXdp::Native)),
+            XdpModeChoice::Generic => attach(program, XdpMode::Skb, "generic").map(|()| Some(AttachedXdp::Generic)),
+            XdpModeChoice::Auto => match program.attach_to_if_index(if_index, XdpMode::Driver) {
+                Ok(_) => Ok(Some(AttachedXdp::Native)),
+                Err(native) => match program.attach_to_if_index(if_index, XdpMode::Skb) {
+                    Ok(_) => Ok(Some(AttachedXdp::Generic)),
+                    Err(generic) => Err(FastPathError::AttachXdpAuto { iface: iface.to_owned(), native, generic }),
+                },
+            },
+        }
+    }
+
+    /// Attaches the TC program to `iface`'s ingress (TCX link on kernels ≥ 6.6,
+    /// a clsact filter before that).
+    pub fn attach_tc(&mut self, iface: &str) -> Result<(), FastPathError> {
+        interface_index(iface)?;
+        let tc_error = |source: ProgramError| FastPathError::AttachTc { iface: iface.to_owned(), source };
+        let has_tcx = aya::util::KernelVersion::current()
+            .map(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+            .unwrap_or(false);
+        if !has_tcx {
+            // Legacy attach needs the clsact qdisc; it may exist already.
+            if let Err(e) = tc::qdisc_add_clsact(iface) {
+                if !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST)) {
+                    return Err(tc_error(ProgramError::from(e)));
+                }
+            }
+        }
+        let program: &mut SchedClassifier = program_mut(&mut self.ebpf, TC_PROGRAM);
+        program.attach(iface, TcAttachType::Ingress).map(|_| ()).map_err(tc_error)
+    }
+
+    /// Reads both programs' counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters, FastPathError> {
+        Ok(Counters {
+            xdp: counters::read(&self.ebpf, maps::XDP_COUNTERS)?,
+            tc: counters::read(&self.ebpf, maps::TC_COUNTERS)?,
+        })
+    }
+
+    /// Marks `port` as the server side of a running TFTP transfer, so the
+    /// programs recognise its packets.
+    pub fn register_transfer_port(&mut self, port: u16) -> Result<(), FastPathError> {
+        self.tftp_ports()?
+            .insert(TftpPortKey::new(port), TftpPortEntry { flags: 0 }, 0)
+            .map_err(|source| FastPathError::Map { name: maps::TFTP_PORTS, source })
+    }
+
+    /// Forgets a transfer port registered with [`Self::register_transfer_port`].
+    pub fn unregister_transfer_port(&mut self, port: u16) -> Result<(), FastPathError> {
+        match self.tftp_ports()?.remove(&TftpPortKey::new(port)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(source) => Err(FastPathError::Map { name: maps::TFTP_PORTS, source }),
+        }
+    }
+
+    fn tftp_ports(&mut self) -> Result<HashMap<&mut MapData, TftpPortKey, TftpPortEntry>, FastPathError> {
+        let map = self.ebpf.map_mut(maps::TFTP_PORTS).expect("TFTP_PORTS is defined by pxe-ebpf");
+        HashMap::try_from(map).map_err(|source| FastPathError::Map { name: maps::TFTP_PORTS, source })
+    }
+}
+
+/// Loads one program, turning a verifier rejection into its log's last lines.
+fn load_program<P>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    load: impl FnOnce(&mut P) -> Result<(), ProgramError>,
+) -> Result<(), FastPathError>
+where
+    for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    match load(program_mut(ebpf, name)) {
+        Ok(()) => Ok(()),
+        Err(ProgramError::LoadError { io_error, verifier_log }) => {
+            let log = verifier_log.to_string();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+            Err(FastPathError::Verifier { program: name, log_tail: format!("{tail}\n({io_error})") })
+        }
+        Err(source) => Err(FastPathError::Load { program: name, source }),
+    }
+}
+
+/// A program the object is built to contain; its absence is a build defect.
+fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut P
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program = ebpf.program_mut(name).unwrap_or_else(|| panic!("pxe-ebpf defines no program {name}"));
+    program.try_into().unwrap_or_else(|e| panic!("program {name} has an unexpected type: {e}"))
+}
+
+fn interface_index(iface: &str) -> Result<u32, FastPathError> {
+    let unknown = || FastPathError::UnknownInterface { iface: iface.to_owned() };
+    let c_name = CString::new(iface).map_err(|_| unknown())?;
+    // SAFETY: c_name is a valid NUL-terminated string that outlives the call.
+    match unsafe { libc::if_nametoindex(c_name.as_ptr()) } {
+        0 => Err(unknown()),
+        index => Ok(index),
+    }
+}

@@ -1,0 +1,124 @@
+//! The real `pxed` binary in a throwaway namespace: it attaches, it detaches on
+//! SIGTERM and SIGINT, nothing stays attached after SIGKILL, and its errors
+//! say what is wrong. Needs root.
+
+use std::{
+    process::{Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use nix::{sys::signal::{kill, Signal}, unistd::Pid};
+use pxe_lab::{Lab, Netns};
+
+const PXED: &str = env!("CARGO_BIN_EXE_pxed");
+
+fn lab() -> (Lab, Netns) {
+    let lab = Lab::new().expect("creating the lab");
+    let server = lab.add_netns("srv").unwrap();
+    let client = lab.add_netns("cli").unwrap();
+    lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&client, "eth0", Some("198.18.0.2/24"))).unwrap();
+    (lab, server)
+}
+
+fn xdp_attached(ns: &Netns) -> bool {
+    let out = ns.output("ip", &["link", "show", "eth0"]).unwrap();
+    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+}
+
+fn tcx_programs(ns: &Netns) -> usize {
+    ns.run(|| SchedClassifier::query_tcx("eth0", TcAttachType::Ingress).map(|(_, p)| p.len()).unwrap_or(0))
+        .unwrap()
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        sleep(Duration::from_millis(50));
+    }
+}
+
+fn start(lab: &Lab, ns: &Netns) -> u32 {
+    let pid = lab.spawn(ns, PXED, &["--interface", "eth0"]).expect("starting pxed");
+    wait_until("pxed attached XDP", || xdp_attached(ns));
+    wait_until("pxed attached TC", || tcx_programs(ns) == 1);
+    pid
+}
+
+fn stop_with(lab: &Lab, pid: u32, signal: Signal) -> std::process::ExitStatus {
+    kill(Pid::from_raw(pid as i32), signal).expect("signalling pxed");
+    let mut child = lab.take_child(pid).expect("pxed is our child");
+    child.wait().expect("waiting for pxed")
+}
+
+#[test]
+fn sigterm_and_sigint_detach_everything_and_exit_cleanly() {
+    if !pxe_lab::privileged("sigterm_and_sigint_detach_everything_and_exit_cleanly") {
+        return;
+    }
+    let (lab, server) = lab();
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        let pid = start(&lab, &server);
+        let status = stop_with(&lab, pid, signal);
+        assert!(status.success(), "pxed exits 0 on {signal}: {status}");
+        assert!(!xdp_attached(&server), "XDP still attached after {signal}");
+        assert_eq!(tcx_programs(&server), 0, "TC still attached after {signal}");
+    }
+}
+
+#[test]
+fn sigkill_leaves_no_program_attached() {
+    if !pxe_lab::privileged("sigkill_leaves_no_program_attached") {
+        return;
+    }
+    let (lab, server) = lab();
+    let pid = start(&lab, &server);
+    let status = stop_with(&lab, pid, Signal::SIGKILL);
+    assert!(!status.success());
+    // The links die with the last file descriptor; the kernel releases them
+    // asynchronously, so give it a moment.
+    wait_until("XDP is detached after SIGKILL", || !xdp_attached(&server));
+    wait_until("TC is detached after SIGKILL", || tcx_programs(&server) == 0);
+}
+
+#[test]
+fn a_missing_interface_is_a_clear_error() {
+    if !pxe_lab::privileged("a_missing_interface_is_a_clear_error") {
+        return;
+    }
+    let (_lab, server) = lab();
+    let out = server.output(PXED, &["--interface", "eth9"]).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no interface named \"eth9\""), "{stderr}");
+}
+
+#[test]
+fn without_privileges_pxed_says_it_needs_root() {
+    if !pxe_lab::privileged("without_privileges_pxed_says_it_needs_root") {
+        return;
+    }
+    // setpriv (util-linux) drops to nobody with no capabilities at all.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .args([PXED, "--interface", "lo"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("running setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("pxed needs root"), "{stderr}");
+    assert!(stderr.contains("CAP_BPF"), "{stderr}");
+}
+
+#[test]
+fn help_explains_the_xdp_modes() {
+    let out = Command::new(PXED).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for word in ["--interface", "--xdp-mode", "auto", "native", "generic", "off", "--no-tc"] {
+        assert!(help.contains(word), "--help mentions {word}:\n{help}");
+    }
+}

@@ -1,0 +1,65 @@
+//! `cargo xtask`: everything around the build that cargo alone cannot do.
+//!
+//! - `setup`: installs what a fresh Debian machine lacks (apt packages,
+//!   nightly rust-src, bpf-linker) and checks the kernel. Idempotent.
+//! - `test`: setup, then the whole test suite, with privileged tests required
+//!   to run rather than allowed to skip.
+
+mod setup;
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Project tasks: setup and the test suite")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install missing prerequisites and check the kernel (idempotent).
+    Setup {
+        /// Only report what is missing; install nothing.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run setup, then every test in the workspace (as root: namespaces, BPF).
+    Test {
+        /// Extra arguments for `cargo test`, e.g. a test name filter.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cargo_args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup { check } => setup::run(if check { setup::Mode::Check } else { setup::Mode::Install }),
+        Task::Test { cargo_args } => setup::run(setup::Mode::Install).and_then(|()| test(&cargo_args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn test(cargo_args: &[String]) -> anyhow::Result<()> {
+    let status = Command::new(env!("CARGO"))
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(cargo_args)
+        // Tests that need root panic instead of skipping: a green run must mean they ran.
+        .env("PXE_REQUIRE_PRIVILEGED_TESTS", "1")
+        .status()
+        .context("running cargo test")?;
+    if !status.success() {
+        bail!("tests failed ({status})");
+    }
+    Ok(())
+}

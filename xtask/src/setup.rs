@@ -1,0 +1,188 @@
+//! Prerequisites of building and testing, each checked and, when missing,
+//! installed or explained in one line.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context as _};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Check,
+    Install,
+}
+
+/// Debian packages: the LLVM that bpf-linker links against, the network tools
+/// the lab uses, and the real protocol peers the tests run.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("llvm-22-dev", "bpf-linker links against LLVM 22"),
+    ("libpolly-22-dev", "bpf-linker's LLVM 22 build"),
+    ("zlib1g-dev", "bpf-linker's LLVM 22 build"),
+    ("libzstd-dev", "bpf-linker's LLVM 22 build"),
+    ("iproute2", "test namespaces, veth pairs, bridges (ip)"),
+    ("util-linux", "setpriv, to test running without privileges"),
+];
+
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13";
+/// The toolchain aya-build compiles the BPF crate with (`-Z build-std` needs nightly).
+const BPF_TOOLCHAIN: &str = "nightly";
+
+pub fn run(mode: Mode) -> anyhow::Result<()> {
+    let mut problems = Vec::new();
+    let can_install = mode == Mode::Install && is_root();
+
+    let missing = missing_apt_packages();
+    if !missing.is_empty() {
+        if can_install {
+            apt_install(&missing)?;
+        } else {
+            let names: Vec<&str> = missing.iter().map(|(n, _)| *n).collect();
+            for (name, why) in &missing {
+                problems.push(format!("apt package {name} is missing ({why})"));
+            }
+            problems.push(format!("  fix: apt-get install -y {}", names.join(" ")));
+        }
+    }
+
+    if !has_toolchain(BPF_TOOLCHAIN) {
+        if mode == Mode::Install {
+            step(&format!("installing the {BPF_TOOLCHAIN} toolchain with rust-src"));
+            run_cmd(Command::new("rustup").args([
+                "toolchain", "install", BPF_TOOLCHAIN, "--profile", "minimal", "--component", "rust-src",
+            ]))?;
+        } else {
+            problems.push(format!(
+                "the {BPF_TOOLCHAIN} toolchain is missing (the BPF crate builds with -Z build-std); fix: rustup toolchain install {BPF_TOOLCHAIN} --profile minimal --component rust-src"
+            ));
+        }
+    } else if !has_rust_src(BPF_TOOLCHAIN) {
+        if mode == Mode::Install {
+            step(&format!("adding rust-src to {BPF_TOOLCHAIN}"));
+            run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", BPF_TOOLCHAIN]))?;
+        } else {
+            problems.push(format!(
+                "rust-src is missing from {BPF_TOOLCHAIN} (needed to build core for bpfel-unknown-none); fix: rustup component add rust-src --toolchain {BPF_TOOLCHAIN}"
+            ));
+        }
+    }
+
+    if !has_bpf_linker() {
+        let fix = format!(
+            "LLVM_PREFIX={LLVM_PREFIX} cargo install bpf-linker --version ^{BPF_LINKER_VERSION} --no-default-features --features llvm-22"
+        );
+        if mode == Mode::Install && Path::new(LLVM_PREFIX).exists() {
+            step("installing bpf-linker (builds against llvm-22; 1-2 minutes)");
+            run_cmd(
+                Command::new(env!("CARGO"))
+                    .args(["install", "bpf-linker", "--version", &format!("^{BPF_LINKER_VERSION}")])
+                    .args(["--no-default-features", "--features", "llvm-22"])
+                    .env("LLVM_PREFIX", LLVM_PREFIX),
+            )?;
+        } else {
+            problems.push(format!("bpf-linker {BPF_LINKER_VERSION} is missing (links the BPF object); fix: {fix}"));
+        }
+    }
+
+    problems.extend(kernel_problems());
+
+    if problems.is_empty() {
+        step("setup: everything is in place");
+        return Ok(());
+    }
+    for p in &problems {
+        eprintln!("setup: {p}");
+    }
+    if mode == Mode::Install && !is_root() {
+        eprintln!("setup: run as root (or with sudo) to install the missing pieces");
+    }
+    bail!("{} prerequisite problem(s), listed above", problems.len())
+}
+
+fn step(what: &str) {
+    eprintln!("xtask: {what}");
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.trim_ascii() == b"0").unwrap_or(false)
+}
+
+fn missing_apt_packages() -> Vec<(&'static str, &'static str)> {
+    APT_PACKAGES.iter().copied().filter(|(name, _)| !dpkg_installed(name)).collect()
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).ends_with("installed"))
+        .unwrap_or(false)
+}
+
+fn apt_install(missing: &[(&str, &str)]) -> anyhow::Result<()> {
+    let names: Vec<&str> = missing.iter().map(|(n, _)| *n).collect();
+    step(&format!("installing {}", names.join(" ")));
+    run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&names)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn has_toolchain(toolchain: &str) -> bool {
+    Command::new("rustup")
+        .args(["run", toolchain, "rustc", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn has_rust_src(toolchain: &str) -> bool {
+    Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", toolchain])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")))
+        .unwrap_or(false)
+}
+
+fn has_bpf_linker() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).contains(&format!("bpf-linker {BPF_LINKER_VERSION}."))
+        })
+        .unwrap_or(false)
+}
+
+/// What the kernel must offer, each as one line if absent.
+fn kernel_problems() -> Vec<String> {
+    let mut problems = Vec::new();
+    if !Path::new("/proc/sys/kernel/unprivileged_bpf_disabled").exists() {
+        problems.push("the kernel has no bpf() syscall (CONFIG_BPF_SYSCALL); pxed cannot run here".to_owned());
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        problems.push("the kernel exposes no BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF)".to_owned());
+    }
+    if !Path::new("/proc/self/ns/net").exists() {
+        problems.push("the kernel has no network namespaces (CONFIG_NET_NS); the tests need them".to_owned());
+    }
+    problems
+}
+
+fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
