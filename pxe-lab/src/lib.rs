@@ -193,6 +193,29 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Waits until something in this namespace listens on UDP `port`
+    /// (IPv4), e.g. a server started with [`Lab::spawn`]. False on timeout.
+    pub fn wait_for_udp_port(&self, port: u16, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let needle = format!(":{port:04X} ");
+        loop {
+            // /proc/thread-self/net shows the namespace of the reading thread.
+            let table = self.run(|| std::fs::read_to_string("/proc/thread-self/net/udp")).ok().and_then(|r| r.ok());
+            let listening = table.is_some_and(|t| t.lines().skip(1).any(|l| {
+                l.split_whitespace().nth(1).is_some_and(|local| format!("{local} ").ends_with(&needle))
+            }));
+            if listening {
+                return true;
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+    }
+}
+
 fn ip<I, S>(args: I) -> io::Result<()>
 where
     I: IntoIterator<Item = S>,

@@ -5,5 +5,9 @@
 //! passed in) → policy and storage → I/O drivers (tokio sockets, the BPF
 //! programs in `fastpath`) → `main.rs`.
 
+pub mod bootroot;
 pub mod fastpath;
+pub mod netif;
 pub mod privileges;
+pub mod tftp;
+pub mod wire;

@@ -1,11 +1,24 @@
 //! `pxed`: the PXE boot daemon.
-use std::{io::IsTerminal as _, process::ExitCode, time::Duration};
+use std::{
+    io::IsTerminal as _,
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use pxe_user::{
+    bootroot::BootRoot,
     fastpath::{CounterSnapshot, Counters, FastPath, XdpModeChoice},
+    netif,
     privileges::missing_capabilities,
+    tftp::{
+        negotiate::Limits,
+        server::{TftpConfig, TftpServer, TransferHooks},
+    },
 };
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
@@ -32,6 +45,25 @@ struct Cli {
     /// whose XDP frames have no room to grow).
     #[arg(long, env = "PXED_NO_TC")]
     no_tc: bool,
+
+    /// Directory served over TFTP (and HTTP): boot loaders, kernels, initrds.
+    /// Nothing outside it is ever served. Without it, file serving is off.
+    #[arg(long, value_name = "DIR", env = "PXED_BOOT_ROOT")]
+    boot_root: Option<PathBuf>,
+
+    /// Largest TFTP block size granted. Default: the interface MTU minus the
+    /// IPv4, UDP and TFTP headers (1468 at MTU 1500), so no DATA fragments.
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u16).range(8..=65464))]
+    tftp_max_blksize: Option<u16>,
+
+    /// UDP port for TFTP requests. Firmware always asks on 69; change it only
+    /// to test.
+    #[arg(long, default_value_t = 69, value_name = "PORT")]
+    tftp_port: u16,
+
+    /// Largest TFTP window (RFC 7440 windowsize) granted.
+    #[arg(long, value_name = "BLOCKS", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    tftp_max_windowsize: u16,
 
     /// Seconds between counter lines in the log (only when something changed);
     /// 0 logs them only at exit. SIGUSR1 logs them at any time.
@@ -92,18 +124,32 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         info!(interface = %cli.interface, "TC ingress program attached");
     }
 
+    let fastpath = Arc::new(Mutex::new(fastpath));
+    let mut tftp = match &cli.boot_root {
+        Some(dir) => Some(tokio::spawn(start_tftp(&cli, dir, Arc::clone(&fastpath)).await?.run())),
+        None => {
+            warn!("no --boot-root: TFTP and HTTP file serving are off");
+            None
+        }
+    };
+
     let period = Duration::from_secs(if cli.stats_interval == 0 { u64::MAX / 4 } else { cli.stats_interval });
     let mut ticker = tokio::time::interval(period);
     ticker.tick().await; // the first tick is immediate
-    let mut last = fastpath.counters()?;
+    let counters = || fastpath.lock().unwrap_or_else(|e| e.into_inner()).counters();
+    let mut last = counters()?;
     info!("serving; SIGUSR1 logs counters, SIGINT/SIGTERM stops");
     loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
-            _ = sigusr1.recv() => log_counters("counters", &fastpath.counters()?),
+            _ = sigusr1.recv() => log_counters("counters", &counters()?),
+            Some(ended) = async { tftp.as_mut()?.await.ok() }, if tftp.is_some() => {
+                ended.context("the TFTP server stopped")?;
+                bail!("the TFTP server stopped");
+            }
             _ = ticker.tick() => {
-                match fastpath.counters() {
+                match counters() {
                     Ok(now) if now != last => {
                         log_counters("counters", &now);
                         last = now;
@@ -114,10 +160,49 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
-    log_counters("final counters", &fastpath.counters()?);
+    log_counters("final counters", &counters()?);
+    if let Some(task) = tftp {
+        task.abort();
+    }
     drop(fastpath);
     info!("programs detached; bye");
     Ok(())
+}
+
+/// Binds TFTP on the interface's address, serving the boot root.
+async fn start_tftp(cli: &Cli, dir: &std::path::Path, fastpath: Arc<Mutex<FastPath>>) -> anyhow::Result<TftpServer> {
+    let root = BootRoot::open(dir).context("the boot root (--boot-root) must be a readable directory")?;
+    let address = netif::ipv4_address(&cli.interface)?;
+    let mtu = netif::mtu(&cli.interface).unwrap_or(1500);
+    let max_blksize = cli.tftp_max_blksize.unwrap_or_else(|| mtu.saturating_sub(32).clamp(512, 65464) as u16);
+    let config = TftpConfig {
+        limits: Limits { max_blksize, max_windowsize: cli.tftp_max_windowsize },
+        ..TftpConfig::default()
+    };
+    let hooks = Arc::new(FastPathPorts(fastpath));
+    let server = TftpServer::bind(SocketAddr::from((address, cli.tftp_port)), Arc::new(root), config, hooks).await?;
+    info!(
+        address = %server.local_addr()?, boot_root = %dir.display(), max_blksize,
+        max_windowsize = cli.tftp_max_windowsize, "TFTP serving"
+    );
+    Ok(server)
+}
+
+/// Registers each transfer's server port with the kernel programs.
+struct FastPathPorts(Arc<Mutex<FastPath>>);
+
+impl TransferHooks for FastPathPorts {
+    fn opened(&self, port: u16) {
+        if let Err(e) = self.0.lock().unwrap_or_else(|e| e.into_inner()).register_transfer_port(port) {
+            warn!(port, "registering a TFTP transfer port with the kernel: {e}");
+        }
+    }
+
+    fn closed(&self, port: u16) {
+        if let Err(e) = self.0.lock().unwrap_or_else(|e| e.into_inner()).unregister_transfer_port(port) {
+            warn!(port, "unregistering a TFTP transfer port: {e}");
+        }
+    }
 }
 
 fn log_counters(what: &str, counters: &Counters) {

@@ -23,6 +23,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("libzstd-dev", "bpf-linker's LLVM 22 build"),
     ("iproute2", "test namespaces, veth pairs, bridges (ip)"),
     ("util-linux", "setpriv, to test running without privileges"),
+    ("nftables", "packet loss injected in test namespaces (this kernel has no netem)"),
+    ("curl", "TFTP and HTTP client in the interop tests"),
+    ("tftp-hpa", "TFTP client in the interop tests"),
+    ("atftp", "TFTP client with windowsize in the interop tests"),
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

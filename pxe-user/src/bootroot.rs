@@ -1,0 +1,260 @@
+//! The boot root: the one directory TFTP and HTTP serve from, read-only.
+//!
+//! Confinement is enforced by the kernel, not by string checks alone: every
+//! file is opened with `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`
+//! relative to a descriptor of the root, so no path spelling, symlink or race
+//! can reach a file outside it. The lexical checks before that exist to give
+//! a clear reason in the log.
+//!
+//! Files are memory-mapped once and shared by every transfer of the same file
+//! version. A file replaced on disk (new inode, or new size/mtime) is mapped
+//! afresh for new transfers, while running ones keep the mapping they started
+//! with. Replace boot files by renaming a new file into place; truncating a
+//! mapped file in place would pull pages out from under running transfers.
+
+use std::{
+    collections::HashMap,
+    ffi::CString,
+    fs::File,
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use memmap2::Mmap;
+
+/// Why a requested path is not served.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("no such file in the boot root")]
+    NotFound,
+    #[error("refused: {0}")]
+    Denied(&'static str),
+    #[error("reading the file failed: {0}")]
+    Io(#[source] io::Error),
+}
+
+/// One version of a served file, shared by every transfer of it.
+pub struct BootFile {
+    /// Path relative to the boot root, normalised (`/` separators, no `.`).
+    pub path: String,
+    map: Option<Mmap>,
+    identity: Identity,
+}
+
+impl BootFile {
+    /// The file's bytes as they were when this version was mapped.
+    pub fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+
+    pub fn len(&self) -> u64 {
+        self.identity.size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.identity.size == 0
+    }
+
+    pub fn modified(&self) -> SystemTime {
+        self.identity.modified
+    }
+
+    /// A validator that changes whenever the file is replaced (for HTTP ETags).
+    pub fn etag(&self) -> String {
+        let since = self.identity.modified.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        format!("\"{:x}-{:x}-{:x}\"", self.identity.inode, self.identity.size, since.as_nanos())
+    }
+}
+
+/// What tells two versions of a file apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Identity {
+    device: u64,
+    inode: u64,
+    size: u64,
+    modified: SystemTime,
+}
+
+/// The served directory and its mapped files.
+pub struct BootRoot {
+    path: PathBuf,
+    dir: OwnedFd,
+    cache: Mutex<HashMap<String, Arc<BootFile>>>,
+}
+
+impl BootRoot {
+    /// Opens `path` as the boot root. It must be an existing directory.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let dir = File::open(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("opening boot root {}: {e}", path.display())))?;
+        if !dir.metadata()?.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                format!("boot root {} is not a directory", path.display()),
+            ));
+        }
+        Ok(Self { path: path.to_owned(), dir: dir.into(), cache: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens a file by the path a client asked for. Backslashes count as
+    /// separators (Windows-built loaders send them) and a leading `/` means
+    /// the root itself, as tftpd-hpa's `--secure` does, so configs written for
+    /// other servers keep working.
+    pub fn open_file(&self, requested: &str) -> Result<Arc<BootFile>, OpenError> {
+        let relative = normalise(requested)?;
+        let file = self.open_beneath(&relative)?;
+        let meta = file.metadata().map_err(OpenError::Io)?;
+        if !meta.is_file() {
+            return Err(OpenError::Denied("not a regular file"));
+        }
+        let identity = Identity {
+            device: std::os::linux::fs::MetadataExt::st_dev(&meta),
+            inode: std::os::linux::fs::MetadataExt::st_ino(&meta),
+            size: meta.len(),
+            modified: meta.modified().map_err(OpenError::Io)?,
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cached) = cache.get(&relative) {
+            if cached.identity == identity {
+                return Ok(Arc::clone(cached));
+            }
+        }
+        let map = if identity.size == 0 {
+            None // mmap of zero bytes is EINVAL; an empty file has nothing to map
+        } else {
+            // SAFETY: the mapping is read-only and shared by readers only. The
+            // module contract (replace files by rename) keeps it valid: a
+            // replaced file keeps its old inode alive while mapped.
+            Some(unsafe { Mmap::map(&file) }.map_err(OpenError::Io)?)
+        };
+        let boot_file = Arc::new(BootFile { path: relative.clone(), map, identity });
+        cache.insert(relative, Arc::clone(&boot_file));
+        Ok(boot_file)
+    }
+
+    fn open_beneath(&self, relative: &str) -> Result<File, OpenError> {
+        let c_path = CString::new(relative).map_err(|_| OpenError::Denied("NUL byte in path"))?;
+        // SAFETY: open_how is plain data; all-zero is its documented default.
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+        how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+        // SAFETY: the descriptor, path and open_how outlive the call, and the
+        // size passed is open_how's own.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                self.dir.as_raw_fd(),
+                c_path.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if fd < 0 {
+            let err = io::Error::last_os_error();
+            return Err(match err.raw_os_error() {
+                Some(libc::ENOENT | libc::ENOTDIR) => OpenError::NotFound,
+                Some(libc::EXDEV) => OpenError::Denied("path leaves the boot root"),
+                Some(libc::ELOOP) => OpenError::Denied("too many or forbidden symlinks"),
+                Some(libc::EACCES | libc::EPERM) => OpenError::Denied("permission denied"),
+                _ => OpenError::Io(err),
+            });
+        }
+        // SAFETY: openat2 returned a fresh descriptor that nothing else owns.
+        Ok(unsafe { File::from_raw_fd(fd as i32) })
+    }
+}
+
+/// Turns a client's path into a root-relative one, or says why not.
+fn normalise(requested: &str) -> Result<String, OpenError> {
+    if requested.contains('\0') {
+        return Err(OpenError::Denied("NUL byte in path"));
+    }
+    let mut parts = Vec::new();
+    for part in requested.split(['/', '\\']) {
+        match part {
+            "" | "." => {}
+            ".." => return Err(OpenError::Denied("parent directory (..) in path")),
+            p => parts.push(p),
+        }
+    }
+    if parts.is_empty() {
+        return Err(OpenError::Denied("not a regular file"));
+    }
+    Ok(parts.join("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    fn root_with_files() -> (tempfile::TempDir, BootRoot) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("efi")).unwrap();
+        std::fs::write(dir.path().join("efi/boot.efi"), b"EFI!").unwrap();
+        std::fs::write(dir.path().join("pxelinux.0"), b"PXE").unwrap();
+        std::fs::write(dir.path().join("empty"), b"").unwrap();
+        let root = BootRoot::open(dir.path()).unwrap();
+        (dir, root)
+    }
+
+    #[test]
+    fn every_spelling_of_a_file_inside_the_root_is_served() {
+        let (_dir, root) = root_with_files();
+        for path in ["efi/boot.efi", "/efi/boot.efi", "efi\\boot.efi", "\\efi\\boot.efi", "./efi//boot.efi"] {
+            assert_eq!(root.open_file(path).unwrap().bytes(), b"EFI!", "{path}");
+        }
+        assert!(root.open_file("empty").unwrap().bytes().is_empty());
+    }
+
+    #[test]
+    fn traversal_in_every_spelling_is_refused() {
+        let (_dir, root) = root_with_files();
+        for path in ["../etc/passwd", "efi/../../etc/passwd", "..\\..\\etc\\passwd", "/..", "efi/..", "a\0b"] {
+            assert!(matches!(root.open_file(path), Err(OpenError::Denied(_))), "{path:?}");
+        }
+        // An absolute path is root-relative: /etc/passwd is looked for inside the root.
+        assert!(matches!(root.open_file("/etc/passwd"), Err(OpenError::NotFound)));
+    }
+
+    #[test]
+    fn symlinks_may_not_leave_the_root() {
+        let (dir, root) = root_with_files();
+        symlink("/etc/passwd", dir.path().join("passwd")).unwrap();
+        symlink("../../..", dir.path().join("efi/up")).unwrap();
+        symlink("efi/boot.efi", dir.path().join("inside")).unwrap();
+        assert!(matches!(root.open_file("passwd"), Err(OpenError::Denied(_))));
+        assert!(matches!(root.open_file("efi/up/etc/passwd"), Err(OpenError::Denied(_))));
+        assert_eq!(root.open_file("inside").unwrap().bytes(), b"EFI!", "a symlink inside the root is fine");
+    }
+
+    #[test]
+    fn directories_and_missing_files_are_not_served() {
+        let (_dir, root) = root_with_files();
+        assert!(matches!(root.open_file("efi"), Err(OpenError::Denied(_))));
+        assert!(matches!(root.open_file(""), Err(OpenError::Denied(_))));
+        assert!(matches!(root.open_file("nope"), Err(OpenError::NotFound)));
+        assert!(matches!(root.open_file("pxelinux.0/x"), Err(OpenError::NotFound)));
+    }
+
+    #[test]
+    fn a_replaced_file_is_picked_up_while_old_readers_keep_their_version() {
+        let (dir, root) = root_with_files();
+        let old = root.open_file("pxelinux.0").unwrap();
+        assert!(Arc::ptr_eq(&old, &root.open_file("pxelinux.0").unwrap()), "same version is shared");
+        let tmp = dir.path().join(".pxelinux.0.new");
+        std::fs::write(&tmp, b"NEW VERSION").unwrap();
+        std::fs::rename(&tmp, dir.path().join("pxelinux.0")).unwrap();
+        let new = root.open_file("pxelinux.0").unwrap();
+        assert_eq!(new.bytes(), b"NEW VERSION");
+        assert_eq!(old.bytes(), b"PXE", "a running transfer finishes on its version");
+    }
+}

@@ -1,0 +1,293 @@
+//! The TFTP driver: a listener on port 69 and one task per transfer, each on a
+//! fresh server port (its transfer ID, RFC 1350 §4). The tasks only move bytes
+//! between sockets and the sans-IO [`Transfer`]; every decision is made there
+//! or in [`negotiate`].
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use tokio::net::UdpSocket;
+use tracing::{debug, info, warn};
+
+use super::{
+    negotiate::{negotiate, Limits, Negotiated},
+    transfer::{Outcome, Outgoing, TimerConfig, Transfer},
+};
+use crate::{
+    bootroot::{BootFile, BootRoot, OpenError},
+    wire::tftp::{emit_data_header, ErrorCode, Repr, TftpOption, DATA_HEADER_LEN},
+};
+
+/// Everything the TFTP service can be tuned by.
+#[derive(Clone, Copy, Debug)]
+pub struct TftpConfig {
+    pub limits: Limits,
+    pub timer: TimerConfig,
+    /// Transfers running at once; requests beyond it are dropped (the client
+    /// retries) rather than answered with an error that ends its boot.
+    pub max_transfers: usize,
+    /// Transfers one client address may run at once: a machine needs one,
+    /// a load generator sharing an address needs more.
+    pub max_transfers_per_client: usize,
+}
+
+impl Default for TftpConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            timer: TimerConfig::default(),
+            max_transfers: 16_384,
+            max_transfers_per_client: 128,
+        }
+    }
+}
+
+/// Told when a transfer opens and closes its server port, so the kernel fast
+/// path can recognise (and later serve) its packets.
+pub trait TransferHooks: Send + Sync + 'static {
+    fn opened(&self, _server_port: u16) {}
+    fn closed(&self, _server_port: u16) {}
+}
+
+/// Hooks that do nothing: userspace serves everything.
+pub struct NoHooks;
+impl TransferHooks for NoHooks {}
+
+/// A running transfer as the listener knows it: enough to recognise a
+/// retransmitted request.
+struct Active {
+    request: Vec<u8>,
+}
+
+pub struct TftpServer {
+    listener: UdpSocket,
+    local_ip: IpAddr,
+    root: Arc<BootRoot>,
+    config: TftpConfig,
+    hooks: Arc<dyn TransferHooks>,
+    active: Arc<Mutex<HashMap<SocketAddr, Active>>>,
+}
+
+impl TftpServer {
+    /// Binds the listener. `addr` must be a concrete address: each transfer
+    /// answers from it, so clients see replies from the address they asked.
+    pub async fn bind(
+        addr: SocketAddr,
+        root: Arc<BootRoot>,
+        config: TftpConfig,
+        hooks: Arc<dyn TransferHooks>,
+    ) -> io::Result<Self> {
+        let listener = UdpSocket::bind(addr)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("binding TFTP to {addr}: {e}")))?;
+        Ok(Self {
+            local_ip: addr.ip(),
+            listener,
+            root,
+            config,
+            hooks,
+            active: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves requests until the future is dropped; transfers already running
+    /// finish on their own tasks.
+    pub async fn run(self) -> io::Result<()> {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let (len, peer) = match self.listener.recv_from(&mut buf).await {
+                Ok(r) => r,
+                // ICMP errors from earlier sends surface here; they are not ours to stop on.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => continue,
+                Err(e) => return Err(e),
+            };
+            self.handle_request(&buf[..len], peer).await;
+        }
+    }
+
+    async fn handle_request(&self, datagram: &[u8], peer: SocketAddr) {
+        let packet = match Repr::parse(datagram) {
+            Ok(p) => p,
+            Err(e) => {
+                debug!(client = %peer, "TFTP: ignoring malformed request: {e}");
+                if let crate::wire::tftp::WireError::UnknownOpcode(op) = e {
+                    self.refuse(peer, ErrorCode::IllegalOperation, &format!("unknown opcode {op}")).await;
+                }
+                return;
+            }
+        };
+        match packet {
+            Repr::ReadRequest { filename, options, .. } => self.start_read(datagram, peer, filename, &options).await,
+            Repr::WriteRequest { filename } => {
+                info!(client = %peer, file = filename, "TFTP: write request refused (read-only server)");
+                self.refuse(peer, ErrorCode::IllegalOperation, "this server is read-only").await;
+            }
+            other => {
+                debug!(client = %peer, "TFTP: {other:?} sent to the request port");
+                self.refuse(peer, ErrorCode::IllegalOperation, "only read requests go to port 69").await;
+            }
+        }
+    }
+
+    async fn start_read(&self, datagram: &[u8], peer: SocketAddr, filename: &str, options: &[TftpOption<'_>]) {
+        {
+            let active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+            if active.get(&peer).is_some_and(|a| a.request == datagram) {
+                // The client resent its request because our first packet was
+                // lost; the running transfer's timer resends it.
+                debug!(client = %peer, file = filename, "TFTP: duplicate request ignored");
+                return;
+            }
+            if active.len() >= self.config.max_transfers {
+                warn!(client = %peer, limit = self.config.max_transfers, "TFTP: transfer limit reached; request dropped, the client will retry");
+                return;
+            }
+            let from_client = active.keys().filter(|a| a.ip() == peer.ip()).count();
+            if from_client >= self.config.max_transfers_per_client {
+                warn!(client = %peer, limit = self.config.max_transfers_per_client, "TFTP: per-client transfer limit reached; request dropped");
+                return;
+            }
+        }
+        let file = match self.root.open_file(filename) {
+            Ok(f) => f,
+            Err(OpenError::NotFound) => {
+                info!(client = %peer, file = filename, "TFTP: file not found");
+                return self.refuse(peer, ErrorCode::FileNotFound, "file not found").await;
+            }
+            Err(OpenError::Denied(why)) => {
+                warn!(client = %peer, file = filename, "TFTP: access refused: {why}");
+                return self.refuse(peer, ErrorCode::AccessViolation, why).await;
+            }
+            Err(OpenError::Io(e)) => {
+                warn!(client = %peer, file = filename, "TFTP: reading failed: {e}");
+                return self.refuse(peer, ErrorCode::NotDefined, "the server could not read the file").await;
+            }
+        };
+        let agreed = match negotiate(options, file.len(), &self.config.limits) {
+            Ok(a) => a,
+            Err(refused) => {
+                info!(client = %peer, file = filename, "TFTP: options refused: {}", refused.0);
+                return self.refuse(peer, ErrorCode::OptionsRefused, &refused.0).await;
+            }
+        };
+        let socket = match std::net::UdpSocket::bind((self.local_ip, 0)).and_then(|s| {
+            s.set_nonblocking(true)?;
+            UdpSocket::from_std(s)
+        }) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(client = %peer, "TFTP: no transfer socket: {e}");
+                return self.refuse(peer, ErrorCode::NotDefined, "server out of sockets").await;
+            }
+        };
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer, Active { request: datagram.to_vec() });
+        let active = Arc::clone(&self.active);
+        let hooks = Arc::clone(&self.hooks);
+        let timer = self.config.timer;
+        tokio::spawn(async move {
+            let port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+            hooks.opened(port);
+            run_transfer(socket, peer, file, agreed, timer).await;
+            hooks.closed(port);
+            active.lock().unwrap_or_else(|e| e.into_inner()).remove(&peer);
+        });
+    }
+
+    async fn refuse(&self, peer: SocketAddr, code: ErrorCode, message: &str) {
+        let packet = Repr::Error { code, message }.to_vec();
+        if let Err(e) = self.listener.send_to(&packet, peer).await {
+            debug!(client = %peer, "TFTP: could not send error: {e}");
+        }
+    }
+}
+
+/// Drives one transfer to its end.
+async fn run_transfer(socket: UdpSocket, peer: SocketAddr, file: Arc<BootFile>, agreed: Negotiated, timer: TimerConfig) {
+    let started = Instant::now();
+    let mut transfer = Transfer::new(&agreed, file.len(), timer, started);
+    info!(
+        client = %peer, file = %file.path, size = file.len(), blksize = agreed.blksize,
+        windowsize = agreed.windowsize, "TFTP transfer started"
+    );
+    let oack: Vec<TftpOption<'_>> = agreed.oack.iter().map(|(name, value)| TftpOption { name, value }).collect();
+    let oack = Repr::OptionAck { options: oack }.to_vec();
+    let mut out = vec![0u8; DATA_HEADER_LEN + usize::from(agreed.blksize)];
+    let mut inbound = vec![0u8; 2048];
+
+    loop {
+        while let Some(next) = transfer.poll_transmit(Instant::now()) {
+            let packet: &[u8] = match next {
+                Outgoing::OptionAck => &oack,
+                Outgoing::Data { index } => {
+                    let payload = &file.bytes()[transfer.block_range(index)];
+                    emit_data_header(Transfer::wire_block(index), &mut out);
+                    out[DATA_HEADER_LEN..DATA_HEADER_LEN + payload.len()].copy_from_slice(payload);
+                    &out[..DATA_HEADER_LEN + payload.len()]
+                }
+            };
+            if let Err(e) = socket.send_to(packet, peer).await {
+                // A full socket buffer or a transient route error: the timer resends.
+                debug!(client = %peer, "TFTP: send failed: {e}");
+                break;
+            }
+        }
+        if transfer.outcome().is_some() {
+            break;
+        }
+        let Some(deadline) = transfer.poll_timeout() else { break };
+        tokio::select! {
+            received = socket.recv_from(&mut inbound) => {
+                let Ok((len, from)) = received else { continue };
+                if from != peer {
+                    // RFC 1350 §4: a packet from a stranger gets ERROR 5 and changes nothing.
+                    let error = Repr::Error { code: ErrorCode::UnknownTransferId, message: "unknown transfer ID" }.to_vec();
+                    let _ = socket.send_to(&error, from).await;
+                    continue;
+                }
+                match Repr::parse(&inbound[..len]) {
+                    Ok(Repr::Ack { block }) => transfer.handle_ack(block, Instant::now()),
+                    Ok(Repr::Error { code, message }) => transfer.handle_error(code.code(), message),
+                    Ok(other) => debug!(client = %peer, "TFTP: unexpected {other:?} during a transfer"),
+                    Err(e) => debug!(client = %peer, "TFTP: malformed packet during a transfer: {e}"),
+                }
+            }
+            () = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
+                transfer.handle_timeout(Instant::now());
+            }
+        }
+    }
+
+    let elapsed = started.elapsed();
+    let stats = transfer.stats();
+    match transfer.outcome() {
+        Some(Outcome::Completed) => {
+            let mbps = file.len() as f64 / elapsed.as_secs_f64().max(1e-9) / 1e6;
+            info!(
+                client = %peer, file = %file.path, bytes = file.len(), ms = elapsed.as_millis() as u64,
+                mb_per_s = format!("{mbps:.1}"), retransmits = stats.retransmits, duplicate_acks = stats.duplicate_acks,
+                "TFTP transfer completed"
+            );
+        }
+        Some(Outcome::ClientError { code, message }) => info!(
+            client = %peer, file = %file.path, code, message = %message, acked_blocks = transfer.acked_blocks(),
+            "TFTP transfer ended by the client"
+        ),
+        Some(Outcome::TimedOut { acked_blocks }) => warn!(
+            client = %peer, file = %file.path, acked_blocks, retransmits = stats.retransmits,
+            "TFTP transfer abandoned: the client went silent"
+        ),
+        None => warn!(client = %peer, file = %file.path, "TFTP transfer stopped"),
+    }
+}

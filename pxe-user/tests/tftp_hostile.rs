@@ -1,0 +1,147 @@
+//! Hostile and odd TFTP requests against the real `pxed`: each gets the RFC's
+//! error, nothing outside the boot root is served, and the server goes on
+//! serving everyone else. Needs root.
+
+mod common;
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    os::unix::fs::symlink,
+    time::Duration,
+};
+
+use common::{have_tool, patterned, run_ok, serve_tftp, tftp_client, SERVER_IP};
+use pxe_user::wire::tftp::{ErrorCode, Repr};
+use tftp_client::{error_code, fetch, first_reply, rrq};
+
+fn server() -> SocketAddr {
+    format!("{SERVER_IP}:69").parse().unwrap()
+}
+
+fn boot_root() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("ipxe.efi"), patterned(100 * 512 + 3, 7)).unwrap();
+    std::fs::create_dir(root.path().join("efi")).unwrap();
+    std::fs::write(root.path().join("efi/grubx64.efi"), b"grub").unwrap();
+    symlink("/etc/passwd", root.path().join("passwd-link")).unwrap();
+    symlink("../../../../etc", root.path().join("efi/etc-link")).unwrap();
+    root
+}
+
+#[test]
+fn hostile_requests_get_the_rfc_error_and_nothing_outside_the_root() {
+    if !pxe_lab::privileged("hostile_requests_get_the_rfc_error_and_nothing_outside_the_root") {
+        return;
+    }
+    let root = boot_root();
+    let served = serve_tftp(root.path(), &["--xdp-mode", "off", "--no-tc"]);
+    let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
+        ("dot-dot", rrq("../../../../etc/passwd", &[]), ErrorCode::AccessViolation),
+        ("dot-dot after a directory", rrq("efi/../../etc/passwd", &[]), ErrorCode::AccessViolation),
+        ("backslash dot-dot", rrq("..\\..\\etc\\passwd", &[]), ErrorCode::AccessViolation),
+        ("mixed separators", rrq("efi\\..//../etc/passwd", &[]), ErrorCode::AccessViolation),
+        ("absolute path stays inside the root", rrq("/etc/passwd", &[]), ErrorCode::FileNotFound),
+        ("symlink to a file outside", rrq("passwd-link", &[]), ErrorCode::AccessViolation),
+        ("symlinked directory outside", rrq("efi/etc-link/passwd", &[]), ErrorCode::AccessViolation),
+        ("a directory", rrq("efi", &[]), ErrorCode::AccessViolation),
+        ("missing file", rrq("nope.efi", &[]), ErrorCode::FileNotFound),
+        ("write request", Repr::WriteRequest { filename: "ipxe.efi" }.to_vec(), ErrorCode::IllegalOperation),
+        ("unknown opcode", vec![0, 9, b'x', 0], ErrorCode::IllegalOperation),
+        ("DATA to the request port", Repr::Data { block: 1, payload: b"x" }.to_vec(), ErrorCode::IllegalOperation),
+        ("blksize 0", rrq("ipxe.efi", &[("blksize", "0")]), ErrorCode::OptionsRefused),
+        ("blksize 7", rrq("ipxe.efi", &[("blksize", "7")]), ErrorCode::OptionsRefused),
+        ("blksize not a number", rrq("ipxe.efi", &[("blksize", "lots")]), ErrorCode::OptionsRefused),
+        ("windowsize 0", rrq("ipxe.efi", &[("windowsize", "0")]), ErrorCode::OptionsRefused),
+        ("timeout 999", rrq("ipxe.efi", &[("timeout", "999")]), ErrorCode::OptionsRefused),
+        ("huge tsize", rrq("ipxe.efi", &[("tsize", "99999999999999999999999")]), ErrorCode::OptionsRefused),
+    ];
+    served
+        .client
+        .run(|| {
+            for (what, packet, want) in &cases {
+                let reply = first_reply(server(), packet).unwrap_or_else(|| panic!("{what}: no reply"));
+                assert_eq!(error_code(&reply), Some(*want), "{what}: reply {:?}", Repr::parse(&reply));
+            }
+            // Still serving, byte-exact, after all that.
+            let got = fetch(server(), "ipxe.efi", &[("blksize", "1468")], 1).unwrap();
+            assert_eq!(got.data, patterned(100 * 512 + 3, 7));
+        })
+        .unwrap();
+}
+
+#[test]
+fn duplicate_acks_never_make_the_server_resend() {
+    if !pxe_lab::privileged("duplicate_acks_never_make_the_server_resend") {
+        return;
+    }
+    let root = boot_root();
+    let served = serve_tftp(root.path(), &["--xdp-mode", "off", "--no-tc"]);
+    served
+        .client
+        .run(|| {
+            // Every block acknowledged twice: a server with the Sorcerer's
+            // Apprentice bug would send every block twice from then on.
+            let got = fetch(server(), "ipxe.efi", &[], 2).unwrap();
+            assert_eq!(got.data, patterned(100 * 512 + 3, 7));
+            assert_eq!(got.duplicate_data, 0, "no block may arrive twice on a lossless link");
+            assert_eq!(got.data_packets, 101);
+        })
+        .unwrap();
+}
+
+#[test]
+fn a_packet_from_a_stranger_gets_error_5_and_the_transfer_goes_on() {
+    if !pxe_lab::privileged("a_packet_from_a_stranger_gets_error_5_and_the_transfer_goes_on") {
+        return;
+    }
+    let root = boot_root();
+    let served = serve_tftp(root.path(), &["--xdp-mode", "off", "--no-tc"]);
+    served
+        .client
+        .run(|| {
+            let client = UdpSocket::bind("0.0.0.0:0").unwrap();
+            client.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            client.send_to(&rrq("ipxe.efi", &[]), server()).unwrap();
+            let mut buf = [0u8; 1024];
+            let (_, transfer) = client.recv_from(&mut buf).unwrap();
+            assert_eq!(Repr::parse(&buf[..4 + 512]).unwrap(), Repr::Data { block: 1, payload: &buf[4..516] });
+
+            let stranger = UdpSocket::bind("0.0.0.0:0").unwrap();
+            stranger.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            stranger.send_to(&Repr::Ack { block: 1 }.to_vec(), transfer).unwrap();
+            let (len, _) = stranger.recv_from(&mut buf).unwrap();
+            assert_eq!(error_code(&buf[..len]), Some(ErrorCode::UnknownTransferId));
+
+            client.send_to(&Repr::Ack { block: 1 }.to_vec(), transfer).unwrap();
+            let (len, from) = client.recv_from(&mut buf).unwrap();
+            assert_eq!(from, transfer);
+            assert!(matches!(Repr::parse(&buf[..len]), Ok(Repr::Data { block: 2, .. })), "the stranger changed nothing");
+        })
+        .unwrap();
+}
+
+#[test]
+fn a_flood_of_requests_from_one_host_does_not_stop_service_to_others() {
+    if !pxe_lab::privileged("a_flood_of_requests_from_one_host_does_not_stop_service_to_others") || !have_tool("curl", "curl") {
+        return;
+    }
+    let root = boot_root();
+    let served = serve_tftp(root.path(), &["--xdp-mode", "off", "--no-tc"]);
+    served.client.ip(["addr", "add", "198.18.0.3/24", "dev", "eth0"]).unwrap();
+    served
+        .client
+        .run(|| {
+            // 2,000 requests from 2,000 ports of one host that never acknowledge.
+            let sockets: Vec<UdpSocket> = (0..2_000).map(|_| UdpSocket::bind("198.18.0.3:0").unwrap()).collect();
+            for (i, socket) in sockets.iter().enumerate() {
+                let file = if i % 2 == 0 { "ipxe.efi" } else { "../../etc/shadow" };
+                socket.send_to(&rrq(file, &[("blksize", "1468")]), server()).unwrap();
+            }
+        })
+        .unwrap();
+    // Another machine still boots, byte-exact.
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("ipxe.efi");
+    run_ok(&served.client, "curl", &["-sS", "--max-time", "30", "--interface", "198.18.0.2", "-o", dest.to_str().unwrap(), &format!("tftp://{SERVER_IP}/ipxe.efi")]);
+    assert_eq!(std::fs::read(dest).unwrap(), patterned(100 * 512 + 3, 7));
+}
