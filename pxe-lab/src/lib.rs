@@ -194,18 +194,33 @@ impl Netns {
 }
 
 impl Netns {
-    /// Waits until something in this namespace listens on UDP `port`
-    /// (IPv4), e.g. a server started with [`Lab::spawn`]. False on timeout.
+    /// Waits until something in this namespace listens on UDP `port` (IPv4),
+    /// e.g. a server started with [`Lab::spawn`]. False on timeout.
     pub fn wait_for_udp_port(&self, port: u16, timeout: std::time::Duration) -> bool {
+        self.wait_for_socket("udp", port, None, timeout)
+    }
+
+    /// Waits until something in this namespace listens on TCP `port` (IPv4).
+    pub fn wait_for_tcp_port(&self, port: u16, timeout: std::time::Duration) -> bool {
+        // State 0A is TCP_LISTEN in /proc/net/tcp.
+        self.wait_for_socket("tcp", port, Some("0A"), timeout)
+    }
+
+    fn wait_for_socket(&self, table: &str, port: u16, state: Option<&str>, timeout: std::time::Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
-        let needle = format!(":{port:04X} ");
+        let path = format!("/proc/thread-self/net/{table}");
+        let wanted_port = format!("{port:04X}");
         loop {
             // /proc/thread-self/net shows the namespace of the reading thread.
-            let table = self.run(|| std::fs::read_to_string("/proc/thread-self/net/udp")).ok().and_then(|r| r.ok());
-            let listening = table.is_some_and(|t| t.lines().skip(1).any(|l| {
-                l.split_whitespace().nth(1).is_some_and(|local| format!("{local} ").ends_with(&needle))
-            }));
-            if listening {
+            let text = self.run(|| std::fs::read_to_string(&path)).ok().and_then(Result::ok);
+            let found = text.is_some_and(|t| {
+                t.lines().skip(1).any(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let local_port = fields.get(1).and_then(|a| a.rsplit(':').next());
+                    local_port == Some(wanted_port.as_str()) && state.is_none_or(|s| fields.get(3) == Some(&s))
+                })
+            });
+            if found {
                 return true;
             }
             if std::time::Instant::now() > deadline {

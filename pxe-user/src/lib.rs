@@ -6,8 +6,11 @@
 //! programs in `fastpath`) → `main.rs`.
 
 pub mod bootroot;
+pub mod config;
 pub mod fastpath;
+pub mod http;
 pub mod netif;
+pub mod policy;
 pub mod privileges;
 pub mod tftp;
 pub mod wire;

@@ -1,0 +1,308 @@
+//! The config file (TOML): its shape as written (`File`, serde) and the checked
+//! values the daemon runs on (`Config`). Every error names the file, the line
+//! and the key, so a typo is found in one look.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::policy::{
+    render,
+    r#static::{BootFiles, MachineEntry, Profile},
+    Mac,
+};
+
+/// The file as written. Unknown keys are errors: a misspelt key silently
+/// ignored is a machine that boots the wrong thing.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    interface: Option<String>,
+    boot_root: Option<PathBuf>,
+    default_profile: Option<Spanned<String>>,
+    #[serde(default)]
+    tftp: TftpSection,
+    #[serde(default)]
+    http: HttpSection,
+    #[serde(default, rename = "profile")]
+    profiles: Vec<Spanned<ProfileSection>>,
+    #[serde(default, rename = "machine")]
+    machines: Vec<Spanned<MachineSection>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TftpSection {
+    max_blksize: Option<u16>,
+    max_windowsize: Option<u16>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpSection {
+    port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProfileSection {
+    name: String,
+    kernel: Option<String>,
+    initrd: Option<String>,
+    cmdline: Option<String>,
+    ipxe_script: Option<Spanned<String>>,
+    #[serde(default)]
+    boot_files: BootFilesSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BootFilesSection {
+    bios: Option<String>,
+    uefi_x64: Option<String>,
+    uefi_arm64: Option<String>,
+    uefi_ia32: Option<String>,
+    rpi: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MachineSection {
+    mac: Spanned<String>,
+    profile: Option<Spanned<String>>,
+    #[serde(default = "yes")]
+    netboot: bool,
+    hostname: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The checked configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub interface: Option<String>,
+    pub boot_root: Option<PathBuf>,
+    pub tftp_max_blksize: Option<u16>,
+    pub tftp_max_windowsize: Option<u16>,
+    pub http_port: Option<u16>,
+    pub profiles: HashMap<String, Profile>,
+    pub machines: HashMap<Mac, MachineEntry>,
+    pub default_profile: Option<String>,
+}
+
+impl Default for Config {
+    /// The embedded defaults: one profile, `default`, for every machine.
+    fn default() -> Self {
+        Self {
+            interface: None,
+            boot_root: None,
+            tftp_max_blksize: None,
+            tftp_max_windowsize: None,
+            http_port: None,
+            profiles: [("default".to_owned(), Profile::named("default"))].into(),
+            machines: HashMap::new(),
+            default_profile: Some("default".to_owned()),
+        }
+    }
+}
+
+/// A config error with where it is.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Checks config text; `path` only names it in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let error_at = |span: Option<Range<usize>>, message: String| {
+            let (line, column) = span.map(|s| line_column(text, s.start)).unwrap_or((0, 0));
+            ConfigError { file: path.to_owned(), line, column, message }
+        };
+        let file: File = toml::from_str(text).map_err(|e| error_at(e.span(), e.message().to_owned()))?;
+
+        let mut profiles = HashMap::new();
+        for section in &file.profiles {
+            let span = section.span();
+            let section = section.get_ref();
+            let mut profile = Profile::named(&section.name);
+            let defaults = BootFiles::default();
+            let files = &section.boot_files;
+            profile.boot_files = BootFiles {
+                bios: files.bios.clone().unwrap_or(defaults.bios),
+                uefi_x64: files.uefi_x64.clone().unwrap_or(defaults.uefi_x64),
+                uefi_arm64: files.uefi_arm64.clone().unwrap_or(defaults.uefi_arm64),
+                uefi_ia32: files.uefi_ia32.clone().unwrap_or(defaults.uefi_ia32),
+                rpi: files.rpi.clone().unwrap_or(defaults.rpi),
+            };
+            if let Some(kernel) = &section.kernel {
+                profile.kernel = kernel.clone();
+            }
+            if let Some(initrd) = &section.initrd {
+                profile.initrd = initrd.clone();
+            }
+            if let Some(cmdline) = &section.cmdline {
+                profile.cmdline = cmdline.clone();
+            }
+            if let Some(script) = &section.ipxe_script {
+                render::check(script.get_ref())
+                    .map_err(|e| error_at(Some(script.span()), format!("profile {:?}, ipxe_script: {e}", section.name)))?;
+                profile.ipxe_script = script.get_ref().clone();
+            }
+            if profiles.insert(section.name.clone(), profile).is_some() {
+                return Err(error_at(Some(span), format!("profile {:?} is defined twice", section.name)));
+            }
+        }
+        if profiles.is_empty() {
+            profiles = Config::default().profiles;
+        }
+
+        let default_profile = match &file.default_profile {
+            Some(name) => Some(known_profile(&profiles, name, "default_profile", &error_at)?),
+            None if profiles.contains_key("default") => Some("default".to_owned()),
+            None => None,
+        };
+
+        let mut machines = HashMap::new();
+        for section in &file.machines {
+            let machine = section.get_ref();
+            let mac: Mac = machine
+                .mac
+                .get_ref()
+                .parse()
+                .map_err(|e| error_at(Some(machine.mac.span()), format!("machine mac: {e}")))?;
+            let profile = match &machine.profile {
+                Some(name) => Some(known_profile(&profiles, name, "machine profile", &error_at)?),
+                None => None,
+            };
+            let entry = MachineEntry { profile, netboot: machine.netboot, hostname: machine.hostname.clone() };
+            if machines.insert(mac, entry).is_some() {
+                return Err(error_at(Some(machine.mac.span()), format!("machine {mac} is listed twice")));
+            }
+        }
+
+        if let Some(b) = file.tftp.max_blksize {
+            if !(8..=65464).contains(&b) {
+                return Err(error_at(None, format!("tftp.max_blksize {b} is outside 8..65464")));
+            }
+        }
+        if file.tftp.max_windowsize == Some(0) {
+            return Err(error_at(None, "tftp.max_windowsize must be at least 1".to_owned()));
+        }
+        Ok(Self {
+            interface: file.interface,
+            boot_root: file.boot_root,
+            tftp_max_blksize: file.tftp.max_blksize,
+            tftp_max_windowsize: file.tftp.max_windowsize,
+            http_port: file.http.port,
+            profiles,
+            machines,
+            default_profile,
+        })
+    }
+}
+
+fn known_profile(
+    profiles: &HashMap<String, Profile>,
+    name: &Spanned<String>,
+    key: &str,
+    error_at: &impl Fn(Option<Range<usize>>, String) -> ConfigError,
+) -> Result<String, ConfigError> {
+    if profiles.contains_key(name.get_ref()) {
+        return Ok(name.get_ref().clone());
+    }
+    let mut known: Vec<&str> = profiles.keys().map(String::as_str).collect();
+    known.sort_unstable();
+    Err(error_at(
+        Some(name.span()),
+        format!("{key} {:?} names no profile (defined: {})", name.get_ref(), known.join(", ")),
+    ))
+}
+
+/// 1-based line and column of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("pxed.toml"), text)
+    }
+
+    #[test]
+    fn the_readme_example_parses() {
+        let example = include_str!("../../docs/pxed.example.toml");
+        let config = parse(example).unwrap_or_else(|e| panic!("{e}"));
+        assert!(config.profiles.contains_key("rescue"));
+        assert_eq!(config.machines.len(), 2);
+    }
+
+    #[test]
+    fn an_empty_file_gives_the_embedded_defaults() {
+        let config = parse("").unwrap();
+        assert_eq!(config.default_profile.as_deref(), Some("default"));
+        assert_eq!(config.profiles["default"], Profile::named("default"));
+    }
+
+    #[test]
+    fn errors_name_the_line_and_the_key() {
+        let cases = [
+            ("boot_root = \"/srv\"\nbot_root = \"/x\"\n", 2, "unknown field `bot_root`"),
+            ("[[machine]]\nmac = \"52:54:00:00:00\"\n", 2, "machine mac"),
+            ("[[profile]]\nname = \"a\"\n[[machine]]\nmac = \"52:54:00:00:00:01\"\nprofile = \"b\"\n", 5, "names no profile (defined: a)"),
+            ("[[profile]]\nname = \"a\"\nipxe_script = \"{{kernal}}\"\n", 3, "unknown placeholder {{kernal}}"),
+            ("[tftp]\nmax_blksize = \"big\"\n", 2, "invalid type"),
+            ("default_profile = \"nope\"\n", 1, "default_profile \"nope\""),
+        ];
+        for (text, line, needle) in cases {
+            let err = parse(text).unwrap_err();
+            assert_eq!(err.line, line, "{err}");
+            assert!(err.to_string().starts_with(&format!("pxed.toml:{line}:")), "{err}");
+            assert!(err.to_string().contains(needle), "{err} should mention {needle}");
+        }
+    }
+
+    #[test]
+    fn a_machine_listed_twice_is_an_error() {
+        let text = "[[machine]]\nmac = \"52:54:00:00:00:01\"\n[[machine]]\nmac = \"52-54-00-00-00-01\"\n";
+        let err = parse(text).unwrap_err();
+        assert_eq!(err.line, 4);
+        assert!(err.message.contains("listed twice"));
+    }
+}

@@ -1,0 +1,208 @@
+//! The policy written in the config file: profiles, and machines by MAC.
+
+use std::collections::HashMap;
+
+use super::{render, Arch, BootPolicy, BootSpec, Machine, Mac};
+
+/// Boot files by architecture, paths in the boot root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootFiles {
+    pub bios: String,
+    pub uefi_x64: String,
+    pub uefi_arm64: String,
+    pub uefi_ia32: String,
+    pub rpi: String,
+}
+
+impl Default for BootFiles {
+    /// File names as Debian's `ipxe` package ships them.
+    fn default() -> Self {
+        Self {
+            bios: "undionly.kpxe".into(),
+            uefi_x64: "ipxe.efi".into(),
+            uefi_arm64: "ipxe-arm64.efi".into(),
+            uefi_ia32: "ipxe-ia32.efi".into(),
+            rpi: "bootcode.bin".into(),
+        }
+    }
+}
+
+/// The script every profile gets unless it says otherwise: the kernel and
+/// initrd of the profile, over HTTP.
+pub const DEFAULT_IPXE_SCRIPT: &str = "#!ipxe\n\
+echo pxed: {{mac}} ({{arch}}) boots profile {{profile}}\n\
+kernel {{http}}/{{kernel}} initrd={{initrd}} {{cmdline}}\n\
+initrd {{http}}/{{initrd}}\n\
+boot\n";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Profile {
+    pub name: String,
+    pub boot_files: BootFiles,
+    pub kernel: String,
+    pub initrd: String,
+    pub cmdline: String,
+    /// Checked with [`render::check`].
+    pub ipxe_script: String,
+}
+
+impl Profile {
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            boot_files: BootFiles::default(),
+            kernel: "vmlinuz".into(),
+            initrd: "initrd.img".into(),
+            cmdline: String::new(),
+            ipxe_script: DEFAULT_IPXE_SCRIPT.to_owned(),
+        }
+    }
+
+    fn boot_file(&self, arch: Arch) -> Option<&str> {
+        let files = &self.boot_files;
+        Some(match arch {
+            Arch::Bios => &files.bios,
+            Arch::UefiX64 | Arch::UefiX64Http => &files.uefi_x64,
+            Arch::UefiArm64 | Arch::UefiArm64Http => &files.uefi_arm64,
+            Arch::UefiIa32 => &files.uefi_ia32,
+            Arch::RaspberryPi => &files.rpi,
+            Arch::Other(_) => return None,
+        })
+    }
+}
+
+/// A machine the config names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MachineEntry {
+    /// `None`: the default profile.
+    pub profile: Option<String>,
+    /// False once provisioned: the machine boots from disk.
+    pub netboot: bool,
+    pub hostname: Option<String>,
+}
+
+/// Where the services can be reached, for templates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerUrls {
+    /// The server's address as clients reach it.
+    pub server: String,
+    /// Base URL of the HTTP service, without a trailing slash.
+    pub http: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct StaticPolicy {
+    pub profiles: HashMap<String, Profile>,
+    pub machines: HashMap<Mac, MachineEntry>,
+    /// Profile for machines the config does not name; `None` ignores them.
+    pub default_profile: Option<String>,
+    pub urls: ServerUrls,
+}
+
+/// What the policy decided for a machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Boot(BootSpec),
+    /// A provisioned machine: answer, but send it to its local disk.
+    LocalBoot,
+    /// Not ours to boot: stay silent.
+    Ignore,
+}
+
+impl StaticPolicy {
+    pub fn decide(&self, machine: &Machine) -> Decision {
+        let entry = self.machines.get(&machine.mac);
+        if entry.is_some_and(|e| !e.netboot) {
+            return Decision::LocalBoot;
+        }
+        let profile_name = entry.and_then(|e| e.profile.as_deref()).or(self.default_profile.as_deref());
+        let Some(profile) = profile_name.and_then(|name| self.profiles.get(name)) else {
+            return Decision::Ignore;
+        };
+        let hostname = entry.and_then(|e| e.hostname.clone());
+        let ipxe_script = render::render(&profile.ipxe_script, |name| {
+            Some(match name {
+                "mac" => machine.mac.to_string(),
+                "arch" => machine.arch.name().to_owned(),
+                "uuid" => machine.uuid.clone()?,
+                "profile" => profile.name.clone(),
+                "hostname" => hostname.clone()?,
+                "server" => self.urls.server.clone(),
+                "http" => self.urls.http.clone(),
+                "kernel" => profile.kernel.clone(),
+                "initrd" => profile.initrd.clone(),
+                "cmdline" => profile.cmdline.clone(),
+                _ => return None,
+            })
+        });
+        Decision::Boot(BootSpec {
+            profile: profile.name.clone(),
+            boot_file: profile.boot_file(machine.arch).map(str::to_owned),
+            ipxe_script,
+            hostname,
+        })
+    }
+}
+
+impl BootPolicy for StaticPolicy {
+    fn boot_spec(&self, machine: &Machine) -> Option<BootSpec> {
+        match self.decide(machine) {
+            Decision::Boot(spec) => Some(spec),
+            Decision::LocalBoot | Decision::Ignore => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> StaticPolicy {
+        let mut rescue = Profile::named("rescue");
+        rescue.kernel = "rescue/vmlinuz".into();
+        rescue.boot_files.uefi_x64 = "rescue/ipxe.efi".into();
+        let mut machines = HashMap::new();
+        machines.insert(Mac([2, 0, 0, 0, 0, 1]), MachineEntry { profile: Some("rescue".into()), netboot: true, hostname: Some("node1".into()) });
+        machines.insert(Mac([2, 0, 0, 0, 0, 2]), MachineEntry { profile: None, netboot: false, hostname: None });
+        StaticPolicy {
+            profiles: [("default".to_owned(), Profile::named("default")), ("rescue".to_owned(), rescue)].into(),
+            machines,
+            default_profile: Some("default".into()),
+            urls: ServerUrls { server: "198.18.0.1".into(), http: "http://198.18.0.1".into() },
+        }
+    }
+
+    fn machine(last: u8, code: u16) -> Machine {
+        Machine { mac: Mac([2, 0, 0, 0, 0, last]), arch: Arch::from_code(code), uuid: None }
+    }
+
+    #[test]
+    fn boot_file_follows_the_architecture() {
+        let p = policy();
+        for (code, want) in [(0, "undionly.kpxe"), (7, "ipxe.efi"), (9, "ipxe.efi"), (11, "ipxe-arm64.efi"), (6, "ipxe-ia32.efi"), (16, "ipxe.efi"), (41, "bootcode.bin")] {
+            let Decision::Boot(spec) = p.decide(&machine(9, code)) else { panic!("arch {code} boots") };
+            assert_eq!(spec.boot_file.as_deref(), Some(want), "arch {code}");
+        }
+        let Decision::Boot(spec) = p.decide(&machine(9, 1234)) else { panic!() };
+        assert_eq!(spec.boot_file, None, "unknown architectures are not guessed");
+    }
+
+    #[test]
+    fn a_named_machine_gets_its_profile_and_its_script_is_rendered() {
+        let Decision::Boot(spec) = policy().decide(&machine(1, 7)) else { panic!() };
+        assert_eq!(spec.profile, "rescue");
+        assert_eq!(spec.boot_file.as_deref(), Some("rescue/ipxe.efi"));
+        assert_eq!(spec.hostname.as_deref(), Some("node1"));
+        assert!(spec.ipxe_script.contains("kernel http://198.18.0.1/rescue/vmlinuz initrd=initrd.img"), "{}", spec.ipxe_script);
+        assert!(spec.ipxe_script.contains("02:00:00:00:00:01 (uefi-x64) boots profile rescue"), "{}", spec.ipxe_script);
+    }
+
+    #[test]
+    fn a_provisioned_machine_boots_locally_and_strangers_follow_the_default() {
+        let mut p = policy();
+        assert_eq!(p.decide(&machine(2, 7)), Decision::LocalBoot);
+        assert!(matches!(p.decide(&machine(3, 7)), Decision::Boot(s) if s.profile == "default"));
+        p.default_profile = None;
+        assert_eq!(p.decide(&machine(3, 7)), Decision::Ignore, "no default: strangers are ignored");
+    }
+}
