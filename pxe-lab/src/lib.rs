@@ -118,6 +118,21 @@ impl Lab {
         Ok(pid)
     }
 
+    /// Like [`Lab::spawn`], with the process's stdout and stderr appended to `log`.
+    pub fn spawn_logged(&self, ns: &Netns, program: impl AsRef<OsStr>, args: &[&str], log: &Path) -> io::Result<u32> {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let child = ns
+            .command(program, args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("starting a process in {}: {e}", ns.name)))?;
+        let pid = child.id();
+        self.children.lock().unwrap().push(child);
+        Ok(pid)
+    }
+
     /// Takes back a process started with [`Lab::spawn`], so the caller can wait
     /// for it or signal it; the lab no longer kills it.
     pub fn take_child(&self, pid: u32) -> Option<Child> {

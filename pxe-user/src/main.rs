@@ -79,6 +79,11 @@ struct Cli {
     #[arg(long, value_name = "BLOCKS", value_parser = clap::value_parser!(u16).range(1..))]
     tftp_max_windowsize: Option<u16>,
 
+    /// TFTP transfers one client address may run at once. A machine needs
+    /// one; raise it for load generators that share an address.
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    tftp_max_per_client: usize,
+
     /// TCP port of HTTP boot (boot root files and iPXE scripts); 0 turns it
     /// off [default: 80].
     #[arg(long, value_name = "PORT")]
@@ -131,7 +136,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             missing.join(", ")
         );
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -147,6 +152,7 @@ struct Settings {
     tftp_port: u16,
     tftp_max_blksize: Option<u16>,
     tftp_max_windowsize: u16,
+    tftp_max_per_client: usize,
     http_port: u16,
     stats_interval: u64,
     config: Config,
@@ -165,6 +171,7 @@ impl Settings {
             tftp_port: cli.tftp_port,
             tftp_max_blksize: cli.tftp_max_blksize.or(config.tftp_max_blksize),
             tftp_max_windowsize: cli.tftp_max_windowsize.or(config.tftp_max_windowsize).unwrap_or(64),
+            tftp_max_per_client: cli.tftp_max_per_client,
             http_port: cli.http_port.or(config.http_port).unwrap_or(80),
             stats_interval: cli.stats_interval,
             config,
@@ -261,6 +268,7 @@ async fn start_tftp(
     let max_blksize = settings.tftp_max_blksize.unwrap_or_else(|| mtu.saturating_sub(32).clamp(512, 65464) as u16);
     let config = TftpConfig {
         limits: Limits { max_blksize, max_windowsize: settings.tftp_max_windowsize },
+        max_transfers_per_client: settings.tftp_max_per_client,
         ..TftpConfig::default()
     };
     let hooks = Arc::new(FastPathPorts(fastpath));

@@ -5,6 +5,8 @@
 //! - `test`: setup, then the whole test suite, with privileged tests required
 //!   to run rather than allowed to skip.
 
+mod bench;
+mod peers;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -27,6 +29,16 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
+    /// Measure TFTP goodput of pxed, tftpd-hpa and dnsmasq in throwaway
+    /// namespaces and write docs/benchmarks/tftp-userspace.md (as root; about a minute).
+    BenchTftp {
+        /// Concurrent clients per measurement.
+        #[arg(long, value_delimiter = ',', default_value = "1,64,512")]
+        clients: Vec<usize>,
+        /// blksize the clients ask for.
+        #[arg(long, default_value_t = 1468)]
+        blksize: u16,
+    },
     /// Run setup, then every test in the workspace (as root: namespaces, BPF).
     Test {
         /// Extra arguments for `cargo test`, e.g. a test name filter.
@@ -39,6 +51,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup { check } => setup::run(if check { setup::Mode::Check } else { setup::Mode::Install }),
+        Task::BenchTftp { clients, blksize } => {
+            setup::run(setup::Mode::Install).and_then(|()| bench::run(&clients, blksize))
+        }
         Task::Test { cargo_args } => setup::run(setup::Mode::Install).and_then(|()| test(&cargo_args)),
     };
     match result {

@@ -27,6 +27,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("curl", "TFTP and HTTP client in the interop tests"),
     ("tftp-hpa", "TFTP client in the interop tests"),
     ("atftp", "TFTP client with windowsize in the interop tests"),
+    ("libwrap0", "tftpd-hpa's one library (its binary is unpacked, not installed, by bench-tftp)"),
+    ("dnsmasq-base", "a peer DHCP/TFTP server for interop tests and benchmarks (no service)"),
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -1,0 +1,165 @@
+//! `cargo xtask bench-tftp`: pxed (userspace path), tftpd-hpa and dnsmasq, each
+//! in its own throwaway namespace pair with the same boot root, measured by
+//! the same `bench tftp` run in the client namespace; the table goes to
+//! docs/benchmarks/tftp-userspace.md (generated; docs/BENCHMARKS.md interprets it).
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+use pxe_lab::{Lab, Netns};
+
+use crate::peers;
+
+const SERVER: &str = "198.18.0.1";
+const FILE_LEN: usize = 4 * 1024 * 1024;
+
+struct Row {
+    server: &'static str,
+    clients: usize,
+    report: serde_json::Value,
+    server_cpu_s: f64,
+}
+
+pub fn run(clients: &[usize], blksize: u16) -> anyhow::Result<()> {
+    let workspace = workspace_root();
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--release", "-p", "pxe-user", "-p", "bench"])
+        .current_dir(&workspace)
+        .status()?;
+    if !status.success() {
+        bail!("building pxed and bench failed");
+    }
+    let pxed = workspace.join("target/release/pxed");
+    let bench = workspace.join("target/release/bench");
+    let tftpd = peers::tftpd_hpa(&workspace)?;
+
+    let root = tempdir("bench-root")?;
+    let file: Vec<u8> = (0..FILE_LEN).map(|i| (i * 7 + i / 4096) as u8).collect();
+    std::fs::write(root.join("kernel"), &file)?;
+
+    let root_s = root.to_str().unwrap().to_owned();
+    let servers: Vec<(&'static str, Vec<String>)> = vec![
+        ("pxed (userspace)", vec![pxed.display().to_string(), "--interface".into(), "eth0".into(), "--boot-root".into(), root_s.clone(), "--xdp-mode".into(), "off".into(), "--no-tc".into(), "--http-port".into(), "0".into(), "--tftp-max-per-client".into(), "100000".into()]),
+        ("tftpd-hpa", vec![tftpd.display().to_string(), "--foreground".into(), "--listen".into(), "--user".into(), "root".into(), "--address".into(), format!("{SERVER}:69"), "--secure".into(), root_s.clone()]),
+        ("dnsmasq", vec!["dnsmasq".into(), "--no-daemon".into(), "--port=0".into(), "--enable-tftp".into(), format!("--tftp-root={root_s}"), "--tftp-max=4096".into(), format!("--listen-address={SERVER}"), "--bind-interfaces".into(), "--user=root".into(), "--pid-file=".into(), "--conf-file=/dev/null".into()]),
+    ];
+
+    let mut rows = Vec::new();
+    for (name, argv) in &servers {
+        let lab = Lab::new()?;
+        let server = lab.add_netns("srv")?;
+        let client = lab.add_netns("cli")?;
+        lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&client, "eth0", Some("198.18.0.2/24")))?;
+        let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
+        let log = root.with_extension(format!("{}.log", name.split(' ').next().unwrap_or("server")));
+        let pid = lab.spawn_logged(&server, &argv[0], &args, &log)?;
+        if !server.wait_for_udp_port(69, Duration::from_secs(20)) {
+            bail!("{name} did not start listening on port 69");
+        }
+        let _ = pid; // stopped with the lab
+        for &n in clients {
+            // Server CPU = machine-wide busy time minus the load generator's own
+            // CPU: kernel work in softirq is charged to no process, and forking
+            // servers (tftpd-hpa) spread theirs over children.
+            let busy_before = machine_busy_seconds();
+            let bench_before = children_cpu_seconds();
+            let report = run_bench(&client, &bench, &root.join("kernel"), n, blksize)?;
+            let server_cpu_s = (machine_busy_seconds() - busy_before) - (children_cpu_seconds() - bench_before);
+            eprintln!("{name}, {n} clients: {} MB/s", report["goodput_mb_per_s"]);
+            rows.push(Row { server: name, clients: n, report, server_cpu_s });
+        }
+    }
+    let doc = workspace.join("docs/benchmarks/tftp-userspace.md");
+    write_doc(&doc, &rows, clients, blksize)?;
+    eprintln!("wrote {}", doc.display());
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
+fn run_bench(client: &Netns, bench: &Path, expect: &Path, clients: usize, blksize: u16) -> anyhow::Result<serde_json::Value> {
+    let json = tempdir("bench-json")?.join("report.json");
+    let n = clients.to_string();
+    let b = blksize.to_string();
+    let out = client.output(
+        bench,
+        &["tftp", "--server", &format!("{SERVER}:69"), "--file", "kernel", "--expect", expect.to_str().unwrap(), "--clients", &n, "--blksize", &b, "--time-limit", "240", "--json", json.to_str().unwrap()],
+    )?;
+    eprint!("{}", String::from_utf8_lossy(&out.stdout));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).context("bench wrote no report")?)?;
+    Ok(report)
+}
+
+/// Busy (non-idle, non-iowait) CPU time of the whole machine, in seconds.
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().next() else { return 0.0 };
+    let ticks: Vec<f64> = cpu.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy: f64 = ticks.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).take(8).sum();
+    busy / ticks_per_second()
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+/// CPU time of this process's waited-for children: the bench runs.
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+fn write_doc(path: &Path, rows: &[Row], clients: &[usize], blksize: u16) -> anyhow::Result<()> {
+    let mut doc = String::from("# Benchmarks\n\nEvery number here was produced by a command in this repository, on the machine\ndescribed with it. Re-run the command to check it.\n\n");
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let rev = Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
+    let _ = writeln!(doc, "## TFTP: aggregate goodput, userspace servers\n");
+    let _ = writeln!(
+        doc,
+        "`cargo xtask bench-tftp` (pxed at {rev}; tftpd-hpa {}; dnsmasq {}; kernel {}; {} CPUs).\n",
+        peers::deb_version(&workspace_root().join("target/peers/tftpd-hpa")),
+        peers::package_version("dnsmasq-base"),
+        kernel.trim(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+    );
+    let _ = writeln!(
+        doc,
+        "Each server runs alone in a server namespace, a veth away from the client namespace where\n`bench tftp` runs {} concurrent downloads of one 4 MiB file with blksize {blksize}, no windowsize\n(lockstep, as iPXE and legacy ROMs do), verifying every byte. Server CPU is machine-wide busy time during the\nrun minus the load generator's own CPU time (kernel softirq work is charged to no process, and\ntftpd-hpa forks a child per transfer). Load generator and server share the machine's cores; dnsmasq runs\nwith `--tftp-max=4096` so its default limit of 50 transfers does not decide the result.\n",
+        clients.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+    );
+    let _ = writeln!(doc, "| server | clients | goodput MB/s | transfer p50 ms | p99 ms | failed | server CPU s | MB per server CPU-s |");
+    let _ = writeln!(doc, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for row in rows {
+        let r = &row.report;
+        let mb = r["bytes"].as_f64().unwrap_or(0.0) / 1e6;
+        let per_cpu = if row.server_cpu_s > 0.0 { format!("{:.0}", mb / row.server_cpu_s) } else { "-".into() };
+        let _ = writeln!(
+            doc,
+            "| {} | {} | {:.1} | {:.0} | {:.0} | {} | {:.2} | {} |",
+            row.server, row.clients, r["goodput_mb_per_s"].as_f64().unwrap_or(0.0), r["transfer_ms_p50"].as_f64().unwrap_or(0.0),
+            r["transfer_ms_p99"].as_f64().unwrap_or(0.0), r["transfers_failed"], row.server_cpu_s, per_cpu
+        );
+    }
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    std::fs::write(path, doc)?;
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+fn tempdir(what: &str) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("pxe-{what}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
