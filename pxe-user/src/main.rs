@@ -84,6 +84,11 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = 128)]
     tftp_max_per_client: usize,
 
+    /// Send TFTP windows one packet per system call instead of one UDP GSO
+    /// send per window (for measurement, or a path where GSO misbehaves).
+    #[arg(long)]
+    tftp_no_gso: bool,
+
     /// TCP port of HTTP boot (boot root files and iPXE scripts); 0 turns it
     /// off [default: 80].
     #[arg(long, value_name = "PORT")]
@@ -153,6 +158,7 @@ struct Settings {
     tftp_max_blksize: Option<u16>,
     tftp_max_windowsize: u16,
     tftp_max_per_client: usize,
+    tftp_gso: bool,
     http_port: u16,
     stats_interval: u64,
     config: Config,
@@ -172,6 +178,7 @@ impl Settings {
             tftp_max_blksize: cli.tftp_max_blksize.or(config.tftp_max_blksize),
             tftp_max_windowsize: cli.tftp_max_windowsize.or(config.tftp_max_windowsize).unwrap_or(64),
             tftp_max_per_client: cli.tftp_max_per_client,
+            tftp_gso: !cli.tftp_no_gso,
             http_port: cli.http_port.or(config.http_port).unwrap_or(80),
             stats_interval: cli.stats_interval,
             config,
@@ -269,6 +276,7 @@ async fn start_tftp(
     let config = TftpConfig {
         limits: Limits { max_blksize, max_windowsize: settings.tftp_max_windowsize },
         max_transfers_per_client: settings.tftp_max_per_client,
+        gso: settings.tftp_gso,
         ..TftpConfig::default()
     };
     let hooks = Arc::new(FastPathPorts(fastpath));

@@ -38,6 +38,10 @@ enum Task {
         /// blksize the clients ask for.
         #[arg(long, default_value_t = 1468)]
         blksize: u16,
+        /// windowsize the clients ask for (1: lockstep). Above 1, pxed is also
+        /// measured without UDP GSO.
+        #[arg(long, default_value_t = 1)]
+        windowsize: u16,
     },
     /// Run setup, then every test in the workspace (as root: namespaces, BPF).
     Test {
@@ -51,8 +55,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup { check } => setup::run(if check { setup::Mode::Check } else { setup::Mode::Install }),
-        Task::BenchTftp { clients, blksize } => {
-            setup::run(setup::Mode::Install).and_then(|()| bench::run(&clients, blksize))
+        Task::BenchTftp { clients, blksize, windowsize } => {
+            setup::run(setup::Mode::Install).and_then(|()| bench::run(&clients, blksize, windowsize))
         }
         Task::Test { cargo_args } => setup::run(setup::Mode::Install).and_then(|()| test(&cargo_args)),
     };
