@@ -98,3 +98,108 @@ pub fn fetch(server: SocketAddr, file: &str, options: &[(&str, &str)], acks_per_
         }
     }
 }
+
+/// Downloads `file` with a window of `window` blocks through a simulated bad
+/// wire: about `reorder_percent` of DATA packets swap places with the next
+/// one, `loss_percent` vanish, and some ACKs are repeated late (so the server
+/// sees stale ACKs out of order). The client behaves as RFC 7440 says: it
+/// acknowledges every full window, and the last good block on a gap.
+pub fn fetch_disordered(
+    server: SocketAddr,
+    file: &str,
+    blksize: u16,
+    window: u16,
+    reorder_percent: u64,
+    loss_percent: u64,
+    seed: u64,
+) -> Result<Vec<u8>, String> {
+    let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let (b, w) = (blksize.to_string(), window.to_string());
+    socket.send_to(&rrq(file, &[("blksize", &b), ("windowsize", &w)]), server).unwrap();
+    let mut rng = seed | 1;
+    let mut roll = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % 100
+    };
+    let mut data = Vec::new();
+    let mut buf = vec![0u8; 70_000];
+    let mut peer = None;
+    let mut held: Option<Vec<u8>> = None;
+    let mut last_ack: Vec<u8> = Vec::new();
+    let mut stale_ack: Option<Vec<u8>> = None;
+    let (mut expected, mut in_window, mut idle) = (1u16, 0u16, 0);
+    let block_len = usize::from(blksize);
+    loop {
+        let packet = match socket.recv_from(&mut buf) {
+            Ok((len, from)) => {
+                idle = 0;
+                peer.get_or_insert(from);
+                buf[..len].to_vec()
+            }
+            Err(_) => {
+                idle += 1;
+                if idle > 50 {
+                    return Err(format!("stalled at block {expected}"));
+                }
+                if let Some(p) = held.take() {
+                    p // the held packet finally arrives
+                } else {
+                    if let Some(peer) = peer {
+                        socket.send_to(&last_ack, peer).unwrap();
+                    }
+                    continue;
+                }
+            }
+        };
+        let peer = peer.unwrap();
+        // The wire: lose some, hold some back behind the next packet.
+        if roll() < loss_percent {
+            continue;
+        }
+        let mut deliver = vec![packet];
+        if roll() < reorder_percent && held.is_none() {
+            held = deliver.pop();
+        } else if let Some(p) = held.take() {
+            deliver.push(p); // arrives after the packet that overtook it
+        }
+        for packet in deliver {
+            match Repr::parse(&packet).map_err(|e| e.to_string())? {
+                Repr::OptionAck { .. } => {
+                    last_ack = Repr::Ack { block: 0 }.to_vec();
+                    socket.send_to(&last_ack, peer).unwrap();
+                }
+                Repr::Data { block, payload } if block == expected => {
+                    data.extend_from_slice(payload);
+                    in_window += 1;
+                    let last = payload.len() < block_len;
+                    if last || in_window == window {
+                        if let Some(stale) = stale_ack.take() {
+                            socket.send_to(&stale, peer).unwrap(); // an old ACK, late
+                        }
+                        if roll() < 10 {
+                            stale_ack = Some(last_ack.clone());
+                        }
+                        last_ack = Repr::Ack { block }.to_vec();
+                        socket.send_to(&last_ack, peer).unwrap();
+                        in_window = 0;
+                    }
+                    if last {
+                        return Ok(data);
+                    }
+                    expected = expected.wrapping_add(1);
+                }
+                Repr::Data { .. } => {
+                    // A gap or a resend: acknowledge the last block received in order.
+                    last_ack = Repr::Ack { block: expected.wrapping_sub(1) }.to_vec();
+                    socket.send_to(&last_ack, peer).unwrap();
+                    in_window = 0;
+                }
+                Repr::Error { code, message } => return Err(format!("ERROR {code:?}: {message}")),
+                other => return Err(format!("unexpected {other:?}")),
+            }
+        }
+    }
+}

@@ -1,6 +1,7 @@
-//! Hostile and odd TFTP requests against the real `pxed`: each gets the RFC's
-//! error, nothing outside the boot root is served, and the server goes on
-//! serving everyone else. Needs root.
+//! The real `pxed` against a scripted TFTP client, for what no packaged client
+//! can do: hostile requests (each gets the RFC's error, nothing outside the
+//! boot root is served, everyone else keeps being served), duplicate and stale
+//! ACKs, reordering, strangers, and files replaced mid-transfer. Needs root.
 
 mod common;
 
@@ -144,4 +145,77 @@ fn a_flood_of_requests_from_one_host_does_not_stop_service_to_others() {
     let dest = out.path().join("ipxe.efi");
     run_ok(&served.client, "curl", &["-sS", "--max-time", "30", "--interface", "198.18.0.2", "-o", dest.to_str().unwrap(), &format!("tftp://{SERVER_IP}/ipxe.efi")]);
     assert_eq!(std::fs::read(dest).unwrap(), patterned(100 * 512 + 3, 7));
+}
+
+#[test]
+fn windowed_transfers_survive_reordering_loss_and_stale_acks() {
+    if !pxe_lab::privileged("windowed_transfers_survive_reordering_loss_and_stale_acks") {
+        return;
+    }
+    let root = boot_root();
+    let want = patterned(300 * 1468 + 11, 21);
+    std::fs::write(root.path().join("kernel"), &want).unwrap();
+    let served = serve_tftp(root.path(), &["--xdp-mode", "off", "--no-tc"]);
+    served
+        .client
+        .run(|| {
+            for (window, seed) in [(4, 1), (8, 2), (1, 3), (16, 4)] {
+                let got = tftp_client::fetch_disordered(server(), "kernel", 1468, window, 10, 5, seed)
+                    .unwrap_or_else(|e| panic!("window {window}: {e}"));
+                assert!(got == want, "window {window}: {} bytes, want {}", got.len(), want.len());
+            }
+        })
+        .unwrap();
+}
+
+#[test]
+fn a_file_replaced_mid_transfer_reaches_new_clients_while_running_ones_finish_the_old() {
+    if !pxe_lab::privileged("a_file_replaced_mid_transfer_reaches_new_clients_while_running_ones_finish_the_old") {
+        return;
+    }
+    let root = boot_root();
+    let (old, new) = (patterned(50 * 512 + 5, 31), patterned(70 * 512 + 9, 32));
+    std::fs::write(root.path().join("image"), &old).unwrap();
+    let served = serve_tftp(root.path(), &["--xdp-mode", "off", "--no-tc"]);
+    let root_path = root.path().to_owned();
+    served
+        .client
+        .run(|| {
+            // A running transfer: block 1 received, not yet acknowledged.
+            let running = UdpSocket::bind("0.0.0.0:0").unwrap();
+            running.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            running.send_to(&rrq("image", &[]), server()).unwrap();
+            let mut buf = [0u8; 1024];
+            let (len, transfer) = running.recv_from(&mut buf).unwrap();
+            let mut got = match Repr::parse(&buf[..len]).unwrap() {
+                Repr::Data { block: 1, payload } => payload.to_vec(),
+                other => panic!("{other:?}"),
+            };
+
+            // The operator replaces the image the right way: write, then rename.
+            let tmp = root_path.join(".image.new");
+            std::fs::write(&tmp, &new).unwrap();
+            std::fs::rename(&tmp, root_path.join("image")).unwrap();
+            let fresh = fetch(server(), "image", &[], 1).unwrap();
+            assert!(fresh.data == new, "a new transfer gets the new image");
+
+            // The running transfer finishes on the version it started with.
+            let mut block = 1u16;
+            loop {
+                running.send_to(&Repr::Ack { block }.to_vec(), transfer).unwrap();
+                let (len, _) = running.recv_from(&mut buf).unwrap();
+                let Ok(Repr::Data { block: b, payload }) = Repr::parse(&buf[..len]) else { panic!("not DATA") };
+                if b != block.wrapping_add(1) {
+                    continue;
+                }
+                got.extend_from_slice(payload);
+                block = b;
+                if payload.len() < 512 {
+                    running.send_to(&Repr::Ack { block }.to_vec(), transfer).unwrap();
+                    break;
+                }
+            }
+            assert!(got == old, "the running transfer is byte-exact on the old image");
+        })
+        .unwrap();
 }
