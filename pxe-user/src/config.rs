@@ -5,13 +5,17 @@
 use std::{
     collections::HashMap,
     fmt,
+    net::Ipv4Addr,
     ops::Range,
     path::{Path, PathBuf},
 };
 
+use ipnet::Ipv4Net;
+
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::dhcp::pool::{parse_range, Subnet};
 use crate::policy::{
     render,
     r#static::{BootFiles, MachineEntry, Profile},
@@ -30,6 +34,8 @@ struct File {
     tftp: TftpSection,
     #[serde(default)]
     http: HttpSection,
+    #[serde(default)]
+    dhcp: DhcpSection,
     #[serde(default, rename = "profile")]
     profiles: Vec<Spanned<ProfileSection>>,
     #[serde(default, rename = "machine")]
@@ -47,6 +53,42 @@ struct TftpSection {
 #[serde(deny_unknown_fields)]
 struct HttpSection {
     port: Option<u16>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DhcpSection {
+    mode: Option<DhcpMode>,
+    lease_file: Option<PathBuf>,
+    authoritative: Option<bool>,
+    #[serde(default, rename = "subnet")]
+    subnets: Vec<Spanned<SubnetSection>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubnetSection {
+    network: Spanned<String>,
+    pools: Vec<Spanned<String>>,
+    #[serde(default)]
+    exclude: Vec<Spanned<String>>,
+    router: Option<Spanned<String>>,
+    #[serde(default)]
+    dns: Vec<Spanned<String>>,
+    domain: Option<String>,
+    lease_time: Option<u32>,
+}
+
+/// How pxed takes part in DHCP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DhcpMode {
+    /// Hand out addresses from the configured pools, with boot information.
+    Full,
+    /// proxyDHCP: boot information only, beside the network's DHCP server.
+    Proxy,
+    /// No DHCP at all (TFTP and HTTP only).
+    Off,
 }
 
 #[derive(Debug, Deserialize)]
@@ -79,6 +121,8 @@ struct MachineSection {
     #[serde(default = "yes")]
     netboot: bool,
     hostname: Option<String>,
+    /// Fixed address (a DHCP reservation).
+    address: Option<Spanned<String>>,
 }
 
 fn yes() -> bool {
@@ -96,6 +140,11 @@ pub struct Config {
     pub profiles: HashMap<String, Profile>,
     pub machines: HashMap<Mac, MachineEntry>,
     pub default_profile: Option<String>,
+    pub dhcp_mode: Option<DhcpMode>,
+    pub lease_file: Option<PathBuf>,
+    pub authoritative: bool,
+    pub subnets: Vec<Subnet>,
+    pub reservations: HashMap<Mac, Ipv4Addr>,
 }
 
 impl Default for Config {
@@ -110,6 +159,11 @@ impl Default for Config {
             profiles: [("default".to_owned(), Profile::named("default"))].into(),
             machines: HashMap::new(),
             default_profile: Some("default".to_owned()),
+            dhcp_mode: None,
+            lease_file: None,
+            authoritative: false,
+            subnets: Vec::new(),
+            reservations: HashMap::new(),
         }
     }
 }
@@ -194,6 +248,7 @@ impl Config {
         };
 
         let mut machines = HashMap::new();
+        let mut reservations: HashMap<Mac, Ipv4Addr> = HashMap::new();
         for section in &file.machines {
             let machine = section.get_ref();
             let mac: Mac = machine
@@ -205,6 +260,13 @@ impl Config {
                 Some(name) => Some(known_profile(&profiles, name, "machine profile", &error_at)?),
                 None => None,
             };
+            if let Some(address) = &machine.address {
+                let ip = ipv4(address, "machine address", &error_at)?;
+                if let Some((other, _)) = reservations.iter().find(|(_, r)| **r == ip) {
+                    return Err(error_at(Some(address.span()), format!("address {ip} is already reserved for {other}")));
+                }
+                reservations.insert(mac, ip);
+            }
             let entry = MachineEntry { profile, netboot: machine.netboot, hostname: machine.hostname.clone() };
             if machines.insert(mac, entry).is_some() {
                 return Err(error_at(Some(machine.mac.span()), format!("machine {mac} is listed twice")));
@@ -219,7 +281,46 @@ impl Config {
         if file.tftp.max_windowsize == Some(0) {
             return Err(error_at(None, "tftp.max_windowsize must be at least 1".to_owned()));
         }
+        let mut subnets = Vec::new();
+        for section in &file.dhcp.subnets {
+            let subnet = section.get_ref();
+            let network: Ipv4Net = subnet.network.get_ref().parse().map_err(|_| {
+                error_at(Some(subnet.network.span()), format!("dhcp.subnet network {:?} is not a.b.c.d/len", subnet.network.get_ref()))
+            })?;
+            let network = network.trunc();
+            let mut ranges = Vec::new();
+            for pool in &subnet.pools {
+                let range = parse_range(pool.get_ref()).map_err(|e| error_at(Some(pool.span()), format!("dhcp.subnet pools: {e}")))?;
+                if !network.contains(&range.0) || !network.contains(&range.1) {
+                    return Err(error_at(Some(pool.span()), format!("pool {:?} is not inside {network}", pool.get_ref())));
+                }
+                ranges.push(range);
+            }
+            if ranges.is_empty() {
+                return Err(error_at(Some(section.span()), format!("dhcp.subnet {network} has no pools")));
+            }
+            let exclude = subnet.exclude.iter().map(|e| ipv4(e, "dhcp.subnet exclude", &error_at)).collect::<Result<_, _>>()?;
+            let dns = subnet.dns.iter().map(|e| ipv4(e, "dhcp.subnet dns", &error_at)).collect::<Result<_, _>>()?;
+            let router = subnet.router.as_ref().map(|r| ipv4(r, "dhcp.subnet router", &error_at)).transpose()?;
+            subnets.push(Subnet {
+                network,
+                ranges,
+                exclude,
+                router,
+                dns,
+                domain: subnet.domain.clone(),
+                lease_time: subnet.lease_time.unwrap_or(3600).max(60),
+            });
+        }
+        if file.dhcp.mode == Some(DhcpMode::Full) && subnets.is_empty() {
+            return Err(error_at(None, "dhcp.mode = \"full\" needs at least one [[dhcp.subnet]] (or --range on the command line)".into()));
+        }
         Ok(Self {
+            dhcp_mode: file.dhcp.mode,
+            lease_file: file.dhcp.lease_file,
+            authoritative: file.dhcp.authoritative.unwrap_or(false),
+            subnets,
+            reservations,
             interface: file.interface,
             boot_root: file.boot_root,
             tftp_max_blksize: file.tftp.max_blksize,
@@ -249,6 +350,16 @@ fn known_profile(
     ))
 }
 
+fn ipv4(
+    text: &Spanned<String>,
+    key: &str,
+    error_at: &impl Fn(Option<Range<usize>>, String) -> ConfigError,
+) -> Result<Ipv4Addr, ConfigError> {
+    text.get_ref()
+        .parse()
+        .map_err(|_| error_at(Some(text.span()), format!("{key} {:?} is not an IPv4 address", text.get_ref())))
+}
+
 /// 1-based line and column of a byte offset.
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
@@ -271,6 +382,9 @@ mod tests {
         let config = parse(example).unwrap_or_else(|e| panic!("{e}"));
         assert!(config.profiles.contains_key("rescue"));
         assert_eq!(config.machines.len(), 2);
+        assert_eq!(config.subnets.len(), 1);
+        assert_eq!(config.reservations.len(), 1);
+        assert_eq!(config.dhcp_mode, Some(DhcpMode::Full));
     }
 
     #[test]
@@ -289,6 +403,10 @@ mod tests {
             ("[[profile]]\nname = \"a\"\nipxe_script = \"{{kernal}}\"\n", 3, "unknown placeholder {{kernal}}"),
             ("[tftp]\nmax_blksize = \"big\"\n", 2, "invalid type"),
             ("default_profile = \"nope\"\n", 1, "default_profile \"nope\""),
+            ("[dhcp]\nmode = \"fulll\"\n", 2, "unknown variant `fulll`"),
+            ("[[dhcp.subnet]]\nnetwork = \"198.18.0.0/24\"\npools = [\"198.18.1.1-198.18.1.9\"]\n", 3, "is not inside 198.18.0.0/24"),
+            ("[[dhcp.subnet]]\nnetwork = \"198.18.0.0/24\"\npools = [\"198.18.0.1-198.18.0.9\"]\nrouter = \"gw\"\n", 4, "router \"gw\" is not an IPv4 address"),
+            ("[[machine]]\nmac = \"52:54:00:00:00:01\"\naddress = \"1.2.3.4\"\n[[machine]]\nmac = \"52:54:00:00:00:02\"\naddress = \"1.2.3.4\"\n", 6, "already reserved"),
         ];
         for (text, line, needle) in cases {
             let err = parse(text).unwrap_err();

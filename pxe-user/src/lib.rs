@@ -7,8 +7,10 @@
 
 pub mod bootroot;
 pub mod config;
+pub mod dhcp;
 pub mod fastpath;
 pub mod http;
+pub mod lease;
 pub mod netif;
 pub mod policy;
 pub mod privileges;

@@ -1,10 +1,11 @@
-//! `pxed`: the PXE boot daemon.
+//! `pxed`: the PXE boot daemon. This file only wires the pieces together:
+//! flags and config in, services started, signals handled.
 use std::{
     io::IsTerminal as _,
     net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
@@ -12,31 +13,46 @@ use anyhow::{bail, Context as _};
 use clap::Parser;
 use pxe_user::{
     bootroot::BootRoot,
-    config::Config,
-    http,
-    policy::r#static::{ServerUrls, StaticPolicy},
+    config::{Config, DhcpMode},
+    dhcp::{
+        self,
+        engine::{Engine, EngineConfig, Mode},
+        pool::{parse_range, Subnet},
+    },
     fastpath::{CounterSnapshot, Counters, FastPath, XdpModeChoice},
+    http::{self, SharedPolicy},
+    lease::{LeaseStore, MemLeaseStore, RedbLeaseStore},
     netif,
+    policy::r#static::{ServerUrls, StaticPolicy},
     privileges::missing_capabilities,
     tftp::{
         negotiate::Limits,
         server::{TftpConfig, TftpServer, TransferHooks},
     },
 };
-use tokio::signal::unix::{signal, SignalKind};
-use tracing::{info, warn};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    task::JoinHandle,
+};
+use tracing::{error, info, warn};
 
 /// PXE boot server: DHCP/proxyDHCP, TFTP and HTTP boot, with the hot paths in
 /// XDP/TC programs attached to the serving interface.
 ///
-/// Runs in the foreground until SIGINT or SIGTERM. Programs are attached
-/// through BPF links owned by this process: when it exits, however it exits,
-/// the kernel detaches them.
+/// Quick start, proxy mode beside an existing DHCP server:
+///   pxed --interface eth1 --boot-root /srv/pxe
+/// Full DHCP on a lab network:
+///   pxed --interface eth1 --boot-root /srv/pxe --dhcp full --range 10.9.0.100-10.9.0.199
+///
+/// Runs in the foreground until SIGINT or SIGTERM; SIGHUP reloads the config
+/// file (a bad file is refused and the old one keeps serving); SIGUSR1 logs
+/// counters. Programs are attached through BPF links owned by this process:
+/// when it exits, however it exits, the kernel detaches them.
 #[derive(Debug, Parser)]
-#[command(name = "pxed", version, about, long_about)]
+#[command(name = "pxed", version, about, long_about, verbatim_doc_comment)]
 struct Cli {
-    /// Config file (TOML): profiles, machines, service settings. See
-    /// docs/pxed.example.toml. Flags override what it says.
+    /// Config file (TOML): DHCP subnets, profiles, machines, service settings.
+    /// See docs/pxed.example.toml. Flags override what it says.
     #[arg(short, long, value_name = "FILE", env = "PXED_CONFIG")]
     config: Option<PathBuf>,
 
@@ -49,6 +65,36 @@ struct Cli {
     /// used, and the services answer from its IPv4 address.
     #[arg(short, long, env = "PXED_INTERFACE")]
     interface: Option<String>,
+
+    /// DHCP role: `proxy` answers PXE clients with boot information only and
+    /// leaves addresses to the network's DHCP server; `full` hands out
+    /// addresses too (needs --range or [[dhcp.subnet]]); `off` serves files
+    /// only [default: the config's, else proxy].
+    #[arg(long, value_enum, value_name = "MODE")]
+    dhcp: Option<DhcpMode>,
+
+    /// Address pool on the interface's own subnet for `--dhcp full`, e.g.
+    /// 10.9.0.100-10.9.0.199 (repeatable).
+    #[arg(long, value_name = "FIRST-LAST")]
+    range: Vec<String>,
+
+    /// Router (option 3) for the --range subnet.
+    #[arg(long, value_name = "IP")]
+    router: Option<Ipv4Addr>,
+
+    /// Lease time in seconds for the --range subnet.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    lease_time: u32,
+
+    /// Lease database (full mode). Every ACKed lease is on disk before the
+    /// ACK leaves [default: /var/lib/pxed/leases.redb].
+    #[arg(long, value_name = "FILE")]
+    lease_file: Option<PathBuf>,
+
+    /// NAK requests for addresses pxed has no record of (RFC 2131 §4.3.2).
+    /// Only for the one DHCP server of a network.
+    #[arg(long)]
+    authoritative: bool,
 
     /// How to attach the XDP program: `auto` tries native (driver) mode, then
     /// generic, and logs which it got; `off` leaves XDP out entirely.
@@ -125,10 +171,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     if cli.check_config {
         println!(
-            "{}: ok ({} profiles, {} machines, default profile {})",
+            "{}: ok ({} profiles, {} machines, {} reservations, {} DHCP subnets, default profile {})",
             cli.config.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
             config.profiles.len(),
             config.machines.len(),
+            config.reservations.len(),
+            config.subnets.len(),
             config.default_profile.as_deref().unwrap_or("none: unknown machines are ignored"),
         );
         return Ok(());
@@ -150,7 +198,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// The config file and the flags, merged: flags win.
 struct Settings {
+    config_path: Option<PathBuf>,
     interface: String,
+    dhcp: DhcpMode,
+    ranges: Vec<(Ipv4Addr, Ipv4Addr)>,
+    router: Option<Ipv4Addr>,
+    lease_time: u32,
+    lease_file: PathBuf,
+    authoritative: bool,
     xdp_mode: XdpModeChoice,
     no_tc: bool,
     boot_root: Option<PathBuf>,
@@ -169,8 +224,27 @@ impl Settings {
         let Some(interface) = cli.interface.or_else(|| config.interface.clone()) else {
             bail!("no interface to serve on: pass --interface IF (or set `interface` in the config)");
         };
+        let ranges = cli
+            .range
+            .iter()
+            .map(|r| parse_range(r).map_err(|e| anyhow::anyhow!("--range {r}: {e}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let dhcp = cli.dhcp.or(config.dhcp_mode).unwrap_or(if ranges.is_empty() { DhcpMode::Proxy } else { DhcpMode::Full });
+        if dhcp == DhcpMode::Full && ranges.is_empty() && config.subnets.is_empty() {
+            bail!("--dhcp full needs addresses to hand out: --range FIRST-LAST, or [[dhcp.subnet]] in the config");
+        }
         Ok(Self {
+            config_path: cli.config,
             interface,
+            dhcp,
+            ranges,
+            router: cli.router,
+            lease_time: cli.lease_time,
+            lease_file: cli
+                .lease_file
+                .or_else(|| config.lease_file.clone())
+                .unwrap_or_else(|| PathBuf::from("/var/lib/pxed/leases.redb")),
+            authoritative: cli.authoritative || config.authoritative,
             xdp_mode: cli.xdp_mode,
             no_tc: cli.no_tc,
             boot_root: cli.boot_root.or_else(|| config.boot_root.clone()),
@@ -184,15 +258,62 @@ impl Settings {
             config,
         })
     }
+
+    fn http_base(&self, address: Ipv4Addr) -> String {
+        match self.http_port {
+            80 => format!("http://{address}"),
+            port => format!("http://{address}:{port}"),
+        }
+    }
+
+    fn policy(&self, config: &Config, address: Ipv4Addr) -> StaticPolicy {
+        StaticPolicy {
+            profiles: config.profiles.clone(),
+            machines: config.machines.clone(),
+            default_profile: config.default_profile.clone(),
+            urls: ServerUrls { server: address.to_string(), http: self.http_base(address) },
+        }
+    }
+
+    fn engine_config(&self, config: &Config, address: Ipv4Addr) -> anyhow::Result<EngineConfig> {
+        let mut subnets = config.subnets.clone();
+        if !self.ranges.is_empty() {
+            let network = netif::ipv4_network(&self.interface)?;
+            for (first, last) in &self.ranges {
+                if !network.contains(first) || !network.contains(last) {
+                    bail!("--range {first}-{last} is not inside {}'s network {network}", self.interface);
+                }
+            }
+            subnets.retain(|s| s.network != network);
+            subnets.push(Subnet {
+                network,
+                ranges: self.ranges.clone(),
+                exclude: vec![],
+                router: self.router,
+                dns: vec![],
+                domain: None,
+                lease_time: self.lease_time.max(60),
+            });
+        }
+        Ok(EngineConfig {
+            mode: if self.dhcp == DhcpMode::Full { Mode::Full } else { Mode::Proxy },
+            server_ip: address,
+            subnets,
+            reservations: config.reservations.clone(),
+            authoritative: self.authoritative,
+            http_base: self.http_base(address),
+        })
+    }
 }
 
-/// Attaches, then serves until a stop signal, logging counters on the way.
+/// Attaches, starts the services, then serves until a stop signal.
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     // Handlers first: a stop signal that arrives while the programs load must
     // still end in a clean detach, not in the default action.
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigusr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
 
     let mut fastpath = FastPath::load().context("loading the BPF programs")?;
     match fastpath.attach_xdp(&settings.interface, settings.xdp_mode)? {
@@ -205,43 +326,66 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         fastpath.attach_tc(&settings.interface)?;
         info!(interface = %settings.interface, "TC ingress program attached");
     }
-
     let fastpath = Arc::new(Mutex::new(fastpath));
-    let mut tftp = None;
-    let mut http = None;
-    match &settings.boot_root {
-        Some(dir) => {
+
+    let mut tasks: Vec<(&str, JoinHandle<std::io::Result<()>>)> = Vec::new();
+    let needs_address = settings.boot_root.is_some() || settings.dhcp != DhcpMode::Off;
+    let address = if needs_address { Some(netif::ipv4_address(&settings.interface)?) } else { None };
+    let policy: SharedPolicy = Arc::new(RwLock::new(Arc::new(settings.policy(&settings.config, address.unwrap_or(Ipv4Addr::UNSPECIFIED)))));
+
+    match (&settings.boot_root, address) {
+        (Some(dir), Some(address)) => {
             let root = Arc::new(
                 BootRoot::open(dir).context("the boot root (--boot-root) must be a readable directory")?,
             );
-            let address = netif::ipv4_address(&settings.interface)?;
             let server = start_tftp(&settings, address, Arc::clone(&root), Arc::clone(&fastpath)).await?;
-            tftp = Some(tokio::spawn(server.run()));
+            tasks.push(("TFTP", tokio::spawn(server.run())));
             if settings.http_port != 0 {
-                http = Some(start_http(&settings, address, root).await?);
+                tasks.push(("HTTP", start_http(&settings, address, root, Arc::clone(&policy)).await?));
+            } else if settings.dhcp != DhcpMode::Off {
+                warn!("HTTP is off (--http-port 0): iPXE clients are sent script URLs nobody answers");
             }
         }
-        None => warn!("no --boot-root: TFTP and HTTP file serving are off"),
+        _ => warn!("no --boot-root: TFTP and HTTP file serving are off"),
     }
+
+    let engine = match (settings.dhcp, address) {
+        (DhcpMode::Off, _) | (_, None) => {
+            info!("DHCP off");
+            None
+        }
+        (mode, Some(address)) => {
+            let (engine, task) = start_dhcp(&settings, mode, address, Arc::clone(&policy.read().unwrap()))?;
+            tasks.push(("DHCP", task));
+            Some(engine)
+        }
+    };
 
     let period = Duration::from_secs(if settings.stats_interval == 0 { u64::MAX / 4 } else { settings.stats_interval });
     let mut ticker = tokio::time::interval(period);
     ticker.tick().await; // the first tick is immediate
     let counters = || fastpath.lock().unwrap_or_else(|e| e.into_inner()).counters();
     let mut last = counters()?;
-    info!("serving; SIGUSR1 logs counters, SIGINT/SIGTERM stops");
-    loop {
-        tokio::select! {
-            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
-            _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
-            _ = sigusr1.recv() => log_counters("counters", &counters()?),
-            Some(ended) = async { tftp.as_mut()?.await.ok() }, if tftp.is_some() => {
-                ended.context("the TFTP server stopped")?;
-                bail!("the TFTP server stopped");
+    info!("serving; SIGHUP reloads the config, SIGUSR1 logs counters, SIGINT/SIGTERM stops");
+    let failed = loop {
+        let any_ended = async {
+            if tasks.is_empty() {
+                return std::future::pending().await;
             }
-            Some(ended) = async { http.as_mut()?.await.ok() }, if http.is_some() => {
-                ended.context("the HTTP server stopped")?;
-                bail!("the HTTP server stopped");
+            first_to_end(&mut tasks).await
+        };
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break None; }
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break None; }
+            _ = sighup.recv() => reload(&settings, address, &policy, engine.as_ref()),
+            _ = sigusr1.recv() => log_counters("counters", &counters()?),
+            (index, result) = any_ended => {
+                let name = tasks[index].0;
+                break Some(match result {
+                    Ok(Ok(())) => anyhow::anyhow!("the {name} server stopped"),
+                    Ok(Err(e)) => anyhow::anyhow!("the {name} server failed: {e}"),
+                    Err(e) => anyhow::anyhow!("the {name} server crashed: {e}"),
+                });
             }
             _ = ticker.tick() => {
                 match counters() {
@@ -254,14 +398,105 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
                 }
             }
         }
-    }
+    };
     log_counters("final counters", &counters()?);
-    for task in [tftp, http].into_iter().flatten() {
+    for (_, task) in &tasks {
         task.abort();
     }
     drop(fastpath);
     info!("programs detached; bye");
-    Ok(())
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Waits for the first of the service tasks to end.
+async fn first_to_end(
+    tasks: &mut [(&str, JoinHandle<std::io::Result<()>>)],
+) -> (usize, Result<std::io::Result<()>, tokio::task::JoinError>) {
+    use std::future::Future as _;
+    std::future::poll_fn(|cx| {
+        for (i, (_, task)) in tasks.iter_mut().enumerate() {
+            if let std::task::Poll::Ready(r) = std::pin::Pin::new(task).poll(cx) {
+                return std::task::Poll::Ready((i, r));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// SIGHUP: re-read the config file; a bad one is refused and the old one
+/// keeps serving. Leases are untouched.
+fn reload(settings: &Settings, address: Option<Ipv4Addr>, policy: &SharedPolicy, engine: Option<&Arc<Mutex<Engine>>>) {
+    let Some(path) = &settings.config_path else {
+        info!("SIGHUP: no --config file to reload");
+        return;
+    };
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("SIGHUP: the new config is refused, the old one keeps serving: {e}");
+            return;
+        }
+    };
+    let address = address.unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let new_policy = Arc::new(settings.policy(&config, address));
+    if let Some(engine) = engine {
+        match settings.engine_config(&config, address) {
+            Ok(engine_config) => engine
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .reconfigure(engine_config, Arc::clone(&new_policy)),
+            Err(e) => {
+                error!("SIGHUP: the new config is refused, the old one keeps serving: {e:#}");
+                return;
+            }
+        }
+    }
+    *policy.write().unwrap_or_else(|e| e.into_inner()) = new_policy;
+    info!(
+        profiles = config.profiles.len(),
+        machines = config.machines.len(),
+        subnets = config.subnets.len(),
+        "SIGHUP: config reloaded from {}",
+        path.display()
+    );
+}
+
+/// Opens the lease store, builds the engine, binds 67 and 4011.
+fn start_dhcp(
+    settings: &Settings,
+    mode: DhcpMode,
+    address: Ipv4Addr,
+    policy: Arc<StaticPolicy>,
+) -> anyhow::Result<(Arc<Mutex<Engine>>, JoinHandle<std::io::Result<()>>)> {
+    let engine_config = settings.engine_config(&settings.config, address)?;
+    let store: Box<dyn LeaseStore> = match mode {
+        DhcpMode::Full => Box::new(open_leases(&settings.lease_file)?),
+        // Proxy mode hands out no addresses: nothing to remember.
+        _ => Box::new(MemLeaseStore::default()),
+    };
+    let subnets: Vec<String> = engine_config.subnets.iter().map(|s| s.network.to_string()).collect();
+    let engine = Engine::new(engine_config, policy, store).context("reading the lease database")?;
+    let engine = Arc::new(Mutex::new(engine));
+    let dhcp_socket = dhcp::driver::bind(&settings.interface, 67)?;
+    let discovery = dhcp::driver::bind(&settings.interface, 4011)?;
+    info!(
+        mode = ?mode, server = %address, subnets = ?subnets,
+        lease_file = %if mode == DhcpMode::Full { settings.lease_file.display().to_string() } else { "-".into() },
+        "DHCP serving on ports 67 and 4011"
+    );
+    let task = tokio::spawn(dhcp::driver::run(Arc::clone(&engine), Some(dhcp_socket), discovery));
+    Ok((engine, task))
+}
+
+fn open_leases(path: &Path) -> anyhow::Result<RedbLeaseStore> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating the lease directory {}", dir.display()))?;
+    }
+    RedbLeaseStore::open(path).context("opening the lease database (--lease-file)")
 }
 
 /// Binds TFTP on the interface's address, serving the boot root.
@@ -293,22 +528,13 @@ async fn start_http(
     settings: &Settings,
     address: Ipv4Addr,
     root: Arc<BootRoot>,
-) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    policy: SharedPolicy,
+) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
     let bind = SocketAddr::from((address, settings.http_port));
     let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("binding HTTP to {bind}"))?;
-    let base = match settings.http_port {
-        80 => format!("http://{address}"),
-        port => format!("http://{address}:{port}"),
-    };
     let config = &settings.config;
-    let policy = StaticPolicy {
-        profiles: config.profiles.clone(),
-        machines: config.machines.clone(),
-        default_profile: config.default_profile.clone(),
-        urls: ServerUrls { server: address.to_string(), http: base.clone() },
-    };
-    info!(url = %base, profiles = config.profiles.len(), machines = config.machines.len(), "HTTP boot serving");
-    let router = http::router(http::HttpState { root, policy: Arc::new(policy) });
+    info!(url = %settings.http_base(address), profiles = config.profiles.len(), machines = config.machines.len(), "HTTP boot serving");
+    let router = http::router(http::HttpState { root, policy });
     Ok(tokio::spawn(async move { axum::serve(listener, router).await }))
 }
 

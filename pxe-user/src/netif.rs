@@ -23,3 +23,22 @@ pub fn ipv4_address(iface: &str) -> anyhow::Result<Ipv4Addr> {
 pub fn mtu(iface: &str) -> Option<u32> {
     std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu")).ok()?.trim().parse().ok()
 }
+
+/// The IPv4 network `iface`'s first address is on, e.g. 198.18.0.0/24.
+pub fn ipv4_network(iface: &str) -> anyhow::Result<ipnet::Ipv4Net> {
+    let addrs = nix::ifaddrs::getifaddrs().context("listing interface addresses")?;
+    for ifaddr in addrs {
+        if ifaddr.interface_name != iface {
+            continue;
+        }
+        let (Some(addr), Some(mask)) = (
+            ifaddr.address.as_ref().and_then(|a| a.as_sockaddr_in()).map(|a| a.ip()),
+            ifaddr.netmask.as_ref().and_then(|a| a.as_sockaddr_in()).map(|a| a.ip()),
+        ) else {
+            continue;
+        };
+        let prefix = u32::from(mask).count_ones() as u8;
+        return Ok(ipnet::Ipv4Net::new(addr, prefix)?.trunc());
+    }
+    bail!("interface {iface} has no IPv4 address")
+}

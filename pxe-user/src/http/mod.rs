@@ -31,10 +31,13 @@ use crate::{
 /// Path of the per-machine iPXE script.
 pub const SCRIPT_PATH: &str = "/boot.ipxe";
 
+/// The policy in force; SIGHUP swaps it for a reloaded one.
+pub type SharedPolicy = Arc<std::sync::RwLock<Arc<StaticPolicy>>>;
+
 #[derive(Clone)]
 pub struct HttpState {
     pub root: Arc<BootRoot>,
-    pub policy: Arc<StaticPolicy>,
+    pub policy: SharedPolicy,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -54,14 +57,15 @@ async fn ipxe_script(State(state): State<HttpState>, Query(q): Query<ScriptQuery
     };
     let arch = q.arch.as_deref().and_then(Arch::from_name).unwrap_or(Arch::Other(u16::MAX));
     let machine = Machine { mac, arch, uuid: q.uuid.filter(|u| !u.is_empty()) };
-    let script = match state.policy.decide(&machine) {
+    let policy = Arc::clone(&state.policy.read().unwrap_or_else(|e| e.into_inner()));
+    let script = match policy.decide(&machine) {
         Decision::Boot(spec) => {
             info!(%mac, arch = arch.name(), profile = %spec.profile, "HTTP: iPXE script served");
             spec.ipxe_script
         }
         Decision::LocalBoot => {
             info!(%mac, "HTTP: machine is provisioned; local-boot script served");
-            state.policy.local_boot_script()
+            policy.local_boot_script()
         }
         Decision::Ignore => {
             info!(%mac, "HTTP: no profile for this machine");

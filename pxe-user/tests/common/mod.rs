@@ -1,10 +1,14 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code, reason = "each test binary uses its own subset of the helpers")]
 
+pub mod dhcp_client;
 pub mod frames;
 pub mod tftp_client;
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use pxe_lab::{Lab, Netns};
 
@@ -19,6 +23,34 @@ pub struct Served {
     pub server: Netns,
     pub client: Netns,
     pub pid: u32,
+    /// pxed's stdout and stderr.
+    pub log: PathBuf,
+    _log_dir: tempfile::TempDir,
+}
+
+impl Served {
+    /// pxed's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until pxed's log contains `needle`; panics with the log if not.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        wait_for_file_text(&self.log, needle, timeout);
+    }
+}
+
+/// Waits until the file contains `needle`; panics with its contents if not.
+pub fn wait_for_file_text(path: &Path, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "waited for {needle:?} in {}:\n{text}", path.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Starts `pxed --interface eth0 <args>` in a fresh lab and waits for TFTP.
@@ -30,9 +62,12 @@ pub fn serve_tftp(boot_root: &Path, extra: &[&str]) -> Served {
     let root = boot_root.to_str().unwrap();
     let mut args = vec!["--interface", "eth0", "--boot-root", root];
     args.extend_from_slice(extra);
-    let pid = lab.spawn(&server, PXED, &args).expect("starting pxed");
-    assert!(server.wait_for_udp_port(69, Duration::from_secs(20)), "pxed did not start serving TFTP");
-    Served { lab, server, client, pid }
+    let log_dir = tempfile::tempdir().unwrap();
+    let log = log_dir.path().join("pxed.log");
+    let pid = lab.spawn_logged(&server, PXED, &args, &log).expect("starting pxed");
+    let up = server.wait_for_udp_port(69, Duration::from_secs(20));
+    assert!(up, "pxed did not start serving TFTP:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    Served { lab, server, client, pid, log, _log_dir: log_dir }
 }
 
 /// Deterministic file contents that make misplaced blocks visible.

@@ -1,0 +1,81 @@
+//! Leases: what address a client holds, until when, durably.
+//!
+//! [`LeaseStore`] is the narrow storage seam (load everything at start, write
+//! one lease through, forget one): the embedded [`RedbLeaseStore`] by default,
+//! [`MemLeaseStore`] for tests and the bench's simulations, and room for a
+//! shared backend (PostgreSQL) that several servers use.
+//!
+//! The contract every implementation keeps: when [`LeaseStore::put`] returns
+//! `Ok`, the lease survives a crash of this process and of the machine. The
+//! DHCP engine sends an ACK only after that.
+
+mod mem;
+mod redb_store;
+
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+pub use self::{mem::MemLeaseStore, redb_store::RedbLeaseStore};
+
+/// What a lease record says about its address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseState {
+    /// Held by the client until `expires`.
+    Active,
+    /// Given back (DHCPRELEASE); the client gets it again if it is still free.
+    Released,
+    /// Reported in use by someone else (DHCPDECLINE): not handed out until `expires`.
+    Declined,
+}
+
+/// One address and who has it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub ip: Ipv4Addr,
+    /// How the client identifies itself: option 61 if sent, else its MAC
+    /// (RFC 2131 §4.2), as bytes (see [`client_key`]).
+    pub client: Vec<u8>,
+    pub mac: [u8; 6],
+    /// Seconds since the Unix epoch.
+    pub expires: u64,
+    pub state: LeaseState,
+    pub hostname: Option<String>,
+}
+
+impl Lease {
+    /// True if the address is held by its client (or quarantined) at `now`.
+    pub fn is_current(&self, now: u64) -> bool {
+        match self.state {
+            LeaseState::Active | LeaseState::Declined => self.expires > now,
+            LeaseState::Released => false,
+        }
+    }
+}
+
+/// The identity a lease is keyed by: `1` + option 61 when the client sent a
+/// client identifier, else `0` + its MAC. The prefix keeps the two spaces apart.
+pub fn client_key(client_id: Option<&[u8]>, mac: [u8; 6]) -> Vec<u8> {
+    match client_id {
+        Some(id) if !id.is_empty() => [&[1u8][..], id].concat(),
+        _ => [&[0u8][..], &mac[..]].concat(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("lease database {path}: {message}")]
+    Database { path: String, message: String },
+    #[error("lease record for {ip} is unreadable: {message}")]
+    Corrupt { ip: Ipv4Addr, message: String },
+}
+
+/// Durable storage of leases.
+pub trait LeaseStore: Send {
+    /// Every stored lease, read once at start to build the in-memory index.
+    fn load_all(&self) -> Result<Vec<Lease>, LeaseError>;
+    /// Writes `lease` (replacing any record for its address); durable on `Ok`.
+    fn put(&mut self, lease: &Lease) -> Result<(), LeaseError>;
+    /// Forgets the record for `ip`; durable on `Ok`.
+    fn remove(&mut self, ip: Ipv4Addr) -> Result<(), LeaseError>;
+}

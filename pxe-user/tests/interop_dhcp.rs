@@ -1,0 +1,328 @@
+//! DHCP against the real `pxed` in namespaces, with real clients and peers:
+//! busybox udhcpc and ISC dhclient get, renew and release leases; a request
+//! relayed by dnsmasq gets an address from the relay's subnet; in proxy mode
+//! beside dnsmasq a PXE client gets its address from one and its boot file
+//! from the other; and leases survive SIGKILL. Needs root and the clients.
+
+mod common;
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    path::Path,
+    time::Duration,
+};
+
+use common::{dhcp_client as dc, have_tool, run_ok, serve_tftp, wait_for_file_text, Served, PXED};
+use dhcproto::v4::{DhcpOption, MessageType, OptionCode};
+use nix::{sys::signal::{kill, Signal}, unistd::Pid};
+use pxe_lab::Lab;
+
+const POOL: &str = "198.18.0.100-198.18.0.199";
+
+fn in_pool(ip: Ipv4Addr) -> bool {
+    (Ipv4Addr::new(198, 18, 0, 100)..=Ipv4Addr::new(198, 18, 0, 199)).contains(&ip)
+}
+
+fn boot_root() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("ipxe.efi"), b"ipxe").unwrap();
+    root
+}
+
+fn full_mode(root: &Path) -> Served {
+    let leases = root.join("leases.redb");
+    let served = serve_tftp(
+        root,
+        &["--xdp-mode", "off", "--no-tc", "--dhcp", "full", "--range", POOL, "--lease-file", leases.to_str().unwrap(), "--lease-time", "120"],
+    );
+    assert!(served.server.wait_for_udp_port(67, Duration::from_secs(10)));
+    served
+}
+
+fn write_script(dir: &Path, name: &str, body: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+fn addresses(ns: &pxe_lab::Netns) -> String {
+    String::from_utf8_lossy(&ns.output("ip", &["-4", "-o", "addr", "show", "dev", "eth0"]).unwrap().stdout).into_owned()
+}
+
+#[test]
+fn udhcpc_gets_renews_and_releases_a_lease() {
+    if !pxe_lab::privileged("udhcpc_gets_renews_and_releases_a_lease") || !have_tool("busybox", "busybox") {
+        return;
+    }
+    let root = boot_root();
+    let served = full_mode(root.path());
+    let work = tempfile::tempdir().unwrap();
+    let script = write_script(work.path(), "udhcpc.sh", r#"
+case "$1" in
+  bound|renew) ip addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface" ;;
+  deconfig) ip addr flush dev "$interface" ;;
+esac
+"#);
+    let out = work.path().join("udhcpc.log");
+    let pid = served
+        .lab
+        .spawn_logged(&served.client, "busybox", &["udhcpc", "-i", "eth0", "-f", "-t", "5", "-T", "1", "-s", &script], &out)
+        .unwrap();
+    wait_for_file_text(&out, "obtained from 198.18.0.1", Duration::from_secs(20));
+    let text = std::fs::read_to_string(&out).unwrap();
+    let ip: Ipv4Addr = text.split("lease of ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    assert!(in_pool(ip), "{ip}");
+    assert!(addresses(&served.client).contains(&format!("{ip}/24")), "the script configured it");
+
+    kill(Pid::from_raw(pid as i32), Signal::SIGUSR1).unwrap(); // renew now
+    served.wait_for_log("(RENEWING)", Duration::from_secs(10));
+    wait_for_file_text(&out, &format!("lease of {ip} obtained"), Duration::from_secs(10));
+    assert_eq!(std::fs::read_to_string(&out).unwrap().matches(&format!("lease of {ip} obtained")).count(), 2, "renewed, same address");
+
+    kill(Pid::from_raw(pid as i32), Signal::SIGUSR2).unwrap(); // release
+    served.wait_for_log(&format!("{ip} is free again"), Duration::from_secs(10));
+}
+
+#[test]
+fn dhclient_gets_and_releases_a_lease() {
+    if !pxe_lab::privileged("dhclient_gets_and_releases_a_lease") || !have_tool("dhclient", "isc-dhcp-client") {
+        return;
+    }
+    let root = boot_root();
+    let served = full_mode(root.path());
+    let work = tempfile::tempdir().unwrap();
+    // No dhclient-script: it would touch the host's /etc/resolv.conf.
+    let script = write_script(work.path(), "dhclient.sh", r#"
+case "$reason" in
+  PREINIT) ip link set "$interface" up ;;
+  BOUND|RENEW|REBIND|REBOOT) ip addr flush dev "$interface"; ip addr add "$new_ip_address/24" dev "$interface" ;;
+  EXPIRE|FAIL|RELEASE|STOP) ip addr flush dev "$interface" ;;
+esac
+"#);
+    let lf = work.path().join("dhclient.leases");
+    let pf = work.path().join("dhclient.pid");
+    let args = |extra: &[&'static str]| {
+        let mut a: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        a.extend(["-v", "-sf", &script, "-lf", lf.to_str().unwrap(), "-pf", pf.to_str().unwrap(), "eth0"].map(String::from));
+        a
+    };
+    let get = args(&["-1"]);
+    run_ok(&served.client, "dhclient", &get.iter().map(String::as_str).collect::<Vec<_>>());
+    let bound = addresses(&served.client);
+    let ip: Ipv4Addr = bound.split("inet ").nth(1).and_then(|s| s.split('/').next()).unwrap().parse().unwrap();
+    assert!(in_pool(ip), "{bound}");
+    served.wait_for_log(&format!("→ ACK {ip}"), Duration::from_secs(5));
+
+    let release = args(&["-r"]);
+    let result = served.client.output("dhclient", &release.iter().map(String::as_str).collect::<Vec<_>>());
+    // dhclient -1 stays running in the background; -r stops it. Make sure, by its PID.
+    if let Ok(pid) = std::fs::read_to_string(&pf).unwrap_or_default().trim().parse::<i32>() {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    }
+    assert!(result.unwrap().status.success());
+    served.wait_for_log(&format!("{ip} is free again"), Duration::from_secs(10));
+}
+
+#[test]
+fn a_request_relayed_by_dnsmasq_gets_an_address_from_the_relays_subnet() {
+    if !pxe_lab::privileged("a_request_relayed_by_dnsmasq_gets_an_address_from_the_relays_subnet")
+        || !have_tool("dnsmasq", "dnsmasq-base")
+        || !have_tool("busybox", "busybox")
+    {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let server = lab.add_netns("srv").unwrap();
+    let relay = lab.add_netns("relay").unwrap();
+    let client = lab.add_netns("cli").unwrap();
+    lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&relay, "eth0", Some("198.18.0.2/24"))).unwrap();
+    lab.veth((&relay, "eth1", Some("198.18.5.1/24")), (&client, "eth0", None)).unwrap();
+    server.ip(["route", "add", "198.18.5.0/24", "via", "198.18.0.2"]).unwrap();
+
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("pxed.toml");
+    std::fs::write(
+        &config,
+        r#"
+[dhcp]
+mode = "full"
+[[dhcp.subnet]]
+network = "198.18.0.0/24"
+pools = ["198.18.0.100-198.18.0.199"]
+[[dhcp.subnet]]
+network = "198.18.5.0/24"
+pools = ["198.18.5.10-198.18.5.50"]
+router = "198.18.5.1"
+"#,
+    )
+    .unwrap();
+    let leases = work.path().join("leases.redb");
+    let log = work.path().join("pxed.log");
+    lab.spawn_logged(&server, PXED, &["--interface", "eth0", "--config", config.to_str().unwrap(), "--lease-file", leases.to_str().unwrap(), "--xdp-mode", "off", "--no-tc"], &log).unwrap();
+    assert!(server.wait_for_udp_port(67, Duration::from_secs(20)), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    let relay_log = work.path().join("dnsmasq.log");
+    lab.spawn_logged(&relay, "dnsmasq", &["--no-daemon", "--port=0", "--conf-file=/dev/null", "--pid-file=", "--user=root", "--log-dhcp", "--dhcp-relay=198.18.5.1,198.18.0.1"], &relay_log).unwrap();
+    assert!(relay.wait_for_udp_port(67, Duration::from_secs(20)));
+
+    let out = client.output("busybox", &["udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", "5", "-T", "2", "-s", "/bin/true"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let ip: Ipv4Addr = text
+        .split("lease of ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no lease:\n{text}\npxed:\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+    assert!((Ipv4Addr::new(198, 18, 5, 10)..=Ipv4Addr::new(198, 18, 5, 50)).contains(&ip), "{ip} is from the relay's subnet");
+    wait_for_file_text(&log, &format!("→ ACK {ip}"), Duration::from_secs(5));
+}
+
+#[test]
+fn proxy_mode_beside_dnsmasq_gives_the_boot_file_while_dnsmasq_gives_the_address() {
+    if !pxe_lab::privileged("proxy_mode_beside_dnsmasq_gives_the_boot_file_while_dnsmasq_gives_the_address")
+        || !have_tool("dnsmasq", "dnsmasq-base")
+    {
+        return;
+    }
+    // One broadcast domain: a bridge in a "switch" namespace joining pxed,
+    // the site's DHCP server (dnsmasq, addresses only) and a PXE client.
+    let lab = Lab::new().unwrap();
+    let switch = lab.add_netns("sw").unwrap();
+    let server = lab.add_netns("srv").unwrap();
+    let site = lab.add_netns("dhcp").unwrap();
+    let client = lab.add_netns("cli").unwrap();
+    lab.bridge(&switch, "br0", None).unwrap();
+    for (ns, port, addr) in [(&server, "p1", Some("198.18.0.1/24")), (&site, "p2", Some("198.18.0.2/24")), (&client, "p3", None)] {
+        lab.veth((ns, "eth0", addr), (&switch, port, None)).unwrap();
+        lab.attach_to_bridge(&switch, port, "br0").unwrap();
+    }
+    let root = boot_root();
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("pxed.log");
+    lab.spawn_logged(&server, PXED, &["--interface", "eth0", "--boot-root", root.path().to_str().unwrap(), "--dhcp", "proxy", "--xdp-mode", "off", "--no-tc"], &log).unwrap();
+    let dnsmasq_leases = work.path().join("dnsmasq.leases");
+    lab.spawn_logged(
+        &site,
+        "dnsmasq",
+        &["--no-daemon", "--port=0", "--conf-file=/dev/null", "--pid-file=", "--user=root", "--interface=eth0", "--bind-interfaces",
+          "--dhcp-range=198.18.0.100,198.18.0.150,1h", &format!("--dhcp-leasefile={}", dnsmasq_leases.display())],
+        &work.path().join("dnsmasq.log"),
+    )
+    .unwrap();
+    assert!(server.wait_for_udp_port(4011, Duration::from_secs(20)), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert!(site.wait_for_udp_port(67, Duration::from_secs(20)));
+
+    let mac = [0x52, 0x54, 0x00, 0x99, 0x00, 0x01];
+    client
+        .run(|| {
+            let socket = dc::client_socket("eth0");
+            let xid = 0x0bad_cafe;
+            let offers = dc::exchange(&socket, &dc::message(MessageType::Discover, mac, xid, true, vec![]), xid, Duration::from_secs(3));
+            let from = |ip: [u8; 4]| offers.iter().find(|(m, _)| dc::server_id(m) == Some(Ipv4Addr::from(ip))).map(|(m, _)| m.clone());
+            let address_offer = from([198, 18, 0, 2]).expect("an OFFER from the site's DHCP server");
+            let proxy_offer = from([198, 18, 0, 1]).expect("a proxy OFFER from pxed");
+            let ip = address_offer.yiaddr();
+            assert!((Ipv4Addr::new(198, 18, 0, 100)..=Ipv4Addr::new(198, 18, 0, 150)).contains(&ip));
+            assert_eq!(proxy_offer.yiaddr(), Ipv4Addr::UNSPECIFIED, "pxed hands out no address in proxy mode");
+            assert_eq!(dc::boot_file(&proxy_offer).as_deref(), Some("ipxe.efi"));
+            assert_eq!(proxy_offer.opts().get(OptionCode::ClassIdentifier), Some(&DhcpOption::ClassIdentifier(b"PXEClient".to_vec())));
+
+            // The client takes the address from dnsmasq; pxed stays out of it.
+            let request = dc::message(MessageType::Request, mac, xid, true, vec![DhcpOption::ServerIdentifier(Ipv4Addr::new(198, 18, 0, 2)), DhcpOption::RequestedIpAddress(ip)]);
+            let acks = dc::exchange(&socket, &request, xid, Duration::from_secs(2));
+            assert!(acks.iter().all(|(m, _)| dc::server_id(m) == Some(Ipv4Addr::new(198, 18, 0, 2))), "only dnsmasq answers the REQUEST");
+            assert!(acks.iter().any(|(m, _)| dc::kind(m) == Some(MessageType::Ack) && m.yiaddr() == ip));
+            ip
+        })
+        .and_then(|ip| {
+            // With its address configured, the client asks pxed for its boot file on 4011.
+            client.ip(["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+            client.run(move || {
+                let socket = UdpSocket::bind(SocketAddrV4::new(ip, 68)).unwrap();
+                socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                let xid = 0x0bad_f00d;
+                let request = dc::message(MessageType::Request, mac, xid, true, vec![]);
+                let mut m = dhcproto::v4::Message::decode(&mut dhcproto::Decoder::new(&request)).unwrap();
+                m.set_ciaddr(ip);
+                let mut bytes = Vec::new();
+                dhcproto::Encodable::encode(&m, &mut dhcproto::Encoder::new(&mut bytes)).unwrap();
+                socket.send_to(&bytes, "198.18.0.1:4011").unwrap();
+                let replies = dc::collect(&socket, xid, Duration::from_secs(2));
+                let (ack, from) = replies.first().expect("pxed answers on 4011");
+                assert_eq!(from.to_string(), "198.18.0.1:4011");
+                assert_eq!(dc::kind(ack), Some(MessageType::Ack));
+                assert_eq!(dc::boot_file(ack).as_deref(), Some("ipxe.efi"));
+            })
+        })
+        .unwrap();
+    use dhcproto::Decodable as _;
+}
+
+#[test]
+fn every_acked_lease_survives_sigkill_and_no_address_goes_to_two_clients() {
+    if !pxe_lab::privileged("every_acked_lease_survives_sigkill_and_no_address_goes_to_two_clients") {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let server = lab.add_netns("srv").unwrap();
+    let client = lab.add_netns("cli").unwrap();
+    lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&client, "eth0", None)).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let leases = work.path().join("leases.redb");
+    let log = work.path().join("pxed.log");
+    let args = ["--interface", "eth0", "--dhcp", "full", "--range", "198.18.0.10-198.18.0.250", "--lease-file", leases.to_str().unwrap(), "--xdp-mode", "off", "--no-tc", "--authoritative"];
+    let start = || {
+        let pid = lab.spawn_logged(&server, PXED, &args, &log).unwrap();
+        assert!(server.wait_for_udp_port(67, Duration::from_secs(20)), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+        pid
+    };
+    let mut pid = start();
+    // Clients keep coming on another thread while the server is SIGKILLed and
+    // restarted under them, at moments unrelated to what they are doing.
+    let clients = {
+        let client = client.clone();
+        std::thread::spawn(move || {
+            client
+                .run(|| {
+                    let socket = dc::client_socket("eth0");
+                    (0..200u8)
+                        .filter_map(|i| {
+                            let mac = [0x52, 0x54, 0x00, 0x77, 0, i];
+                            dc::dora(&socket, mac, u32::from_be_bytes([0x77, 0, i, 1])).ok().map(|ip| (mac, ip))
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .unwrap()
+        })
+    };
+    let mut kills = 0;
+    while !clients.is_finished() && kills < 6 {
+        std::thread::sleep(Duration::from_millis(150 + 97 * kills));
+        kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+        let _ = lab.take_child(pid).map(|mut c| c.wait());
+        kills += 1;
+        pid = start();
+    }
+    let acked = clients.join().unwrap();
+    assert!(kills >= 3, "the server was killed only {kills} times");
+    assert!(acked.len() >= 100, "only {} of 200 clients got through the kills", acked.len());
+    let mut ips: Vec<Ipv4Addr> = acked.iter().map(|(_, ip)| *ip).collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), acked.len(), "an address was handed to two clients");
+    // After all the kills, each client still owns exactly what it was ACKed.
+    let acked_for_check = acked.clone();
+    client
+        .run(move || {
+            let socket = dc::client_socket("eth0");
+            for (n, (mac, ip)) in acked_for_check.iter().enumerate() {
+                let answer = dc::reboot_request(&socket, *mac, 0x5151_0000 + n as u32, *ip);
+                assert_eq!(answer, Some(MessageType::Ack), "{mac:02x?} lost its lease on {ip}");
+            }
+            // And a newcomer gets none of those addresses.
+            let fresh = dc::dora(&socket, [0x52, 0x54, 0, 0x78, 0, 1], 0x7777).unwrap();
+            assert!(!acked_for_check.iter().any(|(_, ip)| *ip == fresh), "{fresh} was already leased");
+        })
+        .unwrap();
+}
