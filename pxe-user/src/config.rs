@@ -17,7 +17,7 @@ use toml::Spanned;
 
 use crate::dhcp::pool::{parse_range, Subnet};
 use crate::policy::{
-    render,
+    render, Arch,
     r#static::{BootFiles, MachineEntry, Profile},
     Mac,
 };
@@ -123,6 +123,8 @@ struct MachineSection {
     hostname: Option<String>,
     /// Fixed address (a DHCP reservation).
     address: Option<Spanned<String>>,
+    /// Architecture override, e.g. "uefi-arm64".
+    arch: Option<Spanned<String>>,
 }
 
 fn yes() -> bool {
@@ -267,7 +269,16 @@ impl Config {
                 }
                 reservations.insert(mac, ip);
             }
-            let entry = MachineEntry { profile, netboot: machine.netboot, hostname: machine.hostname.clone() };
+            let arch = match &machine.arch {
+                Some(name) => Some(Arch::from_name(name.get_ref()).ok_or_else(|| {
+                    error_at(
+                        Some(name.span()),
+                        format!("machine arch {:?}: not one of bios, uefi-ia32, uefi-x64, uefi-arm64, uefi-x64-http, uefi-arm64-http, rpi", name.get_ref()),
+                    )
+                })?),
+                None => None,
+            };
+            let entry = MachineEntry { profile, netboot: machine.netboot, hostname: machine.hostname.clone(), arch };
             if machines.insert(mac, entry).is_some() {
                 return Err(error_at(Some(machine.mac.span()), format!("machine {mac} is listed twice")));
             }
@@ -381,7 +392,7 @@ mod tests {
         let example = include_str!("../../docs/pxed.example.toml");
         let config = parse(example).unwrap_or_else(|e| panic!("{e}"));
         assert!(config.profiles.contains_key("rescue"));
-        assert_eq!(config.machines.len(), 2);
+        assert_eq!(config.machines.len(), 3);
         assert_eq!(config.subnets.len(), 1);
         assert_eq!(config.reservations.len(), 1);
         assert_eq!(config.dhcp_mode, Some(DhcpMode::Full));
@@ -404,6 +415,7 @@ mod tests {
             ("[tftp]\nmax_blksize = \"big\"\n", 2, "invalid type"),
             ("default_profile = \"nope\"\n", 1, "default_profile \"nope\""),
             ("[dhcp]\nmode = \"fulll\"\n", 2, "unknown variant `fulll`"),
+            ("[[machine]]\nmac = \"52:54:00:00:00:01\"\narch = \"arm\"\n", 3, "machine arch \"arm\""),
             ("[[dhcp.subnet]]\nnetwork = \"198.18.0.0/24\"\npools = [\"198.18.1.1-198.18.1.9\"]\n", 3, "is not inside 198.18.0.0/24"),
             ("[[dhcp.subnet]]\nnetwork = \"198.18.0.0/24\"\npools = [\"198.18.0.1-198.18.0.9\"]\nrouter = \"gw\"\n", 4, "router \"gw\" is not an IPv4 address"),
             ("[[machine]]\nmac = \"52:54:00:00:00:01\"\naddress = \"1.2.3.4\"\n[[machine]]\nmac = \"52:54:00:00:00:02\"\naddress = \"1.2.3.4\"\n", 6, "already reserved"),

@@ -160,3 +160,27 @@ fn nothing_outside_the_boot_root_is_served() {
     assert_eq!(status, 405);
     assert_eq!(header(&headers, "allow"), Some("get, head"));
 }
+
+#[test]
+fn sighup_reloads_a_good_config_and_keeps_serving_on_a_bad_one() {
+    let Some((root, served)) = start() else { return };
+    let config = root.path().join("pxed.toml");
+    let script = |served: &Served| {
+        let (status, body, _) = curl(served, &[&url("/boot.ipxe?mac=52:54:00:00:00:07&arch=bios")]);
+        assert_eq!(status, 200);
+        String::from_utf8(body).unwrap()
+    };
+    assert!(script(&served).contains("boots profile default"));
+
+    let updated = format!("{CONFIG}\n[[machine]]\nmac = \"52:54:00:00:00:07\"\nprofile = \"rescue\"\nhostname = \"node7\"\n");
+    std::fs::write(&config, updated).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(served.pid as i32), nix::sys::signal::Signal::SIGHUP).unwrap();
+    served.wait_for_log("SIGHUP: config reloaded", Duration::from_secs(10));
+    assert!(script(&served).contains("echo rescue for node7"), "the new machine entry is in force");
+
+    std::fs::write(&config, "[[machine]]\nmac = \"not a mac\"\n").unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(served.pid as i32), nix::sys::signal::Signal::SIGHUP).unwrap();
+    served.wait_for_log("the new config is refused, the old one keeps serving", Duration::from_secs(10));
+    assert!(served.log().contains("pxed.toml:2:7: machine mac"), "the refusal names file, line and key:\n{}", served.log());
+    assert!(script(&served).contains("echo rescue for node7"), "the old config still serves");
+}

@@ -67,8 +67,7 @@ const RASPBERRY_PI_OUIS: [[u8; 3]; 5] =
 
 /// Parses and classifies one datagram received on port 67 or 4011.
 pub fn classify(datagram: &[u8]) -> Result<Request, Ignore> {
-    let mut message =
-        Message::decode(&mut Decoder::new(datagram)).map_err(|e| Ignore::Malformed(e.to_string()))?;
+    let mut message = decode(datagram)?;
     if message.opcode() != dhcproto::v4::Opcode::BootRequest {
         return Err(Ignore::NotARequest);
     }
@@ -127,6 +126,19 @@ pub fn classify(datagram: &[u8]) -> Result<Request, Ignore> {
         message,
     };
     Ok(request)
+}
+
+/// dhcproto 0.15 asserts on some option lengths (`debug_assert!(len == 0)`
+/// for rapid commit, found by the noise test): a hostile option could panic
+/// a debug build, and any future decoder bug could panic a release one. A
+/// panic here would take the DHCP service down, so it is contained and the
+/// datagram ignored like any other malformed one.
+fn decode(datagram: &[u8]) -> Result<Message, Ignore> {
+    match std::panic::catch_unwind(|| Message::decode(&mut Decoder::new(datagram))) {
+        Ok(Ok(message)) => Ok(message),
+        Ok(Err(e)) => Err(Ignore::Malformed(e.to_string())),
+        Err(_) => Err(Ignore::Malformed("the DHCP decoder rejected it (panicked)".to_owned())),
+    }
 }
 
 fn bytes(opts: &DhcpOptions, code: OptionCode) -> Option<&[u8]> {
@@ -190,7 +202,7 @@ fn merge_overloaded_options(datagram: &[u8], message: &mut Message) {
     }
     for field in fields {
         let Some(raw) = datagram.get(field) else { continue };
-        let Ok(extra) = DhcpOptions::decode(&mut Decoder::new(raw)) else { continue };
+        let Ok(Ok(extra)) = std::panic::catch_unwind(|| DhcpOptions::decode(&mut Decoder::new(raw))) else { continue };
         for (code, option) in extra.iter() {
             if message.opts().get(*code).is_none() {
                 message.opts_mut().insert(option.clone());
@@ -287,6 +299,17 @@ pub(crate) mod tests {
         datagram[108..108 + inner.len()].copy_from_slice(&inner);
         let r = classify(&datagram).unwrap();
         assert_eq!(r.firmware, Firmware::Pxe);
+    }
+
+    #[test]
+    fn options_that_trip_the_decoder_are_contained() {
+        // Rapid commit (80) must be empty; this one claims a byte.
+        let good = request(MessageType::Discover, MAC, vec![]);
+        let end = good.iter().rposition(|&b| b == 255).unwrap();
+        let mut d = good[..end].to_vec();
+        d.extend_from_slice(&[80, 1, 0, 255]);
+        let result = std::panic::catch_unwind(|| classify(&d));
+        assert!(result.is_ok(), "classify must never panic, whatever the decoder does");
     }
 
     #[test]

@@ -747,7 +747,7 @@ mod tests {
 
     #[test]
     fn a_provisioned_machine_gets_an_address_but_no_boot_file_and_ipxe_gets_its_local_boot_script() {
-        let machines = [(Mac(mac(6)), MachineEntry { profile: None, netboot: false, hostname: Some("n6".into()) })].into();
+        let machines = [(Mac(mac(6)), MachineEntry { profile: None, netboot: false, hostname: Some("n6".into()), arch: None })].into();
         let mut e = Engine::new(config(Mode::Full), policy(machines), Box::new(MemLeaseStore::default())).unwrap();
         let m = e.handle(&uefi(MessageType::Discover, 6, vec![]), 67, src(), T0).reply.unwrap().message;
         assert!(m.fname().is_none());
@@ -908,6 +908,40 @@ mod tests {
         let out = e.handle(&plain(MessageType::Request, 23, vec![DhcpOption::ServerIdentifier(SERVER), DhcpOption::RequestedIpAddress(ip)]), 67, src(), T0);
         assert!(out.reply.is_none(), "an ACK for a lease that is not on disk could be lost");
         assert!(matches!(out.problem, Some(Problem::LeaseStore(ref m)) if m.contains("No space left")), "{:?}", out.problem);
+    }
+
+    #[test]
+    fn mangled_requests_never_panic_and_every_reply_encodes_and_decodes() {
+        use dhcproto::{Decodable, Decoder, Encodable, Encoder};
+        let seeds = [
+            request(MessageType::Discover, mac(30), vec![DhcpOption::ClassIdentifier(b"PXEClient:Arch:00007".to_vec()), DhcpOption::UserClass(b"\x04iPXE".to_vec())]),
+            request(MessageType::Request, mac(31), vec![DhcpOption::ServerIdentifier(SERVER), DhcpOption::RequestedIpAddress(Ipv4Addr::new(198, 18, 0, 100))]),
+            request(MessageType::Inform, mac(32), vec![DhcpOption::ClassIdentifier(b"HTTPClient".to_vec())]),
+        ];
+        let mut x: u64 = 0x9e37_79b9;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for mode in [Mode::Full, Mode::Proxy] {
+            let mut e = engine(mode);
+            for i in 0..6_000 {
+                let mut d = seeds[i % seeds.len()].clone();
+                for _ in 0..(next() % 6) {
+                    let at = (next() as usize) % d.len();
+                    d[at] = next() as u8;
+                }
+                let Ok(req) = classify(&d) else { continue };
+                let port = if next() % 5 == 0 { PROXY_PORT } else { 67 };
+                if let Some(reply) = e.handle(&req, port, src(), T0 + i as u64).reply {
+                    let mut bytes = Vec::new();
+                    reply.message.encode(&mut Encoder::new(&mut bytes)).unwrap();
+                    Message::decode(&mut Decoder::new(&bytes)).expect("every reply decodes");
+                }
+            }
+        }
     }
 
     #[test]

@@ -79,6 +79,9 @@ pub struct MachineEntry {
     /// False once provisioned: the machine boots from disk.
     pub netboot: bool,
     pub hostname: Option<String>,
+    /// Overrides the architecture the machine claims (option 93), for
+    /// firmware that reports it wrong (e.g. ARM boards sending 0).
+    pub arch: Option<Arch>,
 }
 
 /// Where the services can be reached, for templates.
@@ -120,10 +123,11 @@ impl StaticPolicy {
             return Decision::Ignore;
         };
         let hostname = entry.and_then(|e| e.hostname.clone());
+        let arch = entry.and_then(|e| e.arch).unwrap_or(machine.arch);
         let ipxe_script = render::render(&profile.ipxe_script, |name| {
             Some(match name {
                 "mac" => machine.mac.to_string(),
-                "arch" => machine.arch.name().to_owned(),
+                "arch" => arch.name().to_owned(),
                 "uuid" => machine.uuid.clone()?,
                 "profile" => profile.name.clone(),
                 "hostname" => hostname.clone()?,
@@ -137,7 +141,7 @@ impl StaticPolicy {
         });
         Decision::Boot(BootSpec {
             profile: profile.name.clone(),
-            boot_file: profile.boot_file(machine.arch).map(str::to_owned),
+            boot_file: profile.boot_file(arch).map(str::to_owned),
             ipxe_script,
             hostname,
         })
@@ -162,8 +166,8 @@ mod tests {
         rescue.kernel = "rescue/vmlinuz".into();
         rescue.boot_files.uefi_x64 = "rescue/ipxe.efi".into();
         let mut machines = HashMap::new();
-        machines.insert(Mac([2, 0, 0, 0, 0, 1]), MachineEntry { profile: Some("rescue".into()), netboot: true, hostname: Some("node1".into()) });
-        machines.insert(Mac([2, 0, 0, 0, 0, 2]), MachineEntry { profile: None, netboot: false, hostname: None });
+        machines.insert(Mac([2, 0, 0, 0, 0, 1]), MachineEntry { profile: Some("rescue".into()), netboot: true, hostname: Some("node1".into()), arch: None });
+        machines.insert(Mac([2, 0, 0, 0, 0, 2]), MachineEntry { profile: None, netboot: false, hostname: None, arch: None });
         StaticPolicy {
             profiles: [("default".to_owned(), Profile::named("default")), ("rescue".to_owned(), rescue)].into(),
             machines,
@@ -195,6 +199,14 @@ mod tests {
         assert_eq!(spec.hostname.as_deref(), Some("node1"));
         assert!(spec.ipxe_script.contains("kernel http://198.18.0.1/rescue/vmlinuz initrd=initrd.img"), "{}", spec.ipxe_script);
         assert!(spec.ipxe_script.contains("02:00:00:00:00:01 (uefi-x64) boots profile rescue"), "{}", spec.ipxe_script);
+    }
+
+    #[test]
+    fn a_per_machine_arch_override_beats_what_the_firmware_claims() {
+        let mut p = policy();
+        p.machines.insert(Mac([2, 0, 0, 0, 0, 4]), MachineEntry { profile: None, netboot: true, hostname: None, arch: Some(Arch::UefiArm64) });
+        let Decision::Boot(spec) = p.decide(&machine(4, 0)) else { panic!() };
+        assert_eq!(spec.boot_file.as_deref(), Some("ipxe-arm64.efi"), "the board sends 93 = 0 but is ARM64");
     }
 
     #[test]

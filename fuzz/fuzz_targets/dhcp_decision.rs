@@ -1,0 +1,50 @@
+//! Any datagram on port 67 or 4011, through classification and the engine in
+//! both modes, to an encoded reply: nothing may panic, and every reply must
+//! decode again. `cargo +nightly fuzz run dhcp_decision` (see fuzz/README.md).
+#![no_main]
+
+use std::{collections::HashMap, net::{Ipv4Addr, SocketAddrV4}, sync::Arc};
+
+use dhcproto::{Decodable, Decoder, Encodable, Encoder};
+use libfuzzer_sys::fuzz_target;
+use pxe_user::{
+    dhcp::{classify::classify, engine::{Engine, EngineConfig, Mode}, pool::{parse_range, Subnet}},
+    lease::MemLeaseStore,
+    policy::r#static::{Profile, ServerUrls, StaticPolicy},
+};
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&selector, datagram)) = data.split_first() else { return };
+    let Ok(request) = classify(datagram) else { return };
+    let server = Ipv4Addr::new(198, 18, 0, 1);
+    let policy = Arc::new(StaticPolicy {
+        profiles: [("default".to_owned(), Profile::named("default"))].into(),
+        machines: HashMap::new(),
+        default_profile: Some("default".into()),
+        urls: ServerUrls { server: server.to_string(), http: "http://198.18.0.1".into() },
+    });
+    let config = EngineConfig {
+        mode: if selector & 1 == 0 { Mode::Full } else { Mode::Proxy },
+        server_ip: server,
+        subnets: vec![Subnet {
+            network: "198.18.0.0/24".parse().unwrap(),
+            ranges: vec![parse_range("198.18.0.100-198.18.0.110").unwrap()],
+            exclude: vec![],
+            router: None,
+            dns: vec![],
+            domain: None,
+            lease_time: 3600,
+        }],
+        reservations: HashMap::new(),
+        authoritative: selector & 2 != 0,
+        http_base: "http://198.18.0.1".into(),
+    };
+    let mut engine = Engine::new(config, policy, Box::new(MemLeaseStore::default())).unwrap();
+    let port = if selector & 4 == 0 { 67 } else { 4011 };
+    let outcome = engine.handle(&request, port, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68), 1_000_000);
+    if let Some(reply) = outcome.reply {
+        let mut bytes = Vec::new();
+        reply.message.encode(&mut Encoder::new(&mut bytes)).unwrap();
+        dhcproto::v4::Message::decode(&mut Decoder::new(&bytes)).expect("our reply decodes");
+    }
+});
