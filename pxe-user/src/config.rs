@@ -399,6 +399,17 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_shows_the_example_config_verbatim() {
+        let readme = include_str!("../../README.md");
+        let block = readme
+            .split("<!-- config-example -->\n```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("README has the config example block");
+        assert_eq!(block, include_str!("../../docs/pxed.example.toml"), "README and docs/pxed.example.toml differ");
+    }
+
+    #[test]
     fn an_empty_file_gives_the_embedded_defaults() {
         let config = parse("").unwrap();
         assert_eq!(config.default_profile.as_deref(), Some("default"));
