@@ -1,10 +1,16 @@
 //! `bench`: load generator for PXE boot infrastructure.
 //!
-//! Today: `bench tftp`, N concurrent TFTP downloads of one file, verified
-//! byte for byte, with aggregate goodput and per-transfer latency. Point it
-//! only at servers in your own test network: it sends as fast as the server
-//! answers, bounded by `--clients` and `--time-limit`.
+//! - `bench pxe`: N simulated machines boot like firmware: DHCP with PXE
+//!   options, the boot program over TFTP, optionally iPXE's second stage
+//!   (DHCP, script, kernel and initrd over HTTP); per-stage latencies,
+//!   failures with reasons, every byte verified.
+//! - `bench tftp`: N concurrent TFTP downloads of one file.
+//!
+//! Point it only at servers in your own test network: it sends as fast as the
+//! server answers, bounded by `--clients` and `--time-limit`.
 
+mod dhcp;
+mod pxe;
 mod tftp;
 
 use std::process::ExitCode;
@@ -20,6 +26,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Simulated machines booting: DHCP, NBP over TFTP, then optionally iPXE over HTTP.
+    Pxe(pxe::Args),
     /// Concurrent TFTP downloads of one file.
     Tftp(tftp::Args),
 }
@@ -27,6 +35,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Pxe(args) => pxe::run(args),
         Command::Tftp(args) => tftp::run(args),
     };
     match result {

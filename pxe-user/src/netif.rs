@@ -42,3 +42,26 @@ pub fn ipv4_network(iface: &str) -> anyhow::Result<ipnet::Ipv4Net> {
     }
     bail!("interface {iface} has no IPv4 address")
 }
+
+/// Sets a socket's receive buffer to `bytes`, past `net.core.rmem_max` when
+/// the process may (SO_RCVBUFFORCE needs CAP_NET_ADMIN), else as far as the
+/// limit allows. Best effort: a smaller buffer still works, it only drops
+/// more of a burst.
+pub fn grow_receive_buffer(socket: &impl std::os::fd::AsRawFd, bytes: usize) {
+    let size = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: a valid descriptor and a c_int option value of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
+}

@@ -21,6 +21,12 @@ use super::{
     engine::{Destination, Engine, Problem, PROXY_PORT},
 };
 
+/// Receive buffer for a boot storm: thousands of DISCOVERs arrive within
+/// milliseconds of power-on, each costing ~2 KiB of buffer (skb truesize).
+/// The kernel default (~208 KiB) drops most of a rack's first round, and a
+/// dropped DISCOVER costs UEFI firmware 4 seconds.
+const STORM_BUFFER: usize = 16 << 20;
+
 /// Binds UDP `port` on every address of `iface` only.
 pub fn bind(iface: &str, port: u16) -> io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
@@ -28,6 +34,7 @@ pub fn bind(iface: &str, port: u16) -> io::Result<UdpSocket> {
     socket.set_reuse_address(true)?;
     socket.set_broadcast(true)?;
     socket.bind_device(Some(iface.as_bytes()))?;
+    crate::netif::grow_receive_buffer(&socket, STORM_BUFFER);
     socket.set_nonblocking(true)?;
     socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into()).map_err(|e| {
         let hint = if e.kind() == io::ErrorKind::AddrInUse {

@@ -89,6 +89,8 @@ impl TftpServer {
         let listener = UdpSocket::bind(addr)
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("binding TFTP to {addr}: {e}")))?;
+        // A boot storm sends thousands of RRQs at once; don't drop them at the door.
+        crate::netif::grow_receive_buffer(&listener, 16 << 20);
         Ok(Self {
             local_ip: addr.ip(),
             listener,

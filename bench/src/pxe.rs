@@ -1,0 +1,366 @@
+//! Simulated machines booting the way firmware does: DHCP with PXE options,
+//! the network boot program over TFTP, then (with `--second-stage`) iPXE:
+//! DHCP again with user class `iPXE`, its script over HTTP, and the kernel and
+//! initrd the script names. Every byte is checked against `--verify-root`.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use crate::{
+    dhcp::{self, DhcpWire, Identity},
+    tftp,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    /// UEFI (EDK2): arch 7, blksize 1468, windowsize 4, 4 s timeouts.
+    Uefi,
+    /// Legacy BIOS PXE ROM: arch 0, blksize 1432, lockstep.
+    Bios,
+}
+
+impl Firmware {
+    fn arch(self) -> u16 {
+        match self {
+            Self::Uefi => 7,
+            Self::Bios => 0,
+        }
+    }
+    fn vendor_class(self) -> &'static [u8] {
+        match self {
+            Self::Uefi => b"PXEClient:Arch:00007:UNDI:003016",
+            Self::Bios => b"PXEClient:Arch:00000:UNDI:002001",
+        }
+    }
+    fn blksize(self) -> u16 {
+        match self {
+            Self::Uefi => 1468,
+            Self::Bios => 1432,
+        }
+    }
+    fn windowsize(self) -> u16 {
+        match self {
+            Self::Uefi => 4,
+            Self::Bios => 1,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Interface of the client network the machines boot on (a namespace's).
+    #[arg(long, default_value = "eth0")]
+    interface: String,
+    /// Number of machines.
+    #[arg(long, default_value_t = 100)]
+    clients: usize,
+    /// Firmware the machines behave like.
+    #[arg(long, value_enum, default_value_t = Firmware::Uefi)]
+    firmware: Firmware,
+    /// After the NBP, boot on as iPXE: DHCP again, script, kernel and initrd over HTTP.
+    #[arg(long)]
+    second_stage: bool,
+    /// Local copy of the server's boot root: every file received is compared with it.
+    #[arg(long, value_name = "DIR")]
+    verify_root: Option<PathBuf>,
+    /// Start one machine every this many milliseconds (0: all at once, a power-on storm).
+    #[arg(long, default_value_t = 0)]
+    ramp_ms: u64,
+    /// First byte of the simulated MACs' last three (to keep runs apart).
+    #[arg(long, default_value_t = 0x10)]
+    mac_prefix: u8,
+    /// Give up on the run after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    time_limit: u64,
+    /// Print each stage's time for the first N machines.
+    #[arg(long, default_value_t = 0)]
+    timeline: usize,
+    /// Write the result as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// What happened to one machine.
+#[derive(Debug, Default, Serialize)]
+pub struct MachineResult {
+    pub mac: String,
+    pub address: Option<Ipv4Addr>,
+    /// Stages in boot order, each with the milliseconds from power-on to its end.
+    pub stages: Vec<(&'static str, f64)>,
+    pub bytes: u64,
+    pub dhcp_retransmits: u32,
+    pub tftp_retransmits: u64,
+    pub failure: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub clients: usize,
+    pub firmware: Firmware,
+    pub second_stage: bool,
+    pub booted: usize,
+    pub failed: usize,
+    pub seconds: f64,
+    pub goodput_mb_per_s: f64,
+    /// Stages in boot order with (p50, p99, max) of the time from power-on to
+    /// the stage's end, ms.
+    pub stage_ms: Vec<(&'static str, (f64, f64, f64))>,
+    pub dhcp_retransmits: u64,
+    pub tftp_retransmits: u64,
+    pub failures: BTreeMap<String, usize>,
+    pub machines: Vec<MachineResult>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<bool> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let report = runtime.block_on(run_machines(&args))?;
+    print_report(&report, args.timeline);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    Ok(report.failed == 0)
+}
+
+async fn run_machines(args: &Args) -> anyhow::Result<Report> {
+    let wire = DhcpWire::bind(&args.interface)?;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.time_limit);
+    let done = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let progress = {
+        let (done, failed, total) = (Arc::clone(&done), Arc::clone(&failed), args.clients);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let (d, f) = (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+                eprintln!("bench: {d}/{total} booted, {f} failed, {:.0} s", started.elapsed().as_secs_f64());
+            }
+        })
+    };
+    let mut tasks = Vec::with_capacity(args.clients);
+    for n in 0..args.clients {
+        let mac = [0x52, 0x54, 0x00, args.mac_prefix, (n >> 8) as u8, n as u8];
+        let machine = Machine {
+            identity: Identity {
+                mac,
+                arch: args.firmware.arch(),
+                vendor_class: args.firmware.vendor_class().to_vec(),
+                user_class: None,
+                uuid: [mac[3], mac[4], mac[5], 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd],
+            },
+            xid: u32::from_be_bytes([mac[3], mac[4], mac[5], 0]),
+            firmware: args.firmware,
+            second_stage: args.second_stage,
+            verify_root: args.verify_root.clone(),
+            deadline,
+        };
+        let (wire, http, done, failed) = (Arc::clone(&wire), http.clone(), Arc::clone(&done), Arc::clone(&failed));
+        tasks.push(tokio::spawn(async move {
+            let result = machine.boot(&wire, &http).await;
+            if result.failure.is_some() { &failed } else { &done }.fetch_add(1, Ordering::Relaxed);
+            result
+        }));
+        if args.ramp_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(args.ramp_ms)).await;
+        }
+    }
+    let mut machines = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        machines.push(task.await?);
+    }
+    progress.abort();
+    Ok(summarise(args, machines, started.elapsed().as_secs_f64()))
+}
+
+struct Machine {
+    identity: Identity,
+    xid: u32,
+    firmware: Firmware,
+    second_stage: bool,
+    verify_root: Option<PathBuf>,
+    deadline: Instant,
+}
+
+impl Machine {
+    async fn boot(self, wire: &DhcpWire, http: &reqwest::Client) -> MachineResult {
+        let t0 = Instant::now();
+        let mut result = MachineResult { mac: mac_text(self.identity.mac), ..MachineResult::default() };
+        if let Err(e) = self.stages(wire, http, t0, &mut result).await {
+            result.failure = Some(e);
+        }
+        result
+    }
+
+    async fn stages(&self, wire: &DhcpWire, http: &reqwest::Client, t0: Instant, r: &mut MachineResult) -> Result<(), String> {
+        let ms = |t0: Instant| t0.elapsed().as_secs_f64() * 1000.0;
+        // UEFI and PXE ROMs retry DHCP at 4, 8, 16, 32 s.
+        let firmware_retries = [4, 8, 16, 32].map(Duration::from_secs);
+        let (lease, retransmits) = dhcp::dora(wire, &self.identity, self.xid, &firmware_retries, Duration::from_millis(500))
+            .await
+            .map_err(|e| format!("dhcp: {e}"))?;
+        r.address = Some(lease.address);
+        r.dhcp_retransmits += retransmits;
+        r.stages.push(("dhcp", ms(t0)));
+        let nbp = lease.boot_file.clone().ok_or("dhcp: no boot file offered")?;
+
+        let expected = self.expected_opt(&nbp)?;
+        let server = SocketAddr::from((lease.next_server, 69));
+        let timeout = Duration::from_secs(4);
+        let (retrans, bytes) =
+            tftp::download(server, &nbp, self.firmware.blksize(), self.firmware.windowsize(), timeout, self.deadline, expected.as_deref())
+                .await
+                .map_err(|e| format!("nbp: {e}"))?;
+        r.tftp_retransmits += retrans;
+        r.bytes += bytes;
+        r.stages.push(("nbp", ms(t0)));
+        if !self.second_stage {
+            return Ok(());
+        }
+
+        // iPXE: DHCP again, now saying who it is; it retries fast.
+        let mut ipxe = self.identity.clone();
+        ipxe.user_class = Some(b"\x04iPXE".to_vec());
+        let ipxe_retries = [1, 2, 4, 8, 16].map(Duration::from_secs);
+        let (lease, retransmits) = dhcp::dora(wire, &ipxe, self.xid | 1, &ipxe_retries, Duration::from_millis(200))
+            .await
+            .map_err(|e| format!("ipxe dhcp: {e}"))?;
+        r.dhcp_retransmits += retransmits;
+        r.stages.push(("ipxe_dhcp", ms(t0)));
+        let script_url = lease.boot_file.ok_or("ipxe dhcp: no script URL offered")?;
+        let script = http.get(&script_url).send().await.and_then(|r| r.error_for_status()).map_err(|e| format!("script: {e}"))?;
+        let script = script.text().await.map_err(|e| format!("script: {e}"))?;
+        if !script.starts_with("#!ipxe") {
+            return Err(format!("script: not an iPXE script: {:?}", script.lines().next()));
+        }
+        r.stages.push(("script", ms(t0)));
+        for url in script_urls(&script) {
+            let body = http.get(&url).send().await.and_then(|r| r.error_for_status()).map_err(|e| format!("os: {url}: {e}"))?;
+            let body = body.bytes().await.map_err(|e| format!("os: {url}: {e}"))?;
+            let path = url.splitn(4, '/').nth(3).unwrap_or_default();
+            if let Some(want) = self.expected_opt(path)? {
+                if body.as_ref() != want.as_slice() {
+                    return Err(format!("os: {url}: {} bytes differ from the expected file", body.len()));
+                }
+            }
+            r.bytes += body.len() as u64;
+        }
+        r.stages.push(("os", ms(t0)));
+        Ok(())
+    }
+
+    /// The expected contents of `path` in the boot root (`None`: not verified).
+    fn expected_opt(&self, path: &str) -> Result<Option<Vec<u8>>, String> {
+        let Some(root) = &self.verify_root else { return Ok(None) };
+        let local = root.join(path.trim_start_matches('/'));
+        std::fs::read(&local).map(Some).map_err(|e| format!("verify: {}: {e}", local.display()))
+    }
+}
+
+/// URLs of `kernel` and `initrd` lines in an iPXE script.
+fn script_urls(script: &str) -> Vec<String> {
+    script
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            match words.next()? {
+                "kernel" | "initrd" | "chain" | "imgfetch" => words.find(|w| w.starts_with("http://")).map(str::to_owned),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+fn mac_text(m: [u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+fn summarise(args: &Args, machines: Vec<MachineResult>, seconds: f64) -> Report {
+    let mut stage_ms = Vec::new();
+    for stage in ["dhcp", "nbp", "ipxe_dhcp", "script", "os"] {
+        let mut times: Vec<f64> =
+            machines.iter().filter_map(|m| m.stages.iter().find(|(s, _)| *s == stage).map(|(_, t)| *t)).collect();
+        if times.is_empty() {
+            continue;
+        }
+        times.sort_by(f64::total_cmp);
+        let at = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
+        stage_ms.push((stage, (at(0.5), at(0.99), *times.last().unwrap())));
+    }
+    let mut failures = BTreeMap::new();
+    for m in &machines {
+        if let Some(f) = &m.failure {
+            let reason = f.split(':').next().unwrap_or(f).to_owned() + ": " + f.splitn(2, ": ").nth(1).unwrap_or("");
+            *failures.entry(reason.chars().take(120).collect()).or_insert(0) += 1;
+        }
+    }
+    let bytes: u64 = machines.iter().map(|m| m.bytes).sum();
+    Report {
+        clients: args.clients,
+        firmware: args.firmware,
+        second_stage: args.second_stage,
+        booted: machines.iter().filter(|m| m.failure.is_none()).count(),
+        failed: machines.iter().filter(|m| m.failure.is_some()).count(),
+        seconds,
+        goodput_mb_per_s: bytes as f64 / seconds.max(1e-9) / 1e6,
+        stage_ms,
+        dhcp_retransmits: machines.iter().map(|m| u64::from(m.dhcp_retransmits)).sum(),
+        tftp_retransmits: machines.iter().map(|m| m.tftp_retransmits).sum(),
+        failures,
+        machines,
+    }
+}
+
+fn print_report(r: &Report, timeline: usize) {
+    println!(
+        "pxe: {} {:?} machines{}: {} booted, {} failed in {:.2} s; {:.1} MB/s; {} DHCP and {} TFTP client retransmissions",
+        r.clients,
+        r.firmware,
+        if r.second_stage { " with iPXE second stage" } else { "" },
+        r.booted,
+        r.failed,
+        r.seconds,
+        r.goodput_mb_per_s,
+        r.dhcp_retransmits,
+        r.tftp_retransmits
+    );
+    println!("  {:<10} {:>10} {:>10} {:>10}   (ms from power-on to the end of the stage)", "stage", "p50", "p99", "max");
+    for (stage, (p50, p99, max)) in &r.stage_ms {
+        println!("  {stage:<10} {p50:>10.1} {p99:>10.1} {max:>10.1}");
+    }
+    for (reason, n) in &r.failures {
+        println!("  failed ×{n}: {reason}");
+    }
+    for m in r.machines.iter().take(timeline) {
+        let stages: Vec<String> = m.stages.iter().map(|(s, t)| format!("{s} {t:.0} ms")).collect();
+        println!(
+            "  {} {}: {}{}",
+            m.mac,
+            m.address.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            stages.join(" → "),
+            m.failure.as_ref().map(|f| format!(" ✗ {f}")).unwrap_or_default()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn script_urls_are_the_kernel_and_initrd_lines() {
+        let script = "#!ipxe\necho hi\nkernel http://198.18.0.1/vmlinuz initrd=initrd.img quiet\ninitrd http://198.18.0.1/initrd.img\nboot\n";
+        assert_eq!(script_urls(script), vec!["http://198.18.0.1/vmlinuz", "http://198.18.0.1/initrd.img"]);
+    }
+}
