@@ -13,7 +13,7 @@ use std::{
 use anyhow::{bail, Context as _};
 use pxe_lab::{Lab, Netns};
 
-use crate::peers;
+use crate::{peers, workspace_root};
 
 const SERVER: &str = "198.18.0.1";
 const FILE_LEN: usize = 4 * 1024 * 1024;
@@ -165,9 +165,6 @@ fn write_doc(path: &Path, rows: &[Row], clients: &[usize], blksize: u16, windows
     Ok(())
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
-}
 
 fn tempdir(what: &str) -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("pxe-{what}-{}", std::process::id()));

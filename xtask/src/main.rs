@@ -6,6 +6,7 @@
 //!   to run rather than allowed to skip.
 
 mod bench;
+mod demo;
 mod peers;
 mod setup;
 
@@ -23,6 +24,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
+    /// The main job: pxed on its embedded defaults in a throwaway lab, and a
+    /// rack of simulated machines booting from it (as root; about a minute).
+    Demo {
+        /// Machines to power on at once.
+        #[arg(long, default_value_t = 300)]
+        machines: usize,
+        /// Firmware they behave like: uefi or bios.
+        #[arg(long, default_value = "uefi")]
+        firmware: String,
+    },
     /// Install missing prerequisites and check the kernel (idempotent).
     Setup {
         /// Only report what is missing; install nothing.
@@ -55,6 +66,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup { check } => setup::run(if check { setup::Mode::Check } else { setup::Mode::Install }),
+        Task::Demo { machines, firmware } => setup::run(setup::Mode::Install).and_then(|()| demo::run(machines, &firmware)),
         Task::BenchTftp { clients, blksize, windowsize } => {
             setup::run(setup::Mode::Install).and_then(|()| bench::run(&clients, blksize, windowsize))
         }
@@ -67,6 +79,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The repository's root (xtask lives one level below it).
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
 }
 
 fn test(cargo_args: &[String]) -> anyhow::Result<()> {

@@ -28,6 +28,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("tftp-hpa", "TFTP client in the interop tests"),
     ("atftp", "TFTP client with windowsize in the interop tests"),
     ("libwrap0", "tftpd-hpa's one library (its binary is unpacked, not installed, by bench-tftp)"),
+    ("ipxe", "iPXE boot programs (ipxe.efi, undionly.kpxe) for the demo and the firmware lab"),
     ("busybox", "udhcpc, a DHCP client in the interop tests"),
     ("isc-dhcp-client", "dhclient, a DHCP client in the interop tests"),
     ("dnsmasq-base", "a peer DHCP/TFTP server for interop tests and benchmarks (no service)"),
