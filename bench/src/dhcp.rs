@@ -128,7 +128,15 @@ fn request(identity: &Identity, kind: MessageType, xid: u32, extra: Vec<DhcpOpti
     m
 }
 
+/// The boot file: option 67 when present (EDK2 prefers it), else the `file`
+/// field without its NUL padding.
 fn boot_file(m: &Message) -> Option<String> {
+    if let Some(DhcpOption::BootfileName(name)) = m.opts().get(OptionCode::BootfileName) {
+        let name = String::from_utf8_lossy(name).trim_end_matches('\0').to_owned();
+        if !name.is_empty() {
+            return Some(name);
+        }
+    }
     let file = m.fname_str()?.ok()?.trim_end_matches('\0').to_owned();
     (!file.is_empty()).then_some(file)
 }
@@ -196,7 +204,11 @@ async fn exchange(
         let server = server_id(&offer).ok_or("OFFER without a server identifier")?;
         let address = offer.yiaddr();
         let req = request(identity, MessageType::Request, xid, vec![DhcpOption::ServerIdentifier(server), DhcpOption::RequestedIpAddress(address)]);
+        let mut nak = None;
         for (request_attempt, timeout) in retries.iter().enumerate() {
+            if nak.is_some() {
+                break;
+            }
             if request_attempt > 0 {
                 retransmits += 1;
             }
@@ -217,12 +229,58 @@ async fn exchange(
                         };
                         return Ok((lease, retransmits));
                     }
-                    Some(MessageType::Nak) => return Err(format!("NAK for {address}")),
+                    // RFC 2131 §4.4.1: on a NAK the client starts over with a DISCOVER.
+                    Some(MessageType::Nak) => {
+                        nak = Some(address);
+                        break;
+                    }
                     _ => {}
                 }
             }
         }
+        if nak.is_some() {
+            continue;
+        }
         return Err(format!("no ACK for {address} after {} tries", retries.len()));
     }
-    Err(format!("no OFFER after {} tries", retries.len()))
+    Err(format!("no lease after {} tries (no OFFER, or NAK after NAK)", retries.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_carry_the_options_pxe_firmware_sends() {
+        let identity = Identity {
+            mac: [0x52, 0x54, 0, 1, 2, 3],
+            arch: 7,
+            vendor_class: b"PXEClient:Arch:00007:UNDI:003016".to_vec(),
+            user_class: Some(b"\x04iPXE".to_vec()),
+            uuid: [9; 16],
+        };
+        let m = request(&identity, MessageType::Discover, 42, vec![]);
+        let mut bytes = Vec::new();
+        m.encode(&mut Encoder::new(&mut bytes)).unwrap();
+        let back = Message::decode(&mut Decoder::new(&bytes)).unwrap();
+        let opts = back.opts();
+        assert_eq!(back.xid(), 42);
+        assert!(back.flags().broadcast());
+        assert_eq!(opts.msg_type(), Some(MessageType::Discover));
+        assert_eq!(opts.get(OptionCode::ClassIdentifier), Some(&DhcpOption::ClassIdentifier(identity.vendor_class.clone())));
+        assert_eq!(opts.get(OptionCode::ClientSystemArchitecture), Some(&DhcpOption::ClientSystemArchitecture(v4::Architecture::from(7))));
+        assert_eq!(opts.get(OptionCode::UserClass), Some(&DhcpOption::UserClass(b"\x04iPXE".to_vec())));
+        let Some(DhcpOption::ClientMachineIdentifier(uuid)) = opts.get(OptionCode::ClientMachineIdentifier) else { panic!("option 97") };
+        assert_eq!(uuid.len(), 17, "type 0 and a 16-byte GUID");
+        assert!(opts.get(OptionCode::ParameterRequestList).is_some());
+    }
+
+    #[test]
+    fn the_boot_file_field_loses_its_nul_padding() {
+        let mut m = Message::default();
+        m.set_fname(b"ipxe.efi\0\0\0");
+        assert_eq!(boot_file(&m).as_deref(), Some("ipxe.efi"));
+        m.set_fname(b"");
+        assert_eq!(boot_file(&m), None);
+    }
 }
