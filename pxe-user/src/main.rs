@@ -378,7 +378,10 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break None; }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break None; }
             _ = sighup.recv() => reload(&settings, address, &policy, engine.as_ref()),
-            _ = sigusr1.recv() => log_counters("counters", &counters()?),
+            _ = sigusr1.recv() => {
+                log_counters("counters", &counters()?);
+                log_dhcp_stats(engine.as_ref());
+            }
             (index, result) = any_ended => {
                 let name = tasks[index].0;
                 break Some(match result {
@@ -391,6 +394,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
                 match counters() {
                     Ok(now) if now != last => {
                         log_counters("counters", &now);
+                        log_dhcp_stats(engine.as_ref());
                         last = now;
                     }
                     Ok(_) => {}
@@ -400,6 +404,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         }
     };
     log_counters("final counters", &counters()?);
+    log_dhcp_stats(engine.as_ref());
     for (_, task) in &tasks {
         task.abort();
     }
@@ -552,6 +557,16 @@ impl TransferHooks for FastPathPorts {
         if let Err(e) = self.0.lock().unwrap_or_else(|e| e.into_inner()).unregister_transfer_port(port) {
             warn!(port, "unregistering a TFTP transfer port: {e}");
         }
+    }
+}
+
+fn log_dhcp_stats(engine: Option<&Arc<Mutex<Engine>>>) {
+    if let Some(engine) = engine {
+        let s = engine.lock().unwrap_or_else(|e| e.into_inner()).stats();
+        info!(
+            offers = s.offers, acks = s.acks, naks = s.naks, proxy_replies = s.proxy_replies, ignored = s.ignored,
+            pool_exhausted = s.pool_exhausted, store_failures = s.store_failures, "DHCP counters"
+        );
     }
 }
 

@@ -178,8 +178,13 @@ fn kernel_problems() -> Vec<String> {
     if !Path::new("/proc/sys/kernel/unprivileged_bpf_disabled").exists() {
         problems.push("the kernel has no bpf() syscall (CONFIG_BPF_SYSCALL); pxed cannot run here".to_owned());
     }
-    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        problems.push("the kernel exposes no BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF)".to_owned());
+    match std::fs::read("/sys/kernel/btf/vmlinux") {
+        Err(_) => problems.push("the kernel exposes no BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF)".to_owned()),
+        // The XDP context type is in the kernel's BTF exactly when XDP is built in.
+        Ok(btf) if !btf.windows(7).any(|w| w == b"xdp_md\0") => {
+            problems.push("the kernel has no XDP (no xdp_md in its BTF); pxed's fast path cannot attach".to_owned())
+        }
+        Ok(_) => {}
     }
     if !Path::new("/proc/self/ns/net").exists() {
         problems.push("the kernel has no network namespaces (CONFIG_NET_NS); the tests need them".to_owned());
