@@ -326,3 +326,40 @@ fn every_acked_lease_survives_sigkill_and_no_address_goes_to_two_clients() {
         })
         .unwrap();
 }
+
+#[test]
+fn proxy_mode_shares_port_67_with_dnsmasq_on_the_same_host() {
+    if !pxe_lab::privileged("proxy_mode_shares_port_67_with_dnsmasq_on_the_same_host") || !have_tool("dnsmasq", "dnsmasq-base") {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let server = lab.add_netns("srv").unwrap();
+    let client = lab.add_netns("cli").unwrap();
+    lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&client, "eth0", None)).unwrap();
+    let root = boot_root();
+    let work = tempfile::tempdir().unwrap();
+    // The site's DHCP server is already running on this host and holds port 67.
+    lab.spawn_logged(
+        &server,
+        "dnsmasq",
+        &["--no-daemon", "--port=0", "--conf-file=/dev/null", "--pid-file=", "--user=root", "--interface=eth0", "--bind-interfaces",
+          "--dhcp-range=198.18.0.100,198.18.0.150,1h", &format!("--dhcp-leasefile={}", work.path().join("dnsmasq.leases").display())],
+        &work.path().join("dnsmasq.log"),
+    )
+    .unwrap();
+    assert!(server.wait_for_udp_port(67, Duration::from_secs(20)));
+    let log = work.path().join("pxed.log");
+    lab.spawn_logged(&server, PXED, &["--interface", "eth0", "--boot-root", root.path().to_str().unwrap(), "--dhcp", "proxy", "--xdp-mode", "off", "--no-tc"], &log).unwrap();
+    assert!(server.wait_for_udp_port(4011, Duration::from_secs(20)), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    client
+        .run(|| {
+            let socket = dc::client_socket("eth0");
+            let mac = [0x52, 0x54, 0x00, 0x98, 0x00, 0x01];
+            let xid = 0x5a3e_0001;
+            let offers = dc::exchange(&socket, &dc::message(MessageType::Discover, mac, xid, true, vec![]), xid, Duration::from_secs(3));
+            assert!(offers.iter().any(|(m, _)| !m.yiaddr().is_unspecified()), "an address offer from dnsmasq: {offers:?}");
+            let proxy = offers.iter().find(|(m, _)| m.yiaddr().is_unspecified()).expect("a proxy offer from pxed beside it");
+            assert_eq!(dc::boot_file(&proxy.0).as_deref(), Some("ipxe.efi"));
+        })
+        .unwrap();
+}
