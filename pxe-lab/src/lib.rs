@@ -28,6 +28,8 @@ use std::{
 
 use nix::sched::{setns, CloneFlags};
 
+pub mod firmware;
+
 const PREFIX: &str = "pxl";
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 

@@ -1,0 +1,205 @@
+//! Real machines for the lab: QEMU guests booting over the lab's network,
+//! with a Linux kernel and a tiny initramfs built from Debian packages.
+//!
+//! The kernel comes from `linux-image-*-amd64` and busybox from
+//! `busybox-static`, both fetched with `apt-get download` and unpacked with
+//! `dpkg-deb` into a cache directory (nothing is installed, nothing large is
+//! committed). The initramfs's `/init` prints [`MARKER`] and the kernel
+//! command line on the serial console, then powers the guest off: a boot
+//! test passes when the marker shows up in the serial log.
+//!
+//! QEMU runs under TCG (`/dev/kvm` here lacks vmx/svm): a boot to the marker
+//! takes 20–60 s.
+
+use std::{
+    io,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{Lab, Netns};
+
+/// Printed by the guest's `/init` once Linux reaches userspace.
+pub const MARKER: &str = "PXED-LAB-BOOTED";
+
+/// The kernel and initramfs a lab machine boots.
+pub struct BootImages {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+/// Builds the boot images into `cache` once and reuses them afterwards.
+pub fn boot_images(cache: &Path) -> io::Result<BootImages> {
+    let kernel = cache.join("vmlinuz");
+    let initrd = cache.join("initrd.img");
+    if kernel.exists() && initrd.exists() {
+        return Ok(BootImages { kernel, initrd });
+    }
+    std::fs::create_dir_all(cache)?;
+    let debs = cache.join("debs");
+    std::fs::create_dir_all(&debs)?;
+
+    // linux-image-amd64 is a metapackage; its dependency is the real kernel.
+    let kernel_package = run_text("apt-cache", &["depends", "linux-image-amd64"], cache)?
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Depends: ").map(str::to_owned))
+        .filter(|p| p.starts_with("linux-image-"))
+        .ok_or_else(|| io::Error::other("apt-cache depends linux-image-amd64 names no kernel package (apt-get update?)"))?;
+    let kernel_tree = unpack(&kernel_package, &debs)?;
+    let vmlinuz = std::fs::read_dir(kernel_tree.join("boot"))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+        .ok_or_else(|| io::Error::other(format!("{kernel_package} has no /boot/vmlinuz-*")))?;
+    std::fs::copy(vmlinuz, &kernel)?;
+
+    let busybox_tree = unpack("busybox-static", &debs)?;
+    build_initramfs(&busybox_tree.join("bin/busybox"), &initrd, cache)?;
+    Ok(BootImages { kernel, initrd })
+}
+
+/// `apt-get download` + `dpkg-deb -x` into `debs/<package>`.
+fn unpack(package: &str, debs: &Path) -> io::Result<PathBuf> {
+    let tree = debs.join(package);
+    if tree.exists() {
+        return Ok(tree);
+    }
+    run(Command::new("apt-get").args(["download", package]).current_dir(debs))?;
+    let deb = std::fs::read_dir(debs)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_"))))
+        .ok_or_else(|| io::Error::other(format!("apt-get download {package} left no .deb")))?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
+    Ok(tree)
+}
+
+fn build_initramfs(busybox: &Path, out: &Path, cache: &Path) -> io::Result<()> {
+    let staging = cache.join("initramfs");
+    let _ = std::fs::remove_dir_all(&staging);
+    for dir in ["bin", "dev", "proc", "sys"] {
+        std::fs::create_dir_all(staging.join(dir))?;
+    }
+    std::fs::copy(busybox, staging.join("bin/busybox"))?;
+    let init = staging.join("init");
+    std::fs::write(
+        &init,
+        format!(
+            "#!/bin/busybox sh\n\
+             /bin/busybox mount -t proc proc /proc\n\
+             /bin/busybox mount -t devtmpfs dev /dev 2>/dev/null\n\
+             echo \"{MARKER} cmdline: $(/bin/busybox cat /proc/cmdline)\" > /dev/ttyS0\n\
+             echo \"{MARKER}\" > /dev/console\n\
+             /bin/busybox poweroff -f\n"
+        ),
+    )?;
+    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755))?;
+    // The console node must exist before devtmpfs is mounted, or /init has no stdout.
+    run(Command::new("mknod").arg(staging.join("dev/console")).args(["c", "5", "1"]))?;
+    let list = run_text("sh", &["-c", "find . | LC_ALL=C sort"], &staging)?;
+    let cpio = Command::new(busybox)
+        .args(["cpio", "-o", "-H", "newc"])
+        .current_dir(&staging)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut cpio = cpio;
+    std::io::Write::write_all(cpio.stdin.as_mut().unwrap(), list.as_bytes())?;
+    drop(cpio.stdin.take());
+    let output = cpio.wait_with_output()?;
+    if !output.status.success() {
+        return Err(io::Error::other("busybox cpio failed"));
+    }
+    std::fs::write(out, output.stdout)
+}
+
+/// Firmware a lab machine boots with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Firmware {
+    /// SeaBIOS running iPXE (Debian `ipxe`'s `ipxe.lkrn`, loaded as the
+    /// guest kernel): an iPXE client from the first DHCP on. The NIC option
+    /// ROM would be the usual way, but bookworm-backports' SeaBIOS does not
+    /// run the virtio-net ROM here (its boot menu never lists the network).
+    BiosIpxe,
+    /// OVMF (UEFI) with its own PXE stack (no iPXE ROM): option 93 = 7.
+    UefiPxe,
+    /// OVMF's UEFI HTTP Boot: option 60 `HTTPClient`, option 93 = 16.
+    UefiHttp,
+}
+
+const IPXE_LKRN: &str = "/usr/lib/ipxe/ipxe.lkrn";
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS.fd";
+
+/// Starts a QEMU guest in `ns` on tap device `tap`, serial console to
+/// `serial_log`. The lab stops it (by PID) when dropped.
+pub fn start_machine(lab: &Lab, ns: &Netns, tap: &str, mac: &str, firmware: Firmware, work: &Path, serial_log: &Path) -> io::Result<u32> {
+    let netdev = format!("tap,id=n0,ifname={tap},script=no,downscript=no");
+    let mut args: Vec<String> = vec![
+        "-accel".into(), "tcg".into(), "-m".into(), "512".into(), "-smp".into(), "1".into(),
+        "-display".into(), "none".into(), "-vga".into(), "none".into(), "-monitor".into(), "none".into(), "-no-reboot".into(),
+        // Debian's bookworm-backports QEMU looks for SeaBIOS and iPXE ROMs where
+        // trixie puts them; point it at bookworm's places.
+        "-L".into(), "/usr/share/seabios".into(), "-L".into(), "/usr/share/qemu".into(),
+        "-serial".into(), format!("file:{}", serial_log.display()),
+        "-netdev".into(), netdev,
+    ];
+    match firmware {
+        Firmware::BiosIpxe => {
+            args.extend([
+                "-device".into(),
+                format!("virtio-net-pci,netdev=n0,mac={mac},romfile="),
+                "-kernel".into(),
+                IPXE_LKRN.into(),
+            ]);
+        }
+        Firmware::UefiPxe | Firmware::UefiHttp => {
+            let vars = work.join(format!("OVMF_VARS-{}.fd", mac.replace(':', "")));
+            std::fs::copy(OVMF_VARS, &vars)?;
+            args.extend([
+                "-machine".into(), "q35".into(),
+                "-drive".into(), format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
+                "-drive".into(), format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
+                // romfile= leaves OVMF's own virtio-net driver and PXE/HTTP stack in charge.
+                "-device".into(), format!("virtio-net-pci,netdev=n0,mac={mac},romfile="),
+            ]);
+        }
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    lab.spawn_logged(ns, "qemu-system-x86_64", &args, &work.join(format!("qemu-{}.log", mac.replace(':', ""))))
+}
+
+/// Waits until `MARKER` appears in a serial log; returns the log either way.
+pub fn wait_for_marker(serial_log: &Path, timeout: Duration) -> (bool, String) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = String::from_utf8_lossy(&std::fs::read(serial_log).unwrap_or_default()).into_owned();
+        if text.contains(MARKER) {
+            return (true, text);
+        }
+        if Instant::now() > deadline {
+            return (false, text);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn run(cmd: &mut Command) -> io::Result<()> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.stdin(Stdio::null()).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("{shown} failed: {}", String::from_utf8_lossy(&out.stderr).trim())))
+    }
+}
+
+fn run_text(program: &str, args: &[&str], dir: &Path) -> io::Result<String> {
+    let out = Command::new(program).args(args).current_dir(dir).stdin(Stdio::null()).output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!("{program} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

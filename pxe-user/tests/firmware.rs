@@ -1,0 +1,110 @@
+//! Real firmware boots Linux from pxed: QEMU machines (TCG) in a client
+//! namespace, bridged to pxed's namespace, must reach Linux userspace from a
+//! kernel and initramfs pxed served, and print the lab marker on their serial
+//! console. Needs root, qemu-system-x86, ovmf and ipxe-qemu; each boot takes
+//! 20–60 s under TCG.
+
+mod common;
+
+use std::{path::Path, time::Duration};
+
+use pxe_lab::{
+    firmware::{self, Firmware},
+    Lab, Netns,
+};
+
+use common::{have_tool, PXED};
+
+/// Boot images are cached across runs in the target directory.
+fn images() -> firmware::BootImages {
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("firmware-lab");
+    firmware::boot_images(&cache).expect("building the lab kernel and initramfs from Debian packages")
+}
+
+struct FirmwareLab {
+    lab: Lab,
+    server: Netns,
+    client: Netns,
+    work: tempfile::TempDir,
+}
+
+/// Server namespace with pxed; client namespace with a bridge joining the
+/// veth to the server and a tap per machine.
+fn firmware_lab(taps: usize, pxed_args: &[&str]) -> FirmwareLab {
+    let lab = Lab::new().unwrap();
+    let server = lab.add_netns("srv").unwrap();
+    let client = lab.add_netns("cli").unwrap();
+    lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&client, "uplink", None)).unwrap();
+    lab.bridge(&client, "br0", None).unwrap();
+    lab.attach_to_bridge(&client, "uplink", "br0").unwrap();
+    for n in 0..taps {
+        lab.tap(&client, &format!("tap{n}"), Some("br0")).unwrap();
+    }
+    let work = tempfile::tempdir().unwrap();
+    let images = images();
+    let root = work.path().join("boot");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::copy(&images.kernel, root.join("vmlinuz")).unwrap();
+    std::fs::copy(&images.initrd, root.join("initrd.img")).unwrap();
+    for name in ["ipxe.efi", "undionly.kpxe"] {
+        std::fs::copy(Path::new("/usr/lib/ipxe").join(name), root.join(name)).unwrap();
+    }
+    let config = work.path().join("pxed.toml");
+    std::fs::write(&config, "[[profile]]\nname = \"default\"\ncmdline = \"console=ttyS0 panic=-1\"\n").unwrap();
+    let mut args = vec!["--interface", "eth0", "--boot-root", root.to_str().unwrap(), "--config", config.to_str().unwrap()];
+    let leases = work.path().join("leases.redb");
+    args.extend(["--lease-file", leases.to_str().unwrap()]);
+    args.extend_from_slice(pxed_args);
+    let log = work.path().join("pxed.log");
+    lab.spawn_logged(&server, PXED, &args, &log).unwrap();
+    assert!(server.wait_for_tcp_port(80, Duration::from_secs(30)), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    FirmwareLab { lab, server, client, work }
+}
+
+impl FirmwareLab {
+    fn boot(&self, tap: usize, mac: &str, firmware: Firmware) -> (std::path::PathBuf, u32) {
+        let serial = self.work.path().join(format!("serial-{tap}.log"));
+        let pid = firmware::start_machine(&self.lab, &self.client, &format!("tap{tap}"), mac, firmware, self.work.path(), &serial).unwrap();
+        (serial, pid)
+    }
+
+    fn assert_booted(&self, serial: &Path, what: &str) {
+        let (booted, text) = firmware::wait_for_marker(serial, Duration::from_secs(240));
+        let log = std::fs::read_to_string(self.work.path().join("pxed.log")).unwrap_or_default();
+        assert!(booted, "{what} did not reach Linux userspace.\nserial:\n{text}\npxed:\n{log}");
+    }
+}
+
+fn have_qemu() -> bool {
+    have_tool("qemu-system-x86_64", "qemu-system-x86 (bookworm-backports)")
+        && have_tool("busybox", "busybox")
+        && Path::new("/usr/lib/ipxe/ipxe.lkrn").exists()
+        && Path::new("/usr/share/OVMF/OVMF_CODE.fd").exists()
+}
+
+#[test]
+fn bios_ipxe_boots_linux_over_http_in_full_dhcp_mode() {
+    if !pxe_lab::privileged("bios_ipxe_boots_linux_over_http_in_full_dhcp_mode") || !have_qemu() {
+        return;
+    }
+    let lab = firmware_lab(1, &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199"]);
+    let (serial, _) = lab.boot(0, "52:54:00:fa:00:01", Firmware::BiosIpxe);
+    lab.assert_booted(&serial, "BIOS + iPXE");
+    let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
+    assert!(log.contains("52:54:00:fa:00:01 (iPXE, bios) → OFFER"), "iPXE was recognised:\n{log}");
+    assert!(log.contains("HTTP: iPXE script served mac=52:54:00:fa:00:01"), "{log}");
+}
+
+#[test]
+fn uefi_pxe_chains_ipxe_efi_over_tftp_then_boots_linux_over_http() {
+    if !pxe_lab::privileged("uefi_pxe_chains_ipxe_efi_over_tftp_then_boots_linux_over_http") || !have_qemu() {
+        return;
+    }
+    let lab = firmware_lab(1, &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199"]);
+    let (serial, _) = lab.boot(0, "52:54:00:fa:00:02", Firmware::UefiPxe);
+    lab.assert_booted(&serial, "OVMF PXE → ipxe.efi");
+    let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
+    assert!(log.contains("(PXE, uefi-x64) → OFFER"), "firmware PXE with option 93 = 7:\n{log}");
+    assert!(log.contains("file=ipxe.efi") && log.contains("TFTP transfer completed"), "ipxe.efi went over TFTP:\n{log}");
+    assert!(log.contains("(iPXE, uefi-x64)"), "then iPXE asked for its script:\n{log}");
+}
