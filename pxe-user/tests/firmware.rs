@@ -29,8 +29,10 @@ struct FirmwareLab {
 }
 
 /// Server namespace with pxed; client namespace with a bridge joining the
-/// veth to the server and a tap per machine.
-fn firmware_lab(taps: usize, pxed_args: &[&str]) -> FirmwareLab {
+/// veth to the server and a tap per machine; with `site_dhcp`, a third
+/// namespace on the bridge runs dnsmasq as the site's plain DHCP server
+/// (addresses only, no boot options).
+fn firmware_lab(taps: usize, site_dhcp: bool, pxed_args: &[&str]) -> FirmwareLab {
     let lab = Lab::new().unwrap();
     let server = lab.add_netns("srv").unwrap();
     let client = lab.add_netns("cli").unwrap();
@@ -41,6 +43,20 @@ fn firmware_lab(taps: usize, pxed_args: &[&str]) -> FirmwareLab {
         lab.tap(&client, &format!("tap{n}"), Some("br0")).unwrap();
     }
     let work = tempfile::tempdir().unwrap();
+    if site_dhcp {
+        let site = lab.add_netns("site").unwrap();
+        lab.veth((&site, "eth0", Some("198.18.0.2/24")), (&client, "site", None)).unwrap();
+        lab.attach_to_bridge(&client, "site", "br0").unwrap();
+        lab.spawn_logged(
+            &site,
+            "dnsmasq",
+            &["--no-daemon", "--port=0", "--conf-file=/dev/null", "--pid-file=", "--user=root", "--interface=eth0", "--bind-interfaces",
+              "--dhcp-range=198.18.0.150,198.18.0.199,1h", "--no-ping", &format!("--dhcp-leasefile={}", work.path().join("dnsmasq.leases").display())],
+            &work.path().join("dnsmasq.log"),
+        )
+        .unwrap();
+        assert!(site.wait_for_udp_port(67, Duration::from_secs(20)));
+    }
     let images = images();
     let root = work.path().join("boot");
     std::fs::create_dir_all(&root).unwrap();
@@ -87,7 +103,7 @@ fn bios_ipxe_boots_linux_over_http_in_full_dhcp_mode() {
     if !pxe_lab::privileged("bios_ipxe_boots_linux_over_http_in_full_dhcp_mode") || !have_qemu() {
         return;
     }
-    let lab = firmware_lab(1, &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199"]);
+    let lab = firmware_lab(1, false, &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199"]);
     let (serial, _) = lab.boot(0, "52:54:00:fa:00:01", Firmware::BiosIpxe);
     lab.assert_booted(&serial, "BIOS + iPXE");
     let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
@@ -100,11 +116,41 @@ fn uefi_pxe_chains_ipxe_efi_over_tftp_then_boots_linux_over_http() {
     if !pxe_lab::privileged("uefi_pxe_chains_ipxe_efi_over_tftp_then_boots_linux_over_http") || !have_qemu() {
         return;
     }
-    let lab = firmware_lab(1, &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199"]);
+    let lab = firmware_lab(1, false, &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199"]);
     let (serial, _) = lab.boot(0, "52:54:00:fa:00:02", Firmware::UefiPxe);
     lab.assert_booted(&serial, "OVMF PXE → ipxe.efi");
     let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
     assert!(log.contains("(PXE, uefi-x64) → OFFER"), "firmware PXE with option 93 = 7:\n{log}");
     assert!(log.contains("file=ipxe.efi") && log.contains("TFTP transfer completed"), "ipxe.efi went over TFTP:\n{log}");
     assert!(log.contains("(iPXE, uefi-x64)"), "then iPXE asked for its script:\n{log}");
+}
+
+#[test]
+fn uefi_pxe_boots_with_pxed_in_proxy_mode_beside_the_sites_dhcp_server() {
+    if !pxe_lab::privileged("uefi_pxe_boots_with_pxed_in_proxy_mode_beside_the_sites_dhcp_server") || !have_qemu() || !have_tool("dnsmasq", "dnsmasq-base") {
+        return;
+    }
+    let lab = firmware_lab(1, true, &["--dhcp", "proxy"]);
+    let (serial, _) = lab.boot(0, "52:54:00:fa:00:03", Firmware::UefiPxe);
+    lab.assert_booted(&serial, "OVMF PXE with proxyDHCP");
+    let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
+    assert!(log.contains("proxy OFFER, boot ipxe.efi"), "pxed gave the boot file, not an address:\n{log}");
+    let leases = std::fs::read_to_string(lab.work.path().join("dnsmasq.leases")).unwrap_or_default();
+    assert!(leases.contains("52:54:00:fa:00:03"), "dnsmasq gave the address: {leases:?}");
+}
+
+#[test]
+fn four_machines_boot_at_once_from_one_server() {
+    if !pxe_lab::privileged("four_machines_boot_at_once_from_one_server") || !have_qemu() {
+        return;
+    }
+    let lab = firmware_lab(4, false, &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199"]);
+    let machines: Vec<_> = [Firmware::BiosIpxe, Firmware::UefiPxe, Firmware::BiosIpxe, Firmware::UefiPxe]
+        .into_iter()
+        .enumerate()
+        .map(|(n, firmware)| (lab.boot(n, &format!("52:54:00:fa:01:{n:02x}"), firmware).0, firmware))
+        .collect();
+    for (serial, firmware) in &machines {
+        lab.assert_booted(serial, &format!("{firmware:?} machine of four"));
+    }
 }

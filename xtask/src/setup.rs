@@ -28,6 +28,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("tftp-hpa", "TFTP client in the interop tests"),
     ("atftp", "TFTP client with windowsize in the interop tests"),
     ("libwrap0", "tftpd-hpa's one library (its binary is unpacked, not installed, by bench-tftp)"),
+    ("ovmf", "UEFI firmware for the QEMU machines of the firmware lab"),
     ("ipxe", "iPXE boot programs (ipxe.efi, undionly.kpxe) for the demo and the firmware lab"),
     ("busybox", "udhcpc, a DHCP client in the interop tests"),
     ("isc-dhcp-client", "dhclient, a DHCP client in the interop tests"),
@@ -53,6 +54,16 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
                 problems.push(format!("apt package {name} is missing ({why})"));
             }
             problems.push(format!("  fix: apt-get install -y {}", names.join(" ")));
+        }
+    }
+
+    if !dpkg_installed("qemu-system-x86") {
+        if can_install {
+            install_backports_qemu()?;
+        } else {
+            problems.push(
+                "qemu-system-x86 is missing (the firmware lab's machines); fix: add bookworm-backports and apt-get install -t bookworm-backports qemu-system-x86".to_owned(),
+            );
         }
     }
 
@@ -141,6 +152,29 @@ fn apt_install(missing: &[(&str, &str)]) -> anyhow::Result<()> {
             .args(&names)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// QEMU must come from bookworm-backports: the image's qemu-utils 10 (from
+/// backports) conflicts with bookworm's QEMU 7.2. Only QEMU is taken from there.
+fn install_backports_qemu() -> anyhow::Result<()> {
+    let bookworm = std::fs::read_to_string("/etc/debian_version").is_ok_and(|v| v.starts_with("12"));
+    let list = Path::new("/etc/apt/sources.list.d/pxe-bookworm-backports.sources");
+    if bookworm && !list.exists() {
+        step("adding bookworm-backports (for QEMU only)");
+        std::fs::write(
+            list,
+            "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+        )
+        .context("writing the bookworm-backports source")?;
+    }
+    step("installing qemu-system-x86");
+    run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+    let mut install = Command::new("apt-get");
+    install.args(["install", "-y", "-qq", "--no-install-recommends"]).env("DEBIAN_FRONTEND", "noninteractive");
+    if bookworm {
+        install.args(["-t", "bookworm-backports"]);
+    }
+    run_cmd(install.arg("qemu-system-x86"))
 }
 
 fn has_toolchain(toolchain: &str) -> bool {

@@ -746,6 +746,22 @@ mod tests {
     }
 
     #[test]
+    fn a_machine_keeps_its_address_when_ipxe_takes_over_with_a_client_identifier() {
+        let mut e = engine(Mode::Full);
+        let firmware_ip = dora(&mut e, |k, o| uefi(k, 40, o), T0);
+        let ipxe_ip = dora(
+            &mut e,
+            |k, mut o| {
+                o.push(DhcpOption::UserClass(b"iPXE".to_vec()));
+                o.push(DhcpOption::ClientIdentifier([&[1u8][..], &mac(40)].concat()));
+                plain(k, 40, o)
+            },
+            T0 + 5,
+        );
+        assert_eq!(ipxe_ip, firmware_ip, "one machine, one address across the chainload");
+    }
+
+    #[test]
     fn a_provisioned_machine_gets_an_address_but_no_boot_file_and_ipxe_gets_its_local_boot_script() {
         let machines = [(Mac(mac(6)), MachineEntry { profile: None, netboot: false, hostname: Some("n6".into()), arch: None })].into();
         let mut e = Engine::new(config(Mode::Full), policy(machines), Box::new(MemLeaseStore::default())).unwrap();

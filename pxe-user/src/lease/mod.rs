@@ -55,10 +55,29 @@ impl Lease {
 
 /// The identity a lease is keyed by: `1` + option 61 when the client sent a
 /// client identifier, else `0` + its MAC. The prefix keeps the two spaces apart.
+///
+/// A client identifier that is just "Ethernet" (type 1) and the same MAC
+/// counts as the MAC: firmware PXE sends no option 61 and iPXE sends exactly
+/// that, and one machine must keep one address across the chainload.
 pub fn client_key(client_id: Option<&[u8]>, mac: [u8; 6]) -> Vec<u8> {
     match client_id {
+        Some([1, rest @ ..]) if rest == mac => [&[0u8][..], &mac[..]].concat(),
         Some(id) if !id.is_empty() => [&[1u8][..], id].concat(),
         _ => [&[0u8][..], &mac[..]].concat(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ethernet_client_identifier_of_the_same_mac_is_the_mac() {
+        let mac = [0x52, 0x54, 0, 0, 0, 1];
+        let by_mac = client_key(None, mac);
+        assert_eq!(client_key(Some(&[1, 0x52, 0x54, 0, 0, 0, 1]), mac), by_mac, "iPXE's option 61");
+        assert_ne!(client_key(Some(&[1, 0x52, 0x54, 0, 0, 0, 2]), mac), by_mac, "another MAC");
+        assert_ne!(client_key(Some(b"\xffduid-of-an-os"), mac), by_mac, "an RFC 4361 identifier");
     }
 }
 

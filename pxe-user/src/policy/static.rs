@@ -53,7 +53,9 @@ impl Profile {
             boot_files: BootFiles::default(),
             kernel: "vmlinuz".into(),
             initrd: "initrd.img".into(),
-            cmdline: String::new(),
+            // Data-centre machines are watched over serial; the last console
+            // named becomes /dev/console.
+            cmdline: "console=tty0 console=ttyS0,115200".into(),
             ipxe_script: DEFAULT_IPXE_SCRIPT.to_owned(),
         }
     }
