@@ -50,15 +50,28 @@ counters! {
     PASS_PROXY_DHCP = 9,
     /// UDP to 69: a TFTP request (RRQ/WRQ) to start a transfer.
     PASS_TFTP_REQUEST = 10,
-    /// UDP to a registered TFTP transfer port: ACKs and errors of a transfer.
+    /// UDP to a registered TFTP transfer port that the kernel tiers do not
+    /// serve (not an ACK, no kernel session, IP options): for userspace.
     PASS_TFTP_TRANSFER = 11,
+    /// In-sequence ACK answered with the next DATA built in place: `XDP_TX`.
+    TX_TFTP_DATA = 12,
+    /// In-sequence ACK answered with the next DATA by the TC tier: redirected.
+    REDIRECT_TFTP_DATA = 13,
+    /// Duplicate or stale ACK of a kernel session: dropped, never a resend
+    /// (RFC 1123 §4.2.3.1, Sorcerer's Apprentice).
+    DROP_TFTP_STALE_ACK = 14,
+    /// ACK of the block before the final one, or of the final one: the short
+    /// last block and the end of the transfer are userspace's.
+    PASS_TFTP_LAST_BLOCKS = 15,
+    /// XDP could not grow the frame (no tailroom, e.g. veth): left to TC.
+    PASS_TFTP_NO_TAILROOM = 16,
     /// Observation: the frame carried one 802.1Q tag (counted besides its verdict).
-    SEEN_VLAN_TAG = 12,
+    SEEN_VLAN_TAG = 17,
 }
 
 impl Counter {
     /// Length of a counter array.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 18;
 
     /// The counter's name, e.g. `PASS_TFTP_REQUEST`.
     pub fn name(self) -> &'static str {

@@ -14,8 +14,91 @@ pub const TC_COUNTERS: &str = "TC_COUNTERS";
 /// opens its server port, read by both programs to recognise transfer traffic.
 pub const TFTP_PORTS: &str = "TFTP_PORTS";
 
+/// Image chunk index → [`CHUNK_SIZE`] bytes of boot files; filled by the
+/// daemon through `mmap` of the map, read by both programs to build DATA.
+pub const IMAGE_CHUNKS: &str = "IMAGE_CHUNKS";
+/// Image id → [`ImageEntry`]; written by the daemon when it loads a file
+/// into `IMAGE_CHUNKS`, read by both programs.
+pub const IMAGES: &str = "IMAGES";
+/// [`SessionKey`] → [`SessionEntry`]; inserted by the daemon once a transfer
+/// is negotiated and its first block sent, advanced by the programs on every
+/// in-sequence ACK, read by the daemon for its retransmit timer.
+pub const TFTP_SESSIONS: &str = "TFTP_SESSIONS";
+
 /// Every map the object must define.
-pub const ALL: &[&str] = &[XDP_COUNTERS, TC_COUNTERS, TFTP_PORTS];
+pub const ALL: &[&str] = &[XDP_COUNTERS, TC_COUNTERS, TFTP_PORTS, IMAGE_CHUNKS, IMAGES, TFTP_SESSIONS];
+
+/// Largest TFTP block the kernel tiers build: a DATA frame of 1514 bytes at
+/// MTU 1500. Larger blocks are served by userspace.
+pub const MAX_FAST_BLKSIZE: u32 = 1468;
+/// Bytes per image chunk (one map value).
+pub const CHUNK_SIZE: u32 = 1 << 20;
+/// File bytes each chunk starts after the previous one: chunks overlap by
+/// the largest fast-path block, so every block lies inside one chunk and the
+/// verifier can bound the copy by a single map value.
+pub const CHUNK_STRIDE: u32 = CHUNK_SIZE - MAX_FAST_BLKSIZE;
+/// Number of chunks the object declares; the daemon sets the real size at
+/// load time from its memory budget (an array map is allocated whole).
+pub const IMAGE_CHUNKS_DEFAULT: u32 = 8;
+/// Images that can be loaded at once.
+pub const IMAGES_CAPACITY: u32 = 256;
+/// Transfers the kernel tiers can serve at once.
+pub const TFTP_SESSIONS_CAPACITY: u32 = 65_536;
+
+/// Where an image lives in `IMAGE_CHUNKS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ImageEntry {
+    pub first_chunk: u32,
+    pub chunks: u32,
+    /// File length in bytes.
+    pub len: u32,
+    /// Non-zero once the chunks are filled; a session of an image that is
+    /// being replaced keeps serving the old generation's chunks.
+    pub ready: u32,
+}
+
+impl ImageEntry {
+    /// Chunk index and offset inside it of file byte `offset`, for a block
+    /// that starts there (the block then fits in that chunk).
+    pub const fn locate(&self, offset: u32) -> (u32, u32) {
+        let chunk = offset / CHUNK_STRIDE;
+        (self.first_chunk + chunk, offset - chunk * CHUNK_STRIDE)
+    }
+}
+
+/// Key of `TFTP_SESSIONS`: the transfer as the client's ACK names it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SessionKey {
+    pub client_ip: [u8; 4],
+    pub client_port: [u8; 2],
+    pub server_port: [u8; 2],
+}
+
+/// Value of `TFTP_SESSIONS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct SessionEntry {
+    pub image: u32,
+    pub blksize: u32,
+    /// Blocks in the transfer, the final (short or empty) one included.
+    pub blocks: u32,
+    /// Highest block sent (wide index, 1-based). The kernel answers an ACK of
+    /// exactly this block with the next one.
+    pub last_sent: u32,
+    /// Blocks the kernel tiers sent, by tier (XDP in place, TC redirect).
+    pub xdp_sent: u32,
+    pub tc_sent: u32,
+    /// Duplicate or stale ACKs dropped.
+    pub dup_acks: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<ImageEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<SessionKey>() == 8);
+const _: () = assert!(core::mem::size_of::<SessionEntry>() == 32);
+const _: () = assert!(CHUNK_STRIDE > 0);
 
 /// How many transfer ports can be registered at once: one per running transfer.
 pub const TFTP_PORTS_CAPACITY: u32 = 65_536;
@@ -46,4 +129,23 @@ pub struct TftpPortEntry {
 const _: () = assert!(core::mem::size_of::<TftpPortKey>() == 4);
 const _: () = assert!(core::mem::size_of::<TftpPortEntry>() == 4);
 
-crate::impl_aya_pod!(TftpPortKey, TftpPortEntry);
+crate::impl_aya_pod!(TftpPortKey, TftpPortEntry, ImageEntry, SessionKey, SessionEntry);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_fast_path_block_lies_inside_one_chunk() {
+        let image = ImageEntry { first_chunk: 3, chunks: 8, len: 7 * CHUNK_SIZE, ready: 1 };
+        for blksize in [512u32, 1024, 1428, 1432, 1456, 1468] {
+            let mut offset = 0;
+            while offset < image.len {
+                let (chunk, at) = image.locate(offset);
+                assert!(chunk >= 3 && chunk < 3 + 8, "block at {offset} in chunk {chunk}");
+                assert!(at + blksize <= CHUNK_SIZE, "block of {blksize} at {offset} crosses its chunk");
+                offset += blksize;
+            }
+        }
+    }
+}

@@ -1,25 +1,35 @@
 //! The kernel programs. Each entry point is one line into a body; the bodies
 //! parse with `parse.rs`, look up the maps below, count a verdict and act.
 //!
-//! Today both programs classify and pass every packet; the fast-path tiers
-//! (TFTP ACK→DATA, DHCP replies) grow from here.
+//! Both programs classify every packet and pass what is not theirs. An
+//! in-sequence ACK of a kernel TFTP session is answered with the next block:
+//! by XDP in place (`XDP_TX`) when the frame has tailroom, otherwise by TC
+//! (grown skb, redirected out of the same interface). See `tftp.rs`.
 #![no_std]
 #![no_main]
 
 mod parse;
+mod tftp;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_UNSPEC},
+    bindings::{xdp_action, BPF_F_MMAPABLE, BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_store_bytes, bpf_xdp_adjust_tail, bpf_xdp_store_bytes},
     macros::{classifier, map, xdp},
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
 };
 use pxe_common::{
     counter::Counter,
-    maps::{TftpPortEntry, TftpPortKey, TFTP_PORTS_CAPACITY},
+    maps::{
+        ImageEntry, SessionEntry, SessionKey, TftpPortEntry, TftpPortKey, CHUNK_SIZE, CHUNK_STRIDE, IMAGES_CAPACITY,
+        IMAGE_CHUNKS_DEFAULT, MAX_FAST_BLKSIZE, TFTP_PORTS_CAPACITY, TFTP_SESSIONS_CAPACITY,
+    },
 };
 
-use crate::parse::{classify, Classified, Frame, MAX_HEADERS_LEN};
+use crate::{
+    parse::{classify, Frame, UdpOffsets, MAX_HEADERS_LEN},
+    tftp::{opaque, plan, sent, Build, Plan, HEADERS_LEN},
+};
 
 /// `Counter` index → packets; written per CPU by `pxe_ingress`, read by the daemon.
 #[map]
@@ -35,6 +45,19 @@ static TC_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::CO
 static TFTP_PORTS: HashMap<TftpPortKey, TftpPortEntry> =
     HashMap::with_max_entries(TFTP_PORTS_CAPACITY, 0);
 
+/// Chunk index → boot file bytes; filled by the daemon through mmap, read by
+/// both programs. Its size is set when the daemon loads the object.
+#[map]
+static IMAGE_CHUNKS: Array<[u8; CHUNK_SIZE as usize]> = Array::with_max_entries(IMAGE_CHUNKS_DEFAULT, BPF_F_MMAPABLE);
+
+/// Image id → where its chunks are; written by the daemon, read by both programs.
+#[map]
+static IMAGES: Array<ImageEntry> = Array::with_max_entries(IMAGES_CAPACITY, 0);
+
+/// Transfer → its kernel session; inserted by the daemon, advanced by both programs.
+#[map]
+static TFTP_SESSIONS: HashMap<SessionKey, SessionEntry> = HashMap::with_max_entries(TFTP_SESSIONS_CAPACITY, 0);
+
 #[xdp]
 pub fn pxe_ingress(ctx: XdpContext) -> u32 {
     handle_xdp(&ctx)
@@ -49,8 +72,59 @@ pub fn pxe_tc_ingress(ctx: TcContext) -> i32 {
 fn handle_xdp(ctx: &XdpContext) -> u32 {
     let frame = Frame { start: ctx.data(), end: ctx.data_end() };
     let classified = classify(&frame, is_transfer_port);
-    count(&XDP_COUNTERS, &classified);
-    xdp_action::XDP_PASS
+    let (verdict, action) = match (classified.verdict, classified.udp) {
+        (Counter::PASS_TFTP_TRANSFER, Some(off)) => xdp_tftp(ctx, &frame, off),
+        (verdict, _) => (verdict, xdp_action::XDP_PASS),
+    };
+    count(&XDP_COUNTERS, verdict, classified.vlan_tagged);
+    action
+}
+
+/// The XDP tier: grow the ACK into the DATA frame in place and send it back.
+#[inline(always)]
+fn xdp_tftp(ctx: &XdpContext, frame: &Frame, off: UdpOffsets) -> (Counter, u32) {
+    let build = match plan(frame, off, &TFTP_SESSIONS, &IMAGES, &IMAGE_CHUNKS) {
+        Plan::Pass(counter) => return (counter, xdp_action::XDP_PASS),
+        Plan::Drop => return (Counter::DROP_TFTP_STALE_ACK, xdp_action::XDP_DROP),
+        Plan::Build(build) => build,
+    };
+    let grow = build.frame_len as i32 - (frame.end - frame.start) as i32;
+    // SAFETY: the context is the program's own; the helper checks the bounds.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, grow) } != 0 {
+        // No tailroom (veth, some drivers): the TC tier builds it from the skb.
+        return (Counter::PASS_TFTP_NO_TAILROOM, xdp_action::XDP_PASS);
+    }
+    if !store_reply(&build, |offset, from, len| {
+        // SAFETY: `from` points at `len` readable bytes (the stack headers or
+        // a bounded slice of a map value); the helper bounds-checks the frame.
+        unsafe { bpf_xdp_store_bytes(ctx.ctx, offset, from, len) }
+    }) {
+        // The frame has already grown: never let a half-built frame go on.
+        return (Counter::PASS_TFTP_TRANSFER, xdp_action::XDP_ABORTED);
+    }
+    sent(&build, 0);
+    (Counter::TX_TFTP_DATA, xdp_action::XDP_TX)
+}
+
+/// Writes the reply headers, then the block from its chunk. `store` is the
+/// tier's helper (offset, source, length) returning 0 on success.
+#[inline(always)]
+fn store_reply(build: &Build, store: impl Fn(u32, *mut core::ffi::c_void, u32) -> i64) -> bool {
+    let headers = &build.headers as *const _ as *mut core::ffi::c_void;
+    if store(0, headers, HEADERS_LEN as u32) != 0 {
+        return false;
+    }
+    // Re-establish the bounds the verifier needs at the call: the block
+    // starts before CHUNK_STRIDE and is at most MAX_FAST_BLKSIZE long, so it
+    // ends inside the chunk (CHUNK_STRIDE + MAX_FAST_BLKSIZE = CHUNK_SIZE).
+    let at = opaque(build.at as u64);
+    let len = opaque(build.blksize as u64);
+    if at >= CHUNK_STRIDE as u64 || len == 0 || len > MAX_FAST_BLKSIZE as u64 {
+        return false;
+    }
+    // SAFETY: [at, at + len) lies inside the chunk, checked just above.
+    let from = unsafe { (build.chunk as *const u8).add(at as usize) } as *mut core::ffi::c_void;
+    store(HEADERS_LEN as u32, from, len as u32) == 0
 }
 
 #[inline(always)]
@@ -66,10 +140,42 @@ fn handle_tc(ctx: &TcContext) -> i32 {
     }
     let frame = Frame { start: ctx.data(), end: ctx.data_end() };
     let classified = classify(&frame, is_transfer_port);
-    count(&TC_COUNTERS, &classified);
     // TC_ACT_UNSPEC is TCX_NEXT: not ours to decide, let the next program or
     // the stack have it.
-    TC_ACT_UNSPEC
+    let (verdict, action) = match (classified.verdict, classified.udp) {
+        (Counter::PASS_TFTP_TRANSFER, Some(off)) => tc_tftp(ctx, &frame, off),
+        (verdict, _) => (verdict, TC_ACT_UNSPEC),
+    };
+    count(&TC_COUNTERS, verdict, classified.vlan_tagged);
+    action
+}
+
+/// The TC tier: grow the skb into the DATA frame and redirect it out of the
+/// interface the ACK came in on.
+#[inline(always)]
+fn tc_tftp(ctx: &TcContext, frame: &Frame, off: UdpOffsets) -> (Counter, i32) {
+    let build = match plan(frame, off, &TFTP_SESSIONS, &IMAGES, &IMAGE_CHUNKS) {
+        Plan::Pass(counter) => return (counter, TC_ACT_UNSPEC),
+        Plan::Drop => return (Counter::DROP_TFTP_STALE_ACK, TC_ACT_SHOT as i32),
+        Plan::Build(build) => build,
+    };
+    let skb = ctx.skb.skb;
+    // SAFETY: the skb is the program's own; the helper validates the length.
+    if unsafe { bpf_skb_change_tail(skb, build.frame_len as u32, 0) } != 0 {
+        return (Counter::PASS_TFTP_TRANSFER, TC_ACT_UNSPEC);
+    }
+    if !store_reply(&build, |offset, from, len| {
+        // SAFETY: as in the XDP tier; RECOMPUTE_CSUM keeps a CHECKSUM_COMPLETE skb's sum right.
+        unsafe { bpf_skb_store_bytes(skb, offset, from, len, BPF_F_RECOMPUTE_CSUM as u64) }
+    }) {
+        return (Counter::PASS_TFTP_TRANSFER, TC_ACT_SHOT as i32);
+    }
+    sent(&build, 1);
+    // SAFETY: reading the ingress interface index of our own skb.
+    let ifindex = unsafe { (*skb).ifindex };
+    // SAFETY: redirecting our own skb to the egress of its interface.
+    let action = unsafe { bpf_redirect(ifindex, 0) } as i32;
+    (Counter::REDIRECT_TFTP_DATA, action)
 }
 
 #[inline(always)]
@@ -79,9 +185,9 @@ fn is_transfer_port(port: u16) -> bool {
 }
 
 #[inline(always)]
-fn count(counters: &PerCpuArray<u64>, classified: &Classified) {
-    bump(counters, classified.verdict);
-    if classified.vlan_tagged {
+fn count(counters: &PerCpuArray<u64>, verdict: Counter, vlan_tagged: bool) {
+    bump(counters, verdict);
+    if vlan_tagged {
         bump(counters, Counter::SEEN_VLAN_TAG);
     }
 }

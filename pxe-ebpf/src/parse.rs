@@ -32,17 +32,26 @@ pub fn ptr_at<T>(frame: &Frame, offset: usize) -> Option<*const T> {
     Some((frame.start + offset) as *const T)
 }
 
+/// Where the headers of a whole UDP datagram start.
+#[derive(Clone, Copy)]
+pub struct UdpOffsets {
+    pub l3: usize,
+    pub l4: usize,
+}
+
 /// What the parser made of a frame.
 pub struct Classified {
     /// Exactly one per frame.
     pub verdict: Counter,
     /// The frame carried one 802.1Q/802.1ad tag.
     pub vlan_tagged: bool,
+    /// Set for a whole, well-formed IPv4 UDP datagram.
+    pub udp: Option<UdpOffsets>,
 }
 
 impl Classified {
     const fn pass(verdict: Counter, vlan_tagged: bool) -> Self {
-        Self { verdict, vlan_tagged }
+        Self { verdict, vlan_tagged, udp: None }
     }
 }
 
@@ -108,5 +117,9 @@ pub fn classify(frame: &Frame, is_transfer_port: impl Fn(u16) -> bool) -> Classi
     // SAFETY: ptr_at checked that the UDP header lies inside the frame.
     let dst_port = unsafe { (*udp).dst_port() };
     let registered = !is_well_known(dst_port) && is_transfer_port(dst_port);
-    Classified { verdict: classify_udp(dst_port, registered), vlan_tagged }
+    Classified {
+        verdict: classify_udp(dst_port, registered),
+        vlan_tagged,
+        udp: Some(UdpOffsets { l3: l3_offset, l4: l4_offset }),
+    }
 }

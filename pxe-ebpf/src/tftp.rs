@@ -1,0 +1,268 @@
+//! The TFTP fast path: an in-sequence ACK of a kernel session is answered
+//! with the next DATA block, built from the image chunks userspace mapped in.
+//!
+//! Both tiers share the decision ([`plan`]), the header values and the
+//! checksums; they differ only in how they grow the frame and send it:
+//! XDP grows in place and returns `XDP_TX`, TC grows the skb and redirects it
+//! out of the interface it came in on.
+//!
+//! What stays with userspace: the request and option negotiation, the first
+//! block, the final (short) block and the final ACK, every retransmission
+//! (its timer watches `last_sent` here), and anything that is not a plain
+//! ACK of a known session.
+
+use aya_ebpf::{
+    helpers::bpf_csum_diff,
+    maps::{Array, HashMap},
+};
+use pxe_common::{
+    counter::Counter,
+    hdr::{EthHdr, Ipv4Hdr, UdpHdr},
+    maps::{ImageEntry, SessionEntry, SessionKey, CHUNK_SIZE, CHUNK_STRIDE, MAX_FAST_BLKSIZE},
+};
+
+use crate::parse::{ptr_at, Frame, UdpOffsets};
+
+/// TFTP opcodes (RFC 1350).
+const OP_DATA: u16 = 3;
+const OP_ACK: u16 = 4;
+/// Length of an ACK's UDP payload: opcode and block.
+const ACK_LEN: usize = 4;
+/// TFTP header of a DATA packet.
+const TFTP_HDR: usize = 4;
+
+/// The block to build, with everything both tiers need.
+pub struct Build {
+    pub session: *mut SessionEntry,
+    pub next: u32,
+    pub chunk: *const [u8; CHUNK_SIZE as usize],
+    /// Offset of the block in its chunk (< CHUNK_STRIDE).
+    pub at: u32,
+    /// Block length: ≤ MAX_FAST_BLKSIZE, a multiple of 4.
+    pub blksize: u32,
+    /// Length of the DATA frame to send.
+    pub frame_len: usize,
+    /// Ethernet, IPv4, UDP and TFTP headers of the reply, already final.
+    pub headers: Headers,
+}
+
+/// The reply's headers up to the TFTP block number, built on the stack from
+/// the ACK's: addresses and ports swapped, lengths and checksums set.
+#[repr(C)]
+pub struct Headers {
+    pub eth: EthHdr,
+    pub ip: Ipv4Hdr,
+    pub udp: UdpHdr,
+    pub tftp: [u8; TFTP_HDR],
+}
+
+pub const HEADERS_LEN: usize = core::mem::size_of::<Headers>();
+
+pub enum Plan {
+    /// Not the fast path's: this counter says why, the packet goes on.
+    Pass(Counter),
+    /// A duplicate or stale ACK: dropped.
+    Drop,
+    Build(Build),
+}
+
+/// Decides what to do with a transfer packet whose UDP header is at `off`.
+/// Only untagged frames whose IPv4 header has no options are rebuilt.
+#[inline(always)]
+pub fn plan(
+    frame: &Frame,
+    off: UdpOffsets,
+    sessions: &HashMap<SessionKey, SessionEntry>,
+    images: &Array<ImageEntry>,
+    chunks: &Array<[u8; CHUNK_SIZE as usize]>,
+) -> Plan {
+    if off.l3 != EthHdr::LEN || off.l4 != EthHdr::LEN + Ipv4Hdr::LEN {
+        return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
+    }
+    let (Some(eth), Some(ip), Some(udp), Some(ack)) = (
+        ptr_at::<EthHdr>(frame, 0),
+        ptr_at::<Ipv4Hdr>(frame, off.l3),
+        ptr_at::<UdpHdr>(frame, off.l4),
+        ptr_at::<[u8; ACK_LEN]>(frame, off.l4 + UdpHdr::LEN),
+    ) else {
+        return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
+    };
+    // SAFETY: ptr_at checked each header lies inside the frame.
+    let (eth, ip, udp, ack) = unsafe { (*eth, *ip, *udp, *ack) };
+    if u16::from_be_bytes([ack[0], ack[1]]) != OP_ACK || u16::from_be_bytes(udp.len) as usize != UdpHdr::LEN + ACK_LEN {
+        return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
+    }
+    let block = u16::from_be_bytes([ack[2], ack[3]]);
+    let key = SessionKey { client_ip: ip.src, client_port: udp.src, server_port: udp.dst };
+    let Some(session) = sessions.get_ptr_mut(&key) else {
+        return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
+    };
+    // SAFETY: a map value pointer the lookup just returned.
+    let s = unsafe { &mut *session };
+    if block != s.last_sent as u16 {
+        s.dup_acks += 1;
+        return Plan::Drop;
+    }
+    let next = s.last_sent + 1;
+    if next + 1 > s.blocks {
+        // `next` is the final block (it may be short or empty): userspace's.
+        return Plan::Pass(Counter::PASS_TFTP_LAST_BLOCKS);
+    }
+    let blksize = s.blksize;
+    if blksize == 0 || blksize > MAX_FAST_BLKSIZE || blksize % 4 != 0 {
+        return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
+    }
+    let Some(image) = images.get(s.image) else {
+        return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
+    };
+    if image.ready == 0 {
+        return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
+    }
+    let (chunk_index, at) = image.locate((next - 1) * blksize);
+    if chunk_index >= image.first_chunk + image.chunks || at >= CHUNK_STRIDE {
+        return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
+    }
+    let Some(chunk) = chunks.get_ptr(chunk_index) else {
+        return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
+    };
+    let Some(payload_sum) = payload_checksum(chunk, at, blksize) else {
+        return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
+    };
+    let headers = reply_headers(&eth, &ip, &udp, next as u16, blksize, payload_sum);
+    Plan::Build(Build {
+        session,
+        next,
+        chunk,
+        at,
+        blksize,
+        frame_len: HEADERS_LEN + blksize as usize,
+        headers,
+    })
+}
+
+/// Ones' complement sum of the block's bytes, in the kernel's native-order
+/// representation. `bpf_csum_diff` takes at most 512 bytes a call, so the
+/// block is summed in three pieces at constant offsets (1468 = 512 + 512 +
+/// 444): with `at < CHUNK_STRIDE`, each piece provably ends inside the chunk,
+/// which is what the verifier checks (it cannot relate two variables).
+#[inline(always)]
+fn payload_checksum(chunk: *const [u8; CHUNK_SIZE as usize], at: u32, blksize: u32) -> Option<u32> {
+    let at = opaque(at as u64);
+    if at >= CHUNK_STRIDE as u64 {
+        return None;
+    }
+    let blksize = opaque(blksize as u64);
+    if blksize > MAX_FAST_BLKSIZE as u64 {
+        return None;
+    }
+    let base = chunk as *const u8;
+    let first = if blksize > 512 { 512 } else { blksize };
+    let mut sum = csum(base, at, first, 0)?;
+    if blksize > 512 {
+        let second = if blksize - 512 > 512 { 512 } else { blksize - 512 };
+        sum = csum(base, at + 512, second, sum)?;
+    }
+    if blksize > 1024 {
+        let third = blksize - 1024;
+        if third > (MAX_FAST_BLKSIZE - 1024) as u64 {
+            return None;
+        }
+        sum = csum(base, at + 1024, third, sum)?;
+    }
+    Some(sum)
+}
+
+/// Hides a value from LLVM so the bounds checks that follow stay in the
+/// program: LLVM can prove them redundant from earlier arithmetic and drop
+/// them, but the verifier sees only the registers, not that proof.
+#[inline(always)]
+pub fn opaque(value: u64) -> u64 {
+    // SAFETY: a read of a local through a valid pointer.
+    unsafe { core::ptr::read_volatile(&value) }
+}
+
+#[inline(always)]
+fn csum(base: *const u8, offset: u64, len: u64, seed: u32) -> Option<u32> {
+    // SAFETY: callers bound offset + len inside the chunk (see payload_checksum).
+    let from = unsafe { base.add(offset as usize) } as *mut u32;
+    // SAFETY: a read-only checksum over `len` bytes of map memory.
+    let r = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, from, len as u32, seed) };
+    (r >= 0).then_some(r as u32)
+}
+
+/// The DATA reply's headers from the ACK's.
+#[inline(always)]
+fn reply_headers(eth: &EthHdr, ip: &Ipv4Hdr, udp: &UdpHdr, block: u16, blksize: u32, payload_sum: u32) -> Headers {
+    let udp_len = (UdpHdr::LEN + TFTP_HDR) as u16 + blksize as u16;
+    let mut out = Headers {
+        eth: EthHdr { dst: eth.src, src: eth.dst, ether_type: eth.ether_type },
+        ip: Ipv4Hdr {
+            version_ihl: 0x45,
+            tos: 0,
+            tot_len: (Ipv4Hdr::LEN as u16 + udp_len).to_be_bytes(),
+            id: [0, 0],
+            frag_off: [0x40, 0], // don't fragment: a DATA frame fits the path
+            ttl: 64,
+            proto: ip.proto,
+            check: [0, 0],
+            src: ip.dst,
+            dst: ip.src,
+        },
+        udp: UdpHdr { src: udp.dst, dst: udp.src, len: udp_len.to_be_bytes(), check: [0, 0] },
+        tftp: [0, OP_DATA as u8, (block >> 8) as u8, block as u8],
+    };
+    out.ip.check = fold(ip_header_sum(&out.ip)).to_ne_bytes();
+    // UDP checksum: pseudo-header, UDP header, TFTP header, payload.
+    let mut sum = payload_sum as u64;
+    sum += ne(out.ip.src[0], out.ip.src[1]) + ne(out.ip.src[2], out.ip.src[3]);
+    sum += ne(out.ip.dst[0], out.ip.dst[1]) + ne(out.ip.dst[2], out.ip.dst[3]);
+    sum += ne(0, out.ip.proto) + ne(out.udp.len[0], out.udp.len[1]);
+    sum += ne(out.udp.src[0], out.udp.src[1]) + ne(out.udp.dst[0], out.udp.dst[1]) + ne(out.udp.len[0], out.udp.len[1]);
+    sum += ne(out.tftp[0], out.tftp[1]) + ne(out.tftp[2], out.tftp[3]);
+    let check = fold(sum);
+    // RFC 768: a computed zero goes on the wire as all ones.
+    out.udp.check = if check == 0 { 0xffff_u16.to_ne_bytes() } else { check.to_ne_bytes() };
+    out
+}
+
+/// A 16-bit word as it sits in memory, for native-order ones' complement sums.
+#[inline(always)]
+fn ne(a: u8, b: u8) -> u64 {
+    u16::from_ne_bytes([a, b]) as u64
+}
+
+#[inline(always)]
+fn ip_header_sum(ip: &Ipv4Hdr) -> u64 {
+    ne(ip.version_ihl, ip.tos)
+        + ne(ip.tot_len[0], ip.tot_len[1])
+        + ne(ip.id[0], ip.id[1])
+        + ne(ip.frag_off[0], ip.frag_off[1])
+        + ne(ip.ttl, ip.proto)
+        + ne(ip.src[0], ip.src[1])
+        + ne(ip.src[2], ip.src[3])
+        + ne(ip.dst[0], ip.dst[1])
+        + ne(ip.dst[2], ip.dst[3])
+}
+
+/// Folds a sum to 16 bits and complements it (RFC 1071). Four folds reduce
+/// any sum of a frame's words; the loop bound is constant for the verifier.
+#[inline(always)]
+fn fold(mut sum: u64) -> u16 {
+    for _ in 0..4 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Records a block sent by `tier` (0: XDP, 1: TC).
+#[inline(always)]
+pub fn sent(build: &Build, tier: u8) {
+    // SAFETY: the session pointer came from the map lookup in `plan`.
+    let s = unsafe { &mut *build.session };
+    s.last_sent = build.next;
+    if tier == 0 {
+        s.xdp_sent += 1;
+    } else {
+        s.tc_sent += 1;
+    }
+}
