@@ -11,11 +11,14 @@ mod counters;
 use std::{ffi::CString, fmt};
 
 use aya::{
-    maps::{HashMap, MapData, MapError},
+    maps::{Array, HashMap, Map, MapData, MapError},
     programs::{tc, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
-    Ebpf, EbpfError,
+    Ebpf, EbpfError, EbpfLoader,
 };
-use pxe_common::maps::{self, TftpPortEntry, TftpPortKey};
+use pxe_common::maps::{
+    self, ImageEntry, SessionEntry, SessionKey, TftpPortEntry, TftpPortKey, CHUNK_SIZE, CHUNK_STRIDE,
+    IMAGES_CAPACITY,
+};
 
 pub use self::counters::{CounterSnapshot, Counters};
 
@@ -74,22 +77,122 @@ pub enum FastPathError {
     AttachTc { iface: String, source: ProgramError },
     #[error("map {name}: {source}")]
     Map { name: &'static str, source: MapError },
+    #[error("the kernel image memory is full: {needed} more chunks of 1 MiB needed, {free} free (raise --fastpath-memory)")]
+    ImageMemoryFull { needed: u32, free: u32 },
+    #[error("image id {id} is beyond the {IMAGES_CAPACITY} the kernel map holds")]
+    ImageId { id: u32 },
+    #[error("mapping the image chunks: {0}")]
+    Mmap(#[source] std::io::Error),
 }
 
 /// The loaded object: programs verified and loaded, maps created. Dropping it
 /// detaches whatever it attached.
 pub struct FastPath {
     ebpf: Ebpf,
+    /// Chunks in `IMAGE_CHUNKS` and the next free one (images are placed one
+    /// after another; a replaced image takes new chunks).
+    chunks_total: u32,
+    next_chunk: u32,
+}
+
+/// Chunks an image of `len` bytes needs: chunk i holds bytes
+/// [i·STRIDE, i·STRIDE + CHUNK_SIZE).
+pub fn chunks_for(len: u64) -> u32 {
+    if len <= u64::from(CHUNK_SIZE) {
+        1
+    } else {
+        1 + (len - u64::from(CHUNK_SIZE)).div_ceil(u64::from(CHUNK_STRIDE)) as u32
+    }
 }
 
 impl FastPath {
     /// Loads the embedded object and both programs into the kernel (this is
-    /// when the verifier runs). Nothing is attached yet.
+    /// when the verifier runs), with the object's default image memory.
+    /// Nothing is attached yet.
     pub fn load() -> Result<Self, FastPathError> {
-        let mut ebpf = Ebpf::load(BPF_OBJECT).map_err(FastPathError::Object)?;
+        Self::load_with_image_chunks(maps::IMAGE_CHUNKS_DEFAULT)
+    }
+
+    /// Like [`FastPath::load`], with `chunks` MiB of kernel memory for images
+    /// (an array map is allocated whole when it is created).
+    pub fn load_with_image_chunks(chunks: u32) -> Result<Self, FastPathError> {
+        let chunks = chunks.max(1);
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::IMAGE_CHUNKS, chunks)
+            .load(BPF_OBJECT)
+            .map_err(FastPathError::Object)?;
         load_program::<Xdp>(&mut ebpf, XDP_PROGRAM, |p| p.load())?;
         load_program::<SchedClassifier>(&mut ebpf, TC_PROGRAM, |p| p.load())?;
-        Ok(Self { ebpf })
+        Ok(Self { ebpf, chunks_total: chunks, next_chunk: 0 })
+    }
+
+    /// Copies `bytes` into the kernel's image memory as image `id` and marks
+    /// it ready. A session of the image's previous version keeps its entry
+    /// values only until the daemon re-registers it; new sessions serve this.
+    pub fn load_image(&mut self, id: u32, bytes: &[u8]) -> Result<ImageEntry, FastPathError> {
+        if id >= IMAGES_CAPACITY {
+            return Err(FastPathError::ImageId { id });
+        }
+        let needed = chunks_for(bytes.len() as u64);
+        let free = self.chunks_total - self.next_chunk;
+        if needed > free {
+            return Err(FastPathError::ImageMemoryFull { needed, free });
+        }
+        let first = self.next_chunk;
+        let Some(Map::Array(data)) = self.ebpf.map(maps::IMAGE_CHUNKS) else {
+            panic!("pxe-ebpf defines IMAGE_CHUNKS as an array");
+        };
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(data.fd()));
+        let len = self.chunks_total as usize * CHUNK_SIZE as usize;
+        // SAFETY: the map was created with BPF_F_MMAPABLE and holds
+        // chunks_total values of CHUNK_SIZE bytes (a multiple of 8, so no
+        // stride padding); MAP_SHARED is required for a BPF map.
+        let mut memory = unsafe { memmap2::MmapOptions::new().len(len).map_mut(fd) }.map_err(FastPathError::Mmap)?;
+        for i in 0..needed {
+            let from = (i as usize) * CHUNK_STRIDE as usize;
+            let to = (from + CHUNK_SIZE as usize).min(bytes.len());
+            let chunk = (first + i) as usize * CHUNK_SIZE as usize;
+            let piece = bytes.get(from..to).unwrap_or(&[]);
+            memory[chunk..chunk + piece.len()].copy_from_slice(piece);
+        }
+        // No msync: BPF map memory is not file-backed (msync is EINVAL there).
+        drop(memory);
+        self.next_chunk += needed;
+        let entry = ImageEntry { first_chunk: first, chunks: needed, len: bytes.len() as u32, ready: 1 };
+        let map = self.ebpf.map_mut(maps::IMAGES).expect("pxe-ebpf defines IMAGES");
+        let mut images: Array<&mut MapData, ImageEntry> =
+            Array::try_from(map).map_err(|source| FastPathError::Map { name: maps::IMAGES, source })?;
+        images.set(id, entry, 0).map_err(|source| FastPathError::Map { name: maps::IMAGES, source })?;
+        Ok(entry)
+    }
+
+    /// Hands a transfer to the kernel tiers.
+    pub fn insert_session(&mut self, key: SessionKey, entry: SessionEntry) -> Result<(), FastPathError> {
+        self.sessions()?.insert(key, entry, 0).map_err(|source| FastPathError::Map { name: maps::TFTP_SESSIONS, source })
+    }
+
+    /// A kernel session as the programs left it.
+    pub fn session(&mut self, key: &SessionKey) -> Result<Option<SessionEntry>, FastPathError> {
+        match self.sessions()?.get(key, 0) {
+            Ok(entry) => Ok(Some(entry)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(source) => Err(FastPathError::Map { name: maps::TFTP_SESSIONS, source }),
+        }
+    }
+
+    /// Takes a transfer back from the kernel tiers.
+    pub fn remove_session(&mut self, key: &SessionKey) -> Result<(), FastPathError> {
+        match self.sessions()?.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(source) => Err(FastPathError::Map { name: maps::TFTP_SESSIONS, source }),
+        }
+    }
+
+    fn sessions(&mut self) -> Result<HashMap<&mut MapData, SessionKey, SessionEntry>, FastPathError> {
+        let map = self.ebpf.map_mut(maps::TFTP_SESSIONS).expect("TFTP_SESSIONS is defined by pxe-ebpf");
+        HashMap::try_from(map).map_err(|source| FastPathError::Map { name: maps::TFTP_SESSIONS, source })
     }
 
     /// The loaded object, for tests that run the programs with BPF_PROG_TEST_RUN.

@@ -1,0 +1,234 @@
+//! The TFTP fast path of the real BPF object under BPF_PROG_TEST_RUN: every
+//! branch (in-sequence ACK, duplicate, unknown session, last blocks,
+//! rollover, IP options, VLAN tag, malformed) returns the right action, and a
+//! built DATA frame is byte-exact with valid IPv4 and UDP checksums, from XDP
+//! in place and from TC. Needs root.
+
+mod common;
+
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
+use common::frames::{internet_checksum, tftp_ack, FrameSpec, CLIENT_IP, CLIENT_MAC, SERVER_IP, SERVER_MAC};
+use pxe_common::{
+    counter::Counter,
+    maps::{SessionEntry, SessionKey},
+};
+use pxe_user::fastpath::{FastPath, TC_PROGRAM, XDP_PROGRAM};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+const TC_NEXT: u32 = u32::MAX;
+const CLIENT_PORT: u16 = 2070;
+const SERVER_PORT: u16 = 40_001;
+
+fn image(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect()
+}
+
+fn key() -> SessionKey {
+    SessionKey { client_ip: CLIENT_IP, client_port: CLIENT_PORT.to_be_bytes(), server_port: SERVER_PORT.to_be_bytes() }
+}
+
+/// A fast path with one image loaded and one session at `last_sent`.
+fn setup(image_bytes: &[u8], blksize: u32, last_sent: u32) -> FastPath {
+    let mut fp = FastPath::load_with_image_chunks(40).expect("loading the BPF object");
+    fp.register_transfer_port(SERVER_PORT).unwrap();
+    fp.load_image(7, image_bytes).unwrap();
+    let blocks = (image_bytes.len() as u32) / blksize + 1;
+    fp.insert_session(key(), SessionEntry { image: 7, blksize, blocks, last_sent, ..SessionEntry::default_zeroed() }).unwrap();
+    fp
+}
+
+trait Zeroed {
+    fn default_zeroed() -> Self;
+}
+impl Zeroed for SessionEntry {
+    fn default_zeroed() -> Self {
+        bytemuck::Zeroable::zeroed()
+    }
+}
+
+fn ack(block: u16) -> Vec<u8> {
+    FrameSpec::udp(CLIENT_PORT, SERVER_PORT, &tftp_ack(block)).build()
+}
+
+fn run_xdp(fp: &mut FastPath, frame: &[u8]) -> (u32, Vec<u8>) {
+    let program: &mut Xdp = fp.ebpf_mut().program_mut(XDP_PROGRAM).unwrap().try_into().unwrap();
+    let mut out = vec![0u8; 4096];
+    let r = program.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() }).unwrap();
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+fn run_tc(fp: &mut FastPath, frame: &[u8]) -> (u32, Vec<u8>) {
+    let program: &mut SchedClassifier = fp.ebpf_mut().program_mut(TC_PROGRAM).unwrap().try_into().unwrap();
+    let mut out = vec![0u8; 4096];
+    let r = program.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() }).unwrap();
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+/// Checks a DATA frame byte for byte: addresses swapped, lengths, block,
+/// payload, and both checksums valid.
+fn assert_data_frame(frame: &[u8], block: u16, payload: &[u8], what: &str) {
+    assert_eq!(frame.len(), 14 + 20 + 8 + 4 + payload.len(), "{what}: frame length");
+    assert_eq!(&frame[0..6], &CLIENT_MAC, "{what}: destination MAC");
+    assert_eq!(&frame[6..12], &SERVER_MAC, "{what}: source MAC");
+    assert_eq!(&frame[12..14], &[0x08, 0x00]);
+    let ip = &frame[14..34];
+    assert_eq!(ip[0], 0x45);
+    assert_eq!(u16::from_be_bytes([ip[2], ip[3]]) as usize, 20 + 8 + 4 + payload.len(), "{what}: IP total length");
+    assert_eq!(ip[9], 17);
+    assert_eq!(&ip[12..16], &SERVER_IP, "{what}: source IP");
+    assert_eq!(&ip[16..20], &CLIENT_IP, "{what}: destination IP");
+    assert_eq!(internet_checksum(ip), 0, "{what}: IP header checksum");
+    let udp = &frame[34..];
+    assert_eq!(u16::from_be_bytes([udp[0], udp[1]]), SERVER_PORT);
+    assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), CLIENT_PORT);
+    assert_eq!(u16::from_be_bytes([udp[4], udp[5]]) as usize, udp.len(), "{what}: UDP length");
+    assert_ne!(&udp[6..8], &[0, 0], "{what}: a UDP checksum is sent");
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&SERVER_IP);
+    pseudo.extend_from_slice(&CLIENT_IP);
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&(udp.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(udp);
+    assert_eq!(internet_checksum(&pseudo), 0, "{what}: UDP checksum");
+    assert_eq!(&udp[8..12], &[0, 3, (block >> 8) as u8, block as u8], "{what}: DATA header");
+    assert!(&udp[12..] == payload, "{what}: payload");
+}
+
+fn counter_delta(fp: &FastPath, before: &pxe_user::fastpath::Counters, counter: Counter) -> (u64, u64) {
+    let now = fp.counters().unwrap();
+    (now.xdp.since(&before.xdp).get(counter), now.tc.since(&before.tc).get(counter))
+}
+
+#[test]
+fn an_in_sequence_ack_gets_the_next_block_from_xdp_byte_exact() {
+    if !pxe_lab::privileged("an_in_sequence_ack_gets_the_next_block_from_xdp_byte_exact") {
+        return;
+    }
+    let file = image(1468 * 10 + 100);
+    for blksize in [1468u32, 1432, 512, 8] {
+        let mut fp = setup(&file, blksize, 1);
+        let before = fp.counters().unwrap();
+        let (action, out) = run_xdp(&mut fp, &ack(1));
+        assert_eq!(action, XDP_TX, "blksize {blksize}");
+        let b = blksize as usize;
+        assert_data_frame(&out, 2, &file[b..2 * b], &format!("XDP, blksize {blksize}"));
+        let s = fp.session(&key()).unwrap().unwrap();
+        assert_eq!((s.last_sent, s.xdp_sent), (2, 1), "the session advanced");
+        assert_eq!(counter_delta(&fp, &before, Counter::TX_TFTP_DATA), (1, 0));
+    }
+}
+
+#[test]
+fn the_tc_tier_builds_the_same_frame_and_redirects_it() {
+    if !pxe_lab::privileged("the_tc_tier_builds_the_same_frame_and_redirects_it") {
+        return;
+    }
+    let file = image(1468 * 10 + 100);
+    let mut fp = setup(&file, 1468, 3);
+    let before = fp.counters().unwrap();
+    let (action, out) = run_tc(&mut fp, &ack(3));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_data_frame(&out, 4, &file[3 * 1468..4 * 1468], "TC");
+    let s = fp.session(&key()).unwrap().unwrap();
+    assert_eq!((s.last_sent, s.tc_sent), (4, 1));
+    assert_eq!(counter_delta(&fp, &before, Counter::REDIRECT_TFTP_DATA), (0, 1));
+}
+
+#[test]
+fn duplicate_and_stale_acks_are_dropped_without_a_resend() {
+    if !pxe_lab::privileged("duplicate_and_stale_acks_are_dropped_without_a_resend") {
+        return;
+    }
+    let file = image(1468 * 10);
+    let mut fp = setup(&file, 1468, 5);
+    let before = fp.counters().unwrap();
+    for block in [4u16, 3, 0, 6, 9999] {
+        let (action, _) = run_xdp(&mut fp, &ack(block));
+        assert_eq!(action, XDP_DROP, "ACK {block} when block 5 is out");
+        let (action, _) = run_tc(&mut fp, &ack(block));
+        assert_eq!(action, TC_ACT_SHOT, "TC, ACK {block}");
+    }
+    let s = fp.session(&key()).unwrap().unwrap();
+    assert_eq!((s.last_sent, s.dup_acks, s.xdp_sent), (5, 10, 0), "nothing sent, nothing advanced");
+    assert_eq!(counter_delta(&fp, &before, Counter::DROP_TFTP_STALE_ACK), (5, 5));
+}
+
+#[test]
+fn the_last_blocks_and_everything_unusual_go_to_userspace_untouched() {
+    if !pxe_lab::privileged("the_last_blocks_and_everything_unusual_go_to_userspace_untouched") {
+        return;
+    }
+    let file = image(1468 * 4 + 10); // blocks 1-4 full, block 5 short
+    let mut with_options = FrameSpec::udp(CLIENT_PORT, SERVER_PORT, &tftp_ack(1));
+    with_options.ip_options = vec![1; 4];
+    let mut error = FrameSpec::udp(CLIENT_PORT, SERVER_PORT, &[0, 5, 0, 0, b'x', 0]);
+    error.frag_off = 0x4000;
+    let cases: Vec<(&str, u32, Vec<u8>, Counter)> = vec![
+        ("ACK of block 4: the short final block 5 is userspace's", 4, ack(4), Counter::PASS_TFTP_LAST_BLOCKS),
+        ("ACK of the final block ends the transfer in userspace", 5, ack(5), Counter::PASS_TFTP_LAST_BLOCKS),
+        ("IP options", 1, with_options.build(), Counter::PASS_TFTP_TRANSFER),
+        ("VLAN-tagged ACK", 1, FrameSpec::udp(CLIENT_PORT, SERVER_PORT, &tftp_ack(1)).tagged(0x8100, 5).build(), Counter::PASS_TFTP_TRANSFER),
+        ("an ERROR from the client", 1, error.build(), Counter::PASS_TFTP_TRANSFER),
+        ("an ACK from another client port", 1, FrameSpec::udp(CLIENT_PORT + 1, SERVER_PORT, &tftp_ack(1)).build(), Counter::PASS_TFTP_TRANSFER),
+        ("a short ACK", 1, FrameSpec::udp(CLIENT_PORT, SERVER_PORT, &[0, 4, 0]).build(), Counter::PASS_TFTP_TRANSFER),
+        ("an ACK with trailing bytes", 1, FrameSpec::udp(CLIENT_PORT, SERVER_PORT, &[0, 4, 0, 1, 0, 0]).build(), Counter::PASS_TFTP_TRANSFER),
+    ];
+    for (what, last_sent, frame, want) in cases {
+        let mut fp = setup(&file, 1468, last_sent);
+        let before = fp.counters().unwrap();
+        let (action, out) = run_xdp(&mut fp, &frame);
+        assert_eq!(action, XDP_PASS, "{what}");
+        assert_eq!(out, frame, "{what}: untouched");
+        let now = fp.counters().unwrap().xdp.since(&before.xdp);
+        assert_eq!(now.get(want), 1, "{what}: counted as {}", want.name());
+        if frame.len() > 34 {
+            let (action, out) = run_tc(&mut fp, &frame);
+            assert_eq!(action, TC_NEXT, "{what}: TC");
+            assert_eq!(out, frame, "{what}: TC untouched");
+        }
+        assert_eq!(fp.session(&key()).unwrap().unwrap().last_sent, last_sent, "{what}: session unchanged");
+    }
+}
+
+#[test]
+fn block_numbers_roll_over_in_the_kernel_too() {
+    if !pxe_lab::privileged("block_numbers_roll_over_in_the_kernel_too") {
+        return;
+    }
+    // blksize 8: block 65,540 is only 512 KiB into the file.
+    let file = image(8 * 70_000);
+    let mut fp = setup(&file, 8, 65_540);
+    let (action, out) = run_xdp(&mut fp, &ack(65_540u32 as u16)); // 65540 mod 65536 = 4
+    assert_eq!(action, XDP_TX);
+    let offset = 65_540 * 8;
+    assert_data_frame(&out, 5, &file[offset..offset + 8], "rolled over");
+    assert_eq!(fp.session(&key()).unwrap().unwrap().last_sent, 65_541);
+}
+
+#[test]
+fn images_larger_than_a_chunk_are_served_across_chunk_boundaries() {
+    if !pxe_lab::privileged("images_larger_than_a_chunk_are_served_across_chunk_boundaries") {
+        return;
+    }
+    let file = image(3 * 1024 * 1024 + 12345);
+    let blocks = file.len() / 1468;
+    let mut fp = setup(&file, 1468, 1);
+    // Walk a stretch around each chunk boundary.
+    for boundary in [714usize, 1428, 2142] {
+        for last_sent in boundary - 2..boundary + 2 {
+            if last_sent + 1 >= blocks {
+                continue;
+            }
+            fp.insert_session(key(), SessionEntry { image: 7, blksize: 1468, blocks: blocks as u32 + 1, last_sent: last_sent as u32, ..SessionEntry::default_zeroed() }).unwrap();
+            let (action, out) = run_xdp(&mut fp, &ack(last_sent as u16));
+            assert_eq!(action, XDP_TX, "block {}", last_sent + 1);
+            assert_data_frame(&out, (last_sent + 1) as u16, &file[last_sent * 1468..(last_sent + 1) * 1468], &format!("block {}", last_sent + 1));
+        }
+    }
+}
