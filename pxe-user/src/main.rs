@@ -27,9 +27,10 @@ use pxe_user::{
     privileges::missing_capabilities,
     tftp::{
         negotiate::Limits,
-        server::{TftpConfig, TftpServer, TransferHooks},
+        server::{KernelProgress, Offload, TftpConfig, TftpServer, TransferHooks},
     },
 };
+use pxe_common::maps::{SessionEntry, SessionKey, MAX_FAST_BLKSIZE};
 use tokio::{
     signal::unix::{signal, SignalKind},
     task::JoinHandle,
@@ -105,6 +106,12 @@ struct Cli {
     /// whose XDP frames have no room to grow).
     #[arg(long, env = "PXED_NO_TC")]
     no_tc: bool,
+
+    /// Kernel memory for boot images the XDP/TC tiers serve from, in MiB.
+    /// Files are loaded on first request while it lasts; others are served
+    /// from userspace. With `--xdp-mode off --no-tc` none is used.
+    #[arg(long, value_name = "MiB", default_value_t = 128)]
+    fastpath_memory: u32,
 
     /// Directory served over TFTP (and HTTP): boot loaders, kernels, initrds.
     /// Nothing outside it is ever served. Without it, file serving is off.
@@ -208,6 +215,7 @@ struct Settings {
     authoritative: bool,
     xdp_mode: XdpModeChoice,
     no_tc: bool,
+    fastpath_memory: u32,
     boot_root: Option<PathBuf>,
     tftp_port: u16,
     tftp_max_blksize: Option<u16>,
@@ -247,6 +255,7 @@ impl Settings {
             authoritative: cli.authoritative || config.authoritative,
             xdp_mode: cli.xdp_mode,
             no_tc: cli.no_tc,
+            fastpath_memory: cli.fastpath_memory,
             boot_root: cli.boot_root.or_else(|| config.boot_root.clone()),
             tftp_port: cli.tftp_port,
             tftp_max_blksize: cli.tftp_max_blksize.or(config.tftp_max_blksize),
@@ -315,7 +324,9 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let mut sigusr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
 
-    let mut fastpath = FastPath::load().context("loading the BPF programs")?;
+    let kernel_tiers = settings.xdp_mode != XdpModeChoice::Off || !settings.no_tc;
+    let chunks = if kernel_tiers { settings.fastpath_memory } else { 1 };
+    let mut fastpath = FastPath::load_with_image_chunks(chunks).context("loading the BPF programs")?;
     match fastpath.attach_xdp(&settings.interface, settings.xdp_mode)? {
         Some(mode) => info!(interface = %settings.interface, %mode, "XDP program attached"),
         None => info!(interface = %settings.interface, "XDP off (--xdp-mode off)"),
@@ -338,7 +349,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             let root = Arc::new(
                 BootRoot::open(dir).context("the boot root (--boot-root) must be a readable directory")?,
             );
-            let server = start_tftp(&settings, address, Arc::clone(&root), Arc::clone(&fastpath)).await?;
+            let server = start_tftp(&settings, address, Arc::clone(&root), Arc::clone(&fastpath), kernel_tiers).await?;
             tasks.push(("TFTP", tokio::spawn(server.run())));
             if settings.http_port != 0 {
                 tasks.push(("HTTP", start_http(&settings, address, root, Arc::clone(&policy)).await?));
@@ -510,6 +521,7 @@ async fn start_tftp(
     address: Ipv4Addr,
     root: Arc<BootRoot>,
     fastpath: Arc<Mutex<FastPath>>,
+    kernel_tiers: bool,
 ) -> anyhow::Result<TftpServer> {
     let mtu = netif::mtu(&settings.interface).unwrap_or(1500);
     let max_blksize = settings.tftp_max_blksize.unwrap_or_else(|| mtu.saturating_sub(32).clamp(512, 65464) as u16);
@@ -519,7 +531,7 @@ async fn start_tftp(
         gso: settings.tftp_gso,
         ..TftpConfig::default()
     };
-    let hooks = Arc::new(FastPathPorts(fastpath));
+    let hooks = Arc::new(FastPathHooks { fastpath, kernel_tiers, images: Mutex::new(Images::default()) });
     let server = TftpServer::bind(SocketAddr::from((address, settings.tftp_port)), Arc::clone(&root), config, hooks).await?;
     info!(
         address = %server.local_addr()?, boot_root = %root.path().display(), max_blksize,
@@ -543,19 +555,113 @@ async fn start_http(
     Ok(tokio::spawn(async move { axum::serve(listener, router).await }))
 }
 
-/// Registers each transfer's server port with the kernel programs.
-struct FastPathPorts(Arc<Mutex<FastPath>>);
+/// The TFTP server's seam to the kernel programs: transfer ports, images
+/// loaded into kernel memory on first use, and sessions.
+struct FastPathHooks {
+    fastpath: Arc<Mutex<FastPath>>,
+    /// XDP or TC is attached, so sessions can be served in the kernel.
+    kernel_tiers: bool,
+    images: Mutex<Images>,
+}
 
-impl TransferHooks for FastPathPorts {
+/// Which file versions are in kernel memory, by path.
+#[derive(Default)]
+struct Images {
+    loaded: std::collections::HashMap<String, (String, u32)>,
+    next_id: u32,
+    /// Set once the memory is full: later files are served from userspace.
+    full: bool,
+}
+
+impl FastPathHooks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FastPath> {
+        self.fastpath.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The image id of this file version, loading it if there is room.
+    fn image_for(&self, file: &pxe_user::bootroot::BootFile) -> Option<u32> {
+        let mut images = self.images.lock().unwrap_or_else(|e| e.into_inner());
+        let etag = file.etag();
+        if let Some((loaded, id)) = images.loaded.get(&file.path) {
+            if *loaded == etag {
+                return Some(*id);
+            }
+        }
+        if images.full {
+            return None;
+        }
+        let id = images.next_id;
+        match self.lock().load_image(id, file.bytes()) {
+            Ok(entry) => {
+                info!(file = %file.path, bytes = file.len(), chunks = entry.chunks, image = id, "TFTP: image loaded into kernel memory");
+                images.next_id += 1;
+                images.loaded.insert(file.path.clone(), (etag, id));
+                Some(id)
+            }
+            Err(e) => {
+                warn!(file = %file.path, "TFTP: served from userspace: {e}");
+                images.full = true;
+                None
+            }
+        }
+    }
+}
+
+fn session_key(t: &Offload<'_>) -> Option<SessionKey> {
+    let SocketAddr::V4(client) = t.client else { return None };
+    Some(SessionKey {
+        client_ip: client.ip().octets(),
+        client_port: client.port().to_be_bytes(),
+        server_port: t.server_port.to_be_bytes(),
+    })
+}
+
+impl TransferHooks for FastPathHooks {
     fn opened(&self, port: u16) {
-        if let Err(e) = self.0.lock().unwrap_or_else(|e| e.into_inner()).register_transfer_port(port) {
+        if let Err(e) = self.lock().register_transfer_port(port) {
             warn!(port, "registering a TFTP transfer port with the kernel: {e}");
         }
     }
 
     fn closed(&self, port: u16) {
-        if let Err(e) = self.0.lock().unwrap_or_else(|e| e.into_inner()).unregister_transfer_port(port) {
+        if let Err(e) = self.lock().unregister_transfer_port(port) {
             warn!(port, "unregistering a TFTP transfer port: {e}");
+        }
+    }
+
+    fn offload(&self, t: &Offload<'_>) -> bool {
+        let blksize = u32::from(t.blksize);
+        if !self.kernel_tiers || blksize > MAX_FAST_BLKSIZE || blksize % 4 != 0 || t.blocks > u64::from(u32::MAX) {
+            return false;
+        }
+        let (Some(key), Some(image)) = (session_key(t), self.image_for(t.file)) else { return false };
+        let mut fastpath = self.lock();
+        // An update keeps the kernel's own counters.
+        let mut entry: SessionEntry = fastpath.session(&key).ok().flatten().unwrap_or_else(bytemuck::Zeroable::zeroed);
+        entry.image = image;
+        entry.blksize = blksize;
+        entry.blocks = t.blocks as u32;
+        entry.last_sent = t.last_sent as u32;
+        match fastpath.insert_session(key, entry) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(client = %t.client, "TFTP: kernel session refused, serving from userspace: {e}");
+                false
+            }
+        }
+    }
+
+    fn kernel_progress(&self, t: &Offload<'_>) -> Option<KernelProgress> {
+        let key = session_key(t)?;
+        let s = self.lock().session(&key).ok()??;
+        Some(KernelProgress { last_sent: u64::from(s.last_sent), xdp_sent: u64::from(s.xdp_sent), tc_sent: u64::from(s.tc_sent) })
+    }
+
+    fn end_offload(&self, t: &Offload<'_>) {
+        if let Some(key) = session_key(t) {
+            if let Err(e) = self.lock().remove_session(&key) {
+                warn!(client = %t.client, "TFTP: removing a kernel session: {e}");
+            }
         }
     }
 }

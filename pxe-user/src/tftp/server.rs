@@ -51,11 +51,42 @@ impl Default for TftpConfig {
     }
 }
 
-/// Told when a transfer opens and closes its server port, so the kernel fast
-/// path can recognise (and later serve) its packets.
+/// The seam to the kernel fast path: told when a transfer opens and closes
+/// its server port, offered each transfer once its DATA flows in lockstep,
+/// and asked how far the kernel got.
 pub trait TransferHooks: Send + Sync + 'static {
     fn opened(&self, _server_port: u16) {}
     fn closed(&self, _server_port: u16) {}
+    /// Hands the transfer's ACK→DATA loop to the kernel tiers; true if taken.
+    fn offload(&self, _transfer: &Offload<'_>) -> bool {
+        false
+    }
+    /// How far the kernel tiers got with an offloaded transfer.
+    fn kernel_progress(&self, _transfer: &Offload<'_>) -> Option<KernelProgress> {
+        None
+    }
+    /// Takes an offloaded transfer back (it ended, one way or another).
+    fn end_offload(&self, _transfer: &Offload<'_>) {}
+}
+
+/// A transfer as the kernel tiers would serve it.
+pub struct Offload<'a> {
+    pub client: SocketAddr,
+    pub server_port: u16,
+    pub file: &'a Arc<BootFile>,
+    pub blksize: u16,
+    pub blocks: u64,
+    /// Highest block userspace has sent.
+    pub last_sent: u64,
+}
+
+/// What the kernel tiers report of an offloaded transfer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelProgress {
+    /// Highest block sent, by anyone.
+    pub last_sent: u64,
+    pub xdp_sent: u64,
+    pub tc_sent: u64,
 }
 
 /// Hooks that do nothing: userspace serves everything.
@@ -205,7 +236,7 @@ impl TftpServer {
         tokio::spawn(async move {
             let port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
             hooks.opened(port);
-            run_transfer(socket, peer, file, agreed, timer, gso).await;
+            run_transfer(socket, peer, file, agreed, timer, gso, hooks.as_ref()).await;
             hooks.closed(port);
             active.lock().unwrap_or_else(|e| e.into_inner()).remove(&peer);
         });
@@ -227,8 +258,12 @@ async fn run_transfer(
     agreed: Negotiated,
     timer: TimerConfig,
     gso: bool,
+    hooks: &dyn TransferHooks,
 ) {
     let started = Instant::now();
+    let server_port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+    let mut offloaded = false;
+    let mut kernel = KernelProgress::default();
     let mut transfer = Transfer::new(&agreed, file.len(), timer, started);
     info!(
         client = %peer, file = %file.path, size = file.len(), blksize = agreed.blksize,
@@ -251,6 +286,19 @@ async fn run_transfer(
                 }
             }
         }
+        // Once DATA flows in lockstep with blocks to spare, the kernel tiers
+        // answer the ACKs; userspace keeps the timer and the last blocks. The
+        // kernel must know of every block before it leaves, or it would take
+        // the client's ACK of it for a stale one.
+        let worth_offloading = !offloaded && transfer.last_sent() + 2 < transfer.blocks();
+        let ahead_of_kernel = offloaded && transfer.last_sent() > kernel.last_sent;
+        if transfer.is_lockstep_data() && (worth_offloading || ahead_of_kernel) {
+            let offer = offload_of(peer, server_port, &file, &agreed, &transfer);
+            if hooks.offload(&offer) {
+                offloaded = true;
+                kernel.last_sent = transfer.last_sent();
+            }
+        }
         if let Err(e) = batch.send(&socket, peer).await {
             // A full socket buffer or a transient route error: the timer resends.
             debug!(client = %peer, "TFTP: send failed: {e}");
@@ -262,6 +310,12 @@ async fn run_transfer(
         tokio::select! {
             received = socket.recv_from(&mut inbound) => {
                 let Ok((len, from)) = received else { continue };
+                if offloaded {
+                    let offer = offload_of(peer, server_port, &file, &agreed, &transfer);
+                    if let Some(progress) = catch_up(hooks, &offer, &mut kernel) {
+                        transfer.handle_kernel_progress(progress, Instant::now());
+                    }
+                }
                 if from != peer {
                     // RFC 1350 §4: a packet from a stranger gets ERROR 5 and changes nothing.
                     let error = Repr::Error { code: ErrorCode::UnknownTransferId, message: "unknown transfer ID" }.to_vec();
@@ -276,9 +330,25 @@ async fn run_transfer(
                 }
             }
             () = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
+                // An offloaded transfer that moved on in the kernel is not late.
+                if offloaded {
+                    let offer = offload_of(peer, server_port, &file, &agreed, &transfer);
+                    if let Some(progress) = catch_up(hooks, &offer, &mut kernel) {
+                        if transfer.handle_kernel_progress(progress, Instant::now()) {
+                            continue;
+                        }
+                    }
+                }
                 transfer.handle_timeout(Instant::now());
             }
         }
+    }
+    if offloaded {
+        let offer = offload_of(peer, server_port, &file, &agreed, &transfer);
+        if let Some(p) = hooks.kernel_progress(&offer) {
+            kernel = p;
+        }
+        hooks.end_offload(&offer);
     }
 
     let elapsed = started.elapsed();
@@ -289,7 +359,7 @@ async fn run_transfer(
             info!(
                 client = %peer, file = %file.path, bytes = file.len(), ms = elapsed.as_millis() as u64,
                 mb_per_s = format!("{mbps:.1}"), retransmits = stats.retransmits, duplicate_acks = stats.duplicate_acks,
-                "TFTP transfer completed"
+                kernel_xdp = kernel.xdp_sent, kernel_tc = kernel.tc_sent, "TFTP transfer completed"
             );
         }
         Some(Outcome::ClientError { code, message }) => info!(
@@ -302,6 +372,17 @@ async fn run_transfer(
         ),
         None => warn!(client = %peer, file = %file.path, "TFTP transfer stopped"),
     }
+}
+
+fn offload_of<'a>(peer: SocketAddr, server_port: u16, file: &'a Arc<BootFile>, agreed: &Negotiated, transfer: &Transfer) -> Offload<'a> {
+    Offload { client: peer, server_port, file, blksize: agreed.blksize, blocks: transfer.blocks(), last_sent: transfer.last_sent() }
+}
+
+/// What the kernel tiers did with an offloaded transfer: the highest block sent.
+fn catch_up(hooks: &dyn TransferHooks, offer: &Offload<'_>, kernel: &mut KernelProgress) -> Option<u64> {
+    let progress = hooks.kernel_progress(offer)?;
+    *kernel = progress;
+    Some(progress.last_sent)
 }
 
 /// The packets one poll produced (a window of DATA, or an OACK), laid out

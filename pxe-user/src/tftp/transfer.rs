@@ -225,6 +225,49 @@ impl Transfer {
         }
     }
 
+    /// Blocks in the transfer, the final (short or empty) one included.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    /// Highest block sent so far.
+    pub fn last_sent(&self) -> u64 {
+        self.max_sent
+    }
+
+    /// True once options are settled and DATA flows one block at a time:
+    /// the state the kernel tiers can take over.
+    pub fn is_lockstep_data(&self) -> bool {
+        self.outcome.is_none() && !self.awaiting_oack_ack && !self.oack_pending && self.window == 1 && self.max_sent >= 1
+    }
+
+    /// The kernel tiers answered ACKs on our behalf and have sent up to block
+    /// `last_sent` (so the client acknowledged `last_sent - 1`). Catches the
+    /// machine up; returns false if that is no news.
+    pub fn handle_kernel_progress(&mut self, last_sent: u64, now: Instant) -> bool {
+        if self.outcome.is_some() || last_sent <= self.max_sent || last_sent > self.blocks {
+            return false;
+        }
+        self.acked = last_sent - 1;
+        self.next = last_sent + 1;
+        self.max_sent = last_sent;
+        self.probe = None;
+        self.last_progress = now;
+        // Progress ends any backoff, as a new ACK does in TCP: the next loss
+        // must again cost one round-trip timeout, not the backed-off one.
+        self.rto = self.base_rto();
+        self.deadline = now + self.rto;
+        true
+    }
+
+    /// The retransmit timeout from the measured round trip, without backoff.
+    fn base_rto(&self) -> Duration {
+        match self.srtt {
+            Some(srtt) => (srtt + self.rttvar * 4).clamp(self.timer.min_rto, self.timer.max_rto),
+            None => self.timer.initial_rto.min(self.timer.max_rto),
+        }
+    }
+
     /// An ERROR from the client ends the transfer.
     pub fn handle_error(&mut self, code: u16, message: &str) {
         if self.outcome.is_none() {
@@ -465,6 +508,54 @@ mod tests {
         assert_eq!(wire_blocks[65534], 65535);
         assert_eq!(wire_blocks[65535], 0, "rolls over to 0");
         assert_eq!(wire_blocks[65536], 1);
+    }
+
+    #[test]
+    fn kernel_progress_catches_the_machine_up_and_it_finishes_the_transfer() {
+        let t0 = Instant::now();
+        let mut t = Transfer::new(&agreed(512, 1, false), 512 * 10 + 7, TimerConfig::default(), t0);
+        assert_eq!(drain(&mut t, t0), data([1]));
+        assert!(t.is_lockstep_data());
+        // The kernel answered ACKs 1..9 and sent up to block 10.
+        assert!(t.handle_kernel_progress(10, t0));
+        assert!(!t.handle_kernel_progress(10, t0), "no news the second time");
+        assert_eq!(drain(&mut t, t0), vec![], "block 10 is the kernel's, in flight");
+        // The client acknowledges block 10 to us (the kernel leaves the last ones to userspace).
+        t.handle_ack(10, t0);
+        assert_eq!(drain(&mut t, t0), data([11]), "the short final block");
+        t.handle_ack(11, t0);
+        assert_eq!(t.outcome(), Some(&Outcome::Completed));
+    }
+
+    #[test]
+    fn kernel_progress_ends_the_backoff() {
+        let t0 = Instant::now();
+        let mut t = Transfer::new(&agreed(512, 1, false), 512 * 100, TimerConfig::default(), t0);
+        drain(&mut t, t0);
+        let now = t0 + Duration::from_micros(300);
+        t.handle_ack(1, now); // one RTT sample: 300 µs
+        drain(&mut t, now);
+        t.handle_kernel_progress(10, now);
+        let mut at = now;
+        for _ in 0..4 {
+            at = t.poll_timeout().unwrap();
+            t.handle_timeout(at); // block 10 lost again and again: backoff
+            drain(&mut t, at);
+        }
+        assert!(t.poll_timeout().unwrap() - at > TimerConfig::default().min_rto * 4);
+        t.handle_kernel_progress(20, at);
+        assert_eq!(t.poll_timeout().unwrap() - at, TimerConfig::default().min_rto, "back to the measured timeout");
+    }
+
+    #[test]
+    fn without_kernel_progress_the_timer_resends_the_kernels_last_block() {
+        let t0 = Instant::now();
+        let mut t = Transfer::new(&agreed(512, 1, false), 512 * 10 + 7, TimerConfig::default(), t0);
+        drain(&mut t, t0);
+        t.handle_kernel_progress(6, t0);
+        let deadline = t.poll_timeout().unwrap();
+        t.handle_timeout(deadline);
+        assert_eq!(drain(&mut t, deadline), data([6]), "block 6 was lost: resent from userspace");
     }
 
     #[test]
