@@ -44,7 +44,16 @@ pub fn run(clients: &[usize], blksize: u16, windowsize: u16) -> anyhow::Result<(
 
     let root_s = root.to_str().unwrap().to_owned();
     let pxed_args: Vec<String> = vec![pxed.display().to_string(), "--interface".into(), "eth0".into(), "--boot-root".into(), root_s.clone(), "--xdp-mode".into(), "off".into(), "--no-tc".into(), "--http-port".into(), "0".into(), "--tftp-max-per-client".into(), "100000".into()];
+    // The same pxed with its kernel tiers: XDP attached (native on veth,
+    // which has no tailroom, so TC builds the blocks) and TC.
+    let kernel_args: Vec<String> = pxed_args
+        .iter()
+        .filter(|a| !matches!(a.as_str(), "--no-tc"))
+        .map(|a| if a == "off" { "auto".to_owned() } else { a.clone() })
+        .chain(["--fastpath-memory".to_owned(), "32".to_owned(), "--dhcp".to_owned(), "off".to_owned()])
+        .collect();
     let mut servers: Vec<(&'static str, Vec<String>)> = vec![
+        ("pxed (kernel tiers)", kernel_args),
         ("pxed (userspace)", pxed_args.clone()),
         ("tftpd-hpa", vec![tftpd.display().to_string(), "--foreground".into(), "--listen".into(), "--user".into(), "root".into(), "--address".into(), format!("{SERVER}:69"), "--secure".into(), root_s.clone()]),
         ("dnsmasq", vec!["dnsmasq".into(), "--no-daemon".into(), "--port=0".into(), "--enable-tftp".into(), format!("--tftp-root={root_s}"), "--tftp-max=4096".into(), format!("--listen-address={SERVER}"), "--bind-interfaces".into(), "--user=root".into(), "--pid-file=".into(), "--conf-file=/dev/null".into()]),
