@@ -12,6 +12,7 @@
 mod dhcp;
 mod pxe;
 mod tftp;
+mod xdp_cost;
 
 use std::process::ExitCode;
 
@@ -30,6 +31,8 @@ enum Command {
     Pxe(pxe::Args),
     /// Concurrent TFTP downloads of one file.
     Tftp(tftp::Args),
+    /// Per-packet cost of the XDP program, by BPF_PROG_TEST_RUN (as root).
+    XdpCost(xdp_cost::Args),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Pxe(args) => pxe::run(args),
         Command::Tftp(args) => tftp::run(args),
+        Command::XdpCost(args) => xdp_cost::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
