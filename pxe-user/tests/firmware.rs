@@ -154,3 +154,15 @@ fn four_machines_boot_at_once_from_one_server() {
         lab.assert_booted(serial, &format!("{firmware:?} machine of four"));
     }
 }
+
+#[test]
+fn uefi_pxe_boots_the_same_with_the_kernel_fast_paths_off() {
+    if !pxe_lab::privileged("uefi_pxe_boots_the_same_with_the_kernel_fast_paths_off") || !have_qemu() {
+        return;
+    }
+    let lab = firmware_lab(1, false, &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199", "--xdp-mode", "off", "--no-tc"]);
+    let (serial, _) = lab.boot(0, "52:54:00:fa:00:04", Firmware::UefiPxe);
+    lab.assert_booted(&serial, "OVMF PXE with XDP and TC off");
+    let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
+    assert!(log.contains("XDP off") && log.contains("TC program not attached"), "{log}");
+}

@@ -170,13 +170,26 @@ fn windowed_transfers_survive_reordering_loss_and_stale_acks() {
 
 #[test]
 fn a_file_replaced_mid_transfer_reaches_new_clients_while_running_ones_finish_the_old() {
-    if !pxe_lab::privileged("a_file_replaced_mid_transfer_reaches_new_clients_while_running_ones_finish_the_old") {
-        return;
+    if pxe_lab::privileged("a_file_replaced_mid_transfer_reaches_new_clients_while_running_ones_finish_the_old") {
+        replaced_mid_transfer(&["--xdp-mode", "off", "--no-tc"]);
     }
+}
+
+#[test]
+fn with_the_kernel_tiers_a_replaced_file_is_served_old_to_running_and_new_to_new_transfers() {
+    if pxe_lab::privileged("with_the_kernel_tiers_a_replaced_file_is_served_old_to_running_and_new_to_new_transfers") {
+        let served_log = replaced_mid_transfer(&["--fastpath-memory", "8"]);
+        assert!(served_log.contains("kernel_tc=") && !served_log.contains("kernel_tc=0 "), "the kernel served blocks:\n{served_log}");
+    }
+}
+
+/// Starts a transfer, replaces its file by rename, checks a new transfer gets
+/// the new version and the running one finishes on the old; returns pxed's log.
+fn replaced_mid_transfer(pxed_args: &[&str]) -> String {
     let root = boot_root();
     let (old, new) = (patterned(50 * 512 + 5, 31), patterned(70 * 512 + 9, 32));
     std::fs::write(root.path().join("image"), &old).unwrap();
-    let served = serve_tftp(root.path(), &["--xdp-mode", "off", "--no-tc"]);
+    let served = serve_tftp(root.path(), pxed_args);
     let root_path = root.path().to_owned();
     served
         .client
@@ -218,4 +231,6 @@ fn a_file_replaced_mid_transfer_reaches_new_clients_while_running_ones_finish_th
             assert!(got == old, "the running transfer is byte-exact on the old image");
         })
         .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    served.log()
 }
