@@ -42,7 +42,12 @@ pub fn boot_images(cache: &Path) -> io::Result<BootImages> {
     std::fs::create_dir_all(&debs)?;
 
     // linux-image-amd64 is a metapackage; its dependency is the real kernel.
-    let kernel_package = run_text("apt-cache", &["depends", "linux-image-amd64"], cache)?
+    let mut depends = run_text("apt-cache", &["depends", "linux-image-amd64"], cache).unwrap_or_default();
+    if !depends.contains("Depends: linux-image-") {
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        depends = run_text("apt-cache", &["depends", "linux-image-amd64"], cache)?;
+    }
+    let kernel_package = depends
         .lines()
         .find_map(|l| l.trim().strip_prefix("Depends: ").map(str::to_owned))
         .filter(|p| p.starts_with("linux-image-"))
@@ -66,7 +71,11 @@ fn unpack(package: &str, debs: &Path) -> io::Result<PathBuf> {
     if tree.exists() {
         return Ok(tree);
     }
-    run(Command::new("apt-get").args(["download", package]).current_dir(debs))?;
+    if run(Command::new("apt-get").args(["download", package]).current_dir(debs)).is_err() {
+        // A machine whose package lists were never fetched knows no packages.
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get").args(["download", package]).current_dir(debs))?;
+    }
     let deb = std::fs::read_dir(debs)?
         .flatten()
         .map(|e| e.path())
