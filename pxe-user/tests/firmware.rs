@@ -23,7 +23,6 @@ fn images() -> firmware::BootImages {
 
 struct FirmwareLab {
     lab: Lab,
-    server: Netns,
     client: Netns,
     work: tempfile::TempDir,
 }
@@ -74,7 +73,7 @@ fn firmware_lab(taps: usize, site_dhcp: bool, pxed_args: &[&str]) -> FirmwareLab
     let log = work.path().join("pxed.log");
     lab.spawn_logged(&server, PXED, &args, &log).unwrap();
     assert!(server.wait_for_tcp_port(80, Duration::from_secs(30)), "{}", std::fs::read_to_string(&log).unwrap_or_default());
-    FirmwareLab { lab, server, client, work }
+    FirmwareLab { lab, client, work }
 }
 
 impl FirmwareLab {

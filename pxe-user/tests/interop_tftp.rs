@@ -26,6 +26,16 @@ fn populate(root: &Path, files: &[(&str, Vec<u8>)]) {
     }
 }
 
+/// A boot root with [`boot_files`] served by pxed with `pxed_args`; the root
+/// directory lives as long as the returned guard.
+fn serve_boot_files(pxed_args: &[&str]) -> (tempfile::TempDir, Vec<(&'static str, Vec<u8>)>, common::Served) {
+    let root = tempfile::tempdir().unwrap();
+    let files = boot_files();
+    populate(root.path(), &files);
+    let served = serve_tftp(root.path(), pxed_args);
+    (root, files, served)
+}
+
 fn assert_same(got: &Path, want: &[u8], what: &str) {
     let got = std::fs::read(got).unwrap_or_else(|e| panic!("{what}: no output file: {e}"));
     assert_eq!(got.len(), want.len(), "{what}: length");
@@ -37,10 +47,7 @@ fn curl_downloads_every_size_byte_exact_with_and_without_options() {
     if !pxe_lab::privileged("curl_downloads_every_size_byte_exact_with_and_without_options") || !have_tool("curl", "curl") {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    let files = boot_files();
-    populate(root.path(), &files);
-    let served = serve_tftp(root.path(), &["--xdp-mode", "off", "--no-tc"]);
+    let (_root, files, served) = serve_boot_files(&["--xdp-mode", "off", "--no-tc"]);
     let out = tempfile::tempdir().unwrap();
     // curl 7.88 cannot fetch an empty file from any TFTP server (dnsmasq
     // included: "getpeername() failed with errno 107"); tftp-hpa and atftp
@@ -68,10 +75,7 @@ fn tftp_hpa_downloads_every_size_byte_exact() {
     if !pxe_lab::privileged("tftp_hpa_downloads_every_size_byte_exact") || !have_tool("tftp", "tftp-hpa") {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    let files = boot_files();
-    populate(root.path(), &files);
-    let served = serve_tftp(root.path(), &["--xdp-mode", "off", "--no-tc"]);
+    let (_root, files, served) = serve_boot_files(&["--xdp-mode", "off", "--no-tc"]);
     let out = tempfile::tempdir().unwrap();
     for (name, bytes) in &files {
         let dest = out.path().join(name);
@@ -85,10 +89,7 @@ fn atftp_downloads_with_blksize_and_windowsize_byte_exact() {
     if !pxe_lab::privileged("atftp_downloads_with_blksize_and_windowsize_byte_exact") || !have_tool("atftp", "atftp") {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    let files = boot_files();
-    populate(root.path(), &files);
-    let served = serve_tftp(root.path(), &["--xdp-mode", "off", "--no-tc"]);
+    let (_root, files, served) = serve_boot_files(&["--xdp-mode", "off", "--no-tc"]);
     let out = tempfile::tempdir().unwrap();
     for (name, bytes) in &files {
         for options in [vec!["--option", "blksize 1428"], vec!["--option", "blksize 1468", "--option", "windowsize 4"], vec!["--option", "tsize 0", "--option", "windowsize 8"]] {
@@ -131,10 +132,7 @@ fn transfers_complete_byte_exact_with_five_percent_loss_each_way() {
     {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    let files = boot_files();
-    populate(root.path(), &files);
-    let served = serve_tftp(root.path(), &["--xdp-mode", "off", "--no-tc"]);
+    let (root, files, served) = serve_boot_files(&["--xdp-mode", "off", "--no-tc"]);
     // netem is not in this kernel: nftables drops 5% of UDP on arrival in each
     // namespace, so both directions lose packets. (Dropping in an output hook
     // instead would fail the sender's sendto() with EPERM, which no real
@@ -180,11 +178,8 @@ fn with_the_kernel_tiers_on_real_clients_get_byte_exact_files_served_by_the_kern
     {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    let files = boot_files();
-    populate(root.path(), &files);
     // Default attach: XDP native on veth (no tailroom there, so TC builds the blocks).
-    let served = serve_tftp(root.path(), &["--dhcp", "off", "--fastpath-memory", "16"]);
+    let (_root, files, served) = serve_boot_files(&["--dhcp", "off", "--fastpath-memory", "16"]);
     let out = tempfile::tempdir().unwrap();
     for (name, bytes) in files.iter().filter(|(name, _)| *name != "empty") {
         for blksize in ["1468", "1432", "512"] {
@@ -209,10 +204,7 @@ fn with_the_kernel_tiers_on_transfers_survive_five_percent_loss() {
     {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    let files = boot_files();
-    populate(root.path(), &files);
-    let served = serve_tftp(root.path(), &["--dhcp", "off", "--fastpath-memory", "16"]);
+    let (root, files, served) = serve_boot_files(&["--dhcp", "off", "--fastpath-memory", "16"]);
     let rules = "table inet loss {
         chain input { type filter hook input priority 0; meta l4proto udp numgen random mod 100 < 5 drop; }
     }";

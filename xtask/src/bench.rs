@@ -27,15 +27,7 @@ struct Row {
 
 pub fn run(clients: &[usize], blksize: u16, windowsize: u16) -> anyhow::Result<()> {
     let workspace = workspace_root();
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "-p", "pxe-user", "-p", "bench"])
-        .current_dir(&workspace)
-        .status()?;
-    if !status.success() {
-        bail!("building pxed and bench failed");
-    }
-    let pxed = workspace.join("target/release/pxed");
-    let bench = workspace.join("target/release/bench");
+    let (pxed, bench) = crate::build_release_binaries()?;
     let tftpd = peers::tftpd_hpa(&workspace)?;
 
     let root = tempdir("bench-root")?;

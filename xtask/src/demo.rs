@@ -9,7 +9,7 @@
 //! Prints what happened and removes everything. Nothing touches the machine's
 //! real network.
 
-use std::{path::Path, process::Command, time::{Duration, Instant}};
+use std::{path::Path, time::{Duration, Instant}};
 
 use anyhow::{bail, Context as _};
 use pxe_lab::{firmware, Lab};
@@ -18,16 +18,7 @@ use crate::workspace_root;
 
 pub fn run(machines: usize, firmware: &str) -> anyhow::Result<()> {
     let workspace = workspace_root();
-    eprintln!("demo: building pxed and bench (release)");
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "-p", "pxe-user", "-p", "bench"])
-        .current_dir(&workspace)
-        .status()?;
-    if !status.success() {
-        bail!("building pxed and bench failed");
-    }
-    let pxed = workspace.join("target/release/pxed");
-    let bench = workspace.join("target/release/bench");
+    let (pxed, bench) = crate::build_release_binaries()?;
 
     let work = std::env::temp_dir().join(format!("pxe-demo-{}", std::process::id()));
     let root = work.join("boot");

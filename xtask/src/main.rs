@@ -86,6 +86,21 @@ pub fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
 }
 
+/// Builds pxed and bench in release mode; returns their paths.
+pub fn build_release_binaries() -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let workspace = workspace_root();
+    eprintln!("xtask: building pxed and bench (release)");
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--release", "-p", "pxe-user", "-p", "bench"])
+        .current_dir(&workspace)
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("building pxed and bench failed");
+    }
+    Ok((workspace.join("target/release/pxed"), workspace.join("target/release/bench")))
+}
+
 fn test(cargo_args: &[String]) -> anyhow::Result<()> {
     let status = Command::new(env!("CARGO"))
         .args(["test", "--workspace", "--no-fail-fast"])
