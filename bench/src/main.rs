@@ -10,6 +10,7 @@
 //! server answers, bounded by `--clients` and `--time-limit`.
 
 mod dhcp;
+mod plot;
 mod pxe;
 mod tftp;
 mod xdp_cost;

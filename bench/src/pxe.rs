@@ -89,12 +89,17 @@ pub struct Args {
     /// Write the result as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Draw completions and goodput over time as an SVG to this file.
+    #[arg(long)]
+    svg: Option<PathBuf>,
 }
 
 /// What happened to one machine.
 #[derive(Debug, Default, Serialize)]
 pub struct MachineResult {
     pub mac: String,
+    /// When the machine powered on, in ms since the run started.
+    pub powered_on_ms: f64,
     pub address: Option<Ipv4Addr>,
     /// Stages in boot order, each with the milliseconds from power-on to its end.
     pub stages: Vec<(&'static str, f64)>,
@@ -128,6 +133,9 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     print_report(&report, args.timeline);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    if let Some(path) = &args.svg {
+        std::fs::write(path, crate::plot::svg(&report))?;
     }
     Ok(report.failed == 0)
 }
@@ -167,8 +175,10 @@ async fn run_machines(args: &Args) -> anyhow::Result<Report> {
             deadline,
         };
         let (wire, http, done, failed) = (Arc::clone(&wire), http.clone(), Arc::clone(&done), Arc::clone(&failed));
+        let powered_on_ms = started.elapsed().as_secs_f64() * 1000.0;
         tasks.push(tokio::spawn(async move {
-            let result = machine.boot(&wire, &http).await;
+            let mut result = machine.boot(&wire, &http).await;
+            result.powered_on_ms = powered_on_ms;
             if result.failure.is_some() { &failed } else { &done }.fetch_add(1, Ordering::Relaxed);
             result
         }));

@@ -72,9 +72,12 @@ fn two_hundred_machines_boot_from_pxed_through_ipxe_byte_exact() {
     let root = boot_root();
     let work = tempfile::tempdir().unwrap();
     start_pxed(&lab, &server, root.path(), work.path());
-    let report = bench_pxe(&client, &["--clients", "200", "--second-stage", "--verify-root", root.path().to_str().unwrap()], work.path());
+    let svg = work.path().join("run.svg");
+    let report = bench_pxe(&client, &["--clients", "200", "--second-stage", "--verify-root", root.path().to_str().unwrap(), "--svg", svg.to_str().unwrap()], work.path());
     assert_eq!(count(&report, "failed"), 0, "{}", report["failures"]);
     assert_eq!(count(&report, "booted"), 200);
+    let svg = std::fs::read_to_string(&svg).expect("an SVG plot");
+    assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() == 6, "five stage curves and one goodput curve");
     let stages: Vec<&str> = report["stage_ms"].as_array().unwrap().iter().map(|s| s[0].as_str().unwrap()).collect();
     assert_eq!(stages, ["dhcp", "nbp", "ipxe_dhcp", "script", "os"]);
 }
