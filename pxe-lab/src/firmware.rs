@@ -174,6 +174,13 @@ pub fn start_machine(lab: &Lab, ns: &Netns, tap: &str, mac: &str, firmware: Firm
                 // romfile= leaves OVMF's own virtio-net driver and PXE/HTTP stack in charge.
                 "-device".into(), format!("virtio-net-pci,netdev=n0,mac={mac},romfile="),
             ]);
+            if firmware == Firmware::UefiHttp {
+                // OVMF tries PXE before HTTP; switching PXE off leaves HTTP Boot.
+                args.extend([
+                    "-fw_cfg".into(), "name=opt/org.tianocore/IPv4PXESupport,string=n".into(),
+                    "-fw_cfg".into(), "name=opt/org.tianocore/IPv6PXESupport,string=n".into(),
+                ]);
+            }
         }
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

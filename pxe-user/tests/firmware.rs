@@ -165,3 +165,16 @@ fn uefi_pxe_boots_the_same_with_the_kernel_fast_paths_off() {
     let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
     assert!(log.contains("XDP off") && log.contains("TC program not attached"), "{log}");
 }
+
+#[test]
+fn uefi_http_boot_gets_a_url_and_boots_linux_over_http() {
+    if !pxe_lab::privileged("uefi_http_boot_gets_a_url_and_boots_linux_over_http") || !have_qemu() {
+        return;
+    }
+    let lab = firmware_lab(1, false, &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199"]);
+    let (serial, _) = lab.boot(0, "52:54:00:fa:00:05", Firmware::UefiHttp);
+    lab.assert_booted(&serial, "OVMF HTTP Boot");
+    let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
+    assert!(log.contains("(HTTP Boot, uefi-x64-http) → OFFER") && log.contains("boot http://198.18.0.1/ipxe.efi"), "option 60 HTTPClient, 93 = 16, a URL as boot file:\n{log}");
+    assert!(!log.contains("file=ipxe.efi"), "nothing went over TFTP:\n{log}");
+}
