@@ -17,7 +17,7 @@ use toml::Spanned;
 
 use crate::dhcp::pool::{parse_range, Subnet};
 use crate::policy::{
-    render, Arch,
+    render, Arch, ClientKind,
     r#static::{BootFiles, MachineEntry, Profile},
     Mac,
 };
@@ -125,6 +125,8 @@ struct MachineSection {
     address: Option<Spanned<String>>,
     /// Architecture override, e.g. "uefi-arm64".
     arch: Option<Spanned<String>>,
+    /// Answer as to this kind of boot client: "pxe", "ipxe" or "http".
+    client: Option<Spanned<String>>,
 }
 
 fn yes() -> bool {
@@ -278,7 +280,13 @@ impl Config {
                 })?),
                 None => None,
             };
-            let entry = MachineEntry { profile, netboot: machine.netboot, hostname: machine.hostname.clone(), arch };
+            let client = match &machine.client {
+                Some(name) => Some(ClientKind::from_name(name.get_ref()).ok_or_else(|| {
+                    error_at(Some(name.span()), format!("machine client {:?}: not one of pxe, ipxe, http", name.get_ref()))
+                })?),
+                None => None,
+            };
+            let entry = MachineEntry { profile, netboot: machine.netboot, hostname: machine.hostname.clone(), arch, client };
             if machines.insert(mac, entry).is_some() {
                 return Err(error_at(Some(machine.mac.span()), format!("machine {mac} is listed twice")));
             }

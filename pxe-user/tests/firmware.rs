@@ -32,6 +32,10 @@ struct FirmwareLab {
 /// namespace on the bridge runs dnsmasq as the site's plain DHCP server
 /// (addresses only, no boot options).
 fn firmware_lab(taps: usize, site_dhcp: bool, pxed_args: &[&str]) -> FirmwareLab {
+    firmware_lab_with(taps, site_dhcp, pxed_args, "")
+}
+
+fn firmware_lab_with(taps: usize, site_dhcp: bool, pxed_args: &[&str], extra_config: &str) -> FirmwareLab {
     let lab = Lab::new().unwrap();
     let server = lab.add_netns("srv").unwrap();
     let client = lab.add_netns("cli").unwrap();
@@ -65,7 +69,7 @@ fn firmware_lab(taps: usize, site_dhcp: bool, pxed_args: &[&str]) -> FirmwareLab
         std::fs::copy(Path::new("/usr/lib/ipxe").join(name), root.join(name)).unwrap();
     }
     let config = work.path().join("pxed.toml");
-    std::fs::write(&config, "[[profile]]\nname = \"default\"\ncmdline = \"console=ttyS0 panic=-1\"\n").unwrap();
+    std::fs::write(&config, format!("[[profile]]\nname = \"default\"\ncmdline = \"console=ttyS0 panic=-1\"\n{extra_config}")).unwrap();
     let mut args = vec!["--interface", "eth0", "--boot-root", root.to_str().unwrap(), "--config", config.to_str().unwrap()];
     let leases = work.path().join("leases.redb");
     args.extend(["--lease-file", leases.to_str().unwrap()]);
@@ -177,4 +181,41 @@ fn uefi_http_boot_gets_a_url_and_boots_linux_over_http() {
     let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
     assert!(log.contains("(HTTP Boot, uefi-x64-http) → OFFER") && log.contains("boot http://198.18.0.1/ipxe.efi"), "option 60 HTTPClient, 93 = 16, a URL as boot file:\n{log}");
     assert!(!log.contains("file=ipxe.efi"), "nothing went over TFTP:\n{log}");
+}
+
+#[test]
+fn bios_pxelinux_boots_linux_all_over_tftp_with_the_kernel_serving_the_blocks() {
+    if !pxe_lab::privileged("bios_pxelinux_boots_linux_all_over_tftp_with_the_kernel_serving_the_blocks")
+        || !have_qemu()
+        || !Path::new("/usr/lib/PXELINUX/pxelinux.0").exists()
+    {
+        return;
+    }
+    // iPXE stands in for a legacy PXE ROM (QEMU ships no other BIOS ROM); the
+    // machine entry makes pxed answer it as firmware PXE: pxelinux.0 over TFTP.
+    let extra = "[[profile]]\nname = \"legacy\"\n[profile.boot_files]\nbios = \"pxelinux.0\"\n\
+                 [[machine]]\nmac = \"52:54:00:fa:00:06\"\nprofile = \"legacy\"\nclient = \"pxe\"\n";
+    let lab = firmware_lab_with(1, false, &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199", "--fastpath-memory", "64"], extra);
+    let boot = lab.work.path().join("boot");
+    std::fs::copy("/usr/lib/PXELINUX/pxelinux.0", boot.join("pxelinux.0")).unwrap();
+    std::fs::copy("/usr/lib/syslinux/modules/bios/ldlinux.c32", boot.join("ldlinux.c32")).unwrap();
+    std::fs::create_dir_all(boot.join("pxelinux.cfg")).unwrap();
+    std::fs::write(
+        boot.join("pxelinux.cfg/default"),
+        "DEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  KERNEL vmlinuz\n  APPEND initrd=initrd.img console=ttyS0 panic=-1\n",
+    )
+    .unwrap();
+    let (serial, _) = lab.boot(0, "52:54:00:fa:00:06", Firmware::BiosIpxe);
+    lab.assert_booted(&serial, "PXELINUX over TFTP");
+    let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
+    for file in ["pxelinux.0", "ldlinux.c32", "pxelinux.cfg/default", "vmlinuz", "initrd.img"] {
+        assert!(log.contains(&format!("file={file} bytes=")), "{file} went over TFTP:\n{log}");
+    }
+    assert!(log.contains("TFTP: file not found"), "PXELINUX's config probes were answered 'not found':\n{log}");
+    let kernel_blocks: u64 = log
+        .lines()
+        .filter(|l| l.contains("TFTP transfer completed") && (l.contains("file=vmlinuz") || l.contains("file=initrd.img")))
+        .filter_map(|l| l.split("kernel_tc=").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    assert!(kernel_blocks > 1000, "the kernel tiers served the kernel and initrd ({kernel_blocks} blocks):\n{log}");
 }

@@ -29,6 +29,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("atftp", "TFTP client with windowsize in the interop tests"),
     ("libwrap0", "tftpd-hpa's one library (its binary is unpacked, not installed, by bench-tftp)"),
     ("ovmf", "UEFI firmware for the QEMU machines of the firmware lab"),
+    ("pxelinux", "PXELINUX for the firmware lab's all-TFTP BIOS boot"),
+    ("syslinux-common", "ldlinux.c32, which PXELINUX loads"),
     ("ipxe", "iPXE boot programs (ipxe.efi, undionly.kpxe) for the demo and the firmware lab"),
     ("busybox", "udhcpc, a DHCP client in the interop tests"),
     ("isc-dhcp-client", "dhclient, a DHCP client in the interop tests"),

@@ -27,7 +27,7 @@ use crate::{
     lease::{client_key, Lease, LeaseError, LeaseState, LeaseStore},
     policy::{
         r#static::{Decision, StaticPolicy},
-        Machine, Mac,
+        ClientKind, Machine, Mac,
     },
 };
 
@@ -518,9 +518,15 @@ impl Engine {
         if req.firmware == Firmware::NotPxe {
             return None;
         }
+        let firmware = match self.policy.machines.get(&req.mac).and_then(|m| m.client) {
+            Some(ClientKind::Pxe) => Firmware::Pxe,
+            Some(ClientKind::Ipxe) => Firmware::Ipxe,
+            Some(ClientKind::HttpBoot) => Firmware::HttpBoot,
+            None => req.firmware,
+        };
         let machine = Machine { mac: req.mac, arch: req.arch, uuid: req.uuid.clone() };
         let decision = self.policy.decide(&machine);
-        match (req.firmware, decision) {
+        match (firmware, decision) {
             (_, Decision::Ignore) => None,
             // iPXE asks for its script; a provisioned machine's script boots the disk.
             (Firmware::Ipxe, Decision::Boot(_) | Decision::LocalBoot) => {
@@ -763,7 +769,7 @@ mod tests {
 
     #[test]
     fn a_provisioned_machine_gets_an_address_but_no_boot_file_and_ipxe_gets_its_local_boot_script() {
-        let machines = [(Mac(mac(6)), MachineEntry { profile: None, netboot: false, hostname: Some("n6".into()), arch: None })].into();
+        let machines = [(Mac(mac(6)), MachineEntry { profile: None, netboot: false, hostname: Some("n6".into()), arch: None, client: None })].into();
         let mut e = Engine::new(config(Mode::Full), policy(machines), Box::new(MemLeaseStore::default())).unwrap();
         let m = e.handle(&uefi(MessageType::Discover, 6, vec![]), 67, src(), T0).reply.unwrap().message;
         assert!(m.fname().is_none());
@@ -771,6 +777,15 @@ mod tests {
         let ipxe = plain(MessageType::Discover, 6, vec![DhcpOption::UserClass(b"iPXE".to_vec())]);
         let m = e.handle(&ipxe, 67, src(), T0).reply.unwrap().message;
         assert!(m.fname_str().unwrap().unwrap().contains("/boot.ipxe?mac=52:54:00:00:00:06"), "the script says: boot the disk");
+    }
+
+    #[test]
+    fn a_machine_can_be_answered_as_firmware_pxe_although_it_is_ipxe() {
+        let machines = [(Mac(mac(41)), MachineEntry { profile: None, netboot: true, hostname: None, arch: None, client: Some(ClientKind::Pxe) })].into();
+        let mut e = Engine::new(config(Mode::Full), policy(machines), Box::new(MemLeaseStore::default())).unwrap();
+        let ipxe = plain(MessageType::Discover, 41, vec![DhcpOption::UserClass(b"iPXE".to_vec()), DhcpOption::ClassIdentifier(b"PXEClient".to_vec())]);
+        let m = e.handle(&ipxe, 67, src(), T0).reply.unwrap().message;
+        assert_eq!(m.fname_str().unwrap().unwrap(), "undionly.kpxe", "a boot file over TFTP, not the script URL");
     }
 
     #[test]

@@ -111,6 +111,31 @@ impl Arch {
     }
 }
 
+/// How a machine is answered regardless of how its boot client identifies
+/// itself: for boot chains that would otherwise be misread (an iPXE build
+/// that must be given a PXE NBP such as pxelinux.0, firmware with a bogus
+/// vendor class).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientKind {
+    /// Firmware PXE: a boot file over TFTP.
+    Pxe,
+    /// iPXE: the script URL.
+    Ipxe,
+    /// UEFI HTTP Boot: a URL.
+    HttpBoot,
+}
+
+impl ClientKind {
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "pxe" => Some(Self::Pxe),
+            "ipxe" => Some(Self::Ipxe),
+            "http" => Some(Self::HttpBoot),
+            _ => None,
+        }
+    }
+}
+
 /// What the servers know about a machine when they ask the policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Machine {

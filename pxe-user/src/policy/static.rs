@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use super::{render, Arch, BootPolicy, BootSpec, Machine, Mac};
+use super::{render, Arch, BootPolicy, BootSpec, ClientKind, Machine, Mac};
 
 /// Boot files by architecture, paths in the boot root.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,6 +84,8 @@ pub struct MachineEntry {
     /// Overrides the architecture the machine claims (option 93), for
     /// firmware that reports it wrong (e.g. ARM boards sending 0).
     pub arch: Option<Arch>,
+    /// Overrides how the machine's boot client is answered.
+    pub client: Option<ClientKind>,
 }
 
 /// Where the services can be reached, for templates.
@@ -168,8 +170,8 @@ mod tests {
         rescue.kernel = "rescue/vmlinuz".into();
         rescue.boot_files.uefi_x64 = "rescue/ipxe.efi".into();
         let mut machines = HashMap::new();
-        machines.insert(Mac([2, 0, 0, 0, 0, 1]), MachineEntry { profile: Some("rescue".into()), netboot: true, hostname: Some("node1".into()), arch: None });
-        machines.insert(Mac([2, 0, 0, 0, 0, 2]), MachineEntry { profile: None, netboot: false, hostname: None, arch: None });
+        machines.insert(Mac([2, 0, 0, 0, 0, 1]), MachineEntry { profile: Some("rescue".into()), netboot: true, hostname: Some("node1".into()), arch: None, client: None });
+        machines.insert(Mac([2, 0, 0, 0, 0, 2]), MachineEntry { profile: None, netboot: false, hostname: None, arch: None, client: None });
         StaticPolicy {
             profiles: [("default".to_owned(), Profile::named("default")), ("rescue".to_owned(), rescue)].into(),
             machines,
@@ -206,7 +208,7 @@ mod tests {
     #[test]
     fn a_per_machine_arch_override_beats_what_the_firmware_claims() {
         let mut p = policy();
-        p.machines.insert(Mac([2, 0, 0, 0, 0, 4]), MachineEntry { profile: None, netboot: true, hostname: None, arch: Some(Arch::UefiArm64) });
+        p.machines.insert(Mac([2, 0, 0, 0, 0, 4]), MachineEntry { profile: None, netboot: true, hostname: None, arch: Some(Arch::UefiArm64), client: None });
         let Decision::Boot(spec) = p.decide(&machine(4, 0)) else { panic!() };
         assert_eq!(spec.boot_file.as_deref(), Some("ipxe-arm64.efi"), "the board sends 93 = 0 but is ARM64");
     }
