@@ -219,3 +219,33 @@ fn bios_pxelinux_boots_linux_all_over_tftp_with_the_kernel_serving_the_blocks() 
         .sum();
     assert!(kernel_blocks > 1000, "the kernel tiers served the kernel and initrd ({kernel_blocks} blocks):\n{log}");
 }
+
+#[test]
+fn uefi_http_boot_works_with_pxed_in_proxy_mode_where_dnsmasq_alone_cannot() {
+    if !pxe_lab::privileged("uefi_http_boot_works_with_pxed_in_proxy_mode_where_dnsmasq_alone_cannot")
+        || !have_qemu()
+        || !have_tool("dnsmasq", "dnsmasq-base")
+    {
+        return;
+    }
+    let lab = firmware_lab(1, true, &["--dhcp", "proxy"]);
+    let (serial, _) = lab.boot(0, "52:54:00:fa:00:07", Firmware::UefiHttp);
+    lab.assert_booted(&serial, "OVMF HTTP Boot with proxyDHCP");
+    let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
+    assert!(log.contains("(HTTP Boot, uefi-x64-http) → proxy OFFER, boot http://198.18.0.1/ipxe.efi"), "{log}");
+}
+
+#[test]
+fn bios_ipxe_boots_with_pxed_in_proxy_mode_and_the_fast_paths_off() {
+    if !pxe_lab::privileged("bios_ipxe_boots_with_pxed_in_proxy_mode_and_the_fast_paths_off")
+        || !have_qemu()
+        || !have_tool("dnsmasq", "dnsmasq-base")
+    {
+        return;
+    }
+    let lab = firmware_lab(1, true, &["--dhcp", "proxy", "--xdp-mode", "off", "--no-tc"]);
+    let (serial, _) = lab.boot(0, "52:54:00:fa:00:08", Firmware::BiosIpxe);
+    lab.assert_booted(&serial, "BIOS iPXE with proxyDHCP, XDP and TC off");
+    let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
+    assert!(log.contains("(iPXE, bios) → proxy OFFER"), "{log}");
+}
