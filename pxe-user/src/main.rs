@@ -344,7 +344,13 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let address = if needs_address { Some(netif::ipv4_address(&settings.interface)?) } else { None };
     let policy: SharedPolicy = Arc::new(RwLock::new(Arc::new(settings.policy(&settings.config, address.unwrap_or(Ipv4Addr::UNSPECIFIED)))));
 
-    match (&settings.boot_root, address) {
+    // With no boot root, serve the iPXE binaries the system has (Debian's
+    // `ipxe` package), so `pxed --interface IF` alone chainloads iPXE. They
+    // are copied into a private directory: Debian links some of them to
+    // /boot, which confinement (rightly) refuses to follow.
+    let found_ipxe = if settings.boot_root.is_none() { copy_found_ipxe() } else { None };
+    let boot_root = settings.boot_root.clone().or_else(|| found_ipxe.clone());
+    match (&boot_root, address) {
         (Some(dir), Some(address)) => {
             let root = Arc::new(
                 BootRoot::open(dir).context("the boot root (--boot-root) must be a readable directory")?,
@@ -357,7 +363,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
                 warn!("HTTP is off (--http-port 0): iPXE clients are sent script URLs nobody answers");
             }
         }
-        _ => warn!("no --boot-root: TFTP and HTTP file serving are off"),
+        _ => warn!("no --boot-root and no iPXE binaries in {IPXE_DIR}: TFTP and HTTP file serving are off"),
     }
 
     let engine = match (settings.dhcp, address) {
@@ -419,12 +425,45 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     for (_, task) in &tasks {
         task.abort();
     }
+    if let Some(dir) = found_ipxe {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     drop(fastpath);
     info!("programs detached; bye");
     match failed {
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Where Debian's `ipxe` package puts ipxe.efi and undionly.kpxe.
+const IPXE_DIR: &str = "/usr/lib/ipxe";
+
+/// Copies the iPXE binaries found in [`IPXE_DIR`] into a fresh directory
+/// and returns it, or `None` if there are none.
+fn copy_found_ipxe() -> Option<PathBuf> {
+    // Copies left by a pxed that was killed: their PID is gone.
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.strip_prefix("pxed-ipxe-").and_then(|p| p.parse::<u32>().ok()) else { continue };
+            if !Path::new("/proc").join(pid.to_string()).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("pxed-ipxe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).ok()?;
+    let copied: Vec<&str> = ["ipxe.efi", "undionly.kpxe", "snponly.efi", "ipxe.pxe"]
+        .into_iter()
+        .filter(|name| std::fs::copy(Path::new(IPXE_DIR).join(name), dir.join(name)).is_ok())
+        .collect();
+    if copied.is_empty() {
+        let _ = std::fs::remove_dir_all(&dir);
+        return None;
+    }
+    info!(files = ?copied, "no --boot-root: serving the iPXE binaries found in {IPXE_DIR}");
+    Some(dir)
 }
 
 /// Waits for the first of the service tasks to end.

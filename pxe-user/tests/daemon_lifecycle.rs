@@ -122,3 +122,29 @@ fn help_explains_the_xdp_modes() {
         assert!(help.contains(word), "--help mentions {word}:\n{help}");
     }
 }
+
+#[test]
+fn with_only_an_interface_pxed_serves_the_ipxe_binaries_it_finds() {
+    if !pxe_lab::privileged("with_only_an_interface_pxed_serves_the_ipxe_binaries_it_finds") {
+        return;
+    }
+    let Ok(want) = std::fs::read("/usr/lib/ipxe/ipxe.efi") else {
+        assert!(std::env::var_os(pxe_lab::REQUIRE_PRIVILEGED_TESTS).is_none(), "package ipxe is missing");
+        return;
+    };
+    let lab = Lab::new().unwrap();
+    let server = lab.add_netns("srv").unwrap();
+    let client = lab.add_netns("cli").unwrap();
+    lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&client, "eth0", Some("198.18.0.2/24"))).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("pxed.log");
+    lab.spawn_logged(&server, PXED, &["--interface", "eth0"], &log).unwrap();
+    assert!(server.wait_for_udp_port(69, Duration::from_secs(20)), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    let dest = work.path().join("ipxe.efi");
+    let out = client.output("curl", &["-sS", "--max-time", "30", "-o", dest.to_str().unwrap(), "tftp://198.18.0.1/ipxe.efi"]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::read(&dest).unwrap() == want, "the system's ipxe.efi, byte-exact");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("serving the iPXE binaries found in /usr/lib/ipxe"), "{text}");
+    assert!(text.contains("mode=Proxy"), "proxy mode by default: {text}");
+}
