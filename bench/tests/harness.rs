@@ -129,8 +129,8 @@ fn failures_are_counted_with_their_reason_when_the_server_misbehaves() {
     std::fs::remove_file(root.path().join("initrd.img")).unwrap();
     let report = bench_pxe(&client, &["--clients", "20", "--second-stage", "--mac-prefix", "32", "--verify-root", expected.path().to_str().unwrap()], work.path());
     let log = std::fs::read_to_string(work.path().join("pxed.log")).unwrap_or_default();
-    let tail: Vec<&str> = log.lines().filter(|l| l.contains("DHCP") || l.contains("WARN") || l.contains("ERROR")).collect();
-    assert_eq!(count(&report, "failed"), 20, "{}", tail[tail.len().saturating_sub(40)..].join("\n"));
+    let tail: Vec<&str> = log.lines().collect();
+    assert_eq!(count(&report, "failed"), 20, "{}", tail[tail.len().saturating_sub(25)..].join("\n"));
     let failures = report["failures"].as_object().unwrap();
     assert!(failures.keys().any(|k| k.starts_with("os: ") && k.contains("404")), "{failures:?}\n{}", tail[tail.len().saturating_sub(40)..].join("\n"));
 

@@ -65,6 +65,32 @@ pub fn boot_images(cache: &Path) -> io::Result<BootImages> {
     Ok(BootImages { kernel, initrd })
 }
 
+/// A unified kernel image: systemd's EFI stub (`systemd-boot-efi`, unpacked)
+/// with the lab kernel, initramfs and `cmdline` as sections, built once with
+/// objcopy. UEFI HTTP Boot can fetch and start it as a single file.
+pub fn unified_kernel_image(cache: &Path, images: &BootImages, cmdline: &str) -> io::Result<PathBuf> {
+    let uki = cache.join("uki.efi");
+    if uki.exists() {
+        return Ok(uki);
+    }
+    let debs = cache.join("debs");
+    std::fs::create_dir_all(&debs)?;
+    let stub = unpack("systemd-boot-efi", &debs)?.join("usr/lib/systemd/boot/efi/linuxx64.efi.stub");
+    let cmdline_file = cache.join("uki-cmdline");
+    std::fs::write(&cmdline_file, cmdline)?;
+    let osrel = cache.join("uki-os-release");
+    std::fs::write(&osrel, "NAME=pxed-lab\n")?;
+    // Section addresses past the stub's own (it ends below 0x20000).
+    run(Command::new("objcopy")
+        .arg("--add-section").arg(format!(".osrel={}", osrel.display())).args(["--change-section-vma", ".osrel=0x20000"])
+        .arg("--add-section").arg(format!(".cmdline={}", cmdline_file.display())).args(["--change-section-vma", ".cmdline=0x30000"])
+        .arg("--add-section").arg(format!(".linux={}", images.kernel.display())).args(["--change-section-vma", ".linux=0x2000000"])
+        .arg("--add-section").arg(format!(".initrd={}", images.initrd.display())).args(["--change-section-vma", ".initrd=0x3000000"])
+        .arg(&stub)
+        .arg(&uki))?;
+    Ok(uki)
+}
+
 /// `apt-get download` + `dpkg-deb -x` into `debs/<package>`.
 fn unpack(package: &str, debs: &Path) -> io::Result<PathBuf> {
     let tree = debs.join(package);

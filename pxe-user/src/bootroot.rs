@@ -6,11 +6,16 @@
 //! can reach a file outside it. The lexical checks before that exist to give
 //! a clear reason in the log.
 //!
-//! Files are memory-mapped once and shared by every transfer of the same file
-//! version. A file replaced on disk (new inode, or new size/mtime) is mapped
-//! afresh for new transfers, while running ones keep the mapping they started
-//! with. Replace boot files by renaming a new file into place; truncating a
-//! mapped file in place would pull pages out from under running transfers.
+//! Files are read into memory once and shared by every transfer of the same
+//! file version. A file replaced on disk (new inode, or new size/mtime) is
+//! read afresh for new transfers, while running ones keep the version they
+//! started with, whether the file was renamed over or rewritten in place.
+//!
+//! Why not `mmap`: a mapped file truncated in place (`cp new old` does that)
+//! pulls its pages out from under the mapping, and the next read of them is
+//! SIGBUS, which kills the whole daemon. The bench harness test found exactly
+//! that. A private copy per version costs the same memory as the page cache
+//! would and cannot be taken away.
 
 use std::{
     collections::HashMap,
@@ -22,8 +27,6 @@ use std::{
     sync::{Arc, Mutex},
     time::SystemTime,
 };
-
-use memmap2::Mmap;
 
 /// Why a requested path is not served.
 #[derive(Debug, thiserror::Error)]
@@ -40,14 +43,14 @@ pub enum OpenError {
 pub struct BootFile {
     /// Path relative to the boot root, normalised (`/` separators, no `.`).
     pub path: String,
-    map: Option<Mmap>,
+    data: Vec<u8>,
     identity: Identity,
 }
 
 impl BootFile {
-    /// The file's bytes as they were when this version was mapped.
+    /// The file's bytes as they were when this version was read.
     pub fn bytes(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
+        &self.data
     }
 
     pub fn len(&self) -> u64 {
@@ -120,22 +123,18 @@ impl BootRoot {
             size: meta.len(),
             modified: meta.modified().map_err(OpenError::Io)?,
         };
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(cached) = cache.get(&relative) {
+        if let Some(cached) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&relative) {
             if cached.identity == identity {
                 return Ok(Arc::clone(cached));
             }
         }
-        let map = if identity.size == 0 {
-            None // mmap of zero bytes is EINVAL; an empty file has nothing to map
-        } else {
-            // SAFETY: the mapping is read-only and shared by readers only. The
-            // module contract (replace files by rename) keeps it valid: a
-            // replaced file keeps its old inode alive while mapped.
-            Some(unsafe { Mmap::map(&file) }.map_err(OpenError::Io)?)
-        };
-        let boot_file = Arc::new(BootFile { path: relative.clone(), map, identity });
-        cache.insert(relative, Arc::clone(&boot_file));
+        let mut data = Vec::with_capacity(identity.size as usize);
+        std::io::Read::read_to_end(&mut &file, &mut data).map_err(OpenError::Io)?;
+        // What was read is the version: a file that changed while being read
+        // gets a fresh identity on the next request.
+        let identity = Identity { size: data.len() as u64, ..identity };
+        let boot_file = Arc::new(BootFile { path: relative.clone(), data, identity });
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(relative, Arc::clone(&boot_file));
         Ok(boot_file)
     }
 
@@ -243,6 +242,18 @@ mod tests {
         assert!(matches!(root.open_file(""), Err(OpenError::Denied(_))));
         assert!(matches!(root.open_file("nope"), Err(OpenError::NotFound)));
         assert!(matches!(root.open_file("pxelinux.0/x"), Err(OpenError::NotFound)));
+    }
+
+    #[test]
+    fn a_file_truncated_and_rewritten_in_place_cannot_hurt_running_readers() {
+        let (dir, root) = root_with_files();
+        let old = root.open_file("pxelinux.0").unwrap();
+        // `cp` over an existing file: same inode, truncated, then written.
+        std::fs::write(dir.path().join("pxelinux.0"), b"").unwrap();
+        assert_eq!(old.bytes(), b"PXE", "a truncated file must not pull bytes from a running transfer");
+        std::fs::write(dir.path().join("pxelinux.0"), b"REWRITTEN").unwrap();
+        assert_eq!(old.bytes(), b"PXE");
+        assert_eq!(root.open_file("pxelinux.0").unwrap().bytes(), b"REWRITTEN");
     }
 
     #[test]

@@ -249,3 +249,21 @@ fn bios_ipxe_boots_with_pxed_in_proxy_mode_and_the_fast_paths_off() {
     let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
     assert!(log.contains("(iPXE, bios) → proxy OFFER"), "{log}");
 }
+
+#[test]
+fn uefi_http_boot_starts_a_unified_kernel_image_with_no_ipxe_at_all() {
+    if !pxe_lab::privileged("uefi_http_boot_starts_a_unified_kernel_image_with_no_ipxe_at_all") || !have_qemu() {
+        return;
+    }
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("firmware-lab");
+    let uki = firmware::unified_kernel_image(&cache, &images(), "console=ttyS0 panic=-1").expect("building a UKI (systemd-boot-efi, objcopy)");
+    let extra = "[[profile]]\nname = \"uki\"\n[profile.boot_files]\nuefi_x64 = \"uki.efi\"\n\
+                 [[machine]]\nmac = \"52:54:00:fa:00:09\"\nprofile = \"uki\"\n";
+    let lab = firmware_lab_with(1, false, &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199"], extra);
+    std::fs::copy(&uki, lab.work.path().join("boot/uki.efi")).unwrap();
+    let (serial, _) = lab.boot(0, "52:54:00:fa:00:09", Firmware::UefiHttp);
+    lab.assert_booted(&serial, "OVMF HTTP Boot of a unified kernel image");
+    let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
+    assert!(log.contains("boot http://198.18.0.1/uki.efi"), "{log}");
+    assert!(!log.contains("(iPXE"), "no iPXE anywhere in this boot:\n{log}");
+}

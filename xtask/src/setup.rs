@@ -31,6 +31,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ovmf", "UEFI firmware for the QEMU machines of the firmware lab"),
     ("pxelinux", "PXELINUX for the firmware lab's all-TFTP BIOS boot"),
     ("syslinux-common", "ldlinux.c32, which PXELINUX loads"),
+    ("binutils", "objcopy, to build the firmware lab's unified kernel image"),
     ("ipxe", "iPXE boot programs (ipxe.efi, undionly.kpxe) for the demo and the firmware lab"),
     ("busybox", "udhcpc, a DHCP client in the interop tests"),
     ("isc-dhcp-client", "dhclient, a DHCP client in the interop tests"),

@@ -54,9 +54,20 @@ pub async fn run(engine: Arc<Mutex<Engine>>, dhcp: Option<UdpSocket>, discovery:
     let mut buf_67 = vec![0u8; 4096];
     let mut buf_4011 = vec![0u8; 4096];
     loop {
-        let (port, len, from) = tokio::select! {
-            r = recv(dhcp.as_ref(), &mut buf_67) => { let (len, from) = r?; (67, len, from) }
-            r = discovery.recv_from(&mut buf_4011) => { let (len, from) = r?; (PROXY_PORT, len, from) }
+        let (port, received) = tokio::select! {
+            r = recv(dhcp.as_ref(), &mut buf_67) => (67, r),
+            r = discovery.recv_from(&mut buf_4011) => (PROXY_PORT, r),
+        };
+        let (len, from) = match received {
+            Ok(r) => r,
+            // An ICMP error for an earlier reply (a client whose port closed,
+            // a relay that went away) surfaces on the next receive. It is
+            // about that reply, not about this socket: never a reason to stop.
+            Err(e) if is_transient(&e) => {
+                debug!(port, "DHCP: receive reported an error for an earlier reply: {e}");
+                continue;
+            }
+            Err(e) => return Err(e),
         };
         let SocketAddr::V4(from) = from else { continue };
         let datagram = if port == PROXY_PORT { &buf_4011[..len] } else { &buf_67[..len] };
@@ -100,6 +111,14 @@ pub async fn run(engine: Arc<Mutex<Engine>>, dhcp: Option<UdpSocket>, discovery:
             warn!(mac = %request.mac, %to, "DHCP: sending the reply failed: {e}");
         }
     }
+}
+
+/// Errors a UDP socket reports on behalf of an earlier send.
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN | libc::EINTR)
+    )
 }
 
 async fn recv(socket: Option<&UdpSocket>, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
