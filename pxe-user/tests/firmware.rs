@@ -267,3 +267,51 @@ fn uefi_http_boot_starts_a_unified_kernel_image_with_no_ipxe_at_all() {
     assert!(log.contains("boot http://198.18.0.1/uki.efi"), "{log}");
     assert!(!log.contains("(iPXE"), "no iPXE anywhere in this boot:\n{log}");
 }
+
+#[test]
+fn pxelinux_boots_all_over_tftp_with_pxed_in_proxy_mode() {
+    if !pxe_lab::privileged("pxelinux_boots_all_over_tftp_with_pxed_in_proxy_mode")
+        || !have_qemu()
+        || !have_tool("dnsmasq", "dnsmasq-base")
+        || !Path::new("/usr/lib/PXELINUX/pxelinux.0").exists()
+    {
+        return;
+    }
+    let extra = "[[profile]]\nname = \"legacy\"\n[profile.boot_files]\nbios = \"pxelinux.0\"\n\
+                 [[machine]]\nmac = \"52:54:00:fa:00:0a\"\nprofile = \"legacy\"\nclient = \"pxe\"\n";
+    let lab = firmware_lab_with(1, true, &["--dhcp", "proxy"], extra);
+    let boot = lab.work.path().join("boot");
+    std::fs::copy("/usr/lib/PXELINUX/pxelinux.0", boot.join("pxelinux.0")).unwrap();
+    std::fs::copy("/usr/lib/syslinux/modules/bios/ldlinux.c32", boot.join("ldlinux.c32")).unwrap();
+    std::fs::create_dir_all(boot.join("pxelinux.cfg")).unwrap();
+    std::fs::write(
+        boot.join("pxelinux.cfg/default"),
+        "DEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  KERNEL vmlinuz\n  APPEND initrd=initrd.img console=ttyS0 panic=-1\n",
+    )
+    .unwrap();
+    let (serial, _) = lab.boot(0, "52:54:00:fa:00:0a", Firmware::BiosIpxe);
+    lab.assert_booted(&serial, "PXELINUX with proxyDHCP");
+    let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
+    assert!(log.contains("proxy OFFER, boot pxelinux.0"), "{log}");
+    assert!(log.contains("file=vmlinuz bytes="), "the kernel went over TFTP:\n{log}");
+}
+
+#[test]
+fn a_unified_kernel_image_boots_over_http_with_pxed_in_proxy_mode() {
+    if !pxe_lab::privileged("a_unified_kernel_image_boots_over_http_with_pxed_in_proxy_mode")
+        || !have_qemu()
+        || !have_tool("dnsmasq", "dnsmasq-base")
+    {
+        return;
+    }
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("firmware-lab");
+    let uki = firmware::unified_kernel_image(&cache, &images(), "console=ttyS0 panic=-1").expect("building a UKI");
+    let extra = "[[profile]]\nname = \"uki\"\n[profile.boot_files]\nuefi_x64 = \"uki.efi\"\n\
+                 [[machine]]\nmac = \"52:54:00:fa:00:0b\"\nprofile = \"uki\"\n";
+    let lab = firmware_lab_with(1, true, &["--dhcp", "proxy", "--xdp-mode", "off", "--no-tc"], extra);
+    std::fs::copy(&uki, lab.work.path().join("boot/uki.efi")).unwrap();
+    let (serial, _) = lab.boot(0, "52:54:00:fa:00:0b", Firmware::UefiHttp);
+    lab.assert_booted(&serial, "UKI over HTTP Boot with proxyDHCP, fast paths off");
+    let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
+    assert!(log.contains("proxy OFFER, boot http://198.18.0.1/uki.efi"), "{log}");
+}
