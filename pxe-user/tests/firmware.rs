@@ -197,14 +197,7 @@ fn bios_pxelinux_boots_linux_all_over_tftp_with_the_kernel_serving_the_blocks() 
                  [[machine]]\nmac = \"52:54:00:fa:00:06\"\nprofile = \"legacy\"\nclient = \"pxe\"\n";
     let lab = firmware_lab_with(1, false, &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199", "--fastpath-memory", "64"], extra);
     let boot = lab.work.path().join("boot");
-    std::fs::copy("/usr/lib/PXELINUX/pxelinux.0", boot.join("pxelinux.0")).unwrap();
-    std::fs::copy("/usr/lib/syslinux/modules/bios/ldlinux.c32", boot.join("ldlinux.c32")).unwrap();
-    std::fs::create_dir_all(boot.join("pxelinux.cfg")).unwrap();
-    std::fs::write(
-        boot.join("pxelinux.cfg/default"),
-        "DEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  KERNEL vmlinuz\n  APPEND initrd=initrd.img console=ttyS0 panic=-1\n",
-    )
-    .unwrap();
+    add_pxelinux(&boot);
     let (serial, _) = lab.boot(0, "52:54:00:fa:00:06", Firmware::BiosIpxe);
     lab.assert_booted(&serial, "PXELINUX over TFTP");
     let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
@@ -281,14 +274,7 @@ fn pxelinux_boots_all_over_tftp_with_pxed_in_proxy_mode() {
                  [[machine]]\nmac = \"52:54:00:fa:00:0a\"\nprofile = \"legacy\"\nclient = \"pxe\"\n";
     let lab = firmware_lab_with(1, true, &["--dhcp", "proxy"], extra);
     let boot = lab.work.path().join("boot");
-    std::fs::copy("/usr/lib/PXELINUX/pxelinux.0", boot.join("pxelinux.0")).unwrap();
-    std::fs::copy("/usr/lib/syslinux/modules/bios/ldlinux.c32", boot.join("ldlinux.c32")).unwrap();
-    std::fs::create_dir_all(boot.join("pxelinux.cfg")).unwrap();
-    std::fs::write(
-        boot.join("pxelinux.cfg/default"),
-        "DEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  KERNEL vmlinuz\n  APPEND initrd=initrd.img console=ttyS0 panic=-1\n",
-    )
-    .unwrap();
+    add_pxelinux(&boot);
     let (serial, _) = lab.boot(0, "52:54:00:fa:00:0a", Firmware::BiosIpxe);
     lab.assert_booted(&serial, "PXELINUX with proxyDHCP");
     let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
@@ -314,4 +300,16 @@ fn a_unified_kernel_image_boots_over_http_with_pxed_in_proxy_mode() {
     lab.assert_booted(&serial, "UKI over HTTP Boot with proxyDHCP, fast paths off");
     let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
     assert!(log.contains("proxy OFFER, boot http://198.18.0.1/uki.efi"), "{log}");
+}
+
+/// PXELINUX, its ldlinux.c32 and a config that boots the lab kernel.
+fn add_pxelinux(boot: &Path) {
+    std::fs::copy("/usr/lib/PXELINUX/pxelinux.0", boot.join("pxelinux.0")).unwrap();
+    std::fs::copy("/usr/lib/syslinux/modules/bios/ldlinux.c32", boot.join("ldlinux.c32")).unwrap();
+    std::fs::create_dir_all(boot.join("pxelinux.cfg")).unwrap();
+    std::fs::write(
+        boot.join("pxelinux.cfg/default"),
+        "DEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  KERNEL vmlinuz\n  APPEND initrd=initrd.img console=ttyS0 panic=-1\n",
+    )
+    .unwrap();
 }
