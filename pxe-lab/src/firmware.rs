@@ -30,8 +30,13 @@ pub struct BootImages {
     pub initrd: PathBuf,
 }
 
+/// Serialises building into the cache: tests that boot machines run in
+/// parallel threads, and one must not run busybox while another copies it.
+static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Builds the boot images into `cache` once and reuses them afterwards.
 pub fn boot_images(cache: &Path) -> io::Result<BootImages> {
+    let _building = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let kernel = cache.join("vmlinuz");
     let initrd = cache.join("initrd.img");
     if kernel.exists() && initrd.exists() {
@@ -58,10 +63,15 @@ pub fn boot_images(cache: &Path) -> io::Result<BootImages> {
         .map(|e| e.path())
         .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
         .ok_or_else(|| io::Error::other(format!("{kernel_package} has no /boot/vmlinuz-*")))?;
-    std::fs::copy(vmlinuz, &kernel)?;
+    // Written aside and renamed in, so another process never sees half a file.
+    let kernel_tmp = cache.join("vmlinuz.tmp");
+    std::fs::copy(vmlinuz, &kernel_tmp)?;
+    std::fs::rename(&kernel_tmp, &kernel)?;
 
     let busybox_tree = unpack("busybox-static", &debs)?;
-    build_initramfs(&busybox_tree.join("bin/busybox"), &initrd, cache)?;
+    let initrd_tmp = cache.join("initrd.img.tmp");
+    build_initramfs(&busybox_tree.join("bin/busybox"), &initrd_tmp, cache)?;
+    std::fs::rename(&initrd_tmp, &initrd)?;
     Ok(BootImages { kernel, initrd })
 }
 
@@ -69,6 +79,7 @@ pub fn boot_images(cache: &Path) -> io::Result<BootImages> {
 /// with the lab kernel, initramfs and `cmdline` as sections, built once with
 /// objcopy. UEFI HTTP Boot can fetch and start it as a single file.
 pub fn unified_kernel_image(cache: &Path, images: &BootImages, cmdline: &str) -> io::Result<PathBuf> {
+    let _building = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let uki = cache.join("uki.efi");
     if uki.exists() {
         return Ok(uki);
@@ -76,6 +87,7 @@ pub fn unified_kernel_image(cache: &Path, images: &BootImages, cmdline: &str) ->
     let debs = cache.join("debs");
     std::fs::create_dir_all(&debs)?;
     let stub = unpack("systemd-boot-efi", &debs)?.join("usr/lib/systemd/boot/efi/linuxx64.efi.stub");
+    let uki_tmp = cache.join("uki.efi.tmp");
     let cmdline_file = cache.join("uki-cmdline");
     std::fs::write(&cmdline_file, cmdline)?;
     let osrel = cache.join("uki-os-release");
@@ -87,7 +99,8 @@ pub fn unified_kernel_image(cache: &Path, images: &BootImages, cmdline: &str) ->
         .arg("--add-section").arg(format!(".linux={}", images.kernel.display())).args(["--change-section-vma", ".linux=0x2000000"])
         .arg("--add-section").arg(format!(".initrd={}", images.initrd.display())).args(["--change-section-vma", ".initrd=0x3000000"])
         .arg(&stub)
-        .arg(&uki))?;
+        .arg(&uki_tmp))?;
+    std::fs::rename(&uki_tmp, &uki)?;
     Ok(uki)
 }
 
