@@ -201,7 +201,7 @@ impl Engine {
         };
         let mut reply = self.reply_to(req, MessageType::Offer, Ipv4Addr::UNSPECIFIED);
         self.add_boot(&mut reply, req, &boot);
-        let to = self.destination(req, &reply);
+        let to = self.destination(req);
         answered(format!("DISCOVER from {} ({}) → proxy OFFER, boot {}", req.mac, describe(req), boot.file), reply, to)
     }
 
@@ -254,12 +254,9 @@ impl Engine {
         self.offers.insert(ip, (client, now + OFFER_HOLD_SECS));
         let mut reply = self.reply_to(req, MessageType::Offer, ip);
         self.add_lease_options(&mut reply, req, subnet);
-        let boot = self.boot_answer(req);
-        if let Some(boot) = &boot {
-            self.add_boot(&mut reply, req, boot);
-        }
-        let to = self.destination(req, &reply);
-        answered(format!("DISCOVER from {} ({}) → OFFER {ip}{}", req.mac, describe(req), boot_note(&boot)), reply, to)
+        let boot = self.add_boot_if_any(&mut reply, req);
+        let to = self.destination(req);
+        answered(format!("DISCOVER from {} ({}) → OFFER {ip}{}", req.mac, describe(req), boot), reply, to)
     }
 
     fn request(&mut self, req: &Request, now: u64) -> Outcome {
@@ -345,12 +342,9 @@ impl Engine {
         let mut reply = self.reply_to(req, MessageType::Ack, ip);
         reply.set_ciaddr(req.message.ciaddr());
         self.add_lease_options(&mut reply, req, subnet);
-        let boot = self.boot_answer(req);
-        if let Some(boot) = &boot {
-            self.add_boot(&mut reply, req, boot);
-        }
-        let to = self.destination(req, &reply);
-        answered(format!("REQUEST ({state}) from {} ({}) → ACK {ip}{}", req.mac, describe(req), boot_note(&boot)), reply, to)
+        let boot = self.add_boot_if_any(&mut reply, req);
+        let to = self.destination(req);
+        answered(format!("REQUEST ({state}) from {} ({}) → ACK {ip}{}", req.mac, describe(req), boot), reply, to)
     }
 
     fn release(&mut self, req: &Request, now: u64) -> Outcome {
@@ -402,12 +396,9 @@ impl Engine {
         reply.opts_mut().remove(OptionCode::AddressLeaseTime);
         reply.opts_mut().remove(OptionCode::Renewal);
         reply.opts_mut().remove(OptionCode::Rebinding);
-        let boot = self.boot_answer(req);
-        if let Some(boot) = &boot {
-            self.add_boot(&mut reply, req, boot);
-        }
-        let to = if ciaddr.is_unspecified() { self.destination(req, &reply) } else { Destination::Unicast(SocketAddrV4::new(ciaddr, 68)) };
-        answered(format!("INFORM from {} → ACK{}", req.mac, boot_note(&boot)), reply, to)
+        let boot = self.add_boot_if_any(&mut reply, req);
+        let to = if ciaddr.is_unspecified() { self.destination(req) } else { Destination::Unicast(SocketAddrV4::new(ciaddr, 68)) };
+        answered(format!("INFORM from {} → ACK{}", req.mac, boot), reply, to)
     }
 
     fn nak(&mut self, req: &Request, why: &str) -> Outcome {
@@ -546,6 +537,18 @@ impl Engine {
         }
     }
 
+    /// Adds the client's boot information to `reply`, if it boots from us;
+    /// returns a note for the log (", boot FILE" or nothing).
+    fn add_boot_if_any(&self, reply: &mut Message, req: &Request) -> String {
+        match self.boot_answer(req) {
+            Some(boot) => {
+                self.add_boot(reply, req, &boot);
+                format!(", boot {}", boot.file)
+            }
+            None => String::new(),
+        }
+    }
+
     fn add_boot(&self, reply: &mut Message, req: &Request, boot: &BootAnswer) {
         reply.set_siaddr(self.config.server_ip);
         reply.set_fname_str(&boot.file);
@@ -568,7 +571,7 @@ impl Engine {
     /// RFC 2131 §4.1: relay → giaddr:67; a client with an address → ciaddr:68;
     /// otherwise broadcast (we do not unicast to an address the client has not
     /// yet configured, which would need an ARP entry injected).
-    fn destination(&self, req: &Request, _reply: &Message) -> Destination {
+    fn destination(&self, req: &Request) -> Destination {
         let m = &req.message;
         if !m.giaddr().is_unspecified() {
             return Destination::Unicast(SocketAddrV4::new(m.giaddr(), 67));
@@ -613,10 +616,6 @@ fn describe(req: &Request) -> String {
         Firmware::HttpBoot => "HTTP Boot",
     };
     format!("{firmware}, {}", req.arch.name())
-}
-
-fn boot_note(boot: &Option<BootAnswer>) -> String {
-    boot.as_ref().map(|b| format!(", boot {}", b.file)).unwrap_or_default()
 }
 
 fn name(t: MessageType) -> String {
