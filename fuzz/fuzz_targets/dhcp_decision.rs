@@ -8,9 +8,9 @@ use std::{collections::HashMap, net::{Ipv4Addr, SocketAddrV4}, sync::Arc};
 use dhcproto::{Decodable, Decoder, Encodable, Encoder};
 use libfuzzer_sys::fuzz_target;
 use pxe_user::{
-    dhcp::{classify::classify, engine::{Engine, EngineConfig, Mode}, pool::{parse_range, Subnet}},
+    dhcp::{classify::classify, engine::{Arrival, Engine, EngineConfig, Mode}, pool::{parse_range, Subnet}},
     lease::MemLeaseStore,
-    policy::r#static::{Profile, ServerUrls, StaticPolicy},
+    policy::r#static::{Profile, StaticPolicy},
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -21,11 +21,9 @@ fuzz_target!(|data: &[u8]| {
         profiles: [("default".to_owned(), Profile::named("default"))].into(),
         machines: HashMap::new(),
         default_profile: Some("default".into()),
-        urls: ServerUrls { server: server.to_string(), http: "http://198.18.0.1".into() },
     });
     let config = EngineConfig {
         mode: if selector & 1 == 0 { Mode::Full } else { Mode::Proxy },
-        server_ip: server,
         subnets: vec![Subnet {
             network: "198.18.0.0/24".parse().unwrap(),
             ranges: vec![parse_range("198.18.0.100-198.18.0.110").unwrap()],
@@ -37,11 +35,12 @@ fuzz_target!(|data: &[u8]| {
         }],
         reservations: HashMap::new(),
         authoritative: selector & 2 != 0,
-        http_base: "http://198.18.0.1".into(),
+        http_port: 80,
     };
     let mut engine = Engine::new(config, policy, Box::new(MemLeaseStore::default())).unwrap();
     let port = if selector & 4 == 0 { 67 } else { 4011 };
-    let outcome = engine.handle(&request, port, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68), 1_000_000);
+    let arrival = Arrival { port, source: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68), server_ip: server };
+    let outcome = engine.handle(&request, arrival, 1_000_000);
     if let Some(reply) = outcome.reply {
         let mut bytes = Vec::new();
         reply.message.encode(&mut Encoder::new(&mut bytes)).unwrap();

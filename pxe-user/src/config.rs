@@ -27,7 +27,9 @@ use crate::policy::{
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
-    interface: Option<String>,
+    interface: Option<Spanned<String>>,
+    #[serde(default)]
+    interfaces: Vec<Spanned<String>>,
     boot_root: Option<PathBuf>,
     default_profile: Option<Spanned<String>>,
     #[serde(default)]
@@ -136,7 +138,8 @@ fn yes() -> bool {
 /// The checked configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub interface: Option<String>,
+    /// Interfaces to serve on (`interface = "eth1"` or `interfaces = [...]`).
+    pub interfaces: Vec<String>,
     pub boot_root: Option<PathBuf>,
     pub tftp_max_blksize: Option<u16>,
     pub tftp_max_windowsize: Option<u16>,
@@ -155,7 +158,7 @@ impl Default for Config {
     /// The embedded defaults: one profile, `default`, for every machine.
     fn default() -> Self {
         Self {
-            interface: None,
+            interfaces: Vec::new(),
             boot_root: None,
             tftp_max_blksize: None,
             tftp_max_windowsize: None,
@@ -334,13 +337,29 @@ impl Config {
         if file.dhcp.mode == Some(DhcpMode::Full) && subnets.is_empty() {
             return Err(error_at(None, "dhcp.mode = \"full\" needs at least one [[dhcp.subnet]] (or --range on the command line)".into()));
         }
+        let interfaces = match (&file.interface, file.interfaces.as_slice()) {
+            (Some(one), []) => vec![one.get_ref().clone()],
+            (Some(one), [..]) => {
+                return Err(error_at(Some(one.span()), "set `interface` or `interfaces`, not both".into()));
+            }
+            (None, many) => {
+                let mut names: Vec<String> = Vec::new();
+                for name in many {
+                    if names.contains(name.get_ref()) {
+                        return Err(error_at(Some(name.span()), format!("interface {:?} is listed twice", name.get_ref())));
+                    }
+                    names.push(name.get_ref().clone());
+                }
+                names
+            }
+        };
         Ok(Self {
             dhcp_mode: file.dhcp.mode,
             lease_file: file.dhcp.lease_file,
             authoritative: file.dhcp.authoritative.unwrap_or(false),
             subnets,
             reservations,
-            interface: file.interface,
+            interfaces,
             boot_root: file.boot_root,
             tftp_max_blksize: file.tftp.max_blksize,
             tftp_max_windowsize: file.tftp.max_windowsize,
@@ -438,6 +457,8 @@ mod tests {
             ("[[dhcp.subnet]]\nnetwork = \"198.18.0.0/24\"\npools = [\"198.18.1.1-198.18.1.9\"]\n", 3, "is not inside 198.18.0.0/24"),
             ("[[dhcp.subnet]]\nnetwork = \"198.18.0.0/24\"\npools = [\"198.18.0.1-198.18.0.9\"]\nrouter = \"gw\"\n", 4, "router \"gw\" is not an IPv4 address"),
             ("[[machine]]\nmac = \"52:54:00:00:00:01\"\naddress = \"1.2.3.4\"\n[[machine]]\nmac = \"52:54:00:00:00:02\"\naddress = \"1.2.3.4\"\n", 6, "already reserved"),
+            ("interface = \"eth1\"\ninterfaces = [\"eth2\"]\n", 1, "not both"),
+            ("interfaces = [\"eth1\",\n  \"eth1\"]\n", 2, "listed twice"),
         ];
         for (text, line, needle) in cases {
             let err = parse(text).unwrap_err();
@@ -445,6 +466,13 @@ mod tests {
             assert!(err.to_string().starts_with(&format!("pxed.toml:{line}:")), "{err}");
             assert!(err.to_string().contains(needle), "{err} should mention {needle}");
         }
+    }
+
+    #[test]
+    fn one_interface_or_several() {
+        assert_eq!(parse("interface = \"eth1\"\n").unwrap().interfaces, ["eth1"]);
+        assert_eq!(parse("interfaces = [\"eth1\", \"eth2\"]\n").unwrap().interfaces, ["eth1", "eth2"]);
+        assert!(parse("").unwrap().interfaces.is_empty());
     }
 
     #[test]

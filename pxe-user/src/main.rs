@@ -16,6 +16,7 @@ use pxe_user::{
     config::{Config, DhcpMode},
     dhcp::{
         self,
+        driver::Listener,
         engine::{Engine, EngineConfig, Mode},
         pool::{parse_range, Subnet},
     },
@@ -38,12 +39,14 @@ use tokio::{
 use tracing::{error, info, warn};
 
 /// PXE boot server: DHCP/proxyDHCP, TFTP and HTTP boot, with the hot paths in
-/// XDP/TC programs attached to the serving interface.
+/// XDP/TC programs attached to the serving interfaces.
 ///
 /// Quick start, proxy mode beside an existing DHCP server:
 ///   pxed --interface eth1 --boot-root /srv/pxe
 /// Full DHCP on a lab network:
 ///   pxed --interface eth1 --boot-root /srv/pxe --dhcp full --range 10.9.0.100-10.9.0.199
+/// Two networks at once (one lease database; each answered from its own address):
+///   pxed -i eth1 -i eth2 --dhcp full --range 10.9.0.100-10.9.0.199 --range 10.10.0.100-10.10.0.199
 ///
 /// Runs in the foreground until SIGINT or SIGTERM; SIGHUP reloads the config
 /// file (a bad file is refused and the old one keeps serving); SIGUSR1 logs
@@ -62,10 +65,11 @@ struct Cli {
     #[arg(long, requires = "config")]
     check_config: bool,
 
-    /// Interface to serve on, e.g. `eth1`. Its XDP and TC ingress hooks are
-    /// used, and the services answer from its IPv4 address.
-    #[arg(short, long, env = "PXED_INTERFACE")]
-    interface: Option<String>,
+    /// Interface to serve on, e.g. `eth1` (repeatable, or comma-separated).
+    /// Its XDP and TC ingress hooks are used, and the services answer from
+    /// its first IPv4 address. Nothing is served on other interfaces.
+    #[arg(short, long, env = "PXED_INTERFACE", value_delimiter = ',', value_name = "IF")]
+    interface: Vec<String>,
 
     /// DHCP role: `proxy` answers PXE clients with boot information only and
     /// leaves addresses to the network's DHCP server; `full` hands out
@@ -74,16 +78,16 @@ struct Cli {
     #[arg(long, value_enum, value_name = "MODE")]
     dhcp: Option<DhcpMode>,
 
-    /// Address pool on the interface's own subnet for `--dhcp full`, e.g.
-    /// 10.9.0.100-10.9.0.199 (repeatable).
+    /// Address pool for `--dhcp full` on the network of one of the
+    /// interfaces, e.g. 10.9.0.100-10.9.0.199 (repeatable).
     #[arg(long, value_name = "FIRST-LAST")]
     range: Vec<String>,
 
-    /// Router (option 3) for the --range subnet.
+    /// Router (option 3) for the --range subnets.
     #[arg(long, value_name = "IP")]
     router: Option<Ipv4Addr>,
 
-    /// Lease time in seconds for the --range subnet.
+    /// Lease time in seconds for the --range subnets.
     #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
     lease_time: u32,
 
@@ -206,7 +210,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// The config file and the flags, merged: flags win.
 struct Settings {
     config_path: Option<PathBuf>,
-    interface: String,
+    interfaces: Vec<String>,
     dhcp: DhcpMode,
     ranges: Vec<(Ipv4Addr, Ipv4Addr)>,
     router: Option<Ipv4Addr>,
@@ -229,9 +233,13 @@ struct Settings {
 
 impl Settings {
     fn merge(cli: Cli, config: Config) -> anyhow::Result<Self> {
-        let Some(interface) = cli.interface.or_else(|| config.interface.clone()) else {
+        let interfaces = if cli.interface.is_empty() { config.interfaces.clone() } else { cli.interface };
+        if interfaces.is_empty() {
             bail!("no interface to serve on: pass --interface IF (or set `interface` in the config)");
-        };
+        }
+        if let Some(twice) = interfaces.iter().enumerate().find_map(|(i, a)| interfaces[..i].contains(a).then_some(a)) {
+            bail!("--interface {twice} is given twice");
+        }
         let ranges = cli
             .range
             .iter()
@@ -243,7 +251,7 @@ impl Settings {
         }
         Ok(Self {
             config_path: cli.config,
-            interface,
+            interfaces,
             dhcp,
             ranges,
             router: cli.router,
@@ -268,49 +276,57 @@ impl Settings {
         })
     }
 
-    fn http_base(&self, address: Ipv4Addr) -> String {
-        match self.http_port {
-            80 => format!("http://{address}"),
-            port => format!("http://{address}:{port}"),
-        }
-    }
-
-    fn policy(&self, config: &Config, address: Ipv4Addr) -> StaticPolicy {
+    fn policy(&self, config: &Config) -> StaticPolicy {
         StaticPolicy {
             profiles: config.profiles.clone(),
             machines: config.machines.clone(),
             default_profile: config.default_profile.clone(),
-            urls: ServerUrls { server: address.to_string(), http: self.http_base(address) },
         }
     }
 
-    fn engine_config(&self, config: &Config, address: Ipv4Addr) -> anyhow::Result<EngineConfig> {
+    /// The config's subnets, and one per interface network that `--range`
+    /// pools fall in (replacing a config subnet of the same network).
+    fn engine_config(&self, config: &Config) -> anyhow::Result<EngineConfig> {
         let mut subnets = config.subnets.clone();
         if !self.ranges.is_empty() {
-            let network = netif::ipv4_network(&self.interface)?;
-            for (first, last) in &self.ranges {
-                if !network.contains(first) || !network.contains(last) {
-                    bail!("--range {first}-{last} is not inside {}'s network {network}", self.interface);
+            let networks = self
+                .interfaces
+                .iter()
+                .map(|i| netif::ipv4_network(i))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            for network in &networks {
+                let ranges: Vec<_> =
+                    self.ranges.iter().copied().filter(|(f, l)| network.contains(f) && network.contains(l)).collect();
+                if ranges.is_empty() {
+                    continue;
                 }
+                subnets.retain(|s| s.network != *network);
+                subnets.push(Subnet {
+                    network: *network,
+                    ranges,
+                    exclude: vec![],
+                    router: self.router.filter(|r| network.contains(r)),
+                    dns: vec![],
+                    domain: None,
+                    lease_time: self.lease_time.max(60),
+                });
             }
-            subnets.retain(|s| s.network != network);
-            subnets.push(Subnet {
-                network,
-                ranges: self.ranges.clone(),
-                exclude: vec![],
-                router: self.router,
-                dns: vec![],
-                domain: None,
-                lease_time: self.lease_time.max(60),
-            });
+            if let Some((first, last)) =
+                self.ranges.iter().find(|(f, l)| !networks.iter().any(|n| n.contains(f) && n.contains(l)))
+            {
+                let on: Vec<String> = self.interfaces.iter().zip(&networks).map(|(i, n)| format!("{i} {n}")).collect();
+                bail!("--range {first}-{last} is not inside the network of any interface served ({})", on.join(", "));
+            }
+            if let Some(router) = self.router.filter(|r| !networks.iter().any(|n| n.contains(r))) {
+                bail!("--router {router} is not on the network of any interface served");
+            }
         }
         Ok(EngineConfig {
             mode: if self.dhcp == DhcpMode::Full { Mode::Full } else { Mode::Proxy },
-            server_ip: address,
             subnets,
             reservations: config.reservations.clone(),
             authoritative: self.authoritative,
-            http_base: self.http_base(address),
+            http_port: self.http_port,
         })
     }
 }
@@ -327,22 +343,29 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let kernel_tiers = settings.xdp_mode != XdpModeChoice::Off || !settings.no_tc;
     let chunks = if kernel_tiers { settings.fastpath_memory } else { 1 };
     let mut fastpath = FastPath::load_with_image_chunks(chunks).context("loading the BPF programs")?;
-    match fastpath.attach_xdp(&settings.interface, settings.xdp_mode)? {
-        Some(mode) => info!(interface = %settings.interface, %mode, "XDP program attached"),
-        None => info!(interface = %settings.interface, "XDP off (--xdp-mode off)"),
-    }
-    if settings.no_tc {
-        info!(interface = %settings.interface, "TC program not attached (--no-tc)");
-    } else {
-        fastpath.attach_tc(&settings.interface)?;
-        info!(interface = %settings.interface, "TC ingress program attached");
+    for interface in &settings.interfaces {
+        match fastpath.attach_xdp(interface, settings.xdp_mode)? {
+            Some(mode) => info!(%interface, %mode, "XDP program attached"),
+            None => info!(%interface, "XDP off (--xdp-mode off)"),
+        }
+        if settings.no_tc {
+            info!(%interface, "TC program not attached (--no-tc)");
+        } else {
+            fastpath.attach_tc(interface)?;
+            info!(%interface, "TC ingress program attached");
+        }
     }
     let fastpath = Arc::new(Mutex::new(fastpath));
 
-    let mut tasks: Vec<(&str, JoinHandle<std::io::Result<()>>)> = Vec::new();
+    let mut tasks: Vec<(String, JoinHandle<std::io::Result<()>>)> = Vec::new();
     let needs_address = settings.boot_root.is_some() || settings.dhcp != DhcpMode::Off;
-    let address = if needs_address { Some(netif::ipv4_address(&settings.interface)?) } else { None };
-    let policy: SharedPolicy = Arc::new(RwLock::new(Arc::new(settings.policy(&settings.config, address.unwrap_or(Ipv4Addr::UNSPECIFIED)))));
+    // Each interface's first address: what its services bind to and answer from.
+    let served: Vec<(String, Ipv4Addr)> = if needs_address {
+        settings.interfaces.iter().map(|i| Ok((i.clone(), netif::ipv4_address(i)?))).collect::<anyhow::Result<_>>()?
+    } else {
+        Vec::new()
+    };
+    let policy: SharedPolicy = Arc::new(RwLock::new(Arc::new(settings.policy(&settings.config))));
 
     // With no boot root, serve the iPXE binaries the system has (Debian's
     // `ipxe` package), so `pxed --interface IF` alone chainloads iPXE. They
@@ -350,30 +373,35 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     // /boot, which confinement (rightly) refuses to follow.
     let found_ipxe = if settings.boot_root.is_none() { copy_found_ipxe() } else { None };
     let boot_root = settings.boot_root.clone().or_else(|| found_ipxe.clone());
-    match (&boot_root, address) {
-        (Some(dir), Some(address)) => {
+    match &boot_root {
+        Some(dir) if !served.is_empty() => {
             let root = Arc::new(
                 BootRoot::open(dir).context("the boot root (--boot-root) must be a readable directory")?,
             );
-            let server = start_tftp(&settings, address, Arc::clone(&root), Arc::clone(&fastpath), kernel_tiers).await?;
-            tasks.push(("TFTP", tokio::spawn(server.run())));
-            if settings.http_port != 0 {
-                tasks.push(("HTTP", start_http(&settings, address, root, Arc::clone(&policy)).await?));
-            } else if settings.dhcp != DhcpMode::Off {
+            // One set of hooks for every interface: kernel image ids are global.
+            let hooks = Arc::new(FastPathHooks { fastpath: Arc::clone(&fastpath), kernel_tiers, images: Mutex::new(Images::default()) });
+            for (interface, address) in &served {
+                let server = start_tftp(&settings, interface, *address, Arc::clone(&root), Arc::clone(&hooks)).await?;
+                tasks.push((format!("TFTP ({interface})"), tokio::spawn(server.run())));
+                if settings.http_port != 0 {
+                    let task = start_http(&settings, *address, Arc::clone(&root), Arc::clone(&policy)).await?;
+                    tasks.push((format!("HTTP ({interface})"), task));
+                }
+            }
+            if settings.http_port == 0 && settings.dhcp != DhcpMode::Off {
                 warn!("HTTP is off (--http-port 0): iPXE clients are sent script URLs nobody answers");
             }
         }
         _ => warn!("no --boot-root and no iPXE binaries in {IPXE_DIR}: TFTP and HTTP file serving are off"),
     }
 
-    let engine = match (settings.dhcp, address) {
-        (DhcpMode::Off, _) | (_, None) => {
+    let engine = match settings.dhcp {
+        DhcpMode::Off => {
             info!("DHCP off");
             None
         }
-        (mode, Some(address)) => {
-            let (engine, task) = start_dhcp(&settings, mode, address, Arc::clone(&policy.read().unwrap()))?;
-            tasks.push(("DHCP", task));
+        mode => {
+            let engine = start_dhcp(&settings, mode, &served, Arc::clone(&policy.read().unwrap()), &mut tasks)?;
             Some(engine)
         }
     };
@@ -394,13 +422,13 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break None; }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break None; }
-            _ = sighup.recv() => reload(&settings, address, &policy, engine.as_ref()),
+            _ = sighup.recv() => reload(&settings, &policy, engine.as_ref()),
             _ = sigusr1.recv() => {
                 log_counters("counters", &counters()?);
                 log_dhcp_stats(engine.as_ref());
             }
             (index, result) = any_ended => {
-                let name = tasks[index].0;
+                let name = &tasks[index].0;
                 break Some(match result {
                     Ok(Ok(())) => anyhow::anyhow!("the {name} server stopped"),
                     Ok(Err(e)) => anyhow::anyhow!("the {name} server failed: {e}"),
@@ -468,7 +496,7 @@ fn copy_found_ipxe() -> Option<PathBuf> {
 
 /// Waits for the first of the service tasks to end.
 async fn first_to_end(
-    tasks: &mut [(&str, JoinHandle<std::io::Result<()>>)],
+    tasks: &mut [(String, JoinHandle<std::io::Result<()>>)],
 ) -> (usize, Result<std::io::Result<()>, tokio::task::JoinError>) {
     use std::future::Future as _;
     std::future::poll_fn(|cx| {
@@ -484,7 +512,7 @@ async fn first_to_end(
 
 /// SIGHUP: re-read the config file; a bad one is refused and the old one
 /// keeps serving. Leases are untouched.
-fn reload(settings: &Settings, address: Option<Ipv4Addr>, policy: &SharedPolicy, engine: Option<&Arc<Mutex<Engine>>>) {
+fn reload(settings: &Settings, policy: &SharedPolicy, engine: Option<&Arc<Mutex<Engine>>>) {
     let Some(path) = &settings.config_path else {
         info!("SIGHUP: no --config file to reload");
         return;
@@ -496,10 +524,9 @@ fn reload(settings: &Settings, address: Option<Ipv4Addr>, policy: &SharedPolicy,
             return;
         }
     };
-    let address = address.unwrap_or(Ipv4Addr::UNSPECIFIED);
-    let new_policy = Arc::new(settings.policy(&config, address));
+    let new_policy = Arc::new(settings.policy(&config));
     if let Some(engine) = engine {
-        match settings.engine_config(&config, address) {
+        match settings.engine_config(&config) {
             Ok(engine_config) => engine
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -520,14 +547,16 @@ fn reload(settings: &Settings, address: Option<Ipv4Addr>, policy: &SharedPolicy,
     );
 }
 
-/// Opens the lease store, builds the engine, binds 67 and 4011.
+/// Opens the lease store, builds the engine, opens 67 and 4011 on every
+/// interface and starts one task per interface.
 fn start_dhcp(
     settings: &Settings,
     mode: DhcpMode,
-    address: Ipv4Addr,
+    served: &[(String, Ipv4Addr)],
     policy: Arc<StaticPolicy>,
-) -> anyhow::Result<(Arc<Mutex<Engine>>, JoinHandle<std::io::Result<()>>)> {
-    let engine_config = settings.engine_config(&settings.config, address)?;
+    tasks: &mut Vec<(String, JoinHandle<std::io::Result<()>>)>,
+) -> anyhow::Result<Arc<Mutex<Engine>>> {
+    let engine_config = settings.engine_config(&settings.config)?;
     let store: Box<dyn LeaseStore> = match mode {
         DhcpMode::Full => Box::new(open_leases(&settings.lease_file)?),
         // Proxy mode hands out no addresses: nothing to remember.
@@ -536,15 +565,21 @@ fn start_dhcp(
     let subnets: Vec<String> = engine_config.subnets.iter().map(|s| s.network.to_string()).collect();
     let engine = Engine::new(engine_config, policy, store).context("reading the lease database")?;
     let engine = Arc::new(Mutex::new(engine));
-    let dhcp_socket = dhcp::driver::bind(&settings.interface, 67)?;
-    let discovery = dhcp::driver::bind(&settings.interface, 4011)?;
+    let listeners = served
+        .iter()
+        .map(|(interface, address)| Listener::open(interface, *address, mode == DhcpMode::Proxy))
+        .collect::<std::io::Result<Vec<_>>>()?;
     info!(
-        mode = ?mode, server = %address, subnets = ?subnets,
+        mode = ?mode, subnets = ?subnets,
         lease_file = %if mode == DhcpMode::Full { settings.lease_file.display().to_string() } else { "-".into() },
         "DHCP serving on ports 67 and 4011"
     );
-    let task = tokio::spawn(dhcp::driver::run(Arc::clone(&engine), Some(dhcp_socket), discovery));
-    Ok((engine, task))
+    for listener in listeners {
+        info!(interface = %listener.interface, server = %listener.address, "DHCP listening");
+        let name = format!("DHCP ({})", listener.interface);
+        tasks.push((name, tokio::spawn(dhcp::driver::run(Arc::clone(&engine), listener))));
+    }
+    Ok(engine)
 }
 
 fn open_leases(path: &Path) -> anyhow::Result<RedbLeaseStore> {
@@ -554,15 +589,15 @@ fn open_leases(path: &Path) -> anyhow::Result<RedbLeaseStore> {
     RedbLeaseStore::open(path).context("opening the lease database (--lease-file)")
 }
 
-/// Binds TFTP on the interface's address, serving the boot root.
+/// Binds TFTP on an interface's address, serving the boot root.
 async fn start_tftp(
     settings: &Settings,
+    interface: &str,
     address: Ipv4Addr,
     root: Arc<BootRoot>,
-    fastpath: Arc<Mutex<FastPath>>,
-    kernel_tiers: bool,
+    hooks: Arc<FastPathHooks>,
 ) -> anyhow::Result<TftpServer> {
-    let mtu = netif::mtu(&settings.interface).unwrap_or(1500);
+    let mtu = netif::mtu(interface).unwrap_or(1500);
     let max_blksize = settings.tftp_max_blksize.unwrap_or_else(|| mtu.saturating_sub(32).clamp(512, 65464) as u16);
     let config = TftpConfig {
         limits: Limits { max_blksize, max_windowsize: settings.tftp_max_windowsize },
@@ -570,7 +605,6 @@ async fn start_tftp(
         gso: settings.tftp_gso,
         ..TftpConfig::default()
     };
-    let hooks = Arc::new(FastPathHooks { fastpath, kernel_tiers, images: Mutex::new(Images::default()) });
     let server = TftpServer::bind(SocketAddr::from((address, settings.tftp_port)), Arc::clone(&root), config, hooks).await?;
     info!(
         address = %server.local_addr()?, boot_root = %root.path().display(), max_blksize,
@@ -589,8 +623,9 @@ async fn start_http(
     let bind = SocketAddr::from((address, settings.http_port));
     let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("binding HTTP to {bind}"))?;
     let config = &settings.config;
-    info!(url = %settings.http_base(address), profiles = config.profiles.len(), machines = config.machines.len(), "HTTP boot serving");
-    let router = http::router(http::HttpState { root, policy });
+    let urls = Arc::new(ServerUrls::new(address, settings.http_port));
+    info!(url = %urls.http, profiles = config.profiles.len(), machines = config.machines.len(), "HTTP boot serving");
+    let router = http::router(http::HttpState { root, policy, urls });
     Ok(tokio::spawn(async move { axum::serve(listener, router).await }))
 }
 

@@ -1,8 +1,9 @@
 //! DHCP against the real `pxed` in namespaces, with real clients and peers:
 //! busybox udhcpc and ISC dhclient get, renew and release leases; a request
 //! relayed by dnsmasq gets an address from the relay's subnet; in proxy mode
-//! beside dnsmasq a PXE client gets its address from one and its boot file
-//! from the other; and leases survive SIGKILL. Needs root and the clients.
+//! beside dnsmasq (sharing port 67) or Kea (holding it) a PXE client gets its
+//! address from one and its boot file from the other; one pxed serves two
+//! networks; and leases survive SIGKILL. Needs root and the clients.
 
 mod common;
 
@@ -362,4 +363,138 @@ fn proxy_mode_shares_port_67_with_dnsmasq_on_the_same_host() {
             assert_eq!(dc::boot_file(&proxy.0).as_deref(), Some("ipxe.efi"));
         })
         .unwrap();
+}
+
+#[test]
+fn one_pxed_serves_two_networks_each_from_its_own_address() {
+    if !pxe_lab::privileged("one_pxed_serves_two_networks_each_from_its_own_address")
+        || !have_tool("busybox", "busybox")
+        || !have_tool("tftp", "tftp-hpa")
+    {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let server = lab.add_netns("srv").unwrap();
+    let rack_a = lab.add_netns("a").unwrap();
+    let rack_b = lab.add_netns("b").unwrap();
+    lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&rack_a, "eth0", None)).unwrap();
+    lab.veth((&server, "eth1", Some("198.18.1.1/24")), (&rack_b, "eth0", None)).unwrap();
+    let root = boot_root();
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("pxed.log");
+    let leases = work.path().join("leases.redb");
+    lab.spawn_logged(
+        &server,
+        PXED,
+        &["-i", "eth0", "-i", "eth1", "--boot-root", root.path().to_str().unwrap(), "--dhcp", "full",
+          "--range", "198.18.0.100-198.18.0.199", "--range", "198.18.1.100-198.18.1.199",
+          "--lease-file", leases.to_str().unwrap()],
+        &log,
+    )
+    .unwrap();
+    wait_for_file_text(&log, "DHCP listening interface=eth1", Duration::from_secs(20));
+
+    // A PXE client on each network: its own subnet, our address there.
+    for (rack, net, mac) in [(&rack_a, 0u8, 0x01u8), (&rack_b, 1, 0x02)] {
+        let ours = Ipv4Addr::new(198, 18, net, 1);
+        let ack = rack
+            .run(|| {
+                let socket = dc::client_socket("eth0");
+                let mac = [0x52, 0x54, 0x00, 0x97, 0x00, mac];
+                let xid = 0x7e57_0000 + u32::from(mac[5]);
+                let offers = dc::exchange(&socket, &dc::message(MessageType::Discover, mac, xid, true, vec![]), xid, Duration::from_secs(3));
+                let (offer, from) = offers.first().cloned().expect("an OFFER");
+                assert_eq!(from.ip(), std::net::IpAddr::V4(ours), "the reply leaves from our address on this network");
+                let request = dc::message(MessageType::Request, mac, xid, true, vec![
+                    DhcpOption::ServerIdentifier(ours),
+                    DhcpOption::RequestedIpAddress(offer.yiaddr()),
+                ]);
+                dc::ask(&socket, &request, xid, Duration::from_secs(3)).expect("an ACK")
+            })
+            .unwrap();
+        assert_eq!(dc::kind(&ack), Some(MessageType::Ack));
+        assert_eq!(ack.yiaddr().octets()[..3], [198, 18, net], "an address on network {net}: {}", ack.yiaddr());
+        assert_eq!(dc::server_id(&ack), Some(ours));
+        assert_eq!(ack.siaddr(), ours, "next-server is our address there");
+        assert_eq!(dc::boot_file(&ack).as_deref(), Some("ipxe.efi"));
+    }
+
+    // A real client on the second network: udhcpc's lease, then the boot file over TFTP from there.
+    let script = write_script(work.path(), "udhcpc.sh", "[ \"$1\" = bound ] && ip addr add \"$ip/$mask\" dev \"$interface\"\nexit 0\n");
+    let out = work.path().join("udhcpc.log");
+    lab.spawn_logged(&rack_b, "busybox", &["udhcpc", "-i", "eth0", "-f", "-q", "-t", "5", "-T", "1", "-s", &script], &out).unwrap();
+    wait_for_file_text(&out, "obtained from 198.18.1.1", Duration::from_secs(20));
+    let fetched = work.path().join("fetched.efi");
+    run_ok(&rack_b, "tftp", &["198.18.1.1", "-c", "get", "ipxe.efi", fetched.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&fetched).unwrap(), b"ipxe");
+}
+
+#[test]
+fn proxy_mode_listens_beside_kea_which_holds_port_67_exclusively() {
+    if !pxe_lab::privileged("proxy_mode_listens_beside_kea_which_holds_port_67_exclusively")
+        || !have_tool("kea-dhcp4", "kea-dhcp4-server")
+    {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let server = lab.add_netns("srv").unwrap();
+    let client = lab.add_netns("cli").unwrap();
+    lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&client, "eth0", None)).unwrap();
+    let root = boot_root();
+    let work = tempfile::tempdir().unwrap();
+    // The site's DHCP server, already on this host: Kea binds port 67 without
+    // SO_REUSEADDR, so nobody else can bind it.
+    let kea_config = work.path().join("kea-dhcp4.json");
+    std::fs::write(&kea_config, kea_config_json(work.path())).unwrap();
+    let dir = format!("{}", work.path().display());
+    lab.spawn_logged(
+        &server,
+        "env",
+        &[&format!("KEA_PIDFILE_DIR={dir}"), &format!("KEA_LOCKFILE_DIR={dir}"), "kea-dhcp4", "-c", kea_config.to_str().unwrap()],
+        &work.path().join("kea.log"),
+    )
+    .unwrap();
+    assert!(server.wait_for_udp_port(67, Duration::from_secs(20)), "kea did not start");
+    let taken = server.run(|| UdpSocket::bind("0.0.0.0:67").map(drop)).unwrap();
+    assert!(taken.is_err(), "port 67 is held exclusively (else this test proves nothing)");
+
+    let log = work.path().join("pxed.log");
+    lab.spawn_logged(&server, PXED, &["--interface", "eth0", "--boot-root", root.path().to_str().unwrap(), "--dhcp", "proxy", "--xdp-mode", "off", "--no-tc"], &log).unwrap();
+    wait_for_file_text(&log, "through a raw socket", Duration::from_secs(20));
+    assert!(server.wait_for_udp_port(4011, Duration::from_secs(20)));
+    client
+        .run(|| {
+            let socket = dc::client_socket("eth0");
+            let mac = [0x52, 0x54, 0x00, 0x96, 0x00, 0x01];
+            let xid = 0x4ea0_0001;
+            let offers = dc::exchange(&socket, &dc::message(MessageType::Discover, mac, xid, true, vec![]), xid, Duration::from_secs(3));
+            let (address_offer, _) = offers.iter().find(|(m, _)| !m.yiaddr().is_unspecified()).expect("an address offer from Kea");
+            let (proxy, from) = offers.iter().find(|(m, _)| m.yiaddr().is_unspecified()).expect("a proxy offer from pxed beside Kea");
+            assert_eq!(dc::boot_file(proxy).as_deref(), Some("ipxe.efi"));
+            assert_eq!(*from, "198.18.0.1:67".parse().unwrap(), "sent from port 67 like any DHCP server");
+            // The client takes its address from Kea, untouched by pxed.
+            let request = dc::message(MessageType::Request, mac, xid, true, vec![
+                DhcpOption::ServerIdentifier(dc::server_id(address_offer).unwrap()),
+                DhcpOption::RequestedIpAddress(address_offer.yiaddr()),
+            ]);
+            let acks = dc::exchange(&socket, &request, xid, Duration::from_secs(3));
+            assert!(acks.iter().any(|(m, _)| dc::kind(m) == Some(MessageType::Ack) && m.yiaddr() == address_offer.yiaddr()), "Kea ACKs: {acks:?}");
+            assert!(acks.iter().all(|(m, _)| dc::kind(m) == Some(MessageType::Ack)), "pxed stays out of the REQUEST: {acks:?}");
+        })
+        .unwrap();
+    wait_for_file_text(&log, "proxy OFFER", Duration::from_secs(5));
+}
+
+/// Kea on eth0 in its default (raw socket) mode, memfile leases in `dir`.
+fn kea_config_json(dir: &Path) -> String {
+    let dir = dir.display();
+    format!(
+        r#"{{"Dhcp4": {{
+  "interfaces-config": {{"interfaces": ["eth0"]}},
+  "lease-database": {{"type": "memfile", "persist": true, "name": "{dir}/kea-leases.csv"}},
+  "valid-lifetime": 3600,
+  "subnet4": [{{"subnet": "198.18.0.0/24", "pools": [{{"pool": "198.18.0.100 - 198.18.0.150"}}]}}],
+  "loggers": [{{"name": "kea-dhcp4", "output_options": [{{"output": "stdout"}}], "severity": "INFO"}}]
+}}}}"#
+    )
 }

@@ -36,6 +36,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("busybox", "udhcpc, a DHCP client in the interop tests"),
     ("isc-dhcp-client", "dhclient, a DHCP client in the interop tests"),
     ("dnsmasq-base", "a peer DHCP/TFTP server for interop tests and benchmarks (no service)"),
+    ("kea-dhcp4-server", "a peer DHCP server that holds port 67 exclusively (its service is never started)"),
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -149,12 +150,42 @@ fn apt_install(missing: &[(&str, &str)]) -> anyhow::Result<()> {
     let names: Vec<&str> = missing.iter().map(|(n, _)| *n).collect();
     step(&format!("installing {}", names.join(" ")));
     run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+    // Server packages (Kea) start their service on install: in the root
+    // namespace, on the machine's real network. Deny every service start for
+    // the install (policy-rc.d, exit 101), unless the machine already has a
+    // policy of its own.
+    let _no_services = DenyServiceStarts::install()?;
     run_cmd(
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&names)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// `/usr/sbin/policy-rc.d` denying service starts while it lives.
+struct DenyServiceStarts(Option<&'static Path>);
+
+impl DenyServiceStarts {
+    fn install() -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = Path::new("/usr/sbin/policy-rc.d");
+        if path.exists() {
+            return Ok(Self(None));
+        }
+        std::fs::write(path, "#!/bin/sh\n# written by cargo xtask setup for one apt-get install\nexit 101\n")
+            .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)))
+            .context("writing /usr/sbin/policy-rc.d to keep installed servers from starting")?;
+        Ok(Self(Some(path)))
+    }
+}
+
+impl Drop for DenyServiceStarts {
+    fn drop(&mut self) {
+        if let Some(path) = self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// QEMU must come from bookworm-backports: the image's qemu-utils 10 (from

@@ -1,9 +1,6 @@
-//! The DHCP sockets and their loop: receive, classify, ask the engine, send.
-//!
-//! Sockets are bound to the serving interface (SO_BINDTODEVICE), so pxed never
-//! answers on another interface of the machine, and broadcast replies leave
-//! through it. SO_REUSEADDR lets pxed in proxy mode share port 67 with a DHCP
-//! server on the same host that also sets it: broadcasts reach both.
+//! The DHCP loop of one interface: receive, classify, ask the engine, send.
+//! One engine (and so one lease database) serves every interface; each
+//! request carries our address on the interface it arrived on.
 
 use std::{
     io,
@@ -18,44 +15,47 @@ use tracing::{debug, error, info, warn};
 
 use super::{
     classify::classify,
-    engine::{Destination, Engine, Problem, PROXY_PORT},
+    engine::{Arrival, Destination, Engine, Problem, PROXY_PORT},
+    socket::{bind, Port67, DHCP_SERVER_PORT},
 };
 
-/// Receive buffer for a boot storm: thousands of DISCOVERs arrive within
-/// milliseconds of power-on, each costing ~2 KiB of buffer (skb truesize).
-/// The kernel default (~208 KiB) drops most of a rack's first round, and a
-/// dropped DISCOVER costs UEFI firmware 4 seconds.
-const STORM_BUFFER: usize = 16 << 20;
-
-/// Binds UDP `port` on every address of `iface` only.
-pub fn bind(iface: &str, port: u16) -> io::Result<UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_broadcast(true)?;
-    socket.bind_device(Some(iface.as_bytes()))?;
-    crate::netif::grow_receive_buffer(&socket, STORM_BUFFER);
-    socket.set_nonblocking(true)?;
-    socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into()).map_err(|e| {
-        let hint = if e.kind() == io::ErrorKind::AddrInUse {
-            "; another DHCP server holds it without SO_REUSEADDR (stop it, or run pxed where it is not)"
-        } else {
-            ""
-        };
-        io::Error::new(e.kind(), format!("binding UDP port {port} on {iface}: {e}{hint}"))
-    })?;
-    UdpSocket::from_std(socket.into())
+/// The DHCP sockets of one interface.
+pub struct Listener {
+    pub interface: String,
+    /// Our address there: what replies say and where they come from.
+    pub address: Ipv4Addr,
+    /// Port 67.
+    dhcp: Port67,
+    /// Port 4011, boot server discovery.
+    discovery: UdpSocket,
 }
 
-/// Serves DHCP (port 67, unless `dhcp` is `None`) and boot server discovery
-/// (port 4011) until the future is dropped.
-pub async fn run(engine: Arc<Mutex<Engine>>, dhcp: Option<UdpSocket>, discovery: UdpSocket) -> io::Result<()> {
+impl Listener {
+    /// Opens ports 67 and 4011 on `interface`. `share_67` (proxy mode) lets
+    /// port 67 be received beside a server that holds it exclusively.
+    pub fn open(interface: &str, address: Ipv4Addr, share_67: bool) -> io::Result<Self> {
+        let dhcp = Port67::open(interface, address, share_67)?;
+        if dhcp.is_beside() {
+            warn!(
+                interface, "DHCP: another server holds port 67 here without SO_REUSEADDR; \
+                 proxy mode receives DISCOVERs beside it through a raw socket"
+            );
+        }
+        let discovery = bind(interface, PROXY_PORT)?;
+        Ok(Self { interface: interface.to_owned(), address, dhcp, discovery })
+    }
+}
+
+/// Serves one interface's DHCP (port 67) and boot server discovery (port
+/// 4011) until the future is dropped.
+pub async fn run(engine: Arc<Mutex<Engine>>, listener: Listener) -> io::Result<()> {
+    let Listener { interface, address, dhcp, discovery } = listener;
     let mut warned = Warnings::default();
     let mut buf_67 = vec![0u8; 4096];
     let mut buf_4011 = vec![0u8; 4096];
     loop {
         let (port, received) = tokio::select! {
-            r = recv(dhcp.as_ref(), &mut buf_67) => (67, r),
+            r = dhcp.recv_from(&mut buf_67) => (DHCP_SERVER_PORT, r),
             r = discovery.recv_from(&mut buf_4011) => (PROXY_PORT, r),
         };
         let (len, from) = match received {
@@ -74,14 +74,15 @@ pub async fn run(engine: Arc<Mutex<Engine>>, dhcp: Option<UdpSocket>, discovery:
         let request = match classify(datagram) {
             Ok(r) => r,
             Err(why) => {
-                debug!(client = %from, port, "DHCP: ignored: {why}");
+                debug!(client = %from, port, %interface, "DHCP: ignored: {why}");
                 continue;
             }
         };
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let arrival = Arrival { port, source: from, server_ip: address };
         // The engine may fsync a lease; keep that off the async workers' backs.
         let outcome = tokio::task::block_in_place(|| {
-            engine.lock().unwrap_or_else(|e| e.into_inner()).handle(&request, port, from, now)
+            engine.lock().unwrap_or_else(|e| e.into_inner()).handle(&request, arrival, now)
         });
         match &outcome.problem {
             Some(Problem::PoolExhausted { subnet }) => warned.pool_exhausted(subnet),
@@ -90,24 +91,28 @@ pub async fn run(engine: Arc<Mutex<Engine>>, dhcp: Option<UdpSocket>, discovery:
         }
         let Some(reply) = outcome.reply else {
             if outcome.changed_lease {
-                info!(mac = %request.mac, "DHCP: {}", outcome.summary);
+                info!(mac = %request.mac, %interface, "DHCP: {}", outcome.summary);
             } else {
-                debug!(mac = %request.mac, "DHCP: {}", outcome.summary);
+                debug!(mac = %request.mac, %interface, "DHCP: {}", outcome.summary);
             }
             continue;
         };
-        info!(mac = %request.mac, "DHCP: {}", outcome.summary);
+        info!(mac = %request.mac, %interface, "DHCP: {}", outcome.summary);
         let mut bytes = Vec::with_capacity(576);
         if let Err(e) = reply.message.encode(&mut Encoder::new(&mut bytes)) {
             warn!(mac = %request.mac, "DHCP: could not encode the reply: {e}");
             continue;
         }
-        let socket = if port == PROXY_PORT { &discovery } else { dhcp.as_ref().unwrap_or(&discovery) };
         let to = match reply.to {
             Destination::Broadcast => SocketAddrV4::new(Ipv4Addr::BROADCAST, 68),
             Destination::Unicast(addr) => addr,
         };
-        if let Err(e) = socket.send_to(&bytes, to).await {
+        let sent = if port == PROXY_PORT {
+            discovery.send_to(&bytes, to).await.map(drop)
+        } else {
+            dhcp.send_to(&bytes, to).await
+        };
+        if let Err(e) = sent {
             warn!(mac = %request.mac, %to, "DHCP: sending the reply failed: {e}");
         }
     }
@@ -119,13 +124,6 @@ fn is_transient(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN | libc::EINTR)
     )
-}
-
-async fn recv(socket: Option<&UdpSocket>, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-    match socket {
-        Some(s) => s.recv_from(buf).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Says a pool is full once a minute, not once per DISCOVER.

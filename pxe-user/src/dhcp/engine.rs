@@ -26,7 +26,7 @@ use super::{
 use crate::{
     lease::{client_key, Lease, LeaseError, LeaseState, LeaseStore},
     policy::{
-        r#static::{Decision, StaticPolicy},
+        r#static::{Decision, ServerUrls, StaticPolicy},
         ClientKind, Machine, Mac,
     },
 };
@@ -47,16 +47,24 @@ pub enum Mode {
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub mode: Mode,
-    /// Our address: server identifier, next-server, URLs.
-    pub server_ip: Ipv4Addr,
     pub subnets: Vec<Subnet>,
     /// Fixed addresses by MAC.
     pub reservations: HashMap<Mac, Ipv4Addr>,
     /// NAK requests for addresses we know nothing of (RFC 2131 §4.3.2),
     /// instead of staying silent. Only for the one DHCP server of a network.
     pub authoritative: bool,
-    /// Base URL of HTTP boot, e.g. `http://198.18.0.1`.
-    pub http_base: String,
+    /// TCP port of HTTP boot, for the URLs handed to iPXE and HTTP Boot.
+    pub http_port: u16,
+}
+
+/// Where a request arrived: the port, the sender, and our address on the
+/// interface it came in on (server identifier, next-server and URLs of the
+/// reply; the subnet of a request that was not relayed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arrival {
+    pub port: u16,
+    pub source: SocketAddrV4,
+    pub server_ip: Ipv4Addr,
 }
 
 /// Where a reply goes.
@@ -116,6 +124,8 @@ pub struct Engine {
     /// Where each subnet's free-address search resumes.
     cursors: Vec<u64>,
     stats: EngineStats,
+    /// Our address on the interface of the request being handled.
+    here: Ipv4Addr,
 }
 
 /// Boot information for one reply.
@@ -137,7 +147,17 @@ impl Engine {
             by_ip.insert(lease.ip, lease);
         }
         let cursors = vec![0; config.subnets.len()];
-        Ok(Self { config, policy, store, by_ip, by_client, offers: HashMap::new(), cursors, stats: EngineStats::default() })
+        Ok(Self {
+            config,
+            policy,
+            store,
+            by_ip,
+            by_client,
+            offers: HashMap::new(),
+            cursors,
+            stats: EngineStats::default(),
+            here: Ipv4Addr::UNSPECIFIED,
+        })
     }
 
     /// Replaces the configuration and policy (SIGHUP); leases stay.
@@ -160,11 +180,12 @@ impl Engine {
         self.by_ip.get(&ip)
     }
 
-    /// Decides on one request that arrived on `port` from `source`, at `now`
-    /// (seconds since the Unix epoch).
-    pub fn handle(&mut self, req: &Request, port: u16, source: SocketAddrV4, now: u64) -> Outcome {
+    /// Decides on one request, at `now` (seconds since the Unix epoch).
+    pub fn handle(&mut self, req: &Request, arrival: Arrival, now: u64) -> Outcome {
+        let port = arrival.port;
+        self.here = arrival.server_ip;
         let outcome = if port == PROXY_PORT {
-            self.boot_server_discovery(req, source)
+            self.boot_server_discovery(req, arrival.source)
         } else {
             match self.config.mode {
                 Mode::Proxy => self.proxy(req),
@@ -264,7 +285,7 @@ impl Engine {
         let ciaddr = req.message.ciaddr();
         if let Some(server_id) = req.server_id {
             // SELECTING: the client answers an OFFER.
-            if server_id != self.config.server_ip {
+            if server_id != self.here {
                 self.offers.retain(|_, (c, _)| *c != client);
                 return silent(format!("REQUEST from {}: chose server {server_id}", req.mac));
             }
@@ -350,7 +371,7 @@ impl Engine {
     fn release(&mut self, req: &Request, now: u64) -> Outcome {
         let client = key(req);
         let ip = req.message.ciaddr();
-        if req.server_id.is_some_and(|s| s != self.config.server_ip) || self.by_client.get(&client) != Some(&ip) {
+        if req.server_id.is_some_and(|s| s != self.here) || self.by_client.get(&client) != Some(&ip) {
             return silent(format!("RELEASE from {} for {ip}: not our lease", req.mac));
         }
         let Some(mut lease) = self.by_ip.get(&ip).cloned() else { return silent("RELEASE: no record".into()) };
@@ -419,7 +440,7 @@ impl Engine {
     /// The subnet a request belongs to: the relay's (giaddr), else ours.
     fn subnet_for(&self, req: &Request) -> Option<usize> {
         let giaddr = req.message.giaddr();
-        let anchor = if giaddr.is_unspecified() { self.config.server_ip } else { giaddr };
+        let anchor = if giaddr.is_unspecified() { self.here } else { giaddr };
         self.config.subnets.iter().position(|s| s.contains(anchor))
     }
 
@@ -434,7 +455,7 @@ impl Engine {
         let reserved_for_other = self.config.reservations.iter().any(|(m, r)| *r == ip && *m != mac);
         (s.in_pool(ip) || (reserved_for_this && s.contains(ip)))
             && !reserved_for_other
-            && ip != self.config.server_ip
+            && ip != self.here
             && !self.held_by_other(ip, client, now)
             && !self.offers.get(&ip).is_some_and(|(c, until)| c != client && *until > now)
     }
@@ -470,11 +491,11 @@ impl Engine {
 
     fn reply_to(&self, req: &Request, kind: MessageType, yiaddr: Ipv4Addr) -> Message {
         let m = &req.message;
-        let mut reply = Message::new_with_id(m.xid(), Ipv4Addr::UNSPECIFIED, yiaddr, self.config.server_ip, m.giaddr(), m.chaddr());
+        let mut reply = Message::new_with_id(m.xid(), Ipv4Addr::UNSPECIFIED, yiaddr, self.here, m.giaddr(), m.chaddr());
         reply.set_opcode(Opcode::BootReply);
         reply.set_flags(m.flags());
         reply.opts_mut().insert(DhcpOption::MessageType(kind));
-        reply.opts_mut().insert(DhcpOption::ServerIdentifier(self.config.server_ip));
+        reply.opts_mut().insert(DhcpOption::ServerIdentifier(self.here));
         // RFC 3046 §2.2: echo the relay agent information.
         if let Some(relay) = m.opts().get(OptionCode::RelayAgentInformation) {
             reply.opts_mut().insert(relay.clone());
@@ -516,19 +537,20 @@ impl Engine {
             None => req.firmware,
         };
         let machine = Machine { mac: req.mac, arch: req.arch, uuid: req.uuid.clone() };
-        let decision = self.policy.decide(&machine);
+        let urls = ServerUrls::new(self.here, self.config.http_port);
+        let decision = self.policy.decide(&machine, &urls);
         match (firmware, decision) {
             (_, Decision::Ignore) => None,
             // iPXE asks for its script; a provisioned machine's script boots the disk.
             (Firmware::Ipxe, Decision::Boot(_) | Decision::LocalBoot) => {
-                let mut url = format!("{}/boot.ipxe?mac={}&arch={}", self.config.http_base, req.mac, req.arch.name());
+                let mut url = format!("{}/boot.ipxe?mac={}&arch={}", urls.http, req.mac, req.arch.name());
                 if let Some(uuid) = &req.uuid {
                     url.push_str(&format!("&uuid={uuid}"));
                 }
                 Some(BootAnswer { file: url, vendor_class: b"PXEClient", tftp: false })
             }
             (Firmware::HttpBoot, Decision::Boot(spec)) => Some(BootAnswer {
-                file: format!("{}/{}", self.config.http_base, spec.boot_file?),
+                file: format!("{}/{}", urls.http, spec.boot_file?),
                 vendor_class: b"HTTPClient",
                 tftp: false,
             }),
@@ -550,14 +572,14 @@ impl Engine {
     }
 
     fn add_boot(&self, reply: &mut Message, req: &Request, boot: &BootAnswer) {
-        reply.set_siaddr(self.config.server_ip);
+        reply.set_siaddr(self.here);
         reply.set_fname_str(&boot.file);
         let opts = reply.opts_mut();
         // PXE 2.1 §2.5: replies to PXE clients carry option 60; UEFI HTTP Boot
         // requires "HTTPClient" (UEFI 2.x §24.7).
         opts.insert(DhcpOption::ClassIdentifier(boot.vendor_class.to_vec()));
         if boot.tftp {
-            opts.insert(DhcpOption::TFTPServerName(self.config.server_ip.to_string().into_bytes()));
+            opts.insert(DhcpOption::TFTPServerName(self.here.to_string().into_bytes()));
             opts.insert(DhcpOption::BootfileName(boot.file.clone().into_bytes()));
             // PXE_DISCOVERY_CONTROL = 8: use the boot file given here, skip
             // boot server discovery (PXE 2.1 §2.4.2.1).
@@ -632,7 +654,7 @@ mod tests {
     use crate::{
         dhcp::{classify::classify, classify::tests::request, pool::parse_range},
         lease::MemLeaseStore,
-        policy::r#static::{MachineEntry, Profile, ServerUrls},
+        policy::r#static::{MachineEntry, Profile},
     };
 
     const SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -655,18 +677,16 @@ mod tests {
             profiles: [("default".to_owned(), Profile::named("default"))].into(),
             machines,
             default_profile: Some("default".into()),
-            urls: ServerUrls { server: SERVER.to_string(), http: format!("http://{SERVER}") },
         })
     }
 
     fn config(mode: Mode) -> EngineConfig {
         EngineConfig {
             mode,
-            server_ip: SERVER,
             subnets: vec![subnet("198.18.0.0/24", "198.18.0.100-198.18.0.109"), subnet("198.18.5.0/24", "198.18.5.10-198.18.5.19")],
             reservations: HashMap::new(),
             authoritative: false,
-            http_base: format!("http://{SERVER}"),
+            http_port: 80,
         }
     }
 
@@ -692,16 +712,21 @@ mod tests {
         SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68)
     }
 
+    /// A request that arrived on `port` of the interface that has SERVER.
+    fn at(port: u16, source: SocketAddrV4) -> Arrival {
+        Arrival { port, source, server_ip: SERVER }
+    }
+
     fn msg_type(o: &Outcome) -> Option<MessageType> {
         o.reply.as_ref()?.message.opts().msg_type()
     }
 
     /// DISCOVER then REQUEST; returns the ACKed address.
     fn dora(e: &mut Engine, req: impl Fn(MessageType, Vec<DhcpOption>) -> Request, now: u64) -> Ipv4Addr {
-        let offer = e.handle(&req(MessageType::Discover, vec![]), 67, src(), now);
+        let offer = e.handle(&req(MessageType::Discover, vec![]), at(67, src()), now);
         assert_eq!(msg_type(&offer), Some(MessageType::Offer), "{}", offer.summary);
         let ip = offer.reply.unwrap().message.yiaddr();
-        let ack = e.handle(&req(MessageType::Request, vec![DhcpOption::ServerIdentifier(SERVER), DhcpOption::RequestedIpAddress(ip)]), 67, src(), now);
+        let ack = e.handle(&req(MessageType::Request, vec![DhcpOption::ServerIdentifier(SERVER), DhcpOption::RequestedIpAddress(ip)]), at(67, src()), now);
         assert_eq!(msg_type(&ack), Some(MessageType::Ack), "{}", ack.summary);
         assert_eq!(ack.reply.unwrap().message.yiaddr(), ip);
         ip
@@ -710,7 +735,7 @@ mod tests {
     #[test]
     fn a_uefi_client_gets_an_address_and_its_boot_file() {
         let mut e = engine(Mode::Full);
-        let offer = e.handle(&uefi(MessageType::Discover, 1, vec![]), 67, src(), T0);
+        let offer = e.handle(&uefi(MessageType::Discover, 1, vec![]), at(67, src()), T0);
         let reply = offer.reply.expect("an OFFER");
         let m = &reply.message;
         assert_eq!(m.opts().msg_type(), Some(MessageType::Offer));
@@ -731,22 +756,22 @@ mod tests {
     fn boot_answers_follow_the_firmware() {
         let mut e = engine(Mode::Full);
         let ipxe = plain(MessageType::Discover, 2, vec![DhcpOption::UserClass(b"iPXE".to_vec()), DhcpOption::ClientSystemArchitecture(v4::Architecture::from(7))]);
-        let m = e.handle(&ipxe, 67, src(), T0).reply.unwrap().message;
+        let m = e.handle(&ipxe, at(67, src()), T0).reply.unwrap().message;
         assert_eq!(m.fname_str().unwrap().unwrap(), "http://198.18.0.1/boot.ipxe?mac=52:54:00:00:00:02&arch=uefi-x64");
 
         let http = plain(MessageType::Discover, 3, vec![
             DhcpOption::ClassIdentifier(b"HTTPClient:Arch:00016:UNDI:003001".to_vec()),
             DhcpOption::ClientSystemArchitecture(v4::Architecture::from(16)),
         ]);
-        let m = e.handle(&http, 67, src(), T0).reply.unwrap().message;
+        let m = e.handle(&http, at(67, src()), T0).reply.unwrap().message;
         assert_eq!(m.fname_str().unwrap().unwrap(), "http://198.18.0.1/ipxe.efi");
         assert_eq!(m.opts().get(OptionCode::ClassIdentifier), Some(&DhcpOption::ClassIdentifier(b"HTTPClient".to_vec())));
 
         let bios = plain(MessageType::Discover, 4, vec![DhcpOption::ClassIdentifier(b"PXEClient:Arch:00000:UNDI:002001".to_vec())]);
-        assert_eq!(e.handle(&bios, 67, src(), T0).reply.unwrap().message.fname_str().unwrap().unwrap(), "undionly.kpxe");
+        assert_eq!(e.handle(&bios, at(67, src()), T0).reply.unwrap().message.fname_str().unwrap().unwrap(), "undionly.kpxe");
 
         let os = plain(MessageType::Discover, 5, vec![]);
-        let m = e.handle(&os, 67, src(), T0).reply.unwrap().message;
+        let m = e.handle(&os, at(67, src()), T0).reply.unwrap().message;
         assert!(m.fname().is_none(), "an OS client gets an address, no boot file");
     }
 
@@ -770,11 +795,11 @@ mod tests {
     fn a_provisioned_machine_gets_an_address_but_no_boot_file_and_ipxe_gets_its_local_boot_script() {
         let machines = [(Mac(mac(6)), MachineEntry { profile: None, netboot: false, hostname: Some("n6".into()), arch: None, client: None })].into();
         let mut e = Engine::new(config(Mode::Full), policy(machines), Box::new(MemLeaseStore::default())).unwrap();
-        let m = e.handle(&uefi(MessageType::Discover, 6, vec![]), 67, src(), T0).reply.unwrap().message;
+        let m = e.handle(&uefi(MessageType::Discover, 6, vec![]), at(67, src()), T0).reply.unwrap().message;
         assert!(m.fname().is_none());
         assert_eq!(m.opts().get(OptionCode::Hostname), Some(&DhcpOption::Hostname("n6".into())));
         let ipxe = plain(MessageType::Discover, 6, vec![DhcpOption::UserClass(b"iPXE".to_vec())]);
-        let m = e.handle(&ipxe, 67, src(), T0).reply.unwrap().message;
+        let m = e.handle(&ipxe, at(67, src()), T0).reply.unwrap().message;
         assert!(m.fname_str().unwrap().unwrap().contains("/boot.ipxe?mac=52:54:00:00:00:06"), "the script says: boot the disk");
     }
 
@@ -783,7 +808,7 @@ mod tests {
         let machines = [(Mac(mac(41)), MachineEntry { profile: None, netboot: true, hostname: None, arch: None, client: Some(ClientKind::Pxe) })].into();
         let mut e = Engine::new(config(Mode::Full), policy(machines), Box::new(MemLeaseStore::default())).unwrap();
         let ipxe = plain(MessageType::Discover, 41, vec![DhcpOption::UserClass(b"iPXE".to_vec()), DhcpOption::ClassIdentifier(b"PXEClient".to_vec())]);
-        let m = e.handle(&ipxe, 67, src(), T0).reply.unwrap().message;
+        let m = e.handle(&ipxe, at(67, src()), T0).reply.unwrap().message;
         assert_eq!(m.fname_str().unwrap().unwrap(), "undionly.kpxe", "a boot file over TFTP, not the script URL");
     }
 
@@ -818,7 +843,7 @@ mod tests {
         let mut e = Engine::new(c, policy(HashMap::new()), Box::new(MemLeaseStore::default())).unwrap();
         dora(&mut e, |k, o| plain(k, 10, o), T0);
         dora(&mut e, |k, o| plain(k, 11, o), T0);
-        let third = e.handle(&plain(MessageType::Discover, 12, vec![]), 67, src(), T0);
+        let third = e.handle(&plain(MessageType::Discover, 12, vec![]), at(67, src()), T0);
         assert!(third.reply.is_none());
         assert!(matches!(third.problem, Some(Problem::PoolExhausted { .. })), "{}", third.summary);
         assert_eq!(e.stats().pool_exhausted, 1);
@@ -830,11 +855,11 @@ mod tests {
     #[test]
     fn requests_for_the_wrong_server_or_address_are_ignored_or_refused() {
         let mut e = engine(Mode::Full);
-        let offer = e.handle(&plain(MessageType::Discover, 13, vec![]), 67, src(), T0).reply.unwrap().message;
+        let offer = e.handle(&plain(MessageType::Discover, 13, vec![]), at(67, src()), T0).reply.unwrap().message;
         let other_server = plain(MessageType::Request, 13, vec![DhcpOption::ServerIdentifier(Ipv4Addr::new(198, 18, 0, 2)), DhcpOption::RequestedIpAddress(offer.yiaddr())]);
-        assert!(e.handle(&other_server, 67, src(), T0).reply.is_none(), "the client chose another server");
+        assert!(e.handle(&other_server, at(67, src()), T0).reply.is_none(), "the client chose another server");
         let wrong = plain(MessageType::Request, 13, vec![DhcpOption::ServerIdentifier(SERVER), DhcpOption::RequestedIpAddress(Ipv4Addr::new(198, 18, 0, 105))]);
-        let nak = e.handle(&wrong, 67, src(), T0);
+        let nak = e.handle(&wrong, at(67, src()), T0);
         assert_eq!(msg_type(&nak), Some(MessageType::Nak), "{}", nak.summary);
         assert_eq!(nak.reply.unwrap().to, Destination::Broadcast);
     }
@@ -844,14 +869,14 @@ mod tests {
         let mut e = engine(Mode::Full);
         let ip = dora(&mut e, |k, o| plain(k, 14, o), T0);
         let reboot = |n| plain(MessageType::Request, n, vec![DhcpOption::RequestedIpAddress(ip)]);
-        assert_eq!(msg_type(&e.handle(&reboot(14), 67, src(), T0 + 5)), Some(MessageType::Ack));
-        assert_eq!(msg_type(&e.handle(&reboot(15), 67, src(), T0 + 5)), Some(MessageType::Nak), "held by 14");
+        assert_eq!(msg_type(&e.handle(&reboot(14), at(67, src()), T0 + 5)), Some(MessageType::Ack));
+        assert_eq!(msg_type(&e.handle(&reboot(15), at(67, src()), T0 + 5)), Some(MessageType::Nak), "held by 14");
         let elsewhere = plain(MessageType::Request, 16, vec![DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 0, 0, 5))]);
-        assert_eq!(msg_type(&e.handle(&elsewhere, 67, src(), T0)), Some(MessageType::Nak), "wrong network");
+        assert_eq!(msg_type(&e.handle(&elsewhere, at(67, src()), T0)), Some(MessageType::Nak), "wrong network");
         let unknown = plain(MessageType::Request, 16, vec![DhcpOption::RequestedIpAddress(Ipv4Addr::new(198, 18, 0, 108))]);
-        assert!(e.handle(&unknown, 67, src(), T0).reply.is_none(), "RFC 2131 4.3.2: silent when not authoritative");
+        assert!(e.handle(&unknown, at(67, src()), T0).reply.is_none(), "RFC 2131 4.3.2: silent when not authoritative");
         e.config.authoritative = true;
-        assert_eq!(msg_type(&e.handle(&unknown, 67, src(), T0)), Some(MessageType::Nak));
+        assert_eq!(msg_type(&e.handle(&unknown, at(67, src()), T0)), Some(MessageType::Nak));
     }
 
     #[test]
@@ -860,7 +885,7 @@ mod tests {
         let ip = dora(&mut e, |k, o| plain(k, 17, o), T0);
         let mut renew = plain(MessageType::Request, 17, vec![]);
         renew.message.set_ciaddr(ip);
-        let out = e.handle(&renew, 67, SocketAddrV4::new(ip, 68), T0 + 1800);
+        let out = e.handle(&renew, at(67, SocketAddrV4::new(ip, 68)), T0 + 1800);
         let reply = out.reply.expect("ACK");
         assert_eq!(reply.message.opts().msg_type(), Some(MessageType::Ack));
         assert_eq!(reply.to, Destination::Unicast(SocketAddrV4::new(ip, 68)));
@@ -873,12 +898,12 @@ mod tests {
         let ip = dora(&mut e, |k, o| plain(k, 18, o), T0);
         let mut release = plain(MessageType::Release, 18, vec![DhcpOption::ServerIdentifier(SERVER)]);
         release.message.set_ciaddr(ip);
-        assert!(e.handle(&release, 67, src(), T0 + 1).reply.is_none());
+        assert!(e.handle(&release, at(67, src()), T0 + 1).reply.is_none());
         assert_eq!(e.lease(ip).unwrap().state, LeaseState::Released);
 
         let ip2 = dora(&mut e, |k, o| plain(k, 19, o), T0 + 2);
         let decline = plain(MessageType::Decline, 19, vec![DhcpOption::RequestedIpAddress(ip2), DhcpOption::ServerIdentifier(SERVER)]);
-        e.handle(&decline, 67, src(), T0 + 3);
+        e.handle(&decline, at(67, src()), T0 + 3);
         assert_eq!(e.lease(ip2).unwrap().state, LeaseState::Declined);
         let next = dora(&mut e, |k, o| plain(k, 19, o), T0 + 4);
         assert_ne!(next, ip2, "a declined address is not handed out again at once");
@@ -891,7 +916,7 @@ mod tests {
         info.insert(relay::RelayInfo::AgentCircuitId(b"port7".to_vec()));
         let mut discover = plain(MessageType::Discover, 20, vec![DhcpOption::RelayAgentInformation(info.clone())]);
         discover.message.set_giaddr(Ipv4Addr::new(198, 18, 5, 1));
-        let reply = e.handle(&discover, 67, SocketAddrV4::new(Ipv4Addr::new(198, 18, 5, 1), 67), T0).reply.unwrap();
+        let reply = e.handle(&discover, at(67, SocketAddrV4::new(Ipv4Addr::new(198, 18, 5, 1), 67)), T0).reply.unwrap();
         assert!(subnet("198.18.5.0/24", "198.18.5.10-198.18.5.19").in_pool(reply.message.yiaddr()));
         assert_eq!(reply.to, Destination::Unicast(SocketAddrV4::new(Ipv4Addr::new(198, 18, 5, 1), 67)));
         assert_eq!(reply.message.giaddr(), Ipv4Addr::new(198, 18, 5, 1));
@@ -899,19 +924,40 @@ mod tests {
     }
 
     #[test]
+    fn a_request_on_a_second_interface_gets_that_networks_address_and_our_address_there() {
+        let mut e = engine(Mode::Full);
+        let second = Ipv4Addr::new(198, 18, 5, 1);
+        let on_second = Arrival { port: 67, source: src(), server_ip: second };
+        let ipxe = plain(MessageType::Discover, 24, vec![DhcpOption::UserClass(b"iPXE".to_vec())]);
+        let m = e.handle(&ipxe, on_second, T0).reply.unwrap().message;
+        assert!(subnet("198.18.5.0/24", "198.18.5.10-198.18.5.19").in_pool(m.yiaddr()), "{}", m.yiaddr());
+        assert_eq!(m.opts().get(OptionCode::ServerIdentifier), Some(&DhcpOption::ServerIdentifier(second)));
+        assert_eq!(m.siaddr(), second);
+        assert!(m.fname_str().unwrap().unwrap().starts_with("http://198.18.5.1/boot.ipxe?"), "{:?}", m.fname_str());
+        let request = plain(MessageType::Request, 24, vec![
+            DhcpOption::UserClass(b"iPXE".to_vec()),
+            DhcpOption::ServerIdentifier(second),
+            DhcpOption::RequestedIpAddress(m.yiaddr()),
+        ]);
+        assert_eq!(msg_type(&e.handle(&request, on_second, T0)), Some(MessageType::Ack));
+        let chose_first = plain(MessageType::Request, 25, vec![DhcpOption::ServerIdentifier(SERVER), DhcpOption::RequestedIpAddress(m.yiaddr())]);
+        assert!(e.handle(&chose_first, on_second, T0).reply.is_none(), "on this network our identifier is {second}");
+    }
+
+    #[test]
     fn proxy_mode_answers_pxe_clients_with_boot_information_only() {
         let mut e = engine(Mode::Proxy);
-        let reply = e.handle(&uefi(MessageType::Discover, 21, vec![]), 67, src(), T0).reply.unwrap();
+        let reply = e.handle(&uefi(MessageType::Discover, 21, vec![]), at(67, src()), T0).reply.unwrap();
         assert_eq!(reply.message.yiaddr(), Ipv4Addr::UNSPECIFIED, "never an address");
         assert_eq!(reply.message.fname_str().unwrap().unwrap(), "ipxe.efi");
         assert!(reply.message.opts().get(OptionCode::AddressLeaseTime).is_none());
-        assert!(e.handle(&plain(MessageType::Discover, 22, vec![]), 67, src(), T0).reply.is_none(), "not a PXE client");
-        assert!(e.handle(&uefi(MessageType::Request, 21, vec![]), 67, src(), T0).reply.is_none(), "REQUESTs on 67 are the DHCP server's");
+        assert!(e.handle(&plain(MessageType::Discover, 22, vec![]), at(67, src()), T0).reply.is_none(), "not a PXE client");
+        assert!(e.handle(&uefi(MessageType::Request, 21, vec![]), at(67, src()), T0).reply.is_none(), "REQUESTs on 67 are the DHCP server's");
 
         let mut on_4011 = uefi(MessageType::Request, 21, vec![]);
         on_4011.message.set_ciaddr(Ipv4Addr::new(198, 18, 0, 150));
         let from = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 150), 68);
-        let reply = e.handle(&on_4011, PROXY_PORT, from, T0).reply.unwrap();
+        let reply = e.handle(&on_4011, at(PROXY_PORT, from), T0).reply.unwrap();
         assert_eq!(reply.message.opts().msg_type(), Some(MessageType::Ack));
         assert_eq!(reply.to, Destination::Unicast(from));
         assert_eq!(reply.message.fname_str().unwrap().unwrap(), "ipxe.efi");
@@ -933,9 +979,9 @@ mod tests {
     #[test]
     fn no_ack_leaves_when_the_lease_cannot_be_stored() {
         let mut e = Engine::new(config(Mode::Full), policy(HashMap::new()), Box::new(FailingStore)).unwrap();
-        let offer = e.handle(&plain(MessageType::Discover, 23, vec![]), 67, src(), T0).reply.unwrap();
+        let offer = e.handle(&plain(MessageType::Discover, 23, vec![]), at(67, src()), T0).reply.unwrap();
         let ip = offer.message.yiaddr();
-        let out = e.handle(&plain(MessageType::Request, 23, vec![DhcpOption::ServerIdentifier(SERVER), DhcpOption::RequestedIpAddress(ip)]), 67, src(), T0);
+        let out = e.handle(&plain(MessageType::Request, 23, vec![DhcpOption::ServerIdentifier(SERVER), DhcpOption::RequestedIpAddress(ip)]), at(67, src()), T0);
         assert!(out.reply.is_none(), "an ACK for a lease that is not on disk could be lost");
         assert!(matches!(out.problem, Some(Problem::LeaseStore(ref m)) if m.contains("No space left")), "{:?}", out.problem);
     }
@@ -965,7 +1011,7 @@ mod tests {
                 }
                 let Ok(req) = classify(&d) else { continue };
                 let port = if next() % 5 == 0 { PROXY_PORT } else { 67 };
-                if let Some(reply) = e.handle(&req, port, src(), T0 + i as u64).reply {
+                if let Some(reply) = e.handle(&req, at(port, src()), T0 + i as u64).reply {
                     let mut bytes = Vec::new();
                     reply.message.encode(&mut Encoder::new(&mut bytes)).unwrap();
                     Message::decode(&mut Decoder::new(&bytes)).expect("every reply decodes");

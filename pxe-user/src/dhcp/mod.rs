@@ -7,9 +7,12 @@
 //! - `engine`: the server's decisions, sans-IO: a request and the time in,
 //!   a reply (and its destination) out; leases written through a
 //!   [`crate::lease::LeaseStore`] before any ACK leaves.
-//! - `driver`: the sockets (67, 4011) and the tokio loop.
+//! - `socket`: ports 67 and 4011 of one interface (a raw socket beside a
+//!   server that holds 67).
+//! - `driver`: the tokio loop of one interface.
 
 pub mod classify;
 pub mod driver;
 pub mod engine;
 pub mod pool;
+pub mod socket;

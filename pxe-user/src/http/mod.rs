@@ -23,8 +23,8 @@ use tracing::{info, warn};
 use crate::{
     bootroot::{BootFile, BootRoot, OpenError},
     policy::{
-        r#static::{Decision, StaticPolicy},
-        Arch, BootPolicy, Machine, Mac,
+        r#static::{Decision, ServerUrls, StaticPolicy},
+        Arch, Machine, Mac, LOCAL_BOOT_SCRIPT,
     },
 };
 
@@ -38,6 +38,8 @@ pub type SharedPolicy = Arc<std::sync::RwLock<Arc<StaticPolicy>>>;
 pub struct HttpState {
     pub root: Arc<BootRoot>,
     pub policy: SharedPolicy,
+    /// This listener's own URLs, for the scripts it renders.
+    pub urls: Arc<ServerUrls>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -58,14 +60,14 @@ async fn ipxe_script(State(state): State<HttpState>, Query(q): Query<ScriptQuery
     let arch = q.arch.as_deref().and_then(Arch::from_name).unwrap_or(Arch::Other(u16::MAX));
     let machine = Machine { mac, arch, uuid: q.uuid.filter(|u| !u.is_empty()) };
     let policy = Arc::clone(&state.policy.read().unwrap_or_else(|e| e.into_inner()));
-    let script = match policy.decide(&machine) {
+    let script = match policy.decide(&machine, &state.urls) {
         Decision::Boot(spec) => {
             info!(%mac, arch = arch.name(), profile = %spec.profile, "HTTP: iPXE script served");
             spec.ipxe_script
         }
         Decision::LocalBoot => {
             info!(%mac, "HTTP: machine is provisioned; local-boot script served");
-            policy.local_boot_script()
+            LOCAL_BOOT_SCRIPT.to_owned()
         }
         Decision::Ignore => {
             info!(%mac, "HTTP: no profile for this machine");

@@ -160,16 +160,8 @@ pub struct BootSpec {
     pub hostname: Option<String>,
 }
 
-/// Decides what a machine boots. `None`: do not netboot it (unknown and no
-/// default, or marked provisioned).
-pub trait BootPolicy: Send + Sync {
-    fn boot_spec(&self, machine: &Machine) -> Option<BootSpec>;
-
-    /// The iPXE script for a machine that must not netboot: boot from disk.
-    fn local_boot_script(&self) -> String {
-        "#!ipxe\necho pxed: this machine boots from its local disk\nexit\n".to_owned()
-    }
-}
+/// The iPXE script for a machine that must not netboot: boot from disk.
+pub const LOCAL_BOOT_SCRIPT: &str = "#!ipxe\necho pxed: this machine boots from its local disk\nexit\n";
 
 #[cfg(test)]
 mod tests {

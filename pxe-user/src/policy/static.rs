@@ -1,8 +1,8 @@
 //! The policy written in the config file: profiles, and machines by MAC.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, net::Ipv4Addr};
 
-use super::{render, Arch, BootPolicy, BootSpec, ClientKind, Machine, Mac};
+use super::{render, Arch, BootSpec, ClientKind, Machine, Mac};
 
 /// Boot files by architecture, paths in the boot root.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,7 +88,9 @@ pub struct MachineEntry {
     pub client: Option<ClientKind>,
 }
 
-/// Where the services can be reached, for templates.
+/// Where the services can be reached, for templates: the address of the
+/// interface the machine asked on, so a server on several networks hands
+/// each machine URLs it can reach.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerUrls {
     /// The server's address as clients reach it.
@@ -97,13 +99,23 @@ pub struct ServerUrls {
     pub http: String,
 }
 
+impl ServerUrls {
+    /// The URLs of a server at `address` with HTTP boot on `http_port`.
+    pub fn new(address: Ipv4Addr, http_port: u16) -> Self {
+        let http = match http_port {
+            80 => format!("http://{address}"),
+            port => format!("http://{address}:{port}"),
+        };
+        Self { server: address.to_string(), http }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct StaticPolicy {
     pub profiles: HashMap<String, Profile>,
     pub machines: HashMap<Mac, MachineEntry>,
     /// Profile for machines the config does not name; `None` ignores them.
     pub default_profile: Option<String>,
-    pub urls: ServerUrls,
 }
 
 /// What the policy decided for a machine.
@@ -117,7 +129,8 @@ pub enum Decision {
 }
 
 impl StaticPolicy {
-    pub fn decide(&self, machine: &Machine) -> Decision {
+    /// What `machine` boots; its script's URLs point at `urls`.
+    pub fn decide(&self, machine: &Machine, urls: &ServerUrls) -> Decision {
         let entry = self.machines.get(&machine.mac);
         if entry.is_some_and(|e| !e.netboot) {
             return Decision::LocalBoot;
@@ -135,8 +148,8 @@ impl StaticPolicy {
                 "uuid" => machine.uuid.clone()?,
                 "profile" => profile.name.clone(),
                 "hostname" => hostname.clone()?,
-                "server" => self.urls.server.clone(),
-                "http" => self.urls.http.clone(),
+                "server" => urls.server.clone(),
+                "http" => urls.http.clone(),
                 "kernel" => profile.kernel.clone(),
                 "initrd" => profile.initrd.clone(),
                 "cmdline" => profile.cmdline.clone(),
@@ -149,15 +162,6 @@ impl StaticPolicy {
             ipxe_script,
             hostname,
         })
-    }
-}
-
-impl BootPolicy for StaticPolicy {
-    fn boot_spec(&self, machine: &Machine) -> Option<BootSpec> {
-        match self.decide(machine) {
-            Decision::Boot(spec) => Some(spec),
-            Decision::LocalBoot | Decision::Ignore => None,
-        }
     }
 }
 
@@ -176,8 +180,11 @@ mod tests {
             profiles: [("default".to_owned(), Profile::named("default")), ("rescue".to_owned(), rescue)].into(),
             machines,
             default_profile: Some("default".into()),
-            urls: ServerUrls { server: "198.18.0.1".into(), http: "http://198.18.0.1".into() },
         }
+    }
+
+    fn urls() -> ServerUrls {
+        ServerUrls::new(Ipv4Addr::new(198, 18, 0, 1), 80)
     }
 
     fn machine(last: u8, code: u16) -> Machine {
@@ -188,16 +195,16 @@ mod tests {
     fn boot_file_follows_the_architecture() {
         let p = policy();
         for (code, want) in [(0, "undionly.kpxe"), (7, "ipxe.efi"), (9, "ipxe.efi"), (11, "ipxe-arm64.efi"), (6, "ipxe-ia32.efi"), (16, "ipxe.efi"), (41, "bootcode.bin")] {
-            let Decision::Boot(spec) = p.decide(&machine(9, code)) else { panic!("arch {code} boots") };
+            let Decision::Boot(spec) = p.decide(&machine(9, code), &urls()) else { panic!("arch {code} boots") };
             assert_eq!(spec.boot_file.as_deref(), Some(want), "arch {code}");
         }
-        let Decision::Boot(spec) = p.decide(&machine(9, 1234)) else { panic!() };
+        let Decision::Boot(spec) = p.decide(&machine(9, 1234), &urls()) else { panic!() };
         assert_eq!(spec.boot_file, None, "unknown architectures are not guessed");
     }
 
     #[test]
     fn a_named_machine_gets_its_profile_and_its_script_is_rendered() {
-        let Decision::Boot(spec) = policy().decide(&machine(1, 7)) else { panic!() };
+        let Decision::Boot(spec) = policy().decide(&machine(1, 7), &urls()) else { panic!() };
         assert_eq!(spec.profile, "rescue");
         assert_eq!(spec.boot_file.as_deref(), Some("rescue/ipxe.efi"));
         assert_eq!(spec.hostname.as_deref(), Some("node1"));
@@ -209,16 +216,16 @@ mod tests {
     fn a_per_machine_arch_override_beats_what_the_firmware_claims() {
         let mut p = policy();
         p.machines.insert(Mac([2, 0, 0, 0, 0, 4]), MachineEntry { profile: None, netboot: true, hostname: None, arch: Some(Arch::UefiArm64), client: None });
-        let Decision::Boot(spec) = p.decide(&machine(4, 0)) else { panic!() };
+        let Decision::Boot(spec) = p.decide(&machine(4, 0), &urls()) else { panic!() };
         assert_eq!(spec.boot_file.as_deref(), Some("ipxe-arm64.efi"), "the board sends 93 = 0 but is ARM64");
     }
 
     #[test]
     fn a_provisioned_machine_boots_locally_and_strangers_follow_the_default() {
         let mut p = policy();
-        assert_eq!(p.decide(&machine(2, 7)), Decision::LocalBoot);
-        assert!(matches!(p.decide(&machine(3, 7)), Decision::Boot(s) if s.profile == "default"));
+        assert_eq!(p.decide(&machine(2, 7), &urls()), Decision::LocalBoot);
+        assert!(matches!(p.decide(&machine(3, 7), &urls()), Decision::Boot(s) if s.profile == "default"));
         p.default_profile = None;
-        assert_eq!(p.decide(&machine(3, 7)), Decision::Ignore, "no default: strangers are ignored");
+        assert_eq!(p.decide(&machine(3, 7), &urls()), Decision::Ignore, "no default: strangers are ignored");
     }
 }

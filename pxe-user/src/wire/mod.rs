@@ -3,3 +3,4 @@
 //! emitters write into a caller's buffer sized by `buffer_len`.
 
 pub mod tftp;
+pub mod udp;
