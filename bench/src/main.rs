@@ -9,6 +9,7 @@
 //! Point it only at servers in your own test network: it sends as fast as the
 //! server answers, bounded by `--clients` and `--time-limit`.
 
+mod cpu;
 mod dhcp;
 mod plot;
 mod pxe;
@@ -38,6 +39,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One socket per simulated transfer: thousands of machines need thousands.
+    pxe_user::privileges::raise_open_file_limit();
     let result = match cli.command {
         Command::Pxe(args) => pxe::run(args),
         Command::Tftp(args) => tftp::run(args),

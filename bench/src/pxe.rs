@@ -62,8 +62,9 @@ pub struct Args {
     /// Interface of the client network the machines boot on (a namespace's).
     #[arg(long, default_value = "eth0")]
     interface: String,
-    /// Number of machines.
-    #[arg(long, default_value_t = 100)]
+    /// Number of machines (all powered on at once unless --ramp-ms or
+    /// --power-on says otherwise).
+    #[arg(long, default_value_t = 100, conflicts_with = "power_on")]
     clients: usize,
     /// Firmware the machines behave like.
     #[arg(long, value_enum, default_value_t = Firmware::Uefi)]
@@ -74,9 +75,16 @@ pub struct Args {
     /// Local copy of the server's boot root: every file received is compared with it.
     #[arg(long, value_name = "DIR")]
     verify_root: Option<PathBuf>,
-    /// Start one machine every this many milliseconds (0: all at once, a power-on storm).
+    /// Start one machine every this many milliseconds (0: all at once, a
+    /// power-on storm); within each --power-on wave when both are given.
     #[arg(long, default_value_t = 0)]
     ramp_ms: u64,
+    /// Power-on schedule as waves COUNT@SECONDS, comma-separated: e.g.
+    /// `400@0,400@20,1200@45` is two racks of 400 twenty seconds apart, then
+    /// a row of 1200 at 45 s (as a PDU sequencer or a data hall coming back
+    /// does). Replaces --clients.
+    #[arg(long, value_name = "WAVES", value_parser = parse_power_on)]
+    power_on: Option<PowerOn>,
     /// First byte of the simulated MACs' last three (to keep runs apart).
     #[arg(long, default_value_t = 0x10)]
     mac_prefix: u8,
@@ -92,6 +100,39 @@ pub struct Args {
     /// Draw completions and goodput over time as an SVG to this file.
     #[arg(long)]
     svg: Option<PathBuf>,
+}
+
+/// Waves of machines: (count, seconds after the start).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PowerOn(Vec<(usize, f64)>);
+
+fn parse_power_on(spec: &str) -> Result<PowerOn, String> {
+    let mut waves = Vec::new();
+    for wave in spec.split(',').map(str::trim) {
+        let (count, at) = wave.split_once('@').ok_or_else(|| format!("{wave:?}: a wave is COUNT@SECONDS, e.g. 400@20"))?;
+        let count: usize = count.trim().parse().map_err(|_| format!("{wave:?}: {count:?} is not a machine count"))?;
+        let at: f64 = at.trim().parse().map_err(|_| format!("{wave:?}: {at:?} is not a number of seconds"))?;
+        if count == 0 || !at.is_finite() || at < 0.0 {
+            return Err(format!("{wave:?}: a wave needs at least one machine and a time of 0 s or later"));
+        }
+        waves.push((count, at));
+    }
+    Ok(PowerOn(waves))
+}
+
+/// When each machine powers on, from the start of the run, in machine order.
+fn power_on_times(args: &Args) -> Vec<Duration> {
+    let ramp = Duration::from_millis(args.ramp_ms);
+    let waves = match &args.power_on {
+        Some(PowerOn(waves)) => waves.clone(),
+        None => vec![(args.clients, 0.0)],
+    };
+    let mut times: Vec<Duration> = waves
+        .iter()
+        .flat_map(|&(count, at)| (0..count).map(move |i| Duration::from_secs_f64(at) + ramp * i as u32))
+        .collect();
+    times.sort();
+    times
 }
 
 /// What happened to one machine.
@@ -124,6 +165,7 @@ pub struct Report {
     pub dhcp_retransmits: u64,
     pub tftp_retransmits: u64,
     pub failures: BTreeMap<String, usize>,
+    pub cpu: crate::cpu::CpuUsage,
     pub machines: Vec<MachineResult>,
 }
 
@@ -143,12 +185,18 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
 async fn run_machines(args: &Args) -> anyhow::Result<Report> {
     let wire = DhcpWire::bind(&args.interface)?;
     let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
+    let schedule = power_on_times(args);
+    let total = schedule.len();
+    if total > 0xff_ffff {
+        anyhow::bail!("{total} machines: the simulated MACs have room for 16,777,215");
+    }
+    let meter = crate::cpu::CpuMeter::start();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.time_limit);
     let done = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
     let progress = {
-        let (done, failed, total) = (Arc::clone(&done), Arc::clone(&failed), args.clients);
+        let (done, failed) = (Arc::clone(&done), Arc::clone(&failed));
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -157,9 +205,13 @@ async fn run_machines(args: &Args) -> anyhow::Result<Report> {
             }
         })
     };
-    let mut tasks = Vec::with_capacity(args.clients);
-    for n in 0..args.clients {
-        let mac = [0x52, 0x54, 0x00, args.mac_prefix, (n >> 8) as u8, n as u8];
+    let mut tasks = Vec::with_capacity(total);
+    for (n, at) in schedule.into_iter().enumerate() {
+        tokio::time::sleep_until((started + at).into()).await;
+        // The MAC's last three bytes: the prefix plus the machine number, so
+        // runs with different prefixes stay apart up to 65,536 machines.
+        let id = (usize::from(args.mac_prefix) << 16).wrapping_add(n);
+        let mac = [0x52, 0x54, 0x00, (id >> 16) as u8, (id >> 8) as u8, id as u8];
         let machine = Machine {
             identity: Identity {
                 mac,
@@ -182,16 +234,13 @@ async fn run_machines(args: &Args) -> anyhow::Result<Report> {
             if result.failure.is_some() { &failed } else { &done }.fetch_add(1, Ordering::Relaxed);
             result
         }));
-        if args.ramp_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(args.ramp_ms)).await;
-        }
     }
     let mut machines = Vec::with_capacity(tasks.len());
     for task in tasks {
         machines.push(task.await?);
     }
     progress.abort();
-    Ok(summarise(args, machines, started.elapsed().as_secs_f64()))
+    Ok(summarise(args, machines, started.elapsed().as_secs_f64(), meter.stop()))
 }
 
 struct Machine {
@@ -296,7 +345,7 @@ fn mac_text(m: [u8; 6]) -> String {
     m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
-fn summarise(args: &Args, machines: Vec<MachineResult>, seconds: f64) -> Report {
+fn summarise(args: &Args, machines: Vec<MachineResult>, seconds: f64, cpu: crate::cpu::CpuUsage) -> Report {
     let mut stage_ms = Vec::new();
     for stage in ["dhcp", "nbp", "ipxe_dhcp", "script", "os"] {
         let mut times: Vec<f64> =
@@ -317,7 +366,7 @@ fn summarise(args: &Args, machines: Vec<MachineResult>, seconds: f64) -> Report 
     }
     let bytes: u64 = machines.iter().map(|m| m.bytes).sum();
     Report {
-        clients: args.clients,
+        clients: machines.len(),
         firmware: args.firmware,
         second_stage: args.second_stage,
         booted: machines.iter().filter(|m| m.failure.is_none()).count(),
@@ -328,6 +377,7 @@ fn summarise(args: &Args, machines: Vec<MachineResult>, seconds: f64) -> Report 
         dhcp_retransmits: machines.iter().map(|m| u64::from(m.dhcp_retransmits)).sum(),
         tftp_retransmits: machines.iter().map(|m| m.tftp_retransmits).sum(),
         failures,
+        cpu,
         machines,
     }
 }
@@ -349,6 +399,8 @@ fn print_report(r: &Report, timeline: usize) {
     for (stage, (p50, p99, max)) in &r.stage_ms {
         println!("  {stage:<10} {p50:>10.1} {p99:>10.1} {max:>10.1}");
     }
+    let bytes: u64 = r.machines.iter().map(|m| m.bytes).sum();
+    println!("  {}", r.cpu.describe(bytes));
     for (reason, n) in &r.failures {
         println!("  failed ×{n}: {reason}");
     }
@@ -367,6 +419,28 @@ fn print_report(r: &Report, timeline: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn power_on_waves_parse_and_unfold_into_times() {
+        assert_eq!(parse_power_on("2@0, 1@1.5").unwrap(), PowerOn(vec![(2, 0.0), (1, 1.5)]));
+        for bad in ["", "5", "x@1", "5@soon", "0@1", "5@-1"] {
+            assert!(parse_power_on(bad).is_err(), "{bad:?}");
+        }
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        let args = |power_on: Option<PowerOn>, ramp_ms: u64| {
+            let mut cli = <Cli as clap::Parser>::parse_from(["pxe", "--clients", "3", "--ramp-ms", &ramp_ms.to_string()]);
+            cli.args.power_on = power_on;
+            cli.args
+        };
+        let ms = |v: Vec<Duration>| v.into_iter().map(|d| d.as_millis()).collect::<Vec<_>>();
+        assert_eq!(ms(power_on_times(&args(None, 0))), [0, 0, 0], "a storm");
+        assert_eq!(ms(power_on_times(&args(None, 10))), [0, 10, 20], "a ramp");
+        assert_eq!(ms(power_on_times(&args(Some(PowerOn(vec![(2, 1.0), (2, 0.0)])), 5))), [0, 5, 1000, 1005], "waves, ramped within");
+    }
 
     #[test]
     fn script_urls_are_the_kernel_and_initrd_lines() {

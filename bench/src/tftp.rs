@@ -61,6 +61,7 @@ pub struct Report {
     pub transfer_ms_p99: f64,
     pub client_retransmits: u64,
     pub failures: Vec<String>,
+    pub cpu: crate::cpu::CpuUsage,
 }
 
 pub fn run(args: Args) -> anyhow::Result<bool> {
@@ -82,6 +83,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         report.transfer_ms_p99,
         report.client_retransmits
     );
+    println!("  {}", report.cpu.describe(report.bytes));
     for failure in report.failures.iter().take(10) {
         println!("  failed: {failure}");
     }
@@ -92,6 +94,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
 }
 
 async fn run_clients(args: &Args, expected: Arc<Vec<u8>>) -> anyhow::Result<Report> {
+    let meter = crate::cpu::CpuMeter::start();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.time_limit);
     let mut tasks = Vec::with_capacity(args.clients);
@@ -139,6 +142,7 @@ async fn run_clients(args: &Args, expected: Arc<Vec<u8>>) -> anyhow::Result<Repo
         transfer_ms_p99: percentile(0.99),
         client_retransmits: retransmits,
         failures,
+        cpu: meter.stop(),
     })
 }
 

@@ -72,12 +72,10 @@ pub fn run(clients: &[usize], blksize: u16, windowsize: u16) -> anyhow::Result<(
         let _ = pid; // stopped with the lab
         for &n in clients {
             // Server CPU = machine-wide busy time minus the load generator's own
-            // CPU: kernel work in softirq is charged to no process, and forking
-            // servers (tftpd-hpa) spread theirs over children.
-            let busy_before = machine_busy_seconds();
-            let bench_before = children_cpu_seconds();
+            // CPU, measured by the bench itself: kernel work in softirq is charged
+            // to no process, and forking servers (tftpd-hpa) spread theirs over children.
             let report = run_bench(&client, &bench, &root.join("kernel"), n, blksize, windowsize)?;
-            let server_cpu_s = (machine_busy_seconds() - busy_before) - (children_cpu_seconds() - bench_before);
+            let server_cpu_s = report["cpu"]["server_s"].as_f64().unwrap_or(0.0);
             eprintln!("{name}, {n} clients: {} MB/s", report["goodput_mb_per_s"]);
             rows.push(Row { server: name, clients: n, report, server_cpu_s });
         }
@@ -104,30 +102,6 @@ fn run_bench(client: &Netns, bench: &Path, expect: &Path, clients: usize, blksiz
     eprint!("{}", String::from_utf8_lossy(&out.stdout));
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).context("bench wrote no report")?)?;
     Ok(report)
-}
-
-/// Busy (non-idle, non-iowait) CPU time of the whole machine, in seconds.
-fn machine_busy_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(cpu) = stat.lines().next() else { return 0.0 };
-    let ticks: Vec<f64> = cpu.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
-    // user nice system idle iowait irq softirq steal ...
-    let busy: f64 = ticks.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).take(8).sum();
-    busy / ticks_per_second()
-}
-
-fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
-}
-
-/// CPU time of this process's waited-for children: the bench runs.
-fn children_cpu_seconds() -> f64 {
-    // SAFETY: getrusage writes into the zeroed struct we pass.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 fn write_doc(path: &Path, rows: &[Row], clients: &[usize], blksize: u16, windowsize: u16) -> anyhow::Result<()> {

@@ -1,0 +1,141 @@
+//! Who used the CPU during a run: the whole machine, the harness itself, and
+//! the difference, which is the server's when it runs on this machine and
+//! nothing else does.
+//!
+//! Machine-wide busy time is the honest measure of a server whose work runs
+//! in softirq (XDP/TC) or in forked children (tftpd-hpa): no single process
+//! is charged for it. On veth, though, the receive path of a packet the
+//! harness sends can run in the harness's own context and be charged to it,
+//! so part of such a server's work is subtracted with the harness's: the
+//! server figure is then a floor, and goodput the number to trust.
+//!
+//! The harness's own figure is its ceiling: bytes per harness CPU-second,
+//! times the cores it can use, is the most it could drive against a server
+//! that cost nothing.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+/// CPU seconds spent during one run.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct CpuUsage {
+    pub seconds: f64,
+    pub cores: usize,
+    /// Busy (not idle, not iowait) time of every CPU.
+    pub machine_busy_s: f64,
+    /// This process: user and system time of all its threads.
+    pub harness_s: f64,
+    /// `machine_busy_s - harness_s`.
+    pub server_s: f64,
+}
+
+impl CpuUsage {
+    /// Fraction of the machine the harness kept busy (1.0: every core).
+    pub fn harness_share(&self) -> f64 {
+        self.harness_s / (self.seconds * self.cores as f64).max(1e-9)
+    }
+
+    /// One line for the report; `bytes` were moved during the run.
+    pub fn describe(&self, bytes: u64) -> String {
+        let mb = bytes as f64 / 1e6;
+        let per = |cpu: f64| if cpu > 0.01 { format!("{:.0}", mb / cpu) } else { "-".to_owned() };
+        let mut line = format!(
+            "cpu: server {:.2} s ({} MB per server CPU-s), harness {:.2} s ({:.0}% of {} cores; {} MB per harness CPU-s)",
+            self.server_s,
+            per(self.server_s),
+            self.harness_s,
+            self.harness_share() * 100.0,
+            self.cores,
+            per(self.harness_s),
+        );
+        if self.harness_share() > 0.45 {
+            line.push_str("; the harness used half the machine or more: it may be the bottleneck");
+        }
+        line
+    }
+}
+
+/// Started at the beginning of a run.
+pub struct CpuMeter {
+    started: Instant,
+    busy: f64,
+    own: f64,
+}
+
+impl CpuMeter {
+    pub fn start() -> Self {
+        Self { started: Instant::now(), busy: machine_busy_seconds(), own: own_cpu_seconds() }
+    }
+
+    pub fn stop(&self) -> CpuUsage {
+        let machine_busy_s = machine_busy_seconds() - self.busy;
+        let harness_s = own_cpu_seconds() - self.own;
+        CpuUsage {
+            seconds: self.started.elapsed().as_secs_f64(),
+            cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            machine_busy_s,
+            harness_s,
+            server_s: (machine_busy_s - harness_s).max(0.0),
+        }
+    }
+}
+
+/// Busy CPU time of the whole machine since boot, from /proc/stat's first
+/// line: user nice system idle iowait irq softirq steal, less idle and iowait.
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    stat.lines().next().map(busy_ticks).unwrap_or(0.0) / ticks_per_second()
+}
+
+fn busy_ticks(cpu_line: &str) -> f64 {
+    cpu_line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .filter_map(|(_, t)| t.parse::<f64>().ok())
+        .sum()
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+fn own_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_time_leaves_out_idle_iowait_and_guest_columns() {
+        //          user nice system idle iowait irq softirq steal guest guest_nice
+        let line = "cpu  100  5    50     9000 300    7   8       2     40    1";
+        assert_eq!(busy_ticks(line), 100.0 + 5.0 + 50.0 + 7.0 + 8.0 + 2.0);
+    }
+
+    #[test]
+    fn the_harness_is_charged_for_its_own_work() {
+        let meter = CpuMeter::start();
+        let mut x = 0u64;
+        let give_up = Instant::now();
+        while own_cpu_seconds() - meter.own < 0.2 && give_up.elapsed().as_secs() < 20 {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        }
+        let usage = meter.stop();
+        assert!(usage.harness_s >= 0.2, "{usage:?}");
+        // The machine was busy at least while we were (less one clock tick).
+        assert!(usage.machine_busy_s >= usage.harness_s - 0.02, "{usage:?}");
+    }
+}
