@@ -25,7 +25,7 @@ use pxe_user::{
     lease::{LeaseStore, MemLeaseStore, RedbLeaseStore},
     netif,
     policy::r#static::{ServerUrls, StaticPolicy},
-    privileges::missing_capabilities,
+    privileges::{missing_capabilities, raise_open_file_limit},
     tftp::{
         negotiate::Limits,
         server::{KernelProgress, Offload, TftpConfig, TftpServer, TransferHooks},
@@ -199,6 +199,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             "pxed needs root, or at least {}, to load BPF programs and bind ports 67 and 69; run it as root",
             missing.join(", ")
         );
+    }
+    let open_files = raise_open_file_limit();
+    if open_files < 16_384 {
+        warn!(open_files, "the open-file limit caps concurrent TFTP transfers (one socket each); raise it (ulimit -n) for large racks");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
