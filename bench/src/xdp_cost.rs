@@ -53,7 +53,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         let mut samples = Vec::with_capacity(args.samples);
         for _ in 0..args.samples {
             let mut entry: SessionEntry = bytemuck::Zeroable::zeroed();
-            (entry.blksize, entry.blocks, entry.last_sent) = (blksize, 100, 1);
+            (entry.blksize, entry.blocks, entry.last_sent, entry.window) = (blksize, 100, 1, 1);
             fp.insert_session(key, entry)?;
             let (action, duration) = run_once(&mut fp, &ack, 1)?;
             anyhow::ensure!(action == 3, "expected XDP_TX, got {action}");

@@ -65,13 +65,16 @@ counters! {
     PASS_TFTP_LAST_BLOCKS = 15,
     /// XDP could not grow the frame (no tailroom, e.g. veth): left to TC.
     PASS_TFTP_NO_TAILROOM = 16,
+    /// ACK of a windowed session at XDP, which can send one frame per ACK:
+    /// left to TC, which sends the whole window.
+    PASS_TFTP_WINDOWED = 17,
     /// Observation: the frame carried one 802.1Q tag (counted besides its verdict).
-    SEEN_VLAN_TAG = 17,
+    SEEN_VLAN_TAG = 18,
 }
 
 impl Counter {
     /// Length of a counter array.
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
 
     /// The counter's name, e.g. `PASS_TFTP_REQUEST`.
     pub fn name(self) -> &'static str {

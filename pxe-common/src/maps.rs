@@ -84,9 +84,15 @@ pub struct SessionEntry {
     pub blksize: u32,
     /// Blocks in the transfer, the final (short or empty) one included.
     pub blocks: u32,
-    /// Highest block sent (wide index, 1-based). The kernel answers an ACK of
-    /// exactly this block with the next one.
+    /// Highest block sent (wide index, 1-based).
     pub last_sent: u32,
+    /// Highest block the client acknowledged (wide index; 0: none yet).
+    pub last_acked: u32,
+    /// Blocks sent per ACK (RFC 7440 windowsize; 1 is lockstep), at most
+    /// [`MAX_KERNEL_WINDOW`]. An ACK of any block in the window in flight
+    /// (`last_sent - window < block ≤ last_sent`) is answered with the
+    /// `window` blocks after it; older ACKs are duplicates.
+    pub window: u32,
     /// Blocks the kernel tiers sent, by tier (XDP in place, TC redirect).
     pub xdp_sent: u32,
     pub tc_sent: u32,
@@ -95,9 +101,14 @@ pub struct SessionEntry {
     pub _pad: u32,
 }
 
+/// Largest window the kernel tiers serve: the TC tier sends a window as one
+/// frame per block (clone and redirect), unrolled this many times at most.
+/// UEFI (EDK2) asks for 4; larger windows stay in userspace (GSO).
+pub const MAX_KERNEL_WINDOW: u32 = 8;
+
 const _: () = assert!(core::mem::size_of::<ImageEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<SessionKey>() == 8);
-const _: () = assert!(core::mem::size_of::<SessionEntry>() == 32);
+const _: () = assert!(core::mem::size_of::<SessionEntry>() == 40);
 const _: () = assert!(CHUNK_STRIDE > 0);
 
 /// How many transfer ports can be registered at once: one per running transfer.

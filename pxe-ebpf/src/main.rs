@@ -1,10 +1,11 @@
 //! The kernel programs. Each entry point is one line into a body; the bodies
 //! parse with `parse.rs`, look up the maps below, count a verdict and act.
 //!
-//! Both programs classify every packet and pass what is not theirs. An
-//! in-sequence ACK of a kernel TFTP session is answered with the next block:
-//! by XDP in place (`XDP_TX`) when the frame has tailroom, otherwise by TC
-//! (grown skb, redirected out of the same interface). See `tftp.rs`.
+//! Both programs classify every packet and pass what is not theirs. An ACK
+//! of a kernel TFTP session is answered with the next block (lockstep) by XDP
+//! in place (`XDP_TX`) when the frame has tailroom, otherwise by TC (grown
+//! skb, redirected out of the same interface); the next window (RFC 7440) by
+//! TC, one frame per block. See `tftp.rs`.
 #![no_std]
 #![no_main]
 
@@ -13,7 +14,9 @@ mod tftp;
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_MMAPABLE, BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_store_bytes, bpf_xdp_adjust_tail, bpf_xdp_store_bytes},
+    helpers::{
+        bpf_clone_redirect, bpf_redirect, bpf_skb_change_tail, bpf_skb_store_bytes, bpf_xdp_adjust_tail, bpf_xdp_store_bytes,
+    },
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
@@ -22,13 +25,13 @@ use pxe_common::{
     counter::Counter,
     maps::{
         ImageEntry, SessionEntry, SessionKey, TftpPortEntry, TftpPortKey, CHUNK_SIZE, CHUNK_STRIDE, IMAGES_CAPACITY,
-        IMAGE_CHUNKS_DEFAULT, MAX_FAST_BLKSIZE, TFTP_PORTS_CAPACITY, TFTP_SESSIONS_CAPACITY,
+        IMAGE_CHUNKS_DEFAULT, MAX_FAST_BLKSIZE, MAX_KERNEL_WINDOW, TFTP_PORTS_CAPACITY, TFTP_SESSIONS_CAPACITY,
     },
 };
 
 use crate::{
     parse::{classify, Frame, UdpOffsets, MAX_HEADERS_LEN},
-    tftp::{opaque, plan, sent, Build, Plan, HEADERS_LEN},
+    tftp::{opaque, plan, sent, Block, Plan, HEADERS_LEN},
 };
 
 /// `Counter` index → packets; written per CPU by `pxe_ingress`, read by the daemon.
@@ -83,10 +86,13 @@ fn handle_xdp(ctx: &XdpContext) -> u32 {
 /// The XDP tier: grow the ACK into the DATA frame in place and send it back.
 #[inline(always)]
 fn xdp_tftp(ctx: &XdpContext, frame: &Frame, off: UdpOffsets) -> (Counter, u32) {
-    let build = match plan(frame, off, &TFTP_SESSIONS, &IMAGES, &IMAGE_CHUNKS) {
+    let build = match plan(frame, off, &TFTP_SESSIONS, &IMAGES, 1) {
         Plan::Pass(counter) => return (counter, xdp_action::XDP_PASS),
         Plan::Drop => return (Counter::DROP_TFTP_STALE_ACK, xdp_action::XDP_DROP),
         Plan::Build(build) => build,
+    };
+    let Some(block) = build.block(&IMAGE_CHUNKS, 0) else {
+        return (Counter::PASS_TFTP_TRANSFER, xdp_action::XDP_PASS);
     };
     let grow = build.frame_len as i32 - (frame.end - frame.start) as i32;
     // SAFETY: the context is the program's own; the helper checks the bounds.
@@ -94,7 +100,7 @@ fn xdp_tftp(ctx: &XdpContext, frame: &Frame, off: UdpOffsets) -> (Counter, u32) 
         // No tailroom (veth, some drivers): the TC tier builds it from the skb.
         return (Counter::PASS_TFTP_NO_TAILROOM, xdp_action::XDP_PASS);
     }
-    if !store_reply(&build, |offset, from, len| {
+    if !store_reply(&block, |offset, from, len| {
         // SAFETY: `from` points at `len` readable bytes (the stack headers or
         // a bounded slice of a map value); the helper bounds-checks the frame.
         unsafe { bpf_xdp_store_bytes(ctx.ctx, offset, from, len) }
@@ -102,14 +108,14 @@ fn xdp_tftp(ctx: &XdpContext, frame: &Frame, off: UdpOffsets) -> (Counter, u32) 
         // The frame has already grown: never let a half-built frame go on.
         return (Counter::PASS_TFTP_TRANSFER, xdp_action::XDP_ABORTED);
     }
-    sent(&build, 0);
+    sent(&build, 1, 0);
     (Counter::TX_TFTP_DATA, xdp_action::XDP_TX)
 }
 
 /// Writes the reply headers, then the block from its chunk. `store` is the
 /// tier's helper (offset, source, length) returning 0 on success.
 #[inline(always)]
-fn store_reply(build: &Build, store: impl Fn(u32, *mut core::ffi::c_void, u32) -> i64) -> bool {
+fn store_reply(build: &Block, store: impl Fn(u32, *mut core::ffi::c_void, u32) -> i64) -> bool {
     let headers = &build.headers as *const _ as *mut core::ffi::c_void;
     if store(0, headers, HEADERS_LEN as u32) != 0 {
         return false;
@@ -150,11 +156,12 @@ fn handle_tc(ctx: &TcContext) -> i32 {
     action
 }
 
-/// The TC tier: grow the skb into the DATA frame and redirect it out of the
-/// interface the ACK came in on.
+/// The TC tier: grow the skb into a DATA frame; send each block of the
+/// window but the last as a clone out of the interface the ACK came in on,
+/// then rewrite the skb into the last block and redirect it.
 #[inline(always)]
 fn tc_tftp(ctx: &TcContext, frame: &Frame, off: UdpOffsets) -> (Counter, i32) {
-    let build = match plan(frame, off, &TFTP_SESSIONS, &IMAGES, &IMAGE_CHUNKS) {
+    let build = match plan(frame, off, &TFTP_SESSIONS, &IMAGES, MAX_KERNEL_WINDOW) {
         Plan::Pass(counter) => return (counter, TC_ACT_UNSPEC),
         Plan::Drop => return (Counter::DROP_TFTP_STALE_ACK, TC_ACT_SHOT as i32),
         Plan::Build(build) => build,
@@ -164,18 +171,40 @@ fn tc_tftp(ctx: &TcContext, frame: &Frame, off: UdpOffsets) -> (Counter, i32) {
     if unsafe { bpf_skb_change_tail(skb, build.frame_len as u32, 0) } != 0 {
         return (Counter::PASS_TFTP_TRANSFER, TC_ACT_UNSPEC);
     }
-    if !store_reply(&build, |offset, from, len| {
-        // SAFETY: as in the XDP tier; RECOMPUTE_CSUM keeps a CHECKSUM_COMPLETE skb's sum right.
-        unsafe { bpf_skb_store_bytes(skb, offset, from, len, BPF_F_RECOMPUTE_CSUM as u64) }
-    }) {
-        return (Counter::PASS_TFTP_TRANSFER, TC_ACT_SHOT as i32);
-    }
-    sent(&build, 1);
     // SAFETY: reading the ingress interface index of our own skb.
     let ifindex = unsafe { (*skb).ifindex };
-    // SAFETY: redirecting our own skb to the egress of its interface.
-    let action = unsafe { bpf_redirect(ifindex, 0) } as i32;
-    (Counter::REDIRECT_TFTP_DATA, action)
+    let mut cloned = 0;
+    for i in 0..MAX_KERNEL_WINDOW {
+        if i >= build.count {
+            break;
+        }
+        let written = build.block(&IMAGE_CHUNKS, i).is_some_and(|block| {
+            store_reply(&block, |offset, from, len| {
+                // SAFETY: as in the XDP tier; RECOMPUTE_CSUM keeps a CHECKSUM_COMPLETE skb's sum right.
+                unsafe { bpf_skb_store_bytes(skb, offset, from, len, BPF_F_RECOMPUTE_CSUM as u64) }
+            })
+        });
+        if !written {
+            break;
+        }
+        if i + 1 == build.count {
+            sent(&build, build.count, 1);
+            // SAFETY: redirecting our own skb to the egress of its interface.
+            let action = unsafe { bpf_redirect(ifindex, 0) } as i32;
+            return (Counter::REDIRECT_TFTP_DATA, action);
+        }
+        // SAFETY: a copy of our own skb goes out of its interface; the skb stays ours.
+        if unsafe { bpf_clone_redirect(skb, ifindex, 0) } != 0 {
+            break;
+        }
+        cloned += 1;
+    }
+    // Something failed part-way: what went out is recorded (userspace's timer
+    // sends the rest); the half-built frame never goes on.
+    if cloned > 0 {
+        sent(&build, cloned, 1);
+    }
+    (Counter::PASS_TFTP_TRANSFER, TC_ACT_SHOT as i32)
 }
 
 #[inline(always)]

@@ -1,10 +1,12 @@
-//! The TFTP fast path: an in-sequence ACK of a kernel session is answered
-//! with the next DATA block, built from the image chunks userspace mapped in.
+//! The TFTP fast path: an ACK of a kernel session is answered with the next
+//! window of DATA blocks (one block in lockstep), built from the image chunks
+//! userspace mapped in.
 //!
 //! Both tiers share the decision ([`plan`]), the header values and the
 //! checksums; they differ only in how they grow the frame and send it:
-//! XDP grows in place and returns `XDP_TX`, TC grows the skb and redirects it
-//! out of the interface it came in on.
+//! XDP grows in place and returns `XDP_TX` (one frame per ACK, so lockstep
+//! only), TC grows the skb, sends all but the last block of a window as
+//! clones and redirects the skb itself with the last.
 //!
 //! What stays with userspace: the request and option negotiation, the first
 //! block, the final (short) block and the final ACK, every retransmission
@@ -18,7 +20,7 @@ use aya_ebpf::{
 use pxe_common::{
     counter::Counter,
     hdr::{EthHdr, Ipv4Hdr, UdpHdr},
-    maps::{ImageEntry, SessionEntry, SessionKey, CHUNK_SIZE, CHUNK_STRIDE, MAX_FAST_BLKSIZE},
+    maps::{ImageEntry, SessionEntry, SessionKey, CHUNK_SIZE, CHUNK_STRIDE, MAX_FAST_BLKSIZE, MAX_KERNEL_WINDOW},
 };
 
 use crate::parse::{ptr_at, Frame, UdpOffsets};
@@ -31,18 +33,31 @@ const ACK_LEN: usize = 4;
 /// TFTP header of a DATA packet.
 const TFTP_HDR: usize = 4;
 
-/// The block to build, with everything both tiers need.
+/// The blocks to build: `acked + 1 ..= acked + count`, all full-sized.
 pub struct Build {
     pub session: *mut SessionEntry,
-    pub next: u32,
+    /// The block the ACK acknowledged (wide index).
+    pub acked: u32,
+    /// Blocks to send: the session's window.
+    pub count: u32,
+    /// Block length: ≤ MAX_FAST_BLKSIZE, a multiple of 4.
+    pub blksize: u32,
+    /// Length of each DATA frame.
+    pub frame_len: usize,
+    image: ImageEntry,
+    /// The ACK's headers, which the replies' are derived from.
+    eth: EthHdr,
+    ip: Ipv4Hdr,
+    udp: UdpHdr,
+}
+
+/// One DATA frame of a [`Build`].
+pub struct Block {
     pub chunk: *const [u8; CHUNK_SIZE as usize],
     /// Offset of the block in its chunk (< CHUNK_STRIDE).
     pub at: u32,
-    /// Block length: ≤ MAX_FAST_BLKSIZE, a multiple of 4.
     pub blksize: u32,
-    /// Length of the DATA frame to send.
-    pub frame_len: usize,
-    /// Ethernet, IPv4, UDP and TFTP headers of the reply, already final.
+    /// Ethernet, IPv4, UDP and TFTP headers of the frame, already final.
     pub headers: Headers,
 }
 
@@ -66,15 +81,16 @@ pub enum Plan {
     Build(Build),
 }
 
-/// Decides what to do with a transfer packet whose UDP header is at `off`.
-/// Only untagged frames whose IPv4 header has no options are rebuilt.
+/// Decides what to do with a transfer packet whose UDP header is at `off`,
+/// for a tier that can send up to `max_window` frames per ACK. Only untagged
+/// frames whose IPv4 header has no options are rebuilt.
 #[inline(always)]
 pub fn plan(
     frame: &Frame,
     off: UdpOffsets,
     sessions: &HashMap<SessionKey, SessionEntry>,
     images: &Array<ImageEntry>,
-    chunks: &Array<[u8; CHUNK_SIZE as usize]>,
+    max_window: u32,
 ) -> Plan {
     if off.l3 != EthHdr::LEN || off.l4 != EthHdr::LEN + Ipv4Hdr::LEN {
         return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
@@ -99,13 +115,27 @@ pub fn plan(
     };
     // SAFETY: a map value pointer the lookup just returned.
     let s = unsafe { &mut *session };
-    if block != s.last_sent as u16 {
+    let window = s.window;
+    if window > max_window {
+        // XDP sends one frame per ACK: a window is TC's to send.
+        return Plan::Pass(Counter::PASS_TFTP_WINDOWED);
+    }
+    if window == 0 || window > MAX_KERNEL_WINDOW {
+        return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
+    }
+    // Blocks in flight are last_sent - window + 1 ..= last_sent; an ACK of
+    // one of them (16-bit numbers, rolled over) acknowledges everything up to
+    // it, and the next window starts after it (RFC 7440 §4). Anything older
+    // is a duplicate: dropped, never a resend.
+    let behind = (s.last_sent as u16).wrapping_sub(block) as u32;
+    if behind >= window || behind > s.last_sent {
         s.dup_acks += 1;
         return Plan::Drop;
     }
-    let next = s.last_sent + 1;
-    if next + 1 > s.blocks {
-        // `next` is the final block (it may be short or empty): userspace's.
+    let acked = s.last_sent - behind;
+    if acked + window >= s.blocks {
+        // The window would reach the final block (short or empty):
+        // userspace's, with the end of the transfer.
         return Plan::Pass(Counter::PASS_TFTP_LAST_BLOCKS);
     }
     let blksize = s.blksize;
@@ -118,26 +148,34 @@ pub fn plan(
     if image.ready == 0 {
         return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
     }
-    let (chunk_index, at) = image.locate((next - 1) * blksize);
-    if chunk_index >= image.first_chunk + image.chunks || at >= CHUNK_STRIDE {
-        return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
-    }
-    let Some(chunk) = chunks.get_ptr(chunk_index) else {
-        return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
-    };
-    let Some(payload_sum) = payload_checksum(chunk, at, blksize) else {
-        return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
-    };
-    let headers = reply_headers(&eth, &ip, &udp, next as u16, blksize, payload_sum);
     Plan::Build(Build {
         session,
-        next,
-        chunk,
-        at,
+        acked,
+        count: window,
         blksize,
         frame_len: HEADERS_LEN + blksize as usize,
-        headers,
+        image: *image,
+        eth,
+        ip,
+        udp,
     })
+}
+
+impl Build {
+    /// The `i`-th frame of the window (block `acked + 1 + i`), or `None` if
+    /// its bytes are not where the image says.
+    #[inline(always)]
+    pub fn block(&self, chunks: &Array<[u8; CHUNK_SIZE as usize]>, i: u32) -> Option<Block> {
+        let index = self.acked + 1 + i;
+        let (chunk_index, at) = self.image.locate((index - 1) * self.blksize);
+        if chunk_index >= self.image.first_chunk + self.image.chunks || at >= CHUNK_STRIDE {
+            return None;
+        }
+        let chunk = chunks.get_ptr(chunk_index)?;
+        let payload_sum = payload_checksum(chunk, at, self.blksize)?;
+        let headers = reply_headers(&self.eth, &self.ip, &self.udp, index as u16, self.blksize, payload_sum);
+        Some(Block { chunk, at, blksize: self.blksize, headers })
+    }
 }
 
 /// Ones' complement sum of the block's bytes, in the kernel's native-order
@@ -254,15 +292,17 @@ fn fold(mut sum: u64) -> u16 {
     !(sum as u16)
 }
 
-/// Records a block sent by `tier` (0: XDP, 1: TC).
+/// Records that `count` blocks after `build.acked` went out from `tier`
+/// (0: XDP, 1: TC).
 #[inline(always)]
-pub fn sent(build: &Build, tier: u8) {
+pub fn sent(build: &Build, count: u32, tier: u8) {
     // SAFETY: the session pointer came from the map lookup in `plan`.
     let s = unsafe { &mut *build.session };
-    s.last_sent = build.next;
+    s.last_acked = build.acked;
+    s.last_sent = build.acked + count;
     if tier == 0 {
-        s.xdp_sent += 1;
+        s.xdp_sent += count;
     } else {
-        s.tc_sent += 1;
+        s.tc_sent += count;
     }
 }

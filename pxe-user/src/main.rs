@@ -31,7 +31,7 @@ use pxe_user::{
         server::{KernelProgress, Offload, TftpConfig, TftpServer, TransferHooks},
     },
 };
-use pxe_common::maps::{SessionEntry, SessionKey, MAX_FAST_BLKSIZE};
+use pxe_common::maps::{SessionEntry, SessionKey, MAX_FAST_BLKSIZE, MAX_KERNEL_WINDOW};
 use tokio::{
     signal::unix::{signal, SignalKind},
     task::JoinHandle,
@@ -123,7 +123,9 @@ struct Cli {
     boot_root: Option<PathBuf>,
 
     /// Largest TFTP block size granted. Default: the interface MTU minus the
-    /// IPv4, UDP and TFTP headers (1468 at MTU 1500), so no DATA fragments.
+    /// IPv4, UDP and TFTP headers (1468 at MTU 1500), so no DATA fragments;
+    /// with the kernel tiers on, at most 1468, the largest block they build
+    /// (a larger one is served from userspace).
     #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u16).range(8..=65464))]
     tftp_max_blksize: Option<u16>,
 
@@ -602,7 +604,9 @@ async fn start_tftp(
     hooks: Arc<FastPathHooks>,
 ) -> anyhow::Result<TftpServer> {
     let mtu = netif::mtu(interface).unwrap_or(1500);
-    let max_blksize = settings.tftp_max_blksize.unwrap_or_else(|| mtu.saturating_sub(32).clamp(512, 65464) as u16);
+    let fits_mtu = mtu.saturating_sub(32).clamp(512, 65464);
+    let fits_kernel = if hooks.kernel_tiers { fits_mtu.min(MAX_FAST_BLKSIZE) } else { fits_mtu };
+    let max_blksize = settings.tftp_max_blksize.unwrap_or(fits_kernel as u16);
     let config = TftpConfig {
         limits: Limits { max_blksize, max_windowsize: settings.tftp_max_windowsize },
         max_transfers_per_client: settings.tftp_max_per_client,
@@ -709,7 +713,13 @@ impl TransferHooks for FastPathHooks {
 
     fn offload(&self, t: &Offload<'_>) -> bool {
         let blksize = u32::from(t.blksize);
-        if !self.kernel_tiers || blksize > MAX_FAST_BLKSIZE || blksize % 4 != 0 || t.blocks > u64::from(u32::MAX) {
+        let window = u32::from(t.windowsize);
+        if !self.kernel_tiers
+            || blksize > MAX_FAST_BLKSIZE
+            || blksize % 4 != 0
+            || window > MAX_KERNEL_WINDOW
+            || t.blocks > u64::from(u32::MAX)
+        {
             return false;
         }
         let (Some(key), Some(image)) = (session_key(t), self.image_for(t.file)) else { return false };
@@ -719,7 +729,9 @@ impl TransferHooks for FastPathHooks {
         entry.image = image;
         entry.blksize = blksize;
         entry.blocks = t.blocks as u32;
+        entry.last_acked = t.acked as u32;
         entry.last_sent = t.last_sent as u32;
+        entry.window = window;
         match fastpath.insert_session(key, entry) {
             Ok(()) => true,
             Err(e) => {
@@ -732,7 +744,12 @@ impl TransferHooks for FastPathHooks {
     fn kernel_progress(&self, t: &Offload<'_>) -> Option<KernelProgress> {
         let key = session_key(t)?;
         let s = self.lock().session(&key).ok()??;
-        Some(KernelProgress { last_sent: u64::from(s.last_sent), xdp_sent: u64::from(s.xdp_sent), tc_sent: u64::from(s.tc_sent) })
+        Some(KernelProgress {
+            last_acked: u64::from(s.last_acked),
+            last_sent: u64::from(s.last_sent),
+            xdp_sent: u64::from(s.xdp_sent),
+            tc_sent: u64::from(s.tc_sent),
+        })
     }
 
     fn end_offload(&self, t: &Offload<'_>) {

@@ -133,17 +133,7 @@ fn transfers_complete_byte_exact_with_five_percent_loss_each_way() {
         return;
     }
     let (root, files, served) = serve_boot_files(&["--xdp-mode", "off", "--no-tc"]);
-    // netem is not in this kernel: nftables drops 5% of UDP on arrival in each
-    // namespace, so both directions lose packets. (Dropping in an output hook
-    // instead would fail the sender's sendto() with EPERM, which no real
-    // network does.)
-    let rules = "table inet loss {
-        chain input { type filter hook input priority 0; meta l4proto udp numgen random mod 100 < 5 drop; }
-    }";
-    let rules_file = root.path().join("loss.nft");
-    std::fs::write(&rules_file, rules).unwrap();
-    run_ok(&served.client, "nft", &["-f", rules_file.to_str().unwrap()]);
-    run_ok(&served.server, "nft", &["-f", rules_file.to_str().unwrap()]);
+    drop_five_percent_of_udp(&served, root.path());
     let out = tempfile::tempdir().unwrap();
     // curl 7.88 cannot fetch empty files over TFTP at all (see above).
     for (name, bytes) in files.iter().filter(|(name, _)| *name != "empty") {
@@ -157,6 +147,20 @@ fn transfers_complete_byte_exact_with_five_percent_loss_each_way() {
             assert_same(&dest, bytes, &format!("curl blksize {blksize} {name} under loss"));
         }
     }
+}
+
+/// Drops 5% of arriving UDP in each namespace, so both directions lose
+/// packets. netem is not in this kernel; nftables drops on input, because a
+/// drop in an output hook fails the sender's sendto() with EPERM, which no
+/// real network does.
+fn drop_five_percent_of_udp(served: &common::Served, scratch: &Path) {
+    let rules = "table inet loss {
+        chain input { type filter hook input priority 0; meta l4proto udp numgen random mod 100 < 5 drop; }
+    }";
+    let rules_file = scratch.join("loss.nft");
+    std::fs::write(&rules_file, rules).unwrap();
+    run_ok(&served.client, "nft", &["-f", rules_file.to_str().unwrap()]);
+    run_ok(&served.server, "nft", &["-f", rules_file.to_str().unwrap()]);
 }
 
 /// The kernel tiers' share of a run, from pxed's log: blocks sent by XDP and
@@ -205,13 +209,7 @@ fn with_the_kernel_tiers_on_transfers_survive_five_percent_loss() {
         return;
     }
     let (root, files, served) = serve_boot_files(&["--dhcp", "off", "--fastpath-memory", "16"]);
-    let rules = "table inet loss {
-        chain input { type filter hook input priority 0; meta l4proto udp numgen random mod 100 < 5 drop; }
-    }";
-    let rules_file = root.path().join("loss.nft");
-    std::fs::write(&rules_file, rules).unwrap();
-    run_ok(&served.client, "nft", &["-f", rules_file.to_str().unwrap()]);
-    run_ok(&served.server, "nft", &["-f", rules_file.to_str().unwrap()]);
+    drop_five_percent_of_udp(&served, root.path());
     let out = tempfile::tempdir().unwrap();
     for (name, bytes) in files.iter().filter(|(name, _)| *name != "empty") {
         let dest = out.path().join(name);
@@ -220,4 +218,32 @@ fn with_the_kernel_tiers_on_transfers_survive_five_percent_loss() {
     }
     let (xdp, tc) = kernel_blocks(&served.log());
     assert!(xdp + tc > 0, "the kernel served blocks despite the loss");
+}
+
+#[test]
+fn with_the_kernel_tiers_on_windowed_transfers_are_sent_by_tc_byte_exact_also_under_loss() {
+    if !pxe_lab::privileged("with_the_kernel_tiers_on_windowed_transfers_are_sent_by_tc_byte_exact_also_under_loss")
+        || !have_tool("atftp", "atftp")
+        || !have_tool("nft", "nftables")
+    {
+        return;
+    }
+    let (root, files, served) = serve_boot_files(&["--dhcp", "off", "--fastpath-memory", "16"]);
+    let out = tempfile::tempdir().unwrap();
+    let kernel = files.iter().find(|(name, _)| *name == "kernel").unwrap();
+    // UEFI's request (blksize 1468, windowsize 4) and a wider window.
+    for window in ["4", "8"] {
+        let dest = out.path().join(format!("kernel-w{window}"));
+        let window_option = format!("windowsize {window}");
+        run_ok(&served.client, "atftp", &["--get", "-r", kernel.0, "-l", dest.to_str().unwrap(), "--option", "blksize 1468", "--option", &window_option, SERVER_IP]);
+        assert_same(&dest, &kernel.1, &format!("atftp window {window}, kernel tiers on"));
+    }
+    let (xdp, tc) = kernel_blocks(&served.log());
+    // 2 × 715 blocks; all but the first and the last window of each are the kernel's, all from TC.
+    assert!(tc > 1_300 && xdp == 0, "blocks sent by the kernel tiers: XDP {xdp}, TC {tc}\n{}", served.log());
+
+    drop_five_percent_of_udp(&served, root.path());
+    let dest = out.path().join("kernel-lossy");
+    run_ok(&served.client, "atftp", &["--get", "-r", kernel.0, "-l", dest.to_str().unwrap(), "--option", "blksize 1468", "--option", "windowsize 4", SERVER_IP]);
+    assert_same(&dest, &kernel.1, "atftp window 4 under 5% loss, kernel tiers on");
 }

@@ -89,6 +89,7 @@ fn xdp_tx_frames_built_in_place_reach_a_real_client() {
             entry.blksize = 1468;
             entry.blocks = 21;
             entry.last_sent = 1;
+            entry.window = 1;
             fp.insert_session(key, entry).unwrap();
 
             let frame = ack_frame(client_mac, server_mac, client_port, 1);

@@ -1,8 +1,9 @@
 //! The TFTP fast path of the real BPF object under BPF_PROG_TEST_RUN: every
 //! branch (in-sequence ACK, duplicate, unknown session, last blocks,
-//! rollover, IP options, VLAN tag, malformed) returns the right action, and a
-//! built DATA frame is byte-exact with valid IPv4 and UDP checksums, from XDP
-//! in place and from TC. Needs root.
+//! rollover, IP options, VLAN tag, malformed, windows) returns the right
+//! action, and a built DATA frame is byte-exact with valid IPv4 and UDP
+//! checksums, from XDP in place and from TC; a window's clones are captured
+//! off the wire. Needs root.
 
 mod common;
 
@@ -37,7 +38,7 @@ fn setup(image_bytes: &[u8], blksize: u32, last_sent: u32) -> FastPath {
     fp.register_transfer_port(SERVER_PORT).unwrap();
     fp.load_image(7, image_bytes).unwrap();
     let blocks = (image_bytes.len() as u32) / blksize + 1;
-    fp.insert_session(key(), SessionEntry { image: 7, blksize, blocks, last_sent, ..SessionEntry::default_zeroed() }).unwrap();
+    fp.insert_session(key(), SessionEntry { image: 7, blksize, blocks, last_sent, last_acked: last_sent.saturating_sub(1), window: 1, ..SessionEntry::default_zeroed() }).unwrap();
     fp
 }
 
@@ -68,6 +69,48 @@ fn run_tc(fp: &mut FastPath, frame: &[u8]) -> (u32, Vec<u8>) {
     let r = program.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() }).unwrap();
     out.truncate(r.data_size_out as usize);
     (r.return_value, out)
+}
+
+/// A fast path whose session has window `window`: blocks up to `last_sent`
+/// are out, the client acknowledged `last_acked`.
+fn setup_window(image_bytes: &[u8], window: u32, last_acked: u32, last_sent: u32) -> FastPath {
+    let mut fp = setup(image_bytes, 1468, last_sent);
+    let mut s = fp.session(&key()).unwrap().unwrap();
+    (s.window, s.last_acked) = (window, last_acked);
+    fp.insert_session(key(), s).unwrap();
+    fp
+}
+
+/// Frames sent out of `lo` in the calling thread's namespace while `f` runs
+/// (a packet socket sees outgoing frames too).
+fn frames_sent_on_lo<T>(f: impl FnOnce() -> T) -> (T, Vec<Vec<u8>>) {
+    // SAFETY: plain socket calls on a descriptor we own and close.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, (libc::ETH_P_ALL as u16).to_be() as i32);
+        assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        sll.sll_ifindex = libc::if_nametoindex(c"lo".as_ptr()) as i32;
+        let bound = libc::bind(fd, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32);
+        assert_eq!(bound, 0, "bind to lo: {}", std::io::Error::last_os_error());
+        let result = f();
+        let mut frames = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let mut from: libc::sockaddr_ll = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            let n = libc::recvfrom(fd, buf.as_mut_ptr().cast(), buf.len(), 0, (&mut from as *mut libc::sockaddr_ll).cast(), &mut len);
+            if n < 0 {
+                break;
+            }
+            if from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+                frames.push(buf[..n as usize].to_vec());
+            }
+        }
+        libc::close(fd);
+        (result, frames)
+    }
 }
 
 /// Checks a DATA frame byte for byte: addresses swapped, lengths, block,
@@ -225,10 +268,74 @@ fn images_larger_than_a_chunk_are_served_across_chunk_boundaries() {
             if last_sent + 1 >= blocks {
                 continue;
             }
-            fp.insert_session(key(), SessionEntry { image: 7, blksize: 1468, blocks: blocks as u32 + 1, last_sent: last_sent as u32, ..SessionEntry::default_zeroed() }).unwrap();
+            fp.insert_session(key(), SessionEntry { image: 7, blksize: 1468, blocks: blocks as u32 + 1, last_sent: last_sent as u32, window: 1, ..SessionEntry::default_zeroed() }).unwrap();
             let (action, out) = run_xdp(&mut fp, &ack(last_sent as u16));
             assert_eq!(action, XDP_TX, "block {}", last_sent + 1);
             assert_data_frame(&out, (last_sent + 1) as u16, &file[last_sent * 1468..(last_sent + 1) * 1468], &format!("block {}", last_sent + 1));
         }
     }
+}
+
+#[test]
+fn a_windowed_ack_is_answered_with_the_whole_next_window_by_tc() {
+    if !pxe_lab::privileged("a_windowed_ack_is_answered_with_the_whole_next_window_by_tc") {
+        return;
+    }
+    // Clones leave through the test device (the namespace's loopback): run
+    // in a lab namespace so they never touch the machine's own.
+    let lab = pxe_lab::Lab::new().unwrap();
+    let ns = lab.add_netns("prog").unwrap();
+    ns.run(|| {
+        let file = image(1468 * 30 + 100);
+        let mut fp = setup_window(&file, 4, 4, 8);
+        let before = fp.counters().unwrap();
+        let (action, _) = run_xdp(&mut fp, &ack(8));
+        assert_eq!(action, XDP_PASS, "XDP sends one frame per ACK: a window is TC's");
+        assert_eq!(counter_delta(&fp, &before, Counter::PASS_TFTP_WINDOWED), (1, 0));
+
+        let ((action, last), clones) = frames_sent_on_lo(|| run_tc(&mut fp, &ack(8)));
+        assert_eq!(action, TC_ACT_REDIRECT);
+        assert_data_frame(&last, 12, &file[11 * 1468..12 * 1468], "the window's last block, redirected");
+        assert_eq!(clones.len(), 3, "blocks 9, 10 and 11 as clones");
+        for (i, clone) in clones.iter().enumerate() {
+            let block = 9 + i;
+            assert_data_frame(clone, block as u16, &file[(block - 1) * 1468..block * 1468], &format!("clone of block {block}"));
+        }
+        let s = fp.session(&key()).unwrap().unwrap();
+        assert_eq!((s.last_acked, s.last_sent, s.tc_sent), (8, 12, 4));
+
+        // The client saw a gap after 10 (RFC 7440): the next window starts at 11.
+        let ((action, last), clones) = frames_sent_on_lo(|| run_tc(&mut fp, &ack(10)));
+        assert_eq!(action, TC_ACT_REDIRECT);
+        assert_data_frame(&last, 14, &file[13 * 1468..14 * 1468], "window 11..=14");
+        assert_eq!(clones.len(), 3);
+        let s = fp.session(&key()).unwrap().unwrap();
+        assert_eq!((s.last_acked, s.last_sent, s.tc_sent), (10, 14, 8));
+
+        // ACKs older than the window in flight are duplicates: dropped.
+        for old in [10u16, 9, 8, 0] {
+            let (action, _) = run_tc(&mut fp, &ack(old));
+            assert_eq!(action, TC_ACT_SHOT, "ACK {old} with 11..=14 in flight");
+        }
+        let s = fp.session(&key()).unwrap().unwrap();
+        assert_eq!((s.last_sent, s.dup_acks), (14, 4), "nothing resent");
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_window_that_would_reach_the_final_block_is_left_to_userspace() {
+    if !pxe_lab::privileged("a_window_that_would_reach_the_final_block_is_left_to_userspace") {
+        return;
+    }
+    // 12 full blocks and a short 13th: after ACK 8 the window 9..=12 is the
+    // kernel's; after ACK 9, 10..=13 would include the final block.
+    let file = image(1468 * 12 + 100);
+    let mut fp = setup_window(&file, 4, 5, 9);
+    let frame = ack(9);
+    let (action, out) = run_tc(&mut fp, &frame);
+    assert_eq!(action, TC_NEXT);
+    assert_eq!(out, frame, "untouched");
+    let s = fp.session(&key()).unwrap().unwrap();
+    assert_eq!((s.last_acked, s.last_sent, s.tc_sent), (5, 9, 0), "the session is userspace's to finish");
 }

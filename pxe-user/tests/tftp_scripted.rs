@@ -234,3 +234,29 @@ fn replaced_mid_transfer(pxed_args: &[&str]) -> String {
     std::thread::sleep(Duration::from_millis(300));
     served.log()
 }
+
+#[test]
+fn on_a_jumbo_frame_network_the_kernel_tiers_cap_the_granted_blksize() {
+    if !pxe_lab::privileged("on_a_jumbo_frame_network_the_kernel_tiers_cap_the_granted_blksize") {
+        return;
+    }
+    let root = boot_root();
+    let granted = |pxed_args: &[&str]| -> String {
+        let lab = pxe_lab::Lab::new().unwrap();
+        let server_ns = lab.add_netns("srv").unwrap();
+        let client = lab.add_netns("cli").unwrap();
+        lab.veth((&server_ns, "eth0", Some("198.18.0.1/24")), (&client, "eth0", Some("198.18.0.2/24"))).unwrap();
+        server_ns.ip(["link", "set", "eth0", "mtu", "9000"]).unwrap();
+        client.ip(["link", "set", "eth0", "mtu", "9000"]).unwrap();
+        let mut args = vec!["--interface", "eth0", "--boot-root", root.path().to_str().unwrap(), "--dhcp", "off", "--http-port", "0"];
+        args.extend_from_slice(pxed_args);
+        lab.spawn(&server_ns, common::PXED, &args).unwrap();
+        assert!(server_ns.wait_for_udp_port(69, Duration::from_secs(20)));
+        let reply = client.run(|| first_reply(server(), &rrq("ipxe.efi", &[("blksize", "8000")]))).unwrap().expect("an OACK");
+        let Ok(Repr::OptionAck { options }) = Repr::parse(&reply) else { panic!("not an OACK: {reply:?}") };
+        options.iter().find(|o| o.name == "blksize").map(|o| o.value.to_owned()).expect("blksize granted")
+    };
+    assert_eq!(granted(&["--fastpath-memory", "16"]), "1468", "the largest block the kernel tiers build");
+    assert_eq!(granted(&["--xdp-mode", "off", "--no-tc"]), "8000", "userspace alone: up to the MTU");
+    assert_eq!(granted(&["--fastpath-memory", "16", "--tftp-max-blksize", "4096"]), "4096", "configurable");
+}

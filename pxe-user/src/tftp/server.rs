@@ -52,8 +52,8 @@ impl Default for TftpConfig {
 }
 
 /// The seam to the kernel fast path: told when a transfer opens and closes
-/// its server port, offered each transfer once its DATA flows in lockstep,
-/// and asked how far the kernel got.
+/// its server port, offered each transfer once its DATA flows, and asked how
+/// far the kernel got.
 pub trait TransferHooks: Send + Sync + 'static {
     fn opened(&self, _server_port: u16) {}
     fn closed(&self, _server_port: u16) {}
@@ -75,7 +75,11 @@ pub struct Offload<'a> {
     pub server_port: u16,
     pub file: &'a Arc<BootFile>,
     pub blksize: u16,
+    /// RFC 7440 windowsize (1: lockstep).
+    pub windowsize: u16,
     pub blocks: u64,
+    /// Highest block the client acknowledged to userspace.
+    pub acked: u64,
     /// Highest block userspace has sent.
     pub last_sent: u64,
 }
@@ -83,6 +87,8 @@ pub struct Offload<'a> {
 /// What the kernel tiers report of an offloaded transfer.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct KernelProgress {
+    /// Highest block acknowledged to the kernel.
+    pub last_acked: u64,
     /// Highest block sent, by anyone.
     pub last_sent: u64,
     pub xdp_sent: u64,
@@ -286,13 +292,13 @@ async fn run_transfer(
                 }
             }
         }
-        // Once DATA flows in lockstep with blocks to spare, the kernel tiers
-        // answer the ACKs; userspace keeps the timer and the last blocks. The
-        // kernel must know of every block before it leaves, or it would take
-        // the client's ACK of it for a stale one.
-        let worth_offloading = !offloaded && transfer.last_sent() + 2 < transfer.blocks();
+        // Once DATA flows with windows to spare, the kernel tiers answer the
+        // ACKs; userspace keeps the timer and the last window. The kernel must
+        // know of every block before it leaves, or it would take the client's
+        // ACK of it for a stale one.
+        let worth_offloading = !offloaded && transfer.last_sent() + transfer.window() + 1 < transfer.blocks();
         let ahead_of_kernel = offloaded && transfer.last_sent() > kernel.last_sent;
-        if transfer.is_lockstep_data() && (worth_offloading || ahead_of_kernel) {
+        if transfer.is_streaming_data() && (worth_offloading || ahead_of_kernel) {
             let offer = offload_of(peer, server_port, &file, &agreed, &transfer);
             if hooks.offload(&offer) {
                 offloaded = true;
@@ -312,8 +318,8 @@ async fn run_transfer(
                 let Ok((len, from)) = received else { continue };
                 if offloaded {
                     let offer = offload_of(peer, server_port, &file, &agreed, &transfer);
-                    if let Some(progress) = catch_up(hooks, &offer, &mut kernel) {
-                        transfer.handle_kernel_progress(progress, Instant::now());
+                    if let Some(p) = catch_up(hooks, &offer, &mut kernel) {
+                        transfer.handle_kernel_progress(p.last_acked, p.last_sent, Instant::now());
                     }
                 }
                 if from != peer {
@@ -333,8 +339,8 @@ async fn run_transfer(
                 // An offloaded transfer that moved on in the kernel is not late.
                 if offloaded {
                     let offer = offload_of(peer, server_port, &file, &agreed, &transfer);
-                    if let Some(progress) = catch_up(hooks, &offer, &mut kernel) {
-                        if transfer.handle_kernel_progress(progress, Instant::now()) {
+                    if let Some(p) = catch_up(hooks, &offer, &mut kernel) {
+                        if transfer.handle_kernel_progress(p.last_acked, p.last_sent, Instant::now()) {
                             continue;
                         }
                     }
@@ -375,14 +381,23 @@ async fn run_transfer(
 }
 
 fn offload_of<'a>(peer: SocketAddr, server_port: u16, file: &'a Arc<BootFile>, agreed: &Negotiated, transfer: &Transfer) -> Offload<'a> {
-    Offload { client: peer, server_port, file, blksize: agreed.blksize, blocks: transfer.blocks(), last_sent: transfer.last_sent() }
+    Offload {
+        client: peer,
+        server_port,
+        file,
+        blksize: agreed.blksize,
+        windowsize: agreed.windowsize.max(1),
+        blocks: transfer.blocks(),
+        acked: transfer.acked_blocks(),
+        last_sent: transfer.last_sent(),
+    }
 }
 
-/// What the kernel tiers did with an offloaded transfer: the highest block sent.
-fn catch_up(hooks: &dyn TransferHooks, offer: &Offload<'_>, kernel: &mut KernelProgress) -> Option<u64> {
+/// What the kernel tiers did with an offloaded transfer, remembered in `kernel`.
+fn catch_up(hooks: &dyn TransferHooks, offer: &Offload<'_>, kernel: &mut KernelProgress) -> Option<KernelProgress> {
     let progress = hooks.kernel_progress(offer)?;
     *kernel = progress;
-    Some(progress.last_sent)
+    Some(progress)
 }
 
 /// The packets one poll produced (a window of DATA, or an OACK), laid out

@@ -235,20 +235,25 @@ impl Transfer {
         self.max_sent
     }
 
-    /// True once options are settled and DATA flows one block at a time:
-    /// the state the kernel tiers can take over.
-    pub fn is_lockstep_data(&self) -> bool {
-        self.outcome.is_none() && !self.awaiting_oack_ack && !self.oack_pending && self.window == 1 && self.max_sent >= 1
+    /// Blocks sent per acknowledgement (RFC 7440 windowsize; 1: lockstep).
+    pub fn window(&self) -> u64 {
+        self.window
     }
 
-    /// The kernel tiers answered ACKs on our behalf and have sent up to block
-    /// `last_sent` (so the client acknowledged `last_sent - 1`). Catches the
+    /// True once options are settled and DATA flows: the state the kernel
+    /// tiers can take over.
+    pub fn is_streaming_data(&self) -> bool {
+        self.outcome.is_none() && !self.awaiting_oack_ack && !self.oack_pending && self.max_sent >= 1
+    }
+
+    /// The kernel tiers answered ACKs on our behalf: the client acknowledged
+    /// up to `last_acked`, and blocks up to `last_sent` are out. Catches the
     /// machine up; returns false if that is no news.
-    pub fn handle_kernel_progress(&mut self, last_sent: u64, now: Instant) -> bool {
-        if self.outcome.is_some() || last_sent <= self.max_sent || last_sent > self.blocks {
+    pub fn handle_kernel_progress(&mut self, last_acked: u64, last_sent: u64, now: Instant) -> bool {
+        if self.outcome.is_some() || last_sent <= self.max_sent || last_sent > self.blocks || last_acked >= last_sent {
             return false;
         }
-        self.acked = last_sent - 1;
+        self.acked = last_acked.max(self.acked);
         self.next = last_sent + 1;
         self.max_sent = last_sent;
         self.probe = None;
@@ -515,10 +520,10 @@ mod tests {
         let t0 = Instant::now();
         let mut t = Transfer::new(&agreed(512, 1, false), 512 * 10 + 7, TimerConfig::default(), t0);
         assert_eq!(drain(&mut t, t0), data([1]));
-        assert!(t.is_lockstep_data());
+        assert!(t.is_streaming_data());
         // The kernel answered ACKs 1..9 and sent up to block 10.
-        assert!(t.handle_kernel_progress(10, t0));
-        assert!(!t.handle_kernel_progress(10, t0), "no news the second time");
+        assert!(t.handle_kernel_progress(9, 10, t0));
+        assert!(!t.handle_kernel_progress(9, 10, t0), "no news the second time");
         assert_eq!(drain(&mut t, t0), vec![], "block 10 is the kernel's, in flight");
         // The client acknowledges block 10 to us (the kernel leaves the last ones to userspace).
         t.handle_ack(10, t0);
@@ -535,7 +540,7 @@ mod tests {
         let now = t0 + Duration::from_micros(300);
         t.handle_ack(1, now); // one RTT sample: 300 µs
         drain(&mut t, now);
-        t.handle_kernel_progress(10, now);
+        t.handle_kernel_progress(9, 10, now);
         let mut at = now;
         for _ in 0..4 {
             at = t.poll_timeout().unwrap();
@@ -543,7 +548,7 @@ mod tests {
             drain(&mut t, at);
         }
         assert!(t.poll_timeout().unwrap() - at > TimerConfig::default().min_rto * 4);
-        t.handle_kernel_progress(20, at);
+        t.handle_kernel_progress(19, 20, at);
         assert_eq!(t.poll_timeout().unwrap() - at, TimerConfig::default().min_rto, "back to the measured timeout");
     }
 
@@ -552,10 +557,30 @@ mod tests {
         let t0 = Instant::now();
         let mut t = Transfer::new(&agreed(512, 1, false), 512 * 10 + 7, TimerConfig::default(), t0);
         drain(&mut t, t0);
-        t.handle_kernel_progress(6, t0);
+        t.handle_kernel_progress(5, 6, t0);
         let deadline = t.poll_timeout().unwrap();
         t.handle_timeout(deadline);
         assert_eq!(drain(&mut t, deadline), data([6]), "block 6 was lost: resent from userspace");
+    }
+
+    #[test]
+    fn a_windowed_transfer_resumes_from_the_kernels_window() {
+        let t0 = Instant::now();
+        let mut t = Transfer::new(&agreed(512, 4, false), 512 * 30 + 7, TimerConfig::default(), t0);
+        assert_eq!(drain(&mut t, t0), data(1..=4));
+        assert!(t.is_streaming_data());
+        // The kernel answered ACKs 4, 8, 12 with whole windows: 13..=16 are out.
+        assert!(t.handle_kernel_progress(12, 16, t0));
+        assert_eq!(drain(&mut t, t0), vec![], "the kernel's window is in flight");
+        let deadline = t.poll_timeout().unwrap();
+        t.handle_timeout(deadline);
+        assert_eq!(drain(&mut t, deadline), data(13..=16), "that window was lost: resent whole from userspace");
+        // The last windows are userspace's again: the ACK of 28 is ours.
+        assert!(t.handle_kernel_progress(24, 28, deadline));
+        t.handle_ack(28, deadline);
+        assert_eq!(drain(&mut t, deadline), data(29..=31), "up to the short final block");
+        t.handle_ack(31, deadline);
+        assert_eq!(t.outcome(), Some(&Outcome::Completed));
     }
 
     #[test]
