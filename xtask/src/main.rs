@@ -4,8 +4,11 @@
 //!   nightly rust-src, bpf-linker) and checks the kernel. Idempotent.
 //! - `test`: setup, then the whole test suite, with privileged tests required
 //!   to run rather than allowed to skip.
+//! - `demo`: the main job on its embedded defaults, with a machine booting.
+//! - `bench`, `bench-tftp`: comparisons with peers, written to docs/benchmarks.
 
 mod bench;
+mod bench_pxe;
 mod demo;
 mod peers;
 mod setup;
@@ -40,6 +43,14 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
+    /// Boot N simulated UEFI machines (DHCP + boot program) against pxed in
+    /// its modes, dnsmasq, and Kea + tftpd-hpa, in throwaway namespaces; write
+    /// docs/benchmarks/pxe.md (as root; a few minutes).
+    Bench {
+        /// Machines powered on at once, per measurement.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        clients: Vec<usize>,
+    },
     /// Measure TFTP goodput of pxed, tftpd-hpa and dnsmasq in throwaway
     /// namespaces and write docs/benchmarks/tftp-userspace.md (as root; about a minute).
     BenchTftp {
@@ -67,6 +78,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup { check } => setup::run(if check { setup::Mode::Check } else { setup::Mode::Install }),
         Task::Demo { machines, firmware } => setup::run(setup::Mode::Install).and_then(|()| demo::run(machines, &firmware)),
+        Task::Bench { clients } => setup::run(setup::Mode::Install).and_then(|()| bench_pxe::run(&clients)),
         Task::BenchTftp { clients, blksize, windowsize } => {
             setup::run(setup::Mode::Install).and_then(|()| bench::run(&clients, blksize, windowsize))
         }
