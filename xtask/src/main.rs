@@ -50,6 +50,10 @@ enum Task {
         /// Machines powered on at once, per measurement.
         #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
         clients: Vec<usize>,
+        /// Measure only the servers whose name contains this, e.g. `pxed` or
+        /// `Kea` (the doc is then written with those rows only).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Measure TFTP goodput of pxed, tftpd-hpa and dnsmasq in throwaway
     /// namespaces and write docs/benchmarks/tftp-userspace.md (as root; about a minute).
@@ -78,7 +82,9 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup { check } => setup::run(if check { setup::Mode::Check } else { setup::Mode::Install }),
         Task::Demo { machines, firmware } => setup::run(setup::Mode::Install).and_then(|()| demo::run(machines, &firmware)),
-        Task::Bench { clients } => setup::run(setup::Mode::Install).and_then(|()| bench_pxe::run(&clients)),
+        Task::Bench { clients, only } => {
+            setup::run(setup::Mode::Install).and_then(|()| bench_pxe::run(&clients, only.as_deref()))
+        }
         Task::BenchTftp { clients, blksize, windowsize } => {
             setup::run(setup::Mode::Install).and_then(|()| bench::run(&clients, blksize, windowsize))
         }

@@ -14,8 +14,8 @@ use tokio::net::UdpSocket;
 use tracing::{debug, error, info, warn};
 
 use super::{
-    classify::classify,
-    engine::{Arrival, Destination, Engine, Problem, PROXY_PORT},
+    classify::{classify, Request},
+    engine::{Arrival, Destination, Engine, Outcome, Problem, PROXY_PORT},
     socket::{bind, Port67, DHCP_SERVER_PORT},
 };
 
@@ -46,6 +46,11 @@ impl Listener {
     }
 }
 
+/// Requests decided together, their leases committed with one disk flush:
+/// a boot storm's DISCOVERs and REQUESTs arrive by the thousand, and one
+/// flush each would cap the server at the disk's flushes per second.
+const MAX_BURST: usize = 256;
+
 /// Serves one interface's DHCP (port 67) and boot server discovery (port
 /// 4011) until the future is dropped.
 pub async fn run(engine: Arc<Mutex<Engine>>, listener: Listener) -> io::Result<()> {
@@ -53,68 +58,90 @@ pub async fn run(engine: Arc<Mutex<Engine>>, listener: Listener) -> io::Result<(
     let mut warned = Warnings::default();
     let mut buf_67 = vec![0u8; 4096];
     let mut buf_4011 = vec![0u8; 4096];
+    let mut burst: Vec<(Request, Arrival)> = Vec::with_capacity(MAX_BURST);
     loop {
         let (port, received) = tokio::select! {
             r = dhcp.recv_from(&mut buf_67) => (DHCP_SERVER_PORT, r),
             r = discovery.recv_from(&mut buf_4011) => (PROXY_PORT, r),
         };
-        let (len, from) = match received {
-            Ok(r) => r,
-            // An ICMP error for an earlier reply (a client whose port closed,
-            // a relay that went away) surfaces on the next receive. It is
-            // about that reply, not about this socket: never a reason to stop.
-            Err(e) if is_transient(&e) => {
-                debug!(port, "DHCP: receive reported an error for an earlier reply: {e}");
-                continue;
+        burst.clear();
+        let buf = if port == PROXY_PORT { &mut buf_4011 } else { &mut buf_67 };
+        let mut received = Some(received);
+        // The first request woke us; take whatever else is already waiting.
+        while burst.len() < MAX_BURST {
+            let next = match received.take() {
+                Some(r) => r,
+                None if port == PROXY_PORT => discovery.try_recv_from(buf),
+                None => dhcp.try_recv_from(buf),
+            };
+            let (len, from) = match next {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // An ICMP error for an earlier reply (a client whose port closed,
+                // a relay that went away) surfaces on a later receive. It is
+                // about that reply, not about this socket: never a reason to stop.
+                Err(e) if is_transient(&e) => {
+                    debug!(port, "DHCP: receive reported an error for an earlier reply: {e}");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let SocketAddr::V4(from) = from else { continue };
+            match classify(&buf[..len]) {
+                Ok(request) => burst.push((request, Arrival { port, source: from, server_ip: address })),
+                Err(why) => debug!(client = %from, port, %interface, "DHCP: ignored: {why}"),
             }
-            Err(e) => return Err(e),
-        };
-        let SocketAddr::V4(from) = from else { continue };
-        let datagram = if port == PROXY_PORT { &buf_4011[..len] } else { &buf_67[..len] };
-        let request = match classify(datagram) {
-            Ok(r) => r,
-            Err(why) => {
-                debug!(client = %from, port, %interface, "DHCP: ignored: {why}");
-                continue;
-            }
-        };
+        }
+        if burst.is_empty() {
+            continue;
+        }
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let arrival = Arrival { port, source: from, server_ip: address };
-        // The engine may fsync a lease; keep that off the async workers' backs.
-        let outcome = tokio::task::block_in_place(|| {
-            engine.lock().unwrap_or_else(|e| e.into_inner()).handle(&request, arrival, now)
+        // The engine fsyncs the burst's leases; keep that off the async workers' backs.
+        let outcomes = tokio::task::block_in_place(|| {
+            engine.lock().unwrap_or_else(|e| e.into_inner()).handle_batch(burst.iter().map(|(r, a)| (r, *a)), now)
         });
-        match &outcome.problem {
-            Some(Problem::PoolExhausted { subnet }) => warned.pool_exhausted(subnet),
-            Some(Problem::LeaseStore(e)) => error!(mac = %request.mac, "DHCP: lease store failing, request not answered: {e}"),
-            None => {}
+        for ((request, _), outcome) in burst.iter().zip(outcomes) {
+            answer(request, outcome, port, &dhcp, &discovery, &interface, &mut warned).await;
         }
-        let Some(reply) = outcome.reply else {
-            if outcome.changed_lease {
-                info!(mac = %request.mac, %interface, "DHCP: {}", outcome.summary);
-            } else {
-                debug!(mac = %request.mac, %interface, "DHCP: {}", outcome.summary);
-            }
-            continue;
-        };
-        info!(mac = %request.mac, %interface, "DHCP: {}", outcome.summary);
-        let mut bytes = Vec::with_capacity(576);
-        if let Err(e) = reply.message.encode(&mut Encoder::new(&mut bytes)) {
-            warn!(mac = %request.mac, "DHCP: could not encode the reply: {e}");
-            continue;
-        }
-        let to = match reply.to {
-            Destination::Broadcast => SocketAddrV4::new(Ipv4Addr::BROADCAST, 68),
-            Destination::Unicast(addr) => addr,
-        };
-        let sent = if port == PROXY_PORT {
-            discovery.send_to(&bytes, to).await.map(drop)
+    }
+}
+
+/// Logs what the engine decided for one request and sends its reply.
+async fn answer(
+    request: &Request,
+    outcome: Outcome,
+    port: u16,
+    dhcp: &Port67,
+    discovery: &UdpSocket,
+    interface: &str,
+    warned: &mut Warnings,
+) {
+    match &outcome.problem {
+        Some(Problem::PoolExhausted { subnet }) => warned.pool_exhausted(subnet),
+        Some(Problem::LeaseStore(e)) => error!(mac = %request.mac, "DHCP: lease store failing, request not answered: {e}"),
+        None => {}
+    }
+    let Some(reply) = outcome.reply else {
+        if outcome.changed_lease {
+            info!(mac = %request.mac, %interface, "DHCP: {}", outcome.summary);
         } else {
-            dhcp.send_to(&bytes, to).await
-        };
-        if let Err(e) = sent {
-            warn!(mac = %request.mac, %to, "DHCP: sending the reply failed: {e}");
+            debug!(mac = %request.mac, %interface, "DHCP: {}", outcome.summary);
         }
+        return;
+    };
+    info!(mac = %request.mac, %interface, "DHCP: {}", outcome.summary);
+    let mut bytes = Vec::with_capacity(576);
+    if let Err(e) = reply.message.encode(&mut Encoder::new(&mut bytes)) {
+        warn!(mac = %request.mac, "DHCP: could not encode the reply: {e}");
+        return;
+    }
+    let to = match reply.to {
+        Destination::Broadcast => SocketAddrV4::new(Ipv4Addr::BROADCAST, 68),
+        Destination::Unicast(addr) => addr,
+    };
+    let sent = if port == PROXY_PORT { discovery.send_to(&bytes, to).await.map(drop) } else { dhcp.send_to(&bytes, to).await };
+    if let Err(e) = sent {
+        warn!(mac = %request.mac, %to, "DHCP: sending the reply failed: {e}");
     }
 }
 

@@ -93,6 +93,9 @@ pub struct Outcome {
     /// The request changed a lease without a reply (RELEASE, DECLINE): worth
     /// a line in the log like any answer.
     pub changed_lease: bool,
+    /// The request wrote to the lease store: its reply may leave only once
+    /// the write is committed.
+    wrote: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +129,8 @@ pub struct Engine {
     stats: EngineStats,
     /// Our address on the interface of the request being handled.
     here: Ipv4Addr,
+    /// The request being handled wrote to the lease store.
+    wrote: bool,
 }
 
 /// Boot information for one reply.
@@ -157,6 +162,7 @@ impl Engine {
             cursors,
             stats: EngineStats::default(),
             here: Ipv4Addr::UNSPECIFIED,
+            wrote: false,
         })
     }
 
@@ -180,11 +186,41 @@ impl Engine {
         self.by_ip.get(&ip)
     }
 
-    /// Decides on one request, at `now` (seconds since the Unix epoch).
+    /// Decides on one request, at `now` (seconds since the Unix epoch), and
+    /// commits the lease it wrote, if any.
     pub fn handle(&mut self, req: &Request, arrival: Arrival, now: u64) -> Outcome {
-        let port = arrival.port;
+        self.handle_batch([(req, arrival)], now).pop().expect("one outcome per request")
+    }
+
+    /// Decides on a burst of requests in arrival order, then commits every
+    /// lease they wrote at once (one disk flush for the burst). Replies that
+    /// depend on a write are withdrawn if the commit fails.
+    pub fn handle_batch<'a>(&mut self, requests: impl IntoIterator<Item = (&'a Request, Arrival)>, now: u64) -> Vec<Outcome> {
+        let mut outcomes = Vec::new();
+        let mut ports = Vec::new();
+        for (req, arrival) in requests {
+            outcomes.push(self.decide(req, arrival, now));
+            ports.push(arrival.port);
+        }
+        if outcomes.iter().any(|o| o.wrote) {
+            if let Err(e) = self.store.commit() {
+                for o in outcomes.iter_mut().filter(|o| o.wrote) {
+                    o.reply = None;
+                    o.summary = format!("{}; not answered, the lease could not be stored: {e}", o.summary);
+                    o.problem = Some(Problem::LeaseStore(e.to_string()));
+                }
+            }
+        }
+        for (o, port) in outcomes.iter().zip(ports) {
+            self.count(o, port);
+        }
+        outcomes
+    }
+
+    fn decide(&mut self, req: &Request, arrival: Arrival, now: u64) -> Outcome {
         self.here = arrival.server_ip;
-        let outcome = if port == PROXY_PORT {
+        self.wrote = false;
+        let mut outcome = if arrival.port == PROXY_PORT {
             self.boot_server_discovery(req, arrival.source)
         } else {
             match self.config.mode {
@@ -192,6 +228,11 @@ impl Engine {
                 Mode::Full => self.full(req, now),
             }
         };
+        outcome.wrote = self.wrote;
+        outcome
+    }
+
+    fn count(&mut self, outcome: &Outcome, port: u16) {
         match &outcome.reply {
             None => self.stats.ignored += 1,
             Some(r) => match r.message.opts().msg_type() {
@@ -206,7 +247,6 @@ impl Engine {
             Some(Problem::LeaseStore(_)) => self.stats.store_failures += 1,
             None => {}
         }
-        outcome
     }
 
     // ---- proxyDHCP ------------------------------------------------------
@@ -270,6 +310,7 @@ impl Engine {
                 summary: format!("DISCOVER from {}: no free address in {network}", req.mac),
                 problem: Some(Problem::PoolExhausted { subnet: network }),
                 changed_lease: false,
+                wrote: false,
             };
         };
         self.offers.insert(ip, (client, now + OFFER_HOLD_SECS));
@@ -347,13 +388,13 @@ impl Engine {
             if let Some(mut previous) = self.by_ip.get(&old).cloned() {
                 previous.state = LeaseState::Released;
                 previous.expires = now;
-                if let Err(e) = self.store.put(&previous) {
+                if let Err(e) = self.write(&previous) {
                     return store_failed(req, e);
                 }
                 self.by_ip.insert(old, previous);
             }
         }
-        if let Err(e) = self.store.put(&lease) {
+        if let Err(e) = self.write(&lease) {
             return store_failed(req, e);
         }
         self.offers.remove(&ip);
@@ -377,7 +418,7 @@ impl Engine {
         let Some(mut lease) = self.by_ip.get(&ip).cloned() else { return silent("RELEASE: no record".into()) };
         lease.state = LeaseState::Released;
         lease.expires = now;
-        if let Err(e) = self.store.put(&lease) {
+        if let Err(e) = self.write(&lease) {
             return store_failed(req, e);
         }
         self.by_ip.insert(ip, lease);
@@ -398,7 +439,7 @@ impl Engine {
             state: LeaseState::Declined,
             hostname: None,
         };
-        if let Err(e) = self.store.put(&quarantined) {
+        if let Err(e) = self.write(&quarantined) {
             return store_failed(req, e);
         }
         self.by_client.remove(&client);
@@ -433,6 +474,13 @@ impl Engine {
             Destination::Unicast(SocketAddrV4::new(req.message.giaddr(), 67))
         };
         answered(format!("REQUEST from {} → NAK: {why}", req.mac), reply, to)
+    }
+
+    /// Writes a lease into the store's open batch, to be committed before
+    /// this request's reply leaves.
+    fn write(&mut self, lease: &Lease) -> Result<(), LeaseError> {
+        self.wrote = true;
+        self.store.put(lease)
     }
 
     // ---- addresses ------------------------------------------------------
@@ -610,15 +658,15 @@ fn key(req: &Request) -> Vec<u8> {
 }
 
 fn silent(summary: String) -> Outcome {
-    Outcome { reply: None, summary, problem: None, changed_lease: false }
+    Outcome { reply: None, summary, problem: None, changed_lease: false, wrote: false }
 }
 
 fn changed(summary: String) -> Outcome {
-    Outcome { reply: None, summary, problem: None, changed_lease: true }
+    Outcome { reply: None, summary, problem: None, changed_lease: true, wrote: false }
 }
 
 fn answered(summary: String, message: Message, to: Destination) -> Outcome {
-    Outcome { reply: Some(Reply { message, to }), summary, problem: None, changed_lease: false }
+    Outcome { reply: Some(Reply { message, to }), summary, problem: None, changed_lease: false, wrote: false }
 }
 
 fn store_failed(req: &Request, e: LeaseError) -> Outcome {
@@ -627,6 +675,7 @@ fn store_failed(req: &Request, e: LeaseError) -> Outcome {
         summary: format!("{} from {}: not answered, the lease could not be stored: {e}", name(req.msg_type), req.mac),
         problem: Some(Problem::LeaseStore(e.to_string())),
         changed_lease: false,
+        wrote: false,
     }
 }
 
@@ -963,22 +1012,47 @@ mod tests {
         assert_eq!(reply.message.fname_str().unwrap().unwrap(), "ipxe.efi");
     }
 
-    struct FailingStore;
+    /// A disk that is full: writes fail, or (`at_commit`) only the flush does.
+    struct FailingStore {
+        at_commit: bool,
+    }
     impl LeaseStore for FailingStore {
         fn load_all(&self) -> Result<Vec<Lease>, LeaseError> {
             Ok(vec![])
         }
         fn put(&mut self, _: &Lease) -> Result<(), LeaseError> {
-            Err(LeaseError::Database { path: "leases.redb".into(), message: "No space left on device".into() })
+            if self.at_commit { Ok(()) } else { Err(disk_full()) }
         }
         fn remove(&mut self, _: Ipv4Addr) -> Result<(), LeaseError> {
             Ok(())
         }
+        fn commit(&mut self) -> Result<(), LeaseError> {
+            Err(disk_full())
+        }
+    }
+
+    fn disk_full() -> LeaseError {
+        LeaseError::Database { path: "leases.redb".into(), message: "No space left on device".into() }
+    }
+
+    #[test]
+    fn a_failed_commit_withdraws_exactly_the_replies_that_wrote_a_lease() {
+        let mut e = Engine::new(config(Mode::Full), policy(HashMap::new()), Box::new(FailingStore { at_commit: true })).unwrap();
+        let offers = e.handle_batch([(&plain(MessageType::Discover, 26, vec![]), at(67, src())), (&plain(MessageType::Discover, 27, vec![]), at(67, src()))], T0);
+        let ips: Vec<Ipv4Addr> = offers.iter().map(|o| o.reply.as_ref().expect("OFFERs write nothing").message.yiaddr()).collect();
+        let request = |n: u8, ip: Ipv4Addr| plain(MessageType::Request, n, vec![DhcpOption::ServerIdentifier(SERVER), DhcpOption::RequestedIpAddress(ip)]);
+        let (r26, r27, d28) = (request(26, ips[0]), request(27, ips[1]), plain(MessageType::Discover, 28, vec![]));
+        let out = e.handle_batch([(&r26, at(67, src())), (&d28, at(67, src())), (&r27, at(67, src()))], T0);
+        assert!(out[0].reply.is_none() && out[2].reply.is_none(), "ACKs whose leases are not on disk could be lost");
+        assert!(matches!(out[0].problem, Some(Problem::LeaseStore(ref m)) if m.contains("No space left")), "{:?}", out[0].problem);
+        assert_eq!(msg_type(&out[1]), Some(MessageType::Offer), "the OFFER in the same burst still leaves");
+        assert_eq!(e.stats().acks, 0);
+        assert_eq!(e.stats().store_failures, 2);
     }
 
     #[test]
     fn no_ack_leaves_when_the_lease_cannot_be_stored() {
-        let mut e = Engine::new(config(Mode::Full), policy(HashMap::new()), Box::new(FailingStore)).unwrap();
+        let mut e = Engine::new(config(Mode::Full), policy(HashMap::new()), Box::new(FailingStore { at_commit: false })).unwrap();
         let offer = e.handle(&plain(MessageType::Discover, 23, vec![]), at(67, src()), T0).reply.unwrap();
         let ip = offer.message.yiaddr();
         let out = e.handle(&plain(MessageType::Request, 23, vec![DhcpOption::ServerIdentifier(SERVER), DhcpOption::RequestedIpAddress(ip)]), at(67, src()), T0);

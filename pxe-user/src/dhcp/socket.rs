@@ -63,24 +63,17 @@ impl Port67 {
 
     /// The next request for port 67: its length in `buf` and its sender.
     pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        let socket = match self {
-            Self::Bound(s) => return s.recv_from(buf).await,
-            Self::Beside { socket, .. } => socket,
-        };
-        // Room for the largest IPv4 and UDP headers in front of the payload.
-        let mut packet = vec![0u8; buf.len() + 68];
-        loop {
-            let len = socket.async_io(tokio::io::Interest::READABLE, |s| {
-                // SAFETY: `packet` is a valid, writable buffer of its length.
-                let n = unsafe { libc::recv(s.as_raw_fd(), packet.as_mut_ptr().cast(), packet.len(), 0) };
-                if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
-            });
-            let len = len.await?;
-            // The socket filter passed only port 67; parse checks the rest.
-            let Some(d) = udp::parse(&packet[..len]).filter(|d| d.dst_port == DHCP_SERVER_PORT) else { continue };
-            let n = d.payload.len().min(buf.len());
-            buf[..n].copy_from_slice(&d.payload[..n]);
-            return Ok((n, SocketAddr::V4(SocketAddrV4::new(d.src, d.src_port))));
+        match self {
+            Self::Bound(s) => s.recv_from(buf).await,
+            Self::Beside { socket, .. } => socket.async_io(tokio::io::Interest::READABLE, |s| recv_raw(s, buf)).await,
+        }
+    }
+
+    /// A request already waiting, or `WouldBlock`.
+    pub fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        match self {
+            Self::Bound(s) => s.try_recv_from(buf),
+            Self::Beside { socket, .. } => recv_raw(socket.get_ref(), buf),
         }
     }
 
@@ -94,6 +87,25 @@ impl Port67 {
         let packet = udp::build(&datagram).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "reply too long"))?;
         let dest = socket2::SockAddr::from(SocketAddrV4::new(*to.ip(), 0));
         socket.async_io(tokio::io::Interest::WRITABLE, |s| s.send_to(&packet, &dest)).await.map(drop)
+    }
+}
+
+/// Receives from the raw socket until a UDP datagram for port 67 comes
+/// (the socket filter passed only those; parsing checks the rest) and copies
+/// its payload into `buf`. `WouldBlock` when nothing is waiting.
+fn recv_raw(socket: &Socket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+    // Room for the largest IPv4 and UDP headers in front of the payload.
+    let mut packet = vec![0u8; buf.len() + 68];
+    loop {
+        // SAFETY: `packet` is a valid, writable buffer of its length.
+        let n = unsafe { libc::recv(socket.as_raw_fd(), packet.as_mut_ptr().cast(), packet.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let Some(d) = udp::parse(&packet[..n as usize]).filter(|d| d.dst_port == DHCP_SERVER_PORT) else { continue };
+        let len = d.payload.len().min(buf.len());
+        buf[..len].copy_from_slice(&d.payload[..len]);
+        return Ok((len, SocketAddr::V4(SocketAddrV4::new(d.src, d.src_port))));
     }
 }
 

@@ -23,4 +23,8 @@ impl LeaseStore for MemLeaseStore {
         self.leases.remove(&ip);
         Ok(())
     }
+
+    fn commit(&mut self) -> Result<(), LeaseError> {
+        Ok(())
+    }
 }

@@ -1,13 +1,16 @@
 //! Leases: what address a client holds, until when, durably.
 //!
 //! [`LeaseStore`] is the narrow storage seam (load everything at start, write
-//! one lease through, forget one): the embedded [`RedbLeaseStore`] by default,
+//! or forget leases, commit them): the embedded [`RedbLeaseStore`] by default,
 //! [`MemLeaseStore`] for tests and the bench's simulations, and room for a
 //! shared backend (PostgreSQL) that several servers use.
 //!
-//! The contract every implementation keeps: when [`LeaseStore::put`] returns
-//! `Ok`, the lease survives a crash of this process and of the machine. The
-//! DHCP engine sends an ACK only after that.
+//! The contract every implementation keeps: when [`LeaseStore::commit`]
+//! returns `Ok`, every lease written since the previous commit survives a
+//! crash of this process and of the machine; when it fails, none of them
+//! count. The DHCP engine sends an ACK only after its lease is committed, and
+//! commits the leases of a whole burst of requests at once (group commit: one
+//! disk flush for a rack's worth of ACKs, not one each).
 
 mod mem;
 mod redb_store;
@@ -91,10 +94,12 @@ pub enum LeaseError {
 
 /// Durable storage of leases.
 pub trait LeaseStore: Send {
-    /// Every stored lease, read once at start to build the in-memory index.
+    /// Every committed lease, read once at start to build the in-memory index.
     fn load_all(&self) -> Result<Vec<Lease>, LeaseError>;
-    /// Writes `lease` (replacing any record for its address); durable on `Ok`.
+    /// Writes `lease` (replacing any record for its address); durable once committed.
     fn put(&mut self, lease: &Lease) -> Result<(), LeaseError>;
-    /// Forgets the record for `ip`; durable on `Ok`.
+    /// Forgets the record for `ip`; durable once committed.
     fn remove(&mut self, ip: Ipv4Addr) -> Result<(), LeaseError>;
+    /// Makes every write since the last commit durable, all or nothing.
+    fn commit(&mut self) -> Result<(), LeaseError>;
 }

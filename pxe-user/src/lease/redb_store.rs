@@ -9,7 +9,7 @@
 
 use std::{net::Ipv4Addr, path::Path};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::{Lease, LeaseError, LeaseStore};
 
@@ -18,6 +18,8 @@ const LEASES: TableDefinition<u32, &[u8]> = TableDefinition::new("leases");
 pub struct RedbLeaseStore {
     db: Database,
     path: String,
+    /// Writes since the last commit; dropped (aborted) if never committed.
+    batch: Option<WriteTransaction>,
 }
 
 impl RedbLeaseStore {
@@ -30,11 +32,19 @@ impl RedbLeaseStore {
         let txn = db.begin_write().map_err(|e| error(e.to_string()))?;
         txn.open_table(LEASES).map_err(|e| error(e.to_string()))?;
         txn.commit().map_err(|e| error(e.to_string()))?;
-        Ok(Self { db, path: shown })
+        Ok(Self { db, path: shown, batch: None })
     }
 
     fn error(&self, e: impl std::fmt::Display) -> LeaseError {
         LeaseError::Database { path: self.path.clone(), message: e.to_string() }
+    }
+
+    /// The open write transaction, begun on first use.
+    fn batch(&mut self) -> Result<&WriteTransaction, LeaseError> {
+        if self.batch.is_none() {
+            self.batch = Some(self.db.begin_write().map_err(|e| self.error(e))?);
+        }
+        Ok(self.batch.as_ref().expect("just begun"))
     }
 }
 
@@ -55,21 +65,27 @@ impl LeaseStore for RedbLeaseStore {
 
     fn put(&mut self, lease: &Lease) -> Result<(), LeaseError> {
         let bytes = serde_json::to_vec(lease).map_err(|e| self.error(e))?;
-        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
-        {
-            let mut table = txn.open_table(LEASES).map_err(|e| self.error(e))?;
-            table.insert(u32::from(lease.ip), bytes.as_slice()).map_err(|e| self.error(e))?;
-        }
-        txn.commit().map_err(|e| self.error(e))
+        let written = self
+            .batch()?
+            .open_table(LEASES)
+            .and_then(|mut table| table.insert(u32::from(lease.ip), bytes.as_slice()).map(drop).map_err(Into::into));
+        written.map_err(|e| self.error(e))
     }
 
     fn remove(&mut self, ip: Ipv4Addr) -> Result<(), LeaseError> {
-        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
-        {
-            let mut table = txn.open_table(LEASES).map_err(|e| self.error(e))?;
-            table.remove(u32::from(ip)).map_err(|e| self.error(e))?;
+        let removed = self
+            .batch()?
+            .open_table(LEASES)
+            .and_then(|mut table| table.remove(u32::from(ip)).map(drop).map_err(Into::into));
+        removed.map_err(|e| self.error(e))
+    }
+
+    fn commit(&mut self) -> Result<(), LeaseError> {
+        match self.batch.take() {
+            // redb's default durability: on disk (fsync) when commit returns.
+            Some(txn) => txn.commit().map_err(|e| self.error(e)),
+            None => Ok(()),
         }
-        txn.commit().map_err(|e| self.error(e))
     }
 }
 
@@ -97,12 +113,17 @@ mod tests {
             let mut store = RedbLeaseStore::open(&path).unwrap();
             for i in 1..=50 {
                 store.put(&lease(i)).unwrap();
+                if i % 10 == 0 {
+                    store.commit().unwrap();
+                }
             }
             store.remove(Ipv4Addr::new(198, 18, 0, 7)).unwrap();
+            store.commit().unwrap();
+            store.put(&lease(99)).unwrap(); // never committed: does not count
         }
         let store = RedbLeaseStore::open(&path).unwrap();
         let all = store.load_all().unwrap();
-        assert_eq!(all.len(), 49);
+        assert_eq!(all.len(), 49, "the uncommitted 99 is not there");
         assert!(all.contains(&lease(50)));
         assert!(!all.iter().any(|l| l.ip == Ipv4Addr::new(198, 18, 0, 7)));
     }
