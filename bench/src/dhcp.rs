@@ -241,7 +241,8 @@ async fn exchange(
         if nak.is_some() {
             continue;
         }
-        return Err(format!("no ACK for {address} after {} tries", retries.len()));
+        // No address in the text: failures are grouped by their reason.
+        return Err(format!("no ACK for the offered address after {} tries", retries.len()));
     }
     Err(format!("no lease after {} tries (no OFFER, or NAK after NAK)", retries.len()))
 }

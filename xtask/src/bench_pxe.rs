@@ -222,7 +222,9 @@ fn write_doc(path: &Path, rows: &[Row], clients: &[usize], only: Option<&str>) -
                 / (r["cpu"]["seconds"].as_f64().unwrap_or(1.0) * r["cpu"]["cores"].as_f64().unwrap_or(1.0)) * 100.0,
         );
         if let Some(failures) = r["failures"].as_object().filter(|f| !f.is_empty()) {
-            for (reason, n) in failures {
+            let mut failures: Vec<(&String, &serde_json::Value)> = failures.iter().collect();
+            failures.sort_by_key(|(_, n)| std::cmp::Reverse(n.as_u64().unwrap_or(0)));
+            for (reason, n) in failures.into_iter().take(3) {
                 let _ = writeln!(doc, "|  ↳ {n} failed: {} | | | | | | | | | | |", reason.replace('|', "/"));
             }
         }
