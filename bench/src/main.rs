@@ -9,7 +9,6 @@
 //! Point it only at servers in your own test network: it sends as fast as the
 //! server answers, bounded by `--clients` and `--time-limit`.
 
-mod cpu;
 mod dhcp;
 mod plot;
 mod pxe;

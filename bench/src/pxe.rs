@@ -165,7 +165,7 @@ pub struct Report {
     pub dhcp_retransmits: u64,
     pub tftp_retransmits: u64,
     pub failures: BTreeMap<String, usize>,
-    pub cpu: crate::cpu::CpuUsage,
+    pub cpu: pxe_lab::cpu::CpuUsage,
     pub machines: Vec<MachineResult>,
 }
 
@@ -190,7 +190,7 @@ async fn run_machines(args: &Args) -> anyhow::Result<Report> {
     if total > 0xff_ffff {
         anyhow::bail!("{total} machines: the simulated MACs have room for 16,777,215");
     }
-    let meter = crate::cpu::CpuMeter::start();
+    let meter = pxe_lab::cpu::CpuMeter::start(pxe_lab::cpu::LoadGenerator::ThisProcess);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.time_limit);
     let done = Arc::new(AtomicUsize::new(0));
@@ -345,7 +345,7 @@ fn mac_text(m: [u8; 6]) -> String {
     m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
-fn summarise(args: &Args, machines: Vec<MachineResult>, seconds: f64, cpu: crate::cpu::CpuUsage) -> Report {
+fn summarise(args: &Args, machines: Vec<MachineResult>, seconds: f64, cpu: pxe_lab::cpu::CpuUsage) -> Report {
     let mut stage_ms = Vec::new();
     for stage in ["dhcp", "nbp", "ipxe_dhcp", "script", "os"] {
         let mut times: Vec<f64> =

@@ -61,7 +61,7 @@ pub struct Report {
     pub transfer_ms_p99: f64,
     pub client_retransmits: u64,
     pub failures: Vec<String>,
-    pub cpu: crate::cpu::CpuUsage,
+    pub cpu: pxe_lab::cpu::CpuUsage,
 }
 
 pub fn run(args: Args) -> anyhow::Result<bool> {
@@ -94,7 +94,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
 }
 
 async fn run_clients(args: &Args, expected: Arc<Vec<u8>>) -> anyhow::Result<Report> {
-    let meter = crate::cpu::CpuMeter::start();
+    let meter = pxe_lab::cpu::CpuMeter::start(pxe_lab::cpu::LoadGenerator::ThisProcess);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.time_limit);
     let mut tasks = Vec::with_capacity(args.clients);

@@ -30,7 +30,10 @@ pub fn run(clients: &[usize], blksize: u16, windowsize: u16) -> anyhow::Result<(
     let (pxed, bench) = crate::build_release_binaries()?;
     let tftpd = peers::tftpd_hpa(&workspace)?;
 
-    let root = tempdir("bench-root")?;
+    // Everything of the run (boot root, logs, reports) lives here and goes with it.
+    let work = tempdir("bench-tftp")?;
+    let root = work.join("root");
+    std::fs::create_dir_all(&root)?;
     let file: Vec<u8> = (0..FILE_LEN).map(|i| (i * 7 + i / 4096) as u8).collect();
     std::fs::write(root.join("kernel"), &file)?;
 
@@ -64,7 +67,7 @@ pub fn run(clients: &[usize], blksize: u16, windowsize: u16) -> anyhow::Result<(
         let client = lab.add_netns("cli")?;
         lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&client, "eth0", Some("198.18.0.2/24")))?;
         let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
-        let log = root.with_extension(format!("{}.log", name.split(' ').next().unwrap_or("server")));
+        let log = work.join(format!("{}.log", name.split(' ').next().unwrap_or("server")));
         let pid = lab.spawn_logged(&server, &argv[0], &args, &log)?;
         if !server.wait_for_udp_port(69, Duration::from_secs(20)) {
             bail!("{name} did not start listening on port 69");
@@ -74,7 +77,7 @@ pub fn run(clients: &[usize], blksize: u16, windowsize: u16) -> anyhow::Result<(
             // Server CPU = machine-wide busy time minus the load generator's own
             // CPU, measured by the bench itself: kernel work in softirq is charged
             // to no process, and forking servers (tftpd-hpa) spread theirs over children.
-            let report = run_bench(&client, &bench, &root.join("kernel"), n, blksize, windowsize)?;
+            let report = run_bench(&client, &bench, &work.join("report.json"), &root.join("kernel"), n, blksize, windowsize)?;
             let server_cpu_s = report["cpu"]["server_s"].as_f64().unwrap_or(0.0);
             eprintln!("{name}, {n} clients: {} MB/s", report["goodput_mb_per_s"]);
             rows.push(Row { server: name, clients: n, report, server_cpu_s });
@@ -86,12 +89,19 @@ pub fn run(clients: &[usize], blksize: u16, windowsize: u16) -> anyhow::Result<(
     };
     write_doc(&doc, &rows, clients, blksize, windowsize)?;
     eprintln!("wrote {}", doc.display());
-    let _ = std::fs::remove_dir_all(&root);
+    let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
 
-fn run_bench(client: &Netns, bench: &Path, expect: &Path, clients: usize, blksize: u16, windowsize: u16) -> anyhow::Result<serde_json::Value> {
-    let json = tempdir("bench-json")?.join("report.json");
+fn run_bench(
+    client: &Netns,
+    bench: &Path,
+    json: &Path,
+    expect: &Path,
+    clients: usize,
+    blksize: u16,
+    windowsize: u16,
+) -> anyhow::Result<serde_json::Value> {
     let n = clients.to_string();
     let b = blksize.to_string();
     let w = windowsize.to_string();

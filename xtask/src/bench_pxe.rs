@@ -17,20 +17,22 @@ use pxe_lab::{Lab, Netns};
 
 use crate::{peers, workspace_root};
 
-const SERVER: &str = "198.18.0.1";
+pub const SERVER: &str = "198.18.0.1";
 /// A /16, so 10,000 machines have addresses to spare.
 const SERVER_CIDR: &str = "198.18.0.1/16";
 const CLIENT_CIDR: &str = "198.18.255.254/16";
+/// The client namespace's address (a relay's, for perfdhcp).
+pub const CLIENT: &str = "198.18.255.254";
 const POOL_FIRST: &str = "198.18.1.0";
 const POOL_LAST: &str = "198.18.63.254";
 /// The boot program every machine downloads: what a real UEFI rack fetches.
 const NBP: &str = "ipxe.efi";
 
-struct Server {
-    name: &'static str,
+pub struct Server {
+    pub name: &'static str,
     /// Programs to start in the server namespace, in order, each waited for
     /// on the UDP port given.
-    programs: Vec<(Vec<String>, u16)>,
+    pub programs: Vec<(Vec<String>, u16)>,
 }
 
 struct Row {
@@ -72,7 +74,7 @@ pub fn run(clients: &[usize], only: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn servers(pxed: &Path, tftpd: &Path, root: &Path, work: &Path) -> Vec<Server> {
+pub fn servers(pxed: &Path, tftpd: &Path, root: &Path, work: &Path) -> Vec<Server> {
     let root_s = root.display().to_string();
     let s = |v: &[&str]| v.iter().map(|a| (*a).to_owned()).collect::<Vec<String>>();
     let pxed_full = |extra: &[&str]| {
@@ -138,6 +140,13 @@ fn kea_config_json(work: &Path) -> String {
 
 /// One server, freshly started (empty lease databases), against `clients` machines.
 fn measure(server: &Server, bench: &Path, root: &Path, clients: usize, work: &Path) -> anyhow::Result<serde_json::Value> {
+    let (_lab, _srv, cli) = start(server, work)?;
+    run_bench(&cli, bench, root, clients, work)
+}
+
+/// A fresh lab (server and client namespaces, `SERVER_CIDR` and `CLIENT_CIDR`)
+/// with `server` started in it on empty lease databases in `work`.
+pub fn start(server: &Server, work: &Path) -> anyhow::Result<(Lab, Netns, Netns)> {
     for stale in ["pxed-leases.redb", "dnsmasq.leases", "kea-leases.csv", "kea-leases.csv.2"] {
         let _ = std::fs::remove_file(work.join(stale));
     }
@@ -158,7 +167,7 @@ fn measure(server: &Server, bench: &Path, root: &Path, clients: usize, work: &Pa
             bail!("{}: {} did not start listening on UDP {port}:\n{}", server.name, argv[0], std::fs::read_to_string(&log).unwrap_or_default());
         }
     }
-    run_bench(&cli, bench, root, clients, work)
+    Ok((lab, srv, cli))
 }
 
 fn hard_open_file_limit() -> u64 {

@@ -5,9 +5,10 @@
 //! - `test`: setup, then the whole test suite, with privileged tests required
 //!   to run rather than allowed to skip.
 //! - `demo`: the main job on its embedded defaults, with a machine booting.
-//! - `bench`, `bench-tftp`: comparisons with peers, written to docs/benchmarks.
+//! - `bench`, `bench-dhcp`, `bench-tftp`: comparisons with peers, written to docs/benchmarks.
 
 mod bench;
+mod bench_dhcp;
 mod bench_pxe;
 mod demo;
 mod peers;
@@ -55,6 +56,14 @@ enum Task {
         #[arg(long)]
         only: Option<String>,
     },
+    /// Lease addresses to a storm of N new clients (perfdhcp's avalanche)
+    /// from pxed, Kea and dnsmasq in throwaway namespaces; write
+    /// docs/benchmarks/dhcp.md (as root; a few minutes).
+    BenchDhcp {
+        /// New clients per measurement.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        clients: Vec<usize>,
+    },
     /// Measure TFTP goodput of pxed, tftpd-hpa and dnsmasq in throwaway
     /// namespaces and write docs/benchmarks/tftp-userspace.md (as root; about a minute).
     BenchTftp {
@@ -85,6 +94,7 @@ fn main() -> ExitCode {
         Task::Bench { clients, only } => {
             setup::run(setup::Mode::Install).and_then(|()| bench_pxe::run(&clients, only.as_deref()))
         }
+        Task::BenchDhcp { clients } => setup::run(setup::Mode::Install).and_then(|()| bench_dhcp::run(&clients)),
         Task::BenchTftp { clients, blksize, windowsize } => {
             setup::run(setup::Mode::Install).and_then(|()| bench::run(&clients, blksize, windowsize))
         }

@@ -37,6 +37,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("isc-dhcp-client", "dhclient, a DHCP client in the interop tests"),
     ("dnsmasq-base", "a peer DHCP/TFTP server for interop tests and benchmarks (no service)"),
     ("kea-dhcp4-server", "a peer DHCP server that holds port 67 exclusively (its service is never started)"),
+    ("kea-admin", "perfdhcp, ISC's DHCP load tool, for cargo xtask bench-dhcp"),
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -21,6 +21,7 @@ use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode};
 
 use super::{
     classify::{Firmware, Request},
+    offers::Offers,
     pool::Subnet,
 };
 use crate::{
@@ -122,8 +123,9 @@ pub struct Engine {
     store: Box<dyn LeaseStore>,
     by_ip: HashMap<Ipv4Addr, Lease>,
     by_client: HashMap<Vec<u8>, Ipv4Addr>,
-    /// Offered address → (client, until).
-    offers: HashMap<Ipv4Addr, (Vec<u8>, u64)>,
+    offers: Offers,
+    /// Reserved address → the machine it is reserved for.
+    reserved: HashMap<Ipv4Addr, Mac>,
     /// Where each subnet's free-address search resumes.
     cursors: Vec<u64>,
     stats: EngineStats,
@@ -152,13 +154,15 @@ impl Engine {
             by_ip.insert(lease.ip, lease);
         }
         let cursors = vec![0; config.subnets.len()];
+        let reserved = reverse(&config.reservations);
         Ok(Self {
             config,
             policy,
             store,
             by_ip,
             by_client,
-            offers: HashMap::new(),
+            offers: Offers::default(),
+            reserved,
             cursors,
             stats: EngineStats::default(),
             here: Ipv4Addr::UNSPECIFIED,
@@ -169,6 +173,7 @@ impl Engine {
     /// Replaces the configuration and policy (SIGHUP); leases stay.
     pub fn reconfigure(&mut self, config: EngineConfig, policy: Arc<StaticPolicy>) {
         self.cursors = vec![0; config.subnets.len()];
+        self.reserved = reverse(&config.reservations);
         self.config = config;
         self.policy = policy;
     }
@@ -287,7 +292,7 @@ impl Engine {
     // ---- full DHCP ------------------------------------------------------
 
     fn full(&mut self, req: &Request, now: u64) -> Outcome {
-        self.offers.retain(|_, (_, until)| *until > now);
+        self.offers.sweep(now);
         match req.msg_type {
             MessageType::Discover => self.discover(req, now),
             MessageType::Request => self.request(req, now),
@@ -313,7 +318,7 @@ impl Engine {
                 wrote: false,
             };
         };
-        self.offers.insert(ip, (client, now + OFFER_HOLD_SECS));
+        self.offers.hold(ip, client, now + OFFER_HOLD_SECS);
         let mut reply = self.reply_to(req, MessageType::Offer, ip);
         self.add_lease_options(&mut reply, req, subnet);
         let boot = self.add_boot_if_any(&mut reply, req);
@@ -327,13 +332,13 @@ impl Engine {
         if let Some(server_id) = req.server_id {
             // SELECTING: the client answers an OFFER.
             if server_id != self.here {
-                self.offers.retain(|_, (c, _)| *c != client);
+                self.offers.release_client(&client);
                 return silent(format!("REQUEST from {}: chose server {server_id}", req.mac));
             }
             let Some(ip) = req.requested_ip.or((!ciaddr.is_unspecified()).then_some(ciaddr)) else {
                 return self.nak(req, "REQUEST names no address");
             };
-            let offered = self.offers.get(&ip).is_some_and(|(c, _)| *c == client);
+            let offered = self.offers.is_held_for(ip, &client);
             let held = self.by_client.get(&client) == Some(&ip);
             let Some(subnet) = self.subnet_for(req) else { return self.nak(req, "no subnet for this request") };
             if !(offered || held) || !self.assignable(ip, &client, req.mac, subnet, now) {
@@ -397,7 +402,7 @@ impl Engine {
         if let Err(e) = self.write(&lease) {
             return store_failed(req, e);
         }
-        self.offers.remove(&ip);
+        self.offers.release_ip(ip);
         self.by_client.insert(client, ip);
         self.by_ip.insert(ip, lease);
 
@@ -428,7 +433,7 @@ impl Engine {
     fn decline(&mut self, req: &Request, now: u64) -> Outcome {
         let client = key(req);
         let Some(ip) = req.requested_ip else { return silent(format!("DECLINE from {}: names no address", req.mac)) };
-        if self.by_client.get(&client) != Some(&ip) && !self.offers.get(&ip).is_some_and(|(c, _)| *c == client) {
+        if self.by_client.get(&client) != Some(&ip) && !self.offers.is_held_for(ip, &client) {
             return silent(format!("DECLINE from {} for {ip}: not this client's", req.mac));
         }
         let quarantined = Lease {
@@ -443,7 +448,7 @@ impl Engine {
             return store_failed(req, e);
         }
         self.by_client.remove(&client);
-        self.offers.remove(&ip);
+        self.offers.release_ip(ip);
         self.by_ip.insert(ip, quarantined);
         changed(format!("DECLINE from {}: {ip} is in use on the wire; quarantined for {DECLINE_QUARANTINE_SECS} s", req.mac))
     }
@@ -500,19 +505,19 @@ impl Engine {
     fn assignable(&self, ip: Ipv4Addr, client: &[u8], mac: Mac, subnet: usize, now: u64) -> bool {
         let s = &self.config.subnets[subnet];
         let reserved_for_this = self.config.reservations.get(&mac) == Some(&ip);
-        let reserved_for_other = self.config.reservations.iter().any(|(m, r)| *r == ip && *m != mac);
+        let reserved_for_other = self.reserved.get(&ip).is_some_and(|m| *m != mac);
         (s.in_pool(ip) || (reserved_for_this && s.contains(ip)))
             && !reserved_for_other
             && ip != self.here
             && !self.held_by_other(ip, client, now)
-            && !self.offers.get(&ip).is_some_and(|(c, until)| c != client && *until > now)
+            && !self.offers.is_held_for_another(ip, client, now)
     }
 
     fn choose_address(&mut self, req: &Request, client: &[u8], subnet: usize, now: u64) -> Option<Ipv4Addr> {
         if let Some(ip) = self.config.reservations.get(&req.mac).copied() {
             return self.assignable(ip, client, req.mac, subnet, now).then_some(ip);
         }
-        let offered = self.offers.iter().find(|(_, (c, _))| c == client).map(|(ip, _)| *ip);
+        let offered = self.offers.of_client(client);
         let previous = self.by_client.get(client).copied();
         for candidate in [offered, previous, req.requested_ip].into_iter().flatten() {
             if self.assignable(candidate, client, req.mac, subnet, now) {
@@ -651,6 +656,11 @@ impl Engine {
         }
         Destination::Broadcast
     }
+}
+
+/// Reservations by address.
+fn reverse(reservations: &HashMap<Mac, Ipv4Addr>) -> HashMap<Ipv4Addr, Mac> {
+    reservations.iter().map(|(mac, ip)| (*ip, *mac)).collect()
 }
 
 fn key(req: &Request) -> Vec<u8> {

@@ -14,5 +14,6 @@
 pub mod classify;
 pub mod driver;
 pub mod engine;
+mod offers;
 pub mod pool;
 pub mod socket;

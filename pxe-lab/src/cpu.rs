@@ -1,6 +1,7 @@
-//! Who used the CPU during a run: the whole machine, the harness itself, and
-//! the difference, which is the server's when it runs on this machine and
-//! nothing else does.
+//! Who used the CPU during a lab run: the whole machine, the load generator
+//! (the harness itself, or a load tool it ran as a child), and the
+//! difference, which is the server's when it runs on this machine and nothing
+//! else does.
 //!
 //! Machine-wide busy time is the honest measure of a server whose work runs
 //! in softirq (XDP/TC) or in forked children (tftpd-hpa): no single process
@@ -15,16 +16,23 @@
 
 use std::time::Instant;
 
-use serde::Serialize;
+/// Whose CPU time is the load generator's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadGenerator {
+    /// This process, all its threads.
+    ThisProcess,
+    /// The children this process has waited for (a load tool run to completion).
+    WaitedChildren,
+}
 
 /// CPU seconds spent during one run.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, serde::Serialize)]
 pub struct CpuUsage {
     pub seconds: f64,
     pub cores: usize,
     /// Busy (not idle, not iowait) time of every CPU.
     pub machine_busy_s: f64,
-    /// This process: user and system time of all its threads.
+    /// The load generator: user and system time.
     pub harness_s: f64,
     /// `machine_busy_s - harness_s`.
     pub server_s: f64,
@@ -59,18 +67,19 @@ impl CpuUsage {
 /// Started at the beginning of a run.
 pub struct CpuMeter {
     started: Instant,
+    load: LoadGenerator,
     busy: f64,
     own: f64,
 }
 
 impl CpuMeter {
-    pub fn start() -> Self {
-        Self { started: Instant::now(), busy: machine_busy_seconds(), own: own_cpu_seconds() }
+    pub fn start(load: LoadGenerator) -> Self {
+        Self { started: Instant::now(), load, busy: machine_busy_seconds(), own: cpu_seconds(load) }
     }
 
     pub fn stop(&self) -> CpuUsage {
         let machine_busy_s = machine_busy_seconds() - self.busy;
-        let harness_s = own_cpu_seconds() - self.own;
+        let harness_s = cpu_seconds(self.load) - self.own;
         CpuUsage {
             seconds: self.started.elapsed().as_secs_f64(),
             cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -104,10 +113,14 @@ fn ticks_per_second() -> f64 {
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
 }
 
-fn own_cpu_seconds() -> f64 {
+fn cpu_seconds(whose: LoadGenerator) -> f64 {
+    let who = match whose {
+        LoadGenerator::ThisProcess => libc::RUSAGE_SELF,
+        LoadGenerator::WaitedChildren => libc::RUSAGE_CHILDREN,
+    };
     // SAFETY: getrusage writes into the zeroed struct we pass.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    unsafe { libc::getrusage(who, &mut usage) };
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     secs(usage.ru_utime) + secs(usage.ru_stime)
 }
@@ -125,10 +138,10 @@ mod tests {
 
     #[test]
     fn the_harness_is_charged_for_its_own_work() {
-        let meter = CpuMeter::start();
+        let meter = CpuMeter::start(LoadGenerator::ThisProcess);
         let mut x = 0u64;
         let give_up = Instant::now();
-        while own_cpu_seconds() - meter.own < 0.2 && give_up.elapsed().as_secs() < 20 {
+        while cpu_seconds(LoadGenerator::ThisProcess) - meter.own < 0.2 && give_up.elapsed().as_secs() < 20 {
             for _ in 0..100_000 {
                 x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
             }

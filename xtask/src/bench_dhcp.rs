@@ -1,0 +1,175 @@
+//! `cargo xtask bench-dhcp`: how fast each server leases addresses to a
+//! storm of new clients, measured by ISC's own load tool. `perfdhcp
+//! --scenario avalanche` (Debian's kea-admin) sends a DISCOVER for every
+//! client at once, as a relay in the client namespace, retransmits with
+//! back-off until every client has its ACK, and reports the time it took.
+//! pxed (DHCP in userspace, leases in redb), Kea (memfile, persisted) and
+//! dnsmasq each run fresh in the same lab as `cargo xtask bench`. Writes
+//! docs/benchmarks/dhcp.md (generated).
+
+use std::{fmt::Write as _, path::Path, process::Command};
+
+use anyhow::{bail, Context as _};
+use pxe_lab::cpu::{CpuMeter, LoadGenerator};
+
+use crate::{bench_pxe, peers, workspace_root};
+
+/// The servers of `cargo xtask bench` whose DHCP is measured, with the name
+/// each gets here.
+const MEASURED: &[(&str, &str)] = &[
+    ("pxed full, userspace", "pxed (redb, group commit)"),
+    ("Kea + tftpd-hpa", "Kea (memfile, persisted)"),
+    ("dnsmasq (DHCP + TFTP)", "dnsmasq (lease file)"),
+];
+
+/// How long one avalanche may take before it is reported as unfinished.
+const AVALANCHE_LIMIT_S: u32 = 90;
+/// The sustained test: DORA exchanges offered per second, for this long,
+/// among this many distinct clients (fewer than any pool's addresses, so a
+/// full pool never passes for a slow server).
+const SUSTAINED_RATE: u32 = 20_000;
+const SUSTAINED_S: u32 = 10;
+const SUSTAINED_CLIENTS: u32 = 10_000;
+
+struct Row {
+    server: &'static str,
+    clients: usize,
+    /// `None`: perfdhcp did not finish within the limit.
+    seconds: Option<f64>,
+    resent: u64,
+    server_cpu_s: f64,
+}
+
+/// The sustained test's result for one server.
+struct Sustained {
+    server: &'static str,
+    /// DORA exchanges per second perfdhcp achieved.
+    rate: f64,
+    acks: u64,
+    server_cpu_s: f64,
+}
+
+pub fn run(clients: &[usize]) -> anyhow::Result<()> {
+    let workspace = workspace_root();
+    let (pxed, _bench) = crate::build_release_binaries()?;
+    let tftpd = peers::tftpd_hpa(&workspace)?;
+    let work = std::env::temp_dir().join(format!("pxe-bench-dhcp-{}", std::process::id()));
+    let root = work.join("root");
+    std::fs::create_dir_all(&root)?;
+    let servers = bench_pxe::servers(&pxed, &tftpd, &root, &work);
+    let mut sustained = Vec::new();
+    for (name, label) in MEASURED {
+        let server = servers.iter().find(|s| s.name == *name).context("a server of cargo xtask bench")?;
+        let (_lab, _srv, cli) = bench_pxe::start(server, &work)?;
+        let meter = CpuMeter::start(LoadGenerator::WaitedChildren);
+        let out = cli.output(
+            "perfdhcp",
+            &["-4", "-g", "single", "-l", bench_pxe::CLIENT, "-r", &SUSTAINED_RATE.to_string(), "-p", &SUSTAINED_S.to_string(),
+              "-R", &SUSTAINED_CLIENTS.to_string(), bench_pxe::SERVER],
+        )?;
+        let cpu = meter.stop();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let rate = text.lines().find_map(|l| l.strip_prefix("Rate: ")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0.0);
+        // The last "received packets" is the REQUEST-ACK exchange's.
+        let acks = text.lines().filter_map(|l| l.strip_prefix("received packets: ")).last().and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+        eprintln!("{label}, sustained: {rate:.0} DORA/s, {acks} ACKs; CPU: machine {:.2} s, perfdhcp {:.2} s, server {:.2} s", cpu.machine_busy_s, cpu.harness_s, cpu.server_s);
+        sustained.push(Sustained { server: label, rate, acks, server_cpu_s: cpu.server_s });
+    }
+    let mut rows = Vec::new();
+    for &n in clients {
+        for (name, label) in MEASURED {
+            let server = servers.iter().find(|s| s.name == *name).context("a server of cargo xtask bench")?;
+            let (_lab, _srv, cli) = bench_pxe::start(server, &work)?;
+            let meter = CpuMeter::start(LoadGenerator::WaitedChildren);
+            let out = cli.output(
+                "timeout",
+                // One thread: in its default multi-thread mode perfdhcp busy-polls
+                // every core, and the server's CPU could not be told from its own.
+                &[&AVALANCHE_LIMIT_S.to_string(), "perfdhcp", "-4", "-g", "single", "-l", bench_pxe::CLIENT, "--scenario", "avalanche", "-R", &n.to_string(), bench_pxe::SERVER],
+            )?;
+            let cpu = meter.stop();
+            let text = String::from_utf8_lossy(&out.stdout);
+            let seconds = provisioning_seconds(&text);
+            let resent = text.lines().find_map(|l| l.strip_prefix("Requests resent: ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+            match seconds {
+                Some(s) => eprintln!(
+                    "{label}, {n} clients: {s:.2} s, {:.0} leases/s; CPU: machine {:.2} s, perfdhcp {:.2} s, server {:.2} s",
+                    n as f64 / s,
+                    cpu.machine_busy_s,
+                    cpu.harness_s,
+                    cpu.server_s
+                ),
+                None if out.status.code() == Some(124) => eprintln!("{label}, {n} clients: not done in {AVALANCHE_LIMIT_S} s"),
+                None => bail!("perfdhcp against {label} failed ({}):\n{text}\n{}", out.status, String::from_utf8_lossy(&out.stderr)),
+            }
+            rows.push(Row { server: label, clients: n, seconds, resent, server_cpu_s: cpu.server_s });
+        }
+    }
+    let doc = workspace.join("docs/benchmarks/dhcp.md");
+    write_doc(&doc, &sustained, &rows, clients)?;
+    eprintln!("wrote {}", doc.display());
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// perfdhcp's "It took HH:MM:SS.ffffff to provision N clients", in seconds.
+fn provisioning_seconds(report: &str) -> Option<f64> {
+    let line = report.lines().find(|l| l.starts_with("It took "))?;
+    let clock = line.strip_prefix("It took ")?.split_whitespace().next()?;
+    let mut parts = clock.split(':');
+    let (h, m, s) = (parts.next()?.parse::<f64>().ok()?, parts.next()?.parse::<f64>().ok()?, parts.next()?.parse::<f64>().ok()?);
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+fn write_doc(path: &Path, sustained: &[Sustained], rows: &[Row], clients: &[usize]) -> anyhow::Result<()> {
+    let mut doc = String::from("# DHCP: leasing a storm of new clients (generated by `cargo xtask bench-dhcp`; do not edit)\n\nEvery number here was produced by the command below on the machine described with it.\nRe-run it to check.\n\n");
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let rev = Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
+    let list = clients.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",");
+    let _ = writeln!(
+        doc,
+        "`cargo xtask bench-dhcp --clients {list}` (pxed at {rev}; kea-dhcp4 {}; dnsmasq {}; perfdhcp from kea-admin {}; kernel {}; {} CPUs).\n",
+        peers::package_version("kea-dhcp4-server"),
+        peers::package_version("dnsmasq-base"),
+        peers::package_version("kea-admin"),
+        kernel.trim(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+    );
+    let _ = writeln!(
+        doc,
+        "perfdhcp runs single-threaded (in its default mode it busy-polls every core) as a relay in the client namespace;\nthe server starts fresh with an empty, durable lease database. Server CPU is machine-wide busy time minus\nperfdhcp's own; short runs carry the clock-tick error of /proc/stat (±0.1 s).\n\n## Sustained\n\n`perfdhcp -4 -g single -r {SUSTAINED_RATE} -p {SUSTAINED_S} -R {SUSTAINED_CLIENTS}`: DORA exchanges offered at {SUSTAINED_RATE}/s for {SUSTAINED_S} s among\n{SUSTAINED_CLIENTS} clients (each ACK a lease written durably).\n"
+    );
+    let _ = writeln!(doc, "| server | DORA/s achieved | ACKs | server CPU s | ACKs per server CPU-s |");
+    let _ = writeln!(doc, "| --- | ---: | ---: | ---: | ---: |");
+    for r in sustained {
+        let per_cpu = if r.server_cpu_s > 0.05 { format!("{:.0}", r.acks as f64 / r.server_cpu_s) } else { "-".into() };
+        let _ = writeln!(doc, "| {} | {:.0} | {} | {:.2} | {per_cpu} |", r.server, r.rate, r.acks, r.server_cpu_s);
+    }
+    let _ = writeln!(
+        doc,
+        "\n## Avalanche\n\n`perfdhcp -4 -g single --scenario avalanche -R N` runs as a relay in the client namespace: a DISCOVER for each of N new\nclients at once, then REQUEST on each OFFER, retransmitting with back-off until every client has its ACK.\n"
+    );
+    let _ = writeln!(doc, "| server | clients | all leased s | leases/s | requests resent | server CPU s | ACKs per server CPU-s |");
+    let _ = writeln!(doc, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in rows {
+        let (secs, rate) = match r.seconds {
+            Some(s) => (format!("{s:.2}"), format!("{:.0}", r.clients as f64 / s)),
+            None => (format!("not done in {AVALANCHE_LIMIT_S}"), "-".into()),
+        };
+        let per_cpu = if r.seconds.is_some() && r.server_cpu_s > 0.01 { format!("{:.0}", r.clients as f64 / r.server_cpu_s) } else { "-".into() };
+        let _ = writeln!(doc, "| {} | {} | {secs} | {rate} | {} | {:.2} | {per_cpu} |", r.server, r.clients, r.resent, r.server_cpu_s);
+    }
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    std::fs::write(path, doc)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn perfdhcp_provisioning_time_is_read_in_seconds() {
+        let report = "Requests sent + resent: 4365\nIt took 00:01:02.045188 to provision 2000 clients. \nRequests resent: 365\n";
+        assert_eq!(super::provisioning_seconds(report), Some(62.045188));
+        assert_eq!(super::provisioning_seconds("no such line"), None);
+    }
+}
