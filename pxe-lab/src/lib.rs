@@ -147,9 +147,18 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let children = std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut children = std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()));
+        // Only our own children, by PID. SIGTERM first, so servers end as an
+        // operator would end them (pxed detaches and removes its temporary
+        // files); whatever is still running a moment later is killed.
+        for child in &children {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while std::time::Instant::now() < deadline && children.iter_mut().any(|c| matches!(c.try_wait(), Ok(None))) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         for mut child in children {
-            // Only our own children, by PID: kill and reap.
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -81,6 +81,9 @@ fn sigkill_leaves_no_program_attached() {
     // asynchronously, so give it a moment.
     wait_until("XDP is detached after SIGKILL", || !xdp_attached(&server));
     wait_until("TC is detached after SIGKILL", || tcx_programs(&server) == 0);
+    // A killed pxed cannot remove its copy of the iPXE binaries (the next
+    // pxed sweeps it); this test removes what it made pxed leave.
+    let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("pxed-ipxe-{pid}")));
 }
 
 #[test]

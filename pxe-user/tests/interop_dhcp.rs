@@ -272,7 +272,10 @@ fn every_acked_lease_survives_sigkill_and_no_address_goes_to_two_clients() {
     let work = tempfile::tempdir().unwrap();
     let leases = work.path().join("leases.redb");
     let log = work.path().join("pxed.log");
-    let args = ["--interface", "eth0", "--dhcp", "full", "--range", "198.18.0.10-198.18.0.250", "--lease-file", leases.to_str().unwrap(), "--xdp-mode", "off", "--no-tc", "--authoritative"];
+    // A boot root of its own: a SIGKILLed pxed leaves nothing behind.
+    let root = boot_root();
+    let args = ["--interface", "eth0", "--boot-root", root.path().to_str().unwrap(), "--dhcp", "full", "--range", "198.18.0.10-198.18.0.250",
+        "--lease-file", leases.to_str().unwrap(), "--xdp-mode", "off", "--no-tc", "--authoritative"];
     let start = || {
         let pid = lab.spawn_logged(&server, PXED, &args, &log).unwrap();
         assert!(server.wait_for_udp_port(67, Duration::from_secs(20)), "{}", std::fs::read_to_string(&log).unwrap_or_default());
