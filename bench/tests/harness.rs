@@ -146,4 +146,10 @@ fn failures_are_counted_with_their_reason_when_the_server_misbehaves() {
     let tail: Vec<&str> = log.lines().filter(|l| l.contains("DHCP") || l.contains("WARN") || l.contains("ERROR")).collect();
     assert_eq!(count(&report, "failed"), 0, "{}\n{}", report["failures"], tail[tail.len().saturating_sub(60)..].join("\n"));
     assert!(count(&report, "dhcp_retransmits") + count(&report, "tftp_retransmits") > 0, "loss must show as client retransmissions: {report}");
+
+    // UEFI's windowed transfers under the same loss: every lost block leaves
+    // a gap that the client must report (RFC 7440 §4) for the server to
+    // resume after it; all must still complete byte-exact.
+    let report = bench_pxe(&client, &["--clients", "20", "--firmware", "uefi", "--mac-prefix", "64", "--verify-root", expected.path().to_str().unwrap()], work.path());
+    assert_eq!(count(&report, "failed"), 0, "{}", report["failures"]);
 }
