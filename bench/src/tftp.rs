@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use pxe_user::wire::tftp::{Mode, Repr, TftpOption};
+use pxe_user::wire::tftp::{ErrorCode, Mode, Repr, TftpOption};
 use serde::Serialize;
 use tokio::net::UdpSocket;
 
@@ -184,6 +184,7 @@ pub(crate) async fn download(
     let mut received_any = false;
     loop {
         if Instant::now() > deadline {
+            abort(&socket, peer, "run time limit reached").await;
             return Err(format!("{file}: run time limit reached at {received} bytes"));
         }
         // A window's later blocks are usually queued already: take them
@@ -201,6 +202,7 @@ pub(crate) async fn download(
             Err(()) => {
                 retransmits += 1;
                 if retransmits > 50 {
+                    abort(&socket, peer, "no answer").await;
                     return Err(format!("{file}: no answer after 50 retries at {received} bytes"));
                 }
                 // RFC 7440 §4: on a timeout, acknowledge the last block received in order.
@@ -246,6 +248,10 @@ pub(crate) async fn download(
                 let end = received + payload.len();
                 if let Some(expected) = expected {
                     if end > expected.len() || expected[received..end] != *payload {
+                        // Tell the server, as firmware does when it gives up: a
+                        // server left retransmitting to this port could reach a
+                        // later transfer that reuses it.
+                        abort(&socket, peer, "bytes differ from the expected file").await;
                         return Err(format!("{file}: bytes {received}..{end} differ from the expected file"));
                     }
                 }
@@ -269,4 +275,11 @@ pub(crate) async fn download(
             Ok(_) | Err(_) => {}
         }
     }
+}
+
+/// Ends a transfer from the client side with an ERROR (RFC 1350), so the
+/// server stops sending to this port.
+async fn abort(socket: &UdpSocket, peer: SocketAddr, why: &str) {
+    let error = Repr::Error { code: ErrorCode::NotDefined, message: why }.to_vec();
+    let _ = socket.send_to(&error, peer).await;
 }
