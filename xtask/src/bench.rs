@@ -110,7 +110,7 @@ fn run_bench(
         &["tftp", "--server", &format!("{SERVER}:69"), "--file", "kernel", "--expect", expect.to_str().unwrap(), "--clients", &n, "--blksize", &b, "--windowsize", &w, "--time-limit", "240", "--json", json.to_str().unwrap()],
     )?;
     eprint!("{}", String::from_utf8_lossy(&out.stdout));
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).context("bench wrote no report")?)?;
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(json).context("bench wrote no report")?)?;
     Ok(report)
 }
 

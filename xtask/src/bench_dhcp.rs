@@ -70,7 +70,7 @@ pub fn run(clients: &[usize]) -> anyhow::Result<()> {
         let text = String::from_utf8_lossy(&out.stdout);
         let rate = text.lines().find_map(|l| l.strip_prefix("Rate: ")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0.0);
         // The last "received packets" is the REQUEST-ACK exchange's.
-        let acks = text.lines().filter_map(|l| l.strip_prefix("received packets: ")).last().and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+        let acks = text.lines().rev().find_map(|l| l.strip_prefix("received packets: ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
         eprintln!("{label}, sustained: {rate:.0} DORA/s, {acks} ACKs; CPU: machine {:.2} s, perfdhcp {:.2} s, server {:.2} s", cpu.machine_busy_s, cpu.harness_s, cpu.server_s);
         sustained.push(Sustained { server: label, rate, acks, server_cpu_s: cpu.server_s });
     }
