@@ -53,15 +53,16 @@ counters! {
     /// UDP to a registered TFTP transfer port that the kernel tiers do not
     /// serve (not an ACK, no kernel session, IP options): for userspace.
     PASS_TFTP_TRANSFER = 11,
-    /// In-sequence ACK answered with the next DATA built in place: `XDP_TX`.
+    /// ACK of a lockstep session answered with the next DATA built in place: `XDP_TX`.
     TX_TFTP_DATA = 12,
-    /// In-sequence ACK answered with the next DATA by the TC tier: redirected.
+    /// ACK answered with the next DATA (the next window's, as clones and the
+    /// redirected skb) by the TC tier.
     REDIRECT_TFTP_DATA = 13,
     /// Duplicate or stale ACK of a kernel session: dropped, never a resend
     /// (RFC 1123 §4.2.3.1, Sorcerer's Apprentice).
     DROP_TFTP_STALE_ACK = 14,
-    /// ACK of the block before the final one, or of the final one: the short
-    /// last block and the end of the transfer are userspace's.
+    /// ACK whose next window would reach the final block, or of the final
+    /// one: the short last block and the end of the transfer are userspace's.
     PASS_TFTP_LAST_BLOCKS = 15,
     /// XDP could not grow the frame (no tailroom, e.g. veth): left to TC.
     PASS_TFTP_NO_TAILROOM = 16,

@@ -9,9 +9,9 @@
 //! clones and redirects the skb itself with the last.
 //!
 //! What stays with userspace: the request and option negotiation, the first
-//! block, the final (short) block and the final ACK, every retransmission
-//! (its timer watches `last_sent` here), and anything that is not a plain
-//! ACK of a known session.
+//! window, the window that reaches the final (short) block and the final
+//! ACK, every retransmission (its timer watches `last_sent` here), and
+//! anything that is not a plain ACK of a known session.
 
 use aya_ebpf::{
     helpers::bpf_csum_diff,

@@ -99,6 +99,28 @@ fn a_missing_interface_is_a_clear_error() {
 }
 
 #[test]
+fn flags_that_name_no_served_network_are_clear_errors() {
+    if !pxe_lab::privileged("flags_that_name_no_served_network_are_clear_errors") {
+        return;
+    }
+    let (_lab, server) = lab();
+    let leases = tempfile::tempdir().unwrap();
+    let lease_file = leases.path().join("leases.redb");
+    let lease_file = lease_file.to_str().unwrap();
+    let cases: [(&[&str], &str); 3] = [
+        (&["-i", "eth0", "-i", "eth0"], "--interface eth0 is given twice"),
+        (&["-i", "eth0", "--dhcp", "full", "--range", "10.9.0.10-10.9.0.20", "--lease-file", lease_file], "is not inside the network of any interface served (eth0 198.18.0.0/24)"),
+        (&["-i", "eth0", "--dhcp", "full", "--range", "198.18.0.10-198.18.0.20", "--router", "10.9.0.1", "--lease-file", lease_file], "--router 10.9.0.1 is not on the network of any interface served"),
+    ];
+    for (args, needle) in cases {
+        let out = server.output(PXED, args).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?} should say {needle:?}: {stderr}");
+    }
+}
+
+#[test]
 fn without_privileges_pxed_says_it_needs_root() {
     if !pxe_lab::privileged("without_privileges_pxed_says_it_needs_root") {
         return;

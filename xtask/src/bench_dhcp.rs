@@ -55,7 +55,7 @@ pub fn run(clients: &[usize]) -> anyhow::Result<()> {
     let work = std::env::temp_dir().join(format!("pxe-bench-dhcp-{}", std::process::id()));
     let root = work.join("root");
     std::fs::create_dir_all(&root)?;
-    let servers = bench_pxe::servers(&pxed, &tftpd, &root, &work);
+    let servers = bench_pxe::servers(&pxed, &tftpd, &root, &work)?;
     let mut sustained = Vec::new();
     for (name, label) in MEASURED {
         let server = servers.iter().find(|s| s.name == *name).context("a server of cargo xtask bench")?;

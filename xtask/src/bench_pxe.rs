@@ -48,7 +48,7 @@ pub fn run(clients: &[usize], only: Option<&str>) -> anyhow::Result<()> {
     let root = work.join("root");
     std::fs::create_dir_all(&root)?;
     std::fs::copy(Path::new("/usr/lib/ipxe").join(NBP), root.join(NBP)).context("copying Debian's ipxe.efi (package ipxe)")?;
-    let mut servers = servers(&pxed, &tftpd, &root, &work);
+    let mut servers = servers(&pxed, &tftpd, &root, &work)?;
     if let Some(only) = only {
         servers.retain(|s| s.name.to_lowercase().contains(&only.to_lowercase()));
         if servers.is_empty() {
@@ -74,7 +74,7 @@ pub fn run(clients: &[usize], only: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn servers(pxed: &Path, tftpd: &Path, root: &Path, work: &Path) -> Vec<Server> {
+pub fn servers(pxed: &Path, tftpd: &Path, root: &Path, work: &Path) -> anyhow::Result<Vec<Server>> {
     let root_s = root.display().to_string();
     let s = |v: &[&str]| v.iter().map(|a| (*a).to_owned()).collect::<Vec<String>>();
     let pxed_full = |extra: &[&str]| {
@@ -94,9 +94,9 @@ pub fn servers(pxed: &Path, tftpd: &Path, root: &Path, work: &Path) -> Vec<Serve
         argv
     };
     let kea_config = work.join("kea-dhcp4.json");
-    let _ = std::fs::write(&kea_config, kea_config_json(work));
+    std::fs::write(&kea_config, kea_config_json(work)).context("writing Kea's config")?;
     let work_s = work.display().to_string();
-    vec![
+    Ok(vec![
         Server { name: "pxed full, kernel tiers", programs: vec![(pxed_full(&["--fastpath-memory", "16"]), 67)] },
         Server { name: "pxed full, userspace", programs: vec![(pxed_full(&["--xdp-mode", "off", "--no-tc"]), 67)] },
         Server {
@@ -118,7 +118,7 @@ pub fn servers(pxed: &Path, tftpd: &Path, root: &Path, work: &Path) -> Vec<Serve
                 (s(&[&tftpd.display().to_string(), "--foreground", "--listen", "--user", "root", "--address", &format!("{SERVER}:69"), "--secure", &root_s]), 69),
             ],
         },
-    ]
+    ])
 }
 
 /// Kea with memfile leases persisted to disk (its durable default), handing
