@@ -42,11 +42,13 @@ counters! {
     PASS_NOT_UDP = 5,
     /// UDP for a port that is none of ours.
     PASS_OTHER_UDP = 6,
-    /// UDP to 67: a client's or a relay's DHCP request.
+    /// UDP to 67: a client's or a relay's DHCP request with no reply
+    /// template in the kernel (a new client or shape, or kernel DHCP off).
     PASS_DHCP_TO_SERVER = 7,
     /// UDP to 68: a DHCP reply (ours seen on the wire, or another server's).
     PASS_DHCP_TO_CLIENT = 8,
-    /// UDP to 4011: PXE boot server discovery (proxyDHCP).
+    /// UDP to 4011: PXE boot server discovery (proxyDHCP) with no reply
+    /// template in the kernel.
     PASS_PROXY_DHCP = 9,
     /// UDP to 69: a TFTP request (RRQ/WRQ) to start a transfer.
     PASS_TFTP_REQUEST = 10,
@@ -69,13 +71,29 @@ counters! {
     /// ACK of a windowed session at XDP, which can send one frame per ACK:
     /// left to TC, which sends the whole window.
     PASS_TFTP_WINDOWED = 17,
+    /// DISCOVER or REQUEST answered in place from its client's template: `XDP_TX`.
+    TX_DHCP_REPLY = 18,
+    /// DISCOVER or REQUEST answered from its client's template by the TC
+    /// tier (skb resized, redirected out of the interface it came in on).
+    REDIRECT_DHCP_REPLY = 19,
+    /// A template exists, but not for this request: another message type,
+    /// another address or server, a different relay, or the lease's
+    /// durable horizon has passed. For userspace.
+    PASS_DHCP_NOT_DECIDED = 20,
+    /// A DHCP request the kernel does not read: IP options, malformed BOOTP,
+    /// option overload, relay agent information, a long or repeated shape
+    /// option, too many options, or bytes the program cannot see. For userspace.
+    PASS_DHCP_UNPARSED = 21,
+    /// XDP could not resize the frame, or may not transmit on this
+    /// interface: left to TC.
+    PASS_DHCP_TO_TC = 22,
     /// Observation: the frame carried one 802.1Q tag (counted besides its verdict).
-    SEEN_VLAN_TAG = 18,
+    SEEN_VLAN_TAG = 23,
 }
 
 impl Counter {
     /// Length of a counter array.
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 24;
 
     /// The counter's name, e.g. `PASS_TFTP_REQUEST`.
     pub fn name(self) -> &'static str {

@@ -26,7 +26,8 @@ pub const IMAGES: &str = "IMAGES";
 pub const TFTP_SESSIONS: &str = "TFTP_SESSIONS";
 
 /// Every map the object must define.
-pub const ALL: &[&str] = &[XDP_COUNTERS, TC_COUNTERS, TFTP_PORTS, IMAGE_CHUNKS, IMAGES, TFTP_SESSIONS];
+pub const ALL: &[&str] =
+    &[XDP_COUNTERS, TC_COUNTERS, TFTP_PORTS, IMAGE_CHUNKS, IMAGES, TFTP_SESSIONS, crate::dhcp::DHCP_ANSWERS];
 
 /// Largest TFTP block the kernel tiers build: a DATA frame of 1514 bytes at
 /// MTU 1500. Larger blocks are served by userspace.

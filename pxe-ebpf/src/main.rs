@@ -6,14 +6,20 @@
 //! in place (`XDP_TX`) when the frame has tailroom, otherwise by TC (grown
 //! skb, redirected out of the same interface); the next window (RFC 7440) by
 //! TC, one frame per block. See `tftp.rs`.
+//!
+//! A DHCP request whose answer userspace already decided (a template for
+//! its client and shape) is answered by XDP in place where the frame can be
+//! resized and the interface transmits, otherwise by TC. See `dhcp.rs`.
 #![no_std]
 #![no_main]
 
+mod csum;
+mod dhcp;
 mod parse;
 mod tftp;
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_F_MMAPABLE, BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{xdp_action, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{
         bpf_clone_redirect, bpf_redirect, bpf_skb_change_tail, bpf_skb_store_bytes, bpf_xdp_adjust_tail, bpf_xdp_store_bytes,
     },
@@ -23,6 +29,7 @@ use aya_ebpf::{
 };
 use pxe_common::{
     counter::Counter,
+    dhcp::{AnswerEntry, AnswerKey, BOOTP_HEAD_LEN, DHCP_ANSWERS_CAPACITY, MAX_REPLY_LEN},
     maps::{
         ImageEntry, SessionEntry, SessionKey, TftpPortEntry, TftpPortKey, CHUNK_SIZE, CHUNK_STRIDE, IMAGES_CAPACITY,
         IMAGE_CHUNKS_DEFAULT, MAX_FAST_BLKSIZE, MAX_KERNEL_WINDOW, TFTP_PORTS_CAPACITY, TFTP_SESSIONS_CAPACITY,
@@ -30,8 +37,9 @@ use pxe_common::{
 };
 
 use crate::{
-    parse::{classify, Frame, UdpOffsets, MAX_HEADERS_LEN},
-    tftp::{opaque, plan, sent, Block, Plan, HEADERS_LEN},
+    dhcp::{Reply, Scratch, PREFIX_LEN},
+    parse::{classify, opaque, Frame, UdpOffsets},
+    tftp::{plan, sent, Block, Plan, HEADERS_LEN},
 };
 
 /// `Counter` index → packets; written per CPU by `pxe_ingress`, read by the daemon.
@@ -61,6 +69,22 @@ static IMAGES: Array<ImageEntry> = Array::with_max_entries(IMAGES_CAPACITY, 0);
 #[map]
 static TFTP_SESSIONS: HashMap<SessionKey, SessionEntry> = HashMap::with_max_entries(TFTP_SESSIONS_CAPACITY, 0);
 
+/// Client, interface, port and request shape → the reply userspace decided;
+/// written by the daemon after it answered, read by both programs. Not
+/// preallocated: an element replaced by the daemon is freed only after every
+/// program reading it has finished.
+#[map]
+static DHCP_ANSWERS: HashMap<AnswerKey, AnswerEntry> = HashMap::with_max_entries(DHCP_ANSWERS_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// Per CPU, the request's options and the reply headers being built: kept
+/// off the 512-byte stack and out of the verifier's exact tracking.
+#[map]
+static DHCP_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Bytes of a frame TC pulls into the skb's linear area: a whole DHCP
+/// request (headers for everything else).
+const MAX_PULL_LEN: usize = 1522;
+
 #[xdp]
 pub fn pxe_ingress(ctx: XdpContext) -> u32 {
     handle_xdp(&ctx)
@@ -77,6 +101,7 @@ fn handle_xdp(ctx: &XdpContext) -> u32 {
     let classified = classify(&frame, is_transfer_port);
     let (verdict, action) = match (classified.verdict, classified.udp) {
         (Counter::PASS_TFTP_TRANSFER, Some(off)) => xdp_tftp(ctx, &frame, off),
+        (verdict @ (Counter::PASS_DHCP_TO_SERVER | Counter::PASS_PROXY_DHCP), Some(off)) => xdp_dhcp(ctx, &frame, off, verdict),
         (verdict, _) => (verdict, xdp_action::XDP_PASS),
     };
     count(&XDP_COUNTERS, verdict, classified.vlan_tagged);
@@ -112,6 +137,64 @@ fn xdp_tftp(ctx: &XdpContext, frame: &Frame, off: UdpOffsets) -> (Counter, u32) 
     (Counter::TX_TFTP_DATA, xdp_action::XDP_TX)
 }
 
+/// The XDP tier of DHCP: resize the request into its reply and send it back.
+#[inline(always)]
+fn xdp_dhcp(ctx: &XdpContext, frame: &Frame, off: UdpOffsets, unanswered: Counter) -> (Counter, u32) {
+    // SAFETY: reading a field of the program's own context.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    let reply = match dhcp::plan(frame, off, ifindex, &DHCP_ANSWERS, &DHCP_SCRATCH, unanswered) {
+        dhcp::Plan::Pass(counter) => return (counter, xdp_action::XDP_PASS),
+        dhcp::Plan::Reply(reply) => reply,
+    };
+    if !reply.xdp_tx {
+        return (Counter::PASS_DHCP_TO_TC, xdp_action::XDP_PASS);
+    }
+    let delta = reply.frame_len as i32 - (frame.end - frame.start) as i32;
+    // SAFETY: the context is the program's own; the helper checks the bounds.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return (Counter::PASS_DHCP_TO_TC, xdp_action::XDP_PASS);
+    }
+    let written = store_dhcp(&reply, |offset, from, len| {
+        // SAFETY: `from` points at `len` readable bytes (the stack or a
+        // bounded slice of the map value); the helper bounds-checks the frame.
+        unsafe { bpf_xdp_store_bytes(ctx.ctx, offset, from, len) }
+    });
+    if !written {
+        // The frame is already resized: never let a half-built frame go on.
+        return (Counter::PASS_DHCP_UNPARSED, xdp_action::XDP_ABORTED);
+    }
+    dhcp::answered(&reply);
+    (Counter::TX_DHCP_REPLY, xdp_action::XDP_TX)
+}
+
+/// Writes a DHCP reply over a frame already sized for it: MACs, IPv4, UDP
+/// and the BOOTP head from the stack, the rest of the template from its map
+/// value, then the message type.
+#[inline(always)]
+fn store_dhcp(reply: &Reply, store: impl Fn(u32, *mut core::ffi::c_void, u32) -> i64) -> bool {
+    let l3 = reply.l3 as u32;
+    let macs = &reply.macs as *const _ as *mut core::ffi::c_void;
+    let prefix = reply.prefix as *mut core::ffi::c_void;
+    if store(0, macs, 12) != 0 || store(l3, prefix, PREFIX_LEN as u32) != 0 {
+        return false;
+    }
+    // Re-establish the bounds for the verifier: the copy stays inside the
+    // value's reply array.
+    let len = opaque(reply.len as u64);
+    if len <= BOOTP_HEAD_LEN as u64 || len > MAX_REPLY_LEN as u64 {
+        return false;
+    }
+    // SAFETY: the entry pointer came from the map lookup in `plan`; the
+    // range [BOOTP_HEAD_LEN, len) lies inside its reply array (checked above).
+    let rest = unsafe { (*reply.entry).reply.as_ptr().add(BOOTP_HEAD_LEN) } as *mut core::ffi::c_void;
+    if store(l3 + PREFIX_LEN as u32, rest, (len - BOOTP_HEAD_LEN as u64) as u32) != 0 {
+        return false;
+    }
+    let msg_type = &reply.msg_type as *const u8 as *mut core::ffi::c_void;
+    let at = l3 + (PREFIX_LEN - BOOTP_HEAD_LEN) as u32 + reply.msg_type_at;
+    store(at, msg_type, 1) == 0
+}
+
 /// Writes the reply headers, then the block from its chunk. `store` is the
 /// tier's helper (offset, source, length) returning 0 on success.
 #[inline(always)]
@@ -140,8 +223,8 @@ fn handle_tc(ctx: &TcContext) -> i32 {
     // pointers, so the frame is read afterwards).
     let linear = ctx.data_end() - ctx.data();
     let total = ctx.len() as usize;
-    if linear < MAX_HEADERS_LEN && total > linear {
-        let want = if total < MAX_HEADERS_LEN { total } else { MAX_HEADERS_LEN };
+    if total > linear && linear < MAX_PULL_LEN {
+        let want = if total < MAX_PULL_LEN { total } else { MAX_PULL_LEN };
         let _ = ctx.pull_data(want as u32);
     }
     let frame = Frame { start: ctx.data(), end: ctx.data_end() };
@@ -150,6 +233,7 @@ fn handle_tc(ctx: &TcContext) -> i32 {
     // the stack have it.
     let (verdict, action) = match (classified.verdict, classified.udp) {
         (Counter::PASS_TFTP_TRANSFER, Some(off)) => tc_tftp(ctx, &frame, off),
+        (verdict @ (Counter::PASS_DHCP_TO_SERVER | Counter::PASS_PROXY_DHCP), Some(off)) => tc_dhcp(ctx, &frame, off, verdict),
         (verdict, _) => (verdict, TC_ACT_UNSPEC),
     };
     count(&TC_COUNTERS, verdict, classified.vlan_tagged);
@@ -205,6 +289,35 @@ fn tc_tftp(ctx: &TcContext, frame: &Frame, off: UdpOffsets) -> (Counter, i32) {
         sent(&build, cloned, 1);
     }
     (Counter::PASS_TFTP_TRANSFER, TC_ACT_SHOT as i32)
+}
+
+/// The TC tier of DHCP: resize the skb into the reply and redirect it out
+/// of the interface the request came in on.
+#[inline(always)]
+fn tc_dhcp(ctx: &TcContext, frame: &Frame, off: UdpOffsets, unanswered: Counter) -> (Counter, i32) {
+    let skb = ctx.skb.skb;
+    // SAFETY: reading the ingress interface index of our own skb.
+    let ifindex = unsafe { (*skb).ifindex };
+    let reply = match dhcp::plan(frame, off, ifindex, &DHCP_ANSWERS, &DHCP_SCRATCH, unanswered) {
+        dhcp::Plan::Pass(counter) => return (counter, TC_ACT_UNSPEC),
+        dhcp::Plan::Reply(reply) => reply,
+    };
+    // SAFETY: the skb is the program's own; the helper validates the length.
+    if unsafe { bpf_skb_change_tail(skb, reply.frame_len as u32, 0) } != 0 {
+        return (Counter::PASS_DHCP_UNPARSED, TC_ACT_UNSPEC);
+    }
+    let written = store_dhcp(&reply, |offset, from, len| {
+        // SAFETY: as in the XDP tier; RECOMPUTE_CSUM keeps a CHECKSUM_COMPLETE skb's sum right.
+        unsafe { bpf_skb_store_bytes(skb, offset, from, len, BPF_F_RECOMPUTE_CSUM as u64) }
+    });
+    if !written {
+        // The skb is already resized: never let a half-built frame go on.
+        return (Counter::PASS_DHCP_UNPARSED, TC_ACT_SHOT as i32);
+    }
+    dhcp::answered(&reply);
+    // SAFETY: redirecting our own skb to the egress of its interface.
+    let action = unsafe { bpf_redirect(ifindex, 0) } as i32;
+    (Counter::REDIRECT_DHCP_REPLY, action)
 }
 
 #[inline(always)]

@@ -23,7 +23,10 @@ use pxe_common::{
     maps::{ImageEntry, SessionEntry, SessionKey, CHUNK_SIZE, CHUNK_STRIDE, MAX_FAST_BLKSIZE, MAX_KERNEL_WINDOW},
 };
 
-use crate::parse::{ptr_at, Frame, UdpOffsets};
+use crate::{
+    csum::{fold, ip_header_sum, ne},
+    parse::{opaque, ptr_at, Frame, UdpOffsets},
+};
 
 /// TFTP opcodes (RFC 1350).
 const OP_DATA: u16 = 3;
@@ -210,15 +213,6 @@ fn payload_checksum(chunk: *const [u8; CHUNK_SIZE as usize], at: u32, blksize: u
     Some(sum)
 }
 
-/// Hides a value from LLVM so the bounds checks that follow stay in the
-/// program: LLVM can prove them redundant from earlier arithmetic and drop
-/// them, but the verifier sees only the registers, not that proof.
-#[inline(always)]
-pub fn opaque(value: u64) -> u64 {
-    // SAFETY: a read of a local through a valid pointer.
-    unsafe { core::ptr::read_volatile(&value) }
-}
-
 #[inline(always)]
 fn csum(base: *const u8, offset: u64, len: u64, seed: u32) -> Option<u32> {
     // SAFETY: callers bound offset + len inside the chunk (see payload_checksum).
@@ -261,35 +255,6 @@ fn reply_headers(eth: &EthHdr, ip: &Ipv4Hdr, udp: &UdpHdr, block: u16, blksize: 
     // RFC 768: a computed zero goes on the wire as all ones.
     out.udp.check = if check == 0 { 0xffff_u16.to_ne_bytes() } else { check.to_ne_bytes() };
     out
-}
-
-/// A 16-bit word as it sits in memory, for native-order ones' complement sums.
-#[inline(always)]
-fn ne(a: u8, b: u8) -> u64 {
-    u16::from_ne_bytes([a, b]) as u64
-}
-
-#[inline(always)]
-fn ip_header_sum(ip: &Ipv4Hdr) -> u64 {
-    ne(ip.version_ihl, ip.tos)
-        + ne(ip.tot_len[0], ip.tot_len[1])
-        + ne(ip.id[0], ip.id[1])
-        + ne(ip.frag_off[0], ip.frag_off[1])
-        + ne(ip.ttl, ip.proto)
-        + ne(ip.src[0], ip.src[1])
-        + ne(ip.src[2], ip.src[3])
-        + ne(ip.dst[0], ip.dst[1])
-        + ne(ip.dst[2], ip.dst[3])
-}
-
-/// Folds a sum to 16 bits and complements it (RFC 1071). Four folds reduce
-/// any sum of a frame's words; the loop bound is constant for the verifier.
-#[inline(always)]
-fn fold(mut sum: u64) -> u16 {
-    for _ in 0..4 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// Records that `count` blocks after `build.acked` went out from `tier`

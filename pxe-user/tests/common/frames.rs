@@ -125,11 +125,16 @@ pub fn internet_checksum(bytes: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// A BOOTP-sized DHCP-ish payload: what matters to the classifier is its size.
+/// A BOOTP-sized DHCPDISCOVER from an unknown client: the kernel reads it
+/// and, with no reply template for it, passes it on.
 pub fn dhcp_payload() -> Vec<u8> {
     let mut p = vec![0u8; 300];
     p[0] = 1; // BOOTREQUEST
+    p[1] = 1; // Ethernet
+    p[2] = 6;
+    p[28..34].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
     p[236..240].copy_from_slice(&[99, 130, 83, 99]); // magic cookie
+    p[240..244].copy_from_slice(&[53, 1, 1, 255]); // DISCOVER, end
     p
 }
 

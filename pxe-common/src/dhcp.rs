@@ -1,0 +1,198 @@
+//! DHCP answered in the kernel: the layout of a client's reply template and
+//! the request "shape" signature both sides compute.
+//!
+//! Userspace decides every answer first. Once it has answered a client
+//! (durably, for a lease), it stores its own encoded reply as a template,
+//! keyed by the client's MAC, the interface, the port and a signature of
+//! the request options its answer depends on. The programs then answer the
+//! next request of the same shape from the template, patching only what
+//! comes from the request itself: xid, flags, ciaddr and the message type
+//! (OFFER to a DISCOVER, ACK to a REQUEST). chaddr and giaddr are the
+//! template's: the key holds the MAC, and a relay must match.
+//!
+//! The signature covers the options the daemon's answer is computed from:
+//! vendor class (60), client identifier (61), user class (77), client
+//! architecture (93) and machine identifier (97). Each is mixed in as its
+//! code and length, then its value in little-endian 64-bit words, bytes past
+//! the option's end zeroed. A request whose shape option is longer than
+//! [`MAX_SHAPE_OPTION_LEN`] or repeated is never answered in the kernel.
+
+use bytemuck::{Pod, Zeroable};
+
+/// [`AnswerKey`] → [`AnswerEntry`]; written by the daemon after it answered a
+/// client, read by both programs.
+pub const DHCP_ANSWERS: &str = "DHCP_ANSWERS";
+/// Templates the kernel holds at once (two shapes per machine for a rack
+/// of 10,000 PXE-then-iPXE machines, with room to spare).
+pub const DHCP_ANSWERS_CAPACITY: u32 = 65_536;
+
+/// Longest reply template: the BOOTP message of a 576-byte datagram, the
+/// size every client must accept (RFC 2131 §2).
+pub const MAX_REPLY_LEN: usize = 548;
+/// Longest value of a shape option the kernel mixes into the signature.
+pub const MAX_SHAPE_OPTION_LEN: usize = 32;
+/// Options (pad bytes included) the kernel walks before giving up.
+pub const MAX_OPTION_ITEMS: u32 = 40;
+
+// BOOTP (RFC 951, RFC 2131 §2) field offsets.
+pub const BOOTP_OP: usize = 0;
+pub const BOOTP_HTYPE: usize = 1;
+pub const BOOTP_HLEN: usize = 2;
+pub const BOOTP_XID: usize = 4;
+pub const BOOTP_FLAGS: usize = 10;
+pub const BOOTP_CIADDR: usize = 12;
+pub const BOOTP_YIADDR: usize = 16;
+pub const BOOTP_GIADDR: usize = 24;
+pub const BOOTP_CHADDR: usize = 28;
+/// The fixed part up to and including chaddr: what a reply takes from its request.
+pub const BOOTP_HEAD_LEN: usize = 44;
+pub const BOOTP_MAGIC: usize = 236;
+pub const BOOTP_OPTIONS: usize = 240;
+pub const MAGIC_COOKIE: [u8; 4] = [99, 130, 83, 99];
+/// The broadcast bit of `flags` (RFC 2131 §2, figure 2).
+pub const FLAG_BROADCAST: u16 = 0x8000;
+
+pub const OPT_PAD: u8 = 0;
+pub const OPT_END: u8 = 255;
+pub const OPT_REQUESTED_IP: u8 = 50;
+pub const OPT_OVERLOAD: u8 = 52;
+pub const OPT_MESSAGE_TYPE: u8 = 53;
+pub const OPT_SERVER_ID: u8 = 54;
+pub const OPT_RELAY_AGENT: u8 = 82;
+
+pub const DHCPDISCOVER: u8 = 1;
+pub const DHCPOFFER: u8 = 2;
+pub const DHCPREQUEST: u8 = 3;
+pub const DHCPACK: u8 = 5;
+
+/// The options an answer depends on, in the order of their bit in a
+/// seen-mask (a repeat is refused).
+pub const SHAPE_OPTIONS: [u8; 5] = [60, 61, 77, 93, 97];
+
+/// Bit of `code` in a seen-mask, if it is a shape option.
+pub const fn shape_bit(code: u8) -> u32 {
+    match code {
+        60 => 1,
+        61 => 2,
+        77 => 4,
+        93 => 8,
+        97 => 16,
+        _ => 0,
+    }
+}
+
+/// Where the signature starts.
+pub const SIGNATURE_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// Mixes one 64-bit word into a signature (a multiply-xorshift step: every
+/// input bit reaches every output bit within a few words).
+#[inline(always)]
+pub const fn mix(h: u64, word: u64) -> u64 {
+    let x = (h ^ word).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^ (x >> 29)
+}
+
+/// The word that opens a shape option in the signature.
+#[inline(always)]
+pub const fn option_word(code: u8, len: u8) -> u64 {
+    ((code as u64) << 8) | len as u64
+}
+
+/// Keeps the first `valid` bytes (0..=8) of a little-endian word.
+#[inline(always)]
+pub const fn keep_bytes(word: u64, valid: u64) -> u64 {
+    if valid >= 8 {
+        word
+    } else {
+        word & ((1u64 << (valid * 8)) - 1)
+    }
+}
+
+/// Which port a template answers on.
+pub const PORT_KIND_DHCP: u8 = 0;
+pub const PORT_KIND_PROXY: u8 = 1;
+
+/// Key of `DHCP_ANSWERS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AnswerKey {
+    /// Of the request's shape options (see the module's documentation).
+    pub signature: u64,
+    /// The interface the request arrives on (its address is in the reply).
+    pub ifindex: u32,
+    /// chaddr's first six bytes.
+    pub mac: [u8; 6],
+    /// [`PORT_KIND_DHCP`] (67) or [`PORT_KIND_PROXY`] (4011).
+    pub port_kind: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Value of `DHCP_ANSWERS`: the reply userspace sent, and when the kernel
+/// may send it again. Times are `CLOCK_MONOTONIC` nanoseconds
+/// (`bpf_ktime_get_ns`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct AnswerEntry {
+    /// A DISCOVER is answered (OFFER) until then; 0: never.
+    pub offer_until_ns: u64,
+    /// A REQUEST is answered (ACK) until then; 0: never. For a lease this is
+    /// the durably stored expiry minus the lease time: no ACK the kernel sends
+    /// promises more than the disk holds.
+    pub ack_until_ns: u64,
+    /// Replies the programs sent from this entry (a plain increment: may
+    /// miss one under contention; a log figure, not an accounting one).
+    pub answered: u64,
+    /// Our interface's MAC: the source of broadcast replies.
+    pub server_mac: [u8; 6],
+    /// Offset in `reply` of option 53's value.
+    pub msg_type_at: u16,
+    /// Our address on the interface: source of the reply, server identifier.
+    pub server_ip: [u8; 4],
+    /// The leased address; zero for boot-only (proxy) answers, which name none.
+    pub yiaddr: [u8; 4],
+    /// The relay the answer was made for (its subnet); zero when not relayed.
+    pub giaddr: [u8; 4],
+    /// Bytes of `reply` in use (≤ [`MAX_REPLY_LEN`]).
+    pub len: u32,
+    /// Sum of `reply[..len]` as 16-bit words read in memory order
+    /// (`u16::from_ne_bytes`, the order the programs sum in), not folded,
+    /// with the patched fields (xid, flags, ciaddr, message type) zeroed:
+    /// the programs add the request's values.
+    pub sum: u32,
+    /// Non-zero: XDP may send the reply itself (`XDP_TX` reaches the wire on
+    /// this interface). Zero: XDP leaves it to TC.
+    pub xdp_tx: u32,
+    pub _pad: u32,
+    pub reply: [u8; MAX_REPLY_LEN],
+}
+
+const _: () = assert!(core::mem::size_of::<AnswerKey>() == 24);
+const _: () = assert!(core::mem::size_of::<AnswerEntry>() == 60 + MAX_REPLY_LEN);
+const _: () = assert!(core::mem::size_of::<AnswerEntry>() % 8 == 0);
+const _: () = assert!(BOOTP_HEAD_LEN == BOOTP_CHADDR + 16);
+
+crate::impl_aya_pod!(AnswerKey, AnswerEntry);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_bytes_masks_what_lies_past_an_option() {
+        let w = u64::from_le_bytes(*b"iPXE\xff\x00\x01\x02");
+        assert_eq!(keep_bytes(w, 4), u64::from_le_bytes(*b"iPXE\0\0\0\0"));
+        assert_eq!(keep_bytes(w, 8), w);
+        assert_eq!(keep_bytes(w, 0), 0);
+    }
+
+    #[test]
+    fn every_shape_option_has_its_own_bit() {
+        let mut mask = 0;
+        for code in SHAPE_OPTIONS {
+            let bit = shape_bit(code);
+            assert!(bit != 0 && mask & bit == 0, "option {code}");
+            mask |= bit;
+        }
+        assert_eq!(shape_bit(53), 0);
+    }
+}
