@@ -168,7 +168,7 @@ pub struct AnswerEntry {
 
 const _: () = assert!(core::mem::size_of::<AnswerKey>() == 24);
 const _: () = assert!(core::mem::size_of::<AnswerEntry>() == 60 + MAX_REPLY_LEN);
-const _: () = assert!(core::mem::size_of::<AnswerEntry>() % 8 == 0);
+const _: () = assert!(core::mem::size_of::<AnswerEntry>().is_multiple_of(8));
 const _: () = assert!(BOOTP_HEAD_LEN == BOOTP_CHADDR + 16);
 
 crate::impl_aya_pod!(AnswerKey, AnswerEntry);

@@ -27,7 +27,7 @@ use pxe_common::{
 
 use crate::{
     csum::{fold, ip_header_sum, ne},
-    parse::{byte_at, ptr_at, Frame, UdpOffsets},
+    parse::{byte_at, opaque, ptr_at, Frame, UdpOffsets},
 };
 
 /// Largest request the kernel reads: a BOOTP message in one 1500-byte frame.
@@ -342,7 +342,11 @@ fn get<T: Copy>(field: &T) -> T {
     unsafe { core::ptr::read_volatile(field) }
 }
 
-/// Mixes one shape option (≤ 32 bytes at `data`) into the signature.
+/// Mixes one shape option (≤ 32 bytes at `data`) into the signature. Every
+/// read ends inside the option: a datagram may end right after it (with
+/// its END), so bytes past it may not exist. A last word shorter than
+/// eight bytes is read as the eight bytes ending with the option, shifted
+/// down: the same value as its bytes followed by zeros.
 #[inline(always)]
 fn mix_option(frame: &Frame, mut h: u64, code: u8, len: usize, data: usize) -> Option<u64> {
     h = mix(h, option_word(code, len as u8));
@@ -351,9 +355,28 @@ fn mix_option(frame: &Frame, mut h: u64, code: u8, len: usize, data: usize) -> O
         if from >= len {
             break;
         }
-        // SAFETY: ptr_at checks the eight bytes lie inside the frame.
-        let word = u64::from_le_bytes(unsafe { *ptr_at::<[u8; 8]>(frame, data + from)? });
-        h = mix(h, keep_bytes(word, (len - from) as u64));
+        let left = len - from;
+        let word = if left >= 8 {
+            let at = opaque((data + from) as u64) as usize;
+            if at > MAX_REQUEST_LEN + 64 {
+                return None;
+            }
+            // SAFETY: ptr_at checks the eight bytes lie inside the frame.
+            u64::from_le_bytes(unsafe { *ptr_at::<[u8; 8]>(frame, at)? })
+        } else {
+            // The option starts at least 242 bytes into the frame, so the
+            // eight bytes before its end exist. (The offset is hidden from
+            // LLVM, which would otherwise fold this bounds check into an
+            // earlier one the verifier cannot relate it to.)
+            let at = opaque((data + len - 8) as u64) as usize;
+            if at > MAX_REQUEST_LEN + 64 {
+                return None;
+            }
+            // SAFETY: as above.
+            let tail = u64::from_le_bytes(unsafe { *ptr_at::<[u8; 8]>(frame, at)? });
+            tail >> ((8 - left) * 8)
+        };
+        h = mix(h, keep_bytes(word, left as u64));
     }
     Some(h)
 }

@@ -17,10 +17,11 @@ use pxe_user::{
     dhcp::{
         self,
         driver::Listener,
+        templates,
         engine::{Engine, EngineConfig, Mode},
         pool::{parse_range, Subnet},
     },
-    fastpath::{CounterSnapshot, Counters, FastPath, XdpModeChoice},
+    fastpath::{AttachedXdp, CounterSnapshot, Counters, FastPath, KernelAnswers, XdpModeChoice},
     http::{self, SharedPolicy},
     lease::{LeaseStore, MemLeaseStore, RedbLeaseStore},
     netif,
@@ -110,6 +111,14 @@ struct Cli {
     /// whose XDP frames have no room to grow).
     #[arg(long, env = "PXED_NO_TC")]
     no_tc: bool,
+
+    /// Answer every DHCP request in userspace. By default, once pxed has
+    /// answered a client, the XDP/TC programs answer its next request of
+    /// the same kind themselves (same reply, byte for byte); leases are
+    /// then stored for twice the lease time so that every renewal the
+    /// kernel ACKs is already on disk.
+    #[arg(long, env = "PXED_NO_KERNEL_DHCP")]
+    no_kernel_dhcp: bool,
 
     /// Kernel memory for boot images the XDP/TC tiers serve from, in MiB.
     /// Files are loaded on first request while it lasts; others are served
@@ -225,6 +234,7 @@ struct Settings {
     authoritative: bool,
     xdp_mode: XdpModeChoice,
     no_tc: bool,
+    no_kernel_dhcp: bool,
     fastpath_memory: u32,
     boot_root: Option<PathBuf>,
     tftp_port: u16,
@@ -269,6 +279,7 @@ impl Settings {
             authoritative: cli.authoritative || config.authoritative,
             xdp_mode: cli.xdp_mode,
             no_tc: cli.no_tc,
+            no_kernel_dhcp: cli.no_kernel_dhcp,
             fastpath_memory: cli.fastpath_memory,
             boot_root: cli.boot_root.or_else(|| config.boot_root.clone()),
             tftp_port: cli.tftp_port,
@@ -292,6 +303,12 @@ impl Settings {
 
     /// The config's subnets, and one per interface network that `--range`
     /// pools fall in (replacing a config subnet of the same network).
+    /// The programs answer repeat DHCP requests: a program is attached and
+    /// the operator did not say no.
+    fn kernel_answers(&self) -> bool {
+        !self.no_kernel_dhcp && (self.xdp_mode != XdpModeChoice::Off || !self.no_tc)
+    }
+
     fn engine_config(&self, config: &Config) -> anyhow::Result<EngineConfig> {
         let mut subnets = config.subnets.clone();
         if !self.ranges.is_empty() {
@@ -333,6 +350,7 @@ impl Settings {
             reservations: config.reservations.clone(),
             authoritative: self.authoritative,
             http_port: self.http_port,
+            kernel_answers: self.kernel_answers(),
         })
     }
 }
@@ -349,11 +367,14 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let kernel_tiers = settings.xdp_mode != XdpModeChoice::Off || !settings.no_tc;
     let chunks = if kernel_tiers { settings.fastpath_memory } else { 1 };
     let mut fastpath = FastPath::load_with_image_chunks(chunks).context("loading the BPF programs")?;
+    let mut xdp_modes = std::collections::HashMap::new();
     for interface in &settings.interfaces {
-        match fastpath.attach_xdp(interface, settings.xdp_mode)? {
+        let mode = fastpath.attach_xdp(interface, settings.xdp_mode)?;
+        match mode {
             Some(mode) => info!(%interface, %mode, "XDP program attached"),
             None => info!(%interface, "XDP off (--xdp-mode off)"),
         }
+        xdp_modes.insert(interface.clone(), mode);
         if settings.no_tc {
             info!(%interface, "TC program not attached (--no-tc)");
         } else {
@@ -401,13 +422,15 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         _ => warn!("no --boot-root and no iPXE binaries in {IPXE_DIR}: TFTP and HTTP file serving are off"),
     }
 
+    let answers = settings.kernel_answers().then(|| Arc::new(KernelAnswers::new(Arc::clone(&fastpath))));
     let engine = match settings.dhcp {
         DhcpMode::Off => {
             info!("DHCP off");
             None
         }
         mode => {
-            let engine = start_dhcp(&settings, mode, &served, Arc::clone(&policy.read().unwrap()), &mut tasks)?;
+            let engine =
+                start_dhcp(&settings, mode, &served, &xdp_modes, answers.clone(), Arc::clone(&policy.read().unwrap()), &mut tasks)?;
             Some(engine)
         }
     };
@@ -428,7 +451,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break None; }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break None; }
-            _ = sighup.recv() => reload(&settings, &policy, engine.as_ref()),
+            _ = sighup.recv() => reload(&settings, &policy, engine.as_ref(), answers.as_deref()),
             _ = sigusr1.recv() => {
                 log_counters("counters", &counters()?);
                 log_dhcp_stats(engine.as_ref());
@@ -518,7 +541,7 @@ async fn first_to_end(
 
 /// SIGHUP: re-read the config file; a bad one is refused and the old one
 /// keeps serving. Leases are untouched.
-fn reload(settings: &Settings, policy: &SharedPolicy, engine: Option<&Arc<Mutex<Engine>>>) {
+fn reload(settings: &Settings, policy: &SharedPolicy, engine: Option<&Arc<Mutex<Engine>>>, answers: Option<&KernelAnswers>) {
     let Some(path) = &settings.config_path else {
         info!("SIGHUP: no --config file to reload");
         return;
@@ -544,6 +567,10 @@ fn reload(settings: &Settings, policy: &SharedPolicy, engine: Option<&Arc<Mutex<
         }
     }
     *policy.write().unwrap_or_else(|e| e.into_inner()) = new_policy;
+    if let Some(answers) = answers {
+        // Any answer may change with the config: the kernel relearns them.
+        answers.clear();
+    }
     info!(
         profiles = config.profiles.len(),
         machines = config.machines.len(),
@@ -559,6 +586,8 @@ fn start_dhcp(
     settings: &Settings,
     mode: DhcpMode,
     served: &[(String, Ipv4Addr)],
+    xdp_modes: &std::collections::HashMap<String, Option<AttachedXdp>>,
+    answers: Option<Arc<KernelAnswers>>,
     policy: Arc<StaticPolicy>,
     tasks: &mut Vec<(String, JoinHandle<std::io::Result<()>>)>,
 ) -> anyhow::Result<Arc<Mutex<Engine>>> {
@@ -571,10 +600,17 @@ fn start_dhcp(
     let subnets: Vec<String> = engine_config.subnets.iter().map(|s| s.network.to_string()).collect();
     let engine = Engine::new(engine_config, policy, store).context("reading the lease database")?;
     let engine = Arc::new(Mutex::new(engine));
-    let listeners = served
-        .iter()
-        .map(|(interface, address)| Listener::open(interface, *address, mode == DhcpMode::Proxy))
-        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut listeners = Vec::new();
+    for (interface, address) in served {
+        let mut listener = Listener::open(interface, *address, mode == DhcpMode::Proxy)?;
+        if let Some(answers) = &answers {
+            let xdp_tx = xdp_can_transmit(interface, xdp_modes.get(interface).copied().flatten());
+            let facts = templates::Interface { ifindex: netif::index(interface)?, mac: netif::mac(interface)?, address: *address, xdp_tx };
+            info!(%interface, xdp_tx, "DHCP: the kernel answers repeat requests (--no-kernel-dhcp: userspace answers all)");
+            listener = listener.with_kernel_answers(Arc::clone(answers), facts);
+        }
+        listeners.push(listener);
+    }
     info!(
         mode = ?mode, subnets = ?subnets,
         lease_file = %if mode == DhcpMode::Full { settings.lease_file.display().to_string() } else { "-".into() },
@@ -586,6 +622,18 @@ fn start_dhcp(
         tasks.push((name, tokio::spawn(dhcp::driver::run(Arc::clone(&engine), listener))));
     }
     Ok(engine)
+}
+
+/// May XDP send a DHCP reply itself on this interface? In generic mode the
+/// stack transmits it; in native mode only a real NIC's driver does: veth
+/// and other virtual drivers drop XDP_TX frames unless their peer runs XDP
+/// too, so their replies are left to TC.
+fn xdp_can_transmit(interface: &str, mode: Option<AttachedXdp>) -> bool {
+    match mode {
+        Some(AttachedXdp::Generic) => true,
+        Some(AttachedXdp::Native) => Path::new("/sys/class/net").join(interface).join("device").exists(),
+        None => false,
+    }
 }
 
 fn open_leases(path: &Path) -> anyhow::Result<RedbLeaseStore> {

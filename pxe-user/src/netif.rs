@@ -19,6 +19,24 @@ pub fn ipv4_address(iface: &str) -> anyhow::Result<Ipv4Addr> {
     bail!("interface {iface} has no IPv4 address; give it one (ip addr add …) before serving on it")
 }
 
+/// The interface's index (what the kernel programs see a packet arrive on).
+pub fn index(iface: &str) -> anyhow::Result<u32> {
+    let name = std::ffi::CString::new(iface).context("interface name")?;
+    // SAFETY: a NUL-terminated name; the call only reads it.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => bail!("no interface named {iface} here"),
+        index => Ok(index),
+    }
+}
+
+/// The interface's MAC address, from sysfs.
+pub fn mac(iface: &str) -> anyhow::Result<[u8; 6]> {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{iface}/address"))
+        .with_context(|| format!("reading the MAC address of {iface}"))?;
+    let bytes: Vec<u8> = text.trim().split(':').filter_map(|b| u8::from_str_radix(b, 16).ok()).collect();
+    bytes.try_into().map_err(|_| anyhow::anyhow!("{iface} has no Ethernet MAC address ({})", text.trim()))
+}
+
 /// The interface's MTU, from sysfs.
 pub fn mtu(iface: &str) -> Option<u32> {
     std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu")).ok()?.trim().parse().ok()

@@ -17,7 +17,9 @@ use super::{
     classify::{classify, Request},
     engine::{Arrival, Destination, Engine, Outcome, Problem, PROXY_PORT},
     socket::{bind, Port67, DHCP_SERVER_PORT},
+    templates::{self, Clocks, Interface},
 };
+use crate::fastpath::KernelAnswers;
 
 /// The DHCP sockets of one interface.
 pub struct Listener {
@@ -28,6 +30,8 @@ pub struct Listener {
     dhcp: Port67,
     /// Port 4011, boot server discovery.
     discovery: UdpSocket,
+    /// Where the kernel answers repeat requests from our replies, if it does.
+    kernel: Option<(Arc<KernelAnswers>, Interface)>,
 }
 
 impl Listener {
@@ -42,8 +46,21 @@ impl Listener {
             );
         }
         let discovery = bind(interface, PROXY_PORT)?;
-        Ok(Self { interface: interface.to_owned(), address, dhcp, discovery })
+        Ok(Self { interface: interface.to_owned(), address, dhcp, discovery, kernel: None })
     }
+
+    /// Hands each reply the engine marks repeatable to the kernel as a template.
+    pub fn with_kernel_answers(mut self, answers: Arc<KernelAnswers>, interface: Interface) -> Self {
+        self.kernel = Some((answers, interface));
+        self
+    }
+}
+
+/// A request with what its template needs: the datagram as received.
+struct Received {
+    request: Request,
+    arrival: Arrival,
+    datagram: Option<Vec<u8>>,
 }
 
 /// Requests decided together, their leases committed with one disk flush:
@@ -54,11 +71,11 @@ const MAX_BURST: usize = 256;
 /// Serves one interface's DHCP (port 67) and boot server discovery (port
 /// 4011) until the future is dropped.
 pub async fn run(engine: Arc<Mutex<Engine>>, listener: Listener) -> io::Result<()> {
-    let Listener { interface, address, dhcp, discovery } = listener;
+    let Listener { interface, address, dhcp, discovery, kernel } = listener;
     let mut warned = Warnings::default();
     let mut buf_67 = vec![0u8; 4096];
     let mut buf_4011 = vec![0u8; 4096];
-    let mut burst: Vec<(Request, Arrival)> = Vec::with_capacity(MAX_BURST);
+    let mut burst: Vec<Received> = Vec::with_capacity(MAX_BURST);
     loop {
         let (port, received) = tokio::select! {
             r = dhcp.recv_from(&mut buf_67) => (DHCP_SERVER_PORT, r),
@@ -88,7 +105,11 @@ pub async fn run(engine: Arc<Mutex<Engine>>, listener: Listener) -> io::Result<(
             };
             let SocketAddr::V4(from) = from else { continue };
             match classify(&buf[..len]) {
-                Ok(request) => burst.push((request, Arrival { port, source: from, server_ip: address })),
+                Ok(request) => burst.push(Received {
+                    request,
+                    arrival: Arrival { port, source: from, server_ip: address },
+                    datagram: kernel.is_some().then(|| buf[..len].to_vec()),
+                }),
                 Err(why) => debug!(client = %from, port, %interface, "DHCP: ignored: {why}"),
             }
         }
@@ -98,24 +119,32 @@ pub async fn run(engine: Arc<Mutex<Engine>>, listener: Listener) -> io::Result<(
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         // The engine fsyncs the burst's leases; keep that off the async workers' backs.
         let outcomes = tokio::task::block_in_place(|| {
-            engine.lock().unwrap_or_else(|e| e.into_inner()).handle_batch(burst.iter().map(|(r, a)| (r, *a)), now)
+            engine.lock().unwrap_or_else(|e| e.into_inner()).handle_batch(burst.iter().map(|r| (&r.request, r.arrival)), now)
         });
-        for ((request, _), outcome) in burst.iter().zip(outcomes) {
-            answer(request, outcome, port, &dhcp, &discovery, &interface, &mut warned).await;
+        for (received, outcome) in burst.iter().zip(outcomes) {
+            let kernel = kernel.as_ref().map(|(answers, iface)| (answers.as_ref(), iface));
+            answer(received, outcome, port, &dhcp, &discovery, &interface, kernel, &mut warned).await;
         }
     }
 }
 
-/// Logs what the engine decided for one request and sends its reply.
+/// Logs what the engine decided for one request, sends its reply and
+/// gives the kernel what it may answer next time.
+#[allow(clippy::too_many_arguments)]
 async fn answer(
-    request: &Request,
+    received: &Received,
     outcome: Outcome,
     port: u16,
     dhcp: &Port67,
     discovery: &UdpSocket,
     interface: &str,
+    kernel: Option<(&KernelAnswers, &Interface)>,
     warned: &mut Warnings,
 ) {
+    let request = &received.request;
+    if let (true, Some((answers, _))) = (outcome.forget, kernel) {
+        answers.forget(request.mac.0);
+    }
     match &outcome.problem {
         Some(Problem::PoolExhausted { subnet }) => warned.pool_exhausted(subnet),
         Some(Problem::LeaseStore(e)) => error!(mac = %request.mac, "DHCP: lease store failing, request not answered: {e}"),
@@ -142,6 +171,13 @@ async fn answer(
     let sent = if port == PROXY_PORT { discovery.send_to(&bytes, to).await.map(drop) } else { dhcp.send_to(&bytes, to).await };
     if let Err(e) = sent {
         warn!(mac = %request.mac, %to, "DHCP: sending the reply failed: {e}");
+        return;
+    }
+    if let (Some(answer), Some((answers, iface)), Some(datagram)) = (outcome.kernel, kernel, &received.datagram) {
+        match templates::template(datagram, &bytes, &answer, port, iface, Clocks::now()) {
+            Some((key, entry)) => answers.install(key, entry),
+            None => debug!(mac = %request.mac, "DHCP: this answer stays with userspace (the kernel cannot send it)"),
+        }
     }
 }
 

@@ -56,6 +56,21 @@ pub struct EngineConfig {
     pub authoritative: bool,
     /// TCP port of HTTP boot, for the URLs handed to iPXE and HTTP Boot.
     pub http_port: u16,
+    /// The kernel answers repeat requests from templates of our replies
+    /// (see [`KernelAnswer`]). Leases are then stored for twice their
+    /// time, so that renewals the kernel ACKs are covered on disk.
+    pub kernel_answers: bool,
+}
+
+/// What the kernel may answer again on its own after this reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelAnswer {
+    /// Boot information without an address (proxyDHCP, port 4011): the
+    /// same request shape gets the same answer while the config stands.
+    Boot,
+    /// A lease on disk until `stored_until` (Unix seconds): OFFER it until
+    /// then, ACK it while a renewal of `lease_time` still ends before then.
+    Lease { ip: Ipv4Addr, stored_until: u64, lease_time: u32 },
 }
 
 /// Where a request arrived: the port, the sender, and our address on the
@@ -94,6 +109,12 @@ pub struct Outcome {
     /// The request changed a lease without a reply (RELEASE, DECLINE): worth
     /// a line in the log like any answer.
     pub changed_lease: bool,
+    /// The reply may be answered by the kernel the next time (set only
+    /// when `EngineConfig::kernel_answers` is on).
+    pub kernel: Option<KernelAnswer>,
+    /// What the kernel answers this client must be forgotten (a NAK, a
+    /// RELEASE or a DECLINE changed what it would be told).
+    pub forget: bool,
     /// The request wrote to the lease store: its reply may leave only once
     /// the write is committed.
     wrote: bool,
@@ -211,6 +232,7 @@ impl Engine {
             if let Err(e) = self.store.commit() {
                 for o in outcomes.iter_mut().filter(|o| o.wrote) {
                     o.reply = None;
+                    o.kernel = None;
                     o.summary = format!("{}; not answered, the lease could not be stored: {e}", o.summary);
                     o.problem = Some(Problem::LeaseStore(e.to_string()));
                 }
@@ -268,7 +290,8 @@ impl Engine {
         let mut reply = self.reply_to(req, MessageType::Offer, Ipv4Addr::UNSPECIFIED);
         self.add_boot(&mut reply, req, &boot);
         let to = self.destination(req);
-        answered(format!("DISCOVER from {} ({}) → proxy OFFER, boot {}", req.mac, describe(req), boot.file), reply, to)
+        let outcome = answered(format!("DISCOVER from {} ({}) → proxy OFFER, boot {}", req.mac, describe(req), boot.file), reply, to);
+        self.kernel_may_repeat(outcome, KernelAnswer::Boot)
     }
 
     /// Port 4011: the client has an address and asks for its boot file.
@@ -282,11 +305,15 @@ impl Engine {
         let mut reply = self.reply_to(req, MessageType::Ack, Ipv4Addr::UNSPECIFIED);
         reply.set_ciaddr(req.message.ciaddr());
         self.add_boot(&mut reply, req, &boot);
-        answered(
-            format!("REQUEST from {} on 4011 ({}) → ACK, boot {}", req.mac, describe(req), boot.file),
+        let outcome = answered(
+            format!("{} from {} on 4011 ({}) → ACK, boot {}", name(req.msg_type), req.mac, describe(req), boot.file),
             reply,
             Destination::Unicast(source),
-        )
+        );
+        if req.msg_type == MessageType::Request {
+            return self.kernel_may_repeat(outcome, KernelAnswer::Boot);
+        }
+        outcome
     }
 
     // ---- full DHCP ------------------------------------------------------
@@ -311,11 +338,8 @@ impl Engine {
         let Some(ip) = self.choose_address(req, &client, subnet, now) else {
             let network = self.config.subnets[subnet].network.to_string();
             return Outcome {
-                reply: None,
-                summary: format!("DISCOVER from {}: no free address in {network}", req.mac),
-                problem: Some(Problem::PoolExhausted { subnet: network }),
-                changed_lease: false,
-                wrote: false,
+                problem: Some(Problem::PoolExhausted { subnet: network.clone() }),
+                ..silent(format!("DISCOVER from {}: no free address in {network}", req.mac))
             };
         };
         self.offers.hold(ip, client, now + OFFER_HOLD_SECS);
@@ -380,11 +404,14 @@ impl Engine {
 
     fn commit_and_ack(&mut self, req: &Request, client: Vec<u8>, ip: Ipv4Addr, subnet: usize, now: u64, state: &str) -> Outcome {
         let lease_time = self.config.subnets[subnet].lease_time;
+        // With kernel answers, the disk holds the lease a lease time longer
+        // than the client is told: the kernel may ACK renewals until then.
+        let stored_for = u64::from(lease_time) * if self.config.kernel_answers { 2 } else { 1 };
         let lease = Lease {
             ip,
             client: client.clone(),
             mac: req.mac.0,
-            expires: now + u64::from(lease_time),
+            expires: now + stored_for,
             state: LeaseState::Active,
             hostname: self.policy.machines.get(&req.mac).and_then(|m| m.hostname.clone()).or_else(|| req.hostname.clone()),
         };
@@ -411,7 +438,16 @@ impl Engine {
         self.add_lease_options(&mut reply, req, subnet);
         let boot = self.add_boot_if_any(&mut reply, req);
         let to = self.destination(req);
-        answered(format!("REQUEST ({state}) from {} ({}) → ACK {ip}{}", req.mac, describe(req), boot), reply, to)
+        let outcome = answered(format!("REQUEST ({state}) from {} ({}) → ACK {ip}{}", req.mac, describe(req), boot), reply, to);
+        self.kernel_may_repeat(outcome, KernelAnswer::Lease { ip, stored_until: now + stored_for, lease_time })
+    }
+
+    /// Marks an answer the kernel may give again on its own, if it may.
+    fn kernel_may_repeat(&self, mut outcome: Outcome, answer: KernelAnswer) -> Outcome {
+        if self.config.kernel_answers {
+            outcome.kernel = Some(answer);
+        }
+        outcome
     }
 
     fn release(&mut self, req: &Request, now: u64) -> Outcome {
@@ -427,7 +463,7 @@ impl Engine {
             return store_failed(req, e);
         }
         self.by_ip.insert(ip, lease);
-        changed(format!("RELEASE from {}: {ip} is free again (kept for this client)", req.mac))
+        forgotten(changed(format!("RELEASE from {}: {ip} is free again (kept for this client)", req.mac)))
     }
 
     fn decline(&mut self, req: &Request, now: u64) -> Outcome {
@@ -450,7 +486,7 @@ impl Engine {
         self.by_client.remove(&client);
         self.offers.release_ip(ip);
         self.by_ip.insert(ip, quarantined);
-        changed(format!("DECLINE from {}: {ip} is in use on the wire; quarantined for {DECLINE_QUARANTINE_SECS} s", req.mac))
+        forgotten(changed(format!("DECLINE from {}: {ip} is in use on the wire; quarantined for {DECLINE_QUARANTINE_SECS} s", req.mac)))
     }
 
     fn inform(&mut self, req: &Request) -> Outcome {
@@ -478,7 +514,7 @@ impl Engine {
         } else {
             Destination::Unicast(SocketAddrV4::new(req.message.giaddr(), 67))
         };
-        answered(format!("REQUEST from {} → NAK: {why}", req.mac), reply, to)
+        forgotten(answered(format!("REQUEST from {} → NAK: {why}", req.mac), reply, to))
     }
 
     /// Writes a lease into the store's open batch, to be committed before
@@ -668,24 +704,25 @@ fn key(req: &Request) -> Vec<u8> {
 }
 
 fn silent(summary: String) -> Outcome {
-    Outcome { reply: None, summary, problem: None, changed_lease: false, wrote: false }
+    Outcome { reply: None, summary, problem: None, changed_lease: false, kernel: None, forget: false, wrote: false }
 }
 
 fn changed(summary: String) -> Outcome {
-    Outcome { reply: None, summary, problem: None, changed_lease: true, wrote: false }
+    Outcome { changed_lease: true, ..silent(summary) }
 }
 
 fn answered(summary: String, message: Message, to: Destination) -> Outcome {
-    Outcome { reply: Some(Reply { message, to }), summary, problem: None, changed_lease: false, wrote: false }
+    Outcome { reply: Some(Reply { message, to }), ..silent(summary) }
+}
+
+fn forgotten(outcome: Outcome) -> Outcome {
+    Outcome { forget: true, ..outcome }
 }
 
 fn store_failed(req: &Request, e: LeaseError) -> Outcome {
     Outcome {
-        reply: None,
-        summary: format!("{} from {}: not answered, the lease could not be stored: {e}", name(req.msg_type), req.mac),
         problem: Some(Problem::LeaseStore(e.to_string())),
-        changed_lease: false,
-        wrote: false,
+        ..silent(format!("{} from {}: not answered, the lease could not be stored: {e}", name(req.msg_type), req.mac))
     }
 }
 
@@ -746,6 +783,7 @@ mod tests {
             reservations: HashMap::new(),
             authoritative: false,
             http_port: 80,
+            kernel_answers: false,
         }
     }
 

@@ -9,6 +9,8 @@
 //!   [`crate::lease::LeaseStore`] before any ACK leaves.
 //! - `socket`: ports 67 and 4011 of one interface (a raw socket beside a
 //!   server that holds 67).
+//! - `templates`: the engine's replies as templates for the kernel, which
+//!   answers the next request of the same shape itself.
 //! - `driver`: the tokio loop of one interface.
 
 pub mod classify;
@@ -17,3 +19,4 @@ pub mod engine;
 mod offers;
 pub mod pool;
 pub mod socket;
+pub mod templates;

@@ -6,6 +6,7 @@
 //! reason, SIGKILL and crashes included: a dead daemon never leaves a program
 //! on an operator's interface.
 
+mod answers;
 mod counters;
 
 use std::{ffi::CString, fmt};
@@ -15,12 +16,16 @@ use aya::{
     programs::{tc, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
     Ebpf, EbpfError, EbpfLoader,
 };
+use pxe_common::dhcp::{AnswerEntry, AnswerKey, DHCP_ANSWERS};
 use pxe_common::maps::{
     self, ImageEntry, SessionEntry, SessionKey, TftpPortEntry, TftpPortKey, CHUNK_SIZE, CHUNK_STRIDE,
     IMAGES_CAPACITY,
 };
 
-pub use self::counters::{CounterSnapshot, Counters};
+pub use self::{
+    answers::KernelAnswers,
+    counters::{CounterSnapshot, Counters},
+};
 
 /// The BPF object compiled from `pxe-ebpf` by build.rs.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pxe-xdp"));
@@ -188,6 +193,35 @@ impl FastPath {
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
             Err(source) => Err(FastPathError::Map { name: maps::TFTP_SESSIONS, source }),
         }
+    }
+
+    /// Gives the kernel a DHCP reply template (replacing any under the key).
+    pub fn insert_answer(&mut self, key: AnswerKey, entry: AnswerEntry) -> Result<(), FastPathError> {
+        self.answers()?.insert(key, entry, 0).map_err(|source| FastPathError::Map { name: DHCP_ANSWERS, source })
+    }
+
+    /// A DHCP reply template as the kernel holds it (with its answer count).
+    pub fn answer(&mut self, key: &AnswerKey) -> Result<Option<AnswerEntry>, FastPathError> {
+        match self.answers()?.get(key, 0) {
+            Ok(entry) => Ok(Some(entry)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(source) => Err(FastPathError::Map { name: DHCP_ANSWERS, source }),
+        }
+    }
+
+    /// Takes a DHCP reply template back: the kernel stops answering with it.
+    pub fn remove_answer(&mut self, key: &AnswerKey) -> Result<(), FastPathError> {
+        match self.answers()?.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(source) => Err(FastPathError::Map { name: DHCP_ANSWERS, source }),
+        }
+    }
+
+    fn answers(&mut self) -> Result<HashMap<&mut MapData, AnswerKey, AnswerEntry>, FastPathError> {
+        let map = self.ebpf.map_mut(DHCP_ANSWERS).expect("DHCP_ANSWERS is defined by pxe-ebpf");
+        HashMap::try_from(map).map_err(|source| FastPathError::Map { name: DHCP_ANSWERS, source })
     }
 
     fn sessions(&mut self) -> Result<HashMap<&mut MapData, SessionKey, SessionEntry>, FastPathError> {
