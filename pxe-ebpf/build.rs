@@ -4,5 +4,8 @@ fn main() {
     let linker = which::which("bpf-linker").expect(
         "bpf-linker not found in PATH: run `cargo xtask setup` (it installs bpf-linker 0.13 against llvm-22)",
     );
-    println!("cargo:rerun-if-changed={}", linker.to_str().expect("bpf-linker path is not UTF-8"));
+    println!(
+        "cargo:rerun-if-changed={}",
+        linker.to_str().expect("bpf-linker path is not UTF-8")
+    );
 }

@@ -6,7 +6,11 @@ use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
     let ebpf_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../pxe-ebpf");
-    let package = Package { name: "pxe-ebpf", root_dir: ebpf_dir, ..Default::default() };
+    let package = Package {
+        name: "pxe-ebpf",
+        root_dir: ebpf_dir,
+        ..Default::default()
+    };
     aya_build::build_ebpf([package], Toolchain::default())
         .map_err(|e| anyhow!("{e:#}"))
         .context("building the BPF programs failed; `cargo xtask setup` installs what they need (nightly rust-src, bpf-linker)")

@@ -33,11 +33,16 @@ impl DhcpWire {
         let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
         s.set_reuse_address(true)?;
         s.set_broadcast(true)?;
-        s.bind_device(Some(iface.as_bytes())).with_context(|| format!("binding to interface {iface}"))?;
+        s.bind_device(Some(iface.as_bytes()))
+            .with_context(|| format!("binding to interface {iface}"))?;
         pxe_user::netif::grow_receive_buffer(&s, 32 << 20);
         s.set_nonblocking(true)?;
-        s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 68)).into()).context("binding UDP port 68")?;
-        let wire = Arc::new(Self { socket: UdpSocket::from_std(s.into())?, inboxes: Mutex::new(HashMap::new()) });
+        s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 68)).into())
+            .context("binding UDP port 68")?;
+        let wire = Arc::new(Self {
+            socket: UdpSocket::from_std(s.into())?,
+            inboxes: Mutex::new(HashMap::new()),
+        });
         let router = Arc::clone(&wire);
         tokio::spawn(async move { router.route().await });
         Ok(wire)
@@ -46,8 +51,12 @@ impl DhcpWire {
     async fn route(&self) {
         let mut buf = vec![0u8; 4096];
         loop {
-            let Ok((len, _)) = self.socket.recv_from(&mut buf).await else { continue };
-            let Ok(m) = Message::decode(&mut Decoder::new(&buf[..len])) else { continue };
+            let Ok((len, _)) = self.socket.recv_from(&mut buf).await else {
+                continue;
+            };
+            let Ok(m) = Message::decode(&mut Decoder::new(&buf[..len])) else {
+                continue;
+            };
             if m.opcode() != v4::Opcode::BootReply {
                 continue;
             }
@@ -71,7 +80,9 @@ impl DhcpWire {
     pub async fn broadcast(&self, message: &Message) -> anyhow::Result<()> {
         let mut bytes = Vec::with_capacity(548);
         message.encode(&mut Encoder::new(&mut bytes))?;
-        self.socket.send_to(&bytes, (Ipv4Addr::BROADCAST, 67)).await?;
+        self.socket
+            .send_to(&bytes, (Ipv4Addr::BROADCAST, 67))
+            .await?;
         Ok(())
     }
 }
@@ -98,13 +109,21 @@ pub struct Lease {
 }
 
 fn request(identity: &Identity, kind: MessageType, xid: u32, extra: Vec<DhcpOption>) -> Message {
-    let mut m = Message::new(Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &identity.mac);
+    let mut m = Message::new(
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        &identity.mac,
+    );
     m.set_xid(xid);
     m.set_flags(v4::Flags::default().set_broadcast());
     let opts = m.opts_mut();
     opts.insert(DhcpOption::MessageType(kind));
     opts.insert(DhcpOption::ClassIdentifier(identity.vendor_class.clone()));
-    opts.insert(DhcpOption::ClientSystemArchitecture(v4::Architecture::from(identity.arch)));
+    opts.insert(DhcpOption::ClientSystemArchitecture(
+        v4::Architecture::from(identity.arch),
+    ));
     let mut uuid = vec![0u8];
     uuid.extend_from_slice(&identity.uuid);
     opts.insert(DhcpOption::ClientMachineIdentifier(uuid));
@@ -132,7 +151,9 @@ fn request(identity: &Identity, kind: MessageType, xid: u32, extra: Vec<DhcpOpti
 /// field without its NUL padding.
 fn boot_file(m: &Message) -> Option<String> {
     if let Some(DhcpOption::BootfileName(name)) = m.opts().get(OptionCode::BootfileName) {
-        let name = String::from_utf8_lossy(name).trim_end_matches('\0').to_owned();
+        let name = String::from_utf8_lossy(name)
+            .trim_end_matches('\0')
+            .to_owned();
         if !name.is_empty() {
             return Some(name);
         }
@@ -178,7 +199,9 @@ async fn exchange(
         if attempt > 0 {
             retransmits += 1;
         }
-        wire.broadcast(&request(identity, MessageType::Discover, xid, vec![])).await.map_err(|e| e.to_string())?;
+        wire.broadcast(&request(identity, MessageType::Discover, xid, vec![]))
+            .await
+            .map_err(|e| e.to_string())?;
         let mut address_offer: Option<Message> = None;
         let mut proxy_offer: Option<Message> = None;
         let deadline = tokio::time::Instant::now() + *timeout;
@@ -203,7 +226,15 @@ async fn exchange(
         let Some(offer) = address_offer else { continue };
         let server = server_id(&offer).ok_or("OFFER without a server identifier")?;
         let address = offer.yiaddr();
-        let req = request(identity, MessageType::Request, xid, vec![DhcpOption::ServerIdentifier(server), DhcpOption::RequestedIpAddress(address)]);
+        let req = request(
+            identity,
+            MessageType::Request,
+            xid,
+            vec![
+                DhcpOption::ServerIdentifier(server),
+                DhcpOption::RequestedIpAddress(address),
+            ],
+        );
         let mut nak = None;
         for (request_attempt, timeout) in retries.iter().enumerate() {
             if nak.is_some() {
@@ -224,7 +255,10 @@ async fn exchange(
                             .find(|m| boot_file(m).is_some());
                         let lease = Lease {
                             address,
-                            next_server: source.map(|m| m.siaddr()).filter(|a| !a.is_unspecified()).unwrap_or(server),
+                            next_server: source
+                                .map(|m| m.siaddr())
+                                .filter(|a| !a.is_unspecified())
+                                .unwrap_or(server),
                             boot_file: source.and_then(boot_file),
                         };
                         return Ok((lease, retransmits));
@@ -242,9 +276,15 @@ async fn exchange(
             continue;
         }
         // No address in the text: failures are grouped by their reason.
-        return Err(format!("no ACK for the offered address after {} tries", retries.len()));
+        return Err(format!(
+            "no ACK for the offered address after {} tries",
+            retries.len()
+        ));
     }
-    Err(format!("no lease after {} tries (no OFFER, or NAK after NAK)", retries.len()))
+    Err(format!(
+        "no lease after {} tries (no OFFER, or NAK after NAK)",
+        retries.len()
+    ))
 }
 
 #[cfg(test)]
@@ -268,10 +308,25 @@ mod tests {
         assert_eq!(back.xid(), 42);
         assert!(back.flags().broadcast());
         assert_eq!(opts.msg_type(), Some(MessageType::Discover));
-        assert_eq!(opts.get(OptionCode::ClassIdentifier), Some(&DhcpOption::ClassIdentifier(identity.vendor_class.clone())));
-        assert_eq!(opts.get(OptionCode::ClientSystemArchitecture), Some(&DhcpOption::ClientSystemArchitecture(v4::Architecture::from(7))));
-        assert_eq!(opts.get(OptionCode::UserClass), Some(&DhcpOption::UserClass(b"\x04iPXE".to_vec())));
-        let Some(DhcpOption::ClientMachineIdentifier(uuid)) = opts.get(OptionCode::ClientMachineIdentifier) else { panic!("option 97") };
+        assert_eq!(
+            opts.get(OptionCode::ClassIdentifier),
+            Some(&DhcpOption::ClassIdentifier(identity.vendor_class.clone()))
+        );
+        assert_eq!(
+            opts.get(OptionCode::ClientSystemArchitecture),
+            Some(&DhcpOption::ClientSystemArchitecture(
+                v4::Architecture::from(7)
+            ))
+        );
+        assert_eq!(
+            opts.get(OptionCode::UserClass),
+            Some(&DhcpOption::UserClass(b"\x04iPXE".to_vec()))
+        );
+        let Some(DhcpOption::ClientMachineIdentifier(uuid)) =
+            opts.get(OptionCode::ClientMachineIdentifier)
+        else {
+            panic!("option 97")
+        };
         assert_eq!(uuid.len(), 17, "type 0 and a 16-byte GUID");
         assert!(opts.get(OptionCode::ParameterRequestList).is_some());
     }

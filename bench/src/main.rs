@@ -20,7 +20,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "bench", about = "Load-test PXE boot servers with simulated clients")]
+#[command(
+    name = "bench",
+    about = "Load-test PXE boot servers with simulated clients"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -109,11 +109,21 @@ pub struct PowerOn(Vec<(usize, f64)>);
 fn parse_power_on(spec: &str) -> Result<PowerOn, String> {
     let mut waves = Vec::new();
     for wave in spec.split(',').map(str::trim) {
-        let (count, at) = wave.split_once('@').ok_or_else(|| format!("{wave:?}: a wave is COUNT@SECONDS, e.g. 400@20"))?;
-        let count: usize = count.trim().parse().map_err(|_| format!("{wave:?}: {count:?} is not a machine count"))?;
-        let at: f64 = at.trim().parse().map_err(|_| format!("{wave:?}: {at:?} is not a number of seconds"))?;
+        let (count, at) = wave
+            .split_once('@')
+            .ok_or_else(|| format!("{wave:?}: a wave is COUNT@SECONDS, e.g. 400@20"))?;
+        let count: usize = count
+            .trim()
+            .parse()
+            .map_err(|_| format!("{wave:?}: {count:?} is not a machine count"))?;
+        let at: f64 = at
+            .trim()
+            .parse()
+            .map_err(|_| format!("{wave:?}: {at:?} is not a number of seconds"))?;
         if count == 0 || !at.is_finite() || at < 0.0 {
-            return Err(format!("{wave:?}: a wave needs at least one machine and a time of 0 s or later"));
+            return Err(format!(
+                "{wave:?}: a wave needs at least one machine and a time of 0 s or later"
+            ));
         }
         waves.push((count, at));
     }
@@ -129,7 +139,9 @@ fn power_on_times(args: &Args) -> Vec<Duration> {
     };
     let mut times: Vec<Duration> = waves
         .iter()
-        .flat_map(|&(count, at)| (0..count).map(move |i| Duration::from_secs_f64(at) + ramp * i as u32))
+        .flat_map(|&(count, at)| {
+            (0..count).map(move |i| Duration::from_secs_f64(at) + ramp * i as u32)
+        })
         .collect();
     times.sort();
     times
@@ -170,7 +182,9 @@ pub struct Report {
 }
 
 pub fn run(args: Args) -> anyhow::Result<bool> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let report = runtime.block_on(run_machines(&args))?;
     print_report(&report, args.timeline);
     if let Some(path) = &args.json {
@@ -184,7 +198,9 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
 
 async fn run_machines(args: &Args) -> anyhow::Result<Report> {
     let wire = DhcpWire::bind(&args.interface)?;
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()?;
     let schedule = power_on_times(args);
     let total = schedule.len();
     if total > 0xff_ffff {
@@ -201,7 +217,10 @@ async fn run_machines(args: &Args) -> anyhow::Result<Report> {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let (d, f) = (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-                eprintln!("bench: {d}/{total} booted, {f} failed, {:.0} s", started.elapsed().as_secs_f64());
+                eprintln!(
+                    "bench: {d}/{total} booted, {f} failed, {:.0} s",
+                    started.elapsed().as_secs_f64()
+                );
             }
         })
     };
@@ -211,14 +230,24 @@ async fn run_machines(args: &Args) -> anyhow::Result<Report> {
         // The MAC's last three bytes: the prefix plus the machine number, so
         // runs with different prefixes stay apart up to 65,536 machines.
         let id = (usize::from(args.mac_prefix) << 16).wrapping_add(n);
-        let mac = [0x52, 0x54, 0x00, (id >> 16) as u8, (id >> 8) as u8, id as u8];
+        let mac = [
+            0x52,
+            0x54,
+            0x00,
+            (id >> 16) as u8,
+            (id >> 8) as u8,
+            id as u8,
+        ];
         let machine = Machine {
             identity: Identity {
                 mac,
                 arch: args.firmware.arch(),
                 vendor_class: args.firmware.vendor_class().to_vec(),
                 user_class: None,
-                uuid: [mac[3], mac[4], mac[5], 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd],
+                uuid: [
+                    mac[3], mac[4], mac[5], 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99,
+                    0xaa, 0xbb, 0xcc, 0xdd,
+                ],
             },
             xid: u32::from_be_bytes([mac[3], mac[4], mac[5], 0]),
             firmware: args.firmware,
@@ -226,12 +255,22 @@ async fn run_machines(args: &Args) -> anyhow::Result<Report> {
             verify_root: args.verify_root.clone(),
             deadline,
         };
-        let (wire, http, done, failed) = (Arc::clone(&wire), http.clone(), Arc::clone(&done), Arc::clone(&failed));
+        let (wire, http, done, failed) = (
+            Arc::clone(&wire),
+            http.clone(),
+            Arc::clone(&done),
+            Arc::clone(&failed),
+        );
         let powered_on_ms = started.elapsed().as_secs_f64() * 1000.0;
         tasks.push(tokio::spawn(async move {
             let mut result = machine.boot(&wire, &http).await;
             result.powered_on_ms = powered_on_ms;
-            if result.failure.is_some() { &failed } else { &done }.fetch_add(1, Ordering::Relaxed);
+            if result.failure.is_some() {
+                &failed
+            } else {
+                &done
+            }
+            .fetch_add(1, Ordering::Relaxed);
             result
         }));
     }
@@ -240,7 +279,12 @@ async fn run_machines(args: &Args) -> anyhow::Result<Report> {
         machines.push(task.await?);
     }
     progress.abort();
-    Ok(summarise(args, machines, started.elapsed().as_secs_f64(), meter.stop()))
+    Ok(summarise(
+        args,
+        machines,
+        started.elapsed().as_secs_f64(),
+        meter.stop(),
+    ))
 }
 
 struct Machine {
@@ -255,32 +299,57 @@ struct Machine {
 impl Machine {
     async fn boot(self, wire: &DhcpWire, http: &reqwest::Client) -> MachineResult {
         let t0 = Instant::now();
-        let mut result = MachineResult { mac: mac_text(self.identity.mac), ..MachineResult::default() };
+        let mut result = MachineResult {
+            mac: mac_text(self.identity.mac),
+            ..MachineResult::default()
+        };
         if let Err(e) = self.stages(wire, http, t0, &mut result).await {
             result.failure = Some(e);
         }
         result
     }
 
-    async fn stages(&self, wire: &DhcpWire, http: &reqwest::Client, t0: Instant, r: &mut MachineResult) -> Result<(), String> {
+    async fn stages(
+        &self,
+        wire: &DhcpWire,
+        http: &reqwest::Client,
+        t0: Instant,
+        r: &mut MachineResult,
+    ) -> Result<(), String> {
         let ms = |t0: Instant| t0.elapsed().as_secs_f64() * 1000.0;
         // UEFI and PXE ROMs retry DHCP at 4, 8, 16, 32 s.
         let firmware_retries = [4, 8, 16, 32].map(Duration::from_secs);
-        let (lease, retransmits) = dhcp::dora(wire, &self.identity, self.xid, &firmware_retries, Duration::from_millis(500))
-            .await
-            .map_err(|e| format!("dhcp: {e}"))?;
+        let (lease, retransmits) = dhcp::dora(
+            wire,
+            &self.identity,
+            self.xid,
+            &firmware_retries,
+            Duration::from_millis(500),
+        )
+        .await
+        .map_err(|e| format!("dhcp: {e}"))?;
         r.address = Some(lease.address);
         r.dhcp_retransmits += retransmits;
         r.stages.push(("dhcp", ms(t0)));
-        let nbp = lease.boot_file.clone().ok_or("dhcp: no boot file offered")?;
+        let nbp = lease
+            .boot_file
+            .clone()
+            .ok_or("dhcp: no boot file offered")?;
 
         let expected = self.expected_opt(&nbp)?;
         let server = SocketAddr::from((lease.next_server, 69));
         let timeout = Duration::from_secs(4);
-        let (retrans, bytes) =
-            tftp::download(server, &nbp, self.firmware.blksize(), self.firmware.windowsize(), timeout, self.deadline, expected.as_deref())
-                .await
-                .map_err(|e| format!("nbp: {e}"))?;
+        let (retrans, bytes) = tftp::download(
+            server,
+            &nbp,
+            self.firmware.blksize(),
+            self.firmware.windowsize(),
+            timeout,
+            self.deadline,
+            expected.as_deref(),
+        )
+        .await
+        .map_err(|e| format!("nbp: {e}"))?;
         r.tftp_retransmits += retrans;
         r.bytes += bytes;
         r.stages.push(("nbp", ms(t0)));
@@ -292,25 +361,47 @@ impl Machine {
         let mut ipxe = self.identity.clone();
         ipxe.user_class = Some(b"\x04iPXE".to_vec());
         let ipxe_retries = [1, 2, 4, 8, 16].map(Duration::from_secs);
-        let (lease, retransmits) = dhcp::dora(wire, &ipxe, self.xid | 1, &ipxe_retries, Duration::from_millis(200))
-            .await
-            .map_err(|e| format!("ipxe dhcp: {e}"))?;
+        let (lease, retransmits) = dhcp::dora(
+            wire,
+            &ipxe,
+            self.xid | 1,
+            &ipxe_retries,
+            Duration::from_millis(200),
+        )
+        .await
+        .map_err(|e| format!("ipxe dhcp: {e}"))?;
         r.dhcp_retransmits += retransmits;
         r.stages.push(("ipxe_dhcp", ms(t0)));
         let script_url = lease.boot_file.ok_or("ipxe dhcp: no script URL offered")?;
-        let script = http.get(&script_url).send().await.and_then(|r| r.error_for_status()).map_err(|e| format!("script: {e}"))?;
+        let script = http
+            .get(&script_url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| format!("script: {e}"))?;
         let script = script.text().await.map_err(|e| format!("script: {e}"))?;
         if !script.starts_with("#!ipxe") {
-            return Err(format!("script: not an iPXE script: {:?}", script.lines().next()));
+            return Err(format!(
+                "script: not an iPXE script: {:?}",
+                script.lines().next()
+            ));
         }
         r.stages.push(("script", ms(t0)));
         for url in script_urls(&script) {
-            let body = http.get(&url).send().await.and_then(|r| r.error_for_status()).map_err(|e| format!("os: {url}: {e}"))?;
+            let body = http
+                .get(&url)
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .map_err(|e| format!("os: {url}: {e}"))?;
             let body = body.bytes().await.map_err(|e| format!("os: {url}: {e}"))?;
             let path = url.splitn(4, '/').nth(3).unwrap_or_default();
             if let Some(want) = self.expected_opt(path)? {
                 if body.as_ref() != want.as_slice() {
-                    return Err(format!("os: {url}: {} bytes differ from the expected file", body.len()));
+                    return Err(format!(
+                        "os: {url}: {} bytes differ from the expected file",
+                        body.len()
+                    ));
                 }
             }
             r.bytes += body.len() as u64;
@@ -321,9 +412,13 @@ impl Machine {
 
     /// The expected contents of `path` in the boot root (`None`: not verified).
     fn expected_opt(&self, path: &str) -> Result<Option<Vec<u8>>, String> {
-        let Some(root) = &self.verify_root else { return Ok(None) };
+        let Some(root) = &self.verify_root else {
+            return Ok(None);
+        };
         let local = root.join(path.trim_start_matches('/'));
-        std::fs::read(&local).map(Some).map_err(|e| format!("verify: {}: {e}", local.display()))
+        std::fs::read(&local)
+            .map(Some)
+            .map_err(|e| format!("verify: {}: {e}", local.display()))
     }
 }
 
@@ -334,7 +429,9 @@ fn script_urls(script: &str) -> Vec<String> {
         .filter_map(|l| {
             let mut words = l.split_whitespace();
             match words.next()? {
-                "kernel" | "initrd" | "chain" | "imgfetch" => words.find(|w| w.starts_with("http://")).map(str::to_owned),
+                "kernel" | "initrd" | "chain" | "imgfetch" => {
+                    words.find(|w| w.starts_with("http://")).map(str::to_owned)
+                }
                 _ => None,
             }
         })
@@ -342,14 +439,24 @@ fn script_urls(script: &str) -> Vec<String> {
 }
 
 fn mac_text(m: [u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
-fn summarise(args: &Args, machines: Vec<MachineResult>, seconds: f64, cpu: pxe_lab::cpu::CpuUsage) -> Report {
+fn summarise(
+    args: &Args,
+    machines: Vec<MachineResult>,
+    seconds: f64,
+    cpu: pxe_lab::cpu::CpuUsage,
+) -> Report {
     let mut stage_ms = Vec::new();
     for stage in ["dhcp", "nbp", "ipxe_dhcp", "script", "os"] {
-        let mut times: Vec<f64> =
-            machines.iter().filter_map(|m| m.stages.iter().find(|(s, _)| *s == stage).map(|(_, t)| *t)).collect();
+        let mut times: Vec<f64> = machines
+            .iter()
+            .filter_map(|m| m.stages.iter().find(|(s, _)| *s == stage).map(|(_, t)| *t))
+            .collect();
         if times.is_empty() {
             continue;
         }
@@ -360,8 +467,12 @@ fn summarise(args: &Args, machines: Vec<MachineResult>, seconds: f64, cpu: pxe_l
     let mut failures = BTreeMap::new();
     for m in &machines {
         if let Some(f) = &m.failure {
-            let reason = f.split(':').next().unwrap_or(f).to_owned() + ": " + f.splitn(2, ": ").nth(1).unwrap_or("");
-            *failures.entry(reason.chars().take(120).collect()).or_insert(0) += 1;
+            let reason = f.split(':').next().unwrap_or(f).to_owned()
+                + ": "
+                + f.splitn(2, ": ").nth(1).unwrap_or("");
+            *failures
+                .entry(reason.chars().take(120).collect())
+                .or_insert(0) += 1;
         }
     }
     let bytes: u64 = machines.iter().map(|m| m.bytes).sum();
@@ -395,7 +506,10 @@ fn print_report(r: &Report, timeline: usize) {
         r.dhcp_retransmits,
         r.tftp_retransmits
     );
-    println!("  {:<10} {:>10} {:>10} {:>10}   (ms from power-on to the end of the stage)", "stage", "p50", "p99", "max");
+    println!(
+        "  {:<10} {:>10} {:>10} {:>10}   (ms from power-on to the end of the stage)",
+        "stage", "p50", "p99", "max"
+    );
     for (stage, (p50, p99, max)) in &r.stage_ms {
         println!("  {stage:<10} {p50:>10.1} {p99:>10.1} {max:>10.1}");
     }
@@ -405,13 +519,22 @@ fn print_report(r: &Report, timeline: usize) {
         println!("  failed ×{n}: {reason}");
     }
     for m in r.machines.iter().take(timeline) {
-        let stages: Vec<String> = m.stages.iter().map(|(s, t)| format!("{s} {t:.0} ms")).collect();
+        let stages: Vec<String> = m
+            .stages
+            .iter()
+            .map(|(s, t)| format!("{s} {t:.0} ms"))
+            .collect();
         println!(
             "  {} {}: {}{}",
             m.mac,
-            m.address.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            m.address
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
             stages.join(" → "),
-            m.failure.as_ref().map(|f| format!(" ✗ {f}")).unwrap_or_default()
+            m.failure
+                .as_ref()
+                .map(|f| format!(" ✗ {f}"))
+                .unwrap_or_default()
         );
     }
 }
@@ -422,7 +545,10 @@ mod tests {
 
     #[test]
     fn power_on_waves_parse_and_unfold_into_times() {
-        assert_eq!(parse_power_on("2@0, 1@1.5").unwrap(), PowerOn(vec![(2, 0.0), (1, 1.5)]));
+        assert_eq!(
+            parse_power_on("2@0, 1@1.5").unwrap(),
+            PowerOn(vec![(2, 0.0), (1, 1.5)])
+        );
         for bad in ["", "5", "x@1", "5@soon", "0@1", "5@-1"] {
             assert!(parse_power_on(bad).is_err(), "{bad:?}");
         }
@@ -432,19 +558,35 @@ mod tests {
             args: Args,
         }
         let args = |power_on: Option<PowerOn>, ramp_ms: u64| {
-            let mut cli = <Cli as clap::Parser>::parse_from(["pxe", "--clients", "3", "--ramp-ms", &ramp_ms.to_string()]);
+            let mut cli = <Cli as clap::Parser>::parse_from([
+                "pxe",
+                "--clients",
+                "3",
+                "--ramp-ms",
+                &ramp_ms.to_string(),
+            ]);
             cli.args.power_on = power_on;
             cli.args
         };
         let ms = |v: Vec<Duration>| v.into_iter().map(|d| d.as_millis()).collect::<Vec<_>>();
         assert_eq!(ms(power_on_times(&args(None, 0))), [0, 0, 0], "a storm");
         assert_eq!(ms(power_on_times(&args(None, 10))), [0, 10, 20], "a ramp");
-        assert_eq!(ms(power_on_times(&args(Some(PowerOn(vec![(2, 1.0), (2, 0.0)])), 5))), [0, 5, 1000, 1005], "waves, ramped within");
+        assert_eq!(
+            ms(power_on_times(&args(
+                Some(PowerOn(vec![(2, 1.0), (2, 0.0)])),
+                5
+            ))),
+            [0, 5, 1000, 1005],
+            "waves, ramped within"
+        );
     }
 
     #[test]
     fn script_urls_are_the_kernel_and_initrd_lines() {
         let script = "#!ipxe\necho hi\nkernel http://198.18.0.1/vmlinuz initrd=initrd.img quiet\ninitrd http://198.18.0.1/initrd.img\nboot\n";
-        assert_eq!(script_urls(script), vec!["http://198.18.0.1/vmlinuz", "http://198.18.0.1/initrd.img"]);
+        assert_eq!(
+            script_urls(script),
+            vec!["http://198.18.0.1/vmlinuz", "http://198.18.0.1/initrd.img"]
+        );
     }
 }

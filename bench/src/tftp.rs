@@ -65,11 +65,16 @@ pub struct Report {
 }
 
 pub fn run(args: Args) -> anyhow::Result<bool> {
-    let expected = Arc::new(std::fs::read(&args.expect).with_context(|| format!("reading {}", args.expect.display()))?);
+    let expected = Arc::new(
+        std::fs::read(&args.expect)
+            .with_context(|| format!("reading {}", args.expect.display()))?,
+    );
     if args.clients == 0 {
         bail!("--clients must be at least 1");
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let report = runtime.block_on(run_clients(&args, expected))?;
     println!(
         "tftp: {} clients, {} ok, {} failed, {:.1} MB in {:.2} s = {:.1} MB/s; transfer p50 {:.0} ms, p99 {:.0} ms; {} client retransmits",
@@ -100,13 +105,29 @@ async fn run_clients(args: &Args, expected: Arc<Vec<u8>>) -> anyhow::Result<Repo
     let mut tasks = Vec::with_capacity(args.clients);
     for _ in 0..args.clients {
         let expected = Arc::clone(&expected);
-        let (server, file, blksize, windowsize, rounds) = (args.server, args.file.clone(), args.blksize, args.windowsize, args.rounds);
+        let (server, file, blksize, windowsize, rounds) = (
+            args.server,
+            args.file.clone(),
+            args.blksize,
+            args.windowsize,
+            args.rounds,
+        );
         let timeout = Duration::from_millis(args.timeout_ms);
         tasks.push(tokio::spawn(async move {
             let mut results = Vec::with_capacity(rounds);
             for _ in 0..rounds {
                 let one = Instant::now();
-                let outcome = download(server, &file, blksize, windowsize, timeout, deadline, Some(&expected)).await.map(|(r, _)| r);
+                let outcome = download(
+                    server,
+                    &file,
+                    blksize,
+                    windowsize,
+                    timeout,
+                    deadline,
+                    Some(&expected),
+                )
+                .await
+                .map(|(r, _)| r);
                 results.push((one.elapsed(), outcome));
             }
             results
@@ -130,7 +151,12 @@ async fn run_clients(args: &Args, expected: Arc<Vec<u8>>) -> anyhow::Result<Repo
     }
     let seconds = started.elapsed().as_secs_f64();
     durations.sort_by(f64::total_cmp);
-    let percentile = |p: f64| durations.get(((durations.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0);
+    let percentile = |p: f64| {
+        durations
+            .get(((durations.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
     Ok(Report {
         clients: args.clients,
         transfers_ok: durations.len(),
@@ -157,20 +183,39 @@ pub(crate) async fn download(
     deadline: Instant,
     expected: Option<&[u8]>,
 ) -> Result<(u64, u64), String> {
-    let socket = UdpSocket::bind("0.0.0.0:0").await.map_err(|e| format!("bind: {e}"))?;
+    let socket = UdpSocket::bind("0.0.0.0:0")
+        .await
+        .map_err(|e| format!("bind: {e}"))?;
     let blk = blksize.to_string();
     let win = windowsize.to_string();
-    let mut options = vec![TftpOption { name: "tsize", value: "0" }];
+    let mut options = vec![TftpOption {
+        name: "tsize",
+        value: "0",
+    }];
     if blksize != 0 {
-        options.push(TftpOption { name: "blksize", value: &blk });
+        options.push(TftpOption {
+            name: "blksize",
+            value: &blk,
+        });
     }
     if windowsize > 1 {
-        options.push(TftpOption { name: "windowsize", value: &win });
+        options.push(TftpOption {
+            name: "windowsize",
+            value: &win,
+        });
     }
-    let request = Repr::ReadRequest { filename: file, mode: Mode::Octet, options }.to_vec();
+    let request = Repr::ReadRequest {
+        filename: file,
+        mode: Mode::Octet,
+        options,
+    }
+    .to_vec();
     let mut last_sent = request.clone();
     let mut peer = server;
-    socket.send_to(&request, server).await.map_err(|e| format!("send: {e}"))?;
+    socket
+        .send_to(&request, server)
+        .await
+        .map_err(|e| format!("send: {e}"))?;
 
     let mut buf = vec![0u8; 65_536];
     let mut block_size = 512usize;
@@ -185,7 +230,9 @@ pub(crate) async fn download(
     loop {
         if Instant::now() > deadline {
             abort(&socket, peer, "run time limit reached").await;
-            return Err(format!("{file}: run time limit reached at {received} bytes"));
+            return Err(format!(
+                "{file}: run time limit reached at {received} bytes"
+            ));
         }
         // A window's later blocks are usually queued already: take them
         // without arming a timer (the harness's own cost per packet counts).
@@ -195,7 +242,9 @@ pub(crate) async fn download(
         };
         let received_now = match ready {
             Some(r) => Ok(r),
-            None => tokio::time::timeout(timeout, socket.recv_from(&mut buf)).await.map_err(drop),
+            None => tokio::time::timeout(timeout, socket.recv_from(&mut buf))
+                .await
+                .map_err(drop),
         };
         let (len, from) = match received_now {
             Ok(r) => r.map_err(|e| format!("recv: {e}"))?,
@@ -203,14 +252,22 @@ pub(crate) async fn download(
                 retransmits += 1;
                 if retransmits > 50 {
                     abort(&socket, peer, "no answer").await;
-                    return Err(format!("{file}: no answer after 50 retries at {received} bytes"));
+                    return Err(format!(
+                        "{file}: no answer after 50 retries at {received} bytes"
+                    ));
                 }
                 // RFC 7440 §4: on a timeout, acknowledge the last block received in order.
                 if received_any {
-                    last_sent = Repr::Ack { block: expected_block.wrapping_sub(1) }.to_vec();
+                    last_sent = Repr::Ack {
+                        block: expected_block.wrapping_sub(1),
+                    }
+                    .to_vec();
                     in_window = 0;
                 }
-                socket.send_to(&last_sent, peer).await.map_err(|e| format!("send: {e}"))?;
+                socket
+                    .send_to(&last_sent, peer)
+                    .await
+                    .map_err(|e| format!("send: {e}"))?;
                 continue;
             }
         };
@@ -224,13 +281,26 @@ pub(crate) async fn download(
             Ok(Repr::OptionAck { options }) => {
                 for o in &options {
                     match o.name {
-                        "blksize" => block_size = o.value.parse().map_err(|_| "bad blksize in OACK".to_owned())?,
-                        "windowsize" => window = o.value.parse().map_err(|_| "bad windowsize in OACK".to_owned())?,
+                        "blksize" => {
+                            block_size = o
+                                .value
+                                .parse()
+                                .map_err(|_| "bad blksize in OACK".to_owned())?
+                        }
+                        "windowsize" => {
+                            window = o
+                                .value
+                                .parse()
+                                .map_err(|_| "bad windowsize in OACK".to_owned())?
+                        }
                         _ => {}
                     }
                 }
                 last_sent = Repr::Ack { block: 0 }.to_vec();
-                socket.send_to(&last_sent, peer).await.map_err(|e| format!("send: {e}"))?;
+                socket
+                    .send_to(&last_sent, peer)
+                    .await
+                    .map_err(|e| format!("send: {e}"))?;
             }
             Ok(Repr::Data { block, payload }) => {
                 if block != expected_block {
@@ -238,9 +308,15 @@ pub(crate) async fn download(
                     // the last block received in order, so the server resumes
                     // right after it (RFC 7440 §4; RFC 1350 for lockstep).
                     if received_any {
-                        last_sent = Repr::Ack { block: expected_block.wrapping_sub(1) }.to_vec();
+                        last_sent = Repr::Ack {
+                            block: expected_block.wrapping_sub(1),
+                        }
+                        .to_vec();
                     }
-                    socket.send_to(&last_sent, peer).await.map_err(|e| format!("send: {e}"))?;
+                    socket
+                        .send_to(&last_sent, peer)
+                        .await
+                        .map_err(|e| format!("send: {e}"))?;
                     in_window = 0;
                     continue;
                 }
@@ -252,7 +328,9 @@ pub(crate) async fn download(
                         // server left retransmitting to this port could reach a
                         // later transfer that reuses it.
                         abort(&socket, peer, "bytes differ from the expected file").await;
-                        return Err(format!("{file}: bytes {received}..{end} differ from the expected file"));
+                        return Err(format!(
+                            "{file}: bytes {received}..{end} differ from the expected file"
+                        ));
                     }
                 }
                 received = end;
@@ -261,17 +339,25 @@ pub(crate) async fn download(
                 let last = payload.len() < block_size;
                 if last || in_window >= window {
                     last_sent = Repr::Ack { block }.to_vec();
-                    socket.send_to(&last_sent, peer).await.map_err(|e| format!("send: {e}"))?;
+                    socket
+                        .send_to(&last_sent, peer)
+                        .await
+                        .map_err(|e| format!("send: {e}"))?;
                     in_window = 0;
                 }
                 if last {
                     if let Some(expected) = expected.filter(|e| e.len() != received) {
-                        return Err(format!("{file}: ended at {received} of {} bytes", expected.len()));
+                        return Err(format!(
+                            "{file}: ended at {received} of {} bytes",
+                            expected.len()
+                        ));
                     }
                     return Ok((retransmits, received as u64));
                 }
             }
-            Ok(Repr::Error { code, message }) => return Err(format!("{file}: server error {}: {message}", code.code())),
+            Ok(Repr::Error { code, message }) => {
+                return Err(format!("{file}: server error {}: {message}", code.code()))
+            }
             Ok(_) | Err(_) => {}
         }
     }
@@ -280,6 +366,10 @@ pub(crate) async fn download(
 /// Ends a transfer from the client side with an ERROR (RFC 1350), so the
 /// server stops sending to this port.
 async fn abort(socket: &UdpSocket, peer: SocketAddr, why: &str) {
-    let error = Repr::Error { code: ErrorCode::NotDefined, message: why }.to_vec();
+    let error = Repr::Error {
+        code: ErrorCode::NotDefined,
+        message: why,
+    }
+    .to_vec();
     let _ = socket.send_to(&error, peer).await;
 }

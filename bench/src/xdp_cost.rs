@@ -26,8 +26,32 @@ const SERVER_PORT: u16 = 40_001;
 fn frame(dst_port: u16, payload: &[u8]) -> Vec<u8> {
     let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
     let total = (20 + 8 + payload.len()) as u16;
-    let mut ip = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0x40, 0, 64, 17, 0, 0, 198, 18, 0, 2, 198, 18, 0, 1];
-    let mut sum: u32 = ip.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
+    let mut ip = vec![
+        0x45,
+        0,
+        (total >> 8) as u8,
+        total as u8,
+        0,
+        1,
+        0x40,
+        0,
+        64,
+        17,
+        0,
+        0,
+        198,
+        18,
+        0,
+        2,
+        198,
+        18,
+        0,
+        1,
+    ];
+    let mut sum: u32 = ip
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -42,11 +66,16 @@ fn frame(dst_port: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<bool> {
-    let mut fp = FastPath::load_with_image_chunks(4).context("loading the BPF object (needs root)")?;
+    let mut fp =
+        FastPath::load_with_image_chunks(4).context("loading the BPF object (needs root)")?;
     fp.register_transfer_port(SERVER_PORT)?;
     let image: Vec<u8> = (0..1468 * 200).map(|i: usize| (i * 13) as u8).collect();
     fp.load_image(0, &image)?;
-    let key = SessionKey { client_ip: [198, 18, 0, 2], client_port: CLIENT_PORT.to_be_bytes(), server_port: SERVER_PORT.to_be_bytes() };
+    let key = SessionKey {
+        client_ip: [198, 18, 0, 2],
+        client_port: CLIENT_PORT.to_be_bytes(),
+        server_port: SERVER_PORT.to_be_bytes(),
+    };
     let ack = frame(SERVER_PORT, &[0, 4, 0, 1]);
     println!("xdp-cost: BPF_PROG_TEST_RUN on the real object; ns per packet");
     for blksize in [1468u32, 512] {
@@ -68,17 +97,34 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     fp.insert_session(key, entry)?;
     let (action, per) = run_once(&mut fp, &ack, args.repeat)?;
     anyhow::ensure!(action == 1, "expected XDP_DROP, got {action}");
-    println!("  drop a stale ACK:                   {:>5} ns (mean of {})", per.as_nanos(), args.repeat);
+    println!(
+        "  drop a stale ACK:                   {:>5} ns (mean of {})",
+        per.as_nanos(),
+        args.repeat
+    );
     let dns = frame(53, &[0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
     let (action, per) = run_once(&mut fp, &dns, args.repeat)?;
     anyhow::ensure!(action == 2, "expected XDP_PASS, got {action}");
-    println!("  pass a packet that is not ours:     {:>5} ns (mean of {})", per.as_nanos(), args.repeat);
+    println!(
+        "  pass a packet that is not ours:     {:>5} ns (mean of {})",
+        per.as_nanos(),
+        args.repeat
+    );
     Ok(true)
 }
 
 fn run_once(fp: &mut FastPath, frame: &[u8], repeat: u32) -> anyhow::Result<(u32, Duration)> {
-    let program: &mut Xdp = fp.ebpf_mut().program_mut(XDP_PROGRAM).context("no XDP program")?.try_into()?;
+    let program: &mut Xdp = fp
+        .ebpf_mut()
+        .program_mut(XDP_PROGRAM)
+        .context("no XDP program")?
+        .try_into()?;
     let mut out = vec![0u8; 4096];
-    let r = program.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat, ..TestRunOptions::default() })?;
+    let r = program.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        repeat,
+        ..TestRunOptions::default()
+    })?;
     Ok((r.return_value, r.duration))
 }

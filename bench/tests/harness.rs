@@ -3,7 +3,11 @@
 //! byte-exact; and against a server made to misbehave (files that differ,
 //! files missing, 10% loss) its failure accounting must say so. Needs root.
 
-use std::{path::{Path, PathBuf}, process::Command, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use pxe_lab::{Lab, Netns};
 
@@ -11,10 +15,19 @@ const BENCH: &str = env!("CARGO_BIN_EXE_bench");
 
 /// pxed, built beside this test by `cargo test --workspace` (or built now).
 fn pxed() -> PathBuf {
-    let dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_owned();
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_owned();
     let pxed = dir.join("pxed");
     if !pxed.exists() {
-        let status = Command::new(env!("CARGO")).args(["build", "-p", "pxe-user", "--bin", "pxed"]).status().unwrap();
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "pxe-user", "--bin", "pxed"])
+            .status()
+            .unwrap();
         assert!(status.success(), "building pxed");
     }
     pxed
@@ -22,8 +35,15 @@ fn pxed() -> PathBuf {
 
 fn boot_root() -> tempfile::TempDir {
     let root = tempfile::tempdir().unwrap();
-    for (name, len) in [("ipxe.efi", 300_000usize), ("undionly.kpxe", 70_000), ("vmlinuz", 1_500_000), ("initrd.img", 3_000_000)] {
-        let bytes: Vec<u8> = (0..len).map(|i| (i.wrapping_mul(7919) >> 5) as u8 ^ name.len() as u8).collect();
+    for (name, len) in [
+        ("ipxe.efi", 300_000usize),
+        ("undionly.kpxe", 70_000),
+        ("vmlinuz", 1_500_000),
+        ("initrd.img", 3_000_000),
+    ] {
+        let bytes: Vec<u8> = (0..len)
+            .map(|i| (i.wrapping_mul(7919) >> 5) as u8 ^ name.len() as u8)
+            .collect();
         std::fs::write(root.path().join(name), bytes).unwrap();
     }
     root
@@ -33,34 +53,69 @@ fn lab() -> (Lab, Netns, Netns) {
     let lab = Lab::new().unwrap();
     let server = lab.add_netns("srv").unwrap();
     let client = lab.add_netns("cli").unwrap();
-    lab.veth((&server, "eth0", Some("198.18.0.1/22")), (&client, "eth0", Some("198.18.3.254/22"))).unwrap();
+    lab.veth(
+        (&server, "eth0", Some("198.18.0.1/22")),
+        (&client, "eth0", Some("198.18.3.254/22")),
+    )
+    .unwrap();
     (lab, server, client)
 }
 
 fn start_pxed(lab: &Lab, server: &Netns, root: &Path, work: &Path) {
     let leases = work.join("leases.redb");
     let log = work.join("pxed.log");
-    let args = ["--interface", "eth0", "--boot-root", root.to_str().unwrap(), "--dhcp", "full", "--range", "198.18.0.10-198.18.3.200",
-        "--lease-file", leases.to_str().unwrap(), "--tftp-max-per-client", "100000", "--xdp-mode", "off", "--no-tc"];
+    let args = [
+        "--interface",
+        "eth0",
+        "--boot-root",
+        root.to_str().unwrap(),
+        "--dhcp",
+        "full",
+        "--range",
+        "198.18.0.10-198.18.3.200",
+        "--lease-file",
+        leases.to_str().unwrap(),
+        "--tftp-max-per-client",
+        "100000",
+        "--xdp-mode",
+        "off",
+        "--no-tc",
+    ];
     lab.spawn_logged(server, pxed(), &args, &log).unwrap();
-    assert!(server.wait_for_tcp_port(80, Duration::from_secs(30)), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert!(
+        server.wait_for_tcp_port(80, Duration::from_secs(30)),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
 }
 
 /// Runs `bench pxe` in the client namespace and returns its JSON report.
 fn bench_pxe(client: &Netns, extra: &[&str], work: &Path) -> serde_json::Value {
     let json = work.join("report.json");
     let _ = std::fs::remove_file(&json);
-    let mut args = vec!["pxe", "--time-limit", "120", "--json", json.to_str().unwrap()];
+    let mut args = vec![
+        "pxe",
+        "--time-limit",
+        "120",
+        "--json",
+        json.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     let out = client.output(BENCH, &args).unwrap();
     let report = std::fs::read(&json).unwrap_or_else(|_| {
-        panic!("no report; bench said:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        panic!(
+            "no report; bench said:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
     });
     serde_json::from_slice(&report).unwrap()
 }
 
 fn count(report: &serde_json::Value, key: &str) -> u64 {
-    report[key].as_u64().unwrap_or_else(|| panic!("{key} in {report}"))
+    report[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} in {report}"))
 }
 
 #[test]
@@ -73,12 +128,32 @@ fn two_hundred_machines_boot_from_pxed_through_ipxe_byte_exact() {
     let work = tempfile::tempdir().unwrap();
     start_pxed(&lab, &server, root.path(), work.path());
     let svg = work.path().join("run.svg");
-    let report = bench_pxe(&client, &["--clients", "200", "--second-stage", "--verify-root", root.path().to_str().unwrap(), "--svg", svg.to_str().unwrap()], work.path());
+    let report = bench_pxe(
+        &client,
+        &[
+            "--clients",
+            "200",
+            "--second-stage",
+            "--verify-root",
+            root.path().to_str().unwrap(),
+            "--svg",
+            svg.to_str().unwrap(),
+        ],
+        work.path(),
+    );
     assert_eq!(count(&report, "failed"), 0, "{}", report["failures"]);
     assert_eq!(count(&report, "booted"), 200);
     let svg = std::fs::read_to_string(&svg).expect("an SVG plot");
-    assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() == 6, "five stage curves and one goodput curve");
-    let stages: Vec<&str> = report["stage_ms"].as_array().unwrap().iter().map(|s| s[0].as_str().unwrap()).collect();
+    assert!(
+        svg.starts_with("<svg") && svg.matches("<polyline").count() == 6,
+        "five stage curves and one goodput curve"
+    );
+    let stages: Vec<&str> = report["stage_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s[0].as_str().unwrap())
+        .collect();
     assert_eq!(stages, ["dhcp", "nbp", "ipxe_dhcp", "script", "os"]);
 }
 
@@ -94,14 +169,36 @@ fn two_hundred_machines_boot_from_dnsmasq_byte_exact() {
     lab.spawn_logged(
         &server,
         "dnsmasq",
-        &["--no-daemon", "--port=0", "--conf-file=/dev/null", "--pid-file=", "--user=root", "--interface=eth0", "--bind-interfaces",
-          "--dhcp-range=198.18.0.10,198.18.3.200,1h", "--no-ping", "--dhcp-boot=ipxe.efi", "--enable-tftp",
-          &format!("--tftp-root={}", root.path().display()), "--tftp-max=1000", &format!("--dhcp-leasefile={}", leases.display())],
+        &[
+            "--no-daemon",
+            "--port=0",
+            "--conf-file=/dev/null",
+            "--pid-file=",
+            "--user=root",
+            "--interface=eth0",
+            "--bind-interfaces",
+            "--dhcp-range=198.18.0.10,198.18.3.200,1h",
+            "--no-ping",
+            "--dhcp-boot=ipxe.efi",
+            "--enable-tftp",
+            &format!("--tftp-root={}", root.path().display()),
+            "--tftp-max=1000",
+            &format!("--dhcp-leasefile={}", leases.display()),
+        ],
         &work.path().join("dnsmasq.log"),
     )
     .unwrap();
     assert!(server.wait_for_udp_port(69, Duration::from_secs(20)));
-    let report = bench_pxe(&client, &["--clients", "200", "--verify-root", root.path().to_str().unwrap()], work.path());
+    let report = bench_pxe(
+        &client,
+        &[
+            "--clients",
+            "200",
+            "--verify-root",
+            root.path().to_str().unwrap(),
+        ],
+        work.path(),
+    );
     assert_eq!(count(&report, "failed"), 0, "{}", report["failures"]);
     assert_eq!(count(&report, "booted"), 200);
 }
@@ -119,37 +216,123 @@ fn failures_are_counted_with_their_reason_when_the_server_misbehaves() {
     let expected = boot_root();
     std::fs::write(root.path().join("ipxe.efi"), b"corrupted boot program").unwrap();
     start_pxed(&lab, &server, root.path(), work.path());
-    let report = bench_pxe(&client, &["--clients", "20", "--second-stage", "--verify-root", expected.path().to_str().unwrap()], work.path());
+    let report = bench_pxe(
+        &client,
+        &[
+            "--clients",
+            "20",
+            "--second-stage",
+            "--verify-root",
+            expected.path().to_str().unwrap(),
+        ],
+        work.path(),
+    );
     assert_eq!(count(&report, "booted"), 0);
     assert_eq!(count(&report, "failed"), 20);
     let failures = report["failures"].as_object().unwrap();
-    assert!(failures.keys().any(|k| k.starts_with("nbp: ") && k.contains("differ")), "{failures:?}");
+    assert!(
+        failures
+            .keys()
+            .any(|k| k.starts_with("nbp: ") && k.contains("differ")),
+        "{failures:?}"
+    );
 
-    std::fs::copy(expected.path().join("ipxe.efi"), root.path().join("ipxe.efi")).unwrap();
+    std::fs::copy(
+        expected.path().join("ipxe.efi"),
+        root.path().join("ipxe.efi"),
+    )
+    .unwrap();
     std::fs::remove_file(root.path().join("initrd.img")).unwrap();
-    let report = bench_pxe(&client, &["--clients", "20", "--second-stage", "--mac-prefix", "32", "--verify-root", expected.path().to_str().unwrap()], work.path());
+    let report = bench_pxe(
+        &client,
+        &[
+            "--clients",
+            "20",
+            "--second-stage",
+            "--mac-prefix",
+            "32",
+            "--verify-root",
+            expected.path().to_str().unwrap(),
+        ],
+        work.path(),
+    );
     let log = std::fs::read_to_string(work.path().join("pxed.log")).unwrap_or_default();
     let tail: Vec<&str> = log.lines().collect();
-    assert_eq!(count(&report, "failed"), 20, "{}", tail[tail.len().saturating_sub(25)..].join("\n"));
+    assert_eq!(
+        count(&report, "failed"),
+        20,
+        "{}",
+        tail[tail.len().saturating_sub(25)..].join("\n")
+    );
     let failures = report["failures"].as_object().unwrap();
-    assert!(failures.keys().any(|k| k.starts_with("os: ") && k.contains("404")), "{failures:?}\n{}", tail[tail.len().saturating_sub(40)..].join("\n"));
+    assert!(
+        failures
+            .keys()
+            .any(|k| k.starts_with("os: ") && k.contains("404")),
+        "{failures:?}\n{}",
+        tail[tail.len().saturating_sub(40)..].join("\n")
+    );
 
     // 10% of UDP dropped on arrival in the client namespace: the machines
     // still boot, and the harness counts its retransmissions.
-    std::fs::copy(expected.path().join("initrd.img"), root.path().join("initrd.img")).unwrap();
+    std::fs::copy(
+        expected.path().join("initrd.img"),
+        root.path().join("initrd.img"),
+    )
+    .unwrap();
     let rules = work.path().join("loss.nft");
     std::fs::write(&rules, "table inet loss {\n chain input {\n type filter hook input priority 0;\n meta l4proto udp numgen random mod 100 < 10 drop;\n }\n}\n").unwrap();
-    let nft = client.output("nft", &["-f", rules.to_str().unwrap()]).unwrap();
+    let nft = client
+        .output("nft", &["-f", rules.to_str().unwrap()])
+        .unwrap();
     assert!(nft.status.success());
-    let report = bench_pxe(&client, &["--clients", "20", "--firmware", "bios", "--mac-prefix", "48", "--verify-root", expected.path().to_str().unwrap()], work.path());
+    let report = bench_pxe(
+        &client,
+        &[
+            "--clients",
+            "20",
+            "--firmware",
+            "bios",
+            "--mac-prefix",
+            "48",
+            "--verify-root",
+            expected.path().to_str().unwrap(),
+        ],
+        work.path(),
+    );
     let log = std::fs::read_to_string(work.path().join("pxed.log")).unwrap_or_default();
-    let tail: Vec<&str> = log.lines().filter(|l| l.contains("DHCP") || l.contains("WARN") || l.contains("ERROR")).collect();
-    assert_eq!(count(&report, "failed"), 0, "{}\n{}", report["failures"], tail[tail.len().saturating_sub(60)..].join("\n"));
-    assert!(count(&report, "dhcp_retransmits") + count(&report, "tftp_retransmits") > 0, "loss must show as client retransmissions: {report}");
+    let tail: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("DHCP") || l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    assert_eq!(
+        count(&report, "failed"),
+        0,
+        "{}\n{}",
+        report["failures"],
+        tail[tail.len().saturating_sub(60)..].join("\n")
+    );
+    assert!(
+        count(&report, "dhcp_retransmits") + count(&report, "tftp_retransmits") > 0,
+        "loss must show as client retransmissions: {report}"
+    );
 
     // UEFI's windowed transfers under the same loss: every lost block leaves
     // a gap that the client must report (RFC 7440 §4) for the server to
     // resume after it; all must still complete byte-exact.
-    let report = bench_pxe(&client, &["--clients", "20", "--firmware", "uefi", "--mac-prefix", "64", "--verify-root", expected.path().to_str().unwrap()], work.path());
+    let report = bench_pxe(
+        &client,
+        &[
+            "--clients",
+            "20",
+            "--firmware",
+            "uefi",
+            "--mac-prefix",
+            "64",
+            "--verify-root",
+            expected.path().to_str().unwrap(),
+        ],
+        work.path(),
+    );
     assert_eq!(count(&report, "failed"), 0, "{}", report["failures"]);
 }

@@ -164,7 +164,11 @@ mod tests {
             (53, false, Counter::PASS_OTHER_UDP),
         ];
         for (port, registered, want) in cases {
-            assert_eq!(classify_udp(port, registered), want, "port {port} registered={registered}");
+            assert_eq!(
+                classify_udp(port, registered),
+                want,
+                "port {port} registered={registered}"
+            );
         }
     }
 }

@@ -26,8 +26,15 @@ pub const IMAGES: &str = "IMAGES";
 pub const TFTP_SESSIONS: &str = "TFTP_SESSIONS";
 
 /// Every map the object must define.
-pub const ALL: &[&str] =
-    &[XDP_COUNTERS, TC_COUNTERS, TFTP_PORTS, IMAGE_CHUNKS, IMAGES, TFTP_SESSIONS, crate::dhcp::DHCP_ANSWERS];
+pub const ALL: &[&str] = &[
+    XDP_COUNTERS,
+    TC_COUNTERS,
+    TFTP_PORTS,
+    IMAGE_CHUNKS,
+    IMAGES,
+    TFTP_SESSIONS,
+    crate::dhcp::DHCP_ANSWERS,
+];
 
 /// Largest TFTP block the kernel tiers build: a DATA frame of 1514 bytes at
 /// MTU 1500. Larger blocks are served by userspace.
@@ -126,7 +133,10 @@ pub struct TftpPortKey {
 
 impl TftpPortKey {
     pub const fn new(port: u16) -> Self {
-        Self { port: port.to_be_bytes(), _pad: [0; 2] }
+        Self {
+            port: port.to_be_bytes(),
+            _pad: [0; 2],
+        }
     }
 }
 
@@ -141,7 +151,13 @@ pub struct TftpPortEntry {
 const _: () = assert!(core::mem::size_of::<TftpPortKey>() == 4);
 const _: () = assert!(core::mem::size_of::<TftpPortEntry>() == 4);
 
-crate::impl_aya_pod!(TftpPortKey, TftpPortEntry, ImageEntry, SessionKey, SessionEntry);
+crate::impl_aya_pod!(
+    TftpPortKey,
+    TftpPortEntry,
+    ImageEntry,
+    SessionKey,
+    SessionEntry
+);
 
 #[cfg(test)]
 mod tests {
@@ -149,13 +165,24 @@ mod tests {
 
     #[test]
     fn every_fast_path_block_lies_inside_one_chunk() {
-        let image = ImageEntry { first_chunk: 3, chunks: 8, len: 7 * CHUNK_SIZE, ready: 1 };
+        let image = ImageEntry {
+            first_chunk: 3,
+            chunks: 8,
+            len: 7 * CHUNK_SIZE,
+            ready: 1,
+        };
         for blksize in [512u32, 1024, 1428, 1432, 1456, 1468] {
             let mut offset = 0;
             while offset < image.len {
                 let (chunk, at) = image.locate(offset);
-                assert!(chunk >= 3 && chunk < 3 + 8, "block at {offset} in chunk {chunk}");
-                assert!(at + blksize <= CHUNK_SIZE, "block of {blksize} at {offset} crosses its chunk");
+                assert!(
+                    chunk >= 3 && chunk < 3 + 8,
+                    "block at {offset} in chunk {chunk}"
+                );
+                assert!(
+                    at + blksize <= CHUNK_SIZE,
+                    "block of {blksize} at {offset} crosses its chunk"
+                );
                 offset += blksize;
             }
         }

@@ -31,4 +31,3 @@ pub fn fold(mut sum: u64) -> u16 {
     }
     !(sum as u16)
 }
-

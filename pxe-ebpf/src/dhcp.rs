@@ -16,11 +16,12 @@ use pxe_common::{
     consts::{DHCP_CLIENT_PORT, DHCP_SERVER_PORT, PXE_PROXY_PORT},
     counter::Counter,
     dhcp::{
-        keep_bytes, mix, option_word, shape_bit, AnswerEntry, AnswerKey, BOOTP_CIADDR, BOOTP_FLAGS, BOOTP_GIADDR,
-        BOOTP_CHADDR, BOOTP_HEAD_LEN, BOOTP_MAGIC, BOOTP_OP, BOOTP_OPTIONS, BOOTP_XID, DHCPACK,
-        DHCPDISCOVER, DHCPOFFER, DHCPREQUEST, FLAG_BROADCAST, MAGIC_COOKIE, MAX_OPTION_ITEMS, MAX_REPLY_LEN,
-        MAX_SHAPE_OPTION_LEN, OPT_END, OPT_MESSAGE_TYPE, OPT_OVERLOAD, OPT_PAD, OPT_RELAY_AGENT, OPT_REQUESTED_IP,
-        OPT_SERVER_ID, PORT_KIND_DHCP, PORT_KIND_PROXY, SIGNATURE_SEED,
+        keep_bytes, mix, option_word, shape_bit, AnswerEntry, AnswerKey, BOOTP_CHADDR,
+        BOOTP_CIADDR, BOOTP_FLAGS, BOOTP_GIADDR, BOOTP_HEAD_LEN, BOOTP_MAGIC, BOOTP_OP,
+        BOOTP_OPTIONS, BOOTP_XID, DHCPACK, DHCPDISCOVER, DHCPOFFER, DHCPREQUEST, FLAG_BROADCAST,
+        MAGIC_COOKIE, MAX_OPTION_ITEMS, MAX_REPLY_LEN, MAX_SHAPE_OPTION_LEN, OPT_END,
+        OPT_MESSAGE_TYPE, OPT_OVERLOAD, OPT_PAD, OPT_RELAY_AGENT, OPT_REQUESTED_IP, OPT_SERVER_ID,
+        PORT_KIND_DHCP, PORT_KIND_PROXY, SIGNATURE_SEED,
     },
     hdr::{EthHdr, Ipv4Hdr, UdpHdr},
 };
@@ -109,9 +110,11 @@ pub fn plan(
     if off.l4 != off.l3 + Ipv4Hdr::LEN {
         return Plan::Pass(Counter::PASS_DHCP_UNPARSED);
     }
-    let (Some(eth), Some(ip), Some(udp)) =
-        (ptr_at::<EthHdr>(frame, 0), ptr_at::<Ipv4Hdr>(frame, off.l3), ptr_at::<UdpHdr>(frame, off.l4))
-    else {
+    let (Some(eth), Some(ip), Some(udp)) = (
+        ptr_at::<EthHdr>(frame, 0),
+        ptr_at::<Ipv4Hdr>(frame, off.l3),
+        ptr_at::<UdpHdr>(frame, off.l4),
+    ) else {
         return Plan::Pass(Counter::PASS_DHCP_UNPARSED);
     };
     // SAFETY: ptr_at checked each header lies inside the frame.
@@ -144,7 +147,11 @@ pub fn plan(
         signature: opts.signature,
         ifindex,
         mac: fixed.mac,
-        port_kind: if proxy { PORT_KIND_PROXY } else { PORT_KIND_DHCP },
+        port_kind: if proxy {
+            PORT_KIND_PROXY
+        } else {
+            PORT_KIND_DHCP
+        },
         _pad: [0; 5],
     };
     let Some(entry) = answers.get_ptr_mut(&key) else {
@@ -158,7 +165,11 @@ pub fn plan(
     }
     let len = e.len as usize;
     let msg_type_at = e.msg_type_at as usize;
-    if len <= BOOTP_HEAD_LEN || len > MAX_REPLY_LEN || msg_type_at <= BOOTP_OPTIONS || msg_type_at >= len {
+    if len <= BOOTP_HEAD_LEN
+        || len > MAX_REPLY_LEN
+        || msg_type_at <= BOOTP_OPTIONS
+        || msg_type_at >= len
+    {
         return Plan::Pass(Counter::PASS_DHCP_NOT_DECIDED);
     }
     let flags = fixed.flags;
@@ -169,11 +180,26 @@ pub fn plan(
     let (dst_mac, dst_ip, dst_port, src_port) = if proxy {
         (eth.src, ip.src, udp.src, PXE_PROXY_PORT)
     } else if giaddr != [0; 4] {
-        (eth.src, giaddr, DHCP_SERVER_PORT.to_be_bytes(), DHCP_SERVER_PORT)
+        (
+            eth.src,
+            giaddr,
+            DHCP_SERVER_PORT.to_be_bytes(),
+            DHCP_SERVER_PORT,
+        )
     } else if ciaddr != [0; 4] && !broadcast {
-        (eth.src, ciaddr, DHCP_CLIENT_PORT.to_be_bytes(), DHCP_SERVER_PORT)
+        (
+            eth.src,
+            ciaddr,
+            DHCP_CLIENT_PORT.to_be_bytes(),
+            DHCP_SERVER_PORT,
+        )
     } else {
-        ([0xff; 6], [0xff; 4], DHCP_CLIENT_PORT.to_be_bytes(), DHCP_SERVER_PORT)
+        (
+            [0xff; 6],
+            [0xff; 4],
+            DHCP_CLIENT_PORT.to_be_bytes(),
+            DHCP_SERVER_PORT,
+        )
     };
 
     // SAFETY: the scratch value's prefix, borrowed once here.
@@ -200,7 +226,12 @@ pub fn plan(
         dst: dst_ip,
     };
     p.ip.check = fold(ip_header_sum(&p.ip)).to_ne_bytes();
-    p.udp = UdpHdr { src: src_port.to_be_bytes(), dst: dst_port, len: udp_len.to_be_bytes(), check: [0, 0] };
+    p.udp = UdpHdr {
+        src: src_port.to_be_bytes(),
+        dst: dst_port,
+        len: udp_len.to_be_bytes(),
+        check: [0, 0],
+    };
     p.udp.check = udp_checksum(p, e.sum, msg_type, msg_type_at).to_ne_bytes();
 
     let mut macs = [0u8; 12];
@@ -239,7 +270,11 @@ fn decided(e: &AnswerEntry, opts: &Options, ciaddr: [u8; 4], giaddr: [u8; 4]) ->
     }
     // SELECTING and INIT-REBOOT name the address in option 50, RENEWING and
     // REBINDING in ciaddr; SELECTING names the server it chose.
-    let wanted = if opts.has_requested_ip != 0 { opts.requested_ip } else { ciaddr };
+    let wanted = if opts.has_requested_ip != 0 {
+        opts.requested_ip
+    } else {
+        ciaddr
+    };
     wanted == e.yiaddr && (opts.has_server_id == 0 || opts.server_id == e.server_ip)
 }
 
@@ -262,7 +297,9 @@ fn read_options(frame: &Frame, start: usize, end: usize, opts: &mut Options) -> 
         if at >= end || at > MAX_REQUEST_LEN + 64 {
             return true;
         }
-        let Some(code) = byte_at(frame, at) else { return false };
+        let Some(code) = byte_at(frame, at) else {
+            return false;
+        };
         if code == OPT_END {
             return true;
         }
@@ -270,7 +307,9 @@ fn read_options(frame: &Frame, start: usize, end: usize, opts: &mut Options) -> 
             set(&mut opts.cursor, (at + 1) as u64);
             continue;
         }
-        let Some(len) = byte_at(frame, at + 1) else { return false };
+        let Some(len) = byte_at(frame, at + 1) else {
+            return false;
+        };
         let len = len as usize;
         let data = at + 2;
         if data + len > end || !read_option(frame, code, len, data, opts) {
@@ -287,7 +326,9 @@ fn read_options(frame: &Frame, start: usize, end: usize, opts: &mut Options) -> 
 fn read_option(frame: &Frame, code: u8, len: usize, data: usize, opts: &mut Options) -> bool {
     match code {
         OPT_OVERLOAD | OPT_RELAY_AGENT => false,
-        OPT_MESSAGE_TYPE if len == 1 => byte_at(frame, data).map(|t| set(&mut opts.msg_type, t)).is_some(),
+        OPT_MESSAGE_TYPE if len == 1 => byte_at(frame, data)
+            .map(|t| set(&mut opts.msg_type, t))
+            .is_some(),
         OPT_REQUESTED_IP if len == 4 => match ptr_at::<[u8; 4]>(frame, data) {
             Some(ip) => {
                 // SAFETY: ptr_at checked the four bytes lie inside the frame.
@@ -423,11 +464,17 @@ fn udp_checksum(p: &Prefix, template_sum: u32, msg_type: u8, msg_type_at: usize)
     sum += ne(h[BOOTP_XID], h[BOOTP_XID + 1]) + ne(h[BOOTP_XID + 2], h[BOOTP_XID + 3]);
     sum += ne(h[BOOTP_FLAGS], h[BOOTP_FLAGS + 1]);
     sum += ne(h[BOOTP_CIADDR], h[BOOTP_CIADDR + 1]) + ne(h[BOOTP_CIADDR + 2], h[BOOTP_CIADDR + 3]);
-    sum += if msg_type_at % 2 == 0 { ne(msg_type, 0) } else { ne(0, msg_type) };
+    sum += if msg_type_at % 2 == 0 {
+        ne(msg_type, 0)
+    } else {
+        ne(0, msg_type)
+    };
     sum += ne(p.ip.src[0], p.ip.src[1]) + ne(p.ip.src[2], p.ip.src[3]);
     sum += ne(p.ip.dst[0], p.ip.dst[1]) + ne(p.ip.dst[2], p.ip.dst[3]);
     sum += ne(0, p.ip.proto) + ne(p.udp.len[0], p.udp.len[1]);
-    sum += ne(p.udp.src[0], p.udp.src[1]) + ne(p.udp.dst[0], p.udp.dst[1]) + ne(p.udp.len[0], p.udp.len[1]);
+    sum += ne(p.udp.src[0], p.udp.src[1])
+        + ne(p.udp.dst[0], p.udp.dst[1])
+        + ne(p.udp.len[0], p.udp.len[1]);
     let check = fold(sum);
     // RFC 768: a computed zero goes on the wire as all ones.
     if check == 0 {

@@ -19,9 +19,13 @@ mod parse;
 mod tftp;
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{
+        xdp_action, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT,
+        TC_ACT_UNSPEC,
+    },
     helpers::{
-        bpf_clone_redirect, bpf_redirect, bpf_skb_change_tail, bpf_skb_store_bytes, bpf_xdp_adjust_tail, bpf_xdp_store_bytes,
+        bpf_clone_redirect, bpf_redirect, bpf_skb_change_tail, bpf_skb_store_bytes,
+        bpf_xdp_adjust_tail, bpf_xdp_store_bytes,
     },
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, PerCpuArray},
@@ -31,8 +35,9 @@ use pxe_common::{
     counter::Counter,
     dhcp::{AnswerEntry, AnswerKey, BOOTP_HEAD_LEN, DHCP_ANSWERS_CAPACITY, MAX_REPLY_LEN},
     maps::{
-        ImageEntry, SessionEntry, SessionKey, TftpPortEntry, TftpPortKey, CHUNK_SIZE, CHUNK_STRIDE, IMAGES_CAPACITY,
-        IMAGE_CHUNKS_DEFAULT, MAX_FAST_BLKSIZE, MAX_KERNEL_WINDOW, TFTP_PORTS_CAPACITY, TFTP_SESSIONS_CAPACITY,
+        ImageEntry, SessionEntry, SessionKey, TftpPortEntry, TftpPortKey, CHUNK_SIZE, CHUNK_STRIDE,
+        IMAGES_CAPACITY, IMAGE_CHUNKS_DEFAULT, MAX_FAST_BLKSIZE, MAX_KERNEL_WINDOW,
+        TFTP_PORTS_CAPACITY, TFTP_SESSIONS_CAPACITY,
     },
 };
 
@@ -59,7 +64,8 @@ static TFTP_PORTS: HashMap<TftpPortKey, TftpPortEntry> =
 /// Chunk index → boot file bytes; filled by the daemon through mmap, read by
 /// both programs. Its size is set when the daemon loads the object.
 #[map]
-static IMAGE_CHUNKS: Array<[u8; CHUNK_SIZE as usize]> = Array::with_max_entries(IMAGE_CHUNKS_DEFAULT, BPF_F_MMAPABLE);
+static IMAGE_CHUNKS: Array<[u8; CHUNK_SIZE as usize]> =
+    Array::with_max_entries(IMAGE_CHUNKS_DEFAULT, BPF_F_MMAPABLE);
 
 /// Image id → where its chunks are; written by the daemon, read by both programs.
 #[map]
@@ -67,14 +73,16 @@ static IMAGES: Array<ImageEntry> = Array::with_max_entries(IMAGES_CAPACITY, 0);
 
 /// Transfer → its kernel session; inserted by the daemon, advanced by both programs.
 #[map]
-static TFTP_SESSIONS: HashMap<SessionKey, SessionEntry> = HashMap::with_max_entries(TFTP_SESSIONS_CAPACITY, 0);
+static TFTP_SESSIONS: HashMap<SessionKey, SessionEntry> =
+    HashMap::with_max_entries(TFTP_SESSIONS_CAPACITY, 0);
 
 /// Client, interface, port and request shape → the reply userspace decided;
 /// written by the daemon after it answered, read by both programs. Not
 /// preallocated: an element replaced by the daemon is freed only after every
 /// program reading it has finished.
 #[map]
-static DHCP_ANSWERS: HashMap<AnswerKey, AnswerEntry> = HashMap::with_max_entries(DHCP_ANSWERS_CAPACITY, BPF_F_NO_PREALLOC);
+static DHCP_ANSWERS: HashMap<AnswerKey, AnswerEntry> =
+    HashMap::with_max_entries(DHCP_ANSWERS_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// Per CPU, the request's options and the reply headers being built: kept
 /// off the 512-byte stack and out of the verifier's exact tracking.
@@ -97,11 +105,16 @@ pub fn pxe_tc_ingress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn handle_xdp(ctx: &XdpContext) -> u32 {
-    let frame = Frame { start: ctx.data(), end: ctx.data_end() };
+    let frame = Frame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
     let classified = classify(&frame, is_transfer_port);
     let (verdict, action) = match (classified.verdict, classified.udp) {
         (Counter::PASS_TFTP_TRANSFER, Some(off)) => xdp_tftp(ctx, &frame, off),
-        (verdict @ (Counter::PASS_DHCP_TO_SERVER | Counter::PASS_PROXY_DHCP), Some(off)) => xdp_dhcp(ctx, &frame, off, verdict),
+        (verdict @ (Counter::PASS_DHCP_TO_SERVER | Counter::PASS_PROXY_DHCP), Some(off)) => {
+            xdp_dhcp(ctx, &frame, off, verdict)
+        }
         (verdict, _) => (verdict, xdp_action::XDP_PASS),
     };
     count(&XDP_COUNTERS, verdict, classified.vlan_tagged);
@@ -139,10 +152,22 @@ fn xdp_tftp(ctx: &XdpContext, frame: &Frame, off: UdpOffsets) -> (Counter, u32) 
 
 /// The XDP tier of DHCP: resize the request into its reply and send it back.
 #[inline(always)]
-fn xdp_dhcp(ctx: &XdpContext, frame: &Frame, off: UdpOffsets, unanswered: Counter) -> (Counter, u32) {
+fn xdp_dhcp(
+    ctx: &XdpContext,
+    frame: &Frame,
+    off: UdpOffsets,
+    unanswered: Counter,
+) -> (Counter, u32) {
     // SAFETY: reading a field of the program's own context.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    let reply = match dhcp::plan(frame, off, ifindex, &DHCP_ANSWERS, &DHCP_SCRATCH, unanswered) {
+    let reply = match dhcp::plan(
+        frame,
+        off,
+        ifindex,
+        &DHCP_ANSWERS,
+        &DHCP_SCRATCH,
+        unanswered,
+    ) {
         dhcp::Plan::Pass(counter) => return (counter, xdp_action::XDP_PASS),
         dhcp::Plan::Reply(reply) => reply,
     };
@@ -186,8 +211,14 @@ fn store_dhcp(reply: &Reply, store: impl Fn(u32, *mut core::ffi::c_void, u32) ->
     }
     // SAFETY: the entry pointer came from the map lookup in `plan`; the
     // range [BOOTP_HEAD_LEN, len) lies inside its reply array (checked above).
-    let rest = unsafe { (*reply.entry).reply.as_ptr().add(BOOTP_HEAD_LEN) } as *mut core::ffi::c_void;
-    if store(l3 + PREFIX_LEN as u32, rest, (len - BOOTP_HEAD_LEN as u64) as u32) != 0 {
+    let rest =
+        unsafe { (*reply.entry).reply.as_ptr().add(BOOTP_HEAD_LEN) } as *mut core::ffi::c_void;
+    if store(
+        l3 + PREFIX_LEN as u32,
+        rest,
+        (len - BOOTP_HEAD_LEN as u64) as u32,
+    ) != 0
+    {
         return false;
     }
     let msg_type = &reply.msg_type as *const u8 as *mut core::ffi::c_void;
@@ -224,16 +255,25 @@ fn handle_tc(ctx: &TcContext) -> i32 {
     let linear = ctx.data_end() - ctx.data();
     let total = ctx.len() as usize;
     if total > linear && linear < MAX_PULL_LEN {
-        let want = if total < MAX_PULL_LEN { total } else { MAX_PULL_LEN };
+        let want = if total < MAX_PULL_LEN {
+            total
+        } else {
+            MAX_PULL_LEN
+        };
         let _ = ctx.pull_data(want as u32);
     }
-    let frame = Frame { start: ctx.data(), end: ctx.data_end() };
+    let frame = Frame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
     let classified = classify(&frame, is_transfer_port);
     // TC_ACT_UNSPEC is TCX_NEXT: not ours to decide, let the next program or
     // the stack have it.
     let (verdict, action) = match (classified.verdict, classified.udp) {
         (Counter::PASS_TFTP_TRANSFER, Some(off)) => tc_tftp(ctx, &frame, off),
-        (verdict @ (Counter::PASS_DHCP_TO_SERVER | Counter::PASS_PROXY_DHCP), Some(off)) => tc_dhcp(ctx, &frame, off, verdict),
+        (verdict @ (Counter::PASS_DHCP_TO_SERVER | Counter::PASS_PROXY_DHCP), Some(off)) => {
+            tc_dhcp(ctx, &frame, off, verdict)
+        }
         (verdict, _) => (verdict, TC_ACT_UNSPEC),
     };
     count(&TC_COUNTERS, verdict, classified.vlan_tagged);
@@ -298,7 +338,14 @@ fn tc_dhcp(ctx: &TcContext, frame: &Frame, off: UdpOffsets, unanswered: Counter)
     let skb = ctx.skb.skb;
     // SAFETY: reading the ingress interface index of our own skb.
     let ifindex = unsafe { (*skb).ifindex };
-    let reply = match dhcp::plan(frame, off, ifindex, &DHCP_ANSWERS, &DHCP_SCRATCH, unanswered) {
+    let reply = match dhcp::plan(
+        frame,
+        off,
+        ifindex,
+        &DHCP_ANSWERS,
+        &DHCP_SCRATCH,
+        unanswered,
+    ) {
         dhcp::Plan::Pass(counter) => return (counter, TC_ACT_UNSPEC),
         dhcp::Plan::Reply(reply) => reply,
     };

@@ -61,7 +61,11 @@ pub struct Classified {
 
 impl Classified {
     const fn pass(verdict: Counter, vlan_tagged: bool) -> Self {
-        Self { verdict, vlan_tagged, udp: None }
+        Self {
+            verdict,
+            vlan_tagged,
+            udp: None,
+        }
     }
 }
 
@@ -126,7 +130,10 @@ pub fn classify(frame: &Frame, is_transfer_port: impl Fn(u16) -> bool) -> Classi
     Classified {
         verdict: classify_udp(dst_port, registered),
         vlan_tagged,
-        udp: Some(UdpOffsets { l3: l3_offset, l4: l4_offset }),
+        udp: Some(UdpOffsets {
+            l3: l3_offset,
+            l4: l4_offset,
+        }),
     }
 }
 

@@ -20,7 +20,10 @@ use aya_ebpf::{
 use pxe_common::{
     counter::Counter,
     hdr::{EthHdr, Ipv4Hdr, UdpHdr},
-    maps::{ImageEntry, SessionEntry, SessionKey, CHUNK_SIZE, CHUNK_STRIDE, MAX_FAST_BLKSIZE, MAX_KERNEL_WINDOW},
+    maps::{
+        ImageEntry, SessionEntry, SessionKey, CHUNK_SIZE, CHUNK_STRIDE, MAX_FAST_BLKSIZE,
+        MAX_KERNEL_WINDOW,
+    },
 };
 
 use crate::{
@@ -108,11 +111,17 @@ pub fn plan(
     };
     // SAFETY: ptr_at checked each header lies inside the frame.
     let (eth, ip, udp, ack) = unsafe { (*eth, *ip, *udp, *ack) };
-    if u16::from_be_bytes([ack[0], ack[1]]) != OP_ACK || u16::from_be_bytes(udp.len) as usize != UdpHdr::LEN + ACK_LEN {
+    if u16::from_be_bytes([ack[0], ack[1]]) != OP_ACK
+        || u16::from_be_bytes(udp.len) as usize != UdpHdr::LEN + ACK_LEN
+    {
         return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
     }
     let block = u16::from_be_bytes([ack[2], ack[3]]);
-    let key = SessionKey { client_ip: ip.src, client_port: udp.src, server_port: udp.dst };
+    let key = SessionKey {
+        client_ip: ip.src,
+        client_port: udp.src,
+        server_port: udp.dst,
+    };
     let Some(session) = sessions.get_ptr_mut(&key) else {
         return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
     };
@@ -176,8 +185,20 @@ impl Build {
         }
         let chunk = chunks.get_ptr(chunk_index)?;
         let payload_sum = payload_checksum(chunk, at, self.blksize)?;
-        let headers = reply_headers(&self.eth, &self.ip, &self.udp, index as u16, self.blksize, payload_sum);
-        Some(Block { chunk, at, blksize: self.blksize, headers })
+        let headers = reply_headers(
+            &self.eth,
+            &self.ip,
+            &self.udp,
+            index as u16,
+            self.blksize,
+            payload_sum,
+        );
+        Some(Block {
+            chunk,
+            at,
+            blksize: self.blksize,
+            headers,
+        })
     }
 }
 
@@ -200,7 +221,11 @@ fn payload_checksum(chunk: *const [u8; CHUNK_SIZE as usize], at: u32, blksize: u
     let first = if blksize > 512 { 512 } else { blksize };
     let mut sum = csum(base, at, first, 0)?;
     if blksize > 512 {
-        let second = if blksize - 512 > 512 { 512 } else { blksize - 512 };
+        let second = if blksize - 512 > 512 {
+            512
+        } else {
+            blksize - 512
+        };
         sum = csum(base, at + 512, second, sum)?;
     }
     if blksize > 1024 {
@@ -224,10 +249,21 @@ fn csum(base: *const u8, offset: u64, len: u64, seed: u32) -> Option<u32> {
 
 /// The DATA reply's headers from the ACK's.
 #[inline(always)]
-fn reply_headers(eth: &EthHdr, ip: &Ipv4Hdr, udp: &UdpHdr, block: u16, blksize: u32, payload_sum: u32) -> Headers {
+fn reply_headers(
+    eth: &EthHdr,
+    ip: &Ipv4Hdr,
+    udp: &UdpHdr,
+    block: u16,
+    blksize: u32,
+    payload_sum: u32,
+) -> Headers {
     let udp_len = (UdpHdr::LEN + TFTP_HDR) as u16 + blksize as u16;
     let mut out = Headers {
-        eth: EthHdr { dst: eth.src, src: eth.dst, ether_type: eth.ether_type },
+        eth: EthHdr {
+            dst: eth.src,
+            src: eth.dst,
+            ether_type: eth.ether_type,
+        },
         ip: Ipv4Hdr {
             version_ihl: 0x45,
             tos: 0,
@@ -240,7 +276,12 @@ fn reply_headers(eth: &EthHdr, ip: &Ipv4Hdr, udp: &UdpHdr, block: u16, blksize: 
             src: ip.dst,
             dst: ip.src,
         },
-        udp: UdpHdr { src: udp.dst, dst: udp.src, len: udp_len.to_be_bytes(), check: [0, 0] },
+        udp: UdpHdr {
+            src: udp.dst,
+            dst: udp.src,
+            len: udp_len.to_be_bytes(),
+            check: [0, 0],
+        },
         tftp: [0, OP_DATA as u8, (block >> 8) as u8, block as u8],
     };
     out.ip.check = fold(ip_header_sum(&out.ip)).to_ne_bytes();
@@ -249,11 +290,17 @@ fn reply_headers(eth: &EthHdr, ip: &Ipv4Hdr, udp: &UdpHdr, block: u16, blksize: 
     sum += ne(out.ip.src[0], out.ip.src[1]) + ne(out.ip.src[2], out.ip.src[3]);
     sum += ne(out.ip.dst[0], out.ip.dst[1]) + ne(out.ip.dst[2], out.ip.dst[3]);
     sum += ne(0, out.ip.proto) + ne(out.udp.len[0], out.udp.len[1]);
-    sum += ne(out.udp.src[0], out.udp.src[1]) + ne(out.udp.dst[0], out.udp.dst[1]) + ne(out.udp.len[0], out.udp.len[1]);
+    sum += ne(out.udp.src[0], out.udp.src[1])
+        + ne(out.udp.dst[0], out.udp.dst[1])
+        + ne(out.udp.len[0], out.udp.len[1]);
     sum += ne(out.tftp[0], out.tftp[1]) + ne(out.tftp[2], out.tftp[3]);
     let check = fold(sum);
     // RFC 768: a computed zero goes on the wire as all ones.
-    out.udp.check = if check == 0 { 0xffff_u16.to_ne_bytes() } else { check.to_ne_bytes() };
+    out.udp.check = if check == 0 {
+        0xffff_u16.to_ne_bytes()
+    } else {
+        check.to_ne_bytes()
+    };
     out
 }
 

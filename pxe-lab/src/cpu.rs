@@ -47,7 +47,13 @@ impl CpuUsage {
     /// One line for the report; `bytes` were moved during the run.
     pub fn describe(&self, bytes: u64) -> String {
         let mb = bytes as f64 / 1e6;
-        let per = |cpu: f64| if cpu > 0.01 { format!("{:.0}", mb / cpu) } else { "-".to_owned() };
+        let per = |cpu: f64| {
+            if cpu > 0.01 {
+                format!("{:.0}", mb / cpu)
+            } else {
+                "-".to_owned()
+            }
+        };
         let mut line = format!(
             "cpu: server {:.2} s ({} MB per server CPU-s), harness {:.2} s ({:.0}% of {} cores; {} MB per harness CPU-s)",
             self.server_s,
@@ -74,7 +80,12 @@ pub struct CpuMeter {
 
 impl CpuMeter {
     pub fn start(load: LoadGenerator) -> Self {
-        Self { started: Instant::now(), load, busy: machine_busy_seconds(), own: cpu_seconds(load) }
+        Self {
+            started: Instant::now(),
+            load,
+            busy: machine_busy_seconds(),
+            own: cpu_seconds(load),
+        }
     }
 
     pub fn stop(&self) -> CpuUsage {
@@ -82,7 +93,9 @@ impl CpuMeter {
         let harness_s = cpu_seconds(self.load) - self.own;
         CpuUsage {
             seconds: self.started.elapsed().as_secs_f64(),
-            cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             machine_busy_s,
             harness_s,
             server_s: (machine_busy_s - harness_s).max(0.0),
@@ -141,7 +154,9 @@ mod tests {
         let meter = CpuMeter::start(LoadGenerator::ThisProcess);
         let mut x = 0u64;
         let give_up = Instant::now();
-        while cpu_seconds(LoadGenerator::ThisProcess) - meter.own < 0.2 && give_up.elapsed().as_secs() < 20 {
+        while cpu_seconds(LoadGenerator::ThisProcess) - meter.own < 0.2
+            && give_up.elapsed().as_secs() < 20
+        {
             for _ in 0..100_000 {
                 x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
             }

@@ -47,7 +47,8 @@ pub fn boot_images(cache: &Path) -> io::Result<BootImages> {
     std::fs::create_dir_all(&debs)?;
 
     // linux-image-amd64 is a metapackage; its dependency is the real kernel.
-    let mut depends = run_text("apt-cache", &["depends", "linux-image-amd64"], cache).unwrap_or_default();
+    let mut depends =
+        run_text("apt-cache", &["depends", "linux-image-amd64"], cache).unwrap_or_default();
     if !depends.contains("Depends: linux-image-") {
         run(Command::new("apt-get").args(["update", "-qq"]))?;
         depends = run_text("apt-cache", &["depends", "linux-image-amd64"], cache)?;
@@ -56,12 +57,19 @@ pub fn boot_images(cache: &Path) -> io::Result<BootImages> {
         .lines()
         .find_map(|l| l.trim().strip_prefix("Depends: ").map(str::to_owned))
         .filter(|p| p.starts_with("linux-image-"))
-        .ok_or_else(|| io::Error::other("apt-cache depends linux-image-amd64 names no kernel package (apt-get update?)"))?;
+        .ok_or_else(|| {
+            io::Error::other(
+                "apt-cache depends linux-image-amd64 names no kernel package (apt-get update?)",
+            )
+        })?;
     let kernel_tree = unpack(&kernel_package, &debs)?;
     let vmlinuz = std::fs::read_dir(kernel_tree.join("boot"))?
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
         .ok_or_else(|| io::Error::other(format!("{kernel_package} has no /boot/vmlinuz-*")))?;
     // Written aside and renamed in, so another process never sees half a file.
     let kernel_tmp = cache.join("vmlinuz.tmp");
@@ -78,7 +86,11 @@ pub fn boot_images(cache: &Path) -> io::Result<BootImages> {
 /// A unified kernel image: systemd's EFI stub (`systemd-boot-efi`, unpacked)
 /// with the lab kernel, initramfs and `cmdline` as sections, built once with
 /// objcopy. UEFI HTTP Boot can fetch and start it as a single file.
-pub fn unified_kernel_image(cache: &Path, images: &BootImages, cmdline: &str) -> io::Result<PathBuf> {
+pub fn unified_kernel_image(
+    cache: &Path,
+    images: &BootImages,
+    cmdline: &str,
+) -> io::Result<PathBuf> {
     let _building = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let uki = cache.join("uki.efi");
     if uki.exists() {
@@ -86,7 +98,8 @@ pub fn unified_kernel_image(cache: &Path, images: &BootImages, cmdline: &str) ->
     }
     let debs = cache.join("debs");
     std::fs::create_dir_all(&debs)?;
-    let stub = unpack("systemd-boot-efi", &debs)?.join("usr/lib/systemd/boot/efi/linuxx64.efi.stub");
+    let stub =
+        unpack("systemd-boot-efi", &debs)?.join("usr/lib/systemd/boot/efi/linuxx64.efi.stub");
     let uki_tmp = cache.join("uki.efi.tmp");
     let cmdline_file = cache.join("uki-cmdline");
     std::fs::write(&cmdline_file, cmdline)?;
@@ -94,10 +107,18 @@ pub fn unified_kernel_image(cache: &Path, images: &BootImages, cmdline: &str) ->
     std::fs::write(&osrel, "NAME=pxed-lab\n")?;
     // Section addresses past the stub's own (it ends below 0x20000).
     run(Command::new("objcopy")
-        .arg("--add-section").arg(format!(".osrel={}", osrel.display())).args(["--change-section-vma", ".osrel=0x20000"])
-        .arg("--add-section").arg(format!(".cmdline={}", cmdline_file.display())).args(["--change-section-vma", ".cmdline=0x30000"])
-        .arg("--add-section").arg(format!(".linux={}", images.kernel.display())).args(["--change-section-vma", ".linux=0x2000000"])
-        .arg("--add-section").arg(format!(".initrd={}", images.initrd.display())).args(["--change-section-vma", ".initrd=0x3000000"])
+        .arg("--add-section")
+        .arg(format!(".osrel={}", osrel.display()))
+        .args(["--change-section-vma", ".osrel=0x20000"])
+        .arg("--add-section")
+        .arg(format!(".cmdline={}", cmdline_file.display()))
+        .args(["--change-section-vma", ".cmdline=0x30000"])
+        .arg("--add-section")
+        .arg(format!(".linux={}", images.kernel.display()))
+        .args(["--change-section-vma", ".linux=0x2000000"])
+        .arg("--add-section")
+        .arg(format!(".initrd={}", images.initrd.display()))
+        .args(["--change-section-vma", ".initrd=0x3000000"])
         .arg(&stub)
         .arg(&uki_tmp))?;
     std::fs::rename(&uki_tmp, &uki)?;
@@ -110,15 +131,24 @@ fn unpack(package: &str, debs: &Path) -> io::Result<PathBuf> {
     if tree.exists() {
         return Ok(tree);
     }
-    if run(Command::new("apt-get").args(["download", package]).current_dir(debs)).is_err() {
+    if run(Command::new("apt-get")
+        .args(["download", package])
+        .current_dir(debs))
+    .is_err()
+    {
         // A machine whose package lists were never fetched knows no packages.
         run(Command::new("apt-get").args(["update", "-qq"]))?;
-        run(Command::new("apt-get").args(["download", package]).current_dir(debs))?;
+        run(Command::new("apt-get")
+            .args(["download", package])
+            .current_dir(debs))?;
     }
     let deb = std::fs::read_dir(debs)?
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_"))))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
+        })
         .ok_or_else(|| io::Error::other(format!("apt-get download {package} left no .deb")))?;
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
     Ok(tree)
@@ -145,7 +175,9 @@ fn build_initramfs(busybox: &Path, out: &Path, cache: &Path) -> io::Result<()> {
     )?;
     std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755))?;
     // The console node must exist before devtmpfs is mounted, or /init has no stdout.
-    run(Command::new("mknod").arg(staging.join("dev/console")).args(["c", "5", "1"]))?;
+    run(Command::new("mknod")
+        .arg(staging.join("dev/console"))
+        .args(["c", "5", "1"]))?;
     let list = run_text("sh", &["-c", "find . | LC_ALL=C sort"], &staging)?;
     let cpio = Command::new(busybox)
         .args(["cpio", "-o", "-H", "newc"])
@@ -183,16 +215,40 @@ const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS.fd";
 
 /// Starts a QEMU guest in `ns` on tap device `tap`, serial console to
 /// `serial_log`. The lab stops it (by PID) when dropped.
-pub fn start_machine(lab: &Lab, ns: &Netns, tap: &str, mac: &str, firmware: Firmware, work: &Path, serial_log: &Path) -> io::Result<u32> {
+pub fn start_machine(
+    lab: &Lab,
+    ns: &Netns,
+    tap: &str,
+    mac: &str,
+    firmware: Firmware,
+    work: &Path,
+    serial_log: &Path,
+) -> io::Result<u32> {
     let netdev = format!("tap,id=n0,ifname={tap},script=no,downscript=no");
     let mut args: Vec<String> = vec![
-        "-accel".into(), "tcg".into(), "-m".into(), "512".into(), "-smp".into(), "1".into(),
-        "-display".into(), "none".into(), "-vga".into(), "none".into(), "-monitor".into(), "none".into(), "-no-reboot".into(),
+        "-accel".into(),
+        "tcg".into(),
+        "-m".into(),
+        "512".into(),
+        "-smp".into(),
+        "1".into(),
+        "-display".into(),
+        "none".into(),
+        "-vga".into(),
+        "none".into(),
+        "-monitor".into(),
+        "none".into(),
+        "-no-reboot".into(),
         // Debian's bookworm-backports QEMU looks for SeaBIOS and iPXE ROMs where
         // trixie puts them; point it at bookworm's places.
-        "-L".into(), "/usr/share/seabios".into(), "-L".into(), "/usr/share/qemu".into(),
-        "-serial".into(), format!("file:{}", serial_log.display()),
-        "-netdev".into(), netdev,
+        "-L".into(),
+        "/usr/share/seabios".into(),
+        "-L".into(),
+        "/usr/share/qemu".into(),
+        "-serial".into(),
+        format!("file:{}", serial_log.display()),
+        "-netdev".into(),
+        netdev,
     ];
     match firmware {
         Firmware::BiosIpxe => {
@@ -207,30 +263,42 @@ pub fn start_machine(lab: &Lab, ns: &Netns, tap: &str, mac: &str, firmware: Firm
             let vars = work.join(format!("OVMF_VARS-{}.fd", mac.replace(':', "")));
             std::fs::copy(OVMF_VARS, &vars)?;
             args.extend([
-                "-machine".into(), "q35".into(),
-                "-drive".into(), format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
-                "-drive".into(), format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
+                "-machine".into(),
+                "q35".into(),
+                "-drive".into(),
+                format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
+                "-drive".into(),
+                format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
                 // romfile= leaves OVMF's own virtio-net driver and PXE/HTTP stack in charge.
-                "-device".into(), format!("virtio-net-pci,netdev=n0,mac={mac},romfile="),
+                "-device".into(),
+                format!("virtio-net-pci,netdev=n0,mac={mac},romfile="),
             ]);
             if firmware == Firmware::UefiHttp {
                 // OVMF tries PXE before HTTP; switching PXE off leaves HTTP Boot.
                 args.extend([
-                    "-fw_cfg".into(), "name=opt/org.tianocore/IPv4PXESupport,string=n".into(),
-                    "-fw_cfg".into(), "name=opt/org.tianocore/IPv6PXESupport,string=n".into(),
+                    "-fw_cfg".into(),
+                    "name=opt/org.tianocore/IPv4PXESupport,string=n".into(),
+                    "-fw_cfg".into(),
+                    "name=opt/org.tianocore/IPv6PXESupport,string=n".into(),
                 ]);
             }
         }
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    lab.spawn_logged(ns, "qemu-system-x86_64", &args, &work.join(format!("qemu-{}.log", mac.replace(':', ""))))
+    lab.spawn_logged(
+        ns,
+        "qemu-system-x86_64",
+        &args,
+        &work.join(format!("qemu-{}.log", mac.replace(':', ""))),
+    )
 }
 
 /// Waits until `MARKER` appears in a serial log; returns the log either way.
 pub fn wait_for_marker(serial_log: &Path, timeout: Duration) -> (bool, String) {
     let deadline = Instant::now() + timeout;
     loop {
-        let text = String::from_utf8_lossy(&std::fs::read(serial_log).unwrap_or_default()).into_owned();
+        let text =
+            String::from_utf8_lossy(&std::fs::read(serial_log).unwrap_or_default()).into_owned();
         if text.contains(MARKER) {
             return (true, text);
         }
@@ -247,14 +315,24 @@ fn run(cmd: &mut Command) -> io::Result<()> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(io::Error::other(format!("{shown} failed: {}", String::from_utf8_lossy(&out.stderr).trim())))
+        Err(io::Error::other(format!(
+            "{shown} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
     }
 }
 
 fn run_text(program: &str, args: &[&str], dir: &Path) -> io::Result<String> {
-    let out = Command::new(program).args(args).current_dir(dir).stdin(Stdio::null()).output()?;
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()?;
     if !out.status.success() {
-        return Err(io::Error::other(format!("{program} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(io::Error::other(format!(
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

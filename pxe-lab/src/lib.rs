@@ -71,11 +71,17 @@ impl Lab {
 
     /// Connects two namespaces with a veth pair, names each end, gives each
     /// the address (CIDR form, `None` for none) and brings both up.
-    pub fn veth(&self, a: (&Netns, &str, Option<&str>), b: (&Netns, &str, Option<&str>)) -> io::Result<()> {
+    pub fn veth(
+        &self,
+        a: (&Netns, &str, Option<&str>),
+        b: (&Netns, &str, Option<&str>),
+    ) -> io::Result<()> {
         let (a_ns, a_if, a_addr) = a;
         let (b_ns, b_if, b_addr) = b;
         // Created directly inside the namespaces: the names never exist in the caller's.
-        a_ns.ip(["link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b_ns.name])?;
+        a_ns.ip([
+            "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b_ns.name,
+        ])?;
         for (ns, ifname, addr) in [(a_ns, a_if, a_addr), (b_ns, b_if, b_addr)] {
             if let Some(addr) = addr {
                 ns.ip(["addr", "add", addr, "dev", ifname])?;
@@ -115,22 +121,35 @@ impl Lab {
             .command(program, args)
             .stdin(Stdio::null())
             .spawn()
-            .map_err(|e| io::Error::new(e.kind(), format!("starting a process in {}: {e}", ns.name)))?;
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("starting a process in {}: {e}", ns.name))
+            })?;
         let pid = child.id();
         self.children.lock().unwrap().push(child);
         Ok(pid)
     }
 
     /// Like [`Lab::spawn`], with the process's stdout and stderr appended to `log`.
-    pub fn spawn_logged(&self, ns: &Netns, program: impl AsRef<OsStr>, args: &[&str], log: &Path) -> io::Result<u32> {
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    pub fn spawn_logged(
+        &self,
+        ns: &Netns,
+        program: impl AsRef<OsStr>,
+        args: &[&str],
+        log: &Path,
+    ) -> io::Result<u32> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
         let child = ns
             .command(program, args)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()
-            .map_err(|e| io::Error::new(e.kind(), format!("starting a process in {}: {e}", ns.name)))?;
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("starting a process in {}: {e}", ns.name))
+            })?;
         let pid = child.id();
         self.children.lock().unwrap().push(child);
         Ok(pid)
@@ -147,22 +166,31 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let mut children = std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut children =
+            std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()));
         // Only our own children, by PID. SIGTERM first, so servers end as an
         // operator would end them (pxed detaches and removes its temporary
         // files); whatever is still running a moment later is killed.
         for child in &children {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        while std::time::Instant::now() < deadline && children.iter_mut().any(|c| matches!(c.try_wait(), Ok(None))) {
+        while std::time::Instant::now() < deadline
+            && children
+                .iter_mut()
+                .any(|c| matches!(c.try_wait(), Ok(None)))
+        {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         for mut child in children {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let namespaces = std::mem::take(&mut *self.namespaces.lock().unwrap_or_else(|e| e.into_inner()));
+        let namespaces =
+            std::mem::take(&mut *self.namespaces.lock().unwrap_or_else(|e| e.into_inner()));
         for name in namespaces.iter().rev() {
             // Deleting the namespace destroys its veth ends, bridges and taps.
             if let Err(e) = ip(["netns", "del", name]) {
@@ -192,7 +220,9 @@ impl Netns {
     /// A command that will run inside this namespace (`ip netns exec`).
     pub fn command(&self, program: impl AsRef<OsStr>, args: &[&str]) -> Command {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).arg(program).args(args);
+        cmd.args(["netns", "exec", &self.name])
+            .arg(program)
+            .args(args);
         cmd
     }
 
@@ -210,8 +240,9 @@ impl Netns {
         std::thread::scope(|scope| {
             scope
                 .spawn(move || {
-                    setns(&file, CloneFlags::CLONE_NEWNET)
-                        .map_err(|e| io::Error::other(format!("entering {}: {e}", path.display())))?;
+                    setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| {
+                        io::Error::other(format!("entering {}: {e}", path.display()))
+                    })?;
                     Ok(f())
                 })
                 .join()
@@ -233,18 +264,28 @@ impl Netns {
         self.wait_for_socket("tcp", port, Some("0A"), timeout)
     }
 
-    fn wait_for_socket(&self, table: &str, port: u16, state: Option<&str>, timeout: std::time::Duration) -> bool {
+    fn wait_for_socket(
+        &self,
+        table: &str,
+        port: u16,
+        state: Option<&str>,
+        timeout: std::time::Duration,
+    ) -> bool {
         let deadline = std::time::Instant::now() + timeout;
         let path = format!("/proc/thread-self/net/{table}");
         let wanted_port = format!("{port:04X}");
         loop {
             // /proc/thread-self/net shows the namespace of the reading thread.
-            let text = self.run(|| std::fs::read_to_string(&path)).ok().and_then(Result::ok);
+            let text = self
+                .run(|| std::fs::read_to_string(&path))
+                .ok()
+                .and_then(Result::ok);
             let found = text.is_some_and(|t| {
                 t.lines().skip(1).any(|line| {
                     let fields: Vec<&str> = line.split_whitespace().collect();
                     let local_port = fields.get(1).and_then(|a| a.rsplit(':').next());
-                    local_port == Some(wanted_port.as_str()) && state.is_none_or(|s| fields.get(3) == Some(&s))
+                    local_port == Some(wanted_port.as_str())
+                        && state.is_none_or(|s| fields.get(3) == Some(&s))
                 })
             });
             if found {
@@ -264,15 +305,20 @@ where
     S: AsRef<OsStr>,
 {
     let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
-    let out = Command::new("ip").args(&args).stdin(Stdio::null()).output().map_err(|e| {
-        io::Error::new(e.kind(), format!("running `ip` (package iproute2): {e}"))
-    })?;
+    let out = Command::new("ip")
+        .args(&args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("running `ip` (package iproute2): {e}")))?;
     if out.status.success() {
         return Ok(());
     }
     Err(io::Error::other(format!(
         "`ip {}` failed: {}",
-        args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "),
+        args.iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" "),
         String::from_utf8_lossy(&out.stderr).trim()
     )))
 }
@@ -284,7 +330,9 @@ fn sweep_stale_namespaces() -> io::Result<()> {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = stale_owner(&name) else { continue };
+        let Some(pid) = stale_owner(&name) else {
+            continue;
+        };
         if !Path::new("/proc").join(pid.to_string()).exists() {
             let _ = ip(["netns", "del", &name]);
         }

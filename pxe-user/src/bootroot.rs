@@ -67,8 +67,17 @@ impl BootFile {
 
     /// A validator that changes whenever the file is replaced (for HTTP ETags).
     pub fn etag(&self) -> String {
-        let since = self.identity.modified.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-        format!("\"{:x}-{:x}-{:x}\"", self.identity.inode, self.identity.size, since.as_nanos())
+        let since = self
+            .identity
+            .modified
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        format!(
+            "\"{:x}-{:x}-{:x}\"",
+            self.identity.inode,
+            self.identity.size,
+            since.as_nanos()
+        )
     }
 }
 
@@ -91,15 +100,23 @@ pub struct BootRoot {
 impl BootRoot {
     /// Opens `path` as the boot root. It must be an existing directory.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let dir = File::open(path)
-            .map_err(|e| io::Error::new(e.kind(), format!("opening boot root {}: {e}", path.display())))?;
+        let dir = File::open(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("opening boot root {}: {e}", path.display()),
+            )
+        })?;
         if !dir.metadata()?.is_dir() {
             return Err(io::Error::new(
                 io::ErrorKind::NotADirectory,
                 format!("boot root {} is not a directory", path.display()),
             ));
         }
-        Ok(Self { path: path.to_owned(), dir: dir.into(), cache: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            path: path.to_owned(),
+            dir: dir.into(),
+            cache: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -123,7 +140,12 @@ impl BootRoot {
             size: meta.len(),
             modified: meta.modified().map_err(OpenError::Io)?,
         };
-        if let Some(cached) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&relative) {
+        if let Some(cached) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&relative)
+        {
             if cached.identity == identity {
                 return Ok(Arc::clone(cached));
             }
@@ -132,9 +154,19 @@ impl BootRoot {
         std::io::Read::read_to_end(&mut &file, &mut data).map_err(OpenError::Io)?;
         // What was read is the version: a file that changed while being read
         // gets a fresh identity on the next request.
-        let identity = Identity { size: data.len() as u64, ..identity };
-        let boot_file = Arc::new(BootFile { path: relative.clone(), data, identity });
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(relative, Arc::clone(&boot_file));
+        let identity = Identity {
+            size: data.len() as u64,
+            ..identity
+        };
+        let boot_file = Arc::new(BootFile {
+            path: relative.clone(),
+            data,
+            identity,
+        });
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(relative, Arc::clone(&boot_file));
         Ok(boot_file)
     }
 
@@ -208,7 +240,13 @@ mod tests {
     #[test]
     fn every_spelling_of_a_file_inside_the_root_is_served() {
         let (_dir, root) = root_with_files();
-        for path in ["efi/boot.efi", "/efi/boot.efi", "efi\\boot.efi", "\\efi\\boot.efi", "./efi//boot.efi"] {
+        for path in [
+            "efi/boot.efi",
+            "/efi/boot.efi",
+            "efi\\boot.efi",
+            "\\efi\\boot.efi",
+            "./efi//boot.efi",
+        ] {
             assert_eq!(root.open_file(path).unwrap().bytes(), b"EFI!", "{path}");
         }
         assert!(root.open_file("empty").unwrap().bytes().is_empty());
@@ -217,11 +255,24 @@ mod tests {
     #[test]
     fn traversal_in_every_spelling_is_refused() {
         let (_dir, root) = root_with_files();
-        for path in ["../etc/passwd", "efi/../../etc/passwd", "..\\..\\etc\\passwd", "/..", "efi/..", "a\0b"] {
-            assert!(matches!(root.open_file(path), Err(OpenError::Denied(_))), "{path:?}");
+        for path in [
+            "../etc/passwd",
+            "efi/../../etc/passwd",
+            "..\\..\\etc\\passwd",
+            "/..",
+            "efi/..",
+            "a\0b",
+        ] {
+            assert!(
+                matches!(root.open_file(path), Err(OpenError::Denied(_))),
+                "{path:?}"
+            );
         }
         // An absolute path is root-relative: /etc/passwd is looked for inside the root.
-        assert!(matches!(root.open_file("/etc/passwd"), Err(OpenError::NotFound)));
+        assert!(matches!(
+            root.open_file("/etc/passwd"),
+            Err(OpenError::NotFound)
+        ));
     }
 
     #[test]
@@ -230,9 +281,19 @@ mod tests {
         symlink("/etc/passwd", dir.path().join("passwd")).unwrap();
         symlink("../../..", dir.path().join("efi/up")).unwrap();
         symlink("efi/boot.efi", dir.path().join("inside")).unwrap();
-        assert!(matches!(root.open_file("passwd"), Err(OpenError::Denied(_))));
-        assert!(matches!(root.open_file("efi/up/etc/passwd"), Err(OpenError::Denied(_))));
-        assert_eq!(root.open_file("inside").unwrap().bytes(), b"EFI!", "a symlink inside the root is fine");
+        assert!(matches!(
+            root.open_file("passwd"),
+            Err(OpenError::Denied(_))
+        ));
+        assert!(matches!(
+            root.open_file("efi/up/etc/passwd"),
+            Err(OpenError::Denied(_))
+        ));
+        assert_eq!(
+            root.open_file("inside").unwrap().bytes(),
+            b"EFI!",
+            "a symlink inside the root is fine"
+        );
     }
 
     #[test]
@@ -241,7 +302,10 @@ mod tests {
         assert!(matches!(root.open_file("efi"), Err(OpenError::Denied(_))));
         assert!(matches!(root.open_file(""), Err(OpenError::Denied(_))));
         assert!(matches!(root.open_file("nope"), Err(OpenError::NotFound)));
-        assert!(matches!(root.open_file("pxelinux.0/x"), Err(OpenError::NotFound)));
+        assert!(matches!(
+            root.open_file("pxelinux.0/x"),
+            Err(OpenError::NotFound)
+        ));
     }
 
     #[test]
@@ -250,7 +314,11 @@ mod tests {
         let old = root.open_file("pxelinux.0").unwrap();
         // `cp` over an existing file: same inode, truncated, then written.
         std::fs::write(dir.path().join("pxelinux.0"), b"").unwrap();
-        assert_eq!(old.bytes(), b"PXE", "a truncated file must not pull bytes from a running transfer");
+        assert_eq!(
+            old.bytes(),
+            b"PXE",
+            "a truncated file must not pull bytes from a running transfer"
+        );
         std::fs::write(dir.path().join("pxelinux.0"), b"REWRITTEN").unwrap();
         assert_eq!(old.bytes(), b"PXE");
         assert_eq!(root.open_file("pxelinux.0").unwrap().bytes(), b"REWRITTEN");
@@ -260,12 +328,19 @@ mod tests {
     fn a_replaced_file_is_picked_up_while_old_readers_keep_their_version() {
         let (dir, root) = root_with_files();
         let old = root.open_file("pxelinux.0").unwrap();
-        assert!(Arc::ptr_eq(&old, &root.open_file("pxelinux.0").unwrap()), "same version is shared");
+        assert!(
+            Arc::ptr_eq(&old, &root.open_file("pxelinux.0").unwrap()),
+            "same version is shared"
+        );
         let tmp = dir.path().join(".pxelinux.0.new");
         std::fs::write(&tmp, b"NEW VERSION").unwrap();
         std::fs::rename(&tmp, dir.path().join("pxelinux.0")).unwrap();
         let new = root.open_file("pxelinux.0").unwrap();
         assert_eq!(new.bytes(), b"NEW VERSION");
-        assert_eq!(old.bytes(), b"PXE", "a running transfer finishes on its version");
+        assert_eq!(
+            old.bytes(),
+            b"PXE",
+            "a running transfer finishes on its version"
+        );
     }
 }

@@ -17,9 +17,8 @@ use toml::Spanned;
 
 use crate::dhcp::pool::{parse_range, Subnet};
 use crate::policy::{
-    render, Arch, ClientKind,
     r#static::{BootFiles, MachineEntry, Profile},
-    Mac,
+    render, Arch, ClientKind, Mac,
 };
 
 /// The file as written. Unknown keys are errors: a misspelt key silently
@@ -186,7 +185,14 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
     }
 }
 
@@ -208,9 +214,15 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let error_at = |span: Option<Range<usize>>, message: String| {
             let (line, column) = span.map(|s| line_column(text, s.start)).unwrap_or((0, 0));
-            ConfigError { file: path.to_owned(), line, column, message }
+            ConfigError {
+                file: path.to_owned(),
+                line,
+                column,
+                message,
+            }
         };
-        let file: File = toml::from_str(text).map_err(|e| error_at(e.span(), e.message().to_owned()))?;
+        let file: File =
+            toml::from_str(text).map_err(|e| error_at(e.span(), e.message().to_owned()))?;
 
         let mut profiles = HashMap::new();
         for section in &file.profiles {
@@ -236,12 +248,19 @@ impl Config {
                 profile.cmdline = cmdline.clone();
             }
             if let Some(script) = &section.ipxe_script {
-                render::check(script.get_ref())
-                    .map_err(|e| error_at(Some(script.span()), format!("profile {:?}, ipxe_script: {e}", section.name)))?;
+                render::check(script.get_ref()).map_err(|e| {
+                    error_at(
+                        Some(script.span()),
+                        format!("profile {:?}, ipxe_script: {e}", section.name),
+                    )
+                })?;
                 profile.ipxe_script = script.get_ref().clone();
             }
             if profiles.insert(section.name.clone(), profile).is_some() {
-                return Err(error_at(Some(span), format!("profile {:?} is defined twice", section.name)));
+                return Err(error_at(
+                    Some(span),
+                    format!("profile {:?} is defined twice", section.name),
+                ));
             }
         }
         if profiles.is_empty() {
@@ -249,7 +268,12 @@ impl Config {
         }
 
         let default_profile = match &file.default_profile {
-            Some(name) => Some(known_profile(&profiles, name, "default_profile", &error_at)?),
+            Some(name) => Some(known_profile(
+                &profiles,
+                name,
+                "default_profile",
+                &error_at,
+            )?),
             None if profiles.contains_key("default") => Some("default".to_owned()),
             None => None,
         };
@@ -264,13 +288,21 @@ impl Config {
                 .parse()
                 .map_err(|e| error_at(Some(machine.mac.span()), format!("machine mac: {e}")))?;
             let profile = match &machine.profile {
-                Some(name) => Some(known_profile(&profiles, name, "machine profile", &error_at)?),
+                Some(name) => Some(known_profile(
+                    &profiles,
+                    name,
+                    "machine profile",
+                    &error_at,
+                )?),
                 None => None,
             };
             if let Some(address) = &machine.address {
                 let ip = ipv4(address, "machine address", &error_at)?;
                 if let Some((other, _)) = reservations.iter().find(|(_, r)| **r == ip) {
-                    return Err(error_at(Some(address.span()), format!("address {ip} is already reserved for {other}")));
+                    return Err(error_at(
+                        Some(address.span()),
+                        format!("address {ip} is already reserved for {other}"),
+                    ));
                 }
                 reservations.insert(mac, ip);
             }
@@ -285,45 +317,91 @@ impl Config {
             };
             let client = match &machine.client {
                 Some(name) => Some(ClientKind::from_name(name.get_ref()).ok_or_else(|| {
-                    error_at(Some(name.span()), format!("machine client {:?}: not one of pxe, ipxe, http", name.get_ref()))
+                    error_at(
+                        Some(name.span()),
+                        format!(
+                            "machine client {:?}: not one of pxe, ipxe, http",
+                            name.get_ref()
+                        ),
+                    )
                 })?),
                 None => None,
             };
-            let entry = MachineEntry { profile, netboot: machine.netboot, hostname: machine.hostname.clone(), arch, client };
+            let entry = MachineEntry {
+                profile,
+                netboot: machine.netboot,
+                hostname: machine.hostname.clone(),
+                arch,
+                client,
+            };
             if machines.insert(mac, entry).is_some() {
-                return Err(error_at(Some(machine.mac.span()), format!("machine {mac} is listed twice")));
+                return Err(error_at(
+                    Some(machine.mac.span()),
+                    format!("machine {mac} is listed twice"),
+                ));
             }
         }
 
         if let Some(b) = file.tftp.max_blksize {
             if !(8..=65464).contains(&b) {
-                return Err(error_at(None, format!("tftp.max_blksize {b} is outside 8..65464")));
+                return Err(error_at(
+                    None,
+                    format!("tftp.max_blksize {b} is outside 8..65464"),
+                ));
             }
         }
         if file.tftp.max_windowsize == Some(0) {
-            return Err(error_at(None, "tftp.max_windowsize must be at least 1".to_owned()));
+            return Err(error_at(
+                None,
+                "tftp.max_windowsize must be at least 1".to_owned(),
+            ));
         }
         let mut subnets = Vec::new();
         for section in &file.dhcp.subnets {
             let subnet = section.get_ref();
             let network: Ipv4Net = subnet.network.get_ref().parse().map_err(|_| {
-                error_at(Some(subnet.network.span()), format!("dhcp.subnet network {:?} is not a.b.c.d/len", subnet.network.get_ref()))
+                error_at(
+                    Some(subnet.network.span()),
+                    format!(
+                        "dhcp.subnet network {:?} is not a.b.c.d/len",
+                        subnet.network.get_ref()
+                    ),
+                )
             })?;
             let network = network.trunc();
             let mut ranges = Vec::new();
             for pool in &subnet.pools {
-                let range = parse_range(pool.get_ref()).map_err(|e| error_at(Some(pool.span()), format!("dhcp.subnet pools: {e}")))?;
+                let range = parse_range(pool.get_ref())
+                    .map_err(|e| error_at(Some(pool.span()), format!("dhcp.subnet pools: {e}")))?;
                 if !network.contains(&range.0) || !network.contains(&range.1) {
-                    return Err(error_at(Some(pool.span()), format!("pool {:?} is not inside {network}", pool.get_ref())));
+                    return Err(error_at(
+                        Some(pool.span()),
+                        format!("pool {:?} is not inside {network}", pool.get_ref()),
+                    ));
                 }
                 ranges.push(range);
             }
             if ranges.is_empty() {
-                return Err(error_at(Some(section.span()), format!("dhcp.subnet {network} has no pools")));
+                return Err(error_at(
+                    Some(section.span()),
+                    format!("dhcp.subnet {network} has no pools"),
+                ));
             }
-            let exclude = subnet.exclude.iter().map(|e| ipv4(e, "dhcp.subnet exclude", &error_at)).collect::<Result<_, _>>()?;
-            let dns = subnet.dns.iter().map(|e| ipv4(e, "dhcp.subnet dns", &error_at)).collect::<Result<_, _>>()?;
-            let router = subnet.router.as_ref().map(|r| ipv4(r, "dhcp.subnet router", &error_at)).transpose()?;
+            let exclude = subnet
+                .exclude
+                .iter()
+                .map(|e| ipv4(e, "dhcp.subnet exclude", &error_at))
+                .collect::<Result<_, _>>()?;
+            let dns = subnet
+                .dns
+                .iter()
+                .map(|e| ipv4(e, "dhcp.subnet dns", &error_at))
+                .collect::<Result<_, _>>()?;
+            let router = subnet
+                .router
+                .as_ref()
+                .map(|r| ipv4(r, "dhcp.subnet router", &error_at))
+                .transpose()?;
             subnets.push(Subnet {
                 network,
                 ranges,
@@ -340,13 +418,19 @@ impl Config {
         let interfaces = match (&file.interface, file.interfaces.as_slice()) {
             (Some(one), []) => vec![one.get_ref().clone()],
             (Some(one), [..]) => {
-                return Err(error_at(Some(one.span()), "set `interface` or `interfaces`, not both".into()));
+                return Err(error_at(
+                    Some(one.span()),
+                    "set `interface` or `interfaces`, not both".into(),
+                ));
             }
             (None, many) => {
                 let mut names: Vec<String> = Vec::new();
                 for name in many {
                     if names.contains(name.get_ref()) {
-                        return Err(error_at(Some(name.span()), format!("interface {:?} is listed twice", name.get_ref())));
+                        return Err(error_at(
+                            Some(name.span()),
+                            format!("interface {:?} is listed twice", name.get_ref()),
+                        ));
                     }
                     names.push(name.get_ref().clone());
                 }
@@ -384,7 +468,11 @@ fn known_profile(
     known.sort_unstable();
     Err(error_at(
         Some(name.span()),
-        format!("{key} {:?} names no profile (defined: {})", name.get_ref(), known.join(", ")),
+        format!(
+            "{key} {:?} names no profile (defined: {})",
+            name.get_ref(),
+            known.join(", ")
+        ),
     ))
 }
 
@@ -393,9 +481,12 @@ fn ipv4(
     key: &str,
     error_at: &impl Fn(Option<Range<usize>>, String) -> ConfigError,
 ) -> Result<Ipv4Addr, ConfigError> {
-    text.get_ref()
-        .parse()
-        .map_err(|_| error_at(Some(text.span()), format!("{key} {:?} is not an IPv4 address", text.get_ref())))
+    text.get_ref().parse().map_err(|_| {
+        error_at(
+            Some(text.span()),
+            format!("{key} {:?} is not an IPv4 address", text.get_ref()),
+        )
+    })
 }
 
 /// 1-based line and column of a byte offset.
@@ -433,7 +524,11 @@ mod tests {
             .nth(1)
             .and_then(|rest| rest.split("```").next())
             .expect("README has the config example block");
-        assert_eq!(block, include_str!("../../docs/pxed.example.toml"), "README and docs/pxed.example.toml differ");
+        assert_eq!(
+            block,
+            include_str!("../../docs/pxed.example.toml"),
+            "README and docs/pxed.example.toml differ"
+        );
     }
 
     #[test]
@@ -463,21 +558,36 @@ mod tests {
         for (text, line, needle) in cases {
             let err = parse(text).unwrap_err();
             assert_eq!(err.line, line, "{err}");
-            assert!(err.to_string().starts_with(&format!("pxed.toml:{line}:")), "{err}");
-            assert!(err.to_string().contains(needle), "{err} should mention {needle}");
+            assert!(
+                err.to_string().starts_with(&format!("pxed.toml:{line}:")),
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains(needle),
+                "{err} should mention {needle}"
+            );
         }
     }
 
     #[test]
     fn one_interface_or_several() {
-        assert_eq!(parse("interface = \"eth1\"\n").unwrap().interfaces, ["eth1"]);
-        assert_eq!(parse("interfaces = [\"eth1\", \"eth2\"]\n").unwrap().interfaces, ["eth1", "eth2"]);
+        assert_eq!(
+            parse("interface = \"eth1\"\n").unwrap().interfaces,
+            ["eth1"]
+        );
+        assert_eq!(
+            parse("interfaces = [\"eth1\", \"eth2\"]\n")
+                .unwrap()
+                .interfaces,
+            ["eth1", "eth2"]
+        );
         assert!(parse("").unwrap().interfaces.is_empty());
     }
 
     #[test]
     fn a_machine_listed_twice_is_an_error() {
-        let text = "[[machine]]\nmac = \"52:54:00:00:00:01\"\n[[machine]]\nmac = \"52-54-00-00-00-01\"\n";
+        let text =
+            "[[machine]]\nmac = \"52:54:00:00:00:01\"\n[[machine]]\nmac = \"52-54-00-00-00-01\"\n";
         let err = parse(text).unwrap_err();
         assert_eq!(err.line, 4);
         assert!(err.message.contains("listed twice"));

@@ -11,15 +11,16 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
+use pxe_common::maps::{SessionEntry, SessionKey, MAX_FAST_BLKSIZE, MAX_KERNEL_WINDOW};
 use pxe_user::{
     bootroot::BootRoot,
     config::{Config, DhcpMode},
     dhcp::{
         self,
         driver::Listener,
-        templates,
         engine::{Engine, EngineConfig, Mode},
         pool::{parse_range, Subnet},
+        templates,
     },
     fastpath::{AttachedXdp, CounterSnapshot, Counters, FastPath, KernelAnswers, XdpModeChoice},
     http::{self, SharedPolicy},
@@ -32,7 +33,6 @@ use pxe_user::{
         server::{KernelProgress, Offload, TftpConfig, TftpServer, TransferHooks},
     },
 };
-use pxe_common::maps::{SessionEntry, SessionKey, MAX_FAST_BLKSIZE, MAX_KERNEL_WINDOW};
 use tokio::{
     signal::unix::{signal, SignalKind},
     task::JoinHandle,
@@ -69,7 +69,13 @@ struct Cli {
     /// Interface to serve on, e.g. `eth1` (repeatable, or comma-separated).
     /// Its XDP and TC ingress hooks are used, and the services answer from
     /// its first IPv4 address. Nothing is served on other interfaces.
-    #[arg(short, long, env = "PXED_INTERFACE", value_delimiter = ',', value_name = "IF")]
+    #[arg(
+        short,
+        long,
+        env = "PXED_INTERFACE",
+        value_delimiter = ',',
+        value_name = "IF"
+    )]
     interface: Vec<String>,
 
     /// DHCP role: `proxy` answers PXE clients with boot information only and
@@ -171,7 +177,8 @@ struct Cli {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PXED_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("PXED_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
@@ -249,11 +256,21 @@ struct Settings {
 
 impl Settings {
     fn merge(cli: Cli, config: Config) -> anyhow::Result<Self> {
-        let interfaces = if cli.interface.is_empty() { config.interfaces.clone() } else { cli.interface };
+        let interfaces = if cli.interface.is_empty() {
+            config.interfaces.clone()
+        } else {
+            cli.interface
+        };
         if interfaces.is_empty() {
-            bail!("no interface to serve on: pass --interface IF (or set `interface` in the config)");
+            bail!(
+                "no interface to serve on: pass --interface IF (or set `interface` in the config)"
+            );
         }
-        if let Some(twice) = interfaces.iter().enumerate().find_map(|(i, a)| interfaces[..i].contains(a).then_some(a)) {
+        if let Some(twice) = interfaces
+            .iter()
+            .enumerate()
+            .find_map(|(i, a)| interfaces[..i].contains(a).then_some(a))
+        {
             bail!("--interface {twice} is given twice");
         }
         let ranges = cli
@@ -261,7 +278,14 @@ impl Settings {
             .iter()
             .map(|r| parse_range(r).map_err(|e| anyhow::anyhow!("--range {r}: {e}")))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let dhcp = cli.dhcp.or(config.dhcp_mode).unwrap_or(if ranges.is_empty() { DhcpMode::Proxy } else { DhcpMode::Full });
+        let dhcp = cli
+            .dhcp
+            .or(config.dhcp_mode)
+            .unwrap_or(if ranges.is_empty() {
+                DhcpMode::Proxy
+            } else {
+                DhcpMode::Full
+            });
         if dhcp == DhcpMode::Full && ranges.is_empty() && config.subnets.is_empty() {
             bail!("--dhcp full needs addresses to hand out: --range FIRST-LAST, or [[dhcp.subnet]] in the config");
         }
@@ -284,7 +308,10 @@ impl Settings {
             boot_root: cli.boot_root.or_else(|| config.boot_root.clone()),
             tftp_port: cli.tftp_port,
             tftp_max_blksize: cli.tftp_max_blksize.or(config.tftp_max_blksize),
-            tftp_max_windowsize: cli.tftp_max_windowsize.or(config.tftp_max_windowsize).unwrap_or(64),
+            tftp_max_windowsize: cli
+                .tftp_max_windowsize
+                .or(config.tftp_max_windowsize)
+                .unwrap_or(64),
             tftp_max_per_client: cli.tftp_max_per_client,
             tftp_gso: !cli.tftp_no_gso,
             http_port: cli.http_port.or(config.http_port).unwrap_or(80),
@@ -318,8 +345,12 @@ impl Settings {
                 .map(|i| netif::ipv4_network(i))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             for network in &networks {
-                let ranges: Vec<_> =
-                    self.ranges.iter().copied().filter(|(f, l)| network.contains(f) && network.contains(l)).collect();
+                let ranges: Vec<_> = self
+                    .ranges
+                    .iter()
+                    .copied()
+                    .filter(|(f, l)| network.contains(f) && network.contains(l))
+                    .collect();
                 if ranges.is_empty() {
                     continue;
                 }
@@ -334,18 +365,35 @@ impl Settings {
                     lease_time: self.lease_time.max(60),
                 });
             }
-            if let Some((first, last)) =
-                self.ranges.iter().find(|(f, l)| !networks.iter().any(|n| n.contains(f) && n.contains(l)))
+            if let Some((first, last)) = self
+                .ranges
+                .iter()
+                .find(|(f, l)| !networks.iter().any(|n| n.contains(f) && n.contains(l)))
             {
-                let on: Vec<String> = self.interfaces.iter().zip(&networks).map(|(i, n)| format!("{i} {n}")).collect();
-                bail!("--range {first}-{last} is not inside the network of any interface served ({})", on.join(", "));
+                let on: Vec<String> = self
+                    .interfaces
+                    .iter()
+                    .zip(&networks)
+                    .map(|(i, n)| format!("{i} {n}"))
+                    .collect();
+                bail!(
+                    "--range {first}-{last} is not inside the network of any interface served ({})",
+                    on.join(", ")
+                );
             }
-            if let Some(router) = self.router.filter(|r| !networks.iter().any(|n| n.contains(r))) {
+            if let Some(router) = self
+                .router
+                .filter(|r| !networks.iter().any(|n| n.contains(r)))
+            {
                 bail!("--router {router} is not on the network of any interface served");
             }
         }
         Ok(EngineConfig {
-            mode: if self.dhcp == DhcpMode::Full { Mode::Full } else { Mode::Proxy },
+            mode: if self.dhcp == DhcpMode::Full {
+                Mode::Full
+            } else {
+                Mode::Proxy
+            },
             subnets,
             reservations: config.reservations.clone(),
             authoritative: self.authoritative,
@@ -361,12 +409,18 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     // still end in a clean detach, not in the default action.
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigusr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    let mut sigusr1 =
+        signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
 
     let kernel_tiers = settings.xdp_mode != XdpModeChoice::Off || !settings.no_tc;
-    let chunks = if kernel_tiers { settings.fastpath_memory } else { 1 };
-    let mut fastpath = FastPath::load_with_image_chunks(chunks).context("loading the BPF programs")?;
+    let chunks = if kernel_tiers {
+        settings.fastpath_memory
+    } else {
+        1
+    };
+    let mut fastpath =
+        FastPath::load_with_image_chunks(chunks).context("loading the BPF programs")?;
     let mut xdp_modes = std::collections::HashMap::new();
     for interface in &settings.interfaces {
         let mode = fastpath.attach_xdp(interface, settings.xdp_mode)?;
@@ -388,7 +442,11 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let needs_address = settings.boot_root.is_some() || settings.dhcp != DhcpMode::Off;
     // Each interface's first address: what its services bind to and answer from.
     let served: Vec<(String, Ipv4Addr)> = if needs_address {
-        settings.interfaces.iter().map(|i| Ok((i.clone(), netif::ipv4_address(i)?))).collect::<anyhow::Result<_>>()?
+        settings
+            .interfaces
+            .iter()
+            .map(|i| Ok((i.clone(), netif::ipv4_address(i)?)))
+            .collect::<anyhow::Result<_>>()?
     } else {
         Vec::new()
     };
@@ -398,47 +456,87 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     // `ipxe` package), so `pxed --interface IF` alone chainloads iPXE. They
     // are copied into a private directory: Debian links some of them to
     // /boot, which confinement (rightly) refuses to follow.
-    let found_ipxe = if settings.boot_root.is_none() { copy_found_ipxe() } else { None };
+    let found_ipxe = if settings.boot_root.is_none() {
+        copy_found_ipxe()
+    } else {
+        None
+    };
     let boot_root = settings.boot_root.clone().or_else(|| found_ipxe.clone());
     match &boot_root {
         Some(dir) if !served.is_empty() => {
             let root = Arc::new(
-                BootRoot::open(dir).context("the boot root (--boot-root) must be a readable directory")?,
+                BootRoot::open(dir)
+                    .context("the boot root (--boot-root) must be a readable directory")?,
             );
             // One set of hooks for every interface: kernel image ids are global.
-            let hooks = Arc::new(FastPathHooks { fastpath: Arc::clone(&fastpath), kernel_tiers, images: Mutex::new(Images::default()) });
+            let hooks = Arc::new(FastPathHooks {
+                fastpath: Arc::clone(&fastpath),
+                kernel_tiers,
+                images: Mutex::new(Images::default()),
+            });
             for (interface, address) in &served {
-                let server = start_tftp(&settings, interface, *address, Arc::clone(&root), Arc::clone(&hooks)).await?;
+                let server = start_tftp(
+                    &settings,
+                    interface,
+                    *address,
+                    Arc::clone(&root),
+                    Arc::clone(&hooks),
+                )
+                .await?;
                 tasks.push((format!("TFTP ({interface})"), tokio::spawn(server.run())));
                 if settings.http_port != 0 {
-                    let task = start_http(&settings, *address, Arc::clone(&root), Arc::clone(&policy)).await?;
+                    let task =
+                        start_http(&settings, *address, Arc::clone(&root), Arc::clone(&policy))
+                            .await?;
                     tasks.push((format!("HTTP ({interface})"), task));
                 }
             }
             if settings.http_port == 0 && settings.dhcp != DhcpMode::Off {
-                warn!("HTTP is off (--http-port 0): iPXE clients are sent script URLs nobody answers");
+                warn!(
+                    "HTTP is off (--http-port 0): iPXE clients are sent script URLs nobody answers"
+                );
             }
         }
-        _ => warn!("no --boot-root and no iPXE binaries in {IPXE_DIR}: TFTP and HTTP file serving are off"),
+        _ => warn!(
+            "no --boot-root and no iPXE binaries in {IPXE_DIR}: TFTP and HTTP file serving are off"
+        ),
     }
 
-    let answers = settings.kernel_answers().then(|| Arc::new(KernelAnswers::new(Arc::clone(&fastpath))));
+    let answers = settings
+        .kernel_answers()
+        .then(|| Arc::new(KernelAnswers::new(Arc::clone(&fastpath))));
     let engine = match settings.dhcp {
         DhcpMode::Off => {
             info!("DHCP off");
             None
         }
         mode => {
-            let engine =
-                start_dhcp(&settings, mode, &served, &xdp_modes, answers.clone(), Arc::clone(&policy.read().unwrap()), &mut tasks)?;
+            let engine = start_dhcp(
+                &settings,
+                mode,
+                &served,
+                &xdp_modes,
+                answers.clone(),
+                Arc::clone(&policy.read().unwrap()),
+                &mut tasks,
+            )?;
             Some(engine)
         }
     };
 
-    let period = Duration::from_secs(if settings.stats_interval == 0 { u64::MAX / 4 } else { settings.stats_interval });
+    let period = Duration::from_secs(if settings.stats_interval == 0 {
+        u64::MAX / 4
+    } else {
+        settings.stats_interval
+    });
     let mut ticker = tokio::time::interval(period);
     ticker.tick().await; // the first tick is immediate
-    let counters = || fastpath.lock().unwrap_or_else(|e| e.into_inner()).counters();
+    let counters = || {
+        fastpath
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .counters()
+    };
     let mut last = counters()?;
     info!("serving; SIGHUP reloads the config, SIGUSR1 logs counters, SIGINT/SIGTERM stops");
     let failed = loop {
@@ -503,7 +601,12 @@ fn copy_found_ipxe() -> Option<PathBuf> {
     if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name.strip_prefix("pxed-ipxe-").and_then(|p| p.parse::<u32>().ok()) else { continue };
+            let Some(pid) = name
+                .strip_prefix("pxed-ipxe-")
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
             if !Path::new("/proc").join(pid.to_string()).exists() {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
@@ -541,7 +644,12 @@ async fn first_to_end(
 
 /// SIGHUP: re-read the config file; a bad one is refused and the old one
 /// keeps serving. Leases are untouched.
-fn reload(settings: &Settings, policy: &SharedPolicy, engine: Option<&Arc<Mutex<Engine>>>, answers: Option<&KernelAnswers>) {
+fn reload(
+    settings: &Settings,
+    policy: &SharedPolicy,
+    engine: Option<&Arc<Mutex<Engine>>>,
+    answers: Option<&KernelAnswers>,
+) {
     let Some(path) = &settings.config_path else {
         info!("SIGHUP: no --config file to reload");
         return;
@@ -597,7 +705,11 @@ fn start_dhcp(
         // Proxy mode hands out no addresses: nothing to remember.
         _ => Box::new(MemLeaseStore::default()),
     };
-    let subnets: Vec<String> = engine_config.subnets.iter().map(|s| s.network.to_string()).collect();
+    let subnets: Vec<String> = engine_config
+        .subnets
+        .iter()
+        .map(|s| s.network.to_string())
+        .collect();
     let engine = Engine::new(engine_config, policy, store).context("reading the lease database")?;
     let engine = Arc::new(Mutex::new(engine));
     let mut listeners = Vec::new();
@@ -605,7 +717,12 @@ fn start_dhcp(
         let mut listener = Listener::open(interface, *address, mode == DhcpMode::Proxy)?;
         if let Some(answers) = &answers {
             let xdp_tx = xdp_can_transmit(interface, xdp_modes.get(interface).copied().flatten());
-            let facts = templates::Interface { ifindex: netif::index(interface)?, mac: netif::mac(interface)?, address: *address, xdp_tx };
+            let facts = templates::Interface {
+                ifindex: netif::index(interface)?,
+                mac: netif::mac(interface)?,
+                address: *address,
+                xdp_tx,
+            };
             info!(%interface, xdp_tx, "DHCP: the kernel answers repeat requests (--no-kernel-dhcp: userspace answers all)");
             listener = listener.with_kernel_answers(Arc::clone(answers), facts);
         }
@@ -619,7 +736,10 @@ fn start_dhcp(
     for listener in listeners {
         info!(interface = %listener.interface, server = %listener.address, "DHCP listening");
         let name = format!("DHCP ({})", listener.interface);
-        tasks.push((name, tokio::spawn(dhcp::driver::run(Arc::clone(&engine), listener))));
+        tasks.push((
+            name,
+            tokio::spawn(dhcp::driver::run(Arc::clone(&engine), listener)),
+        ));
     }
     Ok(engine)
 }
@@ -631,14 +751,18 @@ fn start_dhcp(
 fn xdp_can_transmit(interface: &str, mode: Option<AttachedXdp>) -> bool {
     match mode {
         Some(AttachedXdp::Generic) => true,
-        Some(AttachedXdp::Native) => Path::new("/sys/class/net").join(interface).join("device").exists(),
+        Some(AttachedXdp::Native) => Path::new("/sys/class/net")
+            .join(interface)
+            .join("device")
+            .exists(),
         None => false,
     }
 }
 
 fn open_leases(path: &Path) -> anyhow::Result<RedbLeaseStore> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating the lease directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the lease directory {}", dir.display()))?;
     }
     RedbLeaseStore::open(path).context("opening the lease database (--lease-file)")
 }
@@ -653,15 +777,28 @@ async fn start_tftp(
 ) -> anyhow::Result<TftpServer> {
     let mtu = netif::mtu(interface).unwrap_or(1500);
     let fits_mtu = mtu.saturating_sub(32).clamp(512, 65464);
-    let fits_kernel = if hooks.kernel_tiers { fits_mtu.min(MAX_FAST_BLKSIZE) } else { fits_mtu };
+    let fits_kernel = if hooks.kernel_tiers {
+        fits_mtu.min(MAX_FAST_BLKSIZE)
+    } else {
+        fits_mtu
+    };
     let max_blksize = settings.tftp_max_blksize.unwrap_or(fits_kernel as u16);
     let config = TftpConfig {
-        limits: Limits { max_blksize, max_windowsize: settings.tftp_max_windowsize },
+        limits: Limits {
+            max_blksize,
+            max_windowsize: settings.tftp_max_windowsize,
+        },
         max_transfers_per_client: settings.tftp_max_per_client,
         gso: settings.tftp_gso,
         ..TftpConfig::default()
     };
-    let server = TftpServer::bind(SocketAddr::from((address, settings.tftp_port)), Arc::clone(&root), config, hooks).await?;
+    let server = TftpServer::bind(
+        SocketAddr::from((address, settings.tftp_port)),
+        Arc::clone(&root),
+        config,
+        hooks,
+    )
+    .await?;
     info!(
         address = %server.local_addr()?, boot_root = %root.path().display(), max_blksize,
         max_windowsize = settings.tftp_max_windowsize, "TFTP serving"
@@ -677,12 +814,16 @@ async fn start_http(
     policy: SharedPolicy,
 ) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
     let bind = SocketAddr::from((address, settings.http_port));
-    let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("binding HTTP to {bind}"))?;
+    let listener = tokio::net::TcpListener::bind(bind)
+        .await
+        .with_context(|| format!("binding HTTP to {bind}"))?;
     let config = &settings.config;
     let urls = Arc::new(ServerUrls::new(address, settings.http_port));
     info!(url = %urls.http, profiles = config.profiles.len(), machines = config.machines.len(), "HTTP boot serving");
     let router = http::router(http::HttpState { root, policy, urls });
-    Ok(tokio::spawn(async move { axum::serve(listener, router).await }))
+    Ok(tokio::spawn(
+        async move { axum::serve(listener, router).await },
+    ))
 }
 
 /// The TFTP server's seam to the kernel programs: transfer ports, images
@@ -738,7 +879,9 @@ impl FastPathHooks {
 }
 
 fn session_key(t: &Offload<'_>) -> Option<SessionKey> {
-    let SocketAddr::V4(client) = t.client else { return None };
+    let SocketAddr::V4(client) = t.client else {
+        return None;
+    };
     Some(SessionKey {
         client_ip: client.ip().octets(),
         client_port: client.port().to_be_bytes(),
@@ -749,7 +892,10 @@ fn session_key(t: &Offload<'_>) -> Option<SessionKey> {
 impl TransferHooks for FastPathHooks {
     fn opened(&self, port: u16) {
         if let Err(e) = self.lock().register_transfer_port(port) {
-            warn!(port, "registering a TFTP transfer port with the kernel: {e}");
+            warn!(
+                port,
+                "registering a TFTP transfer port with the kernel: {e}"
+            );
         }
     }
 
@@ -770,10 +916,16 @@ impl TransferHooks for FastPathHooks {
         {
             return false;
         }
-        let (Some(key), Some(image)) = (session_key(t), self.image_for(t.file)) else { return false };
+        let (Some(key), Some(image)) = (session_key(t), self.image_for(t.file)) else {
+            return false;
+        };
         let mut fastpath = self.lock();
         // An update keeps the kernel's own counters.
-        let mut entry: SessionEntry = fastpath.session(&key).ok().flatten().unwrap_or_else(bytemuck::Zeroable::zeroed);
+        let mut entry: SessionEntry = fastpath
+            .session(&key)
+            .ok()
+            .flatten()
+            .unwrap_or_else(bytemuck::Zeroable::zeroed);
         entry.image = image;
         entry.blksize = blksize;
         entry.blocks = t.blocks as u32;
@@ -813,8 +965,14 @@ fn log_dhcp_stats(engine: Option<&Arc<Mutex<Engine>>>) {
     if let Some(engine) = engine {
         let s = engine.lock().unwrap_or_else(|e| e.into_inner()).stats();
         info!(
-            offers = s.offers, acks = s.acks, naks = s.naks, proxy_replies = s.proxy_replies, ignored = s.ignored,
-            pool_exhausted = s.pool_exhausted, store_failures = s.store_failures, "DHCP counters"
+            offers = s.offers,
+            acks = s.acks,
+            naks = s.naks,
+            proxy_replies = s.proxy_replies,
+            ignored = s.ignored,
+            pool_exhausted = s.pool_exhausted,
+            store_failures = s.store_failures,
+            "DHCP counters"
         );
     }
 }

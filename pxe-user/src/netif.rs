@@ -33,13 +33,23 @@ pub fn index(iface: &str) -> anyhow::Result<u32> {
 pub fn mac(iface: &str) -> anyhow::Result<[u8; 6]> {
     let text = std::fs::read_to_string(format!("/sys/class/net/{iface}/address"))
         .with_context(|| format!("reading the MAC address of {iface}"))?;
-    let bytes: Vec<u8> = text.trim().split(':').filter_map(|b| u8::from_str_radix(b, 16).ok()).collect();
-    bytes.try_into().map_err(|_| anyhow::anyhow!("{iface} has no Ethernet MAC address ({})", text.trim()))
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .filter_map(|b| u8::from_str_radix(b, 16).ok())
+        .collect();
+    bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("{iface} has no Ethernet MAC address ({})", text.trim()))
 }
 
 /// The interface's MTU, from sysfs.
 pub fn mtu(iface: &str) -> Option<u32> {
-    std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu")).ok()?.trim().parse().ok()
+    std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The IPv4 network `iface`'s first address is on, e.g. 198.18.0.0/24.
@@ -50,8 +60,16 @@ pub fn ipv4_network(iface: &str) -> anyhow::Result<ipnet::Ipv4Net> {
             continue;
         }
         let (Some(addr), Some(mask)) = (
-            ifaddr.address.as_ref().and_then(|a| a.as_sockaddr_in()).map(|a| a.ip()),
-            ifaddr.netmask.as_ref().and_then(|a| a.as_sockaddr_in()).map(|a| a.ip()),
+            ifaddr
+                .address
+                .as_ref()
+                .and_then(|a| a.as_sockaddr_in())
+                .map(|a| a.ip()),
+            ifaddr
+                .netmask
+                .as_ref()
+                .and_then(|a| a.as_sockaddr_in())
+                .map(|a| a.ip()),
         ) else {
             continue;
         };

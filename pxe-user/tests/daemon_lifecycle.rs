@@ -9,7 +9,10 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use nix::{sys::signal::{kill, Signal}, unistd::Pid};
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
 use pxe_lab::{Lab, Netns};
 
 const PXED: &str = env!("CARGO_BIN_EXE_pxed");
@@ -18,7 +21,11 @@ fn lab() -> (Lab, Netns) {
     let lab = Lab::new().expect("creating the lab");
     let server = lab.add_netns("srv").unwrap();
     let client = lab.add_netns("cli").unwrap();
-    lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&client, "eth0", Some("198.18.0.2/24"))).unwrap();
+    lab.veth(
+        (&server, "eth0", Some("198.18.0.1/24")),
+        (&client, "eth0", Some("198.18.0.2/24")),
+    )
+    .unwrap();
     (lab, server)
 }
 
@@ -28,8 +35,12 @@ fn xdp_attached(ns: &Netns) -> bool {
 }
 
 fn tcx_programs(ns: &Netns) -> usize {
-    ns.run(|| SchedClassifier::query_tcx("eth0", TcAttachType::Ingress).map(|(_, p)| p.len()).unwrap_or(0))
-        .unwrap()
+    ns.run(|| {
+        SchedClassifier::query_tcx("eth0", TcAttachType::Ingress)
+            .map(|(_, p)| p.len())
+            .unwrap_or(0)
+    })
+    .unwrap()
 }
 
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
@@ -41,7 +52,9 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 fn start(lab: &Lab, ns: &Netns) -> u32 {
-    let pid = lab.spawn(ns, PXED, &["--interface", "eth0"]).expect("starting pxed");
+    let pid = lab
+        .spawn(ns, PXED, &["--interface", "eth0"])
+        .expect("starting pxed");
     wait_until("pxed attached XDP", || xdp_attached(ns));
     wait_until("pxed attached TC", || tcx_programs(ns) == 1);
     pid
@@ -80,7 +93,9 @@ fn sigkill_leaves_no_program_attached() {
     // The links die with the last file descriptor; the kernel releases them
     // asynchronously, so give it a moment.
     wait_until("XDP is detached after SIGKILL", || !xdp_attached(&server));
-    wait_until("TC is detached after SIGKILL", || tcx_programs(&server) == 0);
+    wait_until("TC is detached after SIGKILL", || {
+        tcx_programs(&server) == 0
+    });
     // A killed pxed cannot remove its copy of the iPXE binaries (the next
     // pxed sweeps it); this test removes what it made pxed leave.
     let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("pxed-ipxe-{pid}")));
@@ -108,15 +123,47 @@ fn flags_that_name_no_served_network_are_clear_errors() {
     let lease_file = leases.path().join("leases.redb");
     let lease_file = lease_file.to_str().unwrap();
     let cases: [(&[&str], &str); 3] = [
-        (&["-i", "eth0", "-i", "eth0"], "--interface eth0 is given twice"),
-        (&["-i", "eth0", "--dhcp", "full", "--range", "10.9.0.10-10.9.0.20", "--lease-file", lease_file], "is not inside the network of any interface served (eth0 198.18.0.0/24)"),
-        (&["-i", "eth0", "--dhcp", "full", "--range", "198.18.0.10-198.18.0.20", "--router", "10.9.0.1", "--lease-file", lease_file], "--router 10.9.0.1 is not on the network of any interface served"),
+        (
+            &["-i", "eth0", "-i", "eth0"],
+            "--interface eth0 is given twice",
+        ),
+        (
+            &[
+                "-i",
+                "eth0",
+                "--dhcp",
+                "full",
+                "--range",
+                "10.9.0.10-10.9.0.20",
+                "--lease-file",
+                lease_file,
+            ],
+            "is not inside the network of any interface served (eth0 198.18.0.0/24)",
+        ),
+        (
+            &[
+                "-i",
+                "eth0",
+                "--dhcp",
+                "full",
+                "--range",
+                "198.18.0.10-198.18.0.20",
+                "--router",
+                "10.9.0.1",
+                "--lease-file",
+                lease_file,
+            ],
+            "--router 10.9.0.1 is not on the network of any interface served",
+        ),
     ];
     for (args, needle) in cases {
         let out = server.output(PXED, args).unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-        assert!(stderr.contains(needle), "{args:?} should say {needle:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?} should say {needle:?}: {stderr}"
+        );
     }
 }
 
@@ -127,7 +174,13 @@ fn without_privileges_pxed_says_it_needs_root() {
     }
     // setpriv (util-linux) drops to nobody with no capabilities at all.
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
         .args([PXED, "--interface", "lo"])
         .stdin(Stdio::null())
         .output()
@@ -143,7 +196,15 @@ fn help_explains_the_xdp_modes() {
     let out = Command::new(PXED).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
-    for word in ["--interface", "--xdp-mode", "auto", "native", "generic", "off", "--no-tc"] {
+    for word in [
+        "--interface",
+        "--xdp-mode",
+        "auto",
+        "native",
+        "generic",
+        "off",
+        "--no-tc",
+    ] {
         assert!(help.contains(word), "--help mentions {word}:\n{help}");
     }
 }
@@ -154,22 +215,56 @@ fn with_only_an_interface_pxed_serves_the_ipxe_binaries_it_finds() {
         return;
     }
     let Ok(want) = std::fs::read("/usr/lib/ipxe/ipxe.efi") else {
-        assert!(std::env::var_os(pxe_lab::REQUIRE_PRIVILEGED_TESTS).is_none(), "package ipxe is missing");
+        assert!(
+            std::env::var_os(pxe_lab::REQUIRE_PRIVILEGED_TESTS).is_none(),
+            "package ipxe is missing"
+        );
         return;
     };
     let lab = Lab::new().unwrap();
     let server = lab.add_netns("srv").unwrap();
     let client = lab.add_netns("cli").unwrap();
-    lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&client, "eth0", Some("198.18.0.2/24"))).unwrap();
+    lab.veth(
+        (&server, "eth0", Some("198.18.0.1/24")),
+        (&client, "eth0", Some("198.18.0.2/24")),
+    )
+    .unwrap();
     let work = tempfile::tempdir().unwrap();
     let log = work.path().join("pxed.log");
-    lab.spawn_logged(&server, PXED, &["--interface", "eth0"], &log).unwrap();
-    assert!(server.wait_for_udp_port(69, Duration::from_secs(20)), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    lab.spawn_logged(&server, PXED, &["--interface", "eth0"], &log)
+        .unwrap();
+    assert!(
+        server.wait_for_udp_port(69, Duration::from_secs(20)),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     let dest = work.path().join("ipxe.efi");
-    let out = client.output("curl", &["-sS", "--max-time", "30", "-o", dest.to_str().unwrap(), "tftp://198.18.0.1/ipxe.efi"]).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(std::fs::read(&dest).unwrap() == want, "the system's ipxe.efi, byte-exact");
+    let out = client
+        .output(
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "30",
+                "-o",
+                dest.to_str().unwrap(),
+                "tftp://198.18.0.1/ipxe.efi",
+            ],
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::read(&dest).unwrap() == want,
+        "the system's ipxe.efi, byte-exact"
+    );
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("serving the iPXE binaries found in /usr/lib/ipxe"), "{text}");
+    assert!(
+        text.contains("serving the iPXE binaries found in /usr/lib/ipxe"),
+        "{text}"
+    );
     assert!(text.contains("mode=Proxy"), "proxy mode by default: {text}");
 }

@@ -18,7 +18,8 @@ use common::{have_tool, PXED};
 /// Boot images are cached across runs in the target directory.
 fn images() -> firmware::BootImages {
     let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("firmware-lab");
-    firmware::boot_images(&cache).expect("building the lab kernel and initramfs from Debian packages")
+    firmware::boot_images(&cache)
+        .expect("building the lab kernel and initramfs from Debian packages")
 }
 
 struct FirmwareLab {
@@ -35,11 +36,20 @@ fn firmware_lab(taps: usize, site_dhcp: bool, pxed_args: &[&str]) -> FirmwareLab
     firmware_lab_with(taps, site_dhcp, pxed_args, "")
 }
 
-fn firmware_lab_with(taps: usize, site_dhcp: bool, pxed_args: &[&str], extra_config: &str) -> FirmwareLab {
+fn firmware_lab_with(
+    taps: usize,
+    site_dhcp: bool,
+    pxed_args: &[&str],
+    extra_config: &str,
+) -> FirmwareLab {
     let lab = Lab::new().unwrap();
     let server = lab.add_netns("srv").unwrap();
     let client = lab.add_netns("cli").unwrap();
-    lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&client, "uplink", None)).unwrap();
+    lab.veth(
+        (&server, "eth0", Some("198.18.0.1/24")),
+        (&client, "uplink", None),
+    )
+    .unwrap();
     lab.bridge(&client, "br0", None).unwrap();
     lab.attach_to_bridge(&client, "uplink", "br0").unwrap();
     for n in 0..taps {
@@ -48,13 +58,30 @@ fn firmware_lab_with(taps: usize, site_dhcp: bool, pxed_args: &[&str], extra_con
     let work = tempfile::tempdir().unwrap();
     if site_dhcp {
         let site = lab.add_netns("site").unwrap();
-        lab.veth((&site, "eth0", Some("198.18.0.2/24")), (&client, "site", None)).unwrap();
+        lab.veth(
+            (&site, "eth0", Some("198.18.0.2/24")),
+            (&client, "site", None),
+        )
+        .unwrap();
         lab.attach_to_bridge(&client, "site", "br0").unwrap();
         lab.spawn_logged(
             &site,
             "dnsmasq",
-            &["--no-daemon", "--port=0", "--conf-file=/dev/null", "--pid-file=", "--user=root", "--interface=eth0", "--bind-interfaces",
-              "--dhcp-range=198.18.0.150,198.18.0.199,1h", "--no-ping", &format!("--dhcp-leasefile={}", work.path().join("dnsmasq.leases").display())],
+            &[
+                "--no-daemon",
+                "--port=0",
+                "--conf-file=/dev/null",
+                "--pid-file=",
+                "--user=root",
+                "--interface=eth0",
+                "--bind-interfaces",
+                "--dhcp-range=198.18.0.150,198.18.0.199,1h",
+                "--no-ping",
+                &format!(
+                    "--dhcp-leasefile={}",
+                    work.path().join("dnsmasq.leases").display()
+                ),
+            ],
             &work.path().join("dnsmasq.log"),
         )
         .unwrap();
@@ -69,28 +96,57 @@ fn firmware_lab_with(taps: usize, site_dhcp: bool, pxed_args: &[&str], extra_con
         std::fs::copy(Path::new("/usr/lib/ipxe").join(name), root.join(name)).unwrap();
     }
     let config = work.path().join("pxed.toml");
-    std::fs::write(&config, format!("[[profile]]\nname = \"default\"\ncmdline = \"console=ttyS0 panic=-1\"\n{extra_config}")).unwrap();
-    let mut args = vec!["--interface", "eth0", "--boot-root", root.to_str().unwrap(), "--config", config.to_str().unwrap()];
+    std::fs::write(
+        &config,
+        format!(
+            "[[profile]]\nname = \"default\"\ncmdline = \"console=ttyS0 panic=-1\"\n{extra_config}"
+        ),
+    )
+    .unwrap();
+    let mut args = vec![
+        "--interface",
+        "eth0",
+        "--boot-root",
+        root.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ];
     let leases = work.path().join("leases.redb");
     args.extend(["--lease-file", leases.to_str().unwrap()]);
     args.extend_from_slice(pxed_args);
     let log = work.path().join("pxed.log");
     lab.spawn_logged(&server, PXED, &args, &log).unwrap();
-    assert!(server.wait_for_tcp_port(80, Duration::from_secs(30)), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert!(
+        server.wait_for_tcp_port(80, Duration::from_secs(30)),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     FirmwareLab { lab, client, work }
 }
 
 impl FirmwareLab {
     fn boot(&self, tap: usize, mac: &str, firmware: Firmware) -> (std::path::PathBuf, u32) {
         let serial = self.work.path().join(format!("serial-{tap}.log"));
-        let pid = firmware::start_machine(&self.lab, &self.client, &format!("tap{tap}"), mac, firmware, self.work.path(), &serial).unwrap();
+        let pid = firmware::start_machine(
+            &self.lab,
+            &self.client,
+            &format!("tap{tap}"),
+            mac,
+            firmware,
+            self.work.path(),
+            &serial,
+        )
+        .unwrap();
         (serial, pid)
     }
 
     fn assert_booted(&self, serial: &Path, what: &str) {
         let (booted, text) = firmware::wait_for_marker(serial, Duration::from_secs(240));
         let log = std::fs::read_to_string(self.work.path().join("pxed.log")).unwrap_or_default();
-        assert!(booted, "{what} did not reach Linux userspace.\nserial:\n{text}\npxed:\n{log}");
+        assert!(
+            booted,
+            "{what} did not reach Linux userspace.\nserial:\n{text}\npxed:\n{log}"
+        );
     }
 }
 
@@ -106,40 +162,75 @@ fn bios_ipxe_boots_linux_over_http_in_full_dhcp_mode() {
     if !pxe_lab::privileged("bios_ipxe_boots_linux_over_http_in_full_dhcp_mode") || !have_qemu() {
         return;
     }
-    let lab = firmware_lab(1, false, &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199"]);
+    let lab = firmware_lab(
+        1,
+        false,
+        &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199"],
+    );
     let (serial, _) = lab.boot(0, "52:54:00:fa:00:01", Firmware::BiosIpxe);
     lab.assert_booted(&serial, "BIOS + iPXE");
     let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
-    assert!(log.contains("52:54:00:fa:00:01 (iPXE, bios) → OFFER"), "iPXE was recognised:\n{log}");
-    assert!(log.contains("HTTP: iPXE script served mac=52:54:00:fa:00:01"), "{log}");
+    assert!(
+        log.contains("52:54:00:fa:00:01 (iPXE, bios) → OFFER"),
+        "iPXE was recognised:\n{log}"
+    );
+    assert!(
+        log.contains("HTTP: iPXE script served mac=52:54:00:fa:00:01"),
+        "{log}"
+    );
 }
 
 #[test]
 fn uefi_pxe_chains_ipxe_efi_over_tftp_then_boots_linux_over_http() {
-    if !pxe_lab::privileged("uefi_pxe_chains_ipxe_efi_over_tftp_then_boots_linux_over_http") || !have_qemu() {
+    if !pxe_lab::privileged("uefi_pxe_chains_ipxe_efi_over_tftp_then_boots_linux_over_http")
+        || !have_qemu()
+    {
         return;
     }
-    let lab = firmware_lab(1, false, &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199"]);
+    let lab = firmware_lab(
+        1,
+        false,
+        &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199"],
+    );
     let (serial, _) = lab.boot(0, "52:54:00:fa:00:02", Firmware::UefiPxe);
     lab.assert_booted(&serial, "OVMF PXE → ipxe.efi");
     let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
-    assert!(log.contains("(PXE, uefi-x64) → OFFER"), "firmware PXE with option 93 = 7:\n{log}");
-    assert!(log.contains("file=ipxe.efi") && log.contains("TFTP transfer completed"), "ipxe.efi went over TFTP:\n{log}");
-    assert!(log.contains("(iPXE, uefi-x64)"), "then iPXE asked for its script:\n{log}");
+    assert!(
+        log.contains("(PXE, uefi-x64) → OFFER"),
+        "firmware PXE with option 93 = 7:\n{log}"
+    );
+    assert!(
+        log.contains("file=ipxe.efi") && log.contains("TFTP transfer completed"),
+        "ipxe.efi went over TFTP:\n{log}"
+    );
+    assert!(
+        log.contains("(iPXE, uefi-x64)"),
+        "then iPXE asked for its script:\n{log}"
+    );
 }
 
 #[test]
 fn uefi_pxe_boots_with_pxed_in_proxy_mode_beside_the_sites_dhcp_server() {
-    if !pxe_lab::privileged("uefi_pxe_boots_with_pxed_in_proxy_mode_beside_the_sites_dhcp_server") || !have_qemu() || !have_tool("dnsmasq", "dnsmasq-base") {
+    if !pxe_lab::privileged("uefi_pxe_boots_with_pxed_in_proxy_mode_beside_the_sites_dhcp_server")
+        || !have_qemu()
+        || !have_tool("dnsmasq", "dnsmasq-base")
+    {
         return;
     }
     let lab = firmware_lab(1, true, &["--dhcp", "proxy"]);
     let (serial, _) = lab.boot(0, "52:54:00:fa:00:03", Firmware::UefiPxe);
     lab.assert_booted(&serial, "OVMF PXE with proxyDHCP");
     let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
-    assert!(log.contains("proxy OFFER, boot ipxe.efi"), "pxed gave the boot file, not an address:\n{log}");
-    let leases = std::fs::read_to_string(lab.work.path().join("dnsmasq.leases")).unwrap_or_default();
-    assert!(leases.contains("52:54:00:fa:00:03"), "dnsmasq gave the address: {leases:?}");
+    assert!(
+        log.contains("proxy OFFER, boot ipxe.efi"),
+        "pxed gave the boot file, not an address:\n{log}"
+    );
+    let leases =
+        std::fs::read_to_string(lab.work.path().join("dnsmasq.leases")).unwrap_or_default();
+    assert!(
+        leases.contains("52:54:00:fa:00:03"),
+        "dnsmasq gave the address: {leases:?}"
+    );
 }
 
 #[test]
@@ -147,12 +238,26 @@ fn four_machines_boot_at_once_from_one_server() {
     if !pxe_lab::privileged("four_machines_boot_at_once_from_one_server") || !have_qemu() {
         return;
     }
-    let lab = firmware_lab(4, false, &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199"]);
-    let machines: Vec<_> = [Firmware::BiosIpxe, Firmware::UefiPxe, Firmware::BiosIpxe, Firmware::UefiPxe]
-        .into_iter()
-        .enumerate()
-        .map(|(n, firmware)| (lab.boot(n, &format!("52:54:00:fa:01:{n:02x}"), firmware).0, firmware))
-        .collect();
+    let lab = firmware_lab(
+        4,
+        false,
+        &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199"],
+    );
+    let machines: Vec<_> = [
+        Firmware::BiosIpxe,
+        Firmware::UefiPxe,
+        Firmware::BiosIpxe,
+        Firmware::UefiPxe,
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(n, firmware)| {
+        (
+            lab.boot(n, &format!("52:54:00:fa:01:{n:02x}"), firmware).0,
+            firmware,
+        )
+    })
+    .collect();
     for (serial, firmware) in &machines {
         lab.assert_booted(serial, &format!("{firmware:?} machine of four"));
     }
@@ -160,14 +265,31 @@ fn four_machines_boot_at_once_from_one_server() {
 
 #[test]
 fn uefi_pxe_boots_the_same_with_the_kernel_fast_paths_off() {
-    if !pxe_lab::privileged("uefi_pxe_boots_the_same_with_the_kernel_fast_paths_off") || !have_qemu() {
+    if !pxe_lab::privileged("uefi_pxe_boots_the_same_with_the_kernel_fast_paths_off")
+        || !have_qemu()
+    {
         return;
     }
-    let lab = firmware_lab(1, false, &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199", "--xdp-mode", "off", "--no-tc"]);
+    let lab = firmware_lab(
+        1,
+        false,
+        &[
+            "--dhcp",
+            "full",
+            "--range",
+            "198.18.0.100-198.18.0.199",
+            "--xdp-mode",
+            "off",
+            "--no-tc",
+        ],
+    );
     let (serial, _) = lab.boot(0, "52:54:00:fa:00:04", Firmware::UefiPxe);
     lab.assert_booted(&serial, "OVMF PXE with XDP and TC off");
     let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
-    assert!(log.contains("XDP off") && log.contains("TC program not attached"), "{log}");
+    assert!(
+        log.contains("XDP off") && log.contains("TC program not attached"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -175,18 +297,30 @@ fn uefi_http_boot_gets_a_url_and_boots_linux_over_http() {
     if !pxe_lab::privileged("uefi_http_boot_gets_a_url_and_boots_linux_over_http") || !have_qemu() {
         return;
     }
-    let lab = firmware_lab(1, false, &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199"]);
+    let lab = firmware_lab(
+        1,
+        false,
+        &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199"],
+    );
     let (serial, _) = lab.boot(0, "52:54:00:fa:00:05", Firmware::UefiHttp);
     lab.assert_booted(&serial, "OVMF HTTP Boot");
     let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
-    assert!(log.contains("(HTTP Boot, uefi-x64-http) → OFFER") && log.contains("boot http://198.18.0.1/ipxe.efi"), "option 60 HTTPClient, 93 = 16, a URL as boot file:\n{log}");
-    assert!(!log.contains("file=ipxe.efi"), "nothing went over TFTP:\n{log}");
+    assert!(
+        log.contains("(HTTP Boot, uefi-x64-http) → OFFER")
+            && log.contains("boot http://198.18.0.1/ipxe.efi"),
+        "option 60 HTTPClient, 93 = 16, a URL as boot file:\n{log}"
+    );
+    assert!(
+        !log.contains("file=ipxe.efi"),
+        "nothing went over TFTP:\n{log}"
+    );
 }
 
 #[test]
 fn bios_pxelinux_boots_linux_all_over_tftp_with_the_kernel_serving_the_blocks() {
-    if !pxe_lab::privileged("bios_pxelinux_boots_linux_all_over_tftp_with_the_kernel_serving_the_blocks")
-        || !have_qemu()
+    if !pxe_lab::privileged(
+        "bios_pxelinux_boots_linux_all_over_tftp_with_the_kernel_serving_the_blocks",
+    ) || !have_qemu()
         || !Path::new("/usr/lib/PXELINUX/pxelinux.0").exists()
     {
         return;
@@ -195,28 +329,66 @@ fn bios_pxelinux_boots_linux_all_over_tftp_with_the_kernel_serving_the_blocks() 
     // machine entry makes pxed answer it as firmware PXE: pxelinux.0 over TFTP.
     let extra = "[[profile]]\nname = \"legacy\"\n[profile.boot_files]\nbios = \"pxelinux.0\"\n\
                  [[machine]]\nmac = \"52:54:00:fa:00:06\"\nprofile = \"legacy\"\nclient = \"pxe\"\n";
-    let lab = firmware_lab_with(1, false, &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199", "--fastpath-memory", "64"], extra);
+    let lab = firmware_lab_with(
+        1,
+        false,
+        &[
+            "--dhcp",
+            "full",
+            "--range",
+            "198.18.0.100-198.18.0.199",
+            "--fastpath-memory",
+            "64",
+        ],
+        extra,
+    );
     let boot = lab.work.path().join("boot");
     add_pxelinux(&boot);
     let (serial, _) = lab.boot(0, "52:54:00:fa:00:06", Firmware::BiosIpxe);
     lab.assert_booted(&serial, "PXELINUX over TFTP");
     let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
-    for file in ["pxelinux.0", "ldlinux.c32", "pxelinux.cfg/default", "vmlinuz", "initrd.img"] {
-        assert!(log.contains(&format!("file={file} bytes=")), "{file} went over TFTP:\n{log}");
+    for file in [
+        "pxelinux.0",
+        "ldlinux.c32",
+        "pxelinux.cfg/default",
+        "vmlinuz",
+        "initrd.img",
+    ] {
+        assert!(
+            log.contains(&format!("file={file} bytes=")),
+            "{file} went over TFTP:\n{log}"
+        );
     }
-    assert!(log.contains("TFTP: file not found"), "PXELINUX's config probes were answered 'not found':\n{log}");
+    assert!(
+        log.contains("TFTP: file not found"),
+        "PXELINUX's config probes were answered 'not found':\n{log}"
+    );
     let kernel_blocks: u64 = log
         .lines()
-        .filter(|l| l.contains("TFTP transfer completed") && (l.contains("file=vmlinuz") || l.contains("file=initrd.img")))
-        .filter_map(|l| l.split("kernel_tc=").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+        .filter(|l| {
+            l.contains("TFTP transfer completed")
+                && (l.contains("file=vmlinuz") || l.contains("file=initrd.img"))
+        })
+        .filter_map(|l| {
+            l.split("kernel_tc=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
         .sum();
-    assert!(kernel_blocks > 1000, "the kernel tiers served the kernel and initrd ({kernel_blocks} blocks):\n{log}");
+    assert!(
+        kernel_blocks > 1000,
+        "the kernel tiers served the kernel and initrd ({kernel_blocks} blocks):\n{log}"
+    );
 }
 
 #[test]
 fn uefi_http_boot_works_with_pxed_in_proxy_mode_where_dnsmasq_alone_cannot() {
-    if !pxe_lab::privileged("uefi_http_boot_works_with_pxed_in_proxy_mode_where_dnsmasq_alone_cannot")
-        || !have_qemu()
+    if !pxe_lab::privileged(
+        "uefi_http_boot_works_with_pxed_in_proxy_mode_where_dnsmasq_alone_cannot",
+    ) || !have_qemu()
         || !have_tool("dnsmasq", "dnsmasq-base")
     {
         return;
@@ -225,7 +397,10 @@ fn uefi_http_boot_works_with_pxed_in_proxy_mode_where_dnsmasq_alone_cannot() {
     let (serial, _) = lab.boot(0, "52:54:00:fa:00:07", Firmware::UefiHttp);
     lab.assert_booted(&serial, "OVMF HTTP Boot with proxyDHCP");
     let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
-    assert!(log.contains("(HTTP Boot, uefi-x64-http) → proxy OFFER, boot http://198.18.0.1/ipxe.efi"), "{log}");
+    assert!(
+        log.contains("(HTTP Boot, uefi-x64-http) → proxy OFFER, boot http://198.18.0.1/ipxe.efi"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -236,7 +411,11 @@ fn bios_ipxe_boots_with_pxed_in_proxy_mode_and_the_fast_paths_off() {
     {
         return;
     }
-    let lab = firmware_lab(1, true, &["--dhcp", "proxy", "--xdp-mode", "off", "--no-tc"]);
+    let lab = firmware_lab(
+        1,
+        true,
+        &["--dhcp", "proxy", "--xdp-mode", "off", "--no-tc"],
+    );
     let (serial, _) = lab.boot(0, "52:54:00:fa:00:08", Firmware::BiosIpxe);
     lab.assert_booted(&serial, "BIOS iPXE with proxyDHCP, XDP and TC off");
     let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
@@ -245,20 +424,31 @@ fn bios_ipxe_boots_with_pxed_in_proxy_mode_and_the_fast_paths_off() {
 
 #[test]
 fn uefi_http_boot_starts_a_unified_kernel_image_with_no_ipxe_at_all() {
-    if !pxe_lab::privileged("uefi_http_boot_starts_a_unified_kernel_image_with_no_ipxe_at_all") || !have_qemu() {
+    if !pxe_lab::privileged("uefi_http_boot_starts_a_unified_kernel_image_with_no_ipxe_at_all")
+        || !have_qemu()
+    {
         return;
     }
     let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("firmware-lab");
-    let uki = firmware::unified_kernel_image(&cache, &images(), "console=ttyS0 panic=-1").expect("building a UKI (systemd-boot-efi, objcopy)");
+    let uki = firmware::unified_kernel_image(&cache, &images(), "console=ttyS0 panic=-1")
+        .expect("building a UKI (systemd-boot-efi, objcopy)");
     let extra = "[[profile]]\nname = \"uki\"\n[profile.boot_files]\nuefi_x64 = \"uki.efi\"\n\
                  [[machine]]\nmac = \"52:54:00:fa:00:09\"\nprofile = \"uki\"\n";
-    let lab = firmware_lab_with(1, false, &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199"], extra);
+    let lab = firmware_lab_with(
+        1,
+        false,
+        &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199"],
+        extra,
+    );
     std::fs::copy(&uki, lab.work.path().join("boot/uki.efi")).unwrap();
     let (serial, _) = lab.boot(0, "52:54:00:fa:00:09", Firmware::UefiHttp);
     lab.assert_booted(&serial, "OVMF HTTP Boot of a unified kernel image");
     let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
     assert!(log.contains("boot http://198.18.0.1/uki.efi"), "{log}");
-    assert!(!log.contains("(iPXE"), "no iPXE anywhere in this boot:\n{log}");
+    assert!(
+        !log.contains("(iPXE"),
+        "no iPXE anywhere in this boot:\n{log}"
+    );
 }
 
 #[test]
@@ -279,7 +469,10 @@ fn pxelinux_boots_all_over_tftp_with_pxed_in_proxy_mode() {
     lab.assert_booted(&serial, "PXELINUX with proxyDHCP");
     let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
     assert!(log.contains("proxy OFFER, boot pxelinux.0"), "{log}");
-    assert!(log.contains("file=vmlinuz bytes="), "the kernel went over TFTP:\n{log}");
+    assert!(
+        log.contains("file=vmlinuz bytes="),
+        "the kernel went over TFTP:\n{log}"
+    );
 }
 
 #[test]
@@ -291,21 +484,34 @@ fn a_unified_kernel_image_boots_over_http_with_pxed_in_proxy_mode() {
         return;
     }
     let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("firmware-lab");
-    let uki = firmware::unified_kernel_image(&cache, &images(), "console=ttyS0 panic=-1").expect("building a UKI");
+    let uki = firmware::unified_kernel_image(&cache, &images(), "console=ttyS0 panic=-1")
+        .expect("building a UKI");
     let extra = "[[profile]]\nname = \"uki\"\n[profile.boot_files]\nuefi_x64 = \"uki.efi\"\n\
                  [[machine]]\nmac = \"52:54:00:fa:00:0b\"\nprofile = \"uki\"\n";
-    let lab = firmware_lab_with(1, true, &["--dhcp", "proxy", "--xdp-mode", "off", "--no-tc"], extra);
+    let lab = firmware_lab_with(
+        1,
+        true,
+        &["--dhcp", "proxy", "--xdp-mode", "off", "--no-tc"],
+        extra,
+    );
     std::fs::copy(&uki, lab.work.path().join("boot/uki.efi")).unwrap();
     let (serial, _) = lab.boot(0, "52:54:00:fa:00:0b", Firmware::UefiHttp);
     lab.assert_booted(&serial, "UKI over HTTP Boot with proxyDHCP, fast paths off");
     let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
-    assert!(log.contains("proxy OFFER, boot http://198.18.0.1/uki.efi"), "{log}");
+    assert!(
+        log.contains("proxy OFFER, boot http://198.18.0.1/uki.efi"),
+        "{log}"
+    );
 }
 
 /// PXELINUX, its ldlinux.c32 and a config that boots the lab kernel.
 fn add_pxelinux(boot: &Path) {
     std::fs::copy("/usr/lib/PXELINUX/pxelinux.0", boot.join("pxelinux.0")).unwrap();
-    std::fs::copy("/usr/lib/syslinux/modules/bios/ldlinux.c32", boot.join("ldlinux.c32")).unwrap();
+    std::fs::copy(
+        "/usr/lib/syslinux/modules/bios/ldlinux.c32",
+        boot.join("ldlinux.c32"),
+    )
+    .unwrap();
     std::fs::create_dir_all(boot.join("pxelinux.cfg")).unwrap();
     std::fs::write(
         boot.join("pxelinux.cfg/default"),

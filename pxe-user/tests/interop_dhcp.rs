@@ -15,7 +15,10 @@ use std::{
 
 use common::{dhcp_client as dc, have_tool, run_ok, serve_tftp, wait_for_file_text, Served, PXED};
 use dhcproto::v4::{DhcpOption, MessageType, OptionCode};
-use nix::{sys::signal::{kill, Signal}, unistd::Pid};
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
 use pxe_lab::Lab;
 
 const POOL: &str = "198.18.0.100-198.18.0.199";
@@ -34,7 +37,19 @@ fn full_mode(root: &Path) -> Served {
     let leases = root.join("leases.redb");
     let served = serve_tftp(
         root,
-        &["--xdp-mode", "off", "--no-tc", "--dhcp", "full", "--range", POOL, "--lease-file", leases.to_str().unwrap(), "--lease-time", "120"],
+        &[
+            "--xdp-mode",
+            "off",
+            "--no-tc",
+            "--dhcp",
+            "full",
+            "--range",
+            POOL,
+            "--lease-file",
+            leases.to_str().unwrap(),
+            "--lease-time",
+            "120",
+        ],
     );
     assert!(served.server.wait_for_udp_port(67, Duration::from_secs(10)));
     served
@@ -49,38 +64,78 @@ fn write_script(dir: &Path, name: &str, body: &str) -> String {
 }
 
 fn addresses(ns: &pxe_lab::Netns) -> String {
-    String::from_utf8_lossy(&ns.output("ip", &["-4", "-o", "addr", "show", "dev", "eth0"]).unwrap().stdout).into_owned()
+    String::from_utf8_lossy(
+        &ns.output("ip", &["-4", "-o", "addr", "show", "dev", "eth0"])
+            .unwrap()
+            .stdout,
+    )
+    .into_owned()
 }
 
 #[test]
 fn udhcpc_gets_renews_and_releases_a_lease() {
-    if !pxe_lab::privileged("udhcpc_gets_renews_and_releases_a_lease") || !have_tool("busybox", "busybox") {
+    if !pxe_lab::privileged("udhcpc_gets_renews_and_releases_a_lease")
+        || !have_tool("busybox", "busybox")
+    {
         return;
     }
     let root = boot_root();
     let served = full_mode(root.path());
     let work = tempfile::tempdir().unwrap();
-    let script = write_script(work.path(), "udhcpc.sh", r#"
+    let script = write_script(
+        work.path(),
+        "udhcpc.sh",
+        r#"
 case "$1" in
   bound|renew) ip addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface" ;;
   deconfig) ip addr flush dev "$interface" ;;
 esac
-"#);
+"#,
+    );
     let out = work.path().join("udhcpc.log");
     let pid = served
         .lab
-        .spawn_logged(&served.client, "busybox", &["udhcpc", "-i", "eth0", "-f", "-t", "5", "-T", "1", "-s", &script], &out)
+        .spawn_logged(
+            &served.client,
+            "busybox",
+            &[
+                "udhcpc", "-i", "eth0", "-f", "-t", "5", "-T", "1", "-s", &script,
+            ],
+            &out,
+        )
         .unwrap();
     wait_for_file_text(&out, "obtained from 198.18.0.1", Duration::from_secs(20));
     let text = std::fs::read_to_string(&out).unwrap();
-    let ip: Ipv4Addr = text.split("lease of ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    let ip: Ipv4Addr = text
+        .split("lease of ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(in_pool(ip), "{ip}");
-    assert!(addresses(&served.client).contains(&format!("{ip}/24")), "the script configured it");
+    assert!(
+        addresses(&served.client).contains(&format!("{ip}/24")),
+        "the script configured it"
+    );
 
     kill(Pid::from_raw(pid as i32), Signal::SIGUSR1).unwrap(); // renew now
     served.wait_for_log("(RENEWING)", Duration::from_secs(10));
-    wait_for_file_text(&out, &format!("lease of {ip} obtained"), Duration::from_secs(10));
-    assert_eq!(std::fs::read_to_string(&out).unwrap().matches(&format!("lease of {ip} obtained")).count(), 2, "renewed, same address");
+    wait_for_file_text(
+        &out,
+        &format!("lease of {ip} obtained"),
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .matches(&format!("lease of {ip} obtained"))
+            .count(),
+        2,
+        "renewed, same address"
+    );
 
     kill(Pid::from_raw(pid as i32), Signal::SIGUSR2).unwrap(); // release
     served.wait_for_log(&format!("{ip} is free again"), Duration::from_secs(10));
@@ -88,38 +143,73 @@ esac
 
 #[test]
 fn dhclient_gets_and_releases_a_lease() {
-    if !pxe_lab::privileged("dhclient_gets_and_releases_a_lease") || !have_tool("dhclient", "isc-dhcp-client") {
+    if !pxe_lab::privileged("dhclient_gets_and_releases_a_lease")
+        || !have_tool("dhclient", "isc-dhcp-client")
+    {
         return;
     }
     let root = boot_root();
     let served = full_mode(root.path());
     let work = tempfile::tempdir().unwrap();
     // No dhclient-script: it would touch the host's /etc/resolv.conf.
-    let script = write_script(work.path(), "dhclient.sh", r#"
+    let script = write_script(
+        work.path(),
+        "dhclient.sh",
+        r#"
 case "$reason" in
   PREINIT) ip link set "$interface" up ;;
   BOUND|RENEW|REBIND|REBOOT) ip addr flush dev "$interface"; ip addr add "$new_ip_address/24" dev "$interface" ;;
   EXPIRE|FAIL|RELEASE|STOP) ip addr flush dev "$interface" ;;
 esac
-"#);
+"#,
+    );
     let lf = work.path().join("dhclient.leases");
     let pf = work.path().join("dhclient.pid");
     let args = |extra: &[&'static str]| {
         let mut a: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        a.extend(["-v", "-sf", &script, "-lf", lf.to_str().unwrap(), "-pf", pf.to_str().unwrap(), "eth0"].map(String::from));
+        a.extend(
+            [
+                "-v",
+                "-sf",
+                &script,
+                "-lf",
+                lf.to_str().unwrap(),
+                "-pf",
+                pf.to_str().unwrap(),
+                "eth0",
+            ]
+            .map(String::from),
+        );
         a
     };
     let get = args(&["-1"]);
-    run_ok(&served.client, "dhclient", &get.iter().map(String::as_str).collect::<Vec<_>>());
+    run_ok(
+        &served.client,
+        "dhclient",
+        &get.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     let bound = addresses(&served.client);
-    let ip: Ipv4Addr = bound.split("inet ").nth(1).and_then(|s| s.split('/').next()).unwrap().parse().unwrap();
+    let ip: Ipv4Addr = bound
+        .split("inet ")
+        .nth(1)
+        .and_then(|s| s.split('/').next())
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(in_pool(ip), "{bound}");
     served.wait_for_log(&format!("→ ACK {ip}"), Duration::from_secs(5));
 
     let release = args(&["-r"]);
-    let result = served.client.output("dhclient", &release.iter().map(String::as_str).collect::<Vec<_>>());
+    let result = served.client.output(
+        "dhclient",
+        &release.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     // dhclient -1 stays running in the background; -r stops it. Make sure, by its PID.
-    if let Ok(pid) = std::fs::read_to_string(&pf).unwrap_or_default().trim().parse::<i32>() {
+    if let Ok(pid) = std::fs::read_to_string(&pf)
+        .unwrap_or_default()
+        .trim()
+        .parse::<i32>()
+    {
         let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
     }
     assert!(result.unwrap().status.success());
@@ -138,9 +228,19 @@ fn a_request_relayed_by_dnsmasq_gets_an_address_from_the_relays_subnet() {
     let server = lab.add_netns("srv").unwrap();
     let relay = lab.add_netns("relay").unwrap();
     let client = lab.add_netns("cli").unwrap();
-    lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&relay, "eth0", Some("198.18.0.2/24"))).unwrap();
-    lab.veth((&relay, "eth1", Some("198.18.5.1/24")), (&client, "eth0", None)).unwrap();
-    server.ip(["route", "add", "198.18.5.0/24", "via", "198.18.0.2"]).unwrap();
+    lab.veth(
+        (&server, "eth0", Some("198.18.0.1/24")),
+        (&relay, "eth0", Some("198.18.0.2/24")),
+    )
+    .unwrap();
+    lab.veth(
+        (&relay, "eth1", Some("198.18.5.1/24")),
+        (&client, "eth0", None),
+    )
+    .unwrap();
+    server
+        .ip(["route", "add", "198.18.5.0/24", "via", "198.18.0.2"])
+        .unwrap();
 
     let work = tempfile::tempdir().unwrap();
     let config = work.path().join("pxed.toml");
@@ -161,28 +261,90 @@ router = "198.18.5.1"
     .unwrap();
     let leases = work.path().join("leases.redb");
     let log = work.path().join("pxed.log");
-    lab.spawn_logged(&server, PXED, &["--interface", "eth0", "--config", config.to_str().unwrap(), "--lease-file", leases.to_str().unwrap(), "--xdp-mode", "off", "--no-tc"], &log).unwrap();
-    assert!(server.wait_for_udp_port(67, Duration::from_secs(20)), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    lab.spawn_logged(
+        &server,
+        PXED,
+        &[
+            "--interface",
+            "eth0",
+            "--config",
+            config.to_str().unwrap(),
+            "--lease-file",
+            leases.to_str().unwrap(),
+            "--xdp-mode",
+            "off",
+            "--no-tc",
+        ],
+        &log,
+    )
+    .unwrap();
+    assert!(
+        server.wait_for_udp_port(67, Duration::from_secs(20)),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     let relay_log = work.path().join("dnsmasq.log");
-    lab.spawn_logged(&relay, "dnsmasq", &["--no-daemon", "--port=0", "--conf-file=/dev/null", "--pid-file=", "--user=root", "--log-dhcp", "--dhcp-relay=198.18.5.1,198.18.0.1"], &relay_log).unwrap();
+    lab.spawn_logged(
+        &relay,
+        "dnsmasq",
+        &[
+            "--no-daemon",
+            "--port=0",
+            "--conf-file=/dev/null",
+            "--pid-file=",
+            "--user=root",
+            "--log-dhcp",
+            "--dhcp-relay=198.18.5.1,198.18.0.1",
+        ],
+        &relay_log,
+    )
+    .unwrap();
     assert!(relay.wait_for_udp_port(67, Duration::from_secs(20)));
 
-    let out = client.output("busybox", &["udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", "5", "-T", "2", "-s", "/bin/true"]).unwrap();
-    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let out = client
+        .output(
+            "busybox",
+            &[
+                "udhcpc",
+                "-i",
+                "eth0",
+                "-n",
+                "-q",
+                "-f",
+                "-t",
+                "5",
+                "-T",
+                "2",
+                "-s",
+                "/bin/true",
+            ],
+        )
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     let ip: Ipv4Addr = text
         .split("lease of ")
         .nth(1)
         .and_then(|s| s.split_whitespace().next())
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no lease:\n{text}\npxed:\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
-    assert!((Ipv4Addr::new(198, 18, 5, 10)..=Ipv4Addr::new(198, 18, 5, 50)).contains(&ip), "{ip} is from the relay's subnet");
+        .unwrap_or_else(|| {
+            panic!(
+                "no lease:\n{text}\npxed:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+    assert!(
+        (Ipv4Addr::new(198, 18, 5, 10)..=Ipv4Addr::new(198, 18, 5, 50)).contains(&ip),
+        "{ip} is from the relay's subnet"
+    );
     wait_for_file_text(&log, &format!("→ ACK {ip}"), Duration::from_secs(5));
 }
 
 #[test]
 fn proxy_mode_beside_dnsmasq_gives_the_boot_file_while_dnsmasq_gives_the_address() {
-    if !pxe_lab::privileged("proxy_mode_beside_dnsmasq_gives_the_boot_file_while_dnsmasq_gives_the_address")
-        || !have_tool("dnsmasq", "dnsmasq-base")
+    if !pxe_lab::privileged(
+        "proxy_mode_beside_dnsmasq_gives_the_boot_file_while_dnsmasq_gives_the_address",
+    ) || !have_tool("dnsmasq", "dnsmasq-base")
     {
         return;
     }
@@ -194,24 +356,57 @@ fn proxy_mode_beside_dnsmasq_gives_the_boot_file_while_dnsmasq_gives_the_address
     let site = lab.add_netns("dhcp").unwrap();
     let client = lab.add_netns("cli").unwrap();
     lab.bridge(&switch, "br0", None).unwrap();
-    for (ns, port, addr) in [(&server, "p1", Some("198.18.0.1/24")), (&site, "p2", Some("198.18.0.2/24")), (&client, "p3", None)] {
+    for (ns, port, addr) in [
+        (&server, "p1", Some("198.18.0.1/24")),
+        (&site, "p2", Some("198.18.0.2/24")),
+        (&client, "p3", None),
+    ] {
         lab.veth((ns, "eth0", addr), (&switch, port, None)).unwrap();
         lab.attach_to_bridge(&switch, port, "br0").unwrap();
     }
     let root = boot_root();
     let work = tempfile::tempdir().unwrap();
     let log = work.path().join("pxed.log");
-    lab.spawn_logged(&server, PXED, &["--interface", "eth0", "--boot-root", root.path().to_str().unwrap(), "--dhcp", "proxy", "--xdp-mode", "off", "--no-tc"], &log).unwrap();
+    lab.spawn_logged(
+        &server,
+        PXED,
+        &[
+            "--interface",
+            "eth0",
+            "--boot-root",
+            root.path().to_str().unwrap(),
+            "--dhcp",
+            "proxy",
+            "--xdp-mode",
+            "off",
+            "--no-tc",
+        ],
+        &log,
+    )
+    .unwrap();
     let dnsmasq_leases = work.path().join("dnsmasq.leases");
     lab.spawn_logged(
         &site,
         "dnsmasq",
-        &["--no-daemon", "--port=0", "--conf-file=/dev/null", "--pid-file=", "--user=root", "--interface=eth0", "--bind-interfaces",
-          "--dhcp-range=198.18.0.100,198.18.0.150,1h", &format!("--dhcp-leasefile={}", dnsmasq_leases.display())],
+        &[
+            "--no-daemon",
+            "--port=0",
+            "--conf-file=/dev/null",
+            "--pid-file=",
+            "--user=root",
+            "--interface=eth0",
+            "--bind-interfaces",
+            "--dhcp-range=198.18.0.100,198.18.0.150,1h",
+            &format!("--dhcp-leasefile={}", dnsmasq_leases.display()),
+        ],
         &work.path().join("dnsmasq.log"),
     )
     .unwrap();
-    assert!(server.wait_for_udp_port(4011, Duration::from_secs(20)), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert!(
+        server.wait_for_udp_port(4011, Duration::from_secs(20)),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     assert!(site.wait_for_udp_port(67, Duration::from_secs(20)));
 
     let mac = [0x52, 0x54, 0x00, 0x99, 0x00, 0x01];
@@ -219,21 +414,56 @@ fn proxy_mode_beside_dnsmasq_gives_the_boot_file_while_dnsmasq_gives_the_address
         .run(|| {
             let socket = dc::client_socket("eth0");
             let xid = 0x0bad_cafe;
-            let offers = dc::exchange(&socket, &dc::message(MessageType::Discover, mac, xid, true, vec![]), xid, Duration::from_secs(3));
-            let from = |ip: [u8; 4]| offers.iter().find(|(m, _)| dc::server_id(m) == Some(Ipv4Addr::from(ip))).map(|(m, _)| m.clone());
-            let address_offer = from([198, 18, 0, 2]).expect("an OFFER from the site's DHCP server");
+            let offers = dc::exchange(
+                &socket,
+                &dc::message(MessageType::Discover, mac, xid, true, vec![]),
+                xid,
+                Duration::from_secs(3),
+            );
+            let from = |ip: [u8; 4]| {
+                offers
+                    .iter()
+                    .find(|(m, _)| dc::server_id(m) == Some(Ipv4Addr::from(ip)))
+                    .map(|(m, _)| m.clone())
+            };
+            let address_offer =
+                from([198, 18, 0, 2]).expect("an OFFER from the site's DHCP server");
             let proxy_offer = from([198, 18, 0, 1]).expect("a proxy OFFER from pxed");
             let ip = address_offer.yiaddr();
-            assert!((Ipv4Addr::new(198, 18, 0, 100)..=Ipv4Addr::new(198, 18, 0, 150)).contains(&ip));
-            assert_eq!(proxy_offer.yiaddr(), Ipv4Addr::UNSPECIFIED, "pxed hands out no address in proxy mode");
+            assert!(
+                (Ipv4Addr::new(198, 18, 0, 100)..=Ipv4Addr::new(198, 18, 0, 150)).contains(&ip)
+            );
+            assert_eq!(
+                proxy_offer.yiaddr(),
+                Ipv4Addr::UNSPECIFIED,
+                "pxed hands out no address in proxy mode"
+            );
             assert_eq!(dc::boot_file(&proxy_offer).as_deref(), Some("ipxe.efi"));
-            assert_eq!(proxy_offer.opts().get(OptionCode::ClassIdentifier), Some(&DhcpOption::ClassIdentifier(b"PXEClient".to_vec())));
+            assert_eq!(
+                proxy_offer.opts().get(OptionCode::ClassIdentifier),
+                Some(&DhcpOption::ClassIdentifier(b"PXEClient".to_vec()))
+            );
 
             // The client takes the address from dnsmasq; pxed stays out of it.
-            let request = dc::message(MessageType::Request, mac, xid, true, vec![DhcpOption::ServerIdentifier(Ipv4Addr::new(198, 18, 0, 2)), DhcpOption::RequestedIpAddress(ip)]);
+            let request = dc::message(
+                MessageType::Request,
+                mac,
+                xid,
+                true,
+                vec![
+                    DhcpOption::ServerIdentifier(Ipv4Addr::new(198, 18, 0, 2)),
+                    DhcpOption::RequestedIpAddress(ip),
+                ],
+            );
             let acks = dc::exchange(&socket, &request, xid, Duration::from_secs(2));
-            assert!(acks.iter().all(|(m, _)| dc::server_id(m) == Some(Ipv4Addr::new(198, 18, 0, 2))), "only dnsmasq answers the REQUEST");
-            assert!(acks.iter().any(|(m, _)| dc::kind(m) == Some(MessageType::Ack) && m.yiaddr() == ip));
+            assert!(
+                acks.iter()
+                    .all(|(m, _)| dc::server_id(m) == Some(Ipv4Addr::new(198, 18, 0, 2))),
+                "only dnsmasq answers the REQUEST"
+            );
+            assert!(acks
+                .iter()
+                .any(|(m, _)| dc::kind(m) == Some(MessageType::Ack) && m.yiaddr() == ip));
             ip
         })
         .and_then(|ip| {
@@ -241,10 +471,13 @@ fn proxy_mode_beside_dnsmasq_gives_the_boot_file_while_dnsmasq_gives_the_address
             client.ip(["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
             client.run(move || {
                 let socket = UdpSocket::bind(SocketAddrV4::new(ip, 68)).unwrap();
-                socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                socket
+                    .set_read_timeout(Some(Duration::from_secs(3)))
+                    .unwrap();
                 let xid = 0x0bad_f00d;
                 let request = dc::message(MessageType::Request, mac, xid, true, vec![]);
-                let mut m = dhcproto::v4::Message::decode(&mut dhcproto::Decoder::new(&request)).unwrap();
+                let mut m =
+                    dhcproto::v4::Message::decode(&mut dhcproto::Decoder::new(&request)).unwrap();
                 m.set_ciaddr(ip);
                 let mut bytes = Vec::new();
                 dhcproto::Encodable::encode(&m, &mut dhcproto::Encoder::new(&mut bytes)).unwrap();
@@ -262,23 +495,46 @@ fn proxy_mode_beside_dnsmasq_gives_the_boot_file_while_dnsmasq_gives_the_address
 
 #[test]
 fn every_acked_lease_survives_sigkill_and_no_address_goes_to_two_clients() {
-    if !pxe_lab::privileged("every_acked_lease_survives_sigkill_and_no_address_goes_to_two_clients") {
+    if !pxe_lab::privileged("every_acked_lease_survives_sigkill_and_no_address_goes_to_two_clients")
+    {
         return;
     }
     let lab = Lab::new().unwrap();
     let server = lab.add_netns("srv").unwrap();
     let client = lab.add_netns("cli").unwrap();
-    lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&client, "eth0", None)).unwrap();
+    lab.veth(
+        (&server, "eth0", Some("198.18.0.1/24")),
+        (&client, "eth0", None),
+    )
+    .unwrap();
     let work = tempfile::tempdir().unwrap();
     let leases = work.path().join("leases.redb");
     let log = work.path().join("pxed.log");
     // A boot root of its own: a SIGKILLed pxed leaves nothing behind.
     let root = boot_root();
-    let args = ["--interface", "eth0", "--boot-root", root.path().to_str().unwrap(), "--dhcp", "full", "--range", "198.18.0.10-198.18.0.250",
-        "--lease-file", leases.to_str().unwrap(), "--xdp-mode", "off", "--no-tc", "--authoritative"];
+    let args = [
+        "--interface",
+        "eth0",
+        "--boot-root",
+        root.path().to_str().unwrap(),
+        "--dhcp",
+        "full",
+        "--range",
+        "198.18.0.10-198.18.0.250",
+        "--lease-file",
+        leases.to_str().unwrap(),
+        "--xdp-mode",
+        "off",
+        "--no-tc",
+        "--authoritative",
+    ];
     let start = || {
         let pid = lab.spawn_logged(&server, PXED, &args, &log).unwrap();
-        assert!(server.wait_for_udp_port(67, Duration::from_secs(20)), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+        assert!(
+            server.wait_for_udp_port(67, Duration::from_secs(20)),
+            "{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         pid
     };
     let mut pid = start();
@@ -293,7 +549,9 @@ fn every_acked_lease_survives_sigkill_and_no_address_goes_to_two_clients() {
                     (0..200u8)
                         .filter_map(|i| {
                             let mac = [0x52, 0x54, 0x00, 0x77, 0, i];
-                            dc::dora(&socket, mac, u32::from_be_bytes([0x77, 0, i, 1])).ok().map(|ip| (mac, ip))
+                            dc::dora(&socket, mac, u32::from_be_bytes([0x77, 0, i, 1]))
+                                .ok()
+                                .map(|ip| (mac, ip))
                         })
                         .collect::<Vec<_>>()
                 })
@@ -310,11 +568,19 @@ fn every_acked_lease_survives_sigkill_and_no_address_goes_to_two_clients() {
     }
     let acked = clients.join().unwrap();
     assert!(kills >= 3, "the server was killed only {kills} times");
-    assert!(acked.len() >= 100, "only {} of 200 clients got through the kills", acked.len());
+    assert!(
+        acked.len() >= 100,
+        "only {} of 200 clients got through the kills",
+        acked.len()
+    );
     let mut ips: Vec<Ipv4Addr> = acked.iter().map(|(_, ip)| *ip).collect();
     ips.sort();
     ips.dedup();
-    assert_eq!(ips.len(), acked.len(), "an address was handed to two clients");
+    assert_eq!(
+        ips.len(),
+        acked.len(),
+        "an address was handed to two clients"
+    );
     // After all the kills, each client still owns exactly what it was ACKed.
     let acked_for_check = acked.clone();
     client
@@ -322,47 +588,103 @@ fn every_acked_lease_survives_sigkill_and_no_address_goes_to_two_clients() {
             let socket = dc::client_socket("eth0");
             for (n, (mac, ip)) in acked_for_check.iter().enumerate() {
                 let answer = dc::reboot_request(&socket, *mac, 0x5151_0000 + n as u32, *ip);
-                assert_eq!(answer, Some(MessageType::Ack), "{mac:02x?} lost its lease on {ip}");
+                assert_eq!(
+                    answer,
+                    Some(MessageType::Ack),
+                    "{mac:02x?} lost its lease on {ip}"
+                );
             }
             // And a newcomer gets none of those addresses.
             let fresh = dc::dora(&socket, [0x52, 0x54, 0, 0x78, 0, 1], 0x7777).unwrap();
-            assert!(!acked_for_check.iter().any(|(_, ip)| *ip == fresh), "{fresh} was already leased");
+            assert!(
+                !acked_for_check.iter().any(|(_, ip)| *ip == fresh),
+                "{fresh} was already leased"
+            );
         })
         .unwrap();
 }
 
 #[test]
 fn proxy_mode_shares_port_67_with_dnsmasq_on_the_same_host() {
-    if !pxe_lab::privileged("proxy_mode_shares_port_67_with_dnsmasq_on_the_same_host") || !have_tool("dnsmasq", "dnsmasq-base") {
+    if !pxe_lab::privileged("proxy_mode_shares_port_67_with_dnsmasq_on_the_same_host")
+        || !have_tool("dnsmasq", "dnsmasq-base")
+    {
         return;
     }
     let lab = Lab::new().unwrap();
     let server = lab.add_netns("srv").unwrap();
     let client = lab.add_netns("cli").unwrap();
-    lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&client, "eth0", None)).unwrap();
+    lab.veth(
+        (&server, "eth0", Some("198.18.0.1/24")),
+        (&client, "eth0", None),
+    )
+    .unwrap();
     let root = boot_root();
     let work = tempfile::tempdir().unwrap();
     // The site's DHCP server is already running on this host and holds port 67.
     lab.spawn_logged(
         &server,
         "dnsmasq",
-        &["--no-daemon", "--port=0", "--conf-file=/dev/null", "--pid-file=", "--user=root", "--interface=eth0", "--bind-interfaces",
-          "--dhcp-range=198.18.0.100,198.18.0.150,1h", &format!("--dhcp-leasefile={}", work.path().join("dnsmasq.leases").display())],
+        &[
+            "--no-daemon",
+            "--port=0",
+            "--conf-file=/dev/null",
+            "--pid-file=",
+            "--user=root",
+            "--interface=eth0",
+            "--bind-interfaces",
+            "--dhcp-range=198.18.0.100,198.18.0.150,1h",
+            &format!(
+                "--dhcp-leasefile={}",
+                work.path().join("dnsmasq.leases").display()
+            ),
+        ],
         &work.path().join("dnsmasq.log"),
     )
     .unwrap();
     assert!(server.wait_for_udp_port(67, Duration::from_secs(20)));
     let log = work.path().join("pxed.log");
-    lab.spawn_logged(&server, PXED, &["--interface", "eth0", "--boot-root", root.path().to_str().unwrap(), "--dhcp", "proxy", "--xdp-mode", "off", "--no-tc"], &log).unwrap();
-    assert!(server.wait_for_udp_port(4011, Duration::from_secs(20)), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    lab.spawn_logged(
+        &server,
+        PXED,
+        &[
+            "--interface",
+            "eth0",
+            "--boot-root",
+            root.path().to_str().unwrap(),
+            "--dhcp",
+            "proxy",
+            "--xdp-mode",
+            "off",
+            "--no-tc",
+        ],
+        &log,
+    )
+    .unwrap();
+    assert!(
+        server.wait_for_udp_port(4011, Duration::from_secs(20)),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     client
         .run(|| {
             let socket = dc::client_socket("eth0");
             let mac = [0x52, 0x54, 0x00, 0x98, 0x00, 0x01];
             let xid = 0x5a3e_0001;
-            let offers = dc::exchange(&socket, &dc::message(MessageType::Discover, mac, xid, true, vec![]), xid, Duration::from_secs(3));
-            assert!(offers.iter().any(|(m, _)| !m.yiaddr().is_unspecified()), "an address offer from dnsmasq: {offers:?}");
-            let proxy = offers.iter().find(|(m, _)| m.yiaddr().is_unspecified()).expect("a proxy offer from pxed beside it");
+            let offers = dc::exchange(
+                &socket,
+                &dc::message(MessageType::Discover, mac, xid, true, vec![]),
+                xid,
+                Duration::from_secs(3),
+            );
+            assert!(
+                offers.iter().any(|(m, _)| !m.yiaddr().is_unspecified()),
+                "an address offer from dnsmasq: {offers:?}"
+            );
+            let proxy = offers
+                .iter()
+                .find(|(m, _)| m.yiaddr().is_unspecified())
+                .expect("a proxy offer from pxed beside it");
             assert_eq!(dc::boot_file(&proxy.0).as_deref(), Some("ipxe.efi"));
         })
         .unwrap();
@@ -380,8 +702,16 @@ fn one_pxed_serves_two_networks_each_from_its_own_address() {
     let server = lab.add_netns("srv").unwrap();
     let rack_a = lab.add_netns("a").unwrap();
     let rack_b = lab.add_netns("b").unwrap();
-    lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&rack_a, "eth0", None)).unwrap();
-    lab.veth((&server, "eth1", Some("198.18.1.1/24")), (&rack_b, "eth0", None)).unwrap();
+    lab.veth(
+        (&server, "eth0", Some("198.18.0.1/24")),
+        (&rack_a, "eth0", None),
+    )
+    .unwrap();
+    lab.veth(
+        (&server, "eth1", Some("198.18.1.1/24")),
+        (&rack_b, "eth0", None),
+    )
+    .unwrap();
     let root = boot_root();
     let work = tempfile::tempdir().unwrap();
     let log = work.path().join("pxed.log");
@@ -389,13 +719,30 @@ fn one_pxed_serves_two_networks_each_from_its_own_address() {
     lab.spawn_logged(
         &server,
         PXED,
-        &["-i", "eth0", "-i", "eth1", "--boot-root", root.path().to_str().unwrap(), "--dhcp", "full",
-          "--range", "198.18.0.100-198.18.0.199", "--range", "198.18.1.100-198.18.1.199",
-          "--lease-file", leases.to_str().unwrap()],
+        &[
+            "-i",
+            "eth0",
+            "-i",
+            "eth1",
+            "--boot-root",
+            root.path().to_str().unwrap(),
+            "--dhcp",
+            "full",
+            "--range",
+            "198.18.0.100-198.18.0.199",
+            "--range",
+            "198.18.1.100-198.18.1.199",
+            "--lease-file",
+            leases.to_str().unwrap(),
+        ],
         &log,
     )
     .unwrap();
-    wait_for_file_text(&log, "DHCP listening interface=eth1", Duration::from_secs(20));
+    wait_for_file_text(
+        &log,
+        "DHCP listening interface=eth1",
+        Duration::from_secs(20),
+    );
 
     // A PXE client on each network: its own subnet, our address there.
     for (rack, net, mac) in [(&rack_a, 0u8, 0x01u8), (&rack_b, 1, 0x02)] {
@@ -405,30 +752,72 @@ fn one_pxed_serves_two_networks_each_from_its_own_address() {
                 let socket = dc::client_socket("eth0");
                 let mac = [0x52, 0x54, 0x00, 0x97, 0x00, mac];
                 let xid = 0x7e57_0000 + u32::from(mac[5]);
-                let offers = dc::exchange(&socket, &dc::message(MessageType::Discover, mac, xid, true, vec![]), xid, Duration::from_secs(3));
+                let offers = dc::exchange(
+                    &socket,
+                    &dc::message(MessageType::Discover, mac, xid, true, vec![]),
+                    xid,
+                    Duration::from_secs(3),
+                );
                 let (offer, from) = offers.first().cloned().expect("an OFFER");
-                assert_eq!(from.ip(), std::net::IpAddr::V4(ours), "the reply leaves from our address on this network");
-                let request = dc::message(MessageType::Request, mac, xid, true, vec![
-                    DhcpOption::ServerIdentifier(ours),
-                    DhcpOption::RequestedIpAddress(offer.yiaddr()),
-                ]);
+                assert_eq!(
+                    from.ip(),
+                    std::net::IpAddr::V4(ours),
+                    "the reply leaves from our address on this network"
+                );
+                let request = dc::message(
+                    MessageType::Request,
+                    mac,
+                    xid,
+                    true,
+                    vec![
+                        DhcpOption::ServerIdentifier(ours),
+                        DhcpOption::RequestedIpAddress(offer.yiaddr()),
+                    ],
+                );
                 dc::ask(&socket, &request, xid, Duration::from_secs(3)).expect("an ACK")
             })
             .unwrap();
         assert_eq!(dc::kind(&ack), Some(MessageType::Ack));
-        assert_eq!(ack.yiaddr().octets()[..3], [198, 18, net], "an address on network {net}: {}", ack.yiaddr());
+        assert_eq!(
+            ack.yiaddr().octets()[..3],
+            [198, 18, net],
+            "an address on network {net}: {}",
+            ack.yiaddr()
+        );
         assert_eq!(dc::server_id(&ack), Some(ours));
         assert_eq!(ack.siaddr(), ours, "next-server is our address there");
         assert_eq!(dc::boot_file(&ack).as_deref(), Some("ipxe.efi"));
     }
 
     // A real client on the second network: udhcpc's lease, then the boot file over TFTP from there.
-    let script = write_script(work.path(), "udhcpc.sh", "[ \"$1\" = bound ] && ip addr add \"$ip/$mask\" dev \"$interface\"\nexit 0\n");
+    let script = write_script(
+        work.path(),
+        "udhcpc.sh",
+        "[ \"$1\" = bound ] && ip addr add \"$ip/$mask\" dev \"$interface\"\nexit 0\n",
+    );
     let out = work.path().join("udhcpc.log");
-    lab.spawn_logged(&rack_b, "busybox", &["udhcpc", "-i", "eth0", "-f", "-q", "-t", "5", "-T", "1", "-s", &script], &out).unwrap();
+    lab.spawn_logged(
+        &rack_b,
+        "busybox",
+        &[
+            "udhcpc", "-i", "eth0", "-f", "-q", "-t", "5", "-T", "1", "-s", &script,
+        ],
+        &out,
+    )
+    .unwrap();
     wait_for_file_text(&out, "obtained from 198.18.1.1", Duration::from_secs(20));
     let fetched = work.path().join("fetched.efi");
-    run_ok(&rack_b, "tftp", &["198.18.1.1", "-c", "get", "ipxe.efi", fetched.to_str().unwrap()]);
+    run_ok(
+        &rack_b,
+        "tftp",
+        &[
+            "198.18.1.1",
+            "-c",
+            "get",
+            "ipxe.efi",
+            fetched.to_str().unwrap(),
+        ],
+    );
     assert_eq!(std::fs::read(&fetched).unwrap(), b"ipxe");
 }
 
@@ -442,7 +831,11 @@ fn proxy_mode_listens_beside_kea_which_holds_port_67_exclusively() {
     let lab = Lab::new().unwrap();
     let server = lab.add_netns("srv").unwrap();
     let client = lab.add_netns("cli").unwrap();
-    lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&client, "eth0", None)).unwrap();
+    lab.veth(
+        (&server, "eth0", Some("198.18.0.1/24")),
+        (&client, "eth0", None),
+    )
+    .unwrap();
     let root = boot_root();
     let work = tempfile::tempdir().unwrap();
     // The site's DHCP server, already on this host: Kea binds port 67 without
@@ -453,16 +846,46 @@ fn proxy_mode_listens_beside_kea_which_holds_port_67_exclusively() {
     lab.spawn_logged(
         &server,
         "env",
-        &[&format!("KEA_PIDFILE_DIR={dir}"), &format!("KEA_LOCKFILE_DIR={dir}"), "kea-dhcp4", "-c", kea_config.to_str().unwrap()],
+        &[
+            &format!("KEA_PIDFILE_DIR={dir}"),
+            &format!("KEA_LOCKFILE_DIR={dir}"),
+            "kea-dhcp4",
+            "-c",
+            kea_config.to_str().unwrap(),
+        ],
         &work.path().join("kea.log"),
     )
     .unwrap();
-    assert!(server.wait_for_udp_port(67, Duration::from_secs(20)), "kea did not start");
-    let taken = server.run(|| UdpSocket::bind("0.0.0.0:67").map(drop)).unwrap();
-    assert!(taken.is_err(), "port 67 is held exclusively (else this test proves nothing)");
+    assert!(
+        server.wait_for_udp_port(67, Duration::from_secs(20)),
+        "kea did not start"
+    );
+    let taken = server
+        .run(|| UdpSocket::bind("0.0.0.0:67").map(drop))
+        .unwrap();
+    assert!(
+        taken.is_err(),
+        "port 67 is held exclusively (else this test proves nothing)"
+    );
 
     let log = work.path().join("pxed.log");
-    lab.spawn_logged(&server, PXED, &["--interface", "eth0", "--boot-root", root.path().to_str().unwrap(), "--dhcp", "proxy", "--xdp-mode", "off", "--no-tc"], &log).unwrap();
+    lab.spawn_logged(
+        &server,
+        PXED,
+        &[
+            "--interface",
+            "eth0",
+            "--boot-root",
+            root.path().to_str().unwrap(),
+            "--dhcp",
+            "proxy",
+            "--xdp-mode",
+            "off",
+            "--no-tc",
+        ],
+        &log,
+    )
+    .unwrap();
     wait_for_file_text(&log, "through a raw socket", Duration::from_secs(20));
     assert!(server.wait_for_udp_port(4011, Duration::from_secs(20)));
     client
@@ -470,19 +893,49 @@ fn proxy_mode_listens_beside_kea_which_holds_port_67_exclusively() {
             let socket = dc::client_socket("eth0");
             let mac = [0x52, 0x54, 0x00, 0x96, 0x00, 0x01];
             let xid = 0x4ea0_0001;
-            let offers = dc::exchange(&socket, &dc::message(MessageType::Discover, mac, xid, true, vec![]), xid, Duration::from_secs(3));
-            let (address_offer, _) = offers.iter().find(|(m, _)| !m.yiaddr().is_unspecified()).expect("an address offer from Kea");
-            let (proxy, from) = offers.iter().find(|(m, _)| m.yiaddr().is_unspecified()).expect("a proxy offer from pxed beside Kea");
+            let offers = dc::exchange(
+                &socket,
+                &dc::message(MessageType::Discover, mac, xid, true, vec![]),
+                xid,
+                Duration::from_secs(3),
+            );
+            let (address_offer, _) = offers
+                .iter()
+                .find(|(m, _)| !m.yiaddr().is_unspecified())
+                .expect("an address offer from Kea");
+            let (proxy, from) = offers
+                .iter()
+                .find(|(m, _)| m.yiaddr().is_unspecified())
+                .expect("a proxy offer from pxed beside Kea");
             assert_eq!(dc::boot_file(proxy).as_deref(), Some("ipxe.efi"));
-            assert_eq!(*from, "198.18.0.1:67".parse().unwrap(), "sent from port 67 like any DHCP server");
+            assert_eq!(
+                *from,
+                "198.18.0.1:67".parse().unwrap(),
+                "sent from port 67 like any DHCP server"
+            );
             // The client takes its address from Kea, untouched by pxed.
-            let request = dc::message(MessageType::Request, mac, xid, true, vec![
-                DhcpOption::ServerIdentifier(dc::server_id(address_offer).unwrap()),
-                DhcpOption::RequestedIpAddress(address_offer.yiaddr()),
-            ]);
+            let request = dc::message(
+                MessageType::Request,
+                mac,
+                xid,
+                true,
+                vec![
+                    DhcpOption::ServerIdentifier(dc::server_id(address_offer).unwrap()),
+                    DhcpOption::RequestedIpAddress(address_offer.yiaddr()),
+                ],
+            );
             let acks = dc::exchange(&socket, &request, xid, Duration::from_secs(3));
-            assert!(acks.iter().any(|(m, _)| dc::kind(m) == Some(MessageType::Ack) && m.yiaddr() == address_offer.yiaddr()), "Kea ACKs: {acks:?}");
-            assert!(acks.iter().all(|(m, _)| dc::kind(m) == Some(MessageType::Ack)), "pxed stays out of the REQUEST: {acks:?}");
+            assert!(
+                acks.iter()
+                    .any(|(m, _)| dc::kind(m) == Some(MessageType::Ack)
+                        && m.yiaddr() == address_offer.yiaddr()),
+                "Kea ACKs: {acks:?}"
+            );
+            assert!(
+                acks.iter()
+                    .all(|(m, _)| dc::kind(m) == Some(MessageType::Ack)),
+                "pxed stays out of the REQUEST: {acks:?}"
+            );
         })
         .unwrap();
     wait_for_file_text(&log, "proxy OFFER", Duration::from_secs(5));

@@ -28,7 +28,13 @@ fn populate(root: &Path, files: &[(&str, Vec<u8>)]) {
 
 /// A boot root with [`boot_files`] served by pxed with `pxed_args`; the root
 /// directory lives as long as the returned guard.
-fn serve_boot_files(pxed_args: &[&str]) -> (tempfile::TempDir, Vec<(&'static str, Vec<u8>)>, common::Served) {
+fn serve_boot_files(
+    pxed_args: &[&str],
+) -> (
+    tempfile::TempDir,
+    Vec<(&'static str, Vec<u8>)>,
+    common::Served,
+) {
     let root = tempfile::tempdir().unwrap();
     let files = boot_files();
     populate(root.path(), &files);
@@ -44,7 +50,9 @@ fn assert_same(got: &Path, want: &[u8], what: &str) {
 
 #[test]
 fn curl_downloads_every_size_byte_exact_with_and_without_options() {
-    if !pxe_lab::privileged("curl_downloads_every_size_byte_exact_with_and_without_options") || !have_tool("curl", "curl") {
+    if !pxe_lab::privileged("curl_downloads_every_size_byte_exact_with_and_without_options")
+        || !have_tool("curl", "curl")
+    {
         return;
     }
     let (_root, files, served) = serve_boot_files(&["--xdp-mode", "off", "--no-tc"]);
@@ -59,7 +67,9 @@ fn curl_downloads_every_size_byte_exact_with_and_without_options() {
             ("blksize 1432", vec!["--tftp-blksize", "1432"]),
             ("no options", vec!["--tftp-no-options"]),
         ] {
-            let dest = out.path().join(format!("{name}-{}", variant.replace(' ', "_")));
+            let dest = out
+                .path()
+                .join(format!("{name}-{}", variant.replace(' ', "_")));
             let url = format!("tftp://{SERVER_IP}/{name}");
             let mut args = vec!["-sS", "--max-time", "60", "-o", dest.to_str().unwrap()];
             args.extend(flags.iter().copied());
@@ -72,27 +82,47 @@ fn curl_downloads_every_size_byte_exact_with_and_without_options() {
 
 #[test]
 fn tftp_hpa_downloads_every_size_byte_exact() {
-    if !pxe_lab::privileged("tftp_hpa_downloads_every_size_byte_exact") || !have_tool("tftp", "tftp-hpa") {
+    if !pxe_lab::privileged("tftp_hpa_downloads_every_size_byte_exact")
+        || !have_tool("tftp", "tftp-hpa")
+    {
         return;
     }
     let (_root, files, served) = serve_boot_files(&["--xdp-mode", "off", "--no-tc"]);
     let out = tempfile::tempdir().unwrap();
     for (name, bytes) in &files {
         let dest = out.path().join(name);
-        run_ok(&served.client, "tftp", &["-m", "binary", SERVER_IP, "-c", "get", name, dest.to_str().unwrap()]);
+        run_ok(
+            &served.client,
+            "tftp",
+            &[
+                "-m",
+                "binary",
+                SERVER_IP,
+                "-c",
+                "get",
+                name,
+                dest.to_str().unwrap(),
+            ],
+        );
         assert_same(&dest, bytes, &format!("tftp-hpa {name}"));
     }
 }
 
 #[test]
 fn atftp_downloads_with_blksize_and_windowsize_byte_exact() {
-    if !pxe_lab::privileged("atftp_downloads_with_blksize_and_windowsize_byte_exact") || !have_tool("atftp", "atftp") {
+    if !pxe_lab::privileged("atftp_downloads_with_blksize_and_windowsize_byte_exact")
+        || !have_tool("atftp", "atftp")
+    {
         return;
     }
     let (_root, files, served) = serve_boot_files(&["--xdp-mode", "off", "--no-tc"]);
     let out = tempfile::tempdir().unwrap();
     for (name, bytes) in &files {
-        for options in [vec!["--option", "blksize 1428"], vec!["--option", "blksize 1468", "--option", "windowsize 4"], vec!["--option", "tsize 0", "--option", "windowsize 8"]] {
+        for options in [
+            vec!["--option", "blksize 1428"],
+            vec!["--option", "blksize 1468", "--option", "windowsize 4"],
+            vec!["--option", "tsize 0", "--option", "windowsize 8"],
+        ] {
             let dest = out.path().join(format!("{name}-{}", options.len()));
             let mut args = vec!["--get", "-r", name, "-l", dest.to_str().unwrap()];
             args.extend(options.iter().copied());
@@ -105,7 +135,9 @@ fn atftp_downloads_with_blksize_and_windowsize_byte_exact() {
 
 #[test]
 fn files_over_65535_blocks_roll_the_block_number_over() {
-    if !pxe_lab::privileged("files_over_65535_blocks_roll_the_block_number_over") || !have_tool("curl", "curl") {
+    if !pxe_lab::privileged("files_over_65535_blocks_roll_the_block_number_over")
+        || !have_tool("curl", "curl")
+    {
         return;
     }
     let root = tempfile::tempdir().unwrap();
@@ -115,11 +147,34 @@ fn files_over_65535_blocks_roll_the_block_number_over() {
     let served = serve_tftp(root.path(), &["--xdp-mode", "off", "--no-tc"]);
     let out = tempfile::tempdir().unwrap();
     let dest = out.path().join("huge");
-    run_ok(&served.client, "curl", &["-sS", "--max-time", "300", "-o", dest.to_str().unwrap(), &format!("tftp://{SERVER_IP}/huge")]);
+    run_ok(
+        &served.client,
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "300",
+            "-o",
+            dest.to_str().unwrap(),
+            &format!("tftp://{SERVER_IP}/huge"),
+        ],
+    );
     assert_same(&dest, &huge, "curl, 65,538 blocks of 512");
     if have_tool("tftp", "tftp-hpa") {
         let dest = out.path().join("huge-hpa");
-        run_ok(&served.client, "tftp", &["-m", "binary", SERVER_IP, "-c", "get", "huge", dest.to_str().unwrap()]);
+        run_ok(
+            &served.client,
+            "tftp",
+            &[
+                "-m",
+                "binary",
+                SERVER_IP,
+                "-c",
+                "get",
+                "huge",
+                dest.to_str().unwrap(),
+            ],
+        );
         assert_same(&dest, &huge, "tftp-hpa, 65,538 blocks of 512");
     }
 }
@@ -142,9 +197,22 @@ fn transfers_complete_byte_exact_with_five_percent_loss_each_way() {
             run_ok(
                 &served.client,
                 "curl",
-                &["-sS", "--max-time", "120", "--tftp-blksize", blksize, "-o", dest.to_str().unwrap(), &format!("tftp://{SERVER_IP}/{name}")],
+                &[
+                    "-sS",
+                    "--max-time",
+                    "120",
+                    "--tftp-blksize",
+                    blksize,
+                    "-o",
+                    dest.to_str().unwrap(),
+                    &format!("tftp://{SERVER_IP}/{name}"),
+                ],
             );
-            assert_same(&dest, bytes, &format!("curl blksize {blksize} {name} under loss"));
+            assert_same(
+                &dest,
+                bytes,
+                &format!("curl blksize {blksize} {name} under loss"),
+            );
         }
     }
 }
@@ -167,17 +235,24 @@ fn drop_five_percent_of_udp(served: &common::Served, scratch: &Path) {
 /// by TC over all completed transfers.
 fn kernel_blocks(log: &str) -> (u64, u64) {
     let field = |line: &str, name: &str| -> u64 {
-        line.split(&format!("{name}=")).nth(1).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap_or(0)
+        line.split(&format!("{name}="))
+            .nth(1)
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     };
     log.lines()
         .filter(|l| l.contains("TFTP transfer completed"))
-        .fold((0, 0), |(x, t), l| (x + field(l, "kernel_xdp"), t + field(l, "kernel_tc")))
+        .fold((0, 0), |(x, t), l| {
+            (x + field(l, "kernel_xdp"), t + field(l, "kernel_tc"))
+        })
 }
 
 #[test]
 fn with_the_kernel_tiers_on_real_clients_get_byte_exact_files_served_by_the_kernel() {
-    if !pxe_lab::privileged("with_the_kernel_tiers_on_real_clients_get_byte_exact_files_served_by_the_kernel")
-        || !have_tool("curl", "curl")
+    if !pxe_lab::privileged(
+        "with_the_kernel_tiers_on_real_clients_get_byte_exact_files_served_by_the_kernel",
+    ) || !have_tool("curl", "curl")
         || !have_tool("tftp", "tftp-hpa")
     {
         return;
@@ -188,16 +263,49 @@ fn with_the_kernel_tiers_on_real_clients_get_byte_exact_files_served_by_the_kern
     for (name, bytes) in files.iter().filter(|(name, _)| *name != "empty") {
         for blksize in ["1468", "1432", "512"] {
             let dest = out.path().join(format!("{name}-{blksize}"));
-            run_ok(&served.client, "curl", &["-sS", "--max-time", "60", "--tftp-blksize", blksize, "-o", dest.to_str().unwrap(), &format!("tftp://{SERVER_IP}/{name}")]);
-            assert_same(&dest, bytes, &format!("curl blksize {blksize} {name}, kernel tiers on"));
+            run_ok(
+                &served.client,
+                "curl",
+                &[
+                    "-sS",
+                    "--max-time",
+                    "60",
+                    "--tftp-blksize",
+                    blksize,
+                    "-o",
+                    dest.to_str().unwrap(),
+                    &format!("tftp://{SERVER_IP}/{name}"),
+                ],
+            );
+            assert_same(
+                &dest,
+                bytes,
+                &format!("curl blksize {blksize} {name}, kernel tiers on"),
+            );
         }
         let dest = out.path().join(format!("{name}-hpa"));
-        run_ok(&served.client, "tftp", &["-m", "binary", SERVER_IP, "-c", "get", name, dest.to_str().unwrap()]);
+        run_ok(
+            &served.client,
+            "tftp",
+            &[
+                "-m",
+                "binary",
+                SERVER_IP,
+                "-c",
+                "get",
+                name,
+                dest.to_str().unwrap(),
+            ],
+        );
         assert_same(&dest, bytes, &format!("tftp-hpa {name}, kernel tiers on"));
     }
     let (xdp, tc) = kernel_blocks(&served.log());
     // The 1 MiB kernel alone is ~2,000 blocks at 512; nearly all must come from the kernel.
-    assert!(xdp + tc > 2_000, "blocks sent by the kernel tiers: XDP {xdp}, TC {tc}\n{}", served.log());
+    assert!(
+        xdp + tc > 2_000,
+        "blocks sent by the kernel tiers: XDP {xdp}, TC {tc}\n{}",
+        served.log()
+    );
 }
 
 #[test]
@@ -213,7 +321,20 @@ fn with_the_kernel_tiers_on_transfers_survive_five_percent_loss() {
     let out = tempfile::tempdir().unwrap();
     for (name, bytes) in files.iter().filter(|(name, _)| *name != "empty") {
         let dest = out.path().join(name);
-        run_ok(&served.client, "curl", &["-sS", "--max-time", "120", "--tftp-blksize", "1468", "-o", dest.to_str().unwrap(), &format!("tftp://{SERVER_IP}/{name}")]);
+        run_ok(
+            &served.client,
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "120",
+                "--tftp-blksize",
+                "1468",
+                "-o",
+                dest.to_str().unwrap(),
+                &format!("tftp://{SERVER_IP}/{name}"),
+            ],
+        );
         assert_same(&dest, bytes, &format!("{name} under loss, kernel tiers on"));
     }
     let (xdp, tc) = kernel_blocks(&served.log());
@@ -222,8 +343,9 @@ fn with_the_kernel_tiers_on_transfers_survive_five_percent_loss() {
 
 #[test]
 fn with_the_kernel_tiers_on_windowed_transfers_are_sent_by_tc_byte_exact_also_under_loss() {
-    if !pxe_lab::privileged("with_the_kernel_tiers_on_windowed_transfers_are_sent_by_tc_byte_exact_also_under_loss")
-        || !have_tool("atftp", "atftp")
+    if !pxe_lab::privileged(
+        "with_the_kernel_tiers_on_windowed_transfers_are_sent_by_tc_byte_exact_also_under_loss",
+    ) || !have_tool("atftp", "atftp")
         || !have_tool("nft", "nftables")
     {
         return;
@@ -235,15 +357,57 @@ fn with_the_kernel_tiers_on_windowed_transfers_are_sent_by_tc_byte_exact_also_un
     for window in ["4", "8"] {
         let dest = out.path().join(format!("kernel-w{window}"));
         let window_option = format!("windowsize {window}");
-        run_ok(&served.client, "atftp", &["--get", "-r", kernel.0, "-l", dest.to_str().unwrap(), "--option", "blksize 1468", "--option", &window_option, SERVER_IP]);
-        assert_same(&dest, &kernel.1, &format!("atftp window {window}, kernel tiers on"));
+        run_ok(
+            &served.client,
+            "atftp",
+            &[
+                "--get",
+                "-r",
+                kernel.0,
+                "-l",
+                dest.to_str().unwrap(),
+                "--option",
+                "blksize 1468",
+                "--option",
+                &window_option,
+                SERVER_IP,
+            ],
+        );
+        assert_same(
+            &dest,
+            &kernel.1,
+            &format!("atftp window {window}, kernel tiers on"),
+        );
     }
     let (xdp, tc) = kernel_blocks(&served.log());
     // 2 × 715 blocks; all but the first and the last window of each are the kernel's, all from TC.
-    assert!(tc > 1_300 && xdp == 0, "blocks sent by the kernel tiers: XDP {xdp}, TC {tc}\n{}", served.log());
+    assert!(
+        tc > 1_300 && xdp == 0,
+        "blocks sent by the kernel tiers: XDP {xdp}, TC {tc}\n{}",
+        served.log()
+    );
 
     drop_five_percent_of_udp(&served, root.path());
     let dest = out.path().join("kernel-lossy");
-    run_ok(&served.client, "atftp", &["--get", "-r", kernel.0, "-l", dest.to_str().unwrap(), "--option", "blksize 1468", "--option", "windowsize 4", SERVER_IP]);
-    assert_same(&dest, &kernel.1, "atftp window 4 under 5% loss, kernel tiers on");
+    run_ok(
+        &served.client,
+        "atftp",
+        &[
+            "--get",
+            "-r",
+            kernel.0,
+            "-l",
+            dest.to_str().unwrap(),
+            "--option",
+            "blksize 1468",
+            "--option",
+            "windowsize 4",
+            SERVER_IP,
+        ],
+    );
+    assert_same(
+        &dest,
+        &kernel.1,
+        "atftp window 4 under 5% loss, kernel tiers on",
+    );
 }

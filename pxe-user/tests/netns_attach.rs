@@ -2,7 +2,11 @@
 //! generic XDP mode, with real UDP traffic from a peer namespace: the counters
 //! must show exactly what was sent. Needs root.
 
-use std::{net::UdpSocket, thread::sleep, time::{Duration, Instant}};
+use std::{
+    net::UdpSocket,
+    thread::sleep,
+    time::{Duration, Instant},
+};
 
 use pxe_common::counter::Counter;
 use pxe_lab::{Lab, Netns};
@@ -26,7 +30,11 @@ fn lab() -> (Lab, Netns, Netns) {
     let lab = Lab::new().expect("creating the lab");
     let server = lab.add_netns("srv").unwrap();
     let client = lab.add_netns("cli").unwrap();
-    lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&client, "eth0", Some("198.18.0.2/24"))).unwrap();
+    lab.veth(
+        (&server, "eth0", Some("198.18.0.1/24")),
+        (&client, "eth0", Some("198.18.0.2/24")),
+    )
+    .unwrap();
     (lab, server, client)
 }
 
@@ -36,7 +44,9 @@ fn send_traffic(client: &Netns) {
             let socket = UdpSocket::bind("198.18.0.2:0").expect("binding the client socket");
             for (port, _) in TRAFFIC {
                 for _ in 0..PER_PORT {
-                    socket.send_to(b"pxe-lab probe", (SERVER, port)).expect("sending a probe");
+                    socket
+                        .send_to(b"pxe-lab probe", (SERVER, port))
+                        .expect("sending a probe");
                 }
             }
         })
@@ -75,9 +85,19 @@ fn attach_and_count(choice: XdpModeChoice, want: AttachedXdp) {
     send_traffic(&client);
     let counters = settled_counters(&fastpath, true);
     for (port, counter) in TRAFFIC {
-        assert_eq!(counters.xdp.get(counter), PER_PORT, "{want:?} XDP, port {port}: {}", counters.xdp);
+        assert_eq!(
+            counters.xdp.get(counter),
+            PER_PORT,
+            "{want:?} XDP, port {port}: {}",
+            counters.xdp
+        );
         // TC ingress runs after XDP passed the packet up, so it sees the same datagrams.
-        assert_eq!(counters.tc.get(counter), PER_PORT, "{want:?} TC, port {port}: {}", counters.tc);
+        assert_eq!(
+            counters.tc.get(counter),
+            PER_PORT,
+            "{want:?} TC, port {port}: {}",
+            counters.tc
+        );
     }
 }
 
@@ -111,14 +131,19 @@ fn with_xdp_off_the_tc_program_alone_sees_the_traffic() {
     let fastpath = server
         .run(|| {
             let mut fastpath = FastPath::load().unwrap();
-            assert_eq!(fastpath.attach_xdp("eth0", XdpModeChoice::Off).unwrap(), None);
+            assert_eq!(
+                fastpath.attach_xdp("eth0", XdpModeChoice::Off).unwrap(),
+                None
+            );
             fastpath.attach_tc("eth0").unwrap();
             fastpath
         })
         .unwrap();
     send_traffic(&client);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while fastpath.counters().unwrap().tc.get(Counter::PASS_OTHER_UDP) < PER_PORT && Instant::now() < deadline {
+    while fastpath.counters().unwrap().tc.get(Counter::PASS_OTHER_UDP) < PER_PORT
+        && Instant::now() < deadline
+    {
         sleep(Duration::from_millis(20));
     }
     let counters = fastpath.counters().unwrap();
@@ -137,8 +162,14 @@ fn attaching_to_a_missing_interface_names_it() {
     let message = server
         .run(|| {
             let mut fastpath = FastPath::load().unwrap();
-            fastpath.attach_xdp("nope0", XdpModeChoice::Auto).unwrap_err().to_string()
+            fastpath
+                .attach_xdp("nope0", XdpModeChoice::Auto)
+                .unwrap_err()
+                .to_string()
         })
         .unwrap();
-    assert!(message.contains("no interface named \"nope0\""), "{message}");
+    assert!(
+        message.contains("no interface named \"nope0\""),
+        "{message}"
+    );
 }

@@ -18,15 +18,27 @@ use pxe_user::fastpath::{FastPath, XdpModeChoice, XDP_PROGRAM};
 const SERVER_PORT: u16 = 40_002;
 
 fn mac_of(ns: &pxe_lab::Netns, ifname: &str) -> [u8; 6] {
-    let out = ns.output("cat", &[&format!("/sys/class/net/{ifname}/address")]).unwrap();
+    let out = ns
+        .output("cat", &[&format!("/sys/class/net/{ifname}/address")])
+        .unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
-    let bytes: Vec<u8> = text.trim().split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
     bytes.try_into().unwrap()
 }
 
 fn ifindex_of(ns: &pxe_lab::Netns, ifname: &str) -> u32 {
-    let out = ns.output("cat", &[&format!("/sys/class/net/{ifname}/ifindex")]).unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().parse().unwrap()
+    let out = ns
+        .output("cat", &[&format!("/sys/class/net/{ifname}/ifindex")])
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// An ACK from the client to the server as it would arrive on the server's veth.
@@ -60,7 +72,11 @@ fn xdp_tx_frames_built_in_place_reach_a_real_client() {
     let lab = Lab::new().unwrap();
     let server = lab.add_netns("srv").unwrap();
     let client = lab.add_netns("cli").unwrap();
-    lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&client, "eth0", Some("198.18.0.2/24"))).unwrap();
+    lab.veth(
+        (&server, "eth0", Some("198.18.0.1/24")),
+        (&client, "eth0", Some("198.18.0.2/24")),
+    )
+    .unwrap();
     let (server_mac, client_mac) = (mac_of(&server, "eth0"), mac_of(&client, "eth0"));
     let ifindex = ifindex_of(&server, "eth0");
 
@@ -74,8 +90,12 @@ fn xdp_tx_frames_built_in_place_reach_a_real_client() {
         })
         .unwrap();
 
-    let socket = client.run(|| UdpSocket::bind("198.18.0.2:0").unwrap()).unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let socket = client
+        .run(|| UdpSocket::bind("198.18.0.2:0").unwrap())
+        .unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
     let client_port = socket.local_addr().unwrap().port();
 
     let file: Vec<u8> = (0..1468 * 20).map(|i: usize| (i * 31 + 7) as u8).collect();
@@ -84,7 +104,11 @@ fn xdp_tx_frames_built_in_place_reach_a_real_client() {
             let mut fp = FastPath::load().unwrap();
             fp.register_transfer_port(SERVER_PORT).unwrap();
             fp.load_image(0, &file).unwrap();
-            let key = SessionKey { client_ip: [198, 18, 0, 2], client_port: client_port.to_be_bytes(), server_port: SERVER_PORT.to_be_bytes() };
+            let key = SessionKey {
+                client_ip: [198, 18, 0, 2],
+                client_port: client_port.to_be_bytes(),
+                server_port: SERVER_PORT.to_be_bytes(),
+            };
             let mut entry: SessionEntry = bytemuck::Zeroable::zeroed();
             entry.blksize = 1468;
             entry.blocks = 21;
@@ -97,7 +121,12 @@ fn xdp_tx_frames_built_in_place_reach_a_real_client() {
             let mut ctx = [0u8; 24];
             ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
             ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-            let program: &mut Xdp = fp.ebpf_mut().program_mut(XDP_PROGRAM).unwrap().try_into().unwrap();
+            let program: &mut Xdp = fp
+                .ebpf_mut()
+                .program_mut(XDP_PROGRAM)
+                .unwrap()
+                .try_into()
+                .unwrap();
             let result = program
                 .test_run(TestRunOptions {
                     data_in: Some(&frame),
@@ -112,11 +141,20 @@ fn xdp_tx_frames_built_in_place_reach_a_real_client() {
         .unwrap();
     // In live-frames mode the run reports success; the session shows what the program did.
     assert_eq!(action, 0, "the live-frames run itself succeeds");
-    assert_eq!((received.last_sent, received.xdp_sent), (2, 1), "XDP built block 2 and sent it");
+    assert_eq!(
+        (received.last_sent, received.xdp_sent),
+        (2, 1),
+        "XDP built block 2 and sent it"
+    );
 
     let mut buf = [0u8; 2048];
-    let (len, from) = socket.recv_from(&mut buf).expect("the DATA frame reached the client's socket");
+    let (len, from) = socket
+        .recv_from(&mut buf)
+        .expect("the DATA frame reached the client's socket");
     assert_eq!(from.to_string(), format!("198.18.0.1:{SERVER_PORT}"));
     assert_eq!(&buf[..4], &[0, 3, 0, 2], "DATA block 2");
-    assert!(buf[4..len] == file[1468..2 * 1468], "byte-exact block, and the kernel accepted its checksums");
+    assert!(
+        buf[4..len] == file[1468..2 * 1468],
+        "byte-exact block, and the kernel accepted its checksums"
+    );
 }

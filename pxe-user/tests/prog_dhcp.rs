@@ -72,7 +72,10 @@ impl Lab {
     fn new(mode: Mode, xdp_tx: bool) -> Self {
         let config = EngineConfig {
             mode,
-            subnets: vec![subnet("198.18.0.0/24", "198.18.0.100-198.18.0.109"), subnet("198.18.7.0/24", "198.18.7.10-198.18.7.19")],
+            subnets: vec![
+                subnet("198.18.0.0/24", "198.18.0.100-198.18.0.109"),
+                subnet("198.18.7.0/24", "198.18.7.10-198.18.7.19"),
+            ],
             reservations: HashMap::new(),
             authoritative: false,
             http_port: 80,
@@ -84,18 +87,43 @@ impl Lab {
             default_profile: Some("default".into()),
         });
         let engine = Engine::new(config, policy, Box::new(MemLeaseStore::default())).unwrap();
-        let fastpath = Arc::new(Mutex::new(FastPath::load_with_image_chunks(1).expect("loading the BPF object")));
+        let fastpath = Arc::new(Mutex::new(
+            FastPath::load_with_image_chunks(1).expect("loading the BPF object"),
+        ));
         let answers = KernelAnswers::new(Arc::clone(&fastpath));
-        let interface = Interface { ifindex: LOOPBACK_IFINDEX, mac: SERVER_MAC, address: SERVER, xdp_tx };
-        Self { engine, fastpath, answers, interface }
+        let interface = Interface {
+            ifindex: LOOPBACK_IFINDEX,
+            mac: SERVER_MAC,
+            address: SERVER,
+            xdp_tx,
+        };
+        Self {
+            engine,
+            fastpath,
+            answers,
+            interface,
+        }
     }
 
     /// The engine answers `datagram` as the daemon does, handing a
     /// repeatable reply to the kernel. Returns the reply's bytes and where it went.
-    fn daemon(&mut self, datagram: &[u8], port: u16, source: SocketAddrV4) -> Option<(Vec<u8>, Destination)> {
+    fn daemon(
+        &mut self,
+        datagram: &[u8],
+        port: u16,
+        source: SocketAddrV4,
+    ) -> Option<(Vec<u8>, Destination)> {
         let request = classify(datagram).unwrap();
         let now = Clocks::now();
-        let outcome = self.engine.handle(&request, Arrival { port, source, server_ip: SERVER }, now.unix_secs);
+        let outcome = self.engine.handle(
+            &request,
+            Arrival {
+                port,
+                source,
+                server_ip: SERVER,
+            },
+            now.unix_secs,
+        );
         if outcome.forget {
             self.answers.forget(request.mac.0);
         }
@@ -103,7 +131,9 @@ impl Lab {
         let mut bytes = Vec::new();
         reply.message.encode(&mut Encoder::new(&mut bytes)).unwrap();
         if let Some(kernel) = outcome.kernel {
-            let (key, entry) = templates::template(datagram, &bytes, &kernel, port, &self.interface, now).expect("a template");
+            let (key, entry) =
+                templates::template(datagram, &bytes, &kernel, port, &self.interface, now)
+                    .expect("a template");
             self.answers.install(key, entry);
         }
         Some((bytes, reply.to))
@@ -113,21 +143,46 @@ impl Lab {
         let mut fp = self.fastpath.lock().unwrap();
         let before = fp.counters().unwrap();
         let mut out = vec![0u8; 4096];
-        let options = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() };
+        let options = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        };
         let r = if xdp {
-            let program: &mut Xdp = fp.ebpf_mut().program_mut(XDP_PROGRAM).unwrap().try_into().unwrap();
+            let program: &mut Xdp = fp
+                .ebpf_mut()
+                .program_mut(XDP_PROGRAM)
+                .unwrap()
+                .try_into()
+                .unwrap();
             program.test_run(options).unwrap()
         } else {
-            let program: &mut SchedClassifier = fp.ebpf_mut().program_mut(TC_PROGRAM).unwrap().try_into().unwrap();
+            let program: &mut SchedClassifier = fp
+                .ebpf_mut()
+                .program_mut(TC_PROGRAM)
+                .unwrap()
+                .try_into()
+                .unwrap();
             program.test_run(options).unwrap()
         };
         out.truncate(r.data_size_out as usize);
         let after = fp.counters().unwrap();
-        let (now, then) = if xdp { (&after.xdp, &before.xdp) } else { (&after.tc, &before.tc) };
+        let (now, then) = if xdp {
+            (&after.xdp, &before.xdp)
+        } else {
+            (&after.tc, &before.tc)
+        };
         let delta = now.since(then);
-        let verdicts: Vec<Counter> =
-            Counter::ALL.iter().map(|(c, _)| *c).filter(|c| c.is_verdict() && delta.get(*c) > 0).collect();
-        assert_eq!(verdicts.len(), 1, "exactly one verdict per packet, got {verdicts:?}");
+        let verdicts: Vec<Counter> = Counter::ALL
+            .iter()
+            .map(|(c, _)| *c)
+            .filter(|c| c.is_verdict() && delta.get(*c) > 0)
+            .collect();
+        assert_eq!(
+            verdicts.len(),
+            1,
+            "exactly one verdict per packet, got {verdicts:?}"
+        );
         (r.return_value, out, verdicts[0])
     }
 
@@ -161,13 +216,23 @@ fn with_ciaddr(mut d: Vec<u8>, ip: Ipv4Addr) -> Vec<u8> {
 }
 
 fn selecting(xid: u32, ip: Ipv4Addr) -> Vec<u8> {
-    uefi(MessageType::Request, xid, true, vec![DhcpOption::ServerIdentifier(SERVER), DhcpOption::RequestedIpAddress(ip)])
+    uefi(
+        MessageType::Request,
+        xid,
+        true,
+        vec![
+            DhcpOption::ServerIdentifier(SERVER),
+            DhcpOption::RequestedIpAddress(ip),
+        ],
+    )
 }
 
 /// DISCOVER, REQUEST through the daemon: the client holds a lease and the
 /// kernel a template for its shape.
 fn leased(lab: &mut Lab) -> Ipv4Addr {
-    let (offer, _) = lab.daemon(&uefi(MessageType::Discover, 1, true, vec![]), 67, client()).expect("an OFFER");
+    let (offer, _) = lab
+        .daemon(&uefi(MessageType::Discover, 1, true, vec![]), 67, client())
+        .expect("an OFFER");
     let ip = Ipv4Addr::from(<[u8; 4]>::try_from(&offer[16..20]).unwrap());
     lab.daemon(&selecting(2, ip), 67, client()).expect("an ACK");
     ip
@@ -175,7 +240,14 @@ fn leased(lab: &mut Lab) -> Ipv4Addr {
 
 /// Checks a reply frame the kernel built: addressing, lengths, checksums,
 /// and the BOOTP message byte for byte against the daemon's.
-fn assert_reply(out: &[u8], want: &[u8], to: Destination, src_port: u16, request_src_mac: [u8; 6], what: &str) {
+fn assert_reply(
+    out: &[u8],
+    want: &[u8],
+    to: Destination,
+    src_port: u16,
+    request_src_mac: [u8; 6],
+    what: &str,
+) {
     let (dst_mac, dst_ip, dst_port) = match to {
         Destination::Broadcast => ([0xff; 6], Ipv4Addr::BROADCAST, 68),
         Destination::Unicast(a) => (request_src_mac, *a.ip(), a.port()),
@@ -185,33 +257,80 @@ fn assert_reply(out: &[u8], want: &[u8], to: Destination, src_port: u16, request
     assert_eq!(&out[6..12], &SERVER_MAC, "{what}: source MAC");
     let ip = &out[14..34];
     assert_eq!(internet_checksum(ip), 0, "{what}: IPv4 header checksum");
-    assert_eq!(u16::from_be_bytes([ip[2], ip[3]]) as usize, 28 + want.len(), "{what}: IPv4 total length");
+    assert_eq!(
+        u16::from_be_bytes([ip[2], ip[3]]) as usize,
+        28 + want.len(),
+        "{what}: IPv4 total length"
+    );
     assert_eq!(&ip[12..16], &SERVER.octets(), "{what}: source address");
     assert_eq!(&ip[16..20], &dst_ip.octets(), "{what}: destination address");
     let udp = &out[34..42];
-    assert_eq!(u16::from_be_bytes([udp[0], udp[1]]), src_port, "{what}: source port");
-    assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), dst_port, "{what}: destination port");
+    assert_eq!(
+        u16::from_be_bytes([udp[0], udp[1]]),
+        src_port,
+        "{what}: source port"
+    );
+    assert_eq!(
+        u16::from_be_bytes([udp[2], udp[3]]),
+        dst_port,
+        "{what}: destination port"
+    );
     let mut pseudo = Vec::new();
     pseudo.extend_from_slice(&ip[12..20]);
     pseudo.extend_from_slice(&[0, 17]);
     pseudo.extend_from_slice(&udp[4..6]);
     pseudo.extend_from_slice(&out[34..]);
     assert_eq!(internet_checksum(&pseudo), 0, "{what}: UDP checksum");
-    assert!(out[42..] == *want, "{what}: the BOOTP message differs from the daemon's\nkernel: {:02x?}\ndaemon: {:02x?}", &out[42..], want);
+    assert!(
+        out[42..] == *want,
+        "{what}: the BOOTP message differs from the daemon's\nkernel: {:02x?}\ndaemon: {:02x?}",
+        &out[42..],
+        want
+    );
 }
 
 /// Runs `request` through the kernel (XDP in place, then TC), then through
 /// the daemon, and checks the kernel answered exactly as the daemon does.
-fn assert_kernel_answers_as_daemon(lab: &mut Lab, request: &[u8], port: u16, source: SocketAddrV4, what: &str) {
+fn assert_kernel_answers_as_daemon(
+    lab: &mut Lab,
+    request: &[u8],
+    port: u16,
+    source: SocketAddrV4,
+    what: &str,
+) {
     let src_port = if port == 4011 { 4011 } else { 67 };
     let f = frame(request, source.port(), port);
     let (xdp_action, xdp_out, xdp_verdict) = lab.run(true, &f);
     let (tc_action, tc_out, tc_verdict) = lab.run(false, &f);
-    let (want, to) = lab.daemon(request, port, source).expect("the daemon answers");
-    assert_eq!((xdp_action, xdp_verdict), (XDP_TX, Counter::TX_DHCP_REPLY), "{what}: XDP");
-    assert_eq!((tc_action, tc_verdict), (TC_ACT_REDIRECT, Counter::REDIRECT_DHCP_REPLY), "{what}: TC");
-    assert_reply(&xdp_out, &want, to, src_port, CLIENT_MAC, &format!("{what} (XDP)"));
-    assert_reply(&tc_out, &want, to, src_port, CLIENT_MAC, &format!("{what} (TC)"));
+    let (want, to) = lab
+        .daemon(request, port, source)
+        .expect("the daemon answers");
+    assert_eq!(
+        (xdp_action, xdp_verdict),
+        (XDP_TX, Counter::TX_DHCP_REPLY),
+        "{what}: XDP"
+    );
+    assert_eq!(
+        (tc_action, tc_verdict),
+        (TC_ACT_REDIRECT, Counter::REDIRECT_DHCP_REPLY),
+        "{what}: TC"
+    );
+    assert_reply(
+        &xdp_out,
+        &want,
+        to,
+        src_port,
+        CLIENT_MAC,
+        &format!("{what} (XDP)"),
+    );
+    assert_reply(
+        &tc_out,
+        &want,
+        to,
+        src_port,
+        CLIENT_MAC,
+        &format!("{what} (TC)"),
+    );
 }
 
 /// The kernel passes `f` on untouched with `verdict`, in both tiers.
@@ -219,7 +338,11 @@ fn assert_passed(lab: &Lab, f: &[u8], verdict: Counter, what: &str) {
     for xdp in [true, false] {
         let (action, out, got) = lab.run(xdp, f);
         let tier = if xdp { "XDP" } else { "TC" };
-        assert_eq!(action, if xdp { XDP_PASS } else { TC_NEXT }, "{what} ({tier}): action");
+        assert_eq!(
+            action,
+            if xdp { XDP_PASS } else { TC_NEXT },
+            "{what} ({tier}): action"
+        );
         assert_eq!(got, verdict, "{what} ({tier}): verdict");
         assert!(out == f, "{what} ({tier}): the frame was changed");
     }
@@ -229,18 +352,64 @@ fn assert_passed(lab: &Lab, f: &[u8], verdict: Counter, what: &str) {
 fn repeat_requests_of_a_leased_client_get_the_daemons_reply_byte_for_byte() {
     let mut lab = Lab::new(Mode::Full, true);
     let first = uefi(MessageType::Discover, 1, true, vec![]);
-    assert_passed(&lab, &frame(&first, 68, 67), Counter::PASS_DHCP_TO_SERVER, "a DISCOVER before any answer");
+    assert_passed(
+        &lab,
+        &frame(&first, 68, 67),
+        Counter::PASS_DHCP_TO_SERVER,
+        "a DISCOVER before any answer",
+    );
     let ip = leased(&mut lab);
 
-    assert_kernel_answers_as_daemon(&mut lab, &uefi(MessageType::Discover, 0x1111, true, vec![]), 67, client(), "DISCOVER, broadcast flag");
-    assert_kernel_answers_as_daemon(&mut lab, &uefi(MessageType::Discover, 0x2222, false, vec![]), 67, client(), "DISCOVER, no broadcast flag");
-    assert_kernel_answers_as_daemon(&mut lab, &selecting(0x3333, ip), 67, client(), "REQUEST (SELECTING)");
-    let init_reboot = uefi(MessageType::Request, 0x4444, false, vec![DhcpOption::RequestedIpAddress(ip)]);
-    assert_kernel_answers_as_daemon(&mut lab, &init_reboot, 67, client(), "REQUEST (INIT-REBOOT)");
+    assert_kernel_answers_as_daemon(
+        &mut lab,
+        &uefi(MessageType::Discover, 0x1111, true, vec![]),
+        67,
+        client(),
+        "DISCOVER, broadcast flag",
+    );
+    assert_kernel_answers_as_daemon(
+        &mut lab,
+        &uefi(MessageType::Discover, 0x2222, false, vec![]),
+        67,
+        client(),
+        "DISCOVER, no broadcast flag",
+    );
+    assert_kernel_answers_as_daemon(
+        &mut lab,
+        &selecting(0x3333, ip),
+        67,
+        client(),
+        "REQUEST (SELECTING)",
+    );
+    let init_reboot = uefi(
+        MessageType::Request,
+        0x4444,
+        false,
+        vec![DhcpOption::RequestedIpAddress(ip)],
+    );
+    assert_kernel_answers_as_daemon(
+        &mut lab,
+        &init_reboot,
+        67,
+        client(),
+        "REQUEST (INIT-REBOOT)",
+    );
     let renewing = with_ciaddr(uefi(MessageType::Request, 0x5555, false, vec![]), ip);
-    assert_kernel_answers_as_daemon(&mut lab, &renewing, 67, SocketAddrV4::new(ip, 68), "REQUEST (RENEWING, unicast to ciaddr)");
+    assert_kernel_answers_as_daemon(
+        &mut lab,
+        &renewing,
+        67,
+        SocketAddrV4::new(ip, 68),
+        "REQUEST (RENEWING, unicast to ciaddr)",
+    );
     let rebinding = with_ciaddr(uefi(MessageType::Request, 0x6666, true, vec![]), ip);
-    assert_kernel_answers_as_daemon(&mut lab, &rebinding, 67, SocketAddrV4::new(ip, 68), "REQUEST (REBINDING, broadcast flag)");
+    assert_kernel_answers_as_daemon(
+        &mut lab,
+        &rebinding,
+        67,
+        SocketAddrV4::new(ip, 68),
+        "REQUEST (REBINDING, broadcast flag)",
+    );
     assert!(lab.answered() >= 12);
 }
 
@@ -250,19 +419,85 @@ fn requests_whose_answer_is_not_decided_pass_to_userspace_untouched() {
     let ip = leased(&mut lab);
     let other = Ipv4Addr::new(198, 18, 0, 109);
     let cases = [
-        ("REQUEST for another address", selecting(7, other), Counter::PASS_DHCP_NOT_DECIDED),
         (
-            "REQUEST naming another server",
-            uefi(MessageType::Request, 7, true, vec![DhcpOption::ServerIdentifier(Ipv4Addr::new(198, 18, 0, 2)), DhcpOption::RequestedIpAddress(ip)]),
+            "REQUEST for another address",
+            selecting(7, other),
             Counter::PASS_DHCP_NOT_DECIDED,
         ),
-        ("renewal of another address", with_ciaddr(uefi(MessageType::Request, 7, false, vec![]), other), Counter::PASS_DHCP_NOT_DECIDED),
-        ("the same client relayed", { let mut d = uefi(MessageType::Discover, 7, true, vec![]); d[24..28].copy_from_slice(&RELAY.octets()); d }, Counter::PASS_DHCP_NOT_DECIDED),
-        ("another shape: iPXE's user class", uefi(MessageType::Discover, 7, true, vec![DhcpOption::UserClass(b"iPXE".to_vec())]), Counter::PASS_DHCP_TO_SERVER),
-        ("RELEASE", with_ciaddr(uefi(MessageType::Release, 7, false, vec![DhcpOption::ServerIdentifier(SERVER)]), ip), Counter::PASS_DHCP_TO_SERVER),
-        ("DECLINE", uefi(MessageType::Decline, 7, false, vec![DhcpOption::RequestedIpAddress(ip)]), Counter::PASS_DHCP_TO_SERVER),
-        ("INFORM", with_ciaddr(uefi(MessageType::Inform, 7, false, vec![]), ip), Counter::PASS_DHCP_TO_SERVER),
-        ("another client of the same shape", { let mut d = uefi(MessageType::Discover, 7, true, vec![]); d[33] ^= 1; d }, Counter::PASS_DHCP_TO_SERVER),
+        (
+            "REQUEST naming another server",
+            uefi(
+                MessageType::Request,
+                7,
+                true,
+                vec![
+                    DhcpOption::ServerIdentifier(Ipv4Addr::new(198, 18, 0, 2)),
+                    DhcpOption::RequestedIpAddress(ip),
+                ],
+            ),
+            Counter::PASS_DHCP_NOT_DECIDED,
+        ),
+        (
+            "renewal of another address",
+            with_ciaddr(uefi(MessageType::Request, 7, false, vec![]), other),
+            Counter::PASS_DHCP_NOT_DECIDED,
+        ),
+        (
+            "the same client relayed",
+            {
+                let mut d = uefi(MessageType::Discover, 7, true, vec![]);
+                d[24..28].copy_from_slice(&RELAY.octets());
+                d
+            },
+            Counter::PASS_DHCP_NOT_DECIDED,
+        ),
+        (
+            "another shape: iPXE's user class",
+            uefi(
+                MessageType::Discover,
+                7,
+                true,
+                vec![DhcpOption::UserClass(b"iPXE".to_vec())],
+            ),
+            Counter::PASS_DHCP_TO_SERVER,
+        ),
+        (
+            "RELEASE",
+            with_ciaddr(
+                uefi(
+                    MessageType::Release,
+                    7,
+                    false,
+                    vec![DhcpOption::ServerIdentifier(SERVER)],
+                ),
+                ip,
+            ),
+            Counter::PASS_DHCP_TO_SERVER,
+        ),
+        (
+            "DECLINE",
+            uefi(
+                MessageType::Decline,
+                7,
+                false,
+                vec![DhcpOption::RequestedIpAddress(ip)],
+            ),
+            Counter::PASS_DHCP_TO_SERVER,
+        ),
+        (
+            "INFORM",
+            with_ciaddr(uefi(MessageType::Inform, 7, false, vec![]), ip),
+            Counter::PASS_DHCP_TO_SERVER,
+        ),
+        (
+            "another client of the same shape",
+            {
+                let mut d = uefi(MessageType::Discover, 7, true, vec![]);
+                d[33] ^= 1;
+                d
+            },
+            Counter::PASS_DHCP_TO_SERVER,
+        ),
     ];
     for (what, datagram, verdict) in cases {
         assert_passed(&lab, &frame(&datagram, 68, 67), verdict, what);
@@ -273,7 +508,13 @@ fn requests_whose_answer_is_not_decided_pass_to_userspace_untouched() {
         let (_, _) = lab.daemon(&selecting(8, ip), 67, client()).unwrap();
         let request = selecting(9, ip);
         let sig = templates::signature(&request).unwrap();
-        AnswerKey { signature: sig, ifindex: LOOPBACK_IFINDEX, mac: MAC, port_kind: 0, _pad: [0; 5] }
+        AnswerKey {
+            signature: sig,
+            ifindex: LOOPBACK_IFINDEX,
+            mac: MAC,
+            port_kind: 0,
+            _pad: [0; 5],
+        }
     };
     let mut fp = lab.fastpath.lock().unwrap();
     let mut entry = fp.answer(&key).unwrap().expect("the client's template");
@@ -281,18 +522,43 @@ fn requests_whose_answer_is_not_decided_pass_to_userspace_untouched() {
     entry.offer_until_ns = 1;
     fp.insert_answer(key, entry).unwrap();
     drop(fp);
-    assert_passed(&lab, &frame(&selecting(10, ip), 68, 67), Counter::PASS_DHCP_NOT_DECIDED, "REQUEST past the horizon");
-    assert_passed(&lab, &frame(&uefi(MessageType::Discover, 11, true, vec![]), 68, 67), Counter::PASS_DHCP_NOT_DECIDED, "DISCOVER past the stored lease");
+    assert_passed(
+        &lab,
+        &frame(&selecting(10, ip), 68, 67),
+        Counter::PASS_DHCP_NOT_DECIDED,
+        "REQUEST past the horizon",
+    );
+    assert_passed(
+        &lab,
+        &frame(&uefi(MessageType::Discover, 11, true, vec![]), 68, 67),
+        Counter::PASS_DHCP_NOT_DECIDED,
+        "DISCOVER past the stored lease",
+    );
 }
 
 #[test]
 fn a_release_or_nak_takes_the_clients_templates_back() {
     let mut lab = Lab::new(Mode::Full, true);
     let ip = leased(&mut lab);
-    let release = with_ciaddr(uefi(MessageType::Release, 7, false, vec![DhcpOption::ServerIdentifier(SERVER)]), ip);
-    assert!(lab.daemon(&release, 67, SocketAddrV4::new(ip, 68)).is_none());
+    let release = with_ciaddr(
+        uefi(
+            MessageType::Release,
+            7,
+            false,
+            vec![DhcpOption::ServerIdentifier(SERVER)],
+        ),
+        ip,
+    );
+    assert!(lab
+        .daemon(&release, 67, SocketAddrV4::new(ip, 68))
+        .is_none());
     assert!(lab.answers.is_empty(), "RELEASE forgets the client");
-    assert_passed(&lab, &frame(&selecting(8, ip), 68, 67), Counter::PASS_DHCP_TO_SERVER, "REQUEST after RELEASE");
+    assert_passed(
+        &lab,
+        &frame(&selecting(8, ip), 68, 67),
+        Counter::PASS_DHCP_TO_SERVER,
+        "REQUEST after RELEASE",
+    );
 }
 
 #[test]
@@ -300,15 +566,32 @@ fn proxy_replies_on_67_and_4011_come_from_the_kernel_as_the_daemon_sends_them() 
     let mut lab = Lab::new(Mode::Proxy, true);
     let discover = uefi(MessageType::Discover, 1, true, vec![]);
     lab.daemon(&discover, 67, client()).expect("a proxy OFFER");
-    assert_kernel_answers_as_daemon(&mut lab, &uefi(MessageType::Discover, 2, false, vec![]), 67, client(), "proxy DISCOVER");
+    assert_kernel_answers_as_daemon(
+        &mut lab,
+        &uefi(MessageType::Discover, 2, false, vec![]),
+        67,
+        client(),
+        "proxy DISCOVER",
+    );
     let request_67 = selecting(3, Ipv4Addr::new(198, 18, 0, 50));
-    assert_passed(&lab, &frame(&request_67, 68, 67), Counter::PASS_DHCP_NOT_DECIDED, "a REQUEST on 67 (the network server's)");
+    assert_passed(
+        &lab,
+        &frame(&request_67, 68, 67),
+        Counter::PASS_DHCP_NOT_DECIDED,
+        "a REQUEST on 67 (the network server's)",
+    );
 
     let client_ip = Ipv4Addr::from(CLIENT_IP);
     let on_4011 = |xid| with_ciaddr(uefi(MessageType::Request, xid, false, vec![]), client_ip);
     let source = SocketAddrV4::new(client_ip, 68);
-    assert_passed(&lab, &frame(&on_4011(4), 68, 4011), Counter::PASS_PROXY_DHCP, "the first REQUEST on 4011");
-    lab.daemon(&on_4011(4), 4011, source).expect("an ACK on 4011");
+    assert_passed(
+        &lab,
+        &frame(&on_4011(4), 68, 4011),
+        Counter::PASS_PROXY_DHCP,
+        "the first REQUEST on 4011",
+    );
+    lab.daemon(&on_4011(4), 4011, source)
+        .expect("an ACK on 4011");
     assert_kernel_answers_as_daemon(&mut lab, &on_4011(5), 4011, source, "REQUEST on 4011");
 }
 
@@ -321,13 +604,36 @@ fn a_relayed_client_is_answered_through_its_relay() {
         d
     };
     let relay = SocketAddrV4::new(RELAY, 67);
-    let (offer, _) = lab.daemon(&relayed(MessageType::Discover, 1, vec![]), 67, relay).unwrap();
+    let (offer, _) = lab
+        .daemon(&relayed(MessageType::Discover, 1, vec![]), 67, relay)
+        .unwrap();
     let ip = Ipv4Addr::from(<[u8; 4]>::try_from(&offer[16..20]).unwrap());
     assert_eq!(ip.octets()[2], 7, "an address of the relay's subnet");
-    let request = |xid| relayed(MessageType::Request, xid, vec![DhcpOption::ServerIdentifier(SERVER), DhcpOption::RequestedIpAddress(ip)]);
+    let request = |xid| {
+        relayed(
+            MessageType::Request,
+            xid,
+            vec![
+                DhcpOption::ServerIdentifier(SERVER),
+                DhcpOption::RequestedIpAddress(ip),
+            ],
+        )
+    };
     lab.daemon(&request(2), 67, relay).unwrap();
-    assert_kernel_answers_as_daemon(&mut lab, &request(3), 67, relay, "relayed REQUEST (to giaddr:67)");
-    assert_kernel_answers_as_daemon(&mut lab, &relayed(MessageType::Discover, 4, vec![]), 67, relay, "relayed DISCOVER");
+    assert_kernel_answers_as_daemon(
+        &mut lab,
+        &request(3),
+        67,
+        relay,
+        "relayed REQUEST (to giaddr:67)",
+    );
+    assert_kernel_answers_as_daemon(
+        &mut lab,
+        &relayed(MessageType::Discover, 4, vec![]),
+        67,
+        relay,
+        "relayed DISCOVER",
+    );
 }
 
 #[test]
@@ -339,7 +645,10 @@ fn xdp_leaves_the_reply_to_tc_where_it_may_not_transmit() {
     assert_eq!((action, verdict), (XDP_PASS, Counter::PASS_DHCP_TO_TC));
     assert!(out == f, "untouched");
     let (action, _, verdict) = lab.run(false, &f);
-    assert_eq!((action, verdict), (TC_ACT_REDIRECT, Counter::REDIRECT_DHCP_REPLY));
+    assert_eq!(
+        (action, verdict),
+        (TC_ACT_REDIRECT, Counter::REDIRECT_DHCP_REPLY)
+    );
 }
 
 #[test]
@@ -359,28 +668,120 @@ fn malformed_truncated_and_hostile_requests_pass_untouched() {
         d
     };
     let mut cases: Vec<(String, Vec<u8>, Counter)> = vec![
-        ("option overload (52)".into(), frame(&with_option(&[52, 1, 3]), 68, 67), Counter::PASS_DHCP_UNPARSED),
-        ("relay agent information (82)".into(), frame(&with_option(&[82, 2, 1, 0]), 68, 67), Counter::PASS_DHCP_UNPARSED),
-        ("a second vendor class".into(), frame(&with_option(&[60, 4, b'P', b'X', b'E', b'C']), 68, 67), Counter::PASS_DHCP_UNPARSED),
-        ("a 33-byte client identifier".into(), frame(&with_option(&[&[61u8, 33][..], &[1; 33]].concat()), 68, 67), Counter::PASS_DHCP_UNPARSED),
-        ("an option longer than the datagram".into(), frame(&[&good[..options_end], &[12, 200, 1, 2]].concat(), 68, 67), Counter::PASS_DHCP_UNPARSED),
-        ("a message type of length 0".into(), frame(&with_option(&[53, 0]), 68, 67), Counter::PASS_DHCP_UNPARSED),
-        ("a requested address of length 3".into(), frame(&with_option(&[50, 3, 1, 2, 3]), 68, 67), Counter::PASS_DHCP_UNPARSED),
-        ("a zero-length user class (another shape)".into(), frame(&with_option(&[77, 0]), 68, 67), Counter::PASS_DHCP_TO_SERVER),
-        ("41 pad-and-option items".into(), frame(&with_option(&[[12u8, 0]; 41].concat()), 68, 67), Counter::PASS_DHCP_UNPARSED),
-        ("no magic cookie".into(), frame(&{ let mut d = good.clone(); d[236] = 0; d }, 68, 67), Counter::PASS_DHCP_UNPARSED),
-        ("a BOOTREPLY".into(), frame(&{ let mut d = good.clone(); d[0] = 2; d }, 68, 67), Counter::PASS_DHCP_UNPARSED),
-        ("hlen 16".into(), frame(&{ let mut d = good.clone(); d[2] = 16; d }, 68, 67), Counter::PASS_DHCP_UNPARSED),
-        ("BOOTP without options".into(), frame(&good[..240], 68, 67), Counter::PASS_DHCP_UNPARSED),
-        ("IPv4 options".into(), { let mut s = FrameSpec::udp(68, 67, &good); s.ip_options = vec![1; 4]; s.build() }, Counter::PASS_DHCP_UNPARSED),
+        (
+            "option overload (52)".into(),
+            frame(&with_option(&[52, 1, 3]), 68, 67),
+            Counter::PASS_DHCP_UNPARSED,
+        ),
+        (
+            "relay agent information (82)".into(),
+            frame(&with_option(&[82, 2, 1, 0]), 68, 67),
+            Counter::PASS_DHCP_UNPARSED,
+        ),
+        (
+            "a second vendor class".into(),
+            frame(&with_option(&[60, 4, b'P', b'X', b'E', b'C']), 68, 67),
+            Counter::PASS_DHCP_UNPARSED,
+        ),
+        (
+            "a 33-byte client identifier".into(),
+            frame(&with_option(&[&[61u8, 33][..], &[1; 33]].concat()), 68, 67),
+            Counter::PASS_DHCP_UNPARSED,
+        ),
+        (
+            "an option longer than the datagram".into(),
+            frame(&[&good[..options_end], &[12, 200, 1, 2]].concat(), 68, 67),
+            Counter::PASS_DHCP_UNPARSED,
+        ),
+        (
+            "a message type of length 0".into(),
+            frame(&with_option(&[53, 0]), 68, 67),
+            Counter::PASS_DHCP_UNPARSED,
+        ),
+        (
+            "a requested address of length 3".into(),
+            frame(&with_option(&[50, 3, 1, 2, 3]), 68, 67),
+            Counter::PASS_DHCP_UNPARSED,
+        ),
+        (
+            "a zero-length user class (another shape)".into(),
+            frame(&with_option(&[77, 0]), 68, 67),
+            Counter::PASS_DHCP_TO_SERVER,
+        ),
+        (
+            "41 pad-and-option items".into(),
+            frame(&with_option(&[[12u8, 0]; 41].concat()), 68, 67),
+            Counter::PASS_DHCP_UNPARSED,
+        ),
+        (
+            "no magic cookie".into(),
+            frame(
+                &{
+                    let mut d = good.clone();
+                    d[236] = 0;
+                    d
+                },
+                68,
+                67,
+            ),
+            Counter::PASS_DHCP_UNPARSED,
+        ),
+        (
+            "a BOOTREPLY".into(),
+            frame(
+                &{
+                    let mut d = good.clone();
+                    d[0] = 2;
+                    d
+                },
+                68,
+                67,
+            ),
+            Counter::PASS_DHCP_UNPARSED,
+        ),
+        (
+            "hlen 16".into(),
+            frame(
+                &{
+                    let mut d = good.clone();
+                    d[2] = 16;
+                    d
+                },
+                68,
+                67,
+            ),
+            Counter::PASS_DHCP_UNPARSED,
+        ),
+        (
+            "BOOTP without options".into(),
+            frame(&good[..240], 68, 67),
+            Counter::PASS_DHCP_UNPARSED,
+        ),
+        (
+            "IPv4 options".into(),
+            {
+                let mut s = FrameSpec::udp(68, 67, &good);
+                s.ip_options = vec![1; 4];
+                s.build()
+            },
+            Counter::PASS_DHCP_UNPARSED,
+        ),
     ];
     // UDP length larger than the datagram, and a frame cut short (IPv4 says more).
     let mut lying = frame(&good, 68, 67);
     lying[38..40].copy_from_slice(&((8 + good.len() + 40) as u16).to_be_bytes());
-    cases.push(("UDP length beyond the datagram".into(), lying, Counter::PASS_DHCP_UNPARSED));
+    cases.push((
+        "UDP length beyond the datagram".into(),
+        lying,
+        Counter::PASS_DHCP_UNPARSED,
+    ));
     let whole = frame(&good, 68, 67);
     for cut in [42 + 20, 42 + 239, 42 + 243, whole.len() - 1] {
-        cases.push((format!("cut to {cut} bytes"), whole[..cut].to_vec(), Counter::PASS_DHCP_UNPARSED));
+        cases.push((
+            format!("cut to {cut} bytes"),
+            whole[..cut].to_vec(),
+            Counter::PASS_DHCP_UNPARSED,
+        ));
     }
     for (what, f, verdict) in &cases {
         assert_passed(&lab, f, *verdict, what);
@@ -402,13 +803,28 @@ fn malformed_truncated_and_hostile_requests_pass_untouched() {
         let f = frame(&d, 68, 67);
         for xdp in [true, false] {
             let (action, out, verdict) = lab.run(xdp, &f);
-            if matches!(verdict, Counter::TX_DHCP_REPLY | Counter::REDIRECT_DHCP_REPLY) {
+            if matches!(
+                verdict,
+                Counter::TX_DHCP_REPLY | Counter::REDIRECT_DHCP_REPLY
+            ) {
                 // Only possible if the noise left the shape and addresses intact:
                 // then the reply must be the daemon's.
-                let (want, to) = lab.daemon(&d, 67, client()).expect("the daemon answers what the kernel did");
-                assert_reply(&out, &want, to, 67, CLIENT_MAC, &format!("noise round {round}"));
+                let (want, to) = lab
+                    .daemon(&d, 67, client())
+                    .expect("the daemon answers what the kernel did");
+                assert_reply(
+                    &out,
+                    &want,
+                    to,
+                    67,
+                    CLIENT_MAC,
+                    &format!("noise round {round}"),
+                );
             } else {
-                assert!(out == f, "noise round {round}: changed with verdict {verdict:?} (action {action})");
+                assert!(
+                    out == f,
+                    "noise round {round}: changed with verdict {verdict:?} (action {action})"
+                );
             }
         }
     }

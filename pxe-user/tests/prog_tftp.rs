@@ -8,7 +8,9 @@
 mod common;
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
-use common::frames::{internet_checksum, tftp_ack, FrameSpec, CLIENT_IP, CLIENT_MAC, SERVER_IP, SERVER_MAC};
+use common::frames::{
+    internet_checksum, tftp_ack, FrameSpec, CLIENT_IP, CLIENT_MAC, SERVER_IP, SERVER_MAC,
+};
 use pxe_common::{
     counter::Counter,
     maps::{SessionEntry, SessionKey},
@@ -25,11 +27,17 @@ const CLIENT_PORT: u16 = 2070;
 const SERVER_PORT: u16 = 40_001;
 
 fn image(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect()
+    (0..len)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect()
 }
 
 fn key() -> SessionKey {
-    SessionKey { client_ip: CLIENT_IP, client_port: CLIENT_PORT.to_be_bytes(), server_port: SERVER_PORT.to_be_bytes() }
+    SessionKey {
+        client_ip: CLIENT_IP,
+        client_port: CLIENT_PORT.to_be_bytes(),
+        server_port: SERVER_PORT.to_be_bytes(),
+    }
 }
 
 /// A fast path with one image loaded and one session at `last_sent`.
@@ -38,7 +46,19 @@ fn setup(image_bytes: &[u8], blksize: u32, last_sent: u32) -> FastPath {
     fp.register_transfer_port(SERVER_PORT).unwrap();
     fp.load_image(7, image_bytes).unwrap();
     let blocks = (image_bytes.len() as u32) / blksize + 1;
-    fp.insert_session(key(), SessionEntry { image: 7, blksize, blocks, last_sent, last_acked: last_sent.saturating_sub(1), window: 1, ..SessionEntry::default_zeroed() }).unwrap();
+    fp.insert_session(
+        key(),
+        SessionEntry {
+            image: 7,
+            blksize,
+            blocks,
+            last_sent,
+            last_acked: last_sent.saturating_sub(1),
+            window: 1,
+            ..SessionEntry::default_zeroed()
+        },
+    )
+    .unwrap();
     fp
 }
 
@@ -56,17 +76,39 @@ fn ack(block: u16) -> Vec<u8> {
 }
 
 fn run_xdp(fp: &mut FastPath, frame: &[u8]) -> (u32, Vec<u8>) {
-    let program: &mut Xdp = fp.ebpf_mut().program_mut(XDP_PROGRAM).unwrap().try_into().unwrap();
+    let program: &mut Xdp = fp
+        .ebpf_mut()
+        .program_mut(XDP_PROGRAM)
+        .unwrap()
+        .try_into()
+        .unwrap();
     let mut out = vec![0u8; 4096];
-    let r = program.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() }).unwrap();
+    let r = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .unwrap();
     out.truncate(r.data_size_out as usize);
     (r.return_value, out)
 }
 
 fn run_tc(fp: &mut FastPath, frame: &[u8]) -> (u32, Vec<u8>) {
-    let program: &mut SchedClassifier = fp.ebpf_mut().program_mut(TC_PROGRAM).unwrap().try_into().unwrap();
+    let program: &mut SchedClassifier = fp
+        .ebpf_mut()
+        .program_mut(TC_PROGRAM)
+        .unwrap()
+        .try_into()
+        .unwrap();
     let mut out = vec![0u8; 4096];
-    let r = program.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() }).unwrap();
+    let r = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .unwrap();
     out.truncate(r.data_size_out as usize);
     (r.return_value, out)
 }
@@ -86,13 +128,25 @@ fn setup_window(image_bytes: &[u8], window: u32, last_acked: u32, last_sent: u32
 fn frames_sent_on_lo<T>(f: impl FnOnce() -> T) -> (T, Vec<Vec<u8>>) {
     // SAFETY: plain socket calls on a descriptor we own and close.
     unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, (libc::ETH_P_ALL as u16).to_be() as i32);
-        assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+        let fd = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK,
+            (libc::ETH_P_ALL as u16).to_be() as i32,
+        );
+        assert!(
+            fd >= 0,
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        );
         let mut sll: libc::sockaddr_ll = std::mem::zeroed();
         sll.sll_family = libc::AF_PACKET as u16;
         sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
         sll.sll_ifindex = libc::if_nametoindex(c"lo".as_ptr()) as i32;
-        let bound = libc::bind(fd, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32);
+        let bound = libc::bind(
+            fd,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
         assert_eq!(bound, 0, "bind to lo: {}", std::io::Error::last_os_error());
         let result = f();
         let mut frames = Vec::new();
@@ -100,7 +154,14 @@ fn frames_sent_on_lo<T>(f: impl FnOnce() -> T) -> (T, Vec<Vec<u8>>) {
         loop {
             let mut from: libc::sockaddr_ll = std::mem::zeroed();
             let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-            let n = libc::recvfrom(fd, buf.as_mut_ptr().cast(), buf.len(), 0, (&mut from as *mut libc::sockaddr_ll).cast(), &mut len);
+            let n = libc::recvfrom(
+                fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                (&mut from as *mut libc::sockaddr_ll).cast(),
+                &mut len,
+            );
             if n < 0 {
                 break;
             }
@@ -116,13 +177,21 @@ fn frames_sent_on_lo<T>(f: impl FnOnce() -> T) -> (T, Vec<Vec<u8>>) {
 /// Checks a DATA frame byte for byte: addresses swapped, lengths, block,
 /// payload, and both checksums valid.
 fn assert_data_frame(frame: &[u8], block: u16, payload: &[u8], what: &str) {
-    assert_eq!(frame.len(), 14 + 20 + 8 + 4 + payload.len(), "{what}: frame length");
+    assert_eq!(
+        frame.len(),
+        14 + 20 + 8 + 4 + payload.len(),
+        "{what}: frame length"
+    );
     assert_eq!(&frame[0..6], &CLIENT_MAC, "{what}: destination MAC");
     assert_eq!(&frame[6..12], &SERVER_MAC, "{what}: source MAC");
     assert_eq!(&frame[12..14], &[0x08, 0x00]);
     let ip = &frame[14..34];
     assert_eq!(ip[0], 0x45);
-    assert_eq!(u16::from_be_bytes([ip[2], ip[3]]) as usize, 20 + 8 + 4 + payload.len(), "{what}: IP total length");
+    assert_eq!(
+        u16::from_be_bytes([ip[2], ip[3]]) as usize,
+        20 + 8 + 4 + payload.len(),
+        "{what}: IP total length"
+    );
     assert_eq!(ip[9], 17);
     assert_eq!(&ip[12..16], &SERVER_IP, "{what}: source IP");
     assert_eq!(&ip[16..20], &CLIENT_IP, "{what}: destination IP");
@@ -130,7 +199,11 @@ fn assert_data_frame(frame: &[u8], block: u16, payload: &[u8], what: &str) {
     let udp = &frame[34..];
     assert_eq!(u16::from_be_bytes([udp[0], udp[1]]), SERVER_PORT);
     assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), CLIENT_PORT);
-    assert_eq!(u16::from_be_bytes([udp[4], udp[5]]) as usize, udp.len(), "{what}: UDP length");
+    assert_eq!(
+        u16::from_be_bytes([udp[4], udp[5]]) as usize,
+        udp.len(),
+        "{what}: UDP length"
+    );
     assert_ne!(&udp[6..8], &[0, 0], "{what}: a UDP checksum is sent");
     let mut pseudo = Vec::new();
     pseudo.extend_from_slice(&SERVER_IP);
@@ -139,13 +212,24 @@ fn assert_data_frame(frame: &[u8], block: u16, payload: &[u8], what: &str) {
     pseudo.extend_from_slice(&(udp.len() as u16).to_be_bytes());
     pseudo.extend_from_slice(udp);
     assert_eq!(internet_checksum(&pseudo), 0, "{what}: UDP checksum");
-    assert_eq!(&udp[8..12], &[0, 3, (block >> 8) as u8, block as u8], "{what}: DATA header");
+    assert_eq!(
+        &udp[8..12],
+        &[0, 3, (block >> 8) as u8, block as u8],
+        "{what}: DATA header"
+    );
     assert!(&udp[12..] == payload, "{what}: payload");
 }
 
-fn counter_delta(fp: &FastPath, before: &pxe_user::fastpath::Counters, counter: Counter) -> (u64, u64) {
+fn counter_delta(
+    fp: &FastPath,
+    before: &pxe_user::fastpath::Counters,
+    counter: Counter,
+) -> (u64, u64) {
     let now = fp.counters().unwrap();
-    (now.xdp.since(&before.xdp).get(counter), now.tc.since(&before.tc).get(counter))
+    (
+        now.xdp.since(&before.xdp).get(counter),
+        now.tc.since(&before.tc).get(counter),
+    )
 }
 
 #[test]
@@ -180,7 +264,10 @@ fn the_tc_tier_builds_the_same_frame_and_redirects_it() {
     assert_data_frame(&out, 4, &file[3 * 1468..4 * 1468], "TC");
     let s = fp.session(&key()).unwrap().unwrap();
     assert_eq!((s.last_sent, s.tc_sent), (4, 1));
-    assert_eq!(counter_delta(&fp, &before, Counter::REDIRECT_TFTP_DATA), (0, 1));
+    assert_eq!(
+        counter_delta(&fp, &before, Counter::REDIRECT_TFTP_DATA),
+        (0, 1)
+    );
 }
 
 #[test]
@@ -198,8 +285,15 @@ fn duplicate_and_stale_acks_are_dropped_without_a_resend() {
         assert_eq!(action, TC_ACT_SHOT, "TC, ACK {block}");
     }
     let s = fp.session(&key()).unwrap().unwrap();
-    assert_eq!((s.last_sent, s.dup_acks, s.xdp_sent), (5, 10, 0), "nothing sent, nothing advanced");
-    assert_eq!(counter_delta(&fp, &before, Counter::DROP_TFTP_STALE_ACK), (5, 5));
+    assert_eq!(
+        (s.last_sent, s.dup_acks, s.xdp_sent),
+        (5, 10, 0),
+        "nothing sent, nothing advanced"
+    );
+    assert_eq!(
+        counter_delta(&fp, &before, Counter::DROP_TFTP_STALE_ACK),
+        (5, 5)
+    );
 }
 
 #[test]
@@ -213,14 +307,56 @@ fn the_last_blocks_and_everything_unusual_go_to_userspace_untouched() {
     let mut error = FrameSpec::udp(CLIENT_PORT, SERVER_PORT, &[0, 5, 0, 0, b'x', 0]);
     error.frag_off = 0x4000;
     let cases: Vec<(&str, u32, Vec<u8>, Counter)> = vec![
-        ("ACK of block 4: the short final block 5 is userspace's", 4, ack(4), Counter::PASS_TFTP_LAST_BLOCKS),
-        ("ACK of the final block ends the transfer in userspace", 5, ack(5), Counter::PASS_TFTP_LAST_BLOCKS),
-        ("IP options", 1, with_options.build(), Counter::PASS_TFTP_TRANSFER),
-        ("VLAN-tagged ACK", 1, FrameSpec::udp(CLIENT_PORT, SERVER_PORT, &tftp_ack(1)).tagged(0x8100, 5).build(), Counter::PASS_TFTP_TRANSFER),
-        ("an ERROR from the client", 1, error.build(), Counter::PASS_TFTP_TRANSFER),
-        ("an ACK from another client port", 1, FrameSpec::udp(CLIENT_PORT + 1, SERVER_PORT, &tftp_ack(1)).build(), Counter::PASS_TFTP_TRANSFER),
-        ("a short ACK", 1, FrameSpec::udp(CLIENT_PORT, SERVER_PORT, &[0, 4, 0]).build(), Counter::PASS_TFTP_TRANSFER),
-        ("an ACK with trailing bytes", 1, FrameSpec::udp(CLIENT_PORT, SERVER_PORT, &[0, 4, 0, 1, 0, 0]).build(), Counter::PASS_TFTP_TRANSFER),
+        (
+            "ACK of block 4: the short final block 5 is userspace's",
+            4,
+            ack(4),
+            Counter::PASS_TFTP_LAST_BLOCKS,
+        ),
+        (
+            "ACK of the final block ends the transfer in userspace",
+            5,
+            ack(5),
+            Counter::PASS_TFTP_LAST_BLOCKS,
+        ),
+        (
+            "IP options",
+            1,
+            with_options.build(),
+            Counter::PASS_TFTP_TRANSFER,
+        ),
+        (
+            "VLAN-tagged ACK",
+            1,
+            FrameSpec::udp(CLIENT_PORT, SERVER_PORT, &tftp_ack(1))
+                .tagged(0x8100, 5)
+                .build(),
+            Counter::PASS_TFTP_TRANSFER,
+        ),
+        (
+            "an ERROR from the client",
+            1,
+            error.build(),
+            Counter::PASS_TFTP_TRANSFER,
+        ),
+        (
+            "an ACK from another client port",
+            1,
+            FrameSpec::udp(CLIENT_PORT + 1, SERVER_PORT, &tftp_ack(1)).build(),
+            Counter::PASS_TFTP_TRANSFER,
+        ),
+        (
+            "a short ACK",
+            1,
+            FrameSpec::udp(CLIENT_PORT, SERVER_PORT, &[0, 4, 0]).build(),
+            Counter::PASS_TFTP_TRANSFER,
+        ),
+        (
+            "an ACK with trailing bytes",
+            1,
+            FrameSpec::udp(CLIENT_PORT, SERVER_PORT, &[0, 4, 0, 1, 0, 0]).build(),
+            Counter::PASS_TFTP_TRANSFER,
+        ),
     ];
     for (what, last_sent, frame, want) in cases {
         let mut fp = setup(&file, 1468, last_sent);
@@ -235,7 +371,11 @@ fn the_last_blocks_and_everything_unusual_go_to_userspace_untouched() {
             assert_eq!(action, TC_NEXT, "{what}: TC");
             assert_eq!(out, frame, "{what}: TC untouched");
         }
-        assert_eq!(fp.session(&key()).unwrap().unwrap().last_sent, last_sent, "{what}: session unchanged");
+        assert_eq!(
+            fp.session(&key()).unwrap().unwrap().last_sent,
+            last_sent,
+            "{what}: session unchanged"
+        );
     }
 }
 
@@ -268,10 +408,26 @@ fn images_larger_than_a_chunk_are_served_across_chunk_boundaries() {
             if last_sent + 1 >= blocks {
                 continue;
             }
-            fp.insert_session(key(), SessionEntry { image: 7, blksize: 1468, blocks: blocks as u32 + 1, last_sent: last_sent as u32, window: 1, ..SessionEntry::default_zeroed() }).unwrap();
+            fp.insert_session(
+                key(),
+                SessionEntry {
+                    image: 7,
+                    blksize: 1468,
+                    blocks: blocks as u32 + 1,
+                    last_sent: last_sent as u32,
+                    window: 1,
+                    ..SessionEntry::default_zeroed()
+                },
+            )
+            .unwrap();
             let (action, out) = run_xdp(&mut fp, &ack(last_sent as u16));
             assert_eq!(action, XDP_TX, "block {}", last_sent + 1);
-            assert_data_frame(&out, (last_sent + 1) as u16, &file[last_sent * 1468..(last_sent + 1) * 1468], &format!("block {}", last_sent + 1));
+            assert_data_frame(
+                &out,
+                (last_sent + 1) as u16,
+                &file[last_sent * 1468..(last_sent + 1) * 1468],
+                &format!("block {}", last_sent + 1),
+            );
         }
     }
 }
@@ -290,16 +446,32 @@ fn a_windowed_ack_is_answered_with_the_whole_next_window_by_tc() {
         let mut fp = setup_window(&file, 4, 4, 8);
         let before = fp.counters().unwrap();
         let (action, _) = run_xdp(&mut fp, &ack(8));
-        assert_eq!(action, XDP_PASS, "XDP sends one frame per ACK: a window is TC's");
-        assert_eq!(counter_delta(&fp, &before, Counter::PASS_TFTP_WINDOWED), (1, 0));
+        assert_eq!(
+            action, XDP_PASS,
+            "XDP sends one frame per ACK: a window is TC's"
+        );
+        assert_eq!(
+            counter_delta(&fp, &before, Counter::PASS_TFTP_WINDOWED),
+            (1, 0)
+        );
 
         let ((action, last), clones) = frames_sent_on_lo(|| run_tc(&mut fp, &ack(8)));
         assert_eq!(action, TC_ACT_REDIRECT);
-        assert_data_frame(&last, 12, &file[11 * 1468..12 * 1468], "the window's last block, redirected");
+        assert_data_frame(
+            &last,
+            12,
+            &file[11 * 1468..12 * 1468],
+            "the window's last block, redirected",
+        );
         assert_eq!(clones.len(), 3, "blocks 9, 10 and 11 as clones");
         for (i, clone) in clones.iter().enumerate() {
             let block = 9 + i;
-            assert_data_frame(clone, block as u16, &file[(block - 1) * 1468..block * 1468], &format!("clone of block {block}"));
+            assert_data_frame(
+                clone,
+                block as u16,
+                &file[(block - 1) * 1468..block * 1468],
+                &format!("clone of block {block}"),
+            );
         }
         let s = fp.session(&key()).unwrap().unwrap();
         assert_eq!((s.last_acked, s.last_sent, s.tc_sent), (8, 12, 4));
@@ -337,5 +509,9 @@ fn a_window_that_would_reach_the_final_block_is_left_to_userspace() {
     assert_eq!(action, TC_NEXT);
     assert_eq!(out, frame, "untouched");
     let s = fp.session(&key()).unwrap().unwrap();
-    assert_eq!((s.last_acked, s.last_sent, s.tc_sent), (5, 9, 0), "the session is userspace's to finish");
+    assert_eq!(
+        (s.last_acked, s.last_sent, s.tc_sent),
+        (5, 9, 0),
+        "the session is userspace's to finish"
+    );
 }

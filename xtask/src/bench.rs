@@ -38,20 +38,72 @@ pub fn run(clients: &[usize], blksize: u16, windowsize: u16) -> anyhow::Result<(
     std::fs::write(root.join("kernel"), &file)?;
 
     let root_s = root.to_str().unwrap().to_owned();
-    let pxed_args: Vec<String> = vec![pxed.display().to_string(), "--interface".into(), "eth0".into(), "--boot-root".into(), root_s.clone(), "--xdp-mode".into(), "off".into(), "--no-tc".into(), "--http-port".into(), "0".into(), "--tftp-max-per-client".into(), "100000".into()];
+    let pxed_args: Vec<String> = vec![
+        pxed.display().to_string(),
+        "--interface".into(),
+        "eth0".into(),
+        "--boot-root".into(),
+        root_s.clone(),
+        "--xdp-mode".into(),
+        "off".into(),
+        "--no-tc".into(),
+        "--http-port".into(),
+        "0".into(),
+        "--tftp-max-per-client".into(),
+        "100000".into(),
+    ];
     // The same pxed with its kernel tiers: XDP attached (native on veth,
     // which has no tailroom, so TC builds the blocks) and TC.
     let kernel_args: Vec<String> = pxed_args
         .iter()
         .filter(|a| !matches!(a.as_str(), "--no-tc"))
-        .map(|a| if a == "off" { "auto".to_owned() } else { a.clone() })
-        .chain(["--fastpath-memory".to_owned(), "32".to_owned(), "--dhcp".to_owned(), "off".to_owned()])
+        .map(|a| {
+            if a == "off" {
+                "auto".to_owned()
+            } else {
+                a.clone()
+            }
+        })
+        .chain([
+            "--fastpath-memory".to_owned(),
+            "32".to_owned(),
+            "--dhcp".to_owned(),
+            "off".to_owned(),
+        ])
         .collect();
     let mut servers: Vec<(&'static str, Vec<String>)> = vec![
         ("pxed (kernel tiers)", kernel_args),
         ("pxed (userspace)", pxed_args.clone()),
-        ("tftpd-hpa", vec![tftpd.display().to_string(), "--foreground".into(), "--listen".into(), "--user".into(), "root".into(), "--address".into(), format!("{SERVER}:69"), "--secure".into(), root_s.clone()]),
-        ("dnsmasq", vec!["dnsmasq".into(), "--no-daemon".into(), "--port=0".into(), "--enable-tftp".into(), format!("--tftp-root={root_s}"), "--tftp-max=4096".into(), format!("--listen-address={SERVER}"), "--bind-interfaces".into(), "--user=root".into(), "--pid-file=".into(), "--conf-file=/dev/null".into()]),
+        (
+            "tftpd-hpa",
+            vec![
+                tftpd.display().to_string(),
+                "--foreground".into(),
+                "--listen".into(),
+                "--user".into(),
+                "root".into(),
+                "--address".into(),
+                format!("{SERVER}:69"),
+                "--secure".into(),
+                root_s.clone(),
+            ],
+        ),
+        (
+            "dnsmasq",
+            vec![
+                "dnsmasq".into(),
+                "--no-daemon".into(),
+                "--port=0".into(),
+                "--enable-tftp".into(),
+                format!("--tftp-root={root_s}"),
+                "--tftp-max=4096".into(),
+                format!("--listen-address={SERVER}"),
+                "--bind-interfaces".into(),
+                "--user=root".into(),
+                "--pid-file=".into(),
+                "--conf-file=/dev/null".into(),
+            ],
+        ),
     ];
 
     if windowsize > 1 {
@@ -65,9 +117,15 @@ pub fn run(clients: &[usize], blksize: u16, windowsize: u16) -> anyhow::Result<(
         let lab = Lab::new()?;
         let server = lab.add_netns("srv")?;
         let client = lab.add_netns("cli")?;
-        lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&client, "eth0", Some("198.18.0.2/24")))?;
+        lab.veth(
+            (&server, "eth0", Some("198.18.0.1/24")),
+            (&client, "eth0", Some("198.18.0.2/24")),
+        )?;
         let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
-        let log = work.join(format!("{}.log", name.split(' ').next().unwrap_or("server")));
+        let log = work.join(format!(
+            "{}.log",
+            name.split(' ').next().unwrap_or("server")
+        ));
         let pid = lab.spawn_logged(&server, &argv[0], &args, &log)?;
         if !server.wait_for_udp_port(69, Duration::from_secs(20)) {
             bail!("{name} did not start listening on port 69");
@@ -77,10 +135,23 @@ pub fn run(clients: &[usize], blksize: u16, windowsize: u16) -> anyhow::Result<(
             // Server CPU = machine-wide busy time minus the load generator's own
             // CPU, measured by the bench itself: kernel work in softirq is charged
             // to no process, and forking servers (tftpd-hpa) spread theirs over children.
-            let report = run_bench(&client, &bench, &work.join("report.json"), &root.join("kernel"), n, blksize, windowsize)?;
+            let report = run_bench(
+                &client,
+                &bench,
+                &work.join("report.json"),
+                &root.join("kernel"),
+                n,
+                blksize,
+                windowsize,
+            )?;
             let server_cpu_s = report["cpu"]["server_s"].as_f64().unwrap_or(0.0);
             eprintln!("{name}, {n} clients: {} MB/s", report["goodput_mb_per_s"]);
-            rows.push(Row { server: name, clients: n, report, server_cpu_s });
+            rows.push(Row {
+                server: name,
+                clients: n,
+                report,
+                server_cpu_s,
+            });
         }
     }
     let doc = match windowsize {
@@ -107,17 +178,46 @@ fn run_bench(
     let w = windowsize.to_string();
     let out = client.output(
         bench,
-        &["tftp", "--server", &format!("{SERVER}:69"), "--file", "kernel", "--expect", expect.to_str().unwrap(), "--clients", &n, "--blksize", &b, "--windowsize", &w, "--time-limit", "240", "--json", json.to_str().unwrap()],
+        &[
+            "tftp",
+            "--server",
+            &format!("{SERVER}:69"),
+            "--file",
+            "kernel",
+            "--expect",
+            expect.to_str().unwrap(),
+            "--clients",
+            &n,
+            "--blksize",
+            &b,
+            "--windowsize",
+            &w,
+            "--time-limit",
+            "240",
+            "--json",
+            json.to_str().unwrap(),
+        ],
     )?;
     eprint!("{}", String::from_utf8_lossy(&out.stdout));
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(json).context("bench wrote no report")?)?;
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(json).context("bench wrote no report")?)?;
     Ok(report)
 }
 
-fn write_doc(path: &Path, rows: &[Row], clients: &[usize], blksize: u16, windowsize: u16) -> anyhow::Result<()> {
+fn write_doc(
+    path: &Path,
+    rows: &[Row],
+    clients: &[usize],
+    blksize: u16,
+    windowsize: u16,
+) -> anyhow::Result<()> {
     let mut doc = String::from("# TFTP userspace benchmark (generated by `cargo xtask bench-tftp`; do not edit)\n\nEvery number here was produced by a command in this repository, on the machine\ndescribed with it. Re-run the command to check it.\n\n");
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let rev = Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
+    let rev = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
     let _ = writeln!(doc, "## TFTP: aggregate goodput, userspace servers\n");
     let _ = writeln!(
         doc,
@@ -133,23 +233,35 @@ fn write_doc(path: &Path, rows: &[Row], clients: &[usize], blksize: u16, windows
         clients.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
     );
     let _ = writeln!(doc, "| server | clients | goodput MB/s | transfer p50 ms | p99 ms | failed | server CPU s | MB per server CPU-s |");
-    let _ = writeln!(doc, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(
+        doc,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
     for row in rows {
         let r = &row.report;
         let mb = r["bytes"].as_f64().unwrap_or(0.0) / 1e6;
-        let per_cpu = if row.server_cpu_s > 0.0 { format!("{:.0}", mb / row.server_cpu_s) } else { "-".into() };
+        let per_cpu = if row.server_cpu_s > 0.0 {
+            format!("{:.0}", mb / row.server_cpu_s)
+        } else {
+            "-".into()
+        };
         let _ = writeln!(
             doc,
             "| {} | {} | {:.1} | {:.0} | {:.0} | {} | {:.2} | {} |",
-            row.server, row.clients, r["goodput_mb_per_s"].as_f64().unwrap_or(0.0), r["transfer_ms_p50"].as_f64().unwrap_or(0.0),
-            r["transfer_ms_p99"].as_f64().unwrap_or(0.0), r["transfers_failed"], row.server_cpu_s, per_cpu
+            row.server,
+            row.clients,
+            r["goodput_mb_per_s"].as_f64().unwrap_or(0.0),
+            r["transfer_ms_p50"].as_f64().unwrap_or(0.0),
+            r["transfer_ms_p99"].as_f64().unwrap_or(0.0),
+            r["transfers_failed"],
+            row.server_cpu_s,
+            per_cpu
         );
     }
     std::fs::create_dir_all(path.parent().unwrap())?;
     std::fs::write(path, doc)?;
     Ok(())
 }
-
 
 fn tempdir(what: &str) -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("pxe-{what}-{}", std::process::id()));

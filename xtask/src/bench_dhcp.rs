@@ -58,38 +58,87 @@ pub fn run(clients: &[usize]) -> anyhow::Result<()> {
     let servers = bench_pxe::servers(&pxed, &tftpd, &root, &work)?;
     let mut sustained = Vec::new();
     for (name, label) in MEASURED {
-        let server = servers.iter().find(|s| s.name == *name).context("a server of cargo xtask bench")?;
+        let server = servers
+            .iter()
+            .find(|s| s.name == *name)
+            .context("a server of cargo xtask bench")?;
         let (_lab, _srv, cli) = bench_pxe::start(server, &work)?;
         let meter = CpuMeter::start(LoadGenerator::WaitedChildren);
         let out = cli.output(
             "perfdhcp",
-            &["-4", "-g", "single", "-l", bench_pxe::CLIENT, "-r", &SUSTAINED_RATE.to_string(), "-p", &SUSTAINED_S.to_string(),
-              "-R", &SUSTAINED_CLIENTS.to_string(), bench_pxe::SERVER],
+            &[
+                "-4",
+                "-g",
+                "single",
+                "-l",
+                bench_pxe::CLIENT,
+                "-r",
+                &SUSTAINED_RATE.to_string(),
+                "-p",
+                &SUSTAINED_S.to_string(),
+                "-R",
+                &SUSTAINED_CLIENTS.to_string(),
+                bench_pxe::SERVER,
+            ],
         )?;
         let cpu = meter.stop();
         let text = String::from_utf8_lossy(&out.stdout);
-        let rate = text.lines().find_map(|l| l.strip_prefix("Rate: ")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0.0);
+        let rate = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Rate: "))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0);
         // The last "received packets" is the REQUEST-ACK exchange's.
-        let acks = text.lines().rev().find_map(|l| l.strip_prefix("received packets: ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+        let acks = text
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("received packets: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
         eprintln!("{label}, sustained: {rate:.0} DORA/s, {acks} ACKs; CPU: machine {:.2} s, perfdhcp {:.2} s, server {:.2} s", cpu.machine_busy_s, cpu.harness_s, cpu.server_s);
-        sustained.push(Sustained { server: label, rate, acks, server_cpu_s: cpu.server_s });
+        sustained.push(Sustained {
+            server: label,
+            rate,
+            acks,
+            server_cpu_s: cpu.server_s,
+        });
     }
     let mut rows = Vec::new();
     for &n in clients {
         for (name, label) in MEASURED {
-            let server = servers.iter().find(|s| s.name == *name).context("a server of cargo xtask bench")?;
+            let server = servers
+                .iter()
+                .find(|s| s.name == *name)
+                .context("a server of cargo xtask bench")?;
             let (_lab, _srv, cli) = bench_pxe::start(server, &work)?;
             let meter = CpuMeter::start(LoadGenerator::WaitedChildren);
             let out = cli.output(
                 "timeout",
                 // One thread: in its default multi-thread mode perfdhcp busy-polls
                 // every core, and the server's CPU could not be told from its own.
-                &[&AVALANCHE_LIMIT_S.to_string(), "perfdhcp", "-4", "-g", "single", "-l", bench_pxe::CLIENT, "--scenario", "avalanche", "-R", &n.to_string(), bench_pxe::SERVER],
+                &[
+                    &AVALANCHE_LIMIT_S.to_string(),
+                    "perfdhcp",
+                    "-4",
+                    "-g",
+                    "single",
+                    "-l",
+                    bench_pxe::CLIENT,
+                    "--scenario",
+                    "avalanche",
+                    "-R",
+                    &n.to_string(),
+                    bench_pxe::SERVER,
+                ],
             )?;
             let cpu = meter.stop();
             let text = String::from_utf8_lossy(&out.stdout);
             let seconds = provisioning_seconds(&text);
-            let resent = text.lines().find_map(|l| l.strip_prefix("Requests resent: ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+            let resent = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Requests resent: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
             match seconds {
                 Some(s) => eprintln!(
                     "{label}, {n} clients: {s:.2} s, {:.0} leases/s; CPU: machine {:.2} s, perfdhcp {:.2} s, server {:.2} s",
@@ -101,7 +150,12 @@ pub fn run(clients: &[usize]) -> anyhow::Result<()> {
                 None if out.status.code() == Some(124) => eprintln!("{label}, {n} clients: not done in {AVALANCHE_LIMIT_S} s"),
                 None => bail!("perfdhcp against {label} failed ({}):\n{text}\n{}", out.status, String::from_utf8_lossy(&out.stderr)),
             }
-            rows.push(Row { server: label, clients: n, seconds, resent });
+            rows.push(Row {
+                server: label,
+                clients: n,
+                seconds,
+                resent,
+            });
         }
     }
     let doc = workspace.join("docs/benchmarks/dhcp.md");
@@ -116,15 +170,32 @@ fn provisioning_seconds(report: &str) -> Option<f64> {
     let line = report.lines().find(|l| l.starts_with("It took "))?;
     let clock = line.strip_prefix("It took ")?.split_whitespace().next()?;
     let mut parts = clock.split(':');
-    let (h, m, s) = (parts.next()?.parse::<f64>().ok()?, parts.next()?.parse::<f64>().ok()?, parts.next()?.parse::<f64>().ok()?);
+    let (h, m, s) = (
+        parts.next()?.parse::<f64>().ok()?,
+        parts.next()?.parse::<f64>().ok()?,
+        parts.next()?.parse::<f64>().ok()?,
+    );
     Some(h * 3600.0 + m * 60.0 + s)
 }
 
-fn write_doc(path: &Path, sustained: &[Sustained], rows: &[Row], clients: &[usize]) -> anyhow::Result<()> {
+fn write_doc(
+    path: &Path,
+    sustained: &[Sustained],
+    rows: &[Row],
+    clients: &[usize],
+) -> anyhow::Result<()> {
     let mut doc = String::from("# DHCP: leasing a storm of new clients (generated by `cargo xtask bench-dhcp`; do not edit)\n\nEvery number here was produced by the command below on the machine described with it.\nRe-run it to check.\n\n");
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let rev = Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
-    let list = clients.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",");
+    let rev = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let list = clients
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     let _ = writeln!(
         doc,
         "`cargo xtask bench-dhcp --clients {list}` (pxed at {rev}; kea-dhcp4 {}; dnsmasq {}; perfdhcp from kea-admin {}; kernel {}; {} CPUs).\n",
@@ -138,17 +209,31 @@ fn write_doc(path: &Path, sustained: &[Sustained], rows: &[Row], clients: &[usiz
         doc,
         "perfdhcp runs single-threaded (in its default mode it busy-polls every core) as a relay in the client namespace;\nthe server starts fresh with an empty, durable lease database. Server CPU is machine-wide busy time minus\nperfdhcp's own; short runs carry the clock-tick error of /proc/stat (±0.1 s).\n\n## Sustained\n\n`perfdhcp -4 -g single -r {SUSTAINED_RATE} -p {SUSTAINED_S} -R {SUSTAINED_CLIENTS}`: DORA exchanges offered at {SUSTAINED_RATE}/s for {SUSTAINED_S} s among\n{SUSTAINED_CLIENTS} clients (each ACK a lease written durably).\n"
     );
-    let _ = writeln!(doc, "| server | DORA/s achieved | ACKs | server CPU s | ACKs per server CPU-s |");
+    let _ = writeln!(
+        doc,
+        "| server | DORA/s achieved | ACKs | server CPU s | ACKs per server CPU-s |"
+    );
     let _ = writeln!(doc, "| --- | ---: | ---: | ---: | ---: |");
     for r in sustained {
-        let per_cpu = if r.server_cpu_s > 0.05 { format!("{:.0}", r.acks as f64 / r.server_cpu_s) } else { "-".into() };
-        let _ = writeln!(doc, "| {} | {:.0} | {} | {:.2} | {per_cpu} |", r.server, r.rate, r.acks, r.server_cpu_s);
+        let per_cpu = if r.server_cpu_s > 0.05 {
+            format!("{:.0}", r.acks as f64 / r.server_cpu_s)
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(
+            doc,
+            "| {} | {:.0} | {} | {:.2} | {per_cpu} |",
+            r.server, r.rate, r.acks, r.server_cpu_s
+        );
     }
     let _ = writeln!(
         doc,
         "\n## Avalanche\n\n`perfdhcp -4 -g single --scenario avalanche -R N` runs as a relay in the client namespace: a DISCOVER for each of N new\nclients at once, then REQUEST on each OFFER, retransmitting with back-off until every client has its ACK. A burst\nthat large overflows the veth's receive backlog (net.core.netdev_max_backlog, 1000 here) whatever the server, so\nthe time depends on perfdhcp's back-off as much as on the server: compare within a run. No CPU column: these runs\nare too short for /proc/stat's clock ticks.\n"
     );
-    let _ = writeln!(doc, "| server | clients | all leased s | leases/s | requests resent |");
+    let _ = writeln!(
+        doc,
+        "| server | clients | all leased s | leases/s | requests resent |"
+    );
     let _ = writeln!(doc, "| --- | ---: | ---: | ---: | ---: |");
     for r in rows {
         let (secs, rate) = match r.seconds {
@@ -156,8 +241,16 @@ fn write_doc(path: &Path, sustained: &[Sustained], rows: &[Row], clients: &[usiz
             None => (format!("not done in {AVALANCHE_LIMIT_S}"), "-".into()),
         };
         // perfdhcp stopped by the limit prints no summary: nothing to say of its resends.
-        let resent = if r.seconds.is_some() { r.resent.to_string() } else { "-".into() };
-        let _ = writeln!(doc, "| {} | {} | {secs} | {rate} | {resent} |", r.server, r.clients);
+        let resent = if r.seconds.is_some() {
+            r.resent.to_string()
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(
+            doc,
+            "| {} | {} | {secs} | {rate} | {resent} |",
+            r.server, r.clients
+        );
     }
     std::fs::create_dir_all(path.parent().unwrap())?;
     std::fs::write(path, doc)?;

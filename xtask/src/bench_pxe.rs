@@ -5,12 +5,7 @@
 //! the same boot root (Debian's ipxe.efi); the same `bench pxe` runs in the
 //! client namespace. Writes docs/benchmarks/pxe.md (generated).
 
-use std::{
-    fmt::Write as _,
-    path::Path,
-    process::Command,
-    time::Duration,
-};
+use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
 
 use anyhow::{bail, Context as _};
 use pxe_lab::{Lab, Netns};
@@ -47,7 +42,8 @@ pub fn run(clients: &[usize], only: Option<&str>) -> anyhow::Result<()> {
     let work = std::env::temp_dir().join(format!("pxe-bench-pxe-{}", std::process::id()));
     let root = work.join("root");
     std::fs::create_dir_all(&root)?;
-    std::fs::copy(Path::new("/usr/lib/ipxe").join(NBP), root.join(NBP)).context("copying Debian's ipxe.efi (package ipxe)")?;
+    std::fs::copy(Path::new("/usr/lib/ipxe").join(NBP), root.join(NBP))
+        .context("copying Debian's ipxe.efi (package ipxe)")?;
     let mut servers = servers(&pxed, &tftpd, &root, &work)?;
     if let Some(only) = only {
         servers.retain(|s| s.name.to_lowercase().contains(&only.to_lowercase()));
@@ -62,9 +58,15 @@ pub fn run(clients: &[usize], only: Option<&str>) -> anyhow::Result<()> {
             let report = measure(server, &bench, &root, n, &work)?;
             eprintln!(
                 "{}, {n} machines: {} booted, {} failed, {:.1} s",
-                server.name, report["booted"], report["failed"], report["seconds"].as_f64().unwrap_or(0.0)
+                server.name,
+                report["booted"],
+                report["failed"],
+                report["seconds"].as_f64().unwrap_or(0.0)
             );
-            rows.push(Row { server: server.name, report });
+            rows.push(Row {
+                server: server.name,
+                report,
+            });
         }
     }
     let doc = workspace.join("docs/benchmarks/pxe.md");
@@ -80,16 +82,42 @@ pub fn servers(pxed: &Path, tftpd: &Path, root: &Path, work: &Path) -> anyhow::R
     let pxed_full = |extra: &[&str]| {
         let leases = work.join("pxed-leases.redb").display().to_string();
         let range = format!("{POOL_FIRST}-{POOL_LAST}");
-        let mut argv = s(&[&pxed.display().to_string(), "--interface", "eth0", "--boot-root", &root_s, "--dhcp", "full",
-            "--range", &range, "--lease-file", &leases, "--tftp-max-per-client", "100000", "--http-port", "0"]);
+        let mut argv = s(&[
+            &pxed.display().to_string(),
+            "--interface",
+            "eth0",
+            "--boot-root",
+            &root_s,
+            "--dhcp",
+            "full",
+            "--range",
+            &range,
+            "--lease-file",
+            &leases,
+            "--tftp-max-per-client",
+            "100000",
+            "--http-port",
+            "0",
+        ]);
         argv.extend(s(extra));
         argv
     };
     let dnsmasq_dhcp = |extra: &[&str]| {
         let leases = work.join("dnsmasq.leases").display().to_string();
-        let mut argv = s(&["dnsmasq", "--no-daemon", "--port=0", "--conf-file=/dev/null", "--pid-file=", "--user=root",
-            "--interface=eth0", "--bind-interfaces", "--no-ping", &format!("--dhcp-range={POOL_FIRST},{POOL_LAST},255.255.0.0,1h"),
-            &format!("--dhcp-leasefile={leases}"), "--dhcp-lease-max=100000"]);
+        let mut argv = s(&[
+            "dnsmasq",
+            "--no-daemon",
+            "--port=0",
+            "--conf-file=/dev/null",
+            "--pid-file=",
+            "--user=root",
+            "--interface=eth0",
+            "--bind-interfaces",
+            "--no-ping",
+            &format!("--dhcp-range={POOL_FIRST},{POOL_LAST},255.255.0.0,1h"),
+            &format!("--dhcp-leasefile={leases}"),
+            "--dhcp-lease-max=100000",
+        ]);
         argv.extend(s(extra));
         argv
     };
@@ -97,25 +125,78 @@ pub fn servers(pxed: &Path, tftpd: &Path, root: &Path, work: &Path) -> anyhow::R
     std::fs::write(&kea_config, kea_config_json(work)).context("writing Kea's config")?;
     let work_s = work.display().to_string();
     Ok(vec![
-        Server { name: "pxed full, kernel tiers", programs: vec![(pxed_full(&["--fastpath-memory", "16"]), 67)] },
-        Server { name: "pxed full, userspace", programs: vec![(pxed_full(&["--xdp-mode", "off", "--no-tc"]), 67)] },
+        Server {
+            name: "pxed full, kernel tiers",
+            programs: vec![(pxed_full(&["--fastpath-memory", "16"]), 67)],
+        },
+        Server {
+            name: "pxed full, userspace",
+            programs: vec![(pxed_full(&["--xdp-mode", "off", "--no-tc"]), 67)],
+        },
         Server {
             name: "pxed proxy + dnsmasq DHCP",
             programs: vec![
                 (dnsmasq_dhcp(&[]), 67),
-                (s(&[&pxed.display().to_string(), "--interface", "eth0", "--boot-root", &root_s, "--dhcp", "proxy",
-                    "--tftp-max-per-client", "100000", "--http-port", "0", "--fastpath-memory", "16"]), 4011),
+                (
+                    s(&[
+                        &pxed.display().to_string(),
+                        "--interface",
+                        "eth0",
+                        "--boot-root",
+                        &root_s,
+                        "--dhcp",
+                        "proxy",
+                        "--tftp-max-per-client",
+                        "100000",
+                        "--http-port",
+                        "0",
+                        "--fastpath-memory",
+                        "16",
+                    ]),
+                    4011,
+                ),
             ],
         },
         Server {
             name: "dnsmasq (DHCP + TFTP)",
-            programs: vec![(dnsmasq_dhcp(&[&format!("--dhcp-boot={NBP}"), "--enable-tftp", &format!("--tftp-root={root_s}"), "--tftp-max=20000"]), 69)],
+            programs: vec![(
+                dnsmasq_dhcp(&[
+                    &format!("--dhcp-boot={NBP}"),
+                    "--enable-tftp",
+                    &format!("--tftp-root={root_s}"),
+                    "--tftp-max=20000",
+                ]),
+                69,
+            )],
         },
         Server {
             name: "Kea + tftpd-hpa",
             programs: vec![
-                (s(&["env", &format!("KEA_PIDFILE_DIR={work_s}"), &format!("KEA_LOCKFILE_DIR={work_s}"), "kea-dhcp4", "-c", &kea_config.display().to_string()]), 67),
-                (s(&[&tftpd.display().to_string(), "--foreground", "--listen", "--user", "root", "--address", &format!("{SERVER}:69"), "--secure", &root_s]), 69),
+                (
+                    s(&[
+                        "env",
+                        &format!("KEA_PIDFILE_DIR={work_s}"),
+                        &format!("KEA_LOCKFILE_DIR={work_s}"),
+                        "kea-dhcp4",
+                        "-c",
+                        &kea_config.display().to_string(),
+                    ]),
+                    67,
+                ),
+                (
+                    s(&[
+                        &tftpd.display().to_string(),
+                        "--foreground",
+                        "--listen",
+                        "--user",
+                        "root",
+                        "--address",
+                        &format!("{SERVER}:69"),
+                        "--secure",
+                        &root_s,
+                    ]),
+                    69,
+                ),
             ],
         },
     ])
@@ -139,7 +220,13 @@ fn kea_config_json(work: &Path) -> String {
 }
 
 /// One server, freshly started (empty lease databases), against `clients` machines.
-fn measure(server: &Server, bench: &Path, root: &Path, clients: usize, work: &Path) -> anyhow::Result<serde_json::Value> {
+fn measure(
+    server: &Server,
+    bench: &Path,
+    root: &Path,
+    clients: usize,
+    work: &Path,
+) -> anyhow::Result<serde_json::Value> {
     let (_lab, _srv, cli) = start(server, work)?;
     run_bench(&cli, bench, root, clients, work)
 }
@@ -147,15 +234,26 @@ fn measure(server: &Server, bench: &Path, root: &Path, clients: usize, work: &Pa
 /// A fresh lab (server and client namespaces, `SERVER_CIDR` and `CLIENT_CIDR`)
 /// with `server` started in it on empty lease databases in `work`.
 pub fn start(server: &Server, work: &Path) -> anyhow::Result<(Lab, Netns, Netns)> {
-    for stale in ["pxed-leases.redb", "dnsmasq.leases", "kea-leases.csv", "kea-leases.csv.2"] {
+    for stale in [
+        "pxed-leases.redb",
+        "dnsmasq.leases",
+        "kea-leases.csv",
+        "kea-leases.csv.2",
+    ] {
         let _ = std::fs::remove_file(work.join(stale));
     }
     let lab = Lab::new()?;
     let srv = lab.add_netns("srv")?;
     let cli = lab.add_netns("cli")?;
-    lab.veth((&srv, "eth0", Some(SERVER_CIDR)), (&cli, "eth0", Some(CLIENT_CIDR)))?;
+    lab.veth(
+        (&srv, "eth0", Some(SERVER_CIDR)),
+        (&cli, "eth0", Some(CLIENT_CIDR)),
+    )?;
     for (i, (argv, port)) in server.programs.iter().enumerate() {
-        let log = work.join(format!("{}-{i}.log", server.name.split(' ').next().unwrap_or("server")));
+        let log = work.join(format!(
+            "{}-{i}.log",
+            server.name.split(' ').next().unwrap_or("server")
+        ));
         // Every server gets the same open-file limit, the most this machine
         // allows: one socket per transfer.
         let nofile = hard_open_file_limit();
@@ -164,7 +262,12 @@ pub fn start(server: &Server, work: &Path) -> anyhow::Result<(Lab, Netns, Netns)
         let args: Vec<&str> = wrapped.iter().map(String::as_str).collect();
         lab.spawn_logged(&srv, "prlimit", &args, &log)?;
         if !srv.wait_for_udp_port(*port, Duration::from_secs(30)) {
-            bail!("{}: {} did not start listening on UDP {port}:\n{}", server.name, argv[0], std::fs::read_to_string(&log).unwrap_or_default());
+            bail!(
+                "{}: {} did not start listening on UDP {port}:\n{}",
+                server.name,
+                argv[0],
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
         }
     }
     Ok((lab, srv, cli))
@@ -179,26 +282,58 @@ fn hard_open_file_limit() -> u64 {
     limit.rlim_max
 }
 
-fn run_bench(client: &Netns, bench: &Path, root: &Path, clients: usize, work: &Path) -> anyhow::Result<serde_json::Value> {
+fn run_bench(
+    client: &Netns,
+    bench: &Path,
+    root: &Path,
+    clients: usize,
+    work: &Path,
+) -> anyhow::Result<serde_json::Value> {
     let json = work.join("report.json");
     let _ = std::fs::remove_file(&json);
     let n = clients.to_string();
     let out = client.output(
         bench,
-        &["pxe", "--clients", &n, "--firmware", "uefi", "--verify-root", root.to_str().unwrap(), "--time-limit", "600", "--json", json.to_str().unwrap()],
+        &[
+            "pxe",
+            "--clients",
+            &n,
+            "--firmware",
+            "uefi",
+            "--verify-root",
+            root.to_str().unwrap(),
+            "--time-limit",
+            "600",
+            "--json",
+            json.to_str().unwrap(),
+        ],
     )?;
     eprint!("{}", String::from_utf8_lossy(&out.stdout));
-    let mut report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).context("bench wrote no report")?)?;
+    let mut report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).context("bench wrote no report")?)?;
     // Per-machine detail is for a person debugging a run, not for the table.
     report.as_object_mut().map(|o| o.remove("machines"));
     Ok(report)
 }
 
-fn write_doc(path: &Path, rows: &[Row], clients: &[usize], only: Option<&str>) -> anyhow::Result<()> {
+fn write_doc(
+    path: &Path,
+    rows: &[Row],
+    clients: &[usize],
+    only: Option<&str>,
+) -> anyhow::Result<()> {
     let mut doc = String::from("# Whole boots: DHCP + boot program (generated by `cargo xtask bench`; do not edit)\n\nEvery number here was produced by the command below on the machine described with it.\nRe-run it to check.\n\n");
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let rev = Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
-    let list = clients.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",");
+    let rev = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let list = clients
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     let only = only.map(|o| format!(" --only {o}")).unwrap_or_default();
     let _ = writeln!(
         doc,
@@ -215,11 +350,18 @@ fn write_doc(path: &Path, rows: &[Row], clients: &[usize], only: Option<&str>) -
         std::fs::metadata(Path::new("/usr/lib/ipxe").join(NBP)).map(|m| m.len()).unwrap_or(0),
     );
     let _ = writeln!(doc, "| server | machines | booted | failed | all booted s | DHCP p50 / p99 ms | boot program p50 / p99 ms | goodput MB/s | DHCP / TFTP retransmits | server CPU s | harness |");
-    let _ = writeln!(doc, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(
+        doc,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
     for row in rows {
         let r = &row.report;
         let stage = |name: &str, i: usize| {
-            r["stage_ms"].as_array().and_then(|s| s.iter().find(|s| s[0] == name)).and_then(|s| s[1][i].as_f64()).unwrap_or(f64::NAN)
+            r["stage_ms"]
+                .as_array()
+                .and_then(|s| s.iter().find(|s| s[0] == name))
+                .and_then(|s| s[1][i].as_f64())
+                .unwrap_or(f64::NAN)
         };
         let _ = writeln!(
             doc,
@@ -234,7 +376,11 @@ fn write_doc(path: &Path, rows: &[Row], clients: &[usize], only: Option<&str>) -
             let mut failures: Vec<(&String, &serde_json::Value)> = failures.iter().collect();
             failures.sort_by_key(|(_, n)| std::cmp::Reverse(n.as_u64().unwrap_or(0)));
             for (reason, n) in failures.into_iter().take(3) {
-                let _ = writeln!(doc, "|  ↳ {n} failed: {} | | | | | | | | | | |", reason.replace('|', "/"));
+                let _ = writeln!(
+                    doc,
+                    "|  ↳ {n} failed: {} | | | | | | | | | | |",
+                    reason.replace('|', "/")
+                );
             }
         }
     }

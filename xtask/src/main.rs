@@ -20,7 +20,10 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", about = "Project tasks: setup and the test suite")]
+#[command(
+    name = "cargo xtask",
+    about = "Project tasks: setup and the test suite"
+)]
 struct Cli {
     #[command(subcommand)]
     task: Task,
@@ -89,16 +92,28 @@ enum Task {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
-        Task::Setup { check } => setup::run(if check { setup::Mode::Check } else { setup::Mode::Install }),
-        Task::Demo { machines, firmware } => setup::run(setup::Mode::Install).and_then(|()| demo::run(machines, &firmware)),
-        Task::Bench { clients, only } => {
-            setup::run(setup::Mode::Install).and_then(|()| bench_pxe::run(&clients, only.as_deref()))
+        Task::Setup { check } => setup::run(if check {
+            setup::Mode::Check
+        } else {
+            setup::Mode::Install
+        }),
+        Task::Demo { machines, firmware } => {
+            setup::run(setup::Mode::Install).and_then(|()| demo::run(machines, &firmware))
         }
-        Task::BenchDhcp { clients } => setup::run(setup::Mode::Install).and_then(|()| bench_dhcp::run(&clients)),
-        Task::BenchTftp { clients, blksize, windowsize } => {
-            setup::run(setup::Mode::Install).and_then(|()| bench::run(&clients, blksize, windowsize))
+        Task::Bench { clients, only } => setup::run(setup::Mode::Install)
+            .and_then(|()| bench_pxe::run(&clients, only.as_deref())),
+        Task::BenchDhcp { clients } => {
+            setup::run(setup::Mode::Install).and_then(|()| bench_dhcp::run(&clients))
         }
-        Task::Test { cargo_args } => setup::run(setup::Mode::Install).and_then(|()| test(&cargo_args)),
+        Task::BenchTftp {
+            clients,
+            blksize,
+            windowsize,
+        } => setup::run(setup::Mode::Install)
+            .and_then(|()| bench::run(&clients, blksize, windowsize)),
+        Task::Test { cargo_args } => {
+            setup::run(setup::Mode::Install).and_then(|()| test(&cargo_args))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -111,7 +126,10 @@ fn main() -> ExitCode {
 
 /// The repository's root (xtask lives one level below it).
 pub fn workspace_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 /// Builds pxed and bench in release mode; returns their paths.
@@ -126,7 +144,10 @@ pub fn build_release_binaries() -> anyhow::Result<(std::path::PathBuf, std::path
     if !status.success() {
         bail!("building pxed and bench failed");
     }
-    Ok((workspace.join("target/release/pxed"), workspace.join("target/release/bench")))
+    Ok((
+        workspace.join("target/release/pxed"),
+        workspace.join("target/release/bench"),
+    ))
 }
 
 fn test(cargo_args: &[String]) -> anyhow::Result<()> {

@@ -18,10 +18,16 @@ pub fn tftpd_hpa(workspace: &Path) -> anyhow::Result<PathBuf> {
         return Ok(binary);
     }
     std::fs::create_dir_all(&dir)?;
-    let download = Command::new("apt-get").args(["download", "tftpd-hpa"]).current_dir(&dir).status();
+    let download = Command::new("apt-get")
+        .args(["download", "tftpd-hpa"])
+        .current_dir(&dir)
+        .status();
     if !download.is_ok_and(|s| s.success()) {
         Command::new("apt-get").args(["update", "-qq"]).status()?;
-        let again = Command::new("apt-get").args(["download", "tftpd-hpa"]).current_dir(&dir).status()?;
+        let again = Command::new("apt-get")
+            .args(["download", "tftpd-hpa"])
+            .current_dir(&dir)
+            .status()?;
         if !again.success() {
             bail!("apt-get download tftpd-hpa failed");
         }
@@ -31,9 +37,17 @@ pub fn tftpd_hpa(workspace: &Path) -> anyhow::Result<PathBuf> {
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
         .context("no tftpd-hpa .deb after apt-get download")?;
-    let status = Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir).status()?;
+    let status = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&dir)
+        .status()?;
     if !status.success() || !binary.exists() {
-        bail!("unpacking {} did not produce {}", deb.display(), binary.display());
+        bail!(
+            "unpacking {} did not produce {}",
+            deb.display(),
+            binary.display()
+        );
     }
     Ok(binary)
 }
@@ -54,7 +68,10 @@ pub fn deb_version(dir: &Path) -> String {
     std::fs::read_dir(dir)
         .ok()
         .and_then(|entries| {
-            entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).find(|n| n.ends_with(".deb"))
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .find(|n| n.ends_with(".deb"))
         })
         .and_then(|n| n.split('_').nth(1).map(|v| v.replace("%3a", ":")))
         .unwrap_or_else(|| "unknown".into())

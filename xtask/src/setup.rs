@@ -23,21 +23,51 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("libzstd-dev", "bpf-linker's LLVM 22 build"),
     ("iproute2", "test namespaces, veth pairs, bridges (ip)"),
     ("util-linux", "setpriv, to test running without privileges"),
-    ("nftables", "packet loss injected in test namespaces (this kernel has no netem)"),
+    (
+        "nftables",
+        "packet loss injected in test namespaces (this kernel has no netem)",
+    ),
     ("curl", "TFTP and HTTP client in the interop tests"),
     ("tftp-hpa", "TFTP client in the interop tests"),
     ("atftp", "TFTP client with windowsize in the interop tests"),
-    ("libwrap0", "tftpd-hpa's one library (its binary is unpacked, not installed, by bench-tftp)"),
-    ("ovmf", "UEFI firmware for the QEMU machines of the firmware lab"),
-    ("pxelinux", "PXELINUX for the firmware lab's all-TFTP BIOS boot"),
+    (
+        "libwrap0",
+        "tftpd-hpa's one library (its binary is unpacked, not installed, by bench-tftp)",
+    ),
+    (
+        "ovmf",
+        "UEFI firmware for the QEMU machines of the firmware lab",
+    ),
+    (
+        "pxelinux",
+        "PXELINUX for the firmware lab's all-TFTP BIOS boot",
+    ),
     ("syslinux-common", "ldlinux.c32, which PXELINUX loads"),
-    ("binutils", "objcopy, to build the firmware lab's unified kernel image"),
-    ("ipxe", "iPXE boot programs (ipxe.efi, undionly.kpxe) for the demo and the firmware lab"),
+    (
+        "binutils",
+        "objcopy, to build the firmware lab's unified kernel image",
+    ),
+    (
+        "ipxe",
+        "iPXE boot programs (ipxe.efi, undionly.kpxe) for the demo and the firmware lab",
+    ),
     ("busybox", "udhcpc, a DHCP client in the interop tests"),
-    ("isc-dhcp-client", "dhclient, a DHCP client in the interop tests"),
-    ("dnsmasq-base", "a peer DHCP/TFTP server for interop tests and benchmarks (no service)"),
-    ("kea-dhcp4-server", "a peer DHCP server that holds port 67 exclusively (its service is never started)"),
-    ("kea-admin", "perfdhcp, ISC's DHCP load tool, for cargo xtask bench-dhcp"),
+    (
+        "isc-dhcp-client",
+        "dhclient, a DHCP client in the interop tests",
+    ),
+    (
+        "dnsmasq-base",
+        "a peer DHCP/TFTP server for interop tests and benchmarks (no service)",
+    ),
+    (
+        "kea-dhcp4-server",
+        "a peer DHCP server that holds port 67 exclusively (its service is never started)",
+    ),
+    (
+        "kea-admin",
+        "perfdhcp, ISC's DHCP load tool, for cargo xtask bench-dhcp",
+    ),
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -74,9 +104,17 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
 
     if !has_toolchain(BPF_TOOLCHAIN) {
         if mode == Mode::Install {
-            step(&format!("installing the {BPF_TOOLCHAIN} toolchain with rust-src"));
+            step(&format!(
+                "installing the {BPF_TOOLCHAIN} toolchain with rust-src"
+            ));
             run_cmd(Command::new("rustup").args([
-                "toolchain", "install", BPF_TOOLCHAIN, "--profile", "minimal", "--component", "rust-src",
+                "toolchain",
+                "install",
+                BPF_TOOLCHAIN,
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
             ]))?;
         } else {
             problems.push(format!(
@@ -86,7 +124,13 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
     } else if !has_rust_src(BPF_TOOLCHAIN) {
         if mode == Mode::Install {
             step(&format!("adding rust-src to {BPF_TOOLCHAIN}"));
-            run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", BPF_TOOLCHAIN]))?;
+            run_cmd(Command::new("rustup").args([
+                "component",
+                "add",
+                "rust-src",
+                "--toolchain",
+                BPF_TOOLCHAIN,
+            ]))?;
         } else {
             problems.push(format!(
                 "rust-src is missing from {BPF_TOOLCHAIN} (needed to build core for bpfel-unknown-none); fix: rustup component add rust-src --toolchain {BPF_TOOLCHAIN}"
@@ -102,12 +146,19 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
             step("installing bpf-linker (builds against llvm-22; 1-2 minutes)");
             run_cmd(
                 Command::new(env!("CARGO"))
-                    .args(["install", "bpf-linker", "--version", &format!("^{BPF_LINKER_VERSION}")])
+                    .args([
+                        "install",
+                        "bpf-linker",
+                        "--version",
+                        &format!("^{BPF_LINKER_VERSION}"),
+                    ])
                     .args(["--no-default-features", "--features", "llvm-22"])
                     .env("LLVM_PREFIX", LLVM_PREFIX),
             )?;
         } else {
-            problems.push(format!("bpf-linker {BPF_LINKER_VERSION} is missing (links the BPF object); fix: {fix}"));
+            problems.push(format!(
+                "bpf-linker {BPF_LINKER_VERSION} is missing (links the BPF object); fix: {fix}"
+            ));
         }
     }
 
@@ -131,11 +182,19 @@ fn step(what: &str) {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.trim_ascii() == b"0").unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.trim_ascii() == b"0")
+        .unwrap_or(false)
 }
 
 fn missing_apt_packages() -> Vec<(&'static str, &'static str)> {
-    APT_PACKAGES.iter().copied().filter(|(name, _)| !dpkg_installed(name)).collect()
+    APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|(name, _)| !dpkg_installed(name))
+        .collect()
 }
 
 fn dpkg_installed(package: &str) -> bool {
@@ -174,9 +233,12 @@ impl DenyServiceStarts {
         if path.exists() {
             return Ok(Self(None));
         }
-        std::fs::write(path, "#!/bin/sh\n# written by cargo xtask setup for one apt-get install\nexit 101\n")
-            .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)))
-            .context("writing /usr/sbin/policy-rc.d to keep installed servers from starting")?;
+        std::fs::write(
+            path,
+            "#!/bin/sh\n# written by cargo xtask setup for one apt-get install\nexit 101\n",
+        )
+        .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)))
+        .context("writing /usr/sbin/policy-rc.d to keep installed servers from starting")?;
         Ok(Self(Some(path)))
     }
 }
@@ -192,7 +254,8 @@ impl Drop for DenyServiceStarts {
 /// QEMU must come from bookworm-backports: the image's qemu-utils 10 (from
 /// backports) conflicts with bookworm's QEMU 7.2. Only QEMU is taken from there.
 fn install_backports_qemu() -> anyhow::Result<()> {
-    let bookworm = std::fs::read_to_string("/etc/debian_version").is_ok_and(|v| v.starts_with("12"));
+    let bookworm =
+        std::fs::read_to_string("/etc/debian_version").is_ok_and(|v| v.starts_with("12"));
     let list = Path::new("/etc/apt/sources.list.d/pxe-bookworm-backports.sources");
     if bookworm && !list.exists() {
         step("adding bookworm-backports (for QEMU only)");
@@ -205,7 +268,9 @@ fn install_backports_qemu() -> anyhow::Result<()> {
     step("installing qemu-system-x86");
     run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
     let mut install = Command::new("apt-get");
-    install.args(["install", "-y", "-qq", "--no-install-recommends"]).env("DEBIAN_FRONTEND", "noninteractive");
+    install
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .env("DEBIAN_FRONTEND", "noninteractive");
     if bookworm {
         install.args(["-t", "bookworm-backports"]);
     }
@@ -226,7 +291,11 @@ fn has_rust_src(toolchain: &str) -> bool {
     Command::new("rustup")
         .args(["component", "list", "--installed", "--toolchain", toolchain])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")))
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.starts_with("rust-src"))
+        })
         .unwrap_or(false)
 }
 
@@ -236,7 +305,8 @@ fn has_bpf_linker() -> bool {
         .output()
         .map(|o| {
             o.status.success()
-                && String::from_utf8_lossy(&o.stdout).contains(&format!("bpf-linker {BPF_LINKER_VERSION}."))
+                && String::from_utf8_lossy(&o.stdout)
+                    .contains(&format!("bpf-linker {BPF_LINKER_VERSION}."))
         })
         .unwrap_or(false)
 }
@@ -245,18 +315,25 @@ fn has_bpf_linker() -> bool {
 fn kernel_problems() -> Vec<String> {
     let mut problems = Vec::new();
     if !Path::new("/proc/sys/kernel/unprivileged_bpf_disabled").exists() {
-        problems.push("the kernel has no bpf() syscall (CONFIG_BPF_SYSCALL); pxed cannot run here".to_owned());
+        problems.push(
+            "the kernel has no bpf() syscall (CONFIG_BPF_SYSCALL); pxed cannot run here".to_owned(),
+        );
     }
     match std::fs::read("/sys/kernel/btf/vmlinux") {
-        Err(_) => problems.push("the kernel exposes no BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF)".to_owned()),
+        Err(_) => problems.push(
+            "the kernel exposes no BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF)".to_owned(),
+        ),
         // The XDP context type is in the kernel's BTF exactly when XDP is built in.
-        Ok(btf) if !btf.windows(7).any(|w| w == b"xdp_md\0") => {
-            problems.push("the kernel has no XDP (no xdp_md in its BTF); pxed's fast path cannot attach".to_owned())
-        }
+        Ok(btf) if !btf.windows(7).any(|w| w == b"xdp_md\0") => problems.push(
+            "the kernel has no XDP (no xdp_md in its BTF); pxed's fast path cannot attach"
+                .to_owned(),
+        ),
         Ok(_) => {}
     }
     if !Path::new("/proc/self/ns/net").exists() {
-        problems.push("the kernel has no network namespaces (CONFIG_NET_NS); the tests need them".to_owned());
+        problems.push(
+            "the kernel has no network namespaces (CONFIG_NET_NS); the tests need them".to_owned(),
+        );
     }
     problems
 }

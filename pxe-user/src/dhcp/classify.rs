@@ -62,8 +62,13 @@ pub enum Ignore {
     NoMessageType,
 }
 
-const RASPBERRY_PI_OUIS: [[u8; 3]; 5] =
-    [[0xb8, 0x27, 0xeb], [0xdc, 0xa6, 0x32], [0xe4, 0x5f, 0x01], [0xd8, 0x3a, 0xdd], [0x2c, 0xcf, 0x67]];
+const RASPBERRY_PI_OUIS: [[u8; 3]; 5] = [
+    [0xb8, 0x27, 0xeb],
+    [0xdc, 0xa6, 0x32],
+    [0xe4, 0x5f, 0x01],
+    [0xd8, 0x3a, 0xdd],
+    [0x2c, 0xcf, 0x67],
+];
 
 /// Parses and classifies one datagram received on port 67 or 4011.
 pub fn classify(datagram: &[u8]) -> Result<Request, Ignore> {
@@ -71,8 +76,14 @@ pub fn classify(datagram: &[u8]) -> Result<Request, Ignore> {
     if message.opcode() != dhcproto::v4::Opcode::BootRequest {
         return Err(Ignore::NotARequest);
     }
-    if message.htype() != dhcproto::v4::HType::Eth || message.hlen() != 6 || message.chaddr().len() < 6 {
-        return Err(Ignore::NotEthernet(u8::from(message.htype()), message.hlen()));
+    if message.htype() != dhcproto::v4::HType::Eth
+        || message.hlen() != 6
+        || message.chaddr().len() < 6
+    {
+        return Err(Ignore::NotEthernet(
+            u8::from(message.htype()),
+            message.hlen(),
+        ));
     }
     merge_overloaded_options(datagram, &mut message);
     let opts = message.opts();
@@ -137,7 +148,9 @@ fn decode(datagram: &[u8]) -> Result<Message, Ignore> {
     match std::panic::catch_unwind(|| Message::decode(&mut Decoder::new(datagram))) {
         Ok(Ok(message)) => Ok(message),
         Ok(Err(e)) => Err(Ignore::Malformed(e.to_string())),
-        Err(_) => Err(Ignore::Malformed("the DHCP decoder rejected it (panicked)".to_owned())),
+        Err(_) => Err(Ignore::Malformed(
+            "the DHCP decoder rejected it (panicked)".to_owned(),
+        )),
     }
 }
 
@@ -188,7 +201,9 @@ fn uuid_text(raw: &[u8]) -> Option<String> {
 /// (2) or both (3) fields. dhcproto reads those fields as strings, so they are
 /// parsed here from the datagram itself; options already seen win.
 fn merge_overloaded_options(datagram: &[u8], message: &mut Message) {
-    let Some(DhcpOption::OptionOverload(which)) = message.opts().get(OptionCode::OptionOverload).cloned() else {
+    let Some(DhcpOption::OptionOverload(which)) =
+        message.opts().get(OptionCode::OptionOverload).cloned()
+    else {
         return;
     };
     const SNAME: std::ops::Range<usize> = 44..108;
@@ -201,8 +216,14 @@ fn merge_overloaded_options(datagram: &[u8], message: &mut Message) {
         fields.push(SNAME);
     }
     for field in fields {
-        let Some(raw) = datagram.get(field) else { continue };
-        let Ok(Ok(extra)) = std::panic::catch_unwind(|| DhcpOptions::decode(&mut Decoder::new(raw))) else { continue };
+        let Some(raw) = datagram.get(field) else {
+            continue;
+        };
+        let Ok(Ok(extra)) =
+            std::panic::catch_unwind(|| DhcpOptions::decode(&mut Decoder::new(raw)))
+        else {
+            continue;
+        };
         for (code, option) in extra.iter() {
             if message.opts().get(*code).is_none() {
                 message.opts_mut().insert(option.clone());
@@ -221,7 +242,13 @@ pub(crate) mod tests {
 
     /// A request as a client would send it, for engine and classify tests.
     pub fn request(msg_type: MessageType, mac: [u8; 6], options: Vec<DhcpOption>) -> Vec<u8> {
-        let mut msg = Message::new(Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &mac);
+        let mut msg = Message::new(
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            &mac,
+        );
         msg.set_xid(0x1234_5678);
         msg.opts_mut().insert(DhcpOption::MessageType(msg_type));
         for o in options {
@@ -236,50 +263,89 @@ pub(crate) mod tests {
 
     #[test]
     fn uefi_pxe_ipxe_and_http_boot_are_told_apart() {
-        let uefi = request(MessageType::Discover, MAC, vec![
-            DhcpOption::ClassIdentifier(b"PXEClient:Arch:00007:UNDI:003016".to_vec()),
-            DhcpOption::ClientSystemArchitecture(v4::Architecture::from(7)),
-        ]);
+        let uefi = request(
+            MessageType::Discover,
+            MAC,
+            vec![
+                DhcpOption::ClassIdentifier(b"PXEClient:Arch:00007:UNDI:003016".to_vec()),
+                DhcpOption::ClientSystemArchitecture(v4::Architecture::from(7)),
+            ],
+        );
         let r = classify(&uefi).unwrap();
         assert_eq!((r.firmware, r.arch), (Firmware::Pxe, Arch::UefiX64));
 
-        let ipxe_rfc3004 = request(MessageType::Discover, MAC, vec![
-            DhcpOption::ClassIdentifier(b"PXEClient:Arch:00000:UNDI:002001".to_vec()),
-            DhcpOption::UserClass(b"\x04iPXE".to_vec()),
-        ]);
+        let ipxe_rfc3004 = request(
+            MessageType::Discover,
+            MAC,
+            vec![
+                DhcpOption::ClassIdentifier(b"PXEClient:Arch:00000:UNDI:002001".to_vec()),
+                DhcpOption::UserClass(b"\x04iPXE".to_vec()),
+            ],
+        );
         assert_eq!(classify(&ipxe_rfc3004).unwrap().firmware, Firmware::Ipxe);
-        let ipxe_plain = request(MessageType::Discover, MAC, vec![DhcpOption::UserClass(b"iPXE".to_vec())]);
+        let ipxe_plain = request(
+            MessageType::Discover,
+            MAC,
+            vec![DhcpOption::UserClass(b"iPXE".to_vec())],
+        );
         assert_eq!(classify(&ipxe_plain).unwrap().firmware, Firmware::Ipxe);
 
-        let http = request(MessageType::Discover, MAC, vec![
-            DhcpOption::ClassIdentifier(b"HTTPClient:Arch:00016:UNDI:003001".to_vec()),
-            DhcpOption::ClientSystemArchitecture(v4::Architecture::from(16)),
-        ]);
+        let http = request(
+            MessageType::Discover,
+            MAC,
+            vec![
+                DhcpOption::ClassIdentifier(b"HTTPClient:Arch:00016:UNDI:003001".to_vec()),
+                DhcpOption::ClientSystemArchitecture(v4::Architecture::from(16)),
+            ],
+        );
         let r = classify(&http).unwrap();
-        assert_eq!((r.firmware, r.arch), (Firmware::HttpBoot, Arch::UefiX64Http));
+        assert_eq!(
+            (r.firmware, r.arch),
+            (Firmware::HttpBoot, Arch::UefiX64Http)
+        );
 
-        let os = request(MessageType::Discover, MAC, vec![DhcpOption::ClassIdentifier(b"udhcp 1.35.0".to_vec())]);
+        let os = request(
+            MessageType::Discover,
+            MAC,
+            vec![DhcpOption::ClassIdentifier(b"udhcp 1.35.0".to_vec())],
+        );
         assert_eq!(classify(&os).unwrap().firmware, Firmware::NotPxe);
     }
 
     #[test]
     fn option_175_alone_does_not_make_ipxe() {
-        let r = classify(&request(MessageType::Discover, MAC, vec![
-            DhcpOption::ClassIdentifier(b"PXEClient".to_vec()),
-            DhcpOption::Unknown(v4::UnknownOption::new(175.into(), vec![0xb1, 0x05, 0x01, 0x01, 0x01, 0x08, 0x01, 0x01])),
-        ]))
+        let r = classify(&request(
+            MessageType::Discover,
+            MAC,
+            vec![
+                DhcpOption::ClassIdentifier(b"PXEClient".to_vec()),
+                DhcpOption::Unknown(v4::UnknownOption::new(
+                    175.into(),
+                    vec![0xb1, 0x05, 0x01, 0x01, 0x01, 0x08, 0x01, 0x01],
+                )),
+            ],
+        ))
         .unwrap();
         assert_eq!(r.firmware, Firmware::Pxe);
     }
 
     #[test]
     fn a_pxe_client_without_option_93_is_bios_and_raspberry_pi_is_recognised() {
-        let r = classify(&request(MessageType::Discover, MAC, vec![DhcpOption::ClassIdentifier(b"PXEClient".to_vec())])).unwrap();
+        let r = classify(&request(
+            MessageType::Discover,
+            MAC,
+            vec![DhcpOption::ClassIdentifier(b"PXEClient".to_vec())],
+        ))
+        .unwrap();
         assert_eq!(r.arch, Arch::Bios);
-        let pi = request(MessageType::Discover, [0xdc, 0xa6, 0x32, 1, 2, 3], vec![
-            DhcpOption::ClassIdentifier(b"PXEClient:Arch:00000:UNDI:002001".to_vec()),
-            DhcpOption::ClientSystemArchitecture(v4::Architecture::from(0)),
-        ]);
+        let pi = request(
+            MessageType::Discover,
+            [0xdc, 0xa6, 0x32, 1, 2, 3],
+            vec![
+                DhcpOption::ClassIdentifier(b"PXEClient:Arch:00000:UNDI:002001".to_vec()),
+                DhcpOption::ClientSystemArchitecture(v4::Architecture::from(0)),
+            ],
+        );
         assert_eq!(classify(&pi).unwrap().arch, Arch::RaspberryPi);
     }
 
@@ -287,13 +353,25 @@ pub(crate) mod tests {
     fn uuid_is_read_in_smbios_form() {
         let mut raw = vec![0u8];
         raw.extend(1..=16u8);
-        let r = classify(&request(MessageType::Discover, MAC, vec![DhcpOption::ClientMachineIdentifier(raw)])).unwrap();
-        assert_eq!(r.uuid.as_deref(), Some("04030201-0605-0807-090a-0b0c0d0e0f10"));
+        let r = classify(&request(
+            MessageType::Discover,
+            MAC,
+            vec![DhcpOption::ClientMachineIdentifier(raw)],
+        ))
+        .unwrap();
+        assert_eq!(
+            r.uuid.as_deref(),
+            Some("04030201-0605-0807-090a-0b0c0d0e0f10")
+        );
     }
 
     #[test]
     fn options_in_an_overloaded_file_field_are_read() {
-        let mut datagram = request(MessageType::Discover, MAC, vec![DhcpOption::OptionOverload(1)]);
+        let mut datagram = request(
+            MessageType::Discover,
+            MAC,
+            vec![DhcpOption::OptionOverload(1)],
+        );
         // Put option 60 "PXEClient" and END into the file field (bytes 108..236).
         let inner = [&[60u8, 9][..], b"PXEClient", &[255]].concat();
         datagram[108..108 + inner.len()].copy_from_slice(&inner);
@@ -309,7 +387,10 @@ pub(crate) mod tests {
         let mut d = good[..end].to_vec();
         d.extend_from_slice(&[80, 1, 0, 255]);
         let result = std::panic::catch_unwind(|| classify(&d));
-        assert!(result.is_ok(), "classify must never panic, whatever the decoder does");
+        assert!(
+            result.is_ok(),
+            "classify must never panic, whatever the decoder does"
+        );
     }
 
     #[test]
@@ -317,7 +398,11 @@ pub(crate) mod tests {
         assert!(matches!(classify(b""), Err(Ignore::Malformed(_))));
         assert!(matches!(classify(&[0u8; 300]), Err(_)));
         let mut x: u64 = 0x2545_f491;
-        let valid = request(MessageType::Request, MAC, vec![DhcpOption::ClassIdentifier(b"PXEClient".to_vec())]);
+        let valid = request(
+            MessageType::Request,
+            MAC,
+            vec![DhcpOption::ClassIdentifier(b"PXEClient".to_vec())],
+        );
         for i in 0..20_000 {
             let mut d = valid.clone();
             for _ in 0..(i % 7 + 1) {

@@ -41,16 +41,27 @@ impl Listener {
         let dhcp = Port67::open(interface, address, share_67)?;
         if dhcp.is_beside() {
             warn!(
-                interface, "DHCP: another server holds port 67 here without SO_REUSEADDR; \
+                interface,
+                "DHCP: another server holds port 67 here without SO_REUSEADDR; \
                  proxy mode receives DISCOVERs beside it through a raw socket"
             );
         }
         let discovery = bind(interface, PROXY_PORT)?;
-        Ok(Self { interface: interface.to_owned(), address, dhcp, discovery, kernel: None })
+        Ok(Self {
+            interface: interface.to_owned(),
+            address,
+            dhcp,
+            discovery,
+            kernel: None,
+        })
     }
 
     /// Hands each reply the engine marks repeatable to the kernel as a template.
-    pub fn with_kernel_answers(mut self, answers: Arc<KernelAnswers>, interface: Interface) -> Self {
+    pub fn with_kernel_answers(
+        mut self,
+        answers: Arc<KernelAnswers>,
+        interface: Interface,
+    ) -> Self {
         self.kernel = Some((answers, interface));
         self
     }
@@ -71,7 +82,13 @@ const MAX_BURST: usize = 256;
 /// Serves one interface's DHCP (port 67) and boot server discovery (port
 /// 4011) until the future is dropped.
 pub async fn run(engine: Arc<Mutex<Engine>>, listener: Listener) -> io::Result<()> {
-    let Listener { interface, address, dhcp, discovery, kernel } = listener;
+    let Listener {
+        interface,
+        address,
+        dhcp,
+        discovery,
+        kernel,
+    } = listener;
     let mut warned = Warnings::default();
     let mut buf_67 = vec![0u8; 4096];
     let mut buf_4011 = vec![0u8; 4096];
@@ -82,7 +99,11 @@ pub async fn run(engine: Arc<Mutex<Engine>>, listener: Listener) -> io::Result<(
             r = discovery.recv_from(&mut buf_4011) => (PROXY_PORT, r),
         };
         burst.clear();
-        let buf = if port == PROXY_PORT { &mut buf_4011 } else { &mut buf_67 };
+        let buf = if port == PROXY_PORT {
+            &mut buf_4011
+        } else {
+            &mut buf_67
+        };
         let mut received = Some(received);
         // The first request woke us; take whatever else is already waiting.
         while burst.len() < MAX_BURST {
@@ -98,7 +119,10 @@ pub async fn run(engine: Arc<Mutex<Engine>>, listener: Listener) -> io::Result<(
                 // a relay that went away) surfaces on a later receive. It is
                 // about that reply, not about this socket: never a reason to stop.
                 Err(e) if is_transient(&e) => {
-                    debug!(port, "DHCP: receive reported an error for an earlier reply: {e}");
+                    debug!(
+                        port,
+                        "DHCP: receive reported an error for an earlier reply: {e}"
+                    );
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -107,7 +131,11 @@ pub async fn run(engine: Arc<Mutex<Engine>>, listener: Listener) -> io::Result<(
             match classify(&buf[..len]) {
                 Ok(request) => burst.push(Received {
                     request,
-                    arrival: Arrival { port, source: from, server_ip: address },
+                    arrival: Arrival {
+                        port,
+                        source: from,
+                        server_ip: address,
+                    },
                     datagram: kernel.is_some().then(|| buf[..len].to_vec()),
                 }),
                 Err(why) => debug!(client = %from, port, %interface, "DHCP: ignored: {why}"),
@@ -116,14 +144,32 @@ pub async fn run(engine: Arc<Mutex<Engine>>, listener: Listener) -> io::Result<(
         if burst.is_empty() {
             continue;
         }
-        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         // The engine fsyncs the burst's leases; keep that off the async workers' backs.
         let outcomes = tokio::task::block_in_place(|| {
-            engine.lock().unwrap_or_else(|e| e.into_inner()).handle_batch(burst.iter().map(|r| (&r.request, r.arrival)), now)
+            engine
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .handle_batch(burst.iter().map(|r| (&r.request, r.arrival)), now)
         });
         for (received, outcome) in burst.iter().zip(outcomes) {
-            let kernel = kernel.as_ref().map(|(answers, iface)| (answers.as_ref(), iface));
-            answer(received, outcome, port, &dhcp, &discovery, &interface, kernel, &mut warned).await;
+            let kernel = kernel
+                .as_ref()
+                .map(|(answers, iface)| (answers.as_ref(), iface));
+            answer(
+                received,
+                outcome,
+                port,
+                &dhcp,
+                &discovery,
+                &interface,
+                kernel,
+                &mut warned,
+            )
+            .await;
         }
     }
 }
@@ -147,7 +193,9 @@ async fn answer(
     }
     match &outcome.problem {
         Some(Problem::PoolExhausted { subnet }) => warned.pool_exhausted(subnet),
-        Some(Problem::LeaseStore(e)) => error!(mac = %request.mac, "DHCP: lease store failing, request not answered: {e}"),
+        Some(Problem::LeaseStore(e)) => {
+            error!(mac = %request.mac, "DHCP: lease store failing, request not answered: {e}")
+        }
         None => {}
     }
     let Some(reply) = outcome.reply else {
@@ -168,15 +216,23 @@ async fn answer(
         Destination::Broadcast => SocketAddrV4::new(Ipv4Addr::BROADCAST, 68),
         Destination::Unicast(addr) => addr,
     };
-    let sent = if port == PROXY_PORT { discovery.send_to(&bytes, to).await.map(drop) } else { dhcp.send_to(&bytes, to).await };
+    let sent = if port == PROXY_PORT {
+        discovery.send_to(&bytes, to).await.map(drop)
+    } else {
+        dhcp.send_to(&bytes, to).await
+    };
     if let Err(e) = sent {
         warn!(mac = %request.mac, %to, "DHCP: sending the reply failed: {e}");
         return;
     }
-    if let (Some(answer), Some((answers, iface)), Some(datagram)) = (outcome.kernel, kernel, &received.datagram) {
+    if let (Some(answer), Some((answers, iface)), Some(datagram)) =
+        (outcome.kernel, kernel, &received.datagram)
+    {
         match templates::template(datagram, &bytes, &answer, port, iface, Clocks::now()) {
             Some((key, entry)) => answers.install(key, entry),
-            None => debug!(mac = %request.mac, "DHCP: this answer stays with userspace (the kernel cannot send it)"),
+            None => {
+                debug!(mac = %request.mac, "DHCP: this answer stays with userspace (the kernel cannot send it)")
+            }
         }
     }
 }
@@ -185,7 +241,14 @@ async fn answer(
 fn is_transient(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN | libc::EINTR)
+        Some(
+            libc::ECONNREFUSED
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+                | libc::EHOSTDOWN
+                | libc::ENETDOWN
+                | libc::EINTR
+        )
     )
 }
 
@@ -198,7 +261,10 @@ struct Warnings {
 impl Warnings {
     fn pool_exhausted(&mut self, subnet: &str) {
         let now = Instant::now();
-        let due = self.last.get(subnet).is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(60));
+        let due = self
+            .last
+            .get(subnet)
+            .is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(60));
         if due {
             warn!(subnet, "DHCP: address pool exhausted; new clients get no offer (repeated at most once a minute)");
             self.last.insert(subnet.to_owned(), now);

@@ -22,7 +22,9 @@ impl Offers {
             return;
         }
         self.swept_at = now;
-        let Self { by_ip, by_client, .. } = self;
+        let Self {
+            by_ip, by_client, ..
+        } = self;
         by_ip.retain(|_, (_, until)| *until > now);
         by_client.retain(|client, ip| by_ip.get(ip).is_some_and(|(holder, _)| holder == client));
     }
@@ -48,7 +50,9 @@ impl Offers {
 
     /// Whether `ip` is held for a client other than `client` at `now`.
     pub fn is_held_for_another(&self, ip: Ipv4Addr, client: &[u8], now: u64) -> bool {
-        self.by_ip.get(&ip).is_some_and(|(c, until)| c != client && *until > now)
+        self.by_ip
+            .get(&ip)
+            .is_some_and(|(c, until)| c != client && *until > now)
     }
 
     /// Ends the offer of `ip` (it was taken, or declined).
@@ -82,7 +86,10 @@ mod tests {
         assert_eq!(o.of_client(b"one"), Some(A));
         assert!(o.is_held_for(A, b"one"));
         assert!(o.is_held_for_another(A, b"two", 99));
-        assert!(!o.is_held_for_another(A, b"two", 100), "expired at its deadline");
+        assert!(
+            !o.is_held_for_another(A, b"two", 100),
+            "expired at its deadline"
+        );
         o.sweep(99);
         assert_eq!(o.of_client(b"one"), Some(A));
         o.sweep(100);

@@ -34,7 +34,10 @@ impl Subnet {
 
     /// Number of addresses in the ranges (exclusions not subtracted).
     pub fn pool_len(&self) -> u64 {
-        self.ranges.iter().map(|(a, b)| u64::from(u32::from(*b)) - u64::from(u32::from(*a)) + 1).sum()
+        self.ranges
+            .iter()
+            .map(|(a, b)| u64::from(u32::from(*b)) - u64::from(u32::from(*a)) + 1)
+            .sum()
     }
 
     /// The `n`th address of the ranges, in order (`n < pool_len()`).
@@ -53,7 +56,11 @@ impl Subnet {
 /// Parses `a.b.c.d-e.f.g.h` (inclusive; a single address is a range of one).
 pub fn parse_range(text: &str) -> Result<(Ipv4Addr, Ipv4Addr), String> {
     let (first, last) = text.split_once('-').unwrap_or((text, text));
-    let parse = |s: &str| s.trim().parse::<Ipv4Addr>().map_err(|_| format!("{s:?} is not an IPv4 address"));
+    let parse = |s: &str| {
+        s.trim()
+            .parse::<Ipv4Addr>()
+            .map_err(|_| format!("{s:?} is not an IPv4 address"))
+    };
     let (first, last) = (parse(first)?, parse(last)?);
     if first > last {
         return Err(format!("range {text:?} ends before it starts"));
@@ -69,7 +76,10 @@ mod tests {
     fn pools_walk_their_ranges_and_skip_exclusions() {
         let s = Subnet {
             network: "198.18.0.0/24".parse().unwrap(),
-            ranges: vec![parse_range("198.18.0.10-198.18.0.12").unwrap(), parse_range("198.18.0.20").unwrap()],
+            ranges: vec![
+                parse_range("198.18.0.10-198.18.0.12").unwrap(),
+                parse_range("198.18.0.20").unwrap(),
+            ],
             exclude: vec!["198.18.0.11".parse().unwrap()],
             router: None,
             dns: vec![],
@@ -80,7 +90,10 @@ mod tests {
         assert_eq!(s.nth(3), Some("198.18.0.20".parse().unwrap()));
         assert!(s.in_pool("198.18.0.10".parse().unwrap()));
         assert!(!s.in_pool("198.18.0.11".parse().unwrap()), "excluded");
-        assert!(!s.in_pool("198.18.0.13".parse().unwrap()), "outside the ranges");
+        assert!(
+            !s.in_pool("198.18.0.13".parse().unwrap()),
+            "outside the ranges"
+        );
         assert!(parse_range("198.18.0.9-198.18.0.1").is_err());
         assert!(parse_range("nope").is_err());
     }

@@ -35,7 +35,10 @@ pub enum Port67 {
     /// Bound as a normal UDP socket.
     Bound(UdpSocket),
     /// Beside a server that holds the port: raw IP, sending from `address`.
-    Beside { socket: AsyncFd<Socket>, address: Ipv4Addr },
+    Beside {
+        socket: AsyncFd<Socket>,
+        address: Ipv4Addr,
+    },
 }
 
 impl Port67 {
@@ -46,10 +49,14 @@ impl Port67 {
             Ok(socket) => Ok(Self::Bound(socket)),
             Err(e) if share && e.kind() == io::ErrorKind::AddrInUse => {
                 let socket = raw_port_67(iface).map_err(|raw| {
-                    io::Error::new(raw.kind(), format!("{e}; listening beside it through a raw socket failed too: {raw}"))
+                    io::Error::new(
+                        raw.kind(),
+                        format!("{e}; listening beside it through a raw socket failed too: {raw}"),
+                    )
                 })?;
                 // SAFETY: the socket owns its descriptor, and AsyncFd owns the socket.
-                let socket = unsafe { AsyncFd::register(socket) }.map_err(|e| io::Error::other(e.to_string()))?;
+                let socket = unsafe { AsyncFd::register(socket) }
+                    .map_err(|e| io::Error::other(e.to_string()))?;
                 Ok(Self::Beside { socket, address })
             }
             Err(e) => Err(e),
@@ -65,7 +72,11 @@ impl Port67 {
     pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         match self {
             Self::Bound(s) => s.recv_from(buf).await,
-            Self::Beside { socket, .. } => socket.async_io(tokio::io::Interest::READABLE, |s| recv_raw(s, buf)).await,
+            Self::Beside { socket, .. } => {
+                socket
+                    .async_io(tokio::io::Interest::READABLE, |s| recv_raw(s, buf))
+                    .await
+            }
         }
     }
 
@@ -83,10 +94,20 @@ impl Port67 {
             Self::Bound(s) => return s.send_to(payload, to).await.map(drop),
             Self::Beside { socket, address } => (socket, *address),
         };
-        let datagram = Datagram { src: address, dst: *to.ip(), src_port: DHCP_SERVER_PORT, dst_port: to.port(), payload };
-        let packet = udp::build(&datagram).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "reply too long"))?;
+        let datagram = Datagram {
+            src: address,
+            dst: *to.ip(),
+            src_port: DHCP_SERVER_PORT,
+            dst_port: to.port(),
+            payload,
+        };
+        let packet = udp::build(&datagram)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "reply too long"))?;
         let dest = socket2::SockAddr::from(SocketAddrV4::new(*to.ip(), 0));
-        socket.async_io(tokio::io::Interest::WRITABLE, |s| s.send_to(&packet, &dest)).await.map(drop)
+        socket
+            .async_io(tokio::io::Interest::WRITABLE, |s| s.send_to(&packet, &dest))
+            .await
+            .map(drop)
     }
 }
 
@@ -98,11 +119,21 @@ fn recv_raw(socket: &Socket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> 
     let mut packet = vec![0u8; buf.len() + 68];
     loop {
         // SAFETY: `packet` is a valid, writable buffer of its length.
-        let n = unsafe { libc::recv(socket.as_raw_fd(), packet.as_mut_ptr().cast(), packet.len(), 0) };
+        let n = unsafe {
+            libc::recv(
+                socket.as_raw_fd(),
+                packet.as_mut_ptr().cast(),
+                packet.len(),
+                0,
+            )
+        };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        let Some(d) = udp::parse(&packet[..n as usize]).filter(|d| d.dst_port == DHCP_SERVER_PORT) else { continue };
+        let Some(d) = udp::parse(&packet[..n as usize]).filter(|d| d.dst_port == DHCP_SERVER_PORT)
+        else {
+            continue;
+        };
         let len = d.payload.len().min(buf.len());
         buf[..len].copy_from_slice(&d.payload[..len]);
         return Ok((len, SocketAddr::V4(SocketAddrV4::new(d.src, d.src_port))));
@@ -152,12 +183,12 @@ fn port_67_filter() -> [SockFilter; 7] {
     const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
     // Jump offsets count instructions skipped after the jump.
     [
-        SockFilter::new(LDH_ABS, 0, 0, 6),                       // 0: flags, fragment offset
-        SockFilter::new(JSET, 4, 0, 0x3fff),                     // 1: a fragment → 6
-        SockFilter::new(LDX_MSH, 0, 0, 0),                       // 2: X = IPv4 header length
-        SockFilter::new(LDH_IND, 0, 0, 2),                       // 3: UDP destination port
+        SockFilter::new(LDH_ABS, 0, 0, 6),   // 0: flags, fragment offset
+        SockFilter::new(JSET, 4, 0, 0x3fff), // 1: a fragment → 6
+        SockFilter::new(LDX_MSH, 0, 0, 0),   // 2: X = IPv4 header length
+        SockFilter::new(LDH_IND, 0, 0, 2),   // 3: UDP destination port
         SockFilter::new(JEQ, 0, 1, u32::from(DHCP_SERVER_PORT)), // 4: 67 → 5, else → 6
-        SockFilter::new(RET, 0, 0, u32::MAX),                    // 5: accept
-        SockFilter::new(RET, 0, 0, 0),                           // 6: drop
+        SockFilter::new(RET, 0, 0, u32::MAX), // 5: accept
+        SockFilter::new(RET, 0, 0, 0),       // 6: drop
     ]
 }

@@ -26,7 +26,10 @@ struct Held {
 
 impl KernelAnswers {
     pub fn new(fastpath: Arc<Mutex<FastPath>>) -> Self {
-        Self { fastpath, held: Mutex::new(HashMap::new()) }
+        Self {
+            fastpath,
+            held: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Lets the kernel answer with `entry`. A lease for a new address takes
@@ -37,7 +40,8 @@ impl KernelAnswers {
         let client = held.entry(key.mac).or_default();
         if key.port_kind == PORT_KIND_DHCP && entry.yiaddr != [0; 4] {
             client.retain(|h| {
-                let stale = h.key.port_kind == PORT_KIND_DHCP && h.yiaddr != entry.yiaddr && h.key != key;
+                let stale =
+                    h.key.port_kind == PORT_KIND_DHCP && h.yiaddr != entry.yiaddr && h.key != key;
                 if stale {
                     if let Err(e) = fastpath.remove_answer(&h.key) {
                         warn!("DHCP: taking back a kernel answer: {e}");
@@ -49,7 +53,10 @@ impl KernelAnswers {
         match fastpath.insert_answer(key, entry) {
             Ok(()) => {
                 client.retain(|h| h.key != key);
-                client.push(Held { key, yiaddr: entry.yiaddr });
+                client.push(Held {
+                    key,
+                    yiaddr: entry.yiaddr,
+                });
             }
             // A full map (65,536 templates) only means userspace answers more.
             Err(e) => debug!("DHCP: no kernel answer for this client: {e}"),
@@ -59,7 +66,9 @@ impl KernelAnswers {
     /// Takes back every template of the client with this MAC.
     pub fn forget(&self, mac: [u8; 6]) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(keys) = held.remove(&mac) else { return };
+        let Some(keys) = held.remove(&mac) else {
+            return;
+        };
         let mut fastpath = self.fastpath.lock().unwrap_or_else(|e| e.into_inner());
         for h in keys {
             if let Err(e) = fastpath.remove_answer(&h.key) {
@@ -70,7 +79,13 @@ impl KernelAnswers {
 
     /// Takes back every template (the config changed: any answer may).
     pub fn clear(&self) {
-        let macs: Vec<[u8; 6]> = self.held.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
+        let macs: Vec<[u8; 6]> = self
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect();
         for mac in macs {
             self.forget(mac);
         }
@@ -78,7 +93,12 @@ impl KernelAnswers {
 
     /// Templates the kernel holds.
     pub fn len(&self) -> usize {
-        self.held.lock().unwrap_or_else(|e| e.into_inner()).values().map(Vec::len).sum()
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(Vec::len)
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {

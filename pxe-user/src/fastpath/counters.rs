@@ -18,12 +18,21 @@ impl CounterSnapshot {
 
     /// Packets seen: the sum of the verdicts (observations are extra).
     pub fn packets(&self) -> u64 {
-        Counter::ALL.iter().filter(|(c, _)| c.is_verdict()).map(|(c, _)| self.get(*c)).sum()
+        Counter::ALL
+            .iter()
+            .filter(|(c, _)| c.is_verdict())
+            .map(|(c, _)| self.get(*c))
+            .sum()
     }
 
     /// What changed since `earlier`.
     pub fn since(&self, earlier: &Self) -> Self {
-        Self(Counter::ALL.iter().map(|(c, _)| self.get(*c).saturating_sub(earlier.get(*c))).collect())
+        Self(
+            Counter::ALL
+                .iter()
+                .map(|(c, _)| self.get(*c).saturating_sub(earlier.get(*c)))
+                .collect(),
+        )
     }
 }
 
@@ -50,7 +59,9 @@ pub struct Counters {
 
 pub(super) fn read(ebpf: &Ebpf, name: &'static str) -> Result<CounterSnapshot, FastPathError> {
     let map_error = |source| FastPathError::Map { name, source };
-    let map = ebpf.map(name).unwrap_or_else(|| panic!("pxe-ebpf defines no map {name}"));
+    let map = ebpf
+        .map(name)
+        .unwrap_or_else(|| panic!("pxe-ebpf defines no map {name}"));
     let array: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_error)?;
     let mut sums = Vec::with_capacity(Counter::COUNT as usize);
     for index in 0..Counter::COUNT {

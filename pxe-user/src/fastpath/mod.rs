@@ -18,8 +18,8 @@ use aya::{
 };
 use pxe_common::dhcp::{AnswerEntry, AnswerKey, DHCP_ANSWERS};
 use pxe_common::maps::{
-    self, ImageEntry, SessionEntry, SessionKey, TftpPortEntry, TftpPortKey, CHUNK_SIZE, CHUNK_STRIDE,
-    IMAGES_CAPACITY,
+    self, ImageEntry, SessionEntry, SessionKey, TftpPortEntry, TftpPortKey, CHUNK_SIZE,
+    CHUNK_STRIDE, IMAGES_CAPACITY,
 };
 
 pub use self::{
@@ -68,20 +68,41 @@ impl fmt::Display for AttachedXdp {
 pub enum FastPathError {
     #[error("the embedded BPF object could not be parsed or its maps created: {0}")]
     Object(#[source] EbpfError),
-    #[error("the kernel refused the {program} program. Last lines of the verifier log:\n{log_tail}")]
-    Verifier { program: &'static str, log_tail: String },
+    #[error(
+        "the kernel refused the {program} program. Last lines of the verifier log:\n{log_tail}"
+    )]
+    Verifier {
+        program: &'static str,
+        log_tail: String,
+    },
     #[error("loading the {program} program failed: {source}")]
-    Load { program: &'static str, source: ProgramError },
+    Load {
+        program: &'static str,
+        source: ProgramError,
+    },
     #[error("no interface named {iface:?} in this network namespace (`ip link` lists them)")]
     UnknownInterface { iface: String },
     #[error("attaching XDP to {iface} in {mode} mode failed: {source}")]
-    AttachXdp { iface: String, mode: &'static str, source: ProgramError },
-    #[error("attaching XDP to {iface} failed in native mode ({native}) and in generic mode ({generic})")]
-    AttachXdpAuto { iface: String, native: ProgramError, generic: ProgramError },
+    AttachXdp {
+        iface: String,
+        mode: &'static str,
+        source: ProgramError,
+    },
+    #[error(
+        "attaching XDP to {iface} failed in native mode ({native}) and in generic mode ({generic})"
+    )]
+    AttachXdpAuto {
+        iface: String,
+        native: ProgramError,
+        generic: ProgramError,
+    },
     #[error("attaching the TC ingress program to {iface} failed: {source}")]
     AttachTc { iface: String, source: ProgramError },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: MapError },
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
     #[error("the kernel image memory is full: {needed} more chunks of 1 MiB needed, {free} free (raise --fastpath-memory)")]
     ImageMemoryFull { needed: u32, free: u32 },
     #[error("image id {id} is beyond the {IMAGES_CAPACITY} the kernel map holds")]
@@ -128,7 +149,11 @@ impl FastPath {
             .map_err(FastPathError::Object)?;
         load_program::<Xdp>(&mut ebpf, XDP_PROGRAM, |p| p.load())?;
         load_program::<SchedClassifier>(&mut ebpf, TC_PROGRAM, |p| p.load())?;
-        Ok(Self { ebpf, chunks_total: chunks, next_chunk: 0 })
+        Ok(Self {
+            ebpf,
+            chunks_total: chunks,
+            next_chunk: 0,
+        })
     }
 
     /// Copies `bytes` into the kernel's image memory as image `id` and marks
@@ -152,7 +177,8 @@ impl FastPath {
         // SAFETY: the map was created with BPF_F_MMAPABLE and holds
         // chunks_total values of CHUNK_SIZE bytes (a multiple of 8, so no
         // stride padding); MAP_SHARED is required for a BPF map.
-        let mut memory = unsafe { memmap2::MmapOptions::new().len(len).map_mut(fd) }.map_err(FastPathError::Mmap)?;
+        let mut memory = unsafe { memmap2::MmapOptions::new().len(len).map_mut(fd) }
+            .map_err(FastPathError::Mmap)?;
         for i in 0..needed {
             let from = (i as usize) * CHUNK_STRIDE as usize;
             let to = (from + CHUNK_SIZE as usize).min(bytes.len());
@@ -163,17 +189,42 @@ impl FastPath {
         // No msync: BPF map memory is not file-backed (msync is EINVAL there).
         drop(memory);
         self.next_chunk += needed;
-        let entry = ImageEntry { first_chunk: first, chunks: needed, len: bytes.len() as u32, ready: 1 };
-        let map = self.ebpf.map_mut(maps::IMAGES).expect("pxe-ebpf defines IMAGES");
+        let entry = ImageEntry {
+            first_chunk: first,
+            chunks: needed,
+            len: bytes.len() as u32,
+            ready: 1,
+        };
+        let map = self
+            .ebpf
+            .map_mut(maps::IMAGES)
+            .expect("pxe-ebpf defines IMAGES");
         let mut images: Array<&mut MapData, ImageEntry> =
-            Array::try_from(map).map_err(|source| FastPathError::Map { name: maps::IMAGES, source })?;
-        images.set(id, entry, 0).map_err(|source| FastPathError::Map { name: maps::IMAGES, source })?;
+            Array::try_from(map).map_err(|source| FastPathError::Map {
+                name: maps::IMAGES,
+                source,
+            })?;
+        images
+            .set(id, entry, 0)
+            .map_err(|source| FastPathError::Map {
+                name: maps::IMAGES,
+                source,
+            })?;
         Ok(entry)
     }
 
     /// Hands a transfer to the kernel tiers.
-    pub fn insert_session(&mut self, key: SessionKey, entry: SessionEntry) -> Result<(), FastPathError> {
-        self.sessions()?.insert(key, entry, 0).map_err(|source| FastPathError::Map { name: maps::TFTP_SESSIONS, source })
+    pub fn insert_session(
+        &mut self,
+        key: SessionKey,
+        entry: SessionEntry,
+    ) -> Result<(), FastPathError> {
+        self.sessions()?
+            .insert(key, entry, 0)
+            .map_err(|source| FastPathError::Map {
+                name: maps::TFTP_SESSIONS,
+                source,
+            })
     }
 
     /// A kernel session as the programs left it.
@@ -181,8 +232,13 @@ impl FastPath {
         match self.sessions()?.get(key, 0) {
             Ok(entry) => Ok(Some(entry)),
             Err(MapError::KeyNotFound) => Ok(None),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-            Err(source) => Err(FastPathError::Map { name: maps::TFTP_SESSIONS, source }),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(None)
+            }
+            Err(source) => Err(FastPathError::Map {
+                name: maps::TFTP_SESSIONS,
+                source,
+            }),
         }
     }
 
@@ -190,14 +246,28 @@ impl FastPath {
     pub fn remove_session(&mut self, key: &SessionKey) -> Result<(), FastPathError> {
         match self.sessions()?.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(source) => Err(FastPathError::Map { name: maps::TFTP_SESSIONS, source }),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(source) => Err(FastPathError::Map {
+                name: maps::TFTP_SESSIONS,
+                source,
+            }),
         }
     }
 
     /// Gives the kernel a DHCP reply template (replacing any under the key).
-    pub fn insert_answer(&mut self, key: AnswerKey, entry: AnswerEntry) -> Result<(), FastPathError> {
-        self.answers()?.insert(key, entry, 0).map_err(|source| FastPathError::Map { name: DHCP_ANSWERS, source })
+    pub fn insert_answer(
+        &mut self,
+        key: AnswerKey,
+        entry: AnswerEntry,
+    ) -> Result<(), FastPathError> {
+        self.answers()?
+            .insert(key, entry, 0)
+            .map_err(|source| FastPathError::Map {
+                name: DHCP_ANSWERS,
+                source,
+            })
     }
 
     /// A DHCP reply template as the kernel holds it (with its answer count).
@@ -205,8 +275,13 @@ impl FastPath {
         match self.answers()?.get(key, 0) {
             Ok(entry) => Ok(Some(entry)),
             Err(MapError::KeyNotFound) => Ok(None),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-            Err(source) => Err(FastPathError::Map { name: DHCP_ANSWERS, source }),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(None)
+            }
+            Err(source) => Err(FastPathError::Map {
+                name: DHCP_ANSWERS,
+                source,
+            }),
         }
     }
 
@@ -214,19 +289,38 @@ impl FastPath {
     pub fn remove_answer(&mut self, key: &AnswerKey) -> Result<(), FastPathError> {
         match self.answers()?.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(source) => Err(FastPathError::Map { name: DHCP_ANSWERS, source }),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(source) => Err(FastPathError::Map {
+                name: DHCP_ANSWERS,
+                source,
+            }),
         }
     }
 
     fn answers(&mut self) -> Result<HashMap<&mut MapData, AnswerKey, AnswerEntry>, FastPathError> {
-        let map = self.ebpf.map_mut(DHCP_ANSWERS).expect("DHCP_ANSWERS is defined by pxe-ebpf");
-        HashMap::try_from(map).map_err(|source| FastPathError::Map { name: DHCP_ANSWERS, source })
+        let map = self
+            .ebpf
+            .map_mut(DHCP_ANSWERS)
+            .expect("DHCP_ANSWERS is defined by pxe-ebpf");
+        HashMap::try_from(map).map_err(|source| FastPathError::Map {
+            name: DHCP_ANSWERS,
+            source,
+        })
     }
 
-    fn sessions(&mut self) -> Result<HashMap<&mut MapData, SessionKey, SessionEntry>, FastPathError> {
-        let map = self.ebpf.map_mut(maps::TFTP_SESSIONS).expect("TFTP_SESSIONS is defined by pxe-ebpf");
-        HashMap::try_from(map).map_err(|source| FastPathError::Map { name: maps::TFTP_SESSIONS, source })
+    fn sessions(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, SessionKey, SessionEntry>, FastPathError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::TFTP_SESSIONS)
+            .expect("TFTP_SESSIONS is defined by pxe-ebpf");
+        HashMap::try_from(map).map_err(|source| FastPathError::Map {
+            name: maps::TFTP_SESSIONS,
+            source,
+        })
     }
 
     /// The loaded object, for tests that run the programs with BPF_PROG_TEST_RUN.
@@ -236,24 +330,40 @@ impl FastPath {
 
     /// Attaches the XDP program to `iface` as `choice` asks and returns the
     /// mode in effect (`None` for [`XdpModeChoice::Off`]).
-    pub fn attach_xdp(&mut self, iface: &str, choice: XdpModeChoice) -> Result<Option<AttachedXdp>, FastPathError> {
+    pub fn attach_xdp(
+        &mut self,
+        iface: &str,
+        choice: XdpModeChoice,
+    ) -> Result<Option<AttachedXdp>, FastPathError> {
         let if_index = interface_index(iface)?;
         let program: &mut Xdp = program_mut(&mut self.ebpf, XDP_PROGRAM);
         let attach = |program: &mut Xdp, mode: XdpMode, name: &'static str| {
             program
                 .attach_to_if_index(if_index, mode)
                 .map(|_| ())
-                .map_err(|source| FastPathError::AttachXdp { iface: iface.to_owned(), mode: name, source })
+                .map_err(|source| FastPathError::AttachXdp {
+                    iface: iface.to_owned(),
+                    mode: name,
+                    source,
+                })
         };
         match choice {
             XdpModeChoice::Off => Ok(None),
-            XdpModeChoice::Native => attach(program, XdpMode::Driver, "native").map(|()| Some(AttachedXdp::Native)),
-            XdpModeChoice::Generic => attach(program, XdpMode::Skb, "generic").map(|()| Some(AttachedXdp::Generic)),
+            XdpModeChoice::Native => {
+                attach(program, XdpMode::Driver, "native").map(|()| Some(AttachedXdp::Native))
+            }
+            XdpModeChoice::Generic => {
+                attach(program, XdpMode::Skb, "generic").map(|()| Some(AttachedXdp::Generic))
+            }
             XdpModeChoice::Auto => match program.attach_to_if_index(if_index, XdpMode::Driver) {
                 Ok(_) => Ok(Some(AttachedXdp::Native)),
                 Err(native) => match program.attach_to_if_index(if_index, XdpMode::Skb) {
                     Ok(_) => Ok(Some(AttachedXdp::Generic)),
-                    Err(generic) => Err(FastPathError::AttachXdpAuto { iface: iface.to_owned(), native, generic }),
+                    Err(generic) => Err(FastPathError::AttachXdpAuto {
+                        iface: iface.to_owned(),
+                        native,
+                        generic,
+                    }),
                 },
             },
         }
@@ -263,20 +373,27 @@ impl FastPath {
     /// a clsact filter before that).
     pub fn attach_tc(&mut self, iface: &str) -> Result<(), FastPathError> {
         interface_index(iface)?;
-        let tc_error = |source: ProgramError| FastPathError::AttachTc { iface: iface.to_owned(), source };
+        let tc_error = |source: ProgramError| FastPathError::AttachTc {
+            iface: iface.to_owned(),
+            source,
+        };
         let has_tcx = aya::util::KernelVersion::current()
             .map(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
             .unwrap_or(false);
         if !has_tcx {
             // Legacy attach needs the clsact qdisc; it may exist already.
             if let Err(e) = tc::qdisc_add_clsact(iface) {
-                if !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST)) {
+                if !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
+                {
                     return Err(tc_error(ProgramError::from(e)));
                 }
             }
         }
         let program: &mut SchedClassifier = program_mut(&mut self.ebpf, TC_PROGRAM);
-        program.attach(iface, TcAttachType::Ingress).map(|_| ()).map_err(tc_error)
+        program
+            .attach(iface, TcAttachType::Ingress)
+            .map(|_| ())
+            .map_err(tc_error)
     }
 
     /// Reads both programs' counters, summed over CPUs.
@@ -292,21 +409,37 @@ impl FastPath {
     pub fn register_transfer_port(&mut self, port: u16) -> Result<(), FastPathError> {
         self.tftp_ports()?
             .insert(TftpPortKey::new(port), TftpPortEntry { flags: 0 }, 0)
-            .map_err(|source| FastPathError::Map { name: maps::TFTP_PORTS, source })
+            .map_err(|source| FastPathError::Map {
+                name: maps::TFTP_PORTS,
+                source,
+            })
     }
 
     /// Forgets a transfer port registered with [`Self::register_transfer_port`].
     pub fn unregister_transfer_port(&mut self, port: u16) -> Result<(), FastPathError> {
         match self.tftp_ports()?.remove(&TftpPortKey::new(port)) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(source) => Err(FastPathError::Map { name: maps::TFTP_PORTS, source }),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(source) => Err(FastPathError::Map {
+                name: maps::TFTP_PORTS,
+                source,
+            }),
         }
     }
 
-    fn tftp_ports(&mut self) -> Result<HashMap<&mut MapData, TftpPortKey, TftpPortEntry>, FastPathError> {
-        let map = self.ebpf.map_mut(maps::TFTP_PORTS).expect("TFTP_PORTS is defined by pxe-ebpf");
-        HashMap::try_from(map).map_err(|source| FastPathError::Map { name: maps::TFTP_PORTS, source })
+    fn tftp_ports(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, TftpPortKey, TftpPortEntry>, FastPathError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::TFTP_PORTS)
+            .expect("TFTP_PORTS is defined by pxe-ebpf");
+        HashMap::try_from(map).map_err(|source| FastPathError::Map {
+            name: maps::TFTP_PORTS,
+            source,
+        })
     }
 }
 
@@ -321,13 +454,22 @@ where
 {
     match load(program_mut(ebpf, name)) {
         Ok(()) => Ok(()),
-        Err(ProgramError::LoadError { io_error, verifier_log }) => {
+        Err(ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        }) => {
             let log = verifier_log.to_string();
             let lines: Vec<&str> = log.lines().collect();
             let tail = lines[lines.len().saturating_sub(20)..].join("\n");
-            Err(FastPathError::Verifier { program: name, log_tail: format!("{tail}\n({io_error})") })
+            Err(FastPathError::Verifier {
+                program: name,
+                log_tail: format!("{tail}\n({io_error})"),
+            })
         }
-        Err(source) => Err(FastPathError::Load { program: name, source }),
+        Err(source) => Err(FastPathError::Load {
+            program: name,
+            source,
+        }),
     }
 }
 
@@ -336,12 +478,18 @@ fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut P
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
-    let program = ebpf.program_mut(name).unwrap_or_else(|| panic!("pxe-ebpf defines no program {name}"));
-    program.try_into().unwrap_or_else(|e| panic!("program {name} has an unexpected type: {e}"))
+    let program = ebpf
+        .program_mut(name)
+        .unwrap_or_else(|| panic!("pxe-ebpf defines no program {name}"));
+    program
+        .try_into()
+        .unwrap_or_else(|e| panic!("program {name} has an unexpected type: {e}"))
 }
 
 fn interface_index(iface: &str) -> Result<u32, FastPathError> {
-    let unknown = || FastPathError::UnknownInterface { iface: iface.to_owned() };
+    let unknown = || FastPathError::UnknownInterface {
+        iface: iface.to_owned(),
+    };
     let c_name = CString::new(iface).map_err(|_| unknown())?;
     // SAFETY: c_name is a valid NUL-terminated string that outlives the call.
     match unsafe { libc::if_nametoindex(c_name.as_ptr()) } {

@@ -2,11 +2,7 @@
 //! Last-Modified validators), and per-machine iPXE scripts at `/boot.ipxe`.
 //! Files come from the same confined, memory-mapped [`BootRoot`] as TFTP.
 
-use std::{
-    ops::RangeInclusive,
-    sync::Arc,
-    time::SystemTime,
-};
+use std::{ops::RangeInclusive, sync::Arc, time::SystemTime};
 
 use axum::{
     body::Body,
@@ -24,7 +20,7 @@ use crate::{
     bootroot::{BootFile, BootRoot, OpenError},
     policy::{
         r#static::{Decision, ServerUrls, StaticPolicy},
-        Arch, Machine, Mac, LOCAL_BOOT_SCRIPT,
+        Arch, Mac, Machine, LOCAL_BOOT_SCRIPT,
     },
 };
 
@@ -43,7 +39,10 @@ pub struct HttpState {
 }
 
 pub fn router(state: HttpState) -> Router {
-    Router::new().route(SCRIPT_PATH, get(ipxe_script)).fallback(boot_file).with_state(state)
+    Router::new()
+        .route(SCRIPT_PATH, get(ipxe_script))
+        .fallback(boot_file)
+        .with_state(state)
 }
 
 #[derive(Deserialize)]
@@ -55,10 +54,22 @@ struct ScriptQuery {
 
 async fn ipxe_script(State(state): State<HttpState>, Query(q): Query<ScriptQuery>) -> Response {
     let Ok(mac) = q.mac.parse::<Mac>() else {
-        return (StatusCode::BAD_REQUEST, format!("mac={:?} is not a MAC address\n", q.mac)).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("mac={:?} is not a MAC address\n", q.mac),
+        )
+            .into_response();
     };
-    let arch = q.arch.as_deref().and_then(Arch::from_name).unwrap_or(Arch::Other(u16::MAX));
-    let machine = Machine { mac, arch, uuid: q.uuid.filter(|u| !u.is_empty()) };
+    let arch = q
+        .arch
+        .as_deref()
+        .and_then(Arch::from_name)
+        .unwrap_or(Arch::Other(u16::MAX));
+    let machine = Machine {
+        mac,
+        arch,
+        uuid: q.uuid.filter(|u| !u.is_empty()),
+    };
     let policy = Arc::clone(&state.policy.read().unwrap_or_else(|e| e.into_inner()));
     let script = match policy.decide(&machine, &state.urls) {
         Decision::Boot(spec) => {
@@ -71,15 +82,32 @@ async fn ipxe_script(State(state): State<HttpState>, Query(q): Query<ScriptQuery
         }
         Decision::Ignore => {
             info!(%mac, "HTTP: no profile for this machine");
-            return (StatusCode::NOT_FOUND, "#!ipxe\necho pxed: no profile for this machine\nexit 1\n").into_response();
+            return (
+                StatusCode::NOT_FOUND,
+                "#!ipxe\necho pxed: no profile for this machine\nexit 1\n",
+            )
+                .into_response();
         }
     };
-    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], script).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        script,
+    )
+        .into_response()
 }
 
-async fn boot_file(State(state): State<HttpState>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+async fn boot_file(
+    State(state): State<HttpState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
     if method != Method::GET && method != Method::HEAD {
-        return (StatusCode::METHOD_NOT_ALLOWED, [(header::ALLOW, "GET, HEAD")]).into_response();
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            [(header::ALLOW, "GET, HEAD")],
+        )
+            .into_response();
     }
     let Ok(path) = percent_encoding::percent_decode_str(uri.path()).decode_utf8() else {
         return (StatusCode::BAD_REQUEST, "path is not UTF-8\n").into_response();
@@ -93,7 +121,11 @@ async fn boot_file(State(state): State<HttpState>, method: Method, uri: Uri, hea
         }
         Err(OpenError::Io(e)) => {
             warn!(path = %path, "HTTP: reading failed: {e}");
-            return (StatusCode::INTERNAL_SERVER_ERROR, "the server could not read the file\n").into_response();
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the server could not read the file\n",
+            )
+                .into_response();
         }
     };
     respond_with_file(&file, &headers)
@@ -111,7 +143,10 @@ fn respond_with_file(file: &Arc<BootFile>, headers: &HeaderMap) -> Response {
         .header(header::CONTENT_TYPE, "application/octet-stream");
 
     if not_modified(headers, &etag, file.modified()) {
-        return response.status(StatusCode::NOT_MODIFIED).body(Body::empty()).unwrap();
+        return response
+            .status(StatusCode::NOT_MODIFIED)
+            .body(Body::empty())
+            .unwrap();
     }
     let body = Bytes::from_owner(FileBytes(Arc::clone(file)));
     match requested_range(headers, &etag, len) {
@@ -125,7 +160,9 @@ fn respond_with_file(file: &Arc<BootFile>, headers: &HeaderMap) -> Response {
                 .status(StatusCode::PARTIAL_CONTENT)
                 .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"))
                 .header(header::CONTENT_LENGTH, end - start + 1);
-            response.body(Body::from(body.slice(start as usize..=end as usize))).unwrap()
+            response
+                .body(Body::from(body.slice(start as usize..=end as usize)))
+                .unwrap()
         }
         RangeAnswer::Unsatisfiable => response
             .status(StatusCode::RANGE_NOT_SATISFIABLE)
@@ -145,16 +182,28 @@ impl AsRef<[u8]> for FileBytes {
 }
 
 fn not_modified(headers: &HeaderMap, etag: &str, modified: SystemTime) -> bool {
-    if let Some(inm) = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+    if let Some(inm) = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+    {
         // If-None-Match wins over If-Modified-Since (RFC 9110 §13.1.3).
         return inm.split(',').any(|t| t.trim() == etag || t.trim() == "*");
     }
-    let Some(since) = headers.get(header::IF_MODIFIED_SINCE).and_then(|v| v.to_str().ok()) else {
+    let Some(since) = headers
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+    else {
         return false;
     };
-    let Ok(since) = httpdate::parse_http_date(since) else { return false };
+    let Ok(since) = httpdate::parse_http_date(since) else {
+        return false;
+    };
     // HTTP dates have whole seconds.
-    let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    };
     secs(modified) <= secs(since)
 }
 
@@ -168,7 +217,10 @@ fn requested_range(headers: &HeaderMap, etag: &str, len: u64) -> RangeAnswer {
     let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
         return RangeAnswer::Whole;
     };
-    if let Some(if_range) = headers.get(header::IF_RANGE).and_then(|v: &HeaderValue| v.to_str().ok()) {
+    if let Some(if_range) = headers
+        .get(header::IF_RANGE)
+        .and_then(|v: &HeaderValue| v.to_str().ok())
+    {
         if if_range.trim() != etag {
             return RangeAnswer::Whole; // the client's copy is stale: send it all
         }

@@ -78,9 +78,21 @@ mod tests {
     fn an_ethernet_client_identifier_of_the_same_mac_is_the_mac() {
         let mac = [0x52, 0x54, 0, 0, 0, 1];
         let by_mac = client_key(None, mac);
-        assert_eq!(client_key(Some(&[1, 0x52, 0x54, 0, 0, 0, 1]), mac), by_mac, "iPXE's option 61");
-        assert_ne!(client_key(Some(&[1, 0x52, 0x54, 0, 0, 0, 2]), mac), by_mac, "another MAC");
-        assert_ne!(client_key(Some(b"\xffduid-of-an-os"), mac), by_mac, "an RFC 4361 identifier");
+        assert_eq!(
+            client_key(Some(&[1, 0x52, 0x54, 0, 0, 0, 1]), mac),
+            by_mac,
+            "iPXE's option 61"
+        );
+        assert_ne!(
+            client_key(Some(&[1, 0x52, 0x54, 0, 0, 0, 2]), mac),
+            by_mac,
+            "another MAC"
+        );
+        assert_ne!(
+            client_key(Some(b"\xffduid-of-an-os"), mac),
+            by_mac,
+            "an RFC 4361 identifier"
+        );
     }
 }
 

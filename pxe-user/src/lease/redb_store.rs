@@ -26,17 +26,27 @@ impl RedbLeaseStore {
     /// Opens the database at `path`, creating it (and nothing else) if absent.
     pub fn open(path: &Path) -> Result<Self, LeaseError> {
         let shown = path.display().to_string();
-        let error = |message: String| LeaseError::Database { path: shown.clone(), message };
+        let error = |message: String| LeaseError::Database {
+            path: shown.clone(),
+            message,
+        };
         let db = Database::create(path).map_err(|e| error(e.to_string()))?;
         // Create the table so that reads of a fresh database find it.
         let txn = db.begin_write().map_err(|e| error(e.to_string()))?;
         txn.open_table(LEASES).map_err(|e| error(e.to_string()))?;
         txn.commit().map_err(|e| error(e.to_string()))?;
-        Ok(Self { db, path: shown, batch: None })
+        Ok(Self {
+            db,
+            path: shown,
+            batch: None,
+        })
     }
 
     fn error(&self, e: impl std::fmt::Display) -> LeaseError {
-        LeaseError::Database { path: self.path.clone(), message: e.to_string() }
+        LeaseError::Database {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
     }
 
     /// The open write transaction, begun on first use.
@@ -56,8 +66,11 @@ impl LeaseStore for RedbLeaseStore {
         for entry in table.iter().map_err(|e| self.error(e))? {
             let (ip, value) = entry.map_err(|e| self.error(e))?;
             let ip = Ipv4Addr::from(ip.value());
-            let lease: Lease = serde_json::from_slice(value.value())
-                .map_err(|e| LeaseError::Corrupt { ip, message: e.to_string() })?;
+            let lease: Lease =
+                serde_json::from_slice(value.value()).map_err(|e| LeaseError::Corrupt {
+                    ip,
+                    message: e.to_string(),
+                })?;
             leases.push(lease);
         }
         Ok(leases)
@@ -65,10 +78,12 @@ impl LeaseStore for RedbLeaseStore {
 
     fn put(&mut self, lease: &Lease) -> Result<(), LeaseError> {
         let bytes = serde_json::to_vec(lease).map_err(|e| self.error(e))?;
-        let written = self
-            .batch()?
-            .open_table(LEASES)
-            .and_then(|mut table| table.insert(u32::from(lease.ip), bytes.as_slice()).map(drop).map_err(Into::into));
+        let written = self.batch()?.open_table(LEASES).and_then(|mut table| {
+            table
+                .insert(u32::from(lease.ip), bytes.as_slice())
+                .map(drop)
+                .map_err(Into::into)
+        });
         written.map_err(|e| self.error(e))
     }
 
@@ -130,7 +145,9 @@ mod tests {
 
     #[test]
     fn a_path_that_cannot_hold_a_database_is_a_clear_error() {
-        let err = RedbLeaseStore::open(Path::new("/proc/version")).err().expect("not a database");
+        let err = RedbLeaseStore::open(Path::new("/proc/version"))
+            .err()
+            .expect("not a database");
         assert!(err.to_string().contains("/proc/version"), "{err}");
     }
 }

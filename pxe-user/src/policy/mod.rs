@@ -31,7 +31,9 @@ impl std::str::FromStr for Mac {
     fn from_str(s: &str) -> Result<Self, String> {
         let hex: String = s.chars().filter(|c| *c != ':' && *c != '-').collect();
         if hex.len() != 12 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(format!("{s:?} is not a MAC address (want aa:bb:cc:dd:ee:ff)"));
+            return Err(format!(
+                "{s:?} is not a MAC address (want aa:bb:cc:dd:ee:ff)"
+            ));
         }
         let mut mac = [0u8; 6];
         for (i, byte) in mac.iter_mut().enumerate() {
@@ -161,7 +163,8 @@ pub struct BootSpec {
 }
 
 /// The iPXE script for a machine that must not netboot: boot from disk.
-pub const LOCAL_BOOT_SCRIPT: &str = "#!ipxe\necho pxed: this machine boots from its local disk\nexit\n";
+pub const LOCAL_BOOT_SCRIPT: &str =
+    "#!ipxe\necho pxed: this machine boots from its local disk\nexit\n";
 
 #[cfg(test)]
 mod tests {
@@ -170,9 +173,18 @@ mod tests {
     #[test]
     fn mac_parses_in_common_spellings_and_prints_canonically() {
         for s in ["52:54:00:AB:cd:01", "52-54-00-ab-cd-01", "525400abcd01"] {
-            assert_eq!(s.parse::<Mac>().unwrap().to_string(), "52:54:00:ab:cd:01", "{s}");
+            assert_eq!(
+                s.parse::<Mac>().unwrap().to_string(),
+                "52:54:00:ab:cd:01",
+                "{s}"
+            );
         }
-        for bad in ["52:54:00:ab:cd", "zz:54:00:ab:cd:01", "", "52:54:00:ab:cd:01:02"] {
+        for bad in [
+            "52:54:00:ab:cd",
+            "zz:54:00:ab:cd:01",
+            "",
+            "52:54:00:ab:cd:01:02",
+        ] {
             assert!(bad.parse::<Mac>().is_err(), "{bad}");
         }
     }
@@ -186,7 +198,12 @@ mod tests {
         assert_eq!(Arch::from_code(16), Arch::UefiX64Http);
         assert_eq!(Arch::from_code(41), Arch::RaspberryPi);
         assert_eq!(Arch::from_code(1234), Arch::Other(1234));
-        for a in [Arch::Bios, Arch::UefiX64, Arch::UefiArm64, Arch::UefiX64Http] {
+        for a in [
+            Arch::Bios,
+            Arch::UefiX64,
+            Arch::UefiArm64,
+            Arch::UefiX64Http,
+        ] {
             assert_eq!(Arch::from_name(a.name()), Some(a));
         }
     }

@@ -13,10 +13,15 @@ pub fn check(template: &str) -> Result<(), String> {
     let mut rest = template;
     while let Some(start) = rest.find("{{") {
         let after = &rest[start + 2..];
-        let end = after.find("}}").ok_or_else(|| "a \"{{\" is never closed by \"}}\"".to_owned())?;
+        let end = after
+            .find("}}")
+            .ok_or_else(|| "a \"{{\" is never closed by \"}}\"".to_owned())?;
         let name = after[..end].trim();
         if !VARIABLES.contains(&name) {
-            return Err(format!("unknown placeholder {{{{{name}}}}}; known: {}", VARIABLES.join(", ")));
+            return Err(format!(
+                "unknown placeholder {{{{{name}}}}}; known: {}",
+                VARIABLES.join(", ")
+            ));
         }
         rest = &after[end + 2..];
     }
@@ -54,12 +59,17 @@ mod tests {
             "mac" => Some("52:54:00:00:00:01".into()),
             _ => None,
         });
-        assert_eq!(got, "#!ipxe\nkernel http://198.18.0.1/vmlinuz BOOTIF=${net0/mac} mac=52:54:00:00:00:01\n");
+        assert_eq!(
+            got,
+            "#!ipxe\nkernel http://198.18.0.1/vmlinuz BOOTIF=${net0/mac} mac=52:54:00:00:00:01\n"
+        );
     }
 
     #[test]
     fn unknown_or_unclosed_placeholders_are_rejected() {
-        assert!(check("{{nope}}").unwrap_err().contains("unknown placeholder {{nope}}"));
+        assert!(check("{{nope}}")
+            .unwrap_err()
+            .contains("unknown placeholder {{nope}}"));
         assert!(check("kernel {{http").is_err());
     }
 }

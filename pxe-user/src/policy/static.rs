@@ -2,7 +2,7 @@
 
 use std::{collections::HashMap, net::Ipv4Addr};
 
-use super::{render, Arch, BootSpec, ClientKind, Machine, Mac};
+use super::{render, Arch, BootSpec, ClientKind, Mac, Machine};
 
 /// Boot files by architecture, paths in the boot root.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,7 +106,10 @@ impl ServerUrls {
             80 => format!("http://{address}"),
             port => format!("http://{address}:{port}"),
         };
-        Self { server: address.to_string(), http }
+        Self {
+            server: address.to_string(),
+            http,
+        }
     }
 }
 
@@ -135,7 +138,9 @@ impl StaticPolicy {
         if entry.is_some_and(|e| !e.netboot) {
             return Decision::LocalBoot;
         }
-        let profile_name = entry.and_then(|e| e.profile.as_deref()).or(self.default_profile.as_deref());
+        let profile_name = entry
+            .and_then(|e| e.profile.as_deref())
+            .or(self.default_profile.as_deref());
         let Some(profile) = profile_name.and_then(|name| self.profiles.get(name)) else {
             return Decision::Ignore;
         };
@@ -174,10 +179,32 @@ mod tests {
         rescue.kernel = "rescue/vmlinuz".into();
         rescue.boot_files.uefi_x64 = "rescue/ipxe.efi".into();
         let mut machines = HashMap::new();
-        machines.insert(Mac([2, 0, 0, 0, 0, 1]), MachineEntry { profile: Some("rescue".into()), netboot: true, hostname: Some("node1".into()), arch: None, client: None });
-        machines.insert(Mac([2, 0, 0, 0, 0, 2]), MachineEntry { profile: None, netboot: false, hostname: None, arch: None, client: None });
+        machines.insert(
+            Mac([2, 0, 0, 0, 0, 1]),
+            MachineEntry {
+                profile: Some("rescue".into()),
+                netboot: true,
+                hostname: Some("node1".into()),
+                arch: None,
+                client: None,
+            },
+        );
+        machines.insert(
+            Mac([2, 0, 0, 0, 0, 2]),
+            MachineEntry {
+                profile: None,
+                netboot: false,
+                hostname: None,
+                arch: None,
+                client: None,
+            },
+        );
         StaticPolicy {
-            profiles: [("default".to_owned(), Profile::named("default")), ("rescue".to_owned(), rescue)].into(),
+            profiles: [
+                ("default".to_owned(), Profile::named("default")),
+                ("rescue".to_owned(), rescue),
+            ]
+            .into(),
             machines,
             default_profile: Some("default".into()),
         }
@@ -188,44 +215,96 @@ mod tests {
     }
 
     fn machine(last: u8, code: u16) -> Machine {
-        Machine { mac: Mac([2, 0, 0, 0, 0, last]), arch: Arch::from_code(code), uuid: None }
+        Machine {
+            mac: Mac([2, 0, 0, 0, 0, last]),
+            arch: Arch::from_code(code),
+            uuid: None,
+        }
     }
 
     #[test]
     fn boot_file_follows_the_architecture() {
         let p = policy();
-        for (code, want) in [(0, "undionly.kpxe"), (7, "ipxe.efi"), (9, "ipxe.efi"), (11, "ipxe-arm64.efi"), (6, "ipxe-ia32.efi"), (16, "ipxe.efi"), (41, "bootcode.bin")] {
-            let Decision::Boot(spec) = p.decide(&machine(9, code), &urls()) else { panic!("arch {code} boots") };
+        for (code, want) in [
+            (0, "undionly.kpxe"),
+            (7, "ipxe.efi"),
+            (9, "ipxe.efi"),
+            (11, "ipxe-arm64.efi"),
+            (6, "ipxe-ia32.efi"),
+            (16, "ipxe.efi"),
+            (41, "bootcode.bin"),
+        ] {
+            let Decision::Boot(spec) = p.decide(&machine(9, code), &urls()) else {
+                panic!("arch {code} boots")
+            };
             assert_eq!(spec.boot_file.as_deref(), Some(want), "arch {code}");
         }
-        let Decision::Boot(spec) = p.decide(&machine(9, 1234), &urls()) else { panic!() };
-        assert_eq!(spec.boot_file, None, "unknown architectures are not guessed");
+        let Decision::Boot(spec) = p.decide(&machine(9, 1234), &urls()) else {
+            panic!()
+        };
+        assert_eq!(
+            spec.boot_file, None,
+            "unknown architectures are not guessed"
+        );
     }
 
     #[test]
     fn a_named_machine_gets_its_profile_and_its_script_is_rendered() {
-        let Decision::Boot(spec) = policy().decide(&machine(1, 7), &urls()) else { panic!() };
+        let Decision::Boot(spec) = policy().decide(&machine(1, 7), &urls()) else {
+            panic!()
+        };
         assert_eq!(spec.profile, "rescue");
         assert_eq!(spec.boot_file.as_deref(), Some("rescue/ipxe.efi"));
         assert_eq!(spec.hostname.as_deref(), Some("node1"));
-        assert!(spec.ipxe_script.contains("kernel http://198.18.0.1/rescue/vmlinuz initrd=initrd.img"), "{}", spec.ipxe_script);
-        assert!(spec.ipxe_script.contains("02:00:00:00:00:01 (uefi-x64) boots profile rescue"), "{}", spec.ipxe_script);
+        assert!(
+            spec.ipxe_script
+                .contains("kernel http://198.18.0.1/rescue/vmlinuz initrd=initrd.img"),
+            "{}",
+            spec.ipxe_script
+        );
+        assert!(
+            spec.ipxe_script
+                .contains("02:00:00:00:00:01 (uefi-x64) boots profile rescue"),
+            "{}",
+            spec.ipxe_script
+        );
     }
 
     #[test]
     fn a_per_machine_arch_override_beats_what_the_firmware_claims() {
         let mut p = policy();
-        p.machines.insert(Mac([2, 0, 0, 0, 0, 4]), MachineEntry { profile: None, netboot: true, hostname: None, arch: Some(Arch::UefiArm64), client: None });
-        let Decision::Boot(spec) = p.decide(&machine(4, 0), &urls()) else { panic!() };
-        assert_eq!(spec.boot_file.as_deref(), Some("ipxe-arm64.efi"), "the board sends 93 = 0 but is ARM64");
+        p.machines.insert(
+            Mac([2, 0, 0, 0, 0, 4]),
+            MachineEntry {
+                profile: None,
+                netboot: true,
+                hostname: None,
+                arch: Some(Arch::UefiArm64),
+                client: None,
+            },
+        );
+        let Decision::Boot(spec) = p.decide(&machine(4, 0), &urls()) else {
+            panic!()
+        };
+        assert_eq!(
+            spec.boot_file.as_deref(),
+            Some("ipxe-arm64.efi"),
+            "the board sends 93 = 0 but is ARM64"
+        );
     }
 
     #[test]
     fn a_provisioned_machine_boots_locally_and_strangers_follow_the_default() {
         let mut p = policy();
         assert_eq!(p.decide(&machine(2, 7), &urls()), Decision::LocalBoot);
-        assert!(matches!(p.decide(&machine(3, 7), &urls()), Decision::Boot(s) if s.profile == "default"));
+        assert!(
+            matches!(p.decide(&machine(3, 7), &urls()), Decision::Boot(s) if s.profile == "default")
+        );
         p.default_profile = None;
-        assert_eq!(p.decide(&machine(3, 7), &urls()), Decision::Ignore, "no default: strangers are ignored");
+        assert_eq!(
+            p.decide(&machine(3, 7), &urls()),
+            Decision::Ignore,
+            "no default: strangers are ignored"
+        );
     }
 }

@@ -16,7 +16,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_blksize: 1468, max_windowsize: 64 }
+        Self {
+            max_blksize: 1468,
+            max_windowsize: 64,
+        }
     }
 }
 
@@ -40,11 +43,22 @@ pub struct Refused(pub String);
 /// Unknown options are ignored (left out of the OACK); an option with an
 /// impossible value refuses the request. The first occurrence of a repeated
 /// option counts.
-pub fn negotiate(options: &[TftpOption<'_>], file_len: u64, limits: &Limits) -> Result<Negotiated, Refused> {
-    let mut agreed = Negotiated { blksize: DEFAULT_BLKSIZE, windowsize: 1, timeout_secs: None, oack: Vec::new() };
+pub fn negotiate(
+    options: &[TftpOption<'_>],
+    file_len: u64,
+    limits: &Limits,
+) -> Result<Negotiated, Refused> {
+    let mut agreed = Negotiated {
+        blksize: DEFAULT_BLKSIZE,
+        windowsize: 1,
+        timeout_secs: None,
+        oack: Vec::new(),
+    };
     let mut seen: Vec<&'static str> = Vec::new();
     for option in options {
-        let Some(name) = known_name(option.name) else { continue };
+        let Some(name) = known_name(option.name) else {
+            continue;
+        };
         if seen.contains(&name) {
             continue;
         }
@@ -56,7 +70,9 @@ pub fn negotiate(options: &[TftpOption<'_>], file_len: u64, limits: &Limits) -> 
                 if asked < u64::from(MIN_BLKSIZE) {
                     return Err(Refused(format!("blksize {asked} is below {MIN_BLKSIZE}")));
                 }
-                let granted = asked.min(u64::from(MAX_BLKSIZE)).min(u64::from(limits.max_blksize)) as u16;
+                let granted = asked
+                    .min(u64::from(MAX_BLKSIZE))
+                    .min(u64::from(limits.max_blksize)) as u16;
                 agreed.blksize = granted;
                 agreed.oack.push((name, granted.to_string()));
             }
@@ -72,7 +88,9 @@ pub fn negotiate(options: &[TftpOption<'_>], file_len: u64, limits: &Limits) -> 
             "timeout" => {
                 let asked = number(name, value)?;
                 if !(1..=255).contains(&asked) {
-                    return Err(Refused(format!("timeout {asked} is outside 1..255 seconds")));
+                    return Err(Refused(format!(
+                        "timeout {asked} is outside 1..255 seconds"
+                    )));
                 }
                 agreed.timeout_secs = Some(asked as u8);
                 agreed.oack.push((name, asked.to_string()));
@@ -89,11 +107,15 @@ pub fn negotiate(options: &[TftpOption<'_>], file_len: u64, limits: &Limits) -> 
 }
 
 fn known_name(name: &str) -> Option<&'static str> {
-    ["blksize", "windowsize", "timeout", "tsize"].into_iter().find(|known| known.eq_ignore_ascii_case(name))
+    ["blksize", "windowsize", "timeout", "tsize"]
+        .into_iter()
+        .find(|known| known.eq_ignore_ascii_case(name))
 }
 
 fn number(name: &str, value: &str) -> Result<u64, Refused> {
-    value.parse().map_err(|_| Refused(format!("{name} value {value:?} is not a number")))
+    value
+        .parse()
+        .map_err(|_| Refused(format!("{name} value {value:?} is not a number")))
 }
 
 #[cfg(test)]
@@ -101,7 +123,10 @@ mod tests {
     use super::*;
 
     fn opts<'a>(pairs: &[(&'a str, &'a str)]) -> Vec<TftpOption<'a>> {
-        pairs.iter().map(|(name, value)| TftpOption { name, value }).collect()
+        pairs
+            .iter()
+            .map(|(name, value)| TftpOption { name, value })
+            .collect()
     }
 
     fn oack(pairs: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
@@ -110,10 +135,18 @@ mod tests {
 
     #[test]
     fn uefi_request_is_granted_as_asked() {
-        let got = negotiate(&opts(&[("tsize", "0"), ("blksize", "1468"), ("windowsize", "4")]), 9000, &Limits::default()).unwrap();
+        let got = negotiate(
+            &opts(&[("tsize", "0"), ("blksize", "1468"), ("windowsize", "4")]),
+            9000,
+            &Limits::default(),
+        )
+        .unwrap();
         assert_eq!(got.blksize, 1468);
         assert_eq!(got.windowsize, 4);
-        assert_eq!(got.oack, oack(&[("tsize", "9000"), ("blksize", "1468"), ("windowsize", "4")]));
+        assert_eq!(
+            got.oack,
+            oack(&[("tsize", "9000"), ("blksize", "1468"), ("windowsize", "4")])
+        );
     }
 
     #[test]
@@ -121,7 +154,15 @@ mod tests {
         let got = negotiate(&opts(&[("BLKSIZE", "65464")]), 1, &Limits::default()).unwrap();
         assert_eq!(got.blksize, 1468);
         assert_eq!(got.oack, oack(&[("blksize", "1468")]));
-        let got = negotiate(&opts(&[("blksize", "99999")]), 1, &Limits { max_blksize: 65464, max_windowsize: 1 }).unwrap();
+        let got = negotiate(
+            &opts(&[("blksize", "99999")]),
+            1,
+            &Limits {
+                max_blksize: 65464,
+                max_windowsize: 1,
+            },
+        )
+        .unwrap();
         assert_eq!(got.blksize, 65464);
     }
 
@@ -133,20 +174,42 @@ mod tests {
 
     #[test]
     fn unknown_options_are_ignored() {
-        let got = negotiate(&opts(&[("multicast", ""), ("rollover", "0")]), 5, &Limits::default()).unwrap();
+        let got = negotiate(
+            &opts(&[("multicast", ""), ("rollover", "0")]),
+            5,
+            &Limits::default(),
+        )
+        .unwrap();
         assert!(got.oack.is_empty());
     }
 
     #[test]
     fn absurd_values_are_refused() {
-        for (name, value) in [("blksize", "7"), ("blksize", "0"), ("blksize", "lots"), ("windowsize", "0"), ("windowsize", "70000"), ("timeout", "0"), ("timeout", "256"), ("tsize", "-1")] {
-            assert!(negotiate(&opts(&[(name, value)]), 5, &Limits::default()).is_err(), "{name}={value}");
+        for (name, value) in [
+            ("blksize", "7"),
+            ("blksize", "0"),
+            ("blksize", "lots"),
+            ("windowsize", "0"),
+            ("windowsize", "70000"),
+            ("timeout", "0"),
+            ("timeout", "256"),
+            ("tsize", "-1"),
+        ] {
+            assert!(
+                negotiate(&opts(&[(name, value)]), 5, &Limits::default()).is_err(),
+                "{name}={value}"
+            );
         }
     }
 
     #[test]
     fn the_first_of_repeated_options_counts() {
-        let got = negotiate(&opts(&[("blksize", "1024"), ("blksize", "8")]), 5, &Limits::default()).unwrap();
+        let got = negotiate(
+            &opts(&[("blksize", "1024"), ("blksize", "8")]),
+            5,
+            &Limits::default(),
+        )
+        .unwrap();
         assert_eq!(got.blksize, 1024);
         assert_eq!(got.oack, oack(&[("blksize", "1024")]));
     }

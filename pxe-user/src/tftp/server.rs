@@ -163,25 +163,48 @@ impl TftpServer {
             Err(e) => {
                 debug!(client = %peer, "TFTP: ignoring malformed request: {e}");
                 if let crate::wire::tftp::WireError::UnknownOpcode(op) = e {
-                    self.refuse(peer, ErrorCode::IllegalOperation, &format!("unknown opcode {op}")).await;
+                    self.refuse(
+                        peer,
+                        ErrorCode::IllegalOperation,
+                        &format!("unknown opcode {op}"),
+                    )
+                    .await;
                 }
                 return;
             }
         };
         match packet {
-            Repr::ReadRequest { filename, options, .. } => self.start_read(datagram, peer, filename, &options).await,
+            Repr::ReadRequest {
+                filename, options, ..
+            } => self.start_read(datagram, peer, filename, &options).await,
             Repr::WriteRequest { filename } => {
                 info!(client = %peer, file = filename, "TFTP: write request refused (read-only server)");
-                self.refuse(peer, ErrorCode::IllegalOperation, "this server is read-only").await;
+                self.refuse(
+                    peer,
+                    ErrorCode::IllegalOperation,
+                    "this server is read-only",
+                )
+                .await;
             }
             other => {
                 debug!(client = %peer, "TFTP: {other:?} sent to the request port");
-                self.refuse(peer, ErrorCode::IllegalOperation, "only read requests go to port 69").await;
+                self.refuse(
+                    peer,
+                    ErrorCode::IllegalOperation,
+                    "only read requests go to port 69",
+                )
+                .await;
             }
         }
     }
 
-    async fn start_read(&self, datagram: &[u8], peer: SocketAddr, filename: &str, options: &[TftpOption<'_>]) {
+    async fn start_read(
+        &self,
+        datagram: &[u8],
+        peer: SocketAddr,
+        filename: &str,
+        options: &[TftpOption<'_>],
+    ) {
         {
             let active = self.active.lock().unwrap_or_else(|e| e.into_inner());
             if active.get(&peer).is_some_and(|a| a.request == datagram) {
@@ -204,7 +227,9 @@ impl TftpServer {
             Ok(f) => f,
             Err(OpenError::NotFound) => {
                 info!(client = %peer, file = filename, "TFTP: file not found");
-                return self.refuse(peer, ErrorCode::FileNotFound, "file not found").await;
+                return self
+                    .refuse(peer, ErrorCode::FileNotFound, "file not found")
+                    .await;
             }
             Err(OpenError::Denied(why)) => {
                 warn!(client = %peer, file = filename, "TFTP: access refused: {why}");
@@ -212,14 +237,22 @@ impl TftpServer {
             }
             Err(OpenError::Io(e)) => {
                 warn!(client = %peer, file = filename, "TFTP: reading failed: {e}");
-                return self.refuse(peer, ErrorCode::NotDefined, "the server could not read the file").await;
+                return self
+                    .refuse(
+                        peer,
+                        ErrorCode::NotDefined,
+                        "the server could not read the file",
+                    )
+                    .await;
             }
         };
         let agreed = match negotiate(options, file.len(), &self.config.limits) {
             Ok(a) => a,
             Err(refused) => {
                 info!(client = %peer, file = filename, "TFTP: options refused: {}", refused.0);
-                return self.refuse(peer, ErrorCode::OptionsRefused, &refused.0).await;
+                return self
+                    .refuse(peer, ErrorCode::OptionsRefused, &refused.0)
+                    .await;
             }
         };
         let socket = match std::net::UdpSocket::bind((self.local_ip, 0)).and_then(|s| {
@@ -229,13 +262,20 @@ impl TftpServer {
             Ok(s) => s,
             Err(e) => {
                 warn!(client = %peer, "TFTP: no transfer socket: {e}");
-                return self.refuse(peer, ErrorCode::NotDefined, "server out of sockets").await;
+                return self
+                    .refuse(peer, ErrorCode::NotDefined, "server out of sockets")
+                    .await;
             }
         };
         self.active
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(peer, Active { request: datagram.to_vec() });
+            .insert(
+                peer,
+                Active {
+                    request: datagram.to_vec(),
+                },
+            );
         let active = Arc::clone(&self.active);
         let hooks = Arc::clone(&self.hooks);
         let (timer, gso) = (self.config.timer, self.config.gso);
@@ -244,7 +284,10 @@ impl TftpServer {
             hooks.opened(port);
             run_transfer(socket, peer, file, agreed, timer, gso, hooks.as_ref()).await;
             hooks.closed(port);
-            active.lock().unwrap_or_else(|e| e.into_inner()).remove(&peer);
+            active
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&peer);
         });
     }
 
@@ -275,7 +318,11 @@ async fn run_transfer(
         client = %peer, file = %file.path, size = file.len(), blksize = agreed.blksize,
         windowsize = agreed.windowsize, "TFTP transfer started"
     );
-    let oack: Vec<TftpOption<'_>> = agreed.oack.iter().map(|(name, value)| TftpOption { name, value }).collect();
+    let oack: Vec<TftpOption<'_>> = agreed
+        .oack
+        .iter()
+        .map(|(name, value)| TftpOption { name, value })
+        .collect();
     let oack = Repr::OptionAck { options: oack }.to_vec();
     let segment = DATA_HEADER_LEN + usize::from(agreed.blksize);
     let mut batch = Batch::with_capacity(segment, usize::from(agreed.windowsize), gso);
@@ -296,7 +343,8 @@ async fn run_transfer(
         // ACKs; userspace keeps the timer and the last window. The kernel must
         // know of every block before it leaves, or it would take the client's
         // ACK of it for a stale one.
-        let worth_offloading = !offloaded && transfer.last_sent() + transfer.window() + 1 < transfer.blocks();
+        let worth_offloading =
+            !offloaded && transfer.last_sent() + transfer.window() + 1 < transfer.blocks();
         let ahead_of_kernel = offloaded && transfer.last_sent() > kernel.last_sent;
         if transfer.is_streaming_data() && (worth_offloading || ahead_of_kernel) {
             let offer = offload_of(peer, server_port, &file, &agreed, &transfer);
@@ -312,7 +360,9 @@ async fn run_transfer(
         if transfer.outcome().is_some() {
             break;
         }
-        let Some(deadline) = transfer.poll_timeout() else { break };
+        let Some(deadline) = transfer.poll_timeout() else {
+            break;
+        };
         tokio::select! {
             received = socket.recv_from(&mut inbound) => {
                 let Ok((len, from)) = received else { continue };
@@ -380,7 +430,13 @@ async fn run_transfer(
     }
 }
 
-fn offload_of<'a>(peer: SocketAddr, server_port: u16, file: &'a Arc<BootFile>, agreed: &Negotiated, transfer: &Transfer) -> Offload<'a> {
+fn offload_of<'a>(
+    peer: SocketAddr,
+    server_port: u16,
+    file: &'a Arc<BootFile>,
+    agreed: &Negotiated,
+    transfer: &Transfer,
+) -> Offload<'a> {
     Offload {
         client: peer,
         server_port,
@@ -394,7 +450,11 @@ fn offload_of<'a>(peer: SocketAddr, server_port: u16, file: &'a Arc<BootFile>, a
 }
 
 /// What the kernel tiers did with an offloaded transfer, remembered in `kernel`.
-fn catch_up(hooks: &dyn TransferHooks, offer: &Offload<'_>, kernel: &mut KernelProgress) -> Option<KernelProgress> {
+fn catch_up(
+    hooks: &dyn TransferHooks,
+    offer: &Offload<'_>,
+    kernel: &mut KernelProgress,
+) -> Option<KernelProgress> {
     let progress = hooks.kernel_progress(offer)?;
     *kernel = progress;
     Some(progress)
@@ -412,7 +472,12 @@ struct Batch {
 
 impl Batch {
     fn with_capacity(segment: usize, packets: usize, gso: bool) -> Self {
-        Self { bytes: Vec::with_capacity(segment * packets), ends: Vec::with_capacity(packets), segment, gso }
+        Self {
+            bytes: Vec::with_capacity(segment * packets),
+            ends: Vec::with_capacity(packets),
+            segment,
+            gso,
+        }
     }
 
     fn clear(&mut self) {
@@ -440,7 +505,11 @@ impl Batch {
             match send_gso(socket, peer, &self.bytes, self.segment).await {
                 Ok(()) => return Ok(()),
                 // No GSO on this path (old kernel, odd device): plain sends below.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP)) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP)
+                    ) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -468,7 +537,12 @@ impl Batch {
 
 /// One sendmsg with UDP_SEGMENT: the kernel cuts `bytes` into datagrams of
 /// `segment` bytes (the last may be shorter), saving a system call per block.
-async fn send_gso(socket: &UdpSocket, peer: SocketAddr, bytes: &[u8], segment: usize) -> io::Result<()> {
+async fn send_gso(
+    socket: &UdpSocket,
+    peer: SocketAddr,
+    bytes: &[u8],
+    segment: usize,
+) -> io::Result<()> {
     use std::os::fd::AsRawFd as _;
 
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrIn};
@@ -482,9 +556,15 @@ async fn send_gso(socket: &UdpSocket, peer: SocketAddr, bytes: &[u8], segment: u
         .async_io(tokio::io::Interest::WRITABLE, || {
             let iov = [io::IoSlice::new(bytes)];
             let cmsg = [ControlMessage::UdpGsoSegments(&segment)];
-            sendmsg(socket.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), Some(&to))
-                .map(|_| ())
-                .map_err(io::Error::from)
+            sendmsg(
+                socket.as_raw_fd(),
+                &iov,
+                &cmsg,
+                MsgFlags::empty(),
+                Some(&to),
+            )
+            .map(|_| ())
+            .map_err(io::Error::from)
         })
         .await
 }
@@ -502,9 +582,20 @@ mod tests {
         batch.push_data(2, b"BBBBBBBB");
         batch.push_data(3, b"CC");
         assert!(batch.uniform());
-        send_gso(&sender, receiver.local_addr().unwrap(), &batch.bytes, batch.segment).await.expect("UDP GSO on loopback");
+        send_gso(
+            &sender,
+            receiver.local_addr().unwrap(),
+            &batch.bytes,
+            batch.segment,
+        )
+        .await
+        .expect("UDP GSO on loopback");
         let mut buf = [0u8; 64];
-        for want in [&b"\x00\x03\x00\x01AAAAAAAA"[..], b"\x00\x03\x00\x02BBBBBBBB", b"\x00\x03\x00\x03CC"] {
+        for want in [
+            &b"\x00\x03\x00\x01AAAAAAAA"[..],
+            b"\x00\x03\x00\x02BBBBBBBB",
+            b"\x00\x03\x00\x03CC",
+        ] {
             let (len, _) = receiver.recv_from(&mut buf).await.unwrap();
             assert_eq!(&buf[..len], want);
         }

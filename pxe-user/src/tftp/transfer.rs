@@ -158,7 +158,8 @@ impl Transfer {
             }
             return Some(Outgoing::OptionAck);
         }
-        if self.awaiting_oack_ack || self.next > self.blocks || self.next > self.acked + self.window {
+        if self.awaiting_oack_ack || self.next > self.blocks || self.next > self.acked + self.window
+        {
             return None;
         }
         let index = self.next;
@@ -243,14 +244,26 @@ impl Transfer {
     /// True once options are settled and DATA flows: the state the kernel
     /// tiers can take over.
     pub fn is_streaming_data(&self) -> bool {
-        self.outcome.is_none() && !self.awaiting_oack_ack && !self.oack_pending && self.max_sent >= 1
+        self.outcome.is_none()
+            && !self.awaiting_oack_ack
+            && !self.oack_pending
+            && self.max_sent >= 1
     }
 
     /// The kernel tiers answered ACKs on our behalf: the client acknowledged
     /// up to `last_acked`, and blocks up to `last_sent` are out. Catches the
     /// machine up; returns false if that is no news.
-    pub fn handle_kernel_progress(&mut self, last_acked: u64, last_sent: u64, now: Instant) -> bool {
-        if self.outcome.is_some() || last_sent <= self.max_sent || last_sent > self.blocks || last_acked >= last_sent {
+    pub fn handle_kernel_progress(
+        &mut self,
+        last_acked: u64,
+        last_sent: u64,
+        now: Instant,
+    ) -> bool {
+        if self.outcome.is_some()
+            || last_sent <= self.max_sent
+            || last_sent > self.blocks
+            || last_acked >= last_sent
+        {
             return false;
         }
         self.acked = last_acked.max(self.acked);
@@ -276,7 +289,10 @@ impl Transfer {
     /// An ERROR from the client ends the transfer.
     pub fn handle_error(&mut self, code: u16, message: &str) {
         if self.outcome.is_none() {
-            self.outcome = Some(Outcome::ClientError { code, message: message.to_owned() });
+            self.outcome = Some(Outcome::ClientError {
+                code,
+                message: message.to_owned(),
+            });
         }
     }
 
@@ -286,7 +302,9 @@ impl Transfer {
             return;
         }
         if now.duration_since(self.last_progress) >= self.timer.stall_limit {
-            self.outcome = Some(Outcome::TimedOut { acked_blocks: self.acked });
+            self.outcome = Some(Outcome::TimedOut {
+                acked_blocks: self.acked,
+            });
             return;
         }
         self.stats.retransmits += 1;
@@ -340,7 +358,11 @@ mod tests {
             blksize,
             windowsize,
             timeout_secs: None,
-            oack: if oack { vec![("blksize", blksize.to_string())] } else { vec![] },
+            oack: if oack {
+                vec![("blksize", blksize.to_string())]
+            } else {
+                vec![]
+            },
         }
     }
 
@@ -349,7 +371,10 @@ mod tests {
     }
 
     fn data(indices: impl IntoIterator<Item = u64>) -> Vec<Outgoing> {
-        indices.into_iter().map(|index| Outgoing::Data { index }).collect()
+        indices
+            .into_iter()
+            .map(|index| Outgoing::Data { index })
+            .collect()
     }
 
     #[test]
@@ -397,7 +422,13 @@ mod tests {
         let mut t = Transfer::new(&agreed(1468, 4, true), 100, TimerConfig::default(), t0);
         drain(&mut t, t0);
         t.handle_error(8, "tsize probe only");
-        assert_eq!(t.outcome(), Some(&Outcome::ClientError { code: 8, message: "tsize probe only".into() }));
+        assert_eq!(
+            t.outcome(),
+            Some(&Outcome::ClientError {
+                code: 8,
+                message: "tsize probe only".into()
+            })
+        );
         assert_eq!(t.poll_timeout(), None);
     }
 
@@ -443,7 +474,10 @@ mod tests {
             t.handle_ack(block, now);
         }
         let rto = t.poll_timeout().unwrap() - now;
-        assert_eq!(rto, timer.min_rto, "a 200 µs round trip gives the floor, not 250 ms");
+        assert_eq!(
+            rto, timer.min_rto,
+            "a 200 µs round trip gives the floor, not 250 ms"
+        );
     }
 
     #[test]
@@ -460,7 +494,11 @@ mod tests {
             t.handle_ack(block, now);
             drain(&mut t, now);
         }
-        assert_eq!(t.poll_timeout().unwrap() - now, timer.min_rto, "fresh blocks are timed again");
+        assert_eq!(
+            t.poll_timeout().unwrap() - now,
+            timer.min_rto,
+            "fresh blocks are timed again"
+        );
     }
 
     #[test]
@@ -491,7 +529,11 @@ mod tests {
         t.handle_ack(5, t0);
         assert_eq!(drain(&mut t, t0), data(6..=9));
         t.handle_ack(9, t0);
-        assert_eq!(drain(&mut t, t0), data(10..=11), "block 11 is the empty final block");
+        assert_eq!(
+            drain(&mut t, t0),
+            data(10..=11),
+            "block 11 is the empty final block"
+        );
         t.handle_ack(11, t0);
         assert_eq!(t.outcome(), Some(&Outcome::Completed));
     }
@@ -504,7 +546,9 @@ mod tests {
         let mut wire_blocks = Vec::new();
         while t.outcome().is_none() {
             let out = drain(&mut t, t0);
-            let [Outgoing::Data { index }] = out[..] else { panic!("one block at a time, got {out:?}") };
+            let [Outgoing::Data { index }] = out[..] else {
+                panic!("one block at a time, got {out:?}")
+            };
             let wire = Transfer::wire_block(index);
             wire_blocks.push(wire);
             t.handle_ack(wire, t0);
@@ -518,13 +562,25 @@ mod tests {
     #[test]
     fn kernel_progress_catches_the_machine_up_and_it_finishes_the_transfer() {
         let t0 = Instant::now();
-        let mut t = Transfer::new(&agreed(512, 1, false), 512 * 10 + 7, TimerConfig::default(), t0);
+        let mut t = Transfer::new(
+            &agreed(512, 1, false),
+            512 * 10 + 7,
+            TimerConfig::default(),
+            t0,
+        );
         assert_eq!(drain(&mut t, t0), data([1]));
         assert!(t.is_streaming_data());
         // The kernel answered ACKs 1..9 and sent up to block 10.
         assert!(t.handle_kernel_progress(9, 10, t0));
-        assert!(!t.handle_kernel_progress(9, 10, t0), "no news the second time");
-        assert_eq!(drain(&mut t, t0), vec![], "block 10 is the kernel's, in flight");
+        assert!(
+            !t.handle_kernel_progress(9, 10, t0),
+            "no news the second time"
+        );
+        assert_eq!(
+            drain(&mut t, t0),
+            vec![],
+            "block 10 is the kernel's, in flight"
+        );
         // The client acknowledges block 10 to us (the kernel leaves the last ones to userspace).
         t.handle_ack(10, t0);
         assert_eq!(drain(&mut t, t0), data([11]), "the short final block");
@@ -535,7 +591,12 @@ mod tests {
     #[test]
     fn kernel_progress_ends_the_backoff() {
         let t0 = Instant::now();
-        let mut t = Transfer::new(&agreed(512, 1, false), 512 * 100, TimerConfig::default(), t0);
+        let mut t = Transfer::new(
+            &agreed(512, 1, false),
+            512 * 100,
+            TimerConfig::default(),
+            t0,
+        );
         drain(&mut t, t0);
         let now = t0 + Duration::from_micros(300);
         t.handle_ack(1, now); // one RTT sample: 300 µs
@@ -549,36 +610,66 @@ mod tests {
         }
         assert!(t.poll_timeout().unwrap() - at > TimerConfig::default().min_rto * 4);
         t.handle_kernel_progress(19, 20, at);
-        assert_eq!(t.poll_timeout().unwrap() - at, TimerConfig::default().min_rto, "back to the measured timeout");
+        assert_eq!(
+            t.poll_timeout().unwrap() - at,
+            TimerConfig::default().min_rto,
+            "back to the measured timeout"
+        );
     }
 
     #[test]
     fn without_kernel_progress_the_timer_resends_the_kernels_last_block() {
         let t0 = Instant::now();
-        let mut t = Transfer::new(&agreed(512, 1, false), 512 * 10 + 7, TimerConfig::default(), t0);
+        let mut t = Transfer::new(
+            &agreed(512, 1, false),
+            512 * 10 + 7,
+            TimerConfig::default(),
+            t0,
+        );
         drain(&mut t, t0);
         t.handle_kernel_progress(5, 6, t0);
         let deadline = t.poll_timeout().unwrap();
         t.handle_timeout(deadline);
-        assert_eq!(drain(&mut t, deadline), data([6]), "block 6 was lost: resent from userspace");
+        assert_eq!(
+            drain(&mut t, deadline),
+            data([6]),
+            "block 6 was lost: resent from userspace"
+        );
     }
 
     #[test]
     fn a_windowed_transfer_resumes_from_the_kernels_window() {
         let t0 = Instant::now();
-        let mut t = Transfer::new(&agreed(512, 4, false), 512 * 30 + 7, TimerConfig::default(), t0);
+        let mut t = Transfer::new(
+            &agreed(512, 4, false),
+            512 * 30 + 7,
+            TimerConfig::default(),
+            t0,
+        );
         assert_eq!(drain(&mut t, t0), data(1..=4));
         assert!(t.is_streaming_data());
         // The kernel answered ACKs 4, 8, 12 with whole windows: 13..=16 are out.
         assert!(t.handle_kernel_progress(12, 16, t0));
-        assert_eq!(drain(&mut t, t0), vec![], "the kernel's window is in flight");
+        assert_eq!(
+            drain(&mut t, t0),
+            vec![],
+            "the kernel's window is in flight"
+        );
         let deadline = t.poll_timeout().unwrap();
         t.handle_timeout(deadline);
-        assert_eq!(drain(&mut t, deadline), data(13..=16), "that window was lost: resent whole from userspace");
+        assert_eq!(
+            drain(&mut t, deadline),
+            data(13..=16),
+            "that window was lost: resent whole from userspace"
+        );
         // The last windows are userspace's again: the ACK of 28 is ours.
         assert!(t.handle_kernel_progress(24, 28, deadline));
         t.handle_ack(28, deadline);
-        assert_eq!(drain(&mut t, deadline), data(29..=31), "up to the short final block");
+        assert_eq!(
+            drain(&mut t, deadline),
+            data(29..=31),
+            "up to the short final block"
+        );
         t.handle_ack(31, deadline);
         assert_eq!(t.outcome(), Some(&Outcome::Completed));
     }

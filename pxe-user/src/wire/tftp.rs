@@ -92,12 +92,28 @@ pub struct TftpOption<'a> {
 /// A parsed TFTP packet borrowing from the datagram.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Repr<'a> {
-    ReadRequest { filename: &'a str, mode: Mode, options: Vec<TftpOption<'a>> },
-    WriteRequest { filename: &'a str },
-    Data { block: u16, payload: &'a [u8] },
-    Ack { block: u16 },
-    Error { code: ErrorCode, message: &'a str },
-    OptionAck { options: Vec<TftpOption<'a>> },
+    ReadRequest {
+        filename: &'a str,
+        mode: Mode,
+        options: Vec<TftpOption<'a>>,
+    },
+    WriteRequest {
+        filename: &'a str,
+    },
+    Data {
+        block: u16,
+        payload: &'a [u8],
+    },
+    Ack {
+        block: u16,
+    },
+    Error {
+        code: ErrorCode,
+        message: &'a str,
+    },
+    OptionAck {
+        options: Vec<TftpOption<'a>>,
+    },
 }
 
 /// Why a datagram is not a TFTP packet we can act on.
@@ -142,11 +158,17 @@ impl<'a> Repr<'a> {
                 let filename = fields.next_str()?;
                 let mode = parse_mode(fields.next_str()?)?;
                 let options = parse_options(&mut fields)?;
-                Ok(Self::ReadRequest { filename, mode, options })
+                Ok(Self::ReadRequest {
+                    filename,
+                    mode,
+                    options,
+                })
             }
             opcode::WRQ => {
                 let mut fields = Strings(body);
-                Ok(Self::WriteRequest { filename: fields.next_str()? })
+                Ok(Self::WriteRequest {
+                    filename: fields.next_str()?,
+                })
             }
             opcode::DATA => {
                 let (block, payload) = split_u16(body)?;
@@ -164,11 +186,16 @@ impl<'a> Repr<'a> {
                     None => rest,
                 };
                 let message = std::str::from_utf8(message).unwrap_or("(message is not text)");
-                Ok(Self::Error { code: ErrorCode::from_code(code), message })
+                Ok(Self::Error {
+                    code: ErrorCode::from_code(code),
+                    message,
+                })
             }
             opcode::OACK => {
                 let mut fields = Strings(body);
-                Ok(Self::OptionAck { options: parse_options(&mut fields)? })
+                Ok(Self::OptionAck {
+                    options: parse_options(&mut fields)?,
+                })
             }
             other => Err(WireError::UnknownOpcode(other)),
         }
@@ -177,9 +204,11 @@ impl<'a> Repr<'a> {
     /// Bytes [`Repr::emit`] writes.
     pub fn buffer_len(&self) -> usize {
         2 + match self {
-            Self::ReadRequest { filename, mode, options } => {
-                filename.len() + 1 + mode_str(*mode).len() + 1 + options_len(options)
-            }
+            Self::ReadRequest {
+                filename,
+                mode,
+                options,
+            } => filename.len() + 1 + mode_str(*mode).len() + 1 + options_len(options),
             Self::WriteRequest { filename } => filename.len() + 1 + "octet".len() + 1,
             Self::Data { payload, .. } => 2 + payload.len(),
             Self::Ack { .. } => 2,
@@ -194,9 +223,16 @@ impl<'a> Repr<'a> {
     /// If `buf` is shorter than [`Repr::buffer_len`]: a caller bug, not input.
     pub fn emit(&self, buf: &mut [u8]) -> usize {
         let len = self.buffer_len();
-        let mut w = Writer { buf: &mut buf[..len], at: 0 };
+        let mut w = Writer {
+            buf: &mut buf[..len],
+            at: 0,
+        };
         match self {
-            Self::ReadRequest { filename, mode, options } => {
+            Self::ReadRequest {
+                filename,
+                mode,
+                options,
+            } => {
                 w.u16(opcode::RRQ);
                 w.cstr(filename);
                 w.cstr(mode_str(*mode));
@@ -286,7 +322,10 @@ fn parse_options<'a>(fields: &mut Strings<'a>) -> Result<Vec<TftpOption<'a>>, Wi
 }
 
 fn options_len(options: &[TftpOption<'_>]) -> usize {
-    options.iter().map(|o| o.name.len() + 1 + o.value.len() + 1).sum()
+    options
+        .iter()
+        .map(|o| o.name.len() + 1 + o.value.len() + 1)
+        .sum()
 }
 
 /// Successive NUL-terminated strings.
@@ -294,7 +333,11 @@ struct Strings<'a>(&'a [u8]);
 
 impl<'a> Strings<'a> {
     fn next_str(&mut self) -> Result<&'a str, WireError> {
-        let end = self.0.iter().position(|&b| b == 0).ok_or(WireError::Unterminated)?;
+        let end = self
+            .0
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or(WireError::Unterminated)?;
         let s = std::str::from_utf8(&self.0[..end]).map_err(|_| WireError::NotText)?;
         self.0 = &self.0[end + 1..];
         Ok(s)
@@ -336,37 +379,71 @@ mod tests {
 
     #[test]
     fn rrq_with_options_parses_as_uefi_sends_it() {
-        let bytes = b"\x00\x01bootx64.efi\x00octet\x00tsize\x000\x00blksize\x001468\x00windowsize\x004\x00";
+        let bytes =
+            b"\x00\x01bootx64.efi\x00octet\x00tsize\x000\x00blksize\x001468\x00windowsize\x004\x00";
         let want = Repr::ReadRequest {
             filename: "bootx64.efi",
             mode: Mode::Octet,
-            options: vec![opt("tsize", "0"), opt("blksize", "1468"), opt("windowsize", "4")],
+            options: vec![
+                opt("tsize", "0"),
+                opt("blksize", "1468"),
+                opt("windowsize", "4"),
+            ],
         };
         assert_eq!(Repr::parse(bytes), Ok(want.clone()));
-        assert_eq!(want.to_vec(), bytes.to_vec(), "emit is the inverse of parse");
+        assert_eq!(
+            want.to_vec(),
+            bytes.to_vec(),
+            "emit is the inverse of parse"
+        );
     }
 
     #[test]
     fn mode_is_case_insensitive() {
         let got = Repr::parse(b"\x00\x01f\x00OCTET\x00").unwrap();
-        assert_eq!(got, Repr::ReadRequest { filename: "f", mode: Mode::Octet, options: vec![] });
+        assert_eq!(
+            got,
+            Repr::ReadRequest {
+                filename: "f",
+                mode: Mode::Octet,
+                options: vec![]
+            }
+        );
     }
 
     #[test]
     fn trailing_nul_padding_after_options_is_ignored() {
         let got = Repr::parse(b"\x00\x01f\x00octet\x00blksize\x001432\x00\x00\x00").unwrap();
-        assert_eq!(got, Repr::ReadRequest { filename: "f", mode: Mode::Octet, options: vec![opt("blksize", "1432")] });
+        assert_eq!(
+            got,
+            Repr::ReadRequest {
+                filename: "f",
+                mode: Mode::Octet,
+                options: vec![opt("blksize", "1432")]
+            }
+        );
     }
 
     #[test]
     fn every_packet_kind_round_trips() {
         let packets = [
             Repr::WriteRequest { filename: "x" },
-            Repr::Data { block: 65535, payload: b"hello" },
-            Repr::Data { block: 0, payload: b"" },
+            Repr::Data {
+                block: 65535,
+                payload: b"hello",
+            },
+            Repr::Data {
+                block: 0,
+                payload: b"",
+            },
             Repr::Ack { block: 7 },
-            Repr::Error { code: ErrorCode::FileNotFound, message: "no such file" },
-            Repr::OptionAck { options: vec![opt("blksize", "1468"), opt("tsize", "12345")] },
+            Repr::Error {
+                code: ErrorCode::FileNotFound,
+                message: "no such file",
+            },
+            Repr::OptionAck {
+                options: vec![opt("blksize", "1468"), opt("tsize", "12345")],
+            },
         ];
         for p in packets {
             let bytes = p.to_vec();
@@ -386,8 +463,14 @@ mod tests {
             (b"\x00\x01file\x00", WireError::Unterminated),
             (b"\x00\x01file\x00binary\x00", WireError::UnknownMode),
             (b"\x00\x01\xff\xfe\x00octet\x00", WireError::NotText),
-            (b"\x00\x01f\x00octet\x00blksize\x00", WireError::DanglingOption),
-            (b"\x00\x01f\x00octet\x00blksize\x001432", WireError::DanglingOption),
+            (
+                b"\x00\x01f\x00octet\x00blksize\x00",
+                WireError::DanglingOption,
+            ),
+            (
+                b"\x00\x01f\x00octet\x00blksize\x001432",
+                WireError::DanglingOption,
+            ),
         ];
         for (bytes, want) in cases {
             assert_eq!(Repr::parse(bytes), Err(*want), "{bytes:02x?}");
@@ -398,7 +481,10 @@ mod tests {
     fn error_without_nul_keeps_its_message() {
         assert_eq!(
             Repr::parse(b"\x00\x05\x00\x08no tsize"),
-            Ok(Repr::Error { code: ErrorCode::OptionsRefused, message: "no tsize" })
+            Ok(Repr::Error {
+                code: ErrorCode::OptionsRefused,
+                message: "no tsize"
+            })
         );
     }
 
@@ -412,7 +498,11 @@ mod tests {
                     x ^= x >> 7;
                     x ^= x << 17;
                     // Favour small opcodes and NULs so the deep paths are reached.
-                    match x % 4 { 0 => 0, 1 => 1 + (x >> 8) as u8 % 6, _ => (x >> 16) as u8 }
+                    match x % 4 {
+                        0 => 0,
+                        1 => 1 + (x >> 8) as u8 % 6,
+                        _ => (x >> 16) as u8,
+                    }
                 })
                 .collect();
             let _ = Repr::parse(&bytes);

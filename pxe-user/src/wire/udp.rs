@@ -28,7 +28,11 @@ pub fn parse(packet: &[u8]) -> Option<Datagram<'_>> {
     }
     let total_len = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
     let fragment = u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff; // MF flag and offset
-    if packet[9] != PROTO_UDP || fragment != 0 || total_len < header_len + UDP_HEADER || total_len > packet.len() {
+    if packet[9] != PROTO_UDP
+        || fragment != 0
+        || total_len < header_len + UDP_HEADER
+        || total_len > packet.len()
+    {
         return None;
     }
     let udp = &packet[header_len..total_len];
@@ -103,7 +107,13 @@ mod tests {
     use super::*;
 
     fn sample(payload: &[u8]) -> Datagram<'_> {
-        Datagram { src: Ipv4Addr::new(198, 18, 0, 1), dst: Ipv4Addr::BROADCAST, src_port: 67, dst_port: 68, payload }
+        Datagram {
+            src: Ipv4Addr::new(198, 18, 0, 1),
+            dst: Ipv4Addr::BROADCAST,
+            src_port: 67,
+            dst_port: 68,
+            payload,
+        }
     }
 
     #[test]
@@ -111,13 +121,21 @@ mod tests {
         let payload = b"odd-length payload";
         let packet = build(&sample(payload)).unwrap();
         assert_eq!(parse(&packet), Some(sample(payload)));
-        assert_eq!(checksum(&[&packet[..20]]), 0, "the IPv4 header sums to zero");
+        assert_eq!(
+            checksum(&[&packet[..20]]),
+            0,
+            "the IPv4 header sums to zero"
+        );
         let mut pseudo = [0u8; 12];
         pseudo[..4].copy_from_slice(&packet[12..16]);
         pseudo[4..8].copy_from_slice(&packet[16..20]);
         pseudo[9] = 17;
         pseudo[10..].copy_from_slice(&packet[24..26]);
-        assert_eq!(checksum(&[&pseudo, &packet[20..]]), 0, "the UDP checksum verifies");
+        assert_eq!(
+            checksum(&[&pseudo, &packet[20..]]),
+            0,
+            "the UDP checksum verifies"
+        );
     }
 
     #[test]

@@ -66,7 +66,9 @@ impl FrameSpec {
         options.resize(options.len().div_ceil(4) * 4, 0);
         let ihl = self.ihl_override.unwrap_or((5 + options.len() / 4) as u8);
         let l4 = self.l4_bytes();
-        let total_len = self.total_len_override.unwrap_or((20 + options.len() + l4.len()) as u16);
+        let total_len = self
+            .total_len_override
+            .unwrap_or((20 + options.len() + l4.len()) as u16);
 
         let ip_start = f.len();
         f.push((self.version << 4) | (ihl & 0x0f));

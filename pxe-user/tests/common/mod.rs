@@ -1,5 +1,8 @@
 //! Helpers shared by the integration tests.
-#![allow(dead_code, reason = "each test binary uses its own subset of the helpers")]
+#![allow(
+    dead_code,
+    reason = "each test binary uses its own subset of the helpers"
+)]
 
 pub mod dhcp_client;
 pub mod frames;
@@ -48,7 +51,11 @@ pub fn wait_for_file_text(path: &Path, needle: &str, timeout: Duration) {
         if text.contains(needle) {
             return;
         }
-        assert!(Instant::now() < deadline, "waited for {needle:?} in {}:\n{text}", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "waited for {needle:?} in {}:\n{text}",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -58,16 +65,33 @@ pub fn serve_tftp(boot_root: &Path, extra: &[&str]) -> Served {
     let lab = Lab::new().expect("creating the lab");
     let server = lab.add_netns("srv").unwrap();
     let client = lab.add_netns("cli").unwrap();
-    lab.veth((&server, "eth0", Some("198.18.0.1/24")), (&client, "eth0", Some("198.18.0.2/24"))).unwrap();
+    lab.veth(
+        (&server, "eth0", Some("198.18.0.1/24")),
+        (&client, "eth0", Some("198.18.0.2/24")),
+    )
+    .unwrap();
     let root = boot_root.to_str().unwrap();
     let mut args = vec!["--interface", "eth0", "--boot-root", root];
     args.extend_from_slice(extra);
     let log_dir = tempfile::tempdir().unwrap();
     let log = log_dir.path().join("pxed.log");
-    let pid = lab.spawn_logged(&server, PXED, &args, &log).expect("starting pxed");
+    let pid = lab
+        .spawn_logged(&server, PXED, &args, &log)
+        .expect("starting pxed");
     let up = server.wait_for_udp_port(69, Duration::from_secs(20));
-    assert!(up, "pxed did not start serving TFTP:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
-    Served { lab, server, client, pid, log, _log_dir: log_dir }
+    assert!(
+        up,
+        "pxed did not start serving TFTP:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    Served {
+        lab,
+        server,
+        client,
+        pid,
+        log,
+        _log_dir: log_dir,
+    }
 }
 
 /// Deterministic file contents that make misplaced blocks visible.
@@ -101,7 +125,9 @@ pub fn have_tool(program: &str, package: &str) -> bool {
 
 /// Runs a client command in `ns` and panics with its output if it fails.
 pub fn run_ok(ns: &Netns, program: &str, args: &[&str]) {
-    let out = ns.output(program, args).unwrap_or_else(|e| panic!("running {program}: {e}"));
+    let out = ns
+        .output(program, args)
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
     assert!(
         out.status.success(),
         "{program} {args:?} failed ({}):\nstdout: {}\nstderr: {}",

@@ -12,7 +12,9 @@ use pxe_user::wire::tftp::{ErrorCode, Repr, TftpOption};
 /// Sends `packet` to `server` from a fresh socket and returns the first reply.
 pub fn first_reply(server: SocketAddr, packet: &[u8]) -> Option<Vec<u8>> {
     let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
     socket.send_to(packet, server).unwrap();
     let mut buf = vec![0u8; 70_000];
     let (len, _) = socket.recv_from(&mut buf).ok()?;
@@ -29,8 +31,16 @@ pub fn error_code(reply: &[u8]) -> Option<ErrorCode> {
 
 /// A read request for `file` with `options`.
 pub fn rrq(file: &str, options: &[(&str, &str)]) -> Vec<u8> {
-    let options = options.iter().map(|(name, value)| TftpOption { name, value }).collect();
-    Repr::ReadRequest { filename: file, mode: pxe_user::wire::tftp::Mode::Octet, options }.to_vec()
+    let options = options
+        .iter()
+        .map(|(name, value)| TftpOption { name, value })
+        .collect();
+    Repr::ReadRequest {
+        filename: file,
+        mode: pxe_user::wire::tftp::Mode::Octet,
+        options,
+    }
+    .to_vec()
 }
 
 /// What a scripted download saw.
@@ -45,9 +55,16 @@ pub struct Fetched {
 
 /// Downloads `file` in lockstep, acknowledging every block `acks_per_block`
 /// times (2 simulates a client whose ACKs are duplicated on the way).
-pub fn fetch(server: SocketAddr, file: &str, options: &[(&str, &str)], acks_per_block: usize) -> Result<Fetched, String> {
+pub fn fetch(
+    server: SocketAddr,
+    file: &str,
+    options: &[(&str, &str)],
+    acks_per_block: usize,
+) -> Result<Fetched, String> {
     let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     socket.send_to(&rrq(file, options), server).unwrap();
     let mut got = Fetched::default();
     let mut buf = vec![0u8; 70_000];
@@ -55,7 +72,9 @@ pub fn fetch(server: SocketAddr, file: &str, options: &[(&str, &str)], acks_per_
     let mut blksize = 512usize;
     let mut transfer_port = None;
     loop {
-        let (len, from) = socket.recv_from(&mut buf).map_err(|e| format!("waiting for block {expected}: {e}"))?;
+        let (len, from) = socket
+            .recv_from(&mut buf)
+            .map_err(|e| format!("waiting for block {expected}: {e}"))?;
         let peer = *transfer_port.get_or_insert(from);
         if from != peer {
             return Err(format!("packet from {from}, transfer runs on {peer}"));
@@ -67,8 +86,13 @@ pub fn fetch(server: SocketAddr, file: &str, options: &[(&str, &str)], acks_per_
                         blksize = o.value.parse().unwrap();
                     }
                 }
-                got.oack = options.iter().map(|o| (o.name.to_owned(), o.value.to_owned())).collect();
-                socket.send_to(&Repr::Ack { block: 0 }.to_vec(), peer).unwrap();
+                got.oack = options
+                    .iter()
+                    .map(|o| (o.name.to_owned(), o.value.to_owned()))
+                    .collect();
+                socket
+                    .send_to(&Repr::Ack { block: 0 }.to_vec(), peer)
+                    .unwrap();
             }
             Repr::Data { block, payload } => {
                 got.data_packets += 1;
@@ -82,7 +106,9 @@ pub fn fetch(server: SocketAddr, file: &str, options: &[(&str, &str)], acks_per_
                 }
                 if payload.len() < blksize {
                     // Linger briefly: a server that resends on duplicate ACKs shows it now.
-                    socket.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+                    socket
+                        .set_read_timeout(Some(Duration::from_millis(300)))
+                        .unwrap();
                     while let Ok((len, _)) = socket.recv_from(&mut buf) {
                         if matches!(Repr::parse(&buf[..len]), Ok(Repr::Data { .. })) {
                             got.data_packets += 1;
@@ -114,9 +140,13 @@ pub fn fetch_disordered(
     seed: u64,
 ) -> Result<Vec<u8>, String> {
     let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-    socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let (b, w) = (blksize.to_string(), window.to_string());
-    socket.send_to(&rrq(file, &[("blksize", &b), ("windowsize", &w)]), server).unwrap();
+    socket
+        .send_to(&rrq(file, &[("blksize", &b), ("windowsize", &w)]), server)
+        .unwrap();
     let mut rng = seed | 1;
     let mut roll = move || {
         rng ^= rng << 13;
@@ -193,7 +223,10 @@ pub fn fetch_disordered(
                 }
                 Repr::Data { .. } => {
                     // A gap or a resend: acknowledge the last block received in order.
-                    last_ack = Repr::Ack { block: expected.wrapping_sub(1) }.to_vec();
+                    last_ack = Repr::Ack {
+                        block: expected.wrapping_sub(1),
+                    }
+                    .to_vec();
                     socket.send_to(&last_ack, peer).unwrap();
                     in_window = 0;
                 }
