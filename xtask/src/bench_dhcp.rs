@@ -3,7 +3,8 @@
 //! --scenario avalanche` (Debian's kea-admin) sends a DISCOVER for every
 //! client at once, as a relay in the client namespace, retransmits with
 //! back-off until every client has its ACK, and reports the time it took.
-//! pxed (DHCP in userspace, leases in redb), Kea (memfile, persisted) and
+//! pxed (repeat requests answered by its TC program on this veth, or
+//! everything in userspace; leases in redb), Kea (memfile, persisted) and
 //! dnsmasq each run fresh in the same lab as `cargo xtask bench`. Writes
 //! docs/benchmarks/dhcp.md (generated).
 
@@ -17,7 +18,14 @@ use crate::{bench_pxe, peers, workspace_root};
 /// The servers of `cargo xtask bench` whose DHCP is measured, with the name
 /// each gets here.
 const MEASURED: &[(&str, &str)] = &[
-    ("pxed full, userspace", "pxed (redb, group commit)"),
+    (
+        "pxed full, kernel tiers",
+        "pxed, kernel answers repeats (TC)",
+    ),
+    (
+        "pxed full, userspace",
+        "pxed, userspace only (redb, group commit)",
+    ),
     ("Kea + tftpd-hpa", "Kea (memfile, persisted)"),
     ("dnsmasq (DHCP + TFTP)", "dnsmasq (lease file)"),
 ];
@@ -46,6 +54,8 @@ struct Sustained {
     rate: f64,
     acks: u64,
     server_cpu_s: f64,
+    /// perfdhcp's average and largest REQUEST→ACK delay, milliseconds.
+    ack_delay_ms: (f64, f64),
 }
 
 pub fn run(clients: &[usize]) -> anyhow::Result<()> {
@@ -95,12 +105,17 @@ pub fn run(clients: &[usize]) -> anyhow::Result<()> {
             .find_map(|l| l.strip_prefix("received packets: "))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0);
+        let ack_delay_ms = (
+            last_value(&text, "avg delay: "),
+            last_value(&text, "max delay: "),
+        );
         eprintln!("{label}, sustained: {rate:.0} DORA/s, {acks} ACKs; CPU: machine {:.2} s, perfdhcp {:.2} s, server {:.2} s", cpu.machine_busy_s, cpu.harness_s, cpu.server_s);
         sustained.push(Sustained {
             server: label,
             rate,
             acks,
             server_cpu_s: cpu.server_s,
+            ack_delay_ms,
         });
     }
     let mut rows = Vec::new();
@@ -165,6 +180,17 @@ pub fn run(clients: &[usize]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The number after the last `label` in perfdhcp's report (its second
+/// exchange, REQUEST→ACK, is reported last).
+fn last_value(report: &str, label: &str) -> f64 {
+    report
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix(label))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 /// perfdhcp's "It took HH:MM:SS.ffffff to provision N clients", in seconds.
 fn provisioning_seconds(report: &str) -> Option<f64> {
     let line = report.lines().find(|l| l.starts_with("It took "))?;
@@ -207,13 +233,16 @@ fn write_doc(
     );
     let _ = writeln!(
         doc,
-        "perfdhcp runs single-threaded (in its default mode it busy-polls every core) as a relay in the client namespace;\nthe server starts fresh with an empty, durable lease database. Server CPU is machine-wide busy time minus\nperfdhcp's own; short runs carry the clock-tick error of /proc/stat (±0.1 s).\n\n## Sustained\n\n`perfdhcp -4 -g single -r {SUSTAINED_RATE} -p {SUSTAINED_S} -R {SUSTAINED_CLIENTS}`: DORA exchanges offered at {SUSTAINED_RATE}/s for {SUSTAINED_S} s among\n{SUSTAINED_CLIENTS} clients (each ACK a lease written durably).\n"
+        "perfdhcp runs single-threaded (in its default mode it busy-polls every core) as a relay in the client namespace;\nthe server starts fresh with an empty, durable lease database. Server CPU is machine-wide busy time minus\nperfdhcp's own; short runs carry the clock-tick error of /proc/stat (±0.1 s).\n\n## Sustained\n\n`perfdhcp -4 -g single -r {SUSTAINED_RATE} -p {SUSTAINED_S} -R {SUSTAINED_CLIENTS}`: DORA exchanges offered at {SUSTAINED_RATE}/s for {SUSTAINED_S} s among\n{SUSTAINED_CLIENTS} clients (each ACK a lease written durably). Each client comes back about twenty times: after
+its first DORA, pxed's programs answer its DISCOVERs and REQUESTs from templates (on this veth, the TC program;
+XDP leaves them to TC), unless `--no-kernel-dhcp` (the userspace row). perfdhcp reports delays as average and
+maximum, not percentiles.\n"
     );
     let _ = writeln!(
         doc,
-        "| server | DORA/s achieved | ACKs | server CPU s | ACKs per server CPU-s |"
+        "| server | DORA/s achieved | ACKs | server CPU s | ACKs per server CPU-s | REQUEST→ACK avg / max ms |"
     );
-    let _ = writeln!(doc, "| --- | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(doc, "| --- | ---: | ---: | ---: | ---: | ---: |");
     for r in sustained {
         let per_cpu = if r.server_cpu_s > 0.05 {
             format!("{:.0}", r.acks as f64 / r.server_cpu_s)
@@ -222,8 +251,8 @@ fn write_doc(
         };
         let _ = writeln!(
             doc,
-            "| {} | {:.0} | {} | {:.2} | {per_cpu} |",
-            r.server, r.rate, r.acks, r.server_cpu_s
+            "| {} | {:.0} | {} | {:.2} | {per_cpu} | {:.3} / {:.1} |",
+            r.server, r.rate, r.acks, r.server_cpu_s, r.ack_delay_ms.0, r.ack_delay_ms.1
         );
     }
     let _ = writeln!(
