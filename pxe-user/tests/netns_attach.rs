@@ -38,6 +38,19 @@ fn lab() -> (Lab, Netns, Netns) {
     (lab, server, client)
 }
 
+/// What is sent to `port`: a DHCP DISCOVER of a client the kernel has no
+/// answer for (67, 4011; the programs read DHCP and pass it), else a probe.
+fn payload(port: u16) -> Vec<u8> {
+    if port != 67 && port != 4011 {
+        return b"pxe-lab probe".to_vec();
+    }
+    let mut p = vec![0u8; 300];
+    p[..3].copy_from_slice(&[1, 1, 6]); // BOOTREQUEST, Ethernet, 6-byte MAC
+    p[28..34].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x42]);
+    p[236..244].copy_from_slice(&[99, 130, 83, 99, 53, 1, 1, 255]); // cookie, DISCOVER, end
+    p
+}
+
 fn send_traffic(client: &Netns) {
     client
         .run(|| {
@@ -45,7 +58,7 @@ fn send_traffic(client: &Netns) {
             for (port, _) in TRAFFIC {
                 for _ in 0..PER_PORT {
                     socket
-                        .send_to(b"pxe-lab probe", (SERVER, port))
+                        .send_to(&payload(port), (SERVER, port))
                         .expect("sending a probe");
                 }
             }

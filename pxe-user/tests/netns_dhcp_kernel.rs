@@ -309,3 +309,69 @@ fn a_renewal_the_kernel_acked_is_on_disk_when_pxed_is_killed_right_after() {
         lease.expires
     );
 }
+
+/// A request as many clients send it: padded after its END option to the
+/// 548 bytes of a minimum-size DHCP datagram, so the reply fits in place.
+fn padded(
+    kind: MessageType,
+    mac: [u8; 6],
+    xid: u32,
+    extra: Vec<dhcproto::v4::DhcpOption>,
+) -> Vec<u8> {
+    let mut d = dc::message(kind, mac, xid, true, extra);
+    d.resize(548, 0);
+    d
+}
+
+#[test]
+fn xdp_in_generic_mode_answers_repeat_requests_in_place_on_the_wire() {
+    use dhcproto::v4::DhcpOption;
+    if !pxe_lab::privileged("xdp_in_generic_mode_answers_repeat_requests_in_place_on_the_wire") {
+        return;
+    }
+    let s = Server::start(&["--xdp-mode", "generic"]);
+    let mac = [0x52, 0x54, 0x00, 0x00, 0x30, 0x01];
+    let (first, again) = s
+        .client
+        .run(move || {
+            let socket = dc::client_socket("eth0");
+            let dora = |xid: u32| {
+                let offer = dc::ask(
+                    &socket,
+                    &padded(MessageType::Discover, mac, xid, vec![]),
+                    xid,
+                    Duration::from_secs(2),
+                )
+                .expect("an OFFER");
+                let request = padded(
+                    MessageType::Request,
+                    mac,
+                    xid + 1,
+                    vec![
+                        DhcpOption::ServerIdentifier(Ipv4Addr::new(198, 18, 0, 1)),
+                        DhcpOption::RequestedIpAddress(offer.yiaddr()),
+                    ],
+                );
+                let ack =
+                    dc::ask(&socket, &request, xid + 1, Duration::from_secs(2)).expect("an ACK");
+                (offer, ack)
+            };
+            (dora(0x3000), dora(0x4000))
+        })
+        .unwrap();
+    let (xdp, tc) = s.stop();
+    // The second exchange came from XDP; apart from the transaction id, it
+    // is the first one again.
+    assert_eq!((xdp, tc), (2, 0), "{}", s.log());
+    assert_eq!(dc::kind(&first.1), Some(MessageType::Ack));
+    for ((mut kernel, userspace), what) in [(again.0, first.0), (again.1, first.1)]
+        .into_iter()
+        .zip(["OFFER", "ACK"])
+    {
+        kernel.set_xid(userspace.xid());
+        assert_eq!(
+            kernel, userspace,
+            "{what} from XDP differs from userspace's"
+        );
+    }
+}
