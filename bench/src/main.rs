@@ -13,6 +13,8 @@ mod dhcp;
 mod plot;
 mod pxe;
 mod tftp;
+mod tftp_client;
+mod tftp_packet;
 mod xdp_cost;
 
 use std::process::ExitCode;

@@ -1,7 +1,10 @@
 //! The harness against real servers in namespaces: pxed (200 machines, iPXE
 //! second stage) and dnsmasq (200 machines, TFTP) must boot everyone
 //! byte-exact; and against a server made to misbehave (files that differ,
-//! files missing, 10% loss) its failure accounting must say so. Needs root.
+//! files missing, 10% loss) its failure accounting must say so. `bench tftp
+//! --io packet` (one packet socket for every transfer) must download
+//! byte-exact from pxed's kernel tiers, lockstep and windowed, and count a
+//! file that differs as failed. Needs root.
 
 use std::{
     path::{Path, PathBuf},
@@ -62,6 +65,10 @@ fn lab() -> (Lab, Netns, Netns) {
 }
 
 fn start_pxed(lab: &Lab, server: &Netns, root: &Path, work: &Path) {
+    start_pxed_with(lab, server, root, work, &["--xdp-mode", "off", "--no-tc"]);
+}
+
+fn start_pxed_with(lab: &Lab, server: &Netns, root: &Path, work: &Path, extra: &[&str]) {
     let leases = work.join("leases.redb");
     let log = work.join("pxed.log");
     let args = [
@@ -77,10 +84,8 @@ fn start_pxed(lab: &Lab, server: &Netns, root: &Path, work: &Path) {
         leases.to_str().unwrap(),
         "--tftp-max-per-client",
         "100000",
-        "--xdp-mode",
-        "off",
-        "--no-tc",
     ];
+    let args: Vec<&str> = args.iter().chain(extra).copied().collect();
     lab.spawn_logged(server, pxed(), &args, &log).unwrap();
     assert!(
         server.wait_for_tcp_port(80, Duration::from_secs(30)),
@@ -91,15 +96,21 @@ fn start_pxed(lab: &Lab, server: &Netns, root: &Path, work: &Path) {
 
 /// Runs `bench pxe` in the client namespace and returns its JSON report.
 fn bench_pxe(client: &Netns, extra: &[&str], work: &Path) -> serde_json::Value {
+    run_bench(client, &["pxe"], extra, work)
+}
+
+/// Runs `bench tftp` against pxed in the client namespace and returns its JSON report.
+fn bench_tftp(client: &Netns, extra: &[&str], work: &Path) -> serde_json::Value {
+    run_bench(client, &["tftp", "--server", "198.18.0.1:69"], extra, work)
+}
+
+/// Runs `bench <command> --time-limit 120 --json FILE <extra>` in the client
+/// namespace and returns the report.
+fn run_bench(client: &Netns, command: &[&str], extra: &[&str], work: &Path) -> serde_json::Value {
     let json = work.join("report.json");
     let _ = std::fs::remove_file(&json);
-    let mut args = vec![
-        "pxe",
-        "--time-limit",
-        "120",
-        "--json",
-        json.to_str().unwrap(),
-    ];
+    let mut args = command.to_vec();
+    args.extend_from_slice(&["--time-limit", "120", "--json", json.to_str().unwrap()]);
     args.extend_from_slice(extra);
     let out = client.output(BENCH, &args).unwrap();
     let report = std::fs::read(&json).unwrap_or_else(|_| {
@@ -335,4 +346,87 @@ fn failures_are_counted_with_their_reason_when_the_server_misbehaves() {
         work.path(),
     );
     assert_eq!(count(&report, "failed"), 0, "{}", report["failures"]);
+}
+
+#[test]
+fn packet_io_downloads_byte_exact_from_the_kernel_tiers_and_counts_a_wrong_file() {
+    if !pxe_lab::privileged(
+        "packet_io_downloads_byte_exact_from_the_kernel_tiers_and_counts_a_wrong_file",
+    ) {
+        return;
+    }
+    let (lab, server, client) = lab();
+    let root = boot_root();
+    let work = tempfile::tempdir().unwrap();
+    start_pxed_with(
+        &lab,
+        &server,
+        root.path(),
+        work.path(),
+        &["--fastpath-memory", "16"],
+    );
+    let vmlinuz = root.path().join("vmlinuz");
+    let expect = vmlinuz.to_str().unwrap();
+    for (window, clients, rounds) in [("4", "100", "2"), ("1", "20", "2")] {
+        let report = bench_tftp(
+            &client,
+            &[
+                "--io",
+                "packet",
+                "--interface",
+                "eth0",
+                "--file",
+                "vmlinuz",
+                "--expect",
+                expect,
+                "--windowsize",
+                window,
+                "--clients",
+                clients,
+                "--rounds",
+                rounds,
+            ],
+            work.path(),
+        );
+        let want: u64 = clients.parse::<u64>().unwrap() * rounds.parse::<u64>().unwrap();
+        assert_eq!(
+            count(&report, "transfers_failed"),
+            0,
+            "windowsize {window}: {report}"
+        );
+        assert_eq!(
+            count(&report, "transfers_ok"),
+            want,
+            "windowsize {window}: {report}"
+        );
+        assert_eq!(count(&report, "bytes"), want * 1_500_000);
+    }
+    // Expecting another file: every download fails, each with its reason.
+    let wrong = root.path().join("initrd.img");
+    let report = bench_tftp(
+        &client,
+        &[
+            "--io",
+            "packet",
+            "--interface",
+            "eth0",
+            "--file",
+            "vmlinuz",
+            "--expect",
+            wrong.to_str().unwrap(),
+            "--clients",
+            "10",
+        ],
+        work.path(),
+    );
+    assert_eq!(count(&report, "transfers_ok"), 0, "{report}");
+    assert_eq!(count(&report, "transfers_failed"), 10, "{report}");
+    let failures = report["failures"].as_array().unwrap();
+    assert!(
+        failures.iter().all(|f| f
+            .as_str()
+            .unwrap()
+            .contains("differ from the expected file")),
+        "{report}"
+    );
 }
