@@ -278,6 +278,9 @@ pub(crate) async fn download(
                     let (len, from) = r.map_err(|e| format!("recv: {e}"))?;
                     // The server's first reply names its transfer port (TID).
                     if !tid_known {
+                        if !Download::is_first_reply(&buf[..len]) {
+                            continue;
+                        }
                         (peer, tid_known) = (from, true);
                     } else if from != peer {
                         continue;

@@ -89,6 +89,18 @@ impl<'e> Download<'e> {
         (download, request)
     }
 
+    /// Whether `datagram` can be the server's first reply, the one whose
+    /// source port becomes the transfer's (TID): an OACK, DATA block 1 or an
+    /// ERROR. Anything else is a stray, e.g. the retransmitted last blocks of
+    /// an earlier transfer that used the same local port, and must not
+    /// capture the transfer.
+    pub fn is_first_reply(datagram: &[u8]) -> bool {
+        matches!(
+            Repr::parse(datagram),
+            Ok(Repr::OptionAck { .. } | Repr::Data { block: 1, .. } | Repr::Error { .. })
+        )
+    }
+
     /// A datagram from the server's transfer port.
     pub fn on_datagram(&mut self, datagram: &[u8]) -> Step {
         match Repr::parse(datagram) {
@@ -279,6 +291,31 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn only_an_oack_data_1_or_error_can_open_the_transfer() {
+        let oack = Repr::OptionAck {
+            options: vec![TftpOption {
+                name: "blksize",
+                value: "512",
+            }],
+        }
+        .to_vec();
+        assert!(Download::is_first_reply(&oack));
+        assert!(Download::is_first_reply(&data(1, b"x")));
+        assert!(Download::is_first_reply(
+            &Repr::Error {
+                code: ErrorCode::FileNotFound,
+                message: "no"
+            }
+            .to_vec()
+        ));
+        assert!(!Download::is_first_reply(&data(
+            2857,
+            b"the end of an earlier transfer"
+        )));
+        assert!(!Download::is_first_reply(b"\x00"));
     }
 
     #[test]

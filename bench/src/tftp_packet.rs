@@ -6,7 +6,10 @@
 //! the ACKs, but receives nothing: a socket filter drops what reaches it, so
 //! the stack neither queues it nor answers with ICMP port unreachable.
 //!
-//! The protocol is `tftp_client::Download`, the same as the socket path's.
+//! One thread per core, each with its share of the clients and its own
+//! packet socket in a fanout group that hands it exactly its transfers'
+//! packets (see [`run`]). The protocol is `tftp_client::Download`, the same
+//! as the socket path's.
 
 use std::{
     collections::HashMap,
@@ -63,16 +66,62 @@ struct Active<'e> {
     client: usize,
 }
 
-/// Runs the plan to the end; one result per download.
+/// Runs the plan to the end on one thread per core; one result per download.
+///
+/// The threads' packet sockets form a fanout group whose classic BPF
+/// program sends each packet to the socket of index `destination port mod
+/// threads`; each thread opens its transfers on ports of its own residue,
+/// so every transfer's packets reach the thread that runs it.
 pub fn run(plan: &Plan<'_>) -> io::Result<Results> {
-    let rx = PacketSocket::open(plan.interface)?;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(plan.clients)
+        .max(1);
+    // Joined in order, before any packet flows: socket i is index i.
+    let group = (std::process::id() & 0xffff) as u16;
+    let mut sockets = Vec::with_capacity(threads);
+    for _ in 0..threads {
+        let socket = PacketSocket::open(plan.interface)?;
+        socket.join_fanout(group, threads as u32, sockets.is_empty())?;
+        sockets.push(socket);
+    }
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = sockets
+            .into_iter()
+            .enumerate()
+            .map(|(index, rx)| scope.spawn(move || serve(plan, rx, Share { index, of: threads })))
+            .collect();
+        let mut results = Results::new();
+        for worker in workers {
+            results.extend(
+                worker
+                    .join()
+                    .map_err(|_| io::Error::other("a harness thread panicked"))??,
+            );
+        }
+        Ok(results)
+    })
+}
+
+/// Which part of the work a thread has: clients `index`, `index + of`, …,
+/// on ports whose residue mod `of` is `index`.
+#[derive(Clone, Copy)]
+struct Share {
+    index: usize,
+    of: usize,
+}
+
+/// One thread's loop: its clients' downloads, its packets.
+fn serve(plan: &Plan<'_>, rx: PacketSocket, share: Share) -> io::Result<Results> {
     let mut engine = Engine {
         plan,
+        share,
         active: HashMap::new(),
         rounds_left: vec![plan.rounds; plan.clients],
         results: Vec::new(),
     };
-    for client in 0..plan.clients {
+    for client in (share.index..plan.clients).step_by(share.of) {
         engine.start(client)?;
     }
     let mut batch = Batch::new();
@@ -99,6 +148,7 @@ pub fn run(plan: &Plan<'_>) -> io::Result<Results> {
 
 struct Engine<'p, 'e> {
     plan: &'p Plan<'e>,
+    share: Share,
     /// By local port: where the server's packets for the transfer arrive.
     active: HashMap<u16, Active<'e>>,
     rounds_left: Vec<usize>,
@@ -112,9 +162,8 @@ impl<'e> Engine<'_, 'e> {
             return Ok(());
         }
         self.rounds_left[client] -= 1;
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        let (socket, port) = self.bind_own_port()?;
         drop_everything_received(&socket)?;
-        let port = socket.local_addr()?.port();
         let (download, request) = Download::start(
             self.plan.file,
             self.plan.blksize,
@@ -139,6 +188,17 @@ impl<'e> Engine<'_, 'e> {
     /// One packet as the packet socket gives it: its virtio-net header, the
     /// Ethernet header, then IPv4. A GSO super-packet is split into the
     /// datagrams it stands for.
+    /// A UDP socket on a port this thread's packet socket receives for.
+    fn bind_own_port(&self) -> io::Result<(UdpSocket, u16)> {
+        loop {
+            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            let port = socket.local_addr()?.port();
+            if usize::from(port) % self.share.of == self.share.index {
+                return Ok((socket, port));
+            }
+        }
+    }
+
     fn on_packet(&mut self, packet: &[u8]) -> io::Result<()> {
         let Some((vnet, frame)) = packet.split_at_checked(VNET_HDR) else {
             return Ok(());
@@ -178,6 +238,9 @@ impl<'e> Engine<'_, 'e> {
         let from = SocketAddrV4::new(src, src_port);
         // The server's first reply names its transfer port (TID).
         if !a.tid_known {
+            if !Download::is_first_reply(payload) {
+                return Ok(());
+            }
             (a.peer, a.tid_known) = (from, true);
         } else if from != a.peer {
             return Ok(());
@@ -301,6 +364,12 @@ struct PacketSocket {
 
 /// `PACKET_IGNORE_OUTGOING` (Linux 4.20): our own ACKs are not copied back to us.
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+/// Fanout mode in which a classic BPF program picks the socket.
+const PACKET_FANOUT_CBPF: i32 = 6;
+/// Sets a fanout group's program.
+const PACKET_FANOUT_DATA: libc::c_int = 22;
+/// Classic BPF: loads relative to the network header (`SKF_NET_OFF`).
+const SKF_NET_OFF: i32 = -0x100000;
 /// `PACKET_VNET_HDR`: each packet comes with its `virtio_net_hdr`.
 const PACKET_VNET_HDR: libc::c_int = 15;
 
@@ -348,6 +417,60 @@ impl PacketSocket {
         // A deep queue: a window of thousands of transfers arrives at once.
         set_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 256 << 20)?;
         Ok(Self { fd })
+    }
+
+    /// Joins fanout group `group`, whose program picks the socket of index
+    /// `UDP destination port mod members`; `first` sets the program.
+    fn join_fanout(&self, group: u16, members: u32, first: bool) -> io::Result<()> {
+        set_int(
+            &self.fd,
+            libc::SOL_PACKET,
+            libc::PACKET_FANOUT,
+            i32::from(group) | (PACKET_FANOUT_CBPF << 16),
+        )?;
+        if !first {
+            return Ok(());
+        }
+        // ldh [net + 22] (the UDP destination port behind a 20-byte IPv4
+        // header); a = a mod members; return a.
+        let mut program = [
+            libc::sock_filter {
+                code: 0x28,
+                jt: 0,
+                jf: 0,
+                k: (SKF_NET_OFF + 22) as u32,
+            },
+            libc::sock_filter {
+                code: 0x94,
+                jt: 0,
+                jf: 0,
+                k: members,
+            },
+            libc::sock_filter {
+                code: 0x16,
+                jt: 0,
+                jf: 0,
+                k: 0,
+            },
+        ];
+        let fprog = libc::sock_fprog {
+            len: program.len() as u16,
+            filter: program.as_mut_ptr(),
+        };
+        // SAFETY: the program outlives the call, which copies it.
+        let r = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                PACKET_FANOUT_DATA,
+                (&fprog as *const libc::sock_fprog).cast(),
+                std::mem::size_of::<libc::sock_fprog>() as u32,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Waits until a packet is queued or `timeout` passes.

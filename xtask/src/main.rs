@@ -80,6 +80,10 @@ enum Task {
         /// measured without UDP GSO.
         #[arg(long, default_value_t = 1)]
         windowsize: u16,
+        /// How the harness receives: `socket` (a socket per transfer) or
+        /// `packet` (one packet socket per core, batched).
+        #[arg(long, default_value = "socket", value_parser = ["socket", "packet"])]
+        harness_io: String,
     },
     /// Run setup, then every test in the workspace (as root: namespaces, BPF).
     Test {
@@ -109,8 +113,9 @@ fn main() -> ExitCode {
             clients,
             blksize,
             windowsize,
+            harness_io,
         } => setup::run(setup::Mode::Install)
-            .and_then(|()| bench::run(&clients, blksize, windowsize)),
+            .and_then(|()| bench::run(&clients, blksize, windowsize, &harness_io)),
         Task::Test { cargo_args } => {
             setup::run(setup::Mode::Install).and_then(|()| test(&cargo_args))
         }
