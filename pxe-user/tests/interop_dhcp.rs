@@ -13,7 +13,10 @@ use std::{
     time::Duration,
 };
 
-use common::{dhcp_client as dc, have_tool, run_ok, serve_tftp, wait_for_file_text, Served, PXED};
+use common::{
+    dhcp_client as dc, have_tool, run_ok, serve_tftp, wait_for_file_text, write_script, Served,
+    PXED,
+};
 use dhcproto::v4::{DhcpOption, MessageType, OptionCode};
 use nix::{
     sys::signal::{kill, Signal},
@@ -53,14 +56,6 @@ fn full_mode(root: &Path) -> Served {
     );
     assert!(served.server.wait_for_udp_port(67, Duration::from_secs(10)));
     served
-}
-
-fn write_script(dir: &Path, name: &str, body: &str) -> String {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path.to_str().unwrap().to_owned()
 }
 
 fn addresses(ns: &pxe_lab::Netns) -> String {

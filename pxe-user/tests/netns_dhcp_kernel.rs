@@ -13,7 +13,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use common::{dhcp_client as dc, have_tool, run_ok, PXED};
+use common::{dhcp_client as dc, have_tool, run_ok, write_script, PXED};
 use dhcproto::v4::MessageType;
 use nix::{
     sys::signal::{kill, Signal},
@@ -28,7 +28,6 @@ const DHCLIENT_MAC: &str = "52:54:00:00:10:02";
 
 struct Server {
     lab: Lab,
-    server: Netns,
     client: Netns,
     pid: u32,
     log: std::path::PathBuf,
@@ -77,7 +76,6 @@ impl Server {
         );
         Self {
             lab,
-            server,
             client,
             pid,
             log,
@@ -116,14 +114,6 @@ fn counter(line: &str, name: &str) -> u64 {
         .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
-}
-
-fn write_script(dir: &Path, name: &str, body: &str) -> String {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path.to_str().unwrap().to_owned()
 }
 
 /// What a client was told, as its script saw it: `NAME=value` lines.

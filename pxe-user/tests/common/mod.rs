@@ -94,6 +94,16 @@ pub fn serve_tftp(boot_root: &Path, extra: &[&str]) -> Served {
     }
 }
 
+/// Writes an executable shell script `name` into `dir` (for a DHCP client's
+/// `-s`/`-sf` hook) and returns its path.
+pub fn write_script(dir: &Path, name: &str, body: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
 /// Deterministic file contents that make misplaced blocks visible.
 pub fn patterned(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
