@@ -33,7 +33,10 @@ use pxe_user::{
     },
     fastpath::{FastPath, KernelAnswers, TC_PROGRAM, XDP_PROGRAM},
     lease::MemLeaseStore,
-    policy::r#static::{Profile, StaticPolicy},
+    policy::{
+        r#static::{Profile, StaticPolicy},
+        Mac,
+    },
 };
 
 const XDP_PASS: u32 = 2;
@@ -63,6 +66,7 @@ fn subnet(net: &str, range: &str) -> Subnet {
 /// repeat requests: the engine, the object, and the seam between them.
 struct Lab {
     engine: Engine,
+    policy: Arc<StaticPolicy>,
     fastpath: Arc<Mutex<FastPath>>,
     answers: KernelAnswers,
     interface: Interface,
@@ -86,7 +90,7 @@ impl Lab {
             machines: HashMap::new(),
             default_profile: Some("default".into()),
         });
-        let engine = Engine::new(config, policy, Box::new(MemLeaseStore::default())).unwrap();
+        let engine = Engine::new(config, Arc::clone(&policy), Box::new(MemLeaseStore::default())).unwrap();
         let fastpath = Arc::new(Mutex::new(
             FastPath::load_with_image_chunks(1).expect("loading the BPF object"),
         ));
@@ -99,6 +103,7 @@ impl Lab {
         };
         Self {
             engine,
+            policy,
             fastpath,
             answers,
             interface,
@@ -559,6 +564,32 @@ fn a_release_or_nak_takes_the_clients_templates_back() {
         Counter::PASS_DHCP_TO_SERVER,
         "REQUEST after RELEASE",
     );
+}
+
+#[test]
+fn a_lease_that_moves_takes_back_the_template_that_named_the_old_address() {
+    let mut lab = Lab::new(Mode::Full, true);
+    let old = leased(&mut lab);
+    // The machine is given a reserved address. (pxed also clears every
+    // template on SIGHUP; here the engine alone is reconfigured, so what is
+    // checked is that the move itself takes the old template back.)
+    let moved = Ipv4Addr::new(198, 18, 0, 105);
+    let mut config = lab.engine.config().clone();
+    config.reservations.insert(Mac(MAC), moved);
+    lab.engine.reconfigure(config, Arc::clone(&lab.policy));
+    // iPXE, another request shape of the same client, is moved there.
+    let ipxe = |kind, xid, mut extra: Vec<DhcpOption>| {
+        extra.push(DhcpOption::UserClass(b"iPXE".to_vec()));
+        uefi(kind, xid, true, extra)
+    };
+    let (offer, _) = lab.daemon(&ipxe(MessageType::Discover, 20, vec![]), 67, client()).unwrap();
+    assert_eq!(offer[16..20], moved.octets());
+    let request = |xid| ipxe(MessageType::Request, xid, vec![DhcpOption::ServerIdentifier(SERVER), DhcpOption::RequestedIpAddress(moved)]);
+    lab.daemon(&request(21), 67, client()).expect("an ACK");
+    // The firmware shape's template named the address the engine just
+    // released: it is gone, so the kernel cannot hand that address out.
+    assert_passed(&lab, &frame(&selecting(22, old), 68, 67), Counter::PASS_DHCP_TO_SERVER, "the old shape asking for the old address");
+    assert_kernel_answers_as_daemon(&mut lab, &request(23), 67, client(), "iPXE asking for its new address");
 }
 
 #[test]
