@@ -365,3 +365,37 @@ fn xdp_in_generic_mode_answers_repeat_requests_in_place_on_the_wire() {
         );
     }
 }
+
+#[test]
+fn sighup_takes_every_kernel_answer_back() {
+    if !pxe_lab::privileged("sighup_takes_every_kernel_answer_back") {
+        return;
+    }
+    // A config to reload: every key is optional, flags give the rest.
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_dir.path().join("pxed.toml");
+    std::fs::write(&config, "# every key from the command line\n").unwrap();
+    let s = Server::start(&["--config", config.to_str().unwrap()]);
+    let mac = [0x52, 0x54, 0x00, 0x00, 0x40, 0x01];
+    let ask_again = |xid: u32, ip: Ipv4Addr| {
+        s.client
+            .run(move || dc::reboot_request(&dc::client_socket("eth0"), mac, xid, ip))
+            .unwrap()
+    };
+    let ip = s
+        .client
+        .run(move || dc::dora(&dc::client_socket("eth0"), mac, 0x4001).unwrap())
+        .unwrap();
+    assert_eq!(ask_again(0x4002, ip), Some(MessageType::Ack));
+    assert!(
+        !s.log().contains("(INIT-REBOOT)"),
+        "the kernel should have answered:\n{}",
+        s.log()
+    );
+
+    kill(Pid::from_raw(s.pid as i32), Signal::SIGHUP).unwrap();
+    common::wait_for_file_text(&s.log, "SIGHUP: config reloaded", Duration::from_secs(10));
+    // Any answer may have changed with the config: userspace decides again.
+    assert_eq!(ask_again(0x4003, ip), Some(MessageType::Ack));
+    common::wait_for_file_text(&s.log, "(INIT-REBOOT)", Duration::from_secs(5));
+}

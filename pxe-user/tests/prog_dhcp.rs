@@ -90,7 +90,12 @@ impl Lab {
             machines: HashMap::new(),
             default_profile: Some("default".into()),
         });
-        let engine = Engine::new(config, Arc::clone(&policy), Box::new(MemLeaseStore::default())).unwrap();
+        let engine = Engine::new(
+            config,
+            Arc::clone(&policy),
+            Box::new(MemLeaseStore::default()),
+        )
+        .unwrap();
         let fastpath = Arc::new(Mutex::new(
             FastPath::load_with_image_chunks(1).expect("loading the BPF object"),
         ));
@@ -582,14 +587,36 @@ fn a_lease_that_moves_takes_back_the_template_that_named_the_old_address() {
         extra.push(DhcpOption::UserClass(b"iPXE".to_vec()));
         uefi(kind, xid, true, extra)
     };
-    let (offer, _) = lab.daemon(&ipxe(MessageType::Discover, 20, vec![]), 67, client()).unwrap();
+    let (offer, _) = lab
+        .daemon(&ipxe(MessageType::Discover, 20, vec![]), 67, client())
+        .unwrap();
     assert_eq!(offer[16..20], moved.octets());
-    let request = |xid| ipxe(MessageType::Request, xid, vec![DhcpOption::ServerIdentifier(SERVER), DhcpOption::RequestedIpAddress(moved)]);
+    let request = |xid| {
+        ipxe(
+            MessageType::Request,
+            xid,
+            vec![
+                DhcpOption::ServerIdentifier(SERVER),
+                DhcpOption::RequestedIpAddress(moved),
+            ],
+        )
+    };
     lab.daemon(&request(21), 67, client()).expect("an ACK");
     // The firmware shape's template named the address the engine just
     // released: it is gone, so the kernel cannot hand that address out.
-    assert_passed(&lab, &frame(&selecting(22, old), 68, 67), Counter::PASS_DHCP_TO_SERVER, "the old shape asking for the old address");
-    assert_kernel_answers_as_daemon(&mut lab, &request(23), 67, client(), "iPXE asking for its new address");
+    assert_passed(
+        &lab,
+        &frame(&selecting(22, old), 68, 67),
+        Counter::PASS_DHCP_TO_SERVER,
+        "the old shape asking for the old address",
+    );
+    assert_kernel_answers_as_daemon(
+        &mut lab,
+        &request(23),
+        67,
+        client(),
+        "iPXE asking for its new address",
+    );
 }
 
 #[test]

@@ -216,15 +216,9 @@ async fn answer(
         Destination::Broadcast => SocketAddrV4::new(Ipv4Addr::BROADCAST, 68),
         Destination::Unicast(addr) => addr,
     };
-    let sent = if port == PROXY_PORT {
-        discovery.send_to(&bytes, to).await.map(drop)
-    } else {
-        dhcp.send_to(&bytes, to).await
-    };
-    if let Err(e) = sent {
-        warn!(mac = %request.mac, %to, "DHCP: sending the reply failed: {e}");
-        return;
-    }
+    // The kernel learns the answer before it leaves (the lease is already
+    // committed): a client that asks again at once, or retransmits, is
+    // answered by the kernel rather than racing the template.
     if let (Some(answer), Some((answers, iface)), Some(datagram)) =
         (outcome.kernel, kernel, &received.datagram)
     {
@@ -234,6 +228,14 @@ async fn answer(
                 debug!(mac = %request.mac, "DHCP: this answer stays with userspace (the kernel cannot send it)")
             }
         }
+    }
+    let sent = if port == PROXY_PORT {
+        discovery.send_to(&bytes, to).await.map(drop)
+    } else {
+        dhcp.send_to(&bytes, to).await
+    };
+    if let Err(e) = sent {
+        warn!(mac = %request.mac, %to, "DHCP: sending the reply failed: {e}");
     }
 }
 
