@@ -62,6 +62,7 @@ struct DhcpSection {
     mode: Option<DhcpMode>,
     lease_file: Option<PathBuf>,
     authoritative: Option<bool>,
+    kernel_answers: Option<bool>,
     #[serde(default, rename = "subnet")]
     subnets: Vec<Spanned<SubnetSection>>,
 }
@@ -149,6 +150,9 @@ pub struct Config {
     pub dhcp_mode: Option<DhcpMode>,
     pub lease_file: Option<PathBuf>,
     pub authoritative: bool,
+    /// The XDP/TC programs answer repeat requests (`[dhcp] kernel_answers`,
+    /// default true; `--no-kernel-dhcp` turns it off too).
+    pub kernel_answers: bool,
     pub subnets: Vec<Subnet>,
     pub reservations: HashMap<Mac, Ipv4Addr>,
 }
@@ -168,6 +172,7 @@ impl Default for Config {
             dhcp_mode: None,
             lease_file: None,
             authoritative: false,
+            kernel_answers: true,
             subnets: Vec::new(),
             reservations: HashMap::new(),
         }
@@ -441,6 +446,7 @@ impl Config {
             dhcp_mode: file.dhcp.mode,
             lease_file: file.dhcp.lease_file,
             authoritative: file.dhcp.authoritative.unwrap_or(false),
+            kernel_answers: file.dhcp.kernel_answers.unwrap_or(true),
             subnets,
             reservations,
             interfaces,
@@ -506,6 +512,17 @@ mod tests {
     }
 
     #[test]
+    fn kernel_answers_are_on_unless_the_file_says_false() {
+        assert!(
+            !parse("[dhcp]\nkernel_answers = false\n")
+                .unwrap()
+                .kernel_answers
+        );
+        assert!(parse("").unwrap().kernel_answers);
+        assert!(Config::default().kernel_answers);
+    }
+
+    #[test]
     fn the_readme_example_parses() {
         let example = include_str!("../../docs/pxed.example.toml");
         let config = parse(example).unwrap_or_else(|e| panic!("{e}"));
@@ -514,6 +531,7 @@ mod tests {
         assert_eq!(config.subnets.len(), 1);
         assert_eq!(config.reservations.len(), 1);
         assert_eq!(config.dhcp_mode, Some(DhcpMode::Full));
+        assert!(config.kernel_answers);
     }
 
     #[test]

@@ -303,7 +303,7 @@ impl Settings {
             authoritative: cli.authoritative || config.authoritative,
             xdp_mode: cli.xdp_mode,
             no_tc: cli.no_tc,
-            no_kernel_dhcp: cli.no_kernel_dhcp,
+            no_kernel_dhcp: cli.no_kernel_dhcp || !config.kernel_answers,
             fastpath_memory: cli.fastpath_memory,
             boot_root: cli.boot_root.or_else(|| config.boot_root.clone()),
             tftp_port: cli.tftp_port,
