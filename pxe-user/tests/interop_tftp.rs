@@ -389,22 +389,34 @@ fn with_the_kernel_tiers_on_windowed_transfers_are_sent_by_tc_byte_exact_also_un
 
     drop_five_percent_of_udp(&served, root.path());
     let dest = out.path().join("kernel-lossy");
-    run_ok(
-        &served.client,
-        "atftp",
-        &[
-            "--get",
-            "-r",
-            kernel.0,
-            "-l",
-            dest.to_str().unwrap(),
-            "--option",
-            "blksize 1468",
-            "--option",
-            "windowsize 4",
-            SERVER_IP,
-        ],
-    );
+    let args = [
+        "--get",
+        "-r",
+        kernel.0,
+        "-l",
+        dest.to_str().unwrap(),
+        "--option",
+        "blksize 1468",
+        "--option",
+        "windowsize 4",
+        SERVER_IP,
+    ];
+    // atftp aborts ("unexpected OACK") when its ACK of the OACK is lost and
+    // the server resends the OACK, instead of acknowledging it again (RFC
+    // 2347 clients do): a client flaw that 5% loss hits now and then, and not
+    // what this test is about. Such a run is tried again; any other failure fails.
+    for attempt in 1.. {
+        let out = served.client.output("atftp", &args).unwrap();
+        if out.status.success() {
+            break;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("unexpected OACK") && attempt < 4,
+            "atftp {args:?} failed ({}), attempt {attempt}:\n{stderr}",
+            out.status
+        );
+    }
     assert_same(
         &dest,
         &kernel.1,
