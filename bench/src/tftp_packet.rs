@@ -340,20 +340,8 @@ fn drop_everything_received(socket: &UdpSocket) -> io::Result<()> {
         len: 1,
         filter: reject.as_mut_ptr(),
     };
-    // SAFETY: the program and its one instruction outlive the call, which copies them.
-    let r = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_FILTER,
-            (&program as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as u32,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    // The program's instruction outlives the call, which copies both.
+    set_option(socket, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &program)
 }
 
 /// An AF_PACKET socket receiving the IPv4 frames that arrive on one
@@ -412,21 +400,26 @@ impl PacketSocket {
         if bound != 0 {
             return Err(io::Error::last_os_error());
         }
-        set_int(&fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)?;
-        set_int(&fd, libc::SOL_PACKET, PACKET_VNET_HDR, 1)?;
+        set_option(&fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &1_i32)?;
+        set_option(&fd, libc::SOL_PACKET, PACKET_VNET_HDR, &1_i32)?;
         // A deep queue: a window of thousands of transfers arrives at once.
-        set_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 256 << 20)?;
+        set_option(
+            &fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &(256_i32 << 20),
+        )?;
         Ok(Self { fd })
     }
 
     /// Joins fanout group `group`, whose program picks the socket of index
     /// `UDP destination port mod members`; `first` sets the program.
     fn join_fanout(&self, group: u16, members: u32, first: bool) -> io::Result<()> {
-        set_int(
+        set_option(
             &self.fd,
             libc::SOL_PACKET,
             libc::PACKET_FANOUT,
-            i32::from(group) | (PACKET_FANOUT_CBPF << 16),
+            &(i32::from(group) | (PACKET_FANOUT_CBPF << 16)),
         )?;
         if !first {
             return Ok(());
@@ -457,20 +450,8 @@ impl PacketSocket {
             len: program.len() as u16,
             filter: program.as_mut_ptr(),
         };
-        // SAFETY: the program outlives the call, which copies it.
-        let r = unsafe {
-            libc::setsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_PACKET,
-                PACKET_FANOUT_DATA,
-                (&fprog as *const libc::sock_fprog).cast(),
-                std::mem::size_of::<libc::sock_fprog>() as u32,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        // The program outlives the call, which copies it.
+        set_option(&self.fd, libc::SOL_PACKET, PACKET_FANOUT_DATA, &fprog)
     }
 
     /// Waits until a packet is queued or `timeout` passes.
@@ -512,20 +493,21 @@ impl PacketSocket {
     }
 }
 
-fn set_int(
-    fd: &OwnedFd,
+/// `setsockopt` with a value of type `T` (an int, a filter program).
+fn set_option<T>(
+    fd: &impl AsRawFd,
     level: libc::c_int,
     name: libc::c_int,
-    value: libc::c_int,
+    value: &T,
 ) -> io::Result<()> {
-    // SAFETY: an int option of the size given.
+    // SAFETY: `value` is a valid `T` of the size given; the kernel copies it.
     let r = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             level,
             name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as u32,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as u32,
         )
     };
     if r != 0 {

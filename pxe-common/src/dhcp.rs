@@ -36,12 +36,9 @@ pub const MAX_OPTION_ITEMS: u32 = 40;
 
 // BOOTP (RFC 951, RFC 2131 §2) field offsets.
 pub const BOOTP_OP: usize = 0;
-pub const BOOTP_HTYPE: usize = 1;
-pub const BOOTP_HLEN: usize = 2;
 pub const BOOTP_XID: usize = 4;
 pub const BOOTP_FLAGS: usize = 10;
 pub const BOOTP_CIADDR: usize = 12;
-pub const BOOTP_YIADDR: usize = 16;
 pub const BOOTP_GIADDR: usize = 24;
 pub const BOOTP_CHADDR: usize = 28;
 /// The fixed part up to and including chaddr: what a reply takes from its request.

@@ -200,13 +200,7 @@ esac
         &release.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     // dhclient -1 stays running in the background; -r stops it. Make sure, by its PID.
-    if let Ok(pid) = std::fs::read_to_string(&pf)
-        .unwrap_or_default()
-        .trim()
-        .parse::<i32>()
-    {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-    }
+    common::stop_by_pid_file(&pf);
     assert!(result.unwrap().status.success());
     served.wait_for_log(&format!("{ip} is free again"), Duration::from_secs(10));
 }

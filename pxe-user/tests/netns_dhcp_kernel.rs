@@ -176,13 +176,7 @@ fn clients_told(s: &Server) -> Vec<BTreeMap<String, String>> {
         ];
         run_ok(&s.client, "dhclient", &args);
         // dhclient -1 stays in the background once bound: stop it, by its PID.
-        if let Ok(pid) = std::fs::read_to_string(&pf)
-            .unwrap_or_default()
-            .trim()
-            .parse::<i32>()
-        {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-        }
+        common::stop_by_pid_file(&pf);
         seen.push(told(&out));
     }
     seen

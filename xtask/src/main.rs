@@ -137,6 +137,23 @@ pub fn workspace_root() -> std::path::PathBuf {
         .to_owned()
 }
 
+/// The commit the benchmark docs were produced at (short hash).
+pub fn git_revision() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The running kernel's release, for the benchmark docs.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
 /// Builds pxed and bench in release mode; returns their paths.
 pub fn build_release_binaries() -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
     let workspace = workspace_root();

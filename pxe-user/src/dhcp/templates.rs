@@ -11,10 +11,11 @@
 use std::net::Ipv4Addr;
 
 use pxe_common::dhcp::{
-    keep_bytes, mix, option_word, shape_bit, AnswerEntry, AnswerKey, BOOTP_CIADDR, BOOTP_FLAGS,
-    BOOTP_GIADDR, BOOTP_OPTIONS, BOOTP_XID, MAGIC_COOKIE, MAX_OPTION_ITEMS, MAX_REPLY_LEN,
-    MAX_SHAPE_OPTION_LEN, OPT_END, OPT_MESSAGE_TYPE, OPT_OVERLOAD, OPT_PAD, OPT_RELAY_AGENT,
-    OPT_REQUESTED_IP, OPT_SERVER_ID, PORT_KIND_DHCP, PORT_KIND_PROXY, SIGNATURE_SEED,
+    keep_bytes, mix, option_word, shape_bit, AnswerEntry, AnswerKey, BOOTP_CHADDR, BOOTP_CIADDR,
+    BOOTP_FLAGS, BOOTP_GIADDR, BOOTP_MAGIC, BOOTP_OPTIONS, BOOTP_XID, MAGIC_COOKIE,
+    MAX_OPTION_ITEMS, MAX_REPLY_LEN, MAX_SHAPE_OPTION_LEN, OPT_END, OPT_MESSAGE_TYPE, OPT_OVERLOAD,
+    OPT_PAD, OPT_RELAY_AGENT, OPT_REQUESTED_IP, OPT_SERVER_ID, PORT_KIND_DHCP, PORT_KIND_PROXY,
+    SIGNATURE_SEED,
 };
 
 use super::engine::{KernelAnswer, PROXY_PORT};
@@ -70,8 +71,7 @@ impl Clocks {
 /// The shape signature of a request's options, or `None` where the kernel
 /// would not read the request (it then never finds a template for it).
 pub fn signature(datagram: &[u8]) -> Option<u64> {
-    if datagram.len() <= BOOTP_OPTIONS || datagram[BOOTP_OPTIONS - 4..BOOTP_OPTIONS] != MAGIC_COOKIE
-    {
+    if datagram.len() <= BOOTP_OPTIONS || datagram[BOOTP_MAGIC..BOOTP_OPTIONS] != MAGIC_COOKIE {
         return None;
     }
     let options = &datagram[BOOTP_OPTIONS..];
@@ -140,7 +140,8 @@ pub fn template(
         port_kind: PORT_KIND_DHCP,
         ..bytemuck::Zeroable::zeroed()
     };
-    key.mac.copy_from_slice(&request[28..34]);
+    key.mac
+        .copy_from_slice(&request[BOOTP_CHADDR..BOOTP_CHADDR + 6]);
     let mut entry: AnswerEntry = bytemuck::Zeroable::zeroed();
     match *answer {
         KernelAnswer::Boot if port == PROXY_PORT => {

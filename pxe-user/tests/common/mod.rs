@@ -94,6 +94,21 @@ pub fn serve_tftp(boot_root: &Path, extra: &[&str]) -> Served {
     }
 }
 
+/// Stops the daemon whose PID file is `pid_file` (dhclient -1 stays in the
+/// background once bound), by its PID; nothing if it wrote none.
+pub fn stop_by_pid_file(pid_file: &Path) {
+    if let Ok(pid) = std::fs::read_to_string(pid_file)
+        .unwrap_or_default()
+        .trim()
+        .parse::<i32>()
+    {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+}
+
 /// Writes an executable shell script `name` into `dir` (for a DHCP client's
 /// `-s`/`-sf` hook) and returns its path.
 pub fn write_script(dir: &Path, name: &str, body: &str) -> String {
