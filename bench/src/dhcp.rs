@@ -108,7 +108,12 @@ pub struct Lease {
     pub boot_file: Option<String>,
 }
 
-fn request(identity: &Identity, kind: MessageType, xid: u32, extra: Vec<DhcpOption>) -> Message {
+fn request_message(
+    identity: &Identity,
+    kind: MessageType,
+    xid: u32,
+    extra: Vec<DhcpOption>,
+) -> Message {
     let mut m = Message::new(
         Ipv4Addr::UNSPECIFIED,
         Ipv4Addr::UNSPECIFIED,
@@ -169,127 +174,228 @@ fn server_id(m: &Message) -> Option<Ipv4Addr> {
     }
 }
 
+/// What an exchange cost besides its answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Tally {
+    /// DISCOVERs and REQUESTs sent again because nothing answered in time.
+    pub retransmits: u32,
+    /// NAKs that sent the machine back to DISCOVER.
+    pub naks: u32,
+}
+
+/// How many NAKs in a row a machine takes before it gives up. A NAK is a
+/// server's answer, not silence, so it does not use up the retransmission
+/// schedule; but a server that NAKs every REQUEST must still end in a failure.
+pub const MAX_NAKS: u32 = 8;
+
 /// DISCOVER/OFFER/REQUEST/ACK as PXE firmware does it: offers are collected
 /// for `offer_wait`, an address offer and a proxyDHCP offer (no address, boot
-/// file) are combined, and each step is resent on the `retries` schedule.
-/// Returns the lease and how many retransmissions it took.
+/// file) are combined, and each step is resent on the `retries` schedule. A NAK
+/// starts over with a DISCOVER (RFC 2131 §4.4.1) after a pause of its own.
+/// What it cost is returned whether it succeeded or not.
 pub async fn dora(
     wire: &DhcpWire,
     identity: &Identity,
     xid: u32,
     retries: &[Duration],
     offer_wait: Duration,
-) -> Result<(Lease, u32), String> {
-    let mut inbox = wire.open(xid);
-    let result = exchange(wire, &mut inbox, identity, xid, retries, offer_wait).await;
+) -> (Result<Lease, String>, Tally) {
+    let mut exchange = Exchange {
+        wire,
+        inbox: wire.open(xid),
+        identity,
+        xid,
+        retries,
+        offer_wait,
+        tally: Tally::default(),
+    };
+    let result = exchange.run().await;
     wire.close(xid);
-    result
+    (result, exchange.tally)
 }
 
-async fn exchange(
-    wire: &DhcpWire,
-    inbox: &mut mpsc::UnboundedReceiver<Message>,
-    identity: &Identity,
+/// One machine's way to a lease.
+struct Exchange<'a> {
+    wire: &'a DhcpWire,
+    inbox: mpsc::UnboundedReceiver<Message>,
+    identity: &'a Identity,
     xid: u32,
-    retries: &[Duration],
+    retries: &'a [Duration],
     offer_wait: Duration,
-) -> Result<(Lease, u32), String> {
-    let mut retransmits = 0;
-    for (attempt, timeout) in retries.iter().enumerate() {
-        if attempt > 0 {
-            retransmits += 1;
-        }
-        wire.broadcast(&request(identity, MessageType::Discover, xid, vec![]))
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut address_offer: Option<Message> = None;
-        let mut proxy_offer: Option<Message> = None;
-        let deadline = tokio::time::Instant::now() + *timeout;
-        let mut collect_until = deadline;
-        while let Ok(Some(m)) = tokio::time::timeout_at(collect_until, inbox.recv()).await {
-            if m.opts().msg_type() != Some(MessageType::Offer) {
-                continue;
-            }
-            if m.yiaddr().is_unspecified() {
-                proxy_offer.get_or_insert(m);
-            } else {
-                address_offer.get_or_insert(m);
-            }
-            if address_offer.is_some() {
-                // Firmware waits a little for a proxy offer once it has an address.
-                collect_until = collect_until.min(tokio::time::Instant::now() + offer_wait);
-                if proxy_offer.is_some() || address_offer.as_ref().and_then(boot_file).is_some() {
-                    break;
+    tally: Tally,
+}
+
+/// The offers one DISCOVER round collected.
+struct Offers {
+    address: Message,
+    proxy: Option<Message>,
+}
+
+/// How a REQUEST ended.
+enum Answer {
+    Ack(Lease),
+    Nak,
+    Silence,
+}
+
+impl Exchange<'_> {
+    async fn run(&mut self) -> Result<Lease, String> {
+        loop {
+            let Some(offers) = self.discover().await? else {
+                // No address in the text: failures are grouped by their reason.
+                return Err(format!("no OFFER after {} DISCOVERs", self.retries.len()));
+            };
+            match self.request(&offers).await? {
+                Answer::Ack(lease) => return Ok(lease),
+                Answer::Silence => {
+                    return Err(format!(
+                        "no ACK for the offered address after {} REQUESTs",
+                        self.retries.len()
+                    ))
+                }
+                Answer::Nak if self.tally.naks >= MAX_NAKS => {
+                    return Err(format!("NAKed {MAX_NAKS} times in a row"))
+                }
+                Answer::Nak => {
+                    tokio::time::sleep(restart_pause(self.xid, self.tally.naks)).await;
+                    // Replies to the abandoned round must not answer the next one.
+                    while self.inbox.try_recv().is_ok() {}
                 }
             }
         }
-        let Some(offer) = address_offer else { continue };
-        let server = server_id(&offer).ok_or("OFFER without a server identifier")?;
+    }
+
+    /// DISCOVER on the `retries` schedule until an address offer arrives.
+    async fn discover(&mut self) -> Result<Option<Offers>, String> {
+        for (attempt, timeout) in self.retries.iter().enumerate() {
+            if attempt > 0 {
+                self.tally.retransmits += 1;
+            }
+            self.wire
+                .broadcast(&request_message(
+                    self.identity,
+                    MessageType::Discover,
+                    self.xid,
+                    vec![],
+                ))
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut address_offer: Option<Message> = None;
+            let mut proxy_offer: Option<Message> = None;
+            let mut collect_until = tokio::time::Instant::now() + *timeout;
+            while let Ok(Some(m)) = tokio::time::timeout_at(collect_until, self.inbox.recv()).await
+            {
+                if m.opts().msg_type() != Some(MessageType::Offer) {
+                    continue;
+                }
+                if m.yiaddr().is_unspecified() {
+                    proxy_offer.get_or_insert(m);
+                } else {
+                    address_offer.get_or_insert(m);
+                }
+                if address_offer.is_some() {
+                    // Firmware waits a little for a proxy offer once it has an address.
+                    collect_until =
+                        collect_until.min(tokio::time::Instant::now() + self.offer_wait);
+                    if proxy_offer.is_some() || address_offer.as_ref().and_then(boot_file).is_some()
+                    {
+                        break;
+                    }
+                }
+            }
+            if let Some(address) = address_offer {
+                return Ok(Some(Offers {
+                    address,
+                    proxy: proxy_offer,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// REQUEST the offered address on the `retries` schedule until an ACK or a
+    /// NAK from the offering server.
+    async fn request(&mut self, offers: &Offers) -> Result<Answer, String> {
+        let offer = &offers.address;
+        let server = server_id(offer).ok_or("OFFER without a server identifier")?;
         let address = offer.yiaddr();
-        let req = request(
-            identity,
+        let req = request_message(
+            self.identity,
             MessageType::Request,
-            xid,
+            self.xid,
             vec![
                 DhcpOption::ServerIdentifier(server),
                 DhcpOption::RequestedIpAddress(address),
             ],
         );
-        let mut nak = None;
-        for (request_attempt, timeout) in retries.iter().enumerate() {
-            if nak.is_some() {
-                break;
+        for (attempt, timeout) in self.retries.iter().enumerate() {
+            if attempt > 0 {
+                self.tally.retransmits += 1;
             }
-            if request_attempt > 0 {
-                retransmits += 1;
-            }
-            wire.broadcast(&req).await.map_err(|e| e.to_string())?;
+            self.wire.broadcast(&req).await.map_err(|e| e.to_string())?;
             let deadline = tokio::time::Instant::now() + *timeout;
-            while let Ok(Some(m)) = tokio::time::timeout_at(deadline, inbox.recv()).await {
+            while let Ok(Some(m)) = tokio::time::timeout_at(deadline, self.inbox.recv()).await {
+                if server_id(&m) != Some(server) {
+                    continue;
+                }
                 match m.opts().msg_type() {
-                    Some(MessageType::Ack) if server_id(&m) == Some(server) => {
+                    Some(MessageType::Ack) => {
                         // The boot file comes from the ACK, the address offer or the proxy offer.
-                        let source = [Some(&m), Some(&offer), proxy_offer.as_ref()]
+                        let source = [Some(&m), Some(offer), offers.proxy.as_ref()]
                             .into_iter()
                             .flatten()
                             .find(|m| boot_file(m).is_some());
-                        let lease = Lease {
+                        return Ok(Answer::Ack(Lease {
                             address,
                             next_server: source
                                 .map(|m| m.siaddr())
                                 .filter(|a| !a.is_unspecified())
                                 .unwrap_or(server),
                             boot_file: source.and_then(boot_file),
-                        };
-                        return Ok((lease, retransmits));
+                        }));
                     }
-                    // RFC 2131 §4.4.1: on a NAK the client starts over with a DISCOVER.
                     Some(MessageType::Nak) => {
-                        nak = Some(address);
-                        break;
+                        self.tally.naks += 1;
+                        return Ok(Answer::Nak);
                     }
                     _ => {}
                 }
             }
         }
-        if nak.is_some() {
-            continue;
-        }
-        // No address in the text: failures are grouped by their reason.
-        return Err(format!(
-            "no ACK for the offered address after {} tries",
-            retries.len()
-        ));
+        Ok(Answer::Silence)
     }
-    Err(format!(
-        "no lease after {} tries (no OFFER, or NAK after NAK)",
-        retries.len()
-    ))
+}
+
+/// The pause before DISCOVER after a NAK: 0-1 s, different for every machine
+/// and every NAK. Machines NAKed together (a server that offered one address to
+/// several of them) would otherwise DISCOVER together and collide again.
+fn restart_pause(xid: u32, naks: u32) -> Duration {
+    let mut x = (u64::from(xid) << 32 | u64::from(naks)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 29;
+    Duration::from_millis(x % 1000)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn machines_nakd_together_restart_apart() {
+        // xids as `bench pxe` makes them: from the last three bytes of each MAC.
+        let pauses: Vec<u64> = (0u32..200)
+            .map(|i| restart_pause(0x1000_0000 | i << 8, 1).as_millis() as u64)
+            .collect();
+        assert!(pauses.iter().all(|&p| p < 1000));
+        let mut tenths = [0; 10];
+        for p in &pauses {
+            tenths[*p as usize / 100] += 1;
+        }
+        assert!(
+            tenths.iter().all(|&n| n >= 8),
+            "spread over the second: {tenths:?}"
+        );
+        assert_ne!(restart_pause(0x1000_0100, 1), restart_pause(0x1000_0100, 2));
+    }
 
     #[test]
     fn requests_carry_the_options_pxe_firmware_sends() {
@@ -300,7 +406,7 @@ mod tests {
             user_class: Some(b"\x04iPXE".to_vec()),
             uuid: [9; 16],
         };
-        let m = request(&identity, MessageType::Discover, 42, vec![]);
+        let m = request_message(&identity, MessageType::Discover, 42, vec![]);
         let mut bytes = Vec::new();
         m.encode(&mut Encoder::new(&mut bytes)).unwrap();
         let back = Message::decode(&mut Decoder::new(&bytes)).unwrap();

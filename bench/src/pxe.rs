@@ -158,8 +158,17 @@ pub struct MachineResult {
     pub stages: Vec<(&'static str, f64)>,
     pub bytes: u64,
     pub dhcp_retransmits: u32,
+    /// NAKs that sent this machine back to DISCOVER.
+    pub dhcp_naks: u32,
     pub tftp_retransmits: u64,
     pub failure: Option<String>,
+}
+
+impl MachineResult {
+    fn add_dhcp(&mut self, tally: dhcp::Tally) {
+        self.dhcp_retransmits += tally.retransmits;
+        self.dhcp_naks += tally.naks;
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -175,6 +184,7 @@ pub struct Report {
     /// the stage's end, ms.
     pub stage_ms: Vec<(&'static str, (f64, f64, f64))>,
     pub dhcp_retransmits: u64,
+    pub dhcp_naks: u64,
     pub tftp_retransmits: u64,
     pub failures: BTreeMap<String, usize>,
     pub cpu: pxe_lab::cpu::CpuUsage,
@@ -319,17 +329,17 @@ impl Machine {
         let ms = |t0: Instant| t0.elapsed().as_secs_f64() * 1000.0;
         // UEFI and PXE ROMs retry DHCP at 4, 8, 16, 32 s.
         let firmware_retries = [4, 8, 16, 32].map(Duration::from_secs);
-        let (lease, retransmits) = dhcp::dora(
+        let (lease, tally) = dhcp::dora(
             wire,
             &self.identity,
             self.xid,
             &firmware_retries,
             Duration::from_millis(500),
         )
-        .await
-        .map_err(|e| format!("dhcp: {e}"))?;
+        .await;
+        r.add_dhcp(tally);
+        let lease = lease.map_err(|e| format!("dhcp: {e}"))?;
         r.address = Some(lease.address);
-        r.dhcp_retransmits += retransmits;
         r.stages.push(("dhcp", ms(t0)));
         let nbp = lease
             .boot_file
@@ -361,16 +371,16 @@ impl Machine {
         let mut ipxe = self.identity.clone();
         ipxe.user_class = Some(b"\x04iPXE".to_vec());
         let ipxe_retries = [1, 2, 4, 8, 16].map(Duration::from_secs);
-        let (lease, retransmits) = dhcp::dora(
+        let (lease, tally) = dhcp::dora(
             wire,
             &ipxe,
             self.xid | 1,
             &ipxe_retries,
             Duration::from_millis(200),
         )
-        .await
-        .map_err(|e| format!("ipxe dhcp: {e}"))?;
-        r.dhcp_retransmits += retransmits;
+        .await;
+        r.add_dhcp(tally);
+        let lease = lease.map_err(|e| format!("ipxe dhcp: {e}"))?;
         r.stages.push(("ipxe_dhcp", ms(t0)));
         let script_url = lease.boot_file.ok_or("ipxe dhcp: no script URL offered")?;
         let script = http
@@ -469,7 +479,7 @@ fn summarise(
         if let Some(f) = &m.failure {
             let reason = f.split(':').next().unwrap_or(f).to_owned()
                 + ": "
-                + f.splitn(2, ": ").nth(1).unwrap_or("");
+                + f.split_once(": ").map_or("", |(_, rest)| rest);
             *failures
                 .entry(reason.chars().take(120).collect())
                 .or_insert(0) += 1;
@@ -486,6 +496,7 @@ fn summarise(
         goodput_mb_per_s: bytes as f64 / seconds.max(1e-9) / 1e6,
         stage_ms,
         dhcp_retransmits: machines.iter().map(|m| u64::from(m.dhcp_retransmits)).sum(),
+        dhcp_naks: machines.iter().map(|m| u64::from(m.dhcp_naks)).sum(),
         tftp_retransmits: machines.iter().map(|m| m.tftp_retransmits).sum(),
         failures,
         cpu,
@@ -495,7 +506,7 @@ fn summarise(
 
 fn print_report(r: &Report, timeline: usize) {
     println!(
-        "pxe: {} {:?} machines{}: {} booted, {} failed in {:.2} s; {:.1} MB/s; {} DHCP and {} TFTP client retransmissions",
+        "pxe: {} {:?} machines{}: {} booted, {} failed in {:.2} s; {:.1} MB/s; {} DHCP and {} TFTP client retransmissions; {} DHCP NAKs",
         r.clients,
         r.firmware,
         if r.second_stage { " with iPXE second stage" } else { "" },
@@ -504,7 +515,8 @@ fn print_report(r: &Report, timeline: usize) {
         r.seconds,
         r.goodput_mb_per_s,
         r.dhcp_retransmits,
-        r.tftp_retransmits
+        r.tftp_retransmits,
+        r.dhcp_naks
     );
     println!(
         "  {:<10} {:>10} {:>10} {:>10}   (ms from power-on to the end of the stage)",

@@ -1,7 +1,9 @@
 //! The harness against real servers in namespaces: pxed (200 machines, iPXE
 //! second stage) and dnsmasq (200 machines, TFTP) must boot everyone
-//! byte-exact; and against a server made to misbehave (files that differ,
-//! files missing, 10% loss) its failure accounting must say so. `bench tftp
+//! byte-exact (dnsmasq NAKs machines it offered a taken address; they start
+//! over); and against a server made to misbehave (files that differ, files
+//! missing, 10% loss, a NAK for every REQUEST) its failure accounting must say
+//! so. `bench tftp
 //! --io packet` (one packet socket for every transfer) must download
 //! byte-exact from pxed's kernel tiers, lockstep and windowed, and count a
 //! file that differs as failed. Needs root.
@@ -190,6 +192,7 @@ fn two_hundred_machines_boot_from_dnsmasq_byte_exact() {
             "--bind-interfaces",
             "--dhcp-range=198.18.0.10,198.18.3.200,1h",
             "--no-ping",
+            "--log-facility=-",
             "--dhcp-boot=ipxe.efi",
             "--enable-tftp",
             &format!("--tftp-root={}", root.path().display()),
@@ -210,8 +213,109 @@ fn two_hundred_machines_boot_from_dnsmasq_byte_exact() {
         ],
         work.path(),
     );
-    assert_eq!(count(&report, "failed"), 0, "{}", report["failures"]);
+    // dnsmasq does not hold an address it offered: machines DISCOVERing
+    // together are offered the same one, and all but the first to REQUEST it
+    // are NAKed (its log says "address in use"). The harness starts those over.
+    let log = std::fs::read_to_string(work.path().join("dnsmasq.log")).unwrap_or_default();
+    let naks: Vec<&str> = log.lines().filter(|l| l.contains("DHCPNAK")).collect();
+    assert_eq!(
+        count(&report, "failed"),
+        0,
+        "{}\ndnsmasq's NAKs:\n{}",
+        report["failures"],
+        naks.join("\n")
+    );
     assert_eq!(count(&report, "booted"), 200);
+    assert_eq!(count(&report, "dhcp_naks"), naks.len() as u64);
+}
+
+/// A DHCP server that offers every machine an address and NAKs every REQUEST,
+/// on port 67 of `server`'s eth0, until the returned flag is set.
+fn start_naking_server(server: &Netns) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use dhcproto::{v4, Decodable, Decoder, Encodable, Encoder};
+    use std::sync::{atomic::AtomicBool, atomic::Ordering, Arc};
+    let socket = server
+        .run(|| {
+            let s = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::DGRAM,
+                Some(socket2::Protocol::UDP),
+            )?;
+            s.set_broadcast(true)?;
+            s.bind_device(Some(b"eth0"))?;
+            s.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], 67)).into())?;
+            s.set_read_timeout(Some(Duration::from_millis(100)))?;
+            std::io::Result::Ok(std::net::UdpSocket::from(s))
+        })
+        .unwrap()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = Arc::clone(&stop);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while !stopped.load(Ordering::Relaxed) {
+            let Ok(len) = socket.recv(&mut buf) else {
+                continue;
+            };
+            let Ok(request) = v4::Message::decode(&mut Decoder::new(&buf[..len])) else {
+                continue;
+            };
+            let kind = match request.opts().msg_type() {
+                Some(v4::MessageType::Discover) => v4::MessageType::Offer,
+                Some(v4::MessageType::Request) => v4::MessageType::Nak,
+                _ => continue,
+            };
+            let mut reply = v4::Message::new(
+                std::net::Ipv4Addr::UNSPECIFIED,
+                if kind == v4::MessageType::Offer {
+                    [198, 18, 1, request.chaddr()[5]].into()
+                } else {
+                    std::net::Ipv4Addr::UNSPECIFIED
+                },
+                std::net::Ipv4Addr::UNSPECIFIED,
+                std::net::Ipv4Addr::UNSPECIFIED,
+                request.chaddr(),
+            );
+            reply.set_opcode(v4::Opcode::BootReply);
+            reply.set_xid(request.xid());
+            reply.opts_mut().insert(v4::DhcpOption::MessageType(kind));
+            reply
+                .opts_mut()
+                .insert(v4::DhcpOption::ServerIdentifier([198, 18, 0, 1].into()));
+            let mut bytes = Vec::new();
+            reply.encode(&mut Encoder::new(&mut bytes)).unwrap();
+            let _ = socket.send_to(&bytes, ("255.255.255.255", 68));
+        }
+    });
+    stop
+}
+
+#[test]
+fn a_server_that_naks_every_request_fails_each_machine_after_eight_naks() {
+    if !pxe_lab::privileged("a_server_that_naks_every_request_fails_each_machine_after_eight_naks")
+    {
+        return;
+    }
+    let (_lab, server, client) = lab();
+    let work = tempfile::tempdir().unwrap();
+    let stop = start_naking_server(&server);
+    let report = bench_pxe(&client, &["--clients", "5"], work.path());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(count(&report, "failed"), 5, "{report}");
+    let failures = report["failures"].as_object().unwrap();
+    assert_eq!(
+        failures.keys().collect::<Vec<_>>(),
+        ["dhcp: NAKed 8 times in a row"],
+        "{failures:?}"
+    );
+    assert_eq!(count(&report, "dhcp_naks"), 5 * 8);
+    for machine in report["machines"].as_array().unwrap() {
+        assert_eq!(machine["dhcp_naks"], 8, "{machine}");
+        assert_eq!(
+            machine["dhcp_retransmits"], 0,
+            "a NAK is an answer: {machine}"
+        );
+    }
 }
 
 #[test]
