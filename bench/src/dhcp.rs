@@ -181,6 +181,10 @@ pub struct Tally {
     pub retransmits: u32,
     /// NAKs that sent the machine back to DISCOVER.
     pub naks: u32,
+    /// From the last DISCOVER sent to the first address OFFER.
+    pub offer_delay: Duration,
+    /// From the last REQUEST sent to the ACK.
+    pub ack_delay: Duration,
 }
 
 /// How many NAKs in a row a machine takes before it gives up. A NAK is a
@@ -271,6 +275,7 @@ impl Exchange<'_> {
             if attempt > 0 {
                 self.tally.retransmits += 1;
             }
+            let sent = tokio::time::Instant::now();
             self.wire
                 .broadcast(&request_message(
                     self.identity,
@@ -290,8 +295,9 @@ impl Exchange<'_> {
                 }
                 if m.yiaddr().is_unspecified() {
                     proxy_offer.get_or_insert(m);
-                } else {
-                    address_offer.get_or_insert(m);
+                } else if address_offer.is_none() {
+                    self.tally.offer_delay = sent.elapsed();
+                    address_offer = Some(m);
                 }
                 if address_offer.is_some() {
                     // Firmware waits a little for a proxy offer once it has an address.
@@ -332,14 +338,16 @@ impl Exchange<'_> {
             if attempt > 0 {
                 self.tally.retransmits += 1;
             }
+            let sent = tokio::time::Instant::now();
             self.wire.broadcast(&req).await.map_err(|e| e.to_string())?;
-            let deadline = tokio::time::Instant::now() + *timeout;
+            let deadline = sent + *timeout;
             while let Ok(Some(m)) = tokio::time::timeout_at(deadline, self.inbox.recv()).await {
                 if server_id(&m) != Some(server) {
                     continue;
                 }
                 match m.opts().msg_type() {
                     Some(MessageType::Ack) => {
+                        self.tally.ack_delay = sent.elapsed();
                         // The boot file comes from the ACK, the address offer or the proxy offer.
                         let source = [Some(&m), Some(offer), offers.proxy.as_ref()]
                             .into_iter()

@@ -4,14 +4,18 @@
 //!   options, the boot program over TFTP, optionally iPXE's second stage
 //!   (DHCP, script, kernel and initrd over HTTP); per-stage latencies,
 //!   failures with reasons, every byte verified.
+//! - `bench dhcp`: N machines lease an address, then lease it again and
+//!   again; server latency percentiles, first exchanges apart from repeats.
 //! - `bench tftp`: N concurrent TFTP downloads of one file.
 //!
 //! Point it only at servers in your own test network: it sends as fast as the
 //! server answers, bounded by `--clients` and `--time-limit`.
 
 mod dhcp;
+mod dhcp_load;
 mod plot;
 mod pxe;
+mod report;
 mod tftp;
 mod tftp_client;
 mod tftp_packet;
@@ -35,6 +39,8 @@ struct Cli {
 enum Command {
     /// Simulated machines booting: DHCP, NBP over TFTP, then optionally iPXE over HTTP.
     Pxe(pxe::Args),
+    /// DHCP alone: every machine leases, then leases again --repeats times.
+    Dhcp(dhcp_load::Args),
     /// Concurrent TFTP downloads of one file.
     Tftp(tftp::Args),
     /// Per-packet cost of the XDP program, by BPF_PROG_TEST_RUN (as root).
@@ -47,6 +53,7 @@ fn main() -> ExitCode {
     pxe_user::privileges::raise_open_file_limit();
     let result = match cli.command {
         Command::Pxe(args) => pxe::run(args),
+        Command::Dhcp(args) => dhcp_load::run(args),
         Command::Tftp(args) => tftp::run(args),
         Command::XdpCost(args) => xdp_cost::run(args),
     };

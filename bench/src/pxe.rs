@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::{
     dhcp::{self, DhcpWire, Identity},
-    tftp,
+    report, tftp,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -54,6 +54,33 @@ impl Firmware {
             Self::Uefi => 4,
             Self::Bios => 1,
         }
+    }
+
+    /// Simulated machine number `n` with this firmware: its DHCP identity and
+    /// the xid of its first exchange (low byte 0, free for later exchanges).
+    /// The MAC's last three bytes are `mac_prefix` plus `n`, so runs with
+    /// different prefixes stay apart up to 65,536 machines.
+    pub fn machine(self, mac_prefix: u8, n: usize) -> (Identity, u32) {
+        let id = (usize::from(mac_prefix) << 16).wrapping_add(n);
+        let mac = [
+            0x52,
+            0x54,
+            0x00,
+            (id >> 16) as u8,
+            (id >> 8) as u8,
+            id as u8,
+        ];
+        let identity = Identity {
+            mac,
+            arch: self.arch(),
+            vendor_class: self.vendor_class().to_vec(),
+            user_class: None,
+            uuid: [
+                mac[3], mac[4], mac[5], 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa,
+                0xbb, 0xcc, 0xdd,
+            ],
+        };
+        (identity, u32::from_be_bytes([mac[3], mac[4], mac[5], 0]))
     }
 }
 
@@ -237,29 +264,10 @@ async fn run_machines(args: &Args) -> anyhow::Result<Report> {
     let mut tasks = Vec::with_capacity(total);
     for (n, at) in schedule.into_iter().enumerate() {
         tokio::time::sleep_until((started + at).into()).await;
-        // The MAC's last three bytes: the prefix plus the machine number, so
-        // runs with different prefixes stay apart up to 65,536 machines.
-        let id = (usize::from(args.mac_prefix) << 16).wrapping_add(n);
-        let mac = [
-            0x52,
-            0x54,
-            0x00,
-            (id >> 16) as u8,
-            (id >> 8) as u8,
-            id as u8,
-        ];
+        let (identity, xid) = args.firmware.machine(args.mac_prefix, n);
         let machine = Machine {
-            identity: Identity {
-                mac,
-                arch: args.firmware.arch(),
-                vendor_class: args.firmware.vendor_class().to_vec(),
-                user_class: None,
-                uuid: [
-                    mac[3], mac[4], mac[5], 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99,
-                    0xaa, 0xbb, 0xcc, 0xdd,
-                ],
-            },
-            xid: u32::from_be_bytes([mac[3], mac[4], mac[5], 0]),
+            identity,
+            xid,
             firmware: args.firmware,
             second_stage: args.second_stage,
             verify_root: args.verify_root.clone(),
@@ -471,20 +479,10 @@ fn summarise(
             continue;
         }
         times.sort_by(f64::total_cmp);
-        let at = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
-        stage_ms.push((stage, (at(0.5), at(0.99), *times.last().unwrap())));
+        let at = |p: f64| report::quantile(&times, p);
+        stage_ms.push((stage, (at(0.5), at(0.99), at(1.0))));
     }
-    let mut failures = BTreeMap::new();
-    for m in &machines {
-        if let Some(f) = &m.failure {
-            let reason = f.split(':').next().unwrap_or(f).to_owned()
-                + ": "
-                + f.split_once(": ").map_or("", |(_, rest)| rest);
-            *failures
-                .entry(reason.chars().take(120).collect())
-                .or_insert(0) += 1;
-        }
-    }
+    let failures = report::by_reason(machines.iter().filter_map(|m| m.failure.as_deref()));
     let bytes: u64 = machines.iter().map(|m| m.bytes).sum();
     Report {
         clients: machines.len(),

@@ -3,10 +3,10 @@
 //! byte-exact (dnsmasq NAKs machines it offered a taken address; they start
 //! over); and against a server made to misbehave (files that differ, files
 //! missing, 10% loss, a NAK for every REQUEST) its failure accounting must say
-//! so. `bench tftp
-//! --io packet` (one packet socket for every transfer) must download
-//! byte-exact from pxed's kernel tiers, lockstep and windowed, and count a
-//! file that differs as failed. Needs root.
+//! so. `bench dhcp` must lease 50 machines four times each from pxed, whose
+//! programs answer every repeat. `bench tftp --io packet` (one packet socket
+//! for every transfer) must download byte-exact from pxed's kernel tiers,
+//! lockstep and windowed, and count a file that differs as failed. Needs root.
 
 use std::{
     path::{Path, PathBuf},
@@ -70,7 +70,26 @@ fn start_pxed(lab: &Lab, server: &Netns, root: &Path, work: &Path) {
     start_pxed_with(lab, server, root, work, &["--xdp-mode", "off", "--no-tc"]);
 }
 
-fn start_pxed_with(lab: &Lab, server: &Netns, root: &Path, work: &Path, extra: &[&str]) {
+/// The line pxed logs on SIGUSR1 with its userspace DHCP counters.
+fn pxed_dhcp_counters(pid: u32, log: &Path) -> String {
+    // SAFETY: signals a process this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGUSR1) }, 0);
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(line) = text.lines().rev().find(|l| l.contains("DHCP counters")) {
+            return line.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "no DHCP counters in:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Starts pxed (full DHCP) in `server`; returns its PID.
+fn start_pxed_with(lab: &Lab, server: &Netns, root: &Path, work: &Path, extra: &[&str]) -> u32 {
     let leases = work.join("leases.redb");
     let log = work.join("pxed.log");
     let args = [
@@ -88,12 +107,13 @@ fn start_pxed_with(lab: &Lab, server: &Netns, root: &Path, work: &Path, extra: &
         "100000",
     ];
     let args: Vec<&str> = args.iter().chain(extra).copied().collect();
-    lab.spawn_logged(server, pxed(), &args, &log).unwrap();
+    let pid = lab.spawn_logged(server, pxed(), &args, &log).unwrap();
     assert!(
         server.wait_for_tcp_port(80, Duration::from_secs(30)),
         "{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
+    pid
 }
 
 /// Runs `bench pxe` in the client namespace and returns its JSON report.
@@ -168,6 +188,49 @@ fn two_hundred_machines_boot_from_pxed_through_ipxe_byte_exact() {
         .map(|s| s[0].as_str().unwrap())
         .collect();
     assert_eq!(stages, ["dhcp", "nbp", "ipxe_dhcp", "script", "os"]);
+}
+
+#[test]
+fn bench_dhcp_leases_again_and_pxeds_kernel_answers_every_repeat() {
+    if !pxe_lab::privileged("bench_dhcp_leases_again_and_pxeds_kernel_answers_every_repeat") {
+        return;
+    }
+    let (lab, server, client) = lab();
+    let root = boot_root();
+    let work = tempfile::tempdir().unwrap();
+    let pid = start_pxed_with(
+        &lab,
+        &server,
+        root.path(),
+        work.path(),
+        &["--fastpath-memory", "16"],
+    );
+    let report = run_bench(
+        &client,
+        &["dhcp"],
+        &["--clients", "50", "--repeats", "3"],
+        work.path(),
+    );
+    assert_eq!(count(&report, "failed"), 0, "{}", report["failures"]);
+    assert_eq!(count(&report, "leased"), 50);
+    assert_eq!(report["first"]["exchanges"], 50);
+    assert_eq!(report["repeat"]["exchanges"], 150);
+    for kind in ["first", "repeat"] {
+        for what in ["offer_ms", "ack_ms", "dora_ms"] {
+            let p = &report[kind][what];
+            let at = |q: &str| p[q].as_f64().unwrap();
+            assert!(
+                0.0 < at("p50")
+                    && at("p50") <= at("p90")
+                    && at("p90") <= at("p99")
+                    && at("p99") <= at("max"),
+                "{kind} {what}: {p}"
+            );
+        }
+    }
+    // pxed's userspace decided the first exchanges; its programs answered every repeat.
+    let counters = pxed_dhcp_counters(pid, &work.path().join("pxed.log"));
+    assert!(counters.contains("offers=50 acks=50 "), "{counters}");
 }
 
 #[test]
