@@ -538,6 +538,9 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             .counters()
     };
     let mut last = counters()?;
+    if let Some(answers) = &answers {
+        tokio::spawn(log_kernel_answers(Arc::clone(answers)));
+    }
     info!("serving; SIGHUP reloads the config, SIGUSR1 logs counters, SIGINT/SIGTERM stops");
     let failed = loop {
         let any_ended = async {
@@ -575,6 +578,9 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             }
         }
     };
+    if let Some(answers) = &answers {
+        answers.log_new_answers();
+    }
     log_counters("final counters", &counters()?);
     log_dhcp_stats(engine.as_ref());
     for (_, task) in &tasks {
@@ -974,6 +980,21 @@ fn log_dhcp_stats(engine: Option<&Arc<Mutex<Engine>>>) {
             store_failures = s.store_failures,
             "DHCP counters"
         );
+    }
+}
+
+/// How often the replies the kernel sent from DHCP templates are logged, per
+/// client: often enough that a machine's log reads in order, seldom enough
+/// that a rack's repeats cost a line per machine, not per packet.
+const KERNEL_ANSWER_LOG_PERIOD: Duration = Duration::from_secs(5);
+
+async fn log_kernel_answers(answers: Arc<KernelAnswers>) {
+    let mut ticker = tokio::time::interval(KERNEL_ANSWER_LOG_PERIOD);
+    loop {
+        ticker.tick().await;
+        let answers = Arc::clone(&answers);
+        // Map reads are system calls: off the async threads.
+        let _ = tokio::task::spawn_blocking(move || answers.log_new_answers()).await;
     }
 }
 

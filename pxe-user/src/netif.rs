@@ -29,6 +29,21 @@ pub fn index(iface: &str) -> anyhow::Result<u32> {
     }
 }
 
+/// The name of the interface with this index, for logs ("ifindex N" when it
+/// is gone).
+pub fn name_of(index: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer holds IF_NAMESIZE bytes, as the call requires.
+    let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return format!("ifindex {index}");
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// The interface's MAC address, from sysfs.
 pub fn mac(iface: &str) -> anyhow::Result<[u8; 6]> {
     let text = std::fs::read_to_string(format!("/sys/class/net/{iface}/address"))
@@ -99,5 +114,18 @@ pub fn grow_receive_buffer(socket: &impl std::os::fd::AsRawFd, bytes: usize) {
         if rc == 0 {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interfaces_are_named_by_index_and_a_missing_one_says_so() {
+        // The loopback interface is the first of every network namespace.
+        assert_eq!(name_of(1), "lo");
+        assert_eq!(index("lo").unwrap(), 1);
+        assert_eq!(name_of(u32::MAX), "ifindex 4294967295");
     }
 }

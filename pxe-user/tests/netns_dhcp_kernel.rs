@@ -2,7 +2,8 @@
 //! `pxed` (XDP and TC attached to a veth) and real clients: busybox udhcpc
 //! and ISC dhclient are told exactly the same with the kernel path on as
 //! with it off, the counters show which path answered, and a renewal the
-//! kernel ACKed is on disk when pxed is SIGKILLed right after. Needs root.
+//! kernel ACKed is on disk when pxed is SIGKILLed right after; the log says,
+//! per machine, how many requests the kernel answered. Needs root.
 
 mod common;
 
@@ -227,6 +228,31 @@ fn udhcpc_and_dhclient_are_told_the_same_with_the_kernel_answering_as_without() 
         kernel.log()
     );
     assert_eq!(xdp, 0);
+    // The log says, per machine, what the kernel answered for it.
+    let log = kernel.log();
+    let logged: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("the kernel answered"))
+        .collect();
+    let answered: u64 = logged
+        .iter()
+        .filter_map(|l| {
+            l.split("the kernel answered ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert_eq!(answered, xdp + tc, "{}", logged.join("\n"));
+    assert!(
+        logged
+            .iter()
+            .all(|l| l.contains("mac=") && l.contains("address=198.18.0.")),
+        "{}",
+        logged.join("\n")
+    );
     assert_eq!(
         (xdp_off, tc_off),
         (0, 0),

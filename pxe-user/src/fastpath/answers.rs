@@ -1,6 +1,7 @@
 //! The daemon's side of DHCP answered in the kernel: which templates the
 //! kernel holds for which client, so a client's can be taken back together
-//! when what it would be told changes.
+//! when what it would be told changes, and how often the kernel answered from
+//! each, so the log still says what happened to every machine.
 
 use std::{
     collections::HashMap,
@@ -8,9 +9,10 @@ use std::{
 };
 
 use pxe_common::dhcp::{AnswerEntry, AnswerKey, PORT_KIND_DHCP};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::FastPath;
+use crate::{netif, policy::Mac};
 
 /// Templates in `DHCP_ANSWERS`, by client MAC.
 pub struct KernelAnswers {
@@ -22,6 +24,34 @@ pub struct KernelAnswers {
 struct Held {
     key: AnswerKey,
     yiaddr: [u8; 4],
+    /// The template's answer count when it was last logged.
+    logged: u64,
+}
+
+impl Held {
+    /// Logs the replies sent from this template since it was last logged.
+    fn log_new_answers(&mut self, fastpath: &mut FastPath) {
+        let answered = match fastpath.answer(&self.key) {
+            Ok(Some(entry)) => entry.answered,
+            Ok(None) => return,
+            Err(e) => {
+                warn!("DHCP: reading a kernel answer's count: {e}");
+                return;
+            }
+        };
+        let new = answered.saturating_sub(self.logged);
+        self.logged = answered;
+        if new == 0 {
+            return;
+        }
+        let interface = netif::name_of(self.key.ifindex);
+        let mac = Mac(self.key.mac);
+        if self.key.port_kind == PORT_KIND_DHCP {
+            info!(%mac, %interface, address = %std::net::Ipv4Addr::from(self.yiaddr), "DHCP: the kernel answered {new} more request(s) from the template");
+        } else {
+            info!(%mac, %interface, "proxyDHCP 4011: the kernel answered {new} more request(s) from the template");
+        }
+    }
 }
 
 impl KernelAnswers {
@@ -39,10 +69,11 @@ impl KernelAnswers {
         let mut fastpath = self.fastpath.lock().unwrap_or_else(|e| e.into_inner());
         let client = held.entry(key.mac).or_default();
         if key.port_kind == PORT_KIND_DHCP && entry.yiaddr != [0; 4] {
-            client.retain(|h| {
+            client.retain_mut(|h| {
                 let stale =
                     h.key.port_kind == PORT_KIND_DHCP && h.yiaddr != entry.yiaddr && h.key != key;
                 if stale {
+                    h.log_new_answers(&mut fastpath);
                     if let Err(e) = fastpath.remove_answer(&h.key) {
                         warn!("DHCP: taking back a kernel answer: {e}");
                     }
@@ -50,12 +81,17 @@ impl KernelAnswers {
                 !stale
             });
         }
+        // A template replaced loses its count: log what it answered first.
+        if let Some(old) = client.iter_mut().find(|h| h.key == key) {
+            old.log_new_answers(&mut fastpath);
+        }
         match fastpath.insert_answer(key, entry) {
             Ok(()) => {
                 client.retain(|h| h.key != key);
                 client.push(Held {
                     key,
                     yiaddr: entry.yiaddr,
+                    logged: entry.answered,
                 });
             }
             // A full map (65,536 templates) only means userspace answers more.
@@ -70,7 +106,8 @@ impl KernelAnswers {
             return;
         };
         let mut fastpath = self.fastpath.lock().unwrap_or_else(|e| e.into_inner());
-        for h in keys {
+        for mut h in keys {
+            h.log_new_answers(&mut fastpath);
             if let Err(e) = fastpath.remove_answer(&h.key) {
                 warn!("DHCP: taking back a kernel answer: {e}");
             }
@@ -79,15 +116,35 @@ impl KernelAnswers {
 
     /// Takes back every template (the config changed: any answer may).
     pub fn clear(&self) {
-        let macs: Vec<[u8; 6]> = self
-            .held
+        for mac in self.clients() {
+            self.forget(mac);
+        }
+    }
+
+    /// The MACs of the clients with templates, at this moment.
+    fn clients(&self) -> Vec<[u8; 6]> {
+        self.held
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .keys()
             .copied()
-            .collect();
-        for mac in macs {
-            self.forget(mac);
+            .collect()
+    }
+
+    /// Logs, for every client, the replies the kernel sent from its
+    /// templates since the last call: one line per template that answered.
+    /// Called periodically; the locks are taken one client at a time, so the
+    /// DHCP path waits for one client's reads at most.
+    pub fn log_new_answers(&self) {
+        for mac in self.clients() {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(client) = held.get_mut(&mac) else {
+                continue;
+            };
+            let mut fastpath = self.fastpath.lock().unwrap_or_else(|e| e.into_inner());
+            for h in client.iter_mut() {
+                h.log_new_answers(&mut fastpath);
+            }
         }
     }
 
