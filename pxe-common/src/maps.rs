@@ -176,7 +176,7 @@ mod tests {
             while offset < image.len {
                 let (chunk, at) = image.locate(offset);
                 assert!(
-                    chunk >= 3 && chunk < 3 + 8,
+                    (3..3 + 8).contains(&chunk),
                     "block at {offset} in chunk {chunk}"
                 );
                 assert!(

@@ -346,18 +346,6 @@ fn stale_owner(name: &str) -> Option<u32> {
     rest.split('-').next()?.parse().ok()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lab_namespace_names_encode_their_owner() {
-        assert_eq!(stale_owner("pxl-1234-0-srv"), Some(1234));
-        assert_eq!(stale_owner("pxl-x-0-srv"), None);
-        assert_eq!(stale_owner("other-1234"), None);
-    }
-}
-
 /// Environment variable that turns "skip: not root" into a test failure; the
 /// project's test command sets it, so CI can never pass by skipping.
 pub const REQUIRE_PRIVILEGED_TESTS: &str = "PXE_REQUIRE_PRIVILEGED_TESTS";
@@ -374,4 +362,16 @@ pub fn privileged(test: &str) -> bool {
     }
     eprintln!("skipping {test}: needs root (network namespaces, BPF)");
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lab_namespace_names_encode_their_owner() {
+        assert_eq!(stale_owner("pxl-1234-0-srv"), Some(1234));
+        assert_eq!(stale_owner("pxl-x-0-srv"), None);
+        assert_eq!(stale_owner("other-1234"), None);
+    }
 }

@@ -165,7 +165,7 @@ fn frames_sent_on_lo<T>(f: impl FnOnce() -> T) -> (T, Vec<Vec<u8>>) {
             if n < 0 {
                 break;
             }
-            if from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if from.sll_pkttype == libc::PACKET_OUTGOING {
                 frames.push(buf[..n as usize].to_vec());
             }
         }

@@ -145,9 +145,11 @@ pub fn run(
                 &work.join("report.json"),
                 &root.join("kernel"),
                 n,
-                blksize,
-                windowsize,
-                harness_io,
+                &Load {
+                    blksize,
+                    windowsize,
+                    harness_io,
+                },
             )?;
             let server_cpu_s = report["cpu"]["server_s"].as_f64().unwrap_or(0.0);
             eprintln!("{name}, {n} clients: {} MB/s", report["goodput_mb_per_s"]);
@@ -176,19 +178,24 @@ pub fn run(
     Ok(())
 }
 
+/// How each client of a `bench tftp` run downloads.
+struct Load<'a> {
+    blksize: u16,
+    windowsize: u16,
+    harness_io: &'a str,
+}
+
 fn run_bench(
     client: &Netns,
     bench: &Path,
     json: &Path,
     expect: &Path,
     clients: usize,
-    blksize: u16,
-    windowsize: u16,
-    harness_io: &str,
+    load: &Load,
 ) -> anyhow::Result<serde_json::Value> {
     let n = clients.to_string();
-    let b = blksize.to_string();
-    let w = windowsize.to_string();
+    let b = load.blksize.to_string();
+    let w = load.windowsize.to_string();
     let out = client.output(
         bench,
         &[
@@ -210,7 +217,7 @@ fn run_bench(
             "--json",
             json.to_str().unwrap(),
             "--io",
-            harness_io,
+            load.harness_io,
             "--interface",
             "eth0",
         ],

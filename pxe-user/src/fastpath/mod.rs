@@ -93,8 +93,9 @@ pub enum FastPathError {
     )]
     AttachXdpAuto {
         iface: String,
-        native: ProgramError,
-        generic: ProgramError,
+        // Boxed: two of them would make every FastPathError this large.
+        native: Box<ProgramError>,
+        generic: Box<ProgramError>,
     },
     #[error("attaching the TC ingress program to {iface} failed: {source}")]
     AttachTc { iface: String, source: ProgramError },
@@ -361,8 +362,8 @@ impl FastPath {
                     Ok(_) => Ok(Some(AttachedXdp::Generic)),
                     Err(generic) => Err(FastPathError::AttachXdpAuto {
                         iface: iface.to_owned(),
-                        native,
-                        generic,
+                        native: Box::new(native),
+                        generic: Box::new(generic),
                     }),
                 },
             },
