@@ -187,6 +187,15 @@ pub struct Tally {
     pub ack_delay: Duration,
 }
 
+/// When UEFI (EDK2) and PXE ROMs resend a DISCOVER or REQUEST nobody
+/// answered: after 4, 8, 16 and 32 s, then they give up.
+pub const FIRMWARE_RETRIES: [Duration; 4] = [
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+    Duration::from_secs(16),
+    Duration::from_secs(32),
+];
+
 /// How many NAKs in a row a machine takes before it gives up. A NAK is a
 /// server's answer, not silence, so it does not use up the retransmission
 /// schedule; but a server that NAKs every REQUEST must still end in a failure.

@@ -49,14 +49,6 @@ pub struct Args {
     json: Option<std::path::PathBuf>,
 }
 
-/// Retransmission schedule of UEFI and PXE ROM DHCP.
-const FIRMWARE_RETRIES: [Duration; 4] = [
-    Duration::from_secs(4),
-    Duration::from_secs(8),
-    Duration::from_secs(16),
-    Duration::from_secs(32),
-];
-
 /// p50, p90, p99 and the largest, in milliseconds.
 #[derive(Debug, Default, Serialize)]
 pub struct Percentiles {
@@ -218,7 +210,7 @@ async fn lease_again_and_again(
             wire,
             identity,
             first_xid | u32::from(round),
-            &FIRMWARE_RETRIES,
+            &dhcp::FIRMWARE_RETRIES,
             Duration::ZERO,
         );
         let Ok((lease, tally)) = tokio::time::timeout_at(deadline, exchange).await else {

@@ -335,13 +335,11 @@ impl Machine {
         r: &mut MachineResult,
     ) -> Result<(), String> {
         let ms = |t0: Instant| t0.elapsed().as_secs_f64() * 1000.0;
-        // UEFI and PXE ROMs retry DHCP at 4, 8, 16, 32 s.
-        let firmware_retries = [4, 8, 16, 32].map(Duration::from_secs);
         let (lease, tally) = dhcp::dora(
             wire,
             &self.identity,
             self.xid,
-            &firmware_retries,
+            &dhcp::FIRMWARE_RETRIES,
             Duration::from_millis(500),
         )
         .await;
