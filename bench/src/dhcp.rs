@@ -1,6 +1,8 @@
 //! The client side of DHCP for many simulated machines at once: one socket on
 //! port 68 bound to the client interface, replies routed to each machine by
-//! transaction ID, and firmware-like retransmission.
+//! transaction ID (read from the raw bytes: each machine decodes its own, so
+//! the one receiving task is not the harness's limit), and firmware-like
+//! retransmission.
 
 use std::{
     collections::HashMap,
@@ -16,8 +18,8 @@ use dhcproto::{
 };
 use tokio::{net::UdpSocket, sync::mpsc};
 
-/// Replies for one transaction.
-type Inbox = mpsc::UnboundedSender<Message>;
+/// Replies for one transaction, undecoded.
+type Inbox = mpsc::UnboundedSender<Vec<u8>>;
 
 /// The shared DHCP socket of all simulated machines.
 pub struct DhcpWire {
@@ -54,20 +56,17 @@ impl DhcpWire {
             let Ok((len, _)) = self.socket.recv_from(&mut buf).await else {
                 continue;
             };
-            let Ok(m) = Message::decode(&mut Decoder::new(&buf[..len])) else {
+            let Some(xid) = reply_xid(&buf[..len]) else {
                 continue;
             };
-            if m.opcode() != v4::Opcode::BootReply {
-                continue;
-            }
-            if let Some(inbox) = self.inboxes.lock().unwrap().get(&m.xid()) {
-                let _ = inbox.send(m);
+            if let Some(inbox) = self.inboxes.lock().unwrap().get(&xid) {
+                let _ = inbox.send(buf[..len].to_vec());
             }
         }
     }
 
     /// Opens a transaction: replies with `xid` arrive on the returned receiver.
-    pub fn open(&self, xid: u32) -> mpsc::UnboundedReceiver<Message> {
+    pub fn open(&self, xid: u32) -> mpsc::UnboundedReceiver<Vec<u8>> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.inboxes.lock().unwrap().insert(xid, tx);
         rx
@@ -77,14 +76,23 @@ impl DhcpWire {
         self.inboxes.lock().unwrap().remove(&xid);
     }
 
-    pub async fn broadcast(&self, message: &Message) -> anyhow::Result<()> {
-        let mut bytes = Vec::with_capacity(548);
-        message.encode(&mut Encoder::new(&mut bytes))?;
+    /// Sends an encoded request to every server on the link.
+    pub async fn broadcast(&self, bytes: &[u8]) -> Result<(), String> {
         self.socket
-            .send_to(&bytes, (Ipv4Addr::BROADCAST, 67))
-            .await?;
-        Ok(())
+            .send_to(bytes, (Ipv4Addr::BROADCAST, 67))
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("sending: {e}"))
     }
+}
+
+/// The xid of a BOOTP reply (op 2, a whole fixed header); `None` for anything else.
+fn reply_xid(datagram: &[u8]) -> Option<u32> {
+    const BOOTP_FIXED_LEN: usize = 236;
+    if datagram.len() < BOOTP_FIXED_LEN || datagram[0] != 2 {
+        return None;
+    }
+    Some(u32::from_be_bytes(datagram[4..8].try_into().ok()?))
 }
 
 /// How a simulated machine presents itself in DHCP.
@@ -150,6 +158,14 @@ fn request_message(
         opts.insert(o);
     }
     m
+}
+
+fn encode(message: &Message) -> Result<Vec<u8>, String> {
+    let mut bytes = Vec::with_capacity(548);
+    message
+        .encode(&mut Encoder::new(&mut bytes))
+        .map_err(|e| format!("encoding a request: {e}"))?;
+    Ok(bytes)
 }
 
 /// The boot file: option 67 when present (EDK2 prefers it), else the `file`
@@ -230,7 +246,7 @@ pub async fn dora(
 /// One machine's way to a lease.
 struct Exchange<'a> {
     wire: &'a DhcpWire,
-    inbox: mpsc::UnboundedReceiver<Message>,
+    inbox: mpsc::UnboundedReceiver<Vec<u8>>,
     identity: &'a Identity,
     xid: u32,
     retries: &'a [Duration],
@@ -278,27 +294,36 @@ impl Exchange<'_> {
         }
     }
 
+    /// The next reply to this exchange that decodes, or `None` at `until`.
+    async fn next_reply(&mut self, until: tokio::time::Instant) -> Option<Message> {
+        loop {
+            let bytes = tokio::time::timeout_at(until, self.inbox.recv())
+                .await
+                .ok()??;
+            if let Ok(m) = Message::decode(&mut Decoder::new(&bytes)) {
+                return Some(m);
+            }
+        }
+    }
+
     /// DISCOVER on the `retries` schedule until an address offer arrives.
     async fn discover(&mut self) -> Result<Option<Offers>, String> {
+        let discover = encode(&request_message(
+            self.identity,
+            MessageType::Discover,
+            self.xid,
+            vec![],
+        ))?;
         for (attempt, timeout) in self.retries.iter().enumerate() {
             if attempt > 0 {
                 self.tally.retransmits += 1;
             }
             let sent = tokio::time::Instant::now();
-            self.wire
-                .broadcast(&request_message(
-                    self.identity,
-                    MessageType::Discover,
-                    self.xid,
-                    vec![],
-                ))
-                .await
-                .map_err(|e| e.to_string())?;
+            self.wire.broadcast(&discover).await?;
             let mut address_offer: Option<Message> = None;
             let mut proxy_offer: Option<Message> = None;
             let mut collect_until = tokio::time::Instant::now() + *timeout;
-            while let Ok(Some(m)) = tokio::time::timeout_at(collect_until, self.inbox.recv()).await
-            {
+            while let Some(m) = self.next_reply(collect_until).await {
                 if m.opts().msg_type() != Some(MessageType::Offer) {
                     continue;
                 }
@@ -334,7 +359,7 @@ impl Exchange<'_> {
         let offer = &offers.address;
         let server = server_id(offer).ok_or("OFFER without a server identifier")?;
         let address = offer.yiaddr();
-        let req = request_message(
+        let req = encode(&request_message(
             self.identity,
             MessageType::Request,
             self.xid,
@@ -342,15 +367,15 @@ impl Exchange<'_> {
                 DhcpOption::ServerIdentifier(server),
                 DhcpOption::RequestedIpAddress(address),
             ],
-        );
+        ))?;
         for (attempt, timeout) in self.retries.iter().enumerate() {
             if attempt > 0 {
                 self.tally.retransmits += 1;
             }
             let sent = tokio::time::Instant::now();
-            self.wire.broadcast(&req).await.map_err(|e| e.to_string())?;
+            self.wire.broadcast(&req).await?;
             let deadline = sent + *timeout;
-            while let Ok(Some(m)) = tokio::time::timeout_at(deadline, self.inbox.recv()).await {
+            while let Some(m) = self.next_reply(deadline).await {
                 if server_id(&m) != Some(server) {
                     continue;
                 }
@@ -395,6 +420,31 @@ fn restart_pause(xid: u32, naks: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replies_are_routed_by_the_xid_of_a_whole_bootp_reply() {
+        let identity = Identity {
+            mac: [0x52, 0x54, 0, 1, 2, 3],
+            arch: 7,
+            vendor_class: b"PXEClient".to_vec(),
+            user_class: None,
+            uuid: [0; 16],
+        };
+        let mut m = request_message(&identity, MessageType::Offer, 0x1234_5678, vec![]);
+        assert_eq!(
+            reply_xid(&encode(&m).unwrap()),
+            None,
+            "a request is no reply"
+        );
+        m.set_opcode(v4::Opcode::BootReply);
+        let reply = encode(&m).unwrap();
+        assert_eq!(reply_xid(&reply), Some(0x1234_5678));
+        assert_eq!(
+            reply_xid(&reply[..235]),
+            None,
+            "cut inside the fixed header"
+        );
+    }
 
     #[test]
     fn machines_nakd_together_restart_apart() {
