@@ -8,6 +8,7 @@
 
 mod answers;
 mod counters;
+mod tftp_sessions;
 
 use std::{ffi::CString, fmt};
 
@@ -25,6 +26,7 @@ use pxe_common::maps::{
 pub use self::{
     answers::KernelAnswers,
     counters::{CounterSnapshot, Counters},
+    tftp_sessions::FastPathHooks,
 };
 
 /// The BPF object compiled from `pxe-ebpf` by build.rs.
