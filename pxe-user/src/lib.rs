@@ -1,12 +1,15 @@
-//! pxed, the PXE boot daemon, as a library: the binary in `main.rs` wires these
-//! modules together, and the integration tests drive them directly.
+//! pxed, the PXE boot daemon, as a library: `main.rs` parses the flags
+//! ([`cli`]), merges the config file ([`settings`]) and runs the [`daemon`];
+//! the integration tests drive the modules directly.
 //!
 //! Layers, top down: wire formats (pure bytes) → protocol machines (pure, time
 //! passed in) → policy and storage → I/O drivers (tokio sockets, the BPF
 //! programs in `fastpath`) → `main.rs`.
 
 pub mod bootroot;
+pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod dhcp;
 pub mod fastpath;
 pub mod http;
@@ -14,5 +17,6 @@ pub mod lease;
 pub mod netif;
 pub mod policy;
 pub mod privileges;
+pub mod settings;
 pub mod tftp;
 pub mod wire;

@@ -117,6 +117,27 @@ pub fn grow_receive_buffer(socket: &impl std::os::fd::AsRawFd, bytes: usize) {
     }
 }
 
+/// May XDP send a reply itself on this interface? In generic mode the
+/// stack transmits it; in native mode only a real NIC's driver does: veth
+/// and other virtual drivers drop XDP_TX frames unless their peer runs XDP
+/// too, so their replies are left to TC.
+pub fn xdp_can_transmit(iface: &str, mode: Option<crate::fastpath::AttachedXdp>) -> bool {
+    use crate::fastpath::AttachedXdp;
+    match mode {
+        Some(AttachedXdp::Generic) => true,
+        Some(AttachedXdp::Native) => is_physical(iface),
+        None => false,
+    }
+}
+
+/// A device with a driver behind it (a NIC), not a virtual one (veth, bridge).
+fn is_physical(iface: &str) -> bool {
+    std::path::Path::new("/sys/class/net")
+        .join(iface)
+        .join("device")
+        .exists()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,5 +148,16 @@ mod tests {
         assert_eq!(name_of(1), "lo");
         assert_eq!(index("lo").unwrap(), 1);
         assert_eq!(name_of(u32::MAX), "ifindex 4294967295");
+    }
+
+    #[test]
+    fn only_generic_xdp_or_a_real_nic_transmits() {
+        use crate::fastpath::AttachedXdp;
+        assert!(xdp_can_transmit("lo", Some(AttachedXdp::Generic)));
+        assert!(
+            !xdp_can_transmit("lo", Some(AttachedXdp::Native)),
+            "lo has no device"
+        );
+        assert!(!xdp_can_transmit("lo", None));
     }
 }

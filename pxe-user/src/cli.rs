@@ -1,0 +1,143 @@
+//! The command line of `pxed`: every flag, its default and its help text.
+//! Parsed here, merged with the config file in [`crate::settings`].
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use clap::Parser;
+
+use crate::{config::DhcpMode, fastpath::XdpModeChoice};
+
+/// PXE boot server: DHCP/proxyDHCP, TFTP and HTTP boot, with the hot paths in
+/// XDP/TC programs attached to the serving interfaces.
+///
+/// Quick start, proxy mode beside an existing DHCP server:
+///   pxed --interface eth1 --boot-root /srv/pxe
+/// Full DHCP on a lab network:
+///   pxed --interface eth1 --boot-root /srv/pxe --dhcp full --range 10.9.0.100-10.9.0.199
+/// Two networks at once (one lease database; each answered from its own address):
+///   pxed -i eth1 -i eth2 --dhcp full --range 10.9.0.100-10.9.0.199 --range 10.10.0.100-10.10.0.199
+///
+/// Runs in the foreground until SIGINT or SIGTERM; SIGHUP reloads the config
+/// file (a bad file is refused and the old one keeps serving); SIGUSR1 logs
+/// counters. Programs are attached through BPF links owned by this process:
+/// when it exits, however it exits, the kernel detaches them.
+#[derive(Debug, Parser)]
+#[command(name = "pxed", version, about, long_about, verbatim_doc_comment)]
+pub struct Cli {
+    /// Config file (TOML): DHCP subnets, profiles, machines, service settings.
+    /// See docs/pxed.example.toml. Flags override what it says.
+    #[arg(short, long, value_name = "FILE", env = "PXED_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Check the config file and exit: prints what it defines, or the file,
+    /// line and key of the first error.
+    #[arg(long, requires = "config")]
+    pub check_config: bool,
+
+    /// Interface to serve on, e.g. `eth1` (repeatable, or comma-separated).
+    /// Its XDP and TC ingress hooks are used, and the services answer from
+    /// its first IPv4 address. Nothing is served on other interfaces.
+    #[arg(
+        short,
+        long,
+        env = "PXED_INTERFACE",
+        value_delimiter = ',',
+        value_name = "IF"
+    )]
+    pub interface: Vec<String>,
+
+    /// DHCP role: `proxy` answers PXE clients with boot information only and
+    /// leaves addresses to the network's DHCP server; `full` hands out
+    /// addresses too (needs --range or [[dhcp.subnet]]); `off` serves files
+    /// only [default: the config's, else proxy].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub dhcp: Option<DhcpMode>,
+
+    /// Address pool for `--dhcp full` on the network of one of the
+    /// interfaces, e.g. 10.9.0.100-10.9.0.199 (repeatable).
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub range: Vec<String>,
+
+    /// Router (option 3) for the --range subnets.
+    #[arg(long, value_name = "IP")]
+    pub router: Option<Ipv4Addr>,
+
+    /// Lease time in seconds for the --range subnets.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    pub lease_time: u32,
+
+    /// Lease database (full mode). Every ACKed lease is on disk before the
+    /// ACK leaves [default: /var/lib/pxed/leases.redb].
+    #[arg(long, value_name = "FILE")]
+    pub lease_file: Option<PathBuf>,
+
+    /// NAK requests for addresses pxed has no record of (RFC 2131 §4.3.2).
+    /// Only for the one DHCP server of a network.
+    #[arg(long)]
+    pub authoritative: bool,
+
+    /// How to attach the XDP program: `auto` tries native (driver) mode, then
+    /// generic, and logs which it got; `off` leaves XDP out entirely.
+    #[arg(long, value_enum, default_value_t = XdpModeChoice::Auto, env = "PXED_XDP_MODE")]
+    pub xdp_mode: XdpModeChoice,
+
+    /// Do not attach the TC ingress program (the fallback tier for drivers
+    /// whose XDP frames have no room to grow).
+    #[arg(long, env = "PXED_NO_TC")]
+    pub no_tc: bool,
+
+    /// Answer every DHCP request in userspace. By default, once pxed has
+    /// answered a client, the XDP/TC programs answer its next request of
+    /// the same kind themselves (same reply, byte for byte); leases are
+    /// then stored for twice the lease time so that every renewal the
+    /// kernel ACKs is already on disk.
+    #[arg(long, env = "PXED_NO_KERNEL_DHCP")]
+    pub no_kernel_dhcp: bool,
+
+    /// Kernel memory for boot images the XDP/TC tiers serve from, in MiB.
+    /// Files are loaded on first request while it lasts; others are served
+    /// from userspace. With `--xdp-mode off --no-tc` none is used.
+    #[arg(long, value_name = "MiB", default_value_t = 128)]
+    pub fastpath_memory: u32,
+
+    /// Directory served over TFTP (and HTTP): boot loaders, kernels, initrds.
+    /// Nothing outside it is ever served. Without it, file serving is off.
+    #[arg(long, value_name = "DIR", env = "PXED_BOOT_ROOT")]
+    pub boot_root: Option<PathBuf>,
+
+    /// Largest TFTP block size granted. Default: the interface MTU minus the
+    /// IPv4, UDP and TFTP headers (1468 at MTU 1500), so no DATA fragments;
+    /// with the kernel tiers on, at most 1468, the largest block they build
+    /// (a larger one is served from userspace).
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u16).range(8..=65464))]
+    pub tftp_max_blksize: Option<u16>,
+
+    /// UDP port for TFTP requests. Firmware always asks on 69; change it only
+    /// to test.
+    #[arg(long, default_value_t = 69, value_name = "PORT")]
+    pub tftp_port: u16,
+
+    /// Largest TFTP window (RFC 7440 windowsize) granted [default: 64].
+    #[arg(long, value_name = "BLOCKS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub tftp_max_windowsize: Option<u16>,
+
+    /// TFTP transfers one client address may run at once. A machine needs
+    /// one; raise it for load generators that share an address.
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub tftp_max_per_client: usize,
+
+    /// Send TFTP windows one packet per system call instead of one UDP GSO
+    /// send per window (for measurement, or a path where GSO misbehaves).
+    #[arg(long)]
+    pub tftp_no_gso: bool,
+
+    /// TCP port of HTTP boot (boot root files and iPXE scripts); 0 turns it
+    /// off [default: 80].
+    #[arg(long, value_name = "PORT")]
+    pub http_port: Option<u16>,
+
+    /// Seconds between counter lines in the log (only when something changed);
+    /// 0 logs them only at exit. SIGUSR1 logs them at any time.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub stats_interval: u64,
+}

@@ -1,0 +1,263 @@
+//! Starting each service from the settings: the programs attached, DHCP,
+//! TFTP and HTTP bound on the served interfaces.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context as _;
+use pxe_common::maps::MAX_FAST_BLKSIZE;
+use tracing::info;
+
+use super::Services;
+use crate::{
+    bootroot::BootRoot,
+    config::DhcpMode,
+    dhcp::{
+        self,
+        driver::Listener,
+        engine::{Engine, EngineConfig},
+        templates,
+    },
+    fastpath::{AttachedXdp, FastPath, FastPathHooks, KernelAnswers},
+    http::{self, SharedPolicy},
+    lease::{LeaseStore, MemLeaseStore, RedbLeaseStore},
+    netif,
+    policy::r#static::ServerUrls,
+    settings::Settings,
+    tftp::{
+        negotiate::Limits,
+        server::{TftpConfig, TftpServer},
+    },
+};
+
+/// How XDP ended up attached on each interface (`None`: not at all).
+pub type XdpModes = HashMap<String, Option<AttachedXdp>>;
+
+/// Loads the programs and attaches them to every interface served.
+pub fn attach_programs(settings: &Settings) -> anyhow::Result<(FastPath, XdpModes)> {
+    // Without a kernel tier no image is ever loaded: one chunk is the least
+    // the map can have.
+    let chunks = if settings.kernel_tiers() {
+        settings.fastpath_memory
+    } else {
+        1
+    };
+    let mut fastpath =
+        FastPath::load_with_image_chunks(chunks).context("loading the BPF programs")?;
+    let mut xdp_modes = XdpModes::new();
+    for interface in &settings.interfaces {
+        let mode = fastpath.attach_xdp(interface, settings.xdp_mode)?;
+        match mode {
+            Some(mode) => info!(%interface, %mode, "XDP program attached"),
+            None => info!(%interface, "XDP off (--xdp-mode off)"),
+        }
+        xdp_modes.insert(interface.clone(), mode);
+        if settings.no_tc {
+            info!(%interface, "TC program not attached (--no-tc)");
+        } else {
+            fastpath.attach_tc(interface)?;
+            info!(%interface, "TC ingress program attached");
+        }
+    }
+    Ok((fastpath, xdp_modes))
+}
+
+/// TFTP and, unless `--http-port 0`, HTTP on every served address, from one
+/// boot root. One set of kernel hooks serves every interface: kernel image
+/// ids are global.
+pub async fn start_file_services(
+    settings: &Settings,
+    served: &[(String, Ipv4Addr)],
+    root_dir: &Path,
+    fastpath: &Arc<Mutex<FastPath>>,
+    policy: &SharedPolicy,
+    services: &mut Services,
+) -> anyhow::Result<()> {
+    let root = Arc::new(
+        BootRoot::open(root_dir)
+            .context("the boot root (--boot-root) must be a readable directory")?,
+    );
+    let hooks = Arc::new(FastPathHooks::new(
+        Arc::clone(fastpath),
+        settings.kernel_tiers(),
+    ));
+    for (interface, address) in served {
+        let server = start_tftp(
+            settings,
+            interface,
+            *address,
+            Arc::clone(&root),
+            Arc::clone(&hooks),
+        )
+        .await?;
+        services.spawn(format!("TFTP ({interface})"), server.run());
+        if settings.http_port != 0 {
+            let (listener, router) =
+                start_http(settings, *address, Arc::clone(&root), Arc::clone(policy)).await?;
+            services.spawn(format!("HTTP ({interface})"), async move {
+                axum::serve(listener, router).await
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Binds TFTP on an interface's address, serving the boot root.
+async fn start_tftp(
+    settings: &Settings,
+    interface: &str,
+    address: Ipv4Addr,
+    root: Arc<BootRoot>,
+    hooks: Arc<FastPathHooks>,
+) -> anyhow::Result<TftpServer> {
+    let mtu = netif::mtu(interface).unwrap_or(1500);
+    let config = TftpConfig {
+        limits: Limits {
+            max_blksize: settings
+                .tftp_max_blksize
+                .unwrap_or(default_max_blksize(mtu, hooks.kernel_tiers())),
+            max_windowsize: settings.tftp_max_windowsize,
+        },
+        max_transfers_per_client: settings.tftp_max_per_client,
+        gso: settings.tftp_gso,
+        ..TftpConfig::default()
+    };
+    let max_blksize = config.limits.max_blksize;
+    let server = TftpServer::bind(
+        SocketAddr::from((address, settings.tftp_port)),
+        Arc::clone(&root),
+        config,
+        hooks,
+    )
+    .await?;
+    info!(
+        address = %server.local_addr()?, boot_root = %root.path().display(), max_blksize,
+        max_windowsize = settings.tftp_max_windowsize, "TFTP serving"
+    );
+    Ok(server)
+}
+
+/// The largest block that does not fragment at `mtu` (IPv4, UDP and TFTP
+/// headers take 32 bytes), and that the kernel tiers build, when on.
+pub fn default_max_blksize(mtu: u32, kernel_tiers: bool) -> u16 {
+    let fits_mtu = mtu.saturating_sub(32).clamp(512, 65464);
+    let fits = if kernel_tiers {
+        fits_mtu.min(MAX_FAST_BLKSIZE)
+    } else {
+        fits_mtu
+    };
+    fits as u16
+}
+
+/// Binds HTTP boot on the interface's address.
+async fn start_http(
+    settings: &Settings,
+    address: Ipv4Addr,
+    root: Arc<BootRoot>,
+    policy: SharedPolicy,
+) -> anyhow::Result<(tokio::net::TcpListener, axum::Router)> {
+    let bind = SocketAddr::from((address, settings.http_port));
+    let listener = tokio::net::TcpListener::bind(bind)
+        .await
+        .with_context(|| format!("binding HTTP to {bind}"))?;
+    let config = &settings.config;
+    let urls = Arc::new(ServerUrls::new(address, settings.http_port));
+    info!(url = %urls.http, profiles = config.profiles.len(), machines = config.machines.len(), "HTTP boot serving");
+    Ok((
+        listener,
+        http::router(http::HttpState { root, policy, urls }),
+    ))
+}
+
+/// Opens the lease store, builds the engine, opens 67 and 4011 on every
+/// interface and starts one task per interface.
+pub fn start_dhcp(
+    settings: &Settings,
+    served: &[(String, Ipv4Addr)],
+    xdp_modes: &XdpModes,
+    answers: Option<&Arc<KernelAnswers>>,
+    policy: &SharedPolicy,
+    services: &mut Services,
+) -> anyhow::Result<Arc<Mutex<Engine>>> {
+    let mode = settings.dhcp;
+    let engine_config = settings.engine_config(&settings.config)?;
+    let subnets = subnet_names(&engine_config);
+    let store: Box<dyn LeaseStore> = match mode {
+        DhcpMode::Full => Box::new(open_leases(&settings.lease_file)?),
+        // Proxy mode hands out no addresses: nothing to remember.
+        _ => Box::new(MemLeaseStore::default()),
+    };
+    let policy = Arc::clone(&policy.read().unwrap_or_else(|e| e.into_inner()));
+    let engine = Engine::new(engine_config, policy, store).context("reading the lease database")?;
+    let engine = Arc::new(Mutex::new(engine));
+    let mut listeners = Vec::new();
+    for (interface, address) in served {
+        let mut listener = Listener::open(interface, *address, mode == DhcpMode::Proxy)?;
+        if let Some(answers) = answers {
+            let xdp_tx =
+                netif::xdp_can_transmit(interface, xdp_modes.get(interface).copied().flatten());
+            let facts = templates::Interface {
+                ifindex: netif::index(interface)?,
+                mac: netif::mac(interface)?,
+                address: *address,
+                xdp_tx,
+            };
+            info!(%interface, xdp_tx, "DHCP: the kernel answers repeat requests (--no-kernel-dhcp: userspace answers all)");
+            listener = listener.with_kernel_answers(Arc::clone(answers), facts);
+        }
+        listeners.push(listener);
+    }
+    info!(
+        mode = ?mode, subnets = ?subnets,
+        lease_file = %if mode == DhcpMode::Full { settings.lease_file.display().to_string() } else { "-".into() },
+        "DHCP serving on ports 67 and 4011"
+    );
+    for listener in listeners {
+        info!(interface = %listener.interface, server = %listener.address, "DHCP listening");
+        let name = format!("DHCP ({})", listener.interface);
+        services.spawn(name, dhcp::driver::run(Arc::clone(&engine), listener));
+    }
+    Ok(engine)
+}
+
+fn subnet_names(config: &EngineConfig) -> Vec<String> {
+    config
+        .subnets
+        .iter()
+        .map(|s| s.network.to_string())
+        .collect()
+}
+
+fn open_leases(path: &Path) -> anyhow::Result<RedbLeaseStore> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the lease directory {}", dir.display()))?;
+    }
+    RedbLeaseStore::open(path).context("opening the lease database (--lease-file)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_block_fits_the_mtu_and_the_kernel_tiers() {
+        assert_eq!(default_max_blksize(1500, false), 1468);
+        assert_eq!(default_max_blksize(9000, false), 8968);
+        assert_eq!(default_max_blksize(9000, true), MAX_FAST_BLKSIZE as u16);
+        assert_eq!(
+            default_max_blksize(100, false),
+            512,
+            "never below RFC 1350's block"
+        );
+        assert_eq!(
+            default_max_blksize(70_000, false),
+            65464,
+            "never above RFC 2348's largest"
+        );
+    }
+}

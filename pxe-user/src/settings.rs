@@ -1,0 +1,393 @@
+//! The config file and the flags, merged into what the daemon runs with.
+//! Flags win over the file; the file wins over the embedded defaults. Pure
+//! apart from [`Settings::engine_config`], which asks the interfaces for
+//! their networks.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use anyhow::bail;
+use ipnet::Ipv4Net;
+
+use crate::{
+    cli::Cli,
+    config::{Config, DhcpMode},
+    dhcp::{
+        engine::{EngineConfig, Mode},
+        pool::{parse_range, Subnet},
+    },
+    fastpath::XdpModeChoice,
+    netif,
+    policy::r#static::StaticPolicy,
+};
+
+/// Where leases live when neither the flags nor the file say.
+pub const DEFAULT_LEASE_FILE: &str = "/var/lib/pxed/leases.redb";
+/// Largest TFTP window granted when neither the flags nor the file say.
+pub const DEFAULT_MAX_WINDOWSIZE: u16 = 64;
+/// HTTP boot's port when neither the flags nor the file say.
+pub const DEFAULT_HTTP_PORT: u16 = 80;
+/// The shortest lease a `--range` subnet hands out, whatever `--lease-time` says.
+const MIN_LEASE_TIME: u32 = 60;
+
+#[derive(Debug)]
+pub struct Settings {
+    pub config_path: Option<PathBuf>,
+    pub interfaces: Vec<String>,
+    pub dhcp: DhcpMode,
+    pub ranges: Vec<(Ipv4Addr, Ipv4Addr)>,
+    pub router: Option<Ipv4Addr>,
+    pub lease_time: u32,
+    pub lease_file: PathBuf,
+    pub authoritative: bool,
+    pub xdp_mode: XdpModeChoice,
+    pub no_tc: bool,
+    pub no_kernel_dhcp: bool,
+    pub fastpath_memory: u32,
+    pub boot_root: Option<PathBuf>,
+    pub tftp_port: u16,
+    pub tftp_max_blksize: Option<u16>,
+    pub tftp_max_windowsize: u16,
+    pub tftp_max_per_client: usize,
+    pub tftp_gso: bool,
+    pub http_port: u16,
+    pub stats_interval: u64,
+    /// The file as loaded (defaults when there is none).
+    pub config: Config,
+}
+
+impl Settings {
+    /// Flags over file; refuses combinations that cannot serve.
+    pub fn merge(cli: Cli, config: Config) -> anyhow::Result<Self> {
+        let interfaces = if cli.interface.is_empty() {
+            config.interfaces.clone()
+        } else {
+            cli.interface
+        };
+        if interfaces.is_empty() {
+            bail!(
+                "no interface to serve on: pass --interface IF (or set `interface` in the config)"
+            );
+        }
+        if let Some(twice) = interfaces
+            .iter()
+            .enumerate()
+            .find_map(|(i, a)| interfaces[..i].contains(a).then_some(a))
+        {
+            bail!("--interface {twice} is given twice");
+        }
+        let ranges = cli
+            .range
+            .iter()
+            .map(|r| parse_range(r).map_err(|e| anyhow::anyhow!("--range {r}: {e}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let dhcp = cli
+            .dhcp
+            .or(config.dhcp_mode)
+            .unwrap_or(if ranges.is_empty() {
+                DhcpMode::Proxy
+            } else {
+                DhcpMode::Full
+            });
+        if dhcp == DhcpMode::Full && ranges.is_empty() && config.subnets.is_empty() {
+            bail!("--dhcp full needs addresses to hand out: --range FIRST-LAST, or [[dhcp.subnet]] in the config");
+        }
+        Ok(Self {
+            config_path: cli.config,
+            interfaces,
+            dhcp,
+            ranges,
+            router: cli.router,
+            lease_time: cli.lease_time,
+            lease_file: cli
+                .lease_file
+                .or_else(|| config.lease_file.clone())
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_LEASE_FILE)),
+            authoritative: cli.authoritative || config.authoritative,
+            xdp_mode: cli.xdp_mode,
+            no_tc: cli.no_tc,
+            no_kernel_dhcp: cli.no_kernel_dhcp || !config.kernel_answers,
+            fastpath_memory: cli.fastpath_memory,
+            boot_root: cli.boot_root.or_else(|| config.boot_root.clone()),
+            tftp_port: cli.tftp_port,
+            tftp_max_blksize: cli.tftp_max_blksize.or(config.tftp_max_blksize),
+            tftp_max_windowsize: cli
+                .tftp_max_windowsize
+                .or(config.tftp_max_windowsize)
+                .unwrap_or(DEFAULT_MAX_WINDOWSIZE),
+            tftp_max_per_client: cli.tftp_max_per_client,
+            tftp_gso: !cli.tftp_no_gso,
+            http_port: cli
+                .http_port
+                .or(config.http_port)
+                .unwrap_or(DEFAULT_HTTP_PORT),
+            stats_interval: cli.stats_interval,
+            config,
+        })
+    }
+
+    /// The boot policy a config file defines.
+    pub fn policy(config: &Config) -> StaticPolicy {
+        StaticPolicy {
+            profiles: config.profiles.clone(),
+            machines: config.machines.clone(),
+            default_profile: config.default_profile.clone(),
+        }
+    }
+
+    /// XDP or TC is attached, so TFTP sessions and DHCP answers can be
+    /// served in the kernel.
+    pub fn kernel_tiers(&self) -> bool {
+        self.xdp_mode != XdpModeChoice::Off || !self.no_tc
+    }
+
+    /// The programs answer repeat DHCP requests: a program is attached and
+    /// the operator did not say no.
+    pub fn kernel_answers(&self) -> bool {
+        !self.no_kernel_dhcp && self.kernel_tiers()
+    }
+
+    /// The DHCP engine's configuration for `config` (the loaded one, or a
+    /// reloaded one on SIGHUP), with the `--range` subnets built on the
+    /// networks of the interfaces served.
+    pub fn engine_config(&self, config: &Config) -> anyhow::Result<EngineConfig> {
+        let networks = if self.ranges.is_empty() {
+            Vec::new()
+        } else {
+            self.interfaces
+                .iter()
+                .map(|i| Ok((i.clone(), netif::ipv4_network(i)?)))
+                .collect::<anyhow::Result<Vec<_>>>()?
+        };
+        Ok(EngineConfig {
+            mode: if self.dhcp == DhcpMode::Full {
+                Mode::Full
+            } else {
+                Mode::Proxy
+            },
+            subnets: self.subnets(config, &networks)?,
+            reservations: config.reservations.clone(),
+            authoritative: self.authoritative,
+            http_port: self.http_port,
+            kernel_answers: self.kernel_answers(),
+        })
+    }
+
+    /// The config's subnets, and one per interface network that `--range`
+    /// pools fall in (replacing a config subnet of the same network).
+    /// `networks`: each interface served, with its network.
+    pub fn subnets(
+        &self,
+        config: &Config,
+        networks: &[(String, Ipv4Net)],
+    ) -> anyhow::Result<Vec<Subnet>> {
+        let mut subnets = config.subnets.clone();
+        if self.ranges.is_empty() {
+            return Ok(subnets);
+        }
+        let inside = |n: &Ipv4Net, (first, last): &(Ipv4Addr, Ipv4Addr)| {
+            n.contains(first) && n.contains(last)
+        };
+        if let Some((first, last)) = self
+            .ranges
+            .iter()
+            .find(|r| !networks.iter().any(|(_, n)| inside(n, r)))
+        {
+            let on: Vec<String> = networks.iter().map(|(i, n)| format!("{i} {n}")).collect();
+            bail!(
+                "--range {first}-{last} is not inside the network of any interface served ({})",
+                on.join(", ")
+            );
+        }
+        if let Some(router) = self
+            .router
+            .filter(|r| !networks.iter().any(|(_, n)| n.contains(r)))
+        {
+            bail!("--router {router} is not on the network of any interface served");
+        }
+        for (_, network) in networks {
+            let ranges: Vec<_> = self
+                .ranges
+                .iter()
+                .copied()
+                .filter(|r| inside(network, r))
+                .collect();
+            if ranges.is_empty() {
+                continue;
+            }
+            subnets.retain(|s| s.network != *network);
+            subnets.push(Subnet {
+                network: *network,
+                ranges,
+                exclude: vec![],
+                router: self.router.filter(|r| network.contains(r)),
+                dns: vec![],
+                domain: None,
+                lease_time: self.lease_time.max(MIN_LEASE_TIME),
+            });
+        }
+        Ok(subnets)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("pxed").chain(args.iter().copied())).unwrap()
+    }
+
+    fn config(toml: &str) -> Config {
+        Config::parse(std::path::Path::new("test.toml"), toml).unwrap()
+    }
+
+    fn net(interface: &str, cidr: &str) -> (String, Ipv4Net) {
+        (interface.to_owned(), cidr.parse().unwrap())
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_the_defaults() {
+        let file = config(
+            "interface = \"eth9\"\nboot_root = \"/srv/file\"\n[http]\nport = 8080\n\
+             [tftp]\nmax_windowsize = 8\n[dhcp]\nmode = \"off\"\nlease_file = \"/var/file.redb\"\n",
+        );
+        let s = Settings::merge(cli(&["-i", "eth1", "--http-port", "81"]), file.clone()).unwrap();
+        assert_eq!(s.interfaces, ["eth1"]);
+        assert_eq!(s.http_port, 81);
+        assert_eq!(s.boot_root, Some(PathBuf::from("/srv/file")));
+        assert_eq!(s.tftp_max_windowsize, 8);
+        assert_eq!(s.dhcp, DhcpMode::Off);
+        assert_eq!(s.lease_file, PathBuf::from("/var/file.redb"));
+        let s = Settings::merge(cli(&["--dhcp", "proxy"]), file).unwrap();
+        assert_eq!(s.interfaces, ["eth9"], "the file's interface without -i");
+        assert_eq!(s.dhcp, DhcpMode::Proxy);
+        let s = Settings::merge(cli(&["-i", "eth1"]), Config::default()).unwrap();
+        assert_eq!(s.http_port, DEFAULT_HTTP_PORT);
+        assert_eq!(s.tftp_max_windowsize, DEFAULT_MAX_WINDOWSIZE);
+        assert_eq!(s.lease_file, PathBuf::from(DEFAULT_LEASE_FILE));
+        assert_eq!(s.dhcp, DhcpMode::Proxy, "proxy unless told");
+    }
+
+    #[test]
+    fn a_range_means_full_dhcp_and_full_dhcp_needs_addresses() {
+        let s = Settings::merge(
+            cli(&["-i", "eth1", "--range", "10.9.0.100-10.9.0.199"]),
+            Config::default(),
+        )
+        .unwrap();
+        assert_eq!(s.dhcp, DhcpMode::Full);
+        let e =
+            Settings::merge(cli(&["-i", "eth1", "--dhcp", "full"]), Config::default()).unwrap_err();
+        assert!(e.to_string().contains("--dhcp full needs addresses"), "{e}");
+        let e = Settings::merge(
+            cli(&["-i", "eth1", "--range", "10.9.0.9-x"]),
+            Config::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("--range 10.9.0.9-x: "), "{e}");
+    }
+
+    #[test]
+    fn interfaces_must_be_named_once() {
+        let e = Settings::merge(cli(&[]), Config::default()).unwrap_err();
+        assert!(e.to_string().contains("no interface to serve on"), "{e}");
+        let e = Settings::merge(cli(&["-i", "eth1,eth2", "-i", "eth1"]), Config::default())
+            .unwrap_err();
+        assert_eq!(e.to_string(), "--interface eth1 is given twice");
+    }
+
+    #[test]
+    fn kernel_answers_need_a_program_and_nobody_saying_no() {
+        let with = |args: &[&str], file: &str| {
+            let mut all = vec!["-i", "eth1"];
+            all.extend_from_slice(args);
+            Settings::merge(cli(&all), config(file))
+                .unwrap()
+                .kernel_answers()
+        };
+        assert!(with(&[], ""));
+        assert!(with(&["--xdp-mode", "off"], ""), "TC alone answers");
+        assert!(!with(&["--xdp-mode", "off", "--no-tc"], ""));
+        assert!(!with(&["--no-kernel-dhcp"], ""));
+        assert!(!with(&[], "[dhcp]\nkernel_answers = false\n"));
+    }
+
+    #[test]
+    fn ranges_become_subnets_on_the_networks_of_their_interfaces() {
+        let file = config(
+            "[[dhcp.subnet]]\nnetwork = \"10.9.0.0/24\"\npools = [\"10.9.0.10-10.9.0.20\"]\n\
+             [[dhcp.subnet]]\nnetwork = \"10.7.0.0/24\"\npools = [\"10.7.0.10-10.7.0.20\"]\n",
+        );
+        let s = Settings::merge(
+            cli(&[
+                "-i",
+                "eth1,eth2",
+                "--range",
+                "10.9.0.100-10.9.0.199",
+                "--router",
+                "10.9.0.1",
+                "--lease-time",
+                "5",
+            ]),
+            file.clone(),
+        )
+        .unwrap();
+        let networks = [net("eth1", "10.9.0.0/24"), net("eth2", "10.10.0.0/24")];
+        let subnets = s.subnets(&file, &networks).unwrap();
+        assert_eq!(
+            subnets.len(),
+            2,
+            "the --range replaces the file's 10.9.0.0/24"
+        );
+        let ranged = subnets
+            .iter()
+            .find(|s| s.network.to_string() == "10.9.0.0/24")
+            .unwrap();
+        assert_eq!(
+            ranged.ranges,
+            [parse_range("10.9.0.100-10.9.0.199").unwrap()]
+        );
+        assert_eq!(ranged.router, Some(Ipv4Addr::new(10, 9, 0, 1)));
+        assert_eq!(
+            ranged.lease_time, MIN_LEASE_TIME,
+            "5 s is raised to the floor"
+        );
+        assert!(subnets
+            .iter()
+            .any(|s| s.network.to_string() == "10.7.0.0/24"));
+    }
+
+    #[test]
+    fn a_range_or_router_off_every_network_served_is_refused_by_name() {
+        let networks = [net("eth1", "10.9.0.0/24")];
+        let s = Settings::merge(
+            cli(&["-i", "eth1", "--range", "10.8.0.1-10.8.0.9"]),
+            Config::default(),
+        )
+        .unwrap();
+        let e = s.subnets(&Config::default(), &networks).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--range 10.8.0.1-10.8.0.9 is not inside the network of any interface served (eth1 10.9.0.0/24)"
+        );
+        let s = Settings::merge(
+            cli(&[
+                "-i",
+                "eth1",
+                "--range",
+                "10.9.0.1-10.9.0.9",
+                "--router",
+                "10.8.0.1",
+            ]),
+            Config::default(),
+        )
+        .unwrap();
+        let e = s.subnets(&Config::default(), &networks).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--router 10.8.0.1 is not on the network of any interface served"
+        );
+    }
+}
