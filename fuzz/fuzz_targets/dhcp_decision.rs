@@ -3,21 +3,21 @@
 //! decode again. `cargo +nightly fuzz run dhcp_decision` (see fuzz/README.md).
 #![no_main]
 
-use std::{collections::HashMap, net::{Ipv4Addr, SocketAddrV4}, sync::Arc};
+use std::{collections::HashMap, net::{Ipv4Addr, SocketAddrV4}};
 
 use dhcproto::{Decodable, Decoder, Encodable, Encoder};
 use libfuzzer_sys::fuzz_target;
 use pxe_user::{
     dhcp::{classify::classify, engine::{Arrival, Engine, EngineConfig, Mode}, pool::{parse_range, Subnet}},
     lease::MemLeaseStore,
-    policy::r#static::{Profile, StaticPolicy},
+    policy::{r#static::{Profile, StaticPolicy}, SharedPolicy},
 };
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, datagram)) = data.split_first() else { return };
     let Ok(request) = classify(datagram) else { return };
     let server = Ipv4Addr::new(198, 18, 0, 1);
-    let policy = Arc::new(StaticPolicy {
+    let policy = SharedPolicy::new(StaticPolicy {
         profiles: [("default".to_owned(), Profile::named("default"))].into(),
         machines: HashMap::new(),
         default_profile: Some("default".into()),
@@ -36,6 +36,7 @@ fuzz_target!(|data: &[u8]| {
         reservations: HashMap::new(),
         authoritative: selector & 2 != 0,
         http_port: 80,
+        kernel_answers: selector & 8 != 0,
     };
     let mut engine = Engine::new(config, policy, Box::new(MemLeaseStore::default())).unwrap();
     let port = if selector & 4 == 0 { 67 } else { 4011 };

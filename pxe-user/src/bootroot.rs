@@ -10,6 +10,10 @@
 //! file version. A file replaced on disk (new inode, or new size/mtime) is
 //! read afresh for new transfers, while running ones keep the version they
 //! started with, whether the file was renamed over or rewritten in place.
+//! The first read of a version is single-flight: a rack asking for a new
+//! initrd at once makes one copy, read once, while the others wait for it.
+//! From async code, [`BootRoot::open_file`] reads on a blocking thread, so a large
+//! file never stalls the runtime.
 //!
 //! Why not `mmap`: a mapped file truncated in place (`cp new old` does that)
 //! pulls its pages out from under the mapping, and the next read of them is
@@ -24,7 +28,7 @@ use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::SystemTime,
 };
 
@@ -90,11 +94,61 @@ struct Identity {
     modified: SystemTime,
 }
 
-/// The served directory and its mapped files.
+/// The served directory and the file versions read from it.
 pub struct BootRoot {
     path: PathBuf,
     dir: OwnedFd,
-    cache: Mutex<HashMap<String, Arc<BootFile>>>,
+    cache: Mutex<HashMap<String, Arc<Version>>>,
+}
+
+/// One version of a path, read at most once.
+struct Version {
+    identity: Identity,
+    file: OnceLock<Arc<BootFile>>,
+    /// Held by the one reader of this version; the others wait on it.
+    reading: Mutex<()>,
+}
+
+/// A file found in the root: its bytes in memory already, or still to read.
+pub enum Lookup {
+    Cached(Arc<BootFile>),
+    Unread(Unread),
+}
+
+/// A file version opened but not yet in memory; [`Unread::read`] blocks.
+pub struct Unread {
+    relative: String,
+    file: File,
+    version: Arc<Version>,
+}
+
+impl Unread {
+    /// Reads the version into memory, unless another reader of the same
+    /// version did it first: then that copy is shared.
+    pub fn read(self) -> Result<Arc<BootFile>, OpenError> {
+        let _reading = self
+            .version
+            .reading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(file) = self.version.file.get() {
+            return Ok(Arc::clone(file));
+        }
+        let identity = self.version.identity;
+        let mut data = Vec::with_capacity(identity.size as usize);
+        std::io::Read::read_to_end(&mut &self.file, &mut data).map_err(OpenError::Io)?;
+        // What was read is the version: a file that changed while being read
+        // gets a fresh identity on the next request.
+        let boot_file = Arc::new(BootFile {
+            path: self.relative,
+            identity: Identity {
+                size: data.len() as u64,
+                ..identity
+            },
+            data,
+        });
+        Ok(Arc::clone(self.version.file.get_or_init(|| boot_file)))
+    }
 }
 
 impl BootRoot {
@@ -123,11 +177,31 @@ impl BootRoot {
         &self.path
     }
 
-    /// Opens a file by the path a client asked for. Backslashes count as
-    /// separators (Windows-built loaders send them) and a leading `/` means
-    /// the root itself, as tftpd-hpa's `--secure` does, so configs written for
-    /// other servers keep working.
-    pub fn open_file(&self, requested: &str) -> Result<Arc<BootFile>, OpenError> {
+    /// Opens a file by the path a client asked for, reading it on a
+    /// blocking thread if this version is not in memory yet.
+    pub async fn open_file(&self, requested: &str) -> Result<Arc<BootFile>, OpenError> {
+        match self.lookup(requested)? {
+            Lookup::Cached(file) => Ok(file),
+            Lookup::Unread(unread) => tokio::task::spawn_blocking(move || unread.read())
+                .await
+                .unwrap_or_else(|e| Err(OpenError::Io(io::Error::other(e)))),
+        }
+    }
+
+    /// [`Self::open_file`] for blocking callers.
+    pub fn open_file_blocking(&self, requested: &str) -> Result<Arc<BootFile>, OpenError> {
+        match self.lookup(requested)? {
+            Lookup::Cached(file) => Ok(file),
+            Lookup::Unread(unread) => unread.read(),
+        }
+    }
+
+    /// Finds a file by the path a client asked for: two system calls
+    /// (`openat2`, `fstat`), no read. Backslashes count as separators
+    /// (Windows-built loaders send them) and a leading `/` means the root
+    /// itself, as tftpd-hpa's `--secure` does, so configs written for other
+    /// servers keep working.
+    pub fn lookup(&self, requested: &str) -> Result<Lookup, OpenError> {
         let relative = normalise(requested)?;
         let file = self.open_beneath(&relative)?;
         let meta = file.metadata().map_err(OpenError::Io)?;
@@ -140,34 +214,30 @@ impl BootRoot {
             size: meta.len(),
             modified: meta.modified().map_err(OpenError::Io)?,
         };
-        if let Some(cached) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&relative)
-        {
-            if cached.identity == identity {
-                return Ok(Arc::clone(cached));
+        let version = {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            let current = cache.get(&relative).filter(|v| v.identity == identity);
+            match current {
+                Some(version) => Arc::clone(version),
+                None => {
+                    let version = Arc::new(Version {
+                        identity,
+                        file: OnceLock::new(),
+                        reading: Mutex::new(()),
+                    });
+                    cache.insert(relative.clone(), Arc::clone(&version));
+                    version
+                }
             }
-        }
-        let mut data = Vec::with_capacity(identity.size as usize);
-        std::io::Read::read_to_end(&mut &file, &mut data).map_err(OpenError::Io)?;
-        // What was read is the version: a file that changed while being read
-        // gets a fresh identity on the next request.
-        let identity = Identity {
-            size: data.len() as u64,
-            ..identity
         };
-        let boot_file = Arc::new(BootFile {
-            path: relative.clone(),
-            data,
-            identity,
-        });
-        self.cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(relative, Arc::clone(&boot_file));
-        Ok(boot_file)
+        if let Some(read) = version.file.get() {
+            return Ok(Lookup::Cached(Arc::clone(read)));
+        }
+        Ok(Lookup::Unread(Unread {
+            relative,
+            file,
+            version,
+        }))
     }
 
     fn open_beneath(&self, relative: &str) -> Result<File, OpenError> {
@@ -247,9 +317,13 @@ mod tests {
             "\\efi\\boot.efi",
             "./efi//boot.efi",
         ] {
-            assert_eq!(root.open_file(path).unwrap().bytes(), b"EFI!", "{path}");
+            assert_eq!(
+                root.open_file_blocking(path).unwrap().bytes(),
+                b"EFI!",
+                "{path}"
+            );
         }
-        assert!(root.open_file("empty").unwrap().bytes().is_empty());
+        assert!(root.open_file_blocking("empty").unwrap().bytes().is_empty());
     }
 
     #[test]
@@ -264,13 +338,13 @@ mod tests {
             "a\0b",
         ] {
             assert!(
-                matches!(root.open_file(path), Err(OpenError::Denied(_))),
+                matches!(root.open_file_blocking(path), Err(OpenError::Denied(_))),
                 "{path:?}"
             );
         }
         // An absolute path is root-relative: /etc/passwd is looked for inside the root.
         assert!(matches!(
-            root.open_file("/etc/passwd"),
+            root.open_file_blocking("/etc/passwd"),
             Err(OpenError::NotFound)
         ));
     }
@@ -282,15 +356,15 @@ mod tests {
         symlink("../../..", dir.path().join("efi/up")).unwrap();
         symlink("efi/boot.efi", dir.path().join("inside")).unwrap();
         assert!(matches!(
-            root.open_file("passwd"),
+            root.open_file_blocking("passwd"),
             Err(OpenError::Denied(_))
         ));
         assert!(matches!(
-            root.open_file("efi/up/etc/passwd"),
+            root.open_file_blocking("efi/up/etc/passwd"),
             Err(OpenError::Denied(_))
         ));
         assert_eq!(
-            root.open_file("inside").unwrap().bytes(),
+            root.open_file_blocking("inside").unwrap().bytes(),
             b"EFI!",
             "a symlink inside the root is fine"
         );
@@ -299,11 +373,50 @@ mod tests {
     #[test]
     fn directories_and_missing_files_are_not_served() {
         let (_dir, root) = root_with_files();
-        assert!(matches!(root.open_file("efi"), Err(OpenError::Denied(_))));
-        assert!(matches!(root.open_file(""), Err(OpenError::Denied(_))));
-        assert!(matches!(root.open_file("nope"), Err(OpenError::NotFound)));
         assert!(matches!(
-            root.open_file("pxelinux.0/x"),
+            root.open_file_blocking("efi"),
+            Err(OpenError::Denied(_))
+        ));
+        assert!(matches!(
+            root.open_file_blocking(""),
+            Err(OpenError::Denied(_))
+        ));
+        assert!(matches!(
+            root.open_file_blocking("nope"),
+            Err(OpenError::NotFound)
+        ));
+        assert!(matches!(
+            root.open_file_blocking("pxelinux.0/x"),
+            Err(OpenError::NotFound)
+        ));
+    }
+
+    #[test]
+    fn readers_of_a_new_version_share_one_copy_read_once() {
+        let (_dir, root) = root_with_files();
+        let root = Arc::new(root);
+        let readers: Vec<_> = (0..8)
+            .map(|_| {
+                let root = Arc::clone(&root);
+                std::thread::spawn(move || root.open_file_blocking("pxelinux.0").unwrap())
+            })
+            .collect();
+        let files: Vec<Arc<BootFile>> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+        assert!(
+            files.iter().all(|f| Arc::ptr_eq(f, &files[0])),
+            "one copy in memory for every reader"
+        );
+        assert!(matches!(root.lookup("pxelinux.0"), Ok(Lookup::Cached(_))));
+    }
+
+    #[tokio::test]
+    async fn async_opens_read_off_the_runtime_and_find_the_same_copy() {
+        let (_dir, root) = root_with_files();
+        let first = root.open_file("pxelinux.0").await.unwrap();
+        let again = root.open_file("/pxelinux.0").await.unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        assert!(matches!(
+            root.open_file("nope").await,
             Err(OpenError::NotFound)
         ));
     }
@@ -311,7 +424,7 @@ mod tests {
     #[test]
     fn a_file_truncated_and_rewritten_in_place_cannot_hurt_running_readers() {
         let (dir, root) = root_with_files();
-        let old = root.open_file("pxelinux.0").unwrap();
+        let old = root.open_file_blocking("pxelinux.0").unwrap();
         // `cp` over an existing file: same inode, truncated, then written.
         std::fs::write(dir.path().join("pxelinux.0"), b"").unwrap();
         assert_eq!(
@@ -321,21 +434,24 @@ mod tests {
         );
         std::fs::write(dir.path().join("pxelinux.0"), b"REWRITTEN").unwrap();
         assert_eq!(old.bytes(), b"PXE");
-        assert_eq!(root.open_file("pxelinux.0").unwrap().bytes(), b"REWRITTEN");
+        assert_eq!(
+            root.open_file_blocking("pxelinux.0").unwrap().bytes(),
+            b"REWRITTEN"
+        );
     }
 
     #[test]
     fn a_replaced_file_is_picked_up_while_old_readers_keep_their_version() {
         let (dir, root) = root_with_files();
-        let old = root.open_file("pxelinux.0").unwrap();
+        let old = root.open_file_blocking("pxelinux.0").unwrap();
         assert!(
-            Arc::ptr_eq(&old, &root.open_file("pxelinux.0").unwrap()),
+            Arc::ptr_eq(&old, &root.open_file_blocking("pxelinux.0").unwrap()),
             "same version is shared"
         );
         let tmp = dir.path().join(".pxelinux.0.new");
         std::fs::write(&tmp, b"NEW VERSION").unwrap();
         std::fs::rename(&tmp, dir.path().join("pxelinux.0")).unwrap();
-        let new = root.open_file("pxelinux.0").unwrap();
+        let new = root.open_file_blocking("pxelinux.0").unwrap();
         assert_eq!(new.bytes(), b"NEW VERSION");
         assert_eq!(
             old.bytes(),

@@ -35,7 +35,7 @@ use pxe_user::{
     lease::MemLeaseStore,
     policy::{
         r#static::{Profile, StaticPolicy},
-        Mac,
+        Mac, SharedPolicy,
     },
 };
 
@@ -66,7 +66,6 @@ fn subnet(net: &str, range: &str) -> Subnet {
 /// repeat requests: the engine, the object, and the seam between them.
 struct Lab {
     engine: Engine,
-    policy: Arc<StaticPolicy>,
     fastpath: Arc<Mutex<FastPath>>,
     answers: KernelAnswers,
     interface: Interface,
@@ -85,17 +84,13 @@ impl Lab {
             http_port: 80,
             kernel_answers: true,
         };
-        let policy = Arc::new(StaticPolicy {
+        let policy = SharedPolicy::new(StaticPolicy {
             profiles: [("default".to_owned(), Profile::named("default"))].into(),
             machines: HashMap::new(),
             default_profile: Some("default".into()),
         });
-        let engine = Engine::new(
-            config,
-            Arc::clone(&policy),
-            Box::new(MemLeaseStore::default()),
-        )
-        .unwrap();
+        let engine =
+            Engine::new(config, policy.clone(), Box::new(MemLeaseStore::default())).unwrap();
         let fastpath = Arc::new(Mutex::new(
             FastPath::load_with_image_chunks(1).expect("loading the BPF object"),
         ));
@@ -108,7 +103,6 @@ impl Lab {
         };
         Self {
             engine,
-            policy,
             fastpath,
             answers,
             interface,
@@ -581,7 +575,7 @@ fn a_lease_that_moves_takes_back_the_template_that_named_the_old_address() {
     let moved = Ipv4Addr::new(198, 18, 0, 105);
     let mut config = lab.engine.config().clone();
     config.reservations.insert(Mac(MAC), moved);
-    lab.engine.reconfigure(config, Arc::clone(&lab.policy));
+    lab.engine.reconfigure(config);
     // iPXE, another request shape of the same client, is moved there.
     let ipxe = |kind, xid, mut extra: Vec<DhcpOption>| {
         extra.push(DhcpOption::UserClass(b"iPXE".to_vec()));

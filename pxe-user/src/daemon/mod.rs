@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     future::Future,
     net::Ipv4Addr,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -29,8 +29,8 @@ use crate::{
     config::{Config, DhcpMode},
     dhcp::engine::Engine,
     fastpath::{CounterSnapshot, Counters, FastPath, KernelAnswers},
-    http::SharedPolicy,
     netif,
+    policy::SharedPolicy,
     settings::Settings,
 };
 
@@ -118,7 +118,7 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
     let fastpath = Arc::new(Mutex::new(fastpath));
     let mut services = Services::default();
     let served = served_addresses(&settings)?;
-    let policy: SharedPolicy = Arc::new(RwLock::new(Arc::new(Settings::policy(&settings.config))));
+    let policy = SharedPolicy::new(Settings::policy(&settings.config));
 
     let found_ipxe = if settings.boot_root.is_none() {
         FoundIpxe::copy(std::path::Path::new(IPXE_DIR), &std::env::temp_dir())
@@ -259,20 +259,20 @@ impl Running {
                 return;
             }
         };
-        let new_policy = Arc::new(Settings::policy(&config));
         if let Some(engine) = &self.engine {
             match self.settings.engine_config(&config) {
                 Ok(engine_config) => engine
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .reconfigure(engine_config, Arc::clone(&new_policy)),
+                    .reconfigure(engine_config),
                 Err(e) => {
                     error!("SIGHUP: the new config is refused, the old one keeps serving: {e:#}");
                     return;
                 }
             }
         }
-        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = new_policy;
+        // DHCP and HTTP both read this one policy: they switch together.
+        self.policy.replace(Settings::policy(&config));
         if let Some(answers) = &self.answers {
             // Any answer may change with the config: the kernel relearns them.
             answers.clear();

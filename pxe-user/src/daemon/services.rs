@@ -23,10 +23,10 @@ use crate::{
         templates,
     },
     fastpath::{AttachedXdp, FastPath, FastPathHooks, KernelAnswers},
-    http::{self, SharedPolicy},
+    http,
     lease::{LeaseStore, MemLeaseStore, RedbLeaseStore},
     netif,
-    policy::r#static::ServerUrls,
+    policy::{ServerUrls, SharedPolicy},
     settings::Settings,
     tftp::{
         negotiate::Limits,
@@ -97,7 +97,7 @@ pub async fn start_file_services(
         services.spawn(format!("TFTP ({interface})"), server.run());
         if settings.http_port != 0 {
             let (listener, router) =
-                start_http(settings, *address, Arc::clone(&root), Arc::clone(policy)).await?;
+                start_http(settings, *address, Arc::clone(&root), policy.clone()).await?;
             services.spawn(format!("HTTP ({interface})"), async move {
                 axum::serve(listener, router).await
             });
@@ -191,8 +191,8 @@ pub fn start_dhcp(
         // Proxy mode hands out no addresses: nothing to remember.
         _ => Box::new(MemLeaseStore::default()),
     };
-    let policy = Arc::clone(&policy.read().unwrap_or_else(|e| e.into_inner()));
-    let engine = Engine::new(engine_config, policy, store).context("reading the lease database")?;
+    let engine =
+        Engine::new(engine_config, policy.clone(), store).context("reading the lease database")?;
     let engine = Arc::new(Mutex::new(engine));
     let mut listeners = Vec::new();
     for (interface, address) in served {

@@ -176,7 +176,10 @@ pub async fn run(engine: Arc<Mutex<Engine>>, listener: Listener) -> io::Result<(
 
 /// Logs what the engine decided for one request, sends its reply and
 /// gives the kernel what it may answer next time.
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one request's whole context; a struct would only rename the arguments"
+)]
 async fn answer(
     received: &Received,
     outcome: Outcome,

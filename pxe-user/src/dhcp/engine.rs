@@ -9,35 +9,35 @@
 //! - **proxy** (PXE 2.1 proxyDHCP): never an address; boot information only,
 //!   to PXE clients only, beside a DHCP server we must not touch.
 //!
-//! Both answer boot server discovery on port 4011.
+//! Both answer boot server discovery on port 4011. This file is the
+//! dispatcher: one match on port, mode and message type, each arm a small
+//! function of a per-request [`Ctx`]. Addresses are [`Addresses`]'s, reply
+//! bytes [`reply`]'s, boot answers the [`BootPolicy`]'s.
 
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
-    sync::Arc,
 };
 
-use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode};
+use dhcproto::v4::{Message, MessageType};
 
+pub use super::outcome::{
+    Destination, EngineStats, KernelAnswer, Outcome, Problem, Reply, PROXY_PORT,
+};
 use super::{
+    addresses::{Addresses, Claim, DECLINE_QUARANTINE_SECS},
     classify::{Firmware, Request},
-    offers::Offers,
+    outcome::{describe, name},
     pool::Subnet,
+    reply,
 };
 use crate::{
     lease::{client_key, Lease, LeaseError, LeaseState, LeaseStore},
-    policy::{
-        r#static::{Decision, ServerUrls, StaticPolicy},
-        ClientKind, Mac, Machine,
-    },
+    policy::{BootAnswer, BootPolicy, ClientKind, Mac, Machine, ServerUrls, SharedPolicy},
 };
 
-/// Port of boot server discovery (PXE 2.1).
-pub const PROXY_PORT: u16 = 4011;
 /// How long an offered address is held for the client that was offered it.
 const OFFER_HOLD_SECS: u64 = 60;
-/// How long a declined address stays out of use.
-const DECLINE_QUARANTINE_SECS: u64 = 600;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -62,21 +62,6 @@ pub struct EngineConfig {
     pub kernel_answers: bool,
 }
 
-/// What the kernel may answer again on its own after this reply.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KernelAnswer {
-    /// Boot information without an address (proxyDHCP, port 4011): the
-    /// same request shape gets the same answer while the config stands.
-    Boot,
-    /// A lease on disk until `stored_until` (Unix seconds): OFFER it until
-    /// then, ACK it while a renewal of `lease_time` still ends before then.
-    Lease {
-        ip: Ipv4Addr,
-        stored_until: u64,
-        lease_time: u32,
-    },
-}
-
 /// Where a request arrived: the port, the sender, and our address on the
 /// interface it came in on (server identifier, next-server and URLs of the
 /// reply; the subnet of a request that was not relayed).
@@ -87,124 +72,84 @@ pub struct Arrival {
     pub server_ip: Ipv4Addr,
 }
 
-/// Where a reply goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Destination {
-    /// 255.255.255.255:68 out of the serving interface.
-    Broadcast,
-    Unicast(SocketAddrV4),
-}
-
-#[derive(Clone, Debug)]
-pub struct Reply {
-    pub message: Message,
-    pub to: Destination,
-}
-
-/// What the engine did with one request.
-#[derive(Debug)]
-pub struct Outcome {
-    pub reply: Option<Reply>,
-    /// One line for the log: what was asked and what was answered.
-    pub summary: String,
-    /// Set when the request could not be served for a reason an operator
-    /// must hear about (a full pool, a failing lease disk).
-    pub problem: Option<Problem>,
-    /// The request changed a lease without a reply (RELEASE, DECLINE): worth
-    /// a line in the log like any answer.
-    pub changed_lease: bool,
-    /// The reply may be answered by the kernel the next time (set only
-    /// when `EngineConfig::kernel_answers` is on).
-    pub kernel: Option<KernelAnswer>,
-    /// What the kernel answers this client must be forgotten (a NAK, a
-    /// RELEASE or a DECLINE changed what it would be told).
-    pub forget: bool,
-    /// The request wrote to the lease store: its reply may leave only once
-    /// the write is committed.
-    wrote: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Problem {
-    PoolExhausted { subnet: String },
-    LeaseStore(String),
-}
-
-/// Counters of what the engine answered.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EngineStats {
-    pub offers: u64,
-    pub acks: u64,
-    pub naks: u64,
-    pub proxy_replies: u64,
-    pub ignored: u64,
-    pub pool_exhausted: u64,
-    pub store_failures: u64,
-}
-
 pub struct Engine {
     config: EngineConfig,
-    policy: Arc<StaticPolicy>,
-    store: Box<dyn LeaseStore>,
-    by_ip: HashMap<Ipv4Addr, Lease>,
-    by_client: HashMap<Vec<u8>, Ipv4Addr>,
-    offers: Offers,
-    /// Reserved address → the machine it is reserved for.
-    reserved: HashMap<Ipv4Addr, Mac>,
-    /// Where each subnet's free-address search resumes.
-    cursors: Vec<u64>,
+    policy: SharedPolicy,
+    addresses: Addresses,
     stats: EngineStats,
-    /// Our address on the interface of the request being handled.
-    here: Ipv4Addr,
-    /// The request being handled wrote to the lease store.
-    wrote: bool,
 }
 
-/// Boot information for one reply.
-struct BootAnswer {
-    file: String,
-    vendor_class: &'static [u8],
-    tftp: bool,
+/// One request being decided, and what it is decided with.
+struct Ctx<'a> {
+    req: &'a Request,
+    /// Our address on the interface it arrived on.
+    here: Ipv4Addr,
+    now: u64,
+    /// The policy snapshot of the whole burst.
+    policy: &'a dyn BootPolicy,
+}
+
+impl Ctx<'_> {
+    /// The lease identity of the asking client.
+    fn client(&self) -> Vec<u8> {
+        client_key(self.req.client_id.as_deref(), self.req.mac.0)
+    }
+
+    fn claim<'c>(&self, client: &'c [u8], subnet: usize) -> Claim<'c> {
+        Claim {
+            client,
+            mac: self.req.mac,
+            subnet,
+            server: self.here,
+            now: self.now,
+        }
+    }
+
+    fn reply(&self, kind: MessageType, yiaddr: Ipv4Addr) -> Message {
+        reply::reply_to(self.req, kind, yiaddr, self.here)
+    }
+
+    fn nak(&self, why: &str) -> Outcome {
+        let (message, to) = reply::nak(self.req, why, self.here);
+        Outcome::answered(
+            format!("REQUEST from {} → NAK: {why}", self.req.mac),
+            message,
+            to,
+        )
+        .forgetting()
+    }
+
+    fn silent(&self, what: impl std::fmt::Display) -> Outcome {
+        Outcome::silent(format!(
+            "{} from {}{what}",
+            name(self.req.msg_type),
+            self.req.mac
+        ))
+    }
 }
 
 impl Engine {
     /// Builds the engine and its index from every lease the store holds.
     pub fn new(
         config: EngineConfig,
-        policy: Arc<StaticPolicy>,
+        policy: SharedPolicy,
         store: Box<dyn LeaseStore>,
     ) -> Result<Self, LeaseError> {
-        let mut by_ip = HashMap::new();
-        let mut by_client = HashMap::new();
-        for lease in store.load_all()? {
-            if lease.state != LeaseState::Declined {
-                by_client.insert(lease.client.clone(), lease.ip);
-            }
-            by_ip.insert(lease.ip, lease);
-        }
-        let cursors = vec![0; config.subnets.len()];
-        let reserved = reverse(&config.reservations);
+        let addresses = Addresses::load(store, config.subnets.len(), config.reservations.clone())?;
         Ok(Self {
             config,
             policy,
-            store,
-            by_ip,
-            by_client,
-            offers: Offers::default(),
-            reserved,
-            cursors,
+            addresses,
             stats: EngineStats::default(),
-            here: Ipv4Addr::UNSPECIFIED,
-            wrote: false,
         })
     }
 
-    /// Replaces the configuration and policy (SIGHUP); leases stay.
-    pub fn reconfigure(&mut self, config: EngineConfig, policy: Arc<StaticPolicy>) {
-        self.cursors = vec![0; config.subnets.len()];
-        self.reserved = reverse(&config.reservations);
+    /// Replaces the configuration (SIGHUP); leases stay. The policy is
+    /// swapped in the [`SharedPolicy`] by whoever reloads it.
+    pub fn reconfigure(&mut self, config: EngineConfig) {
+        self.addresses
+            .reconfigure(config.subnets.len(), config.reservations.clone());
         self.config = config;
-        self.policy = policy;
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -217,7 +162,7 @@ impl Engine {
 
     /// The lease currently recorded for `ip`, if any.
     pub fn lease(&self, ip: Ipv4Addr) -> Option<&Lease> {
-        self.by_ip.get(&ip)
+        self.addresses.lease(ip)
     }
 
     /// Decides on one request, at `now` (seconds since the Unix epoch), and
@@ -229,142 +174,103 @@ impl Engine {
     }
 
     /// Decides on a burst of requests in arrival order, then commits every
-    /// lease they wrote at once (one disk flush for the burst). Replies that
-    /// depend on a write are withdrawn if the commit fails.
+    /// lease they wrote at once (one disk flush for the burst). When the
+    /// commit fails, the replies that depend on a write are withdrawn and
+    /// the addresses are as before the burst.
     pub fn handle_batch<'a>(
         &mut self,
         requests: impl IntoIterator<Item = (&'a Request, Arrival)>,
         now: u64,
     ) -> Vec<Outcome> {
+        let policy = self.policy.current();
         let mut outcomes = Vec::new();
         let mut ports = Vec::new();
         for (req, arrival) in requests {
-            outcomes.push(self.decide(req, arrival, now));
+            let ctx = Ctx {
+                req,
+                here: arrival.server_ip,
+                now,
+                policy: policy.as_ref().as_ref(),
+            };
+            let writes = self.addresses.writes();
+            let mut outcome = self.decide(&ctx, arrival);
+            outcome.wrote = self.addresses.writes() != writes;
+            outcomes.push(outcome);
             ports.push(arrival.port);
         }
         if outcomes.iter().any(|o| o.wrote) {
-            if let Err(e) = self.store.commit() {
+            if let Err(e) = self.addresses.commit() {
                 for o in outcomes.iter_mut().filter(|o| o.wrote) {
-                    o.reply = None;
-                    o.kernel = None;
-                    o.summary = format!(
-                        "{}; not answered, the lease could not be stored: {e}",
-                        o.summary
-                    );
-                    o.problem = Some(Problem::LeaseStore(e.to_string()));
+                    o.withdraw(&e);
                 }
             }
         }
+        let full = self.config.mode == Mode::Full;
         for (o, port) in outcomes.iter().zip(ports) {
-            self.count(o, port);
+            self.stats.count(o, full && port != PROXY_PORT);
         }
         outcomes
     }
 
-    fn decide(&mut self, req: &Request, arrival: Arrival, now: u64) -> Outcome {
-        self.here = arrival.server_ip;
-        self.wrote = false;
-        let mut outcome = if arrival.port == PROXY_PORT {
-            self.boot_server_discovery(req, arrival.source)
-        } else {
-            match self.config.mode {
-                Mode::Proxy => self.proxy(req),
-                Mode::Full => self.full(req, now),
+    /// The dispatcher: who answers what, by port, mode and message type.
+    fn decide(&mut self, ctx: &Ctx<'_>, arrival: Arrival) -> Outcome {
+        use MessageType::*;
+        match (arrival.port, self.config.mode, ctx.req.msg_type) {
+            (PROXY_PORT, _, Request | Inform) => self.boot_server_discovery(ctx, arrival.source),
+            (PROXY_PORT, _, _) => ctx.silent(" on 4011: ignored"),
+            (_, Mode::Proxy, Discover) => self.proxy_offer(ctx),
+            (_, Mode::Proxy, _) => ctx.silent(": not ours in proxy mode"),
+            (_, Mode::Full, kind) => {
+                self.addresses.sweep_offers(ctx.now);
+                match kind {
+                    Discover => self.discover(ctx),
+                    Request => self.request(ctx),
+                    Release => self.release(ctx),
+                    Decline => self.decline(ctx),
+                    Inform => self.inform(ctx),
+                    _ => ctx.silent(": not a client message"),
+                }
             }
-        };
-        outcome.wrote = self.wrote;
-        outcome
-    }
-
-    fn count(&mut self, outcome: &Outcome, port: u16) {
-        match &outcome.reply {
-            None => self.stats.ignored += 1,
-            Some(r) => match r.message.opts().msg_type() {
-                Some(MessageType::Offer)
-                    if self.config.mode == Mode::Full && port != PROXY_PORT =>
-                {
-                    self.stats.offers += 1
-                }
-                Some(MessageType::Ack) if self.config.mode == Mode::Full && port != PROXY_PORT => {
-                    self.stats.acks += 1
-                }
-                Some(MessageType::Nak) => self.stats.naks += 1,
-                _ => self.stats.proxy_replies += 1,
-            },
-        }
-        match &outcome.problem {
-            Some(Problem::PoolExhausted { .. }) => self.stats.pool_exhausted += 1,
-            Some(Problem::LeaseStore(_)) => self.stats.store_failures += 1,
-            None => {}
         }
     }
 
     // ---- proxyDHCP ------------------------------------------------------
 
-    /// Port 67 in proxy mode: a boot-only OFFER to PXE DISCOVERs; everything
-    /// else belongs to the network's DHCP server.
-    fn proxy(&mut self, req: &Request) -> Outcome {
-        if req.msg_type != MessageType::Discover {
-            return silent(format!(
-                "{} from {}: not ours in proxy mode",
-                name(req.msg_type),
-                req.mac
-            ));
-        }
-        let Some(boot) = self.boot_answer(req) else {
-            return silent(format!(
-                "DISCOVER from {} ({}): no boot answer",
-                req.mac,
-                describe(req)
-            ));
+    /// Port 67 in proxy mode: a boot-only OFFER to PXE DISCOVERs.
+    fn proxy_offer(&self, ctx: &Ctx<'_>) -> Outcome {
+        let req = ctx.req;
+        let Some(boot) = self.boot_answer(ctx) else {
+            return ctx.silent(format_args!(" ({}): no boot answer", describe(req)));
         };
-        let mut reply = self.reply_to(req, MessageType::Offer, Ipv4Addr::UNSPECIFIED);
-        self.add_boot(&mut reply, req, &boot);
-        let to = self.destination(req);
-        let outcome = answered(
-            format!(
-                "DISCOVER from {} ({}) → proxy OFFER, boot {}",
-                req.mac,
-                describe(req),
-                boot.file
-            ),
-            reply,
-            to,
+        let mut message = ctx.reply(MessageType::Offer, Ipv4Addr::UNSPECIFIED);
+        reply::add_boot(&mut message, req, &boot, ctx.here);
+        let summary = format!(
+            "DISCOVER from {} ({}) → proxy OFFER, boot {}",
+            req.mac,
+            describe(req),
+            boot.file
         );
+        let outcome = Outcome::answered(summary, message, reply::destination(req));
         self.kernel_may_repeat(outcome, KernelAnswer::Boot)
     }
 
     /// Port 4011: the client has an address and asks for its boot file.
-    fn boot_server_discovery(&mut self, req: &Request, source: SocketAddrV4) -> Outcome {
-        if !matches!(req.msg_type, MessageType::Request | MessageType::Inform) {
-            return silent(format!(
-                "{} from {} on 4011: ignored",
-                name(req.msg_type),
-                req.mac
-            ));
-        }
-        let Some(boot) = self.boot_answer(req) else {
-            return silent(format!(
-                "{} from {} on 4011 ({}): no boot answer",
-                name(req.msg_type),
-                req.mac,
-                describe(req)
-            ));
+    fn boot_server_discovery(&self, ctx: &Ctx<'_>, source: SocketAddrV4) -> Outcome {
+        let req = ctx.req;
+        let Some(boot) = self.boot_answer(ctx) else {
+            return ctx.silent(format_args!(" on 4011 ({}): no boot answer", describe(req)));
         };
-        let mut reply = self.reply_to(req, MessageType::Ack, Ipv4Addr::UNSPECIFIED);
-        reply.set_ciaddr(req.message.ciaddr());
-        self.add_boot(&mut reply, req, &boot);
-        let outcome = answered(
-            format!(
-                "{} from {} on 4011 ({}) → ACK, boot {}",
-                name(req.msg_type),
-                req.mac,
-                describe(req),
-                boot.file
-            ),
-            reply,
-            Destination::Unicast(source),
+        let mut message = ctx.reply(MessageType::Ack, Ipv4Addr::UNSPECIFIED);
+        message.set_ciaddr(req.message.ciaddr());
+        reply::add_boot(&mut message, req, &boot, ctx.here);
+        let summary = format!(
+            "{} from {} on 4011 ({}) → ACK, boot {}",
+            name(req.msg_type),
+            req.mac,
+            describe(req),
+            boot.file
         );
+        let outcome = Outcome::answered(summary, message, Destination::Unicast(source));
         if req.msg_type == MessageType::Request {
             return self.kernel_may_repeat(outcome, KernelAnswer::Boot);
         }
@@ -373,208 +279,182 @@ impl Engine {
 
     // ---- full DHCP ------------------------------------------------------
 
-    fn full(&mut self, req: &Request, now: u64) -> Outcome {
-        self.offers.sweep(now);
-        match req.msg_type {
-            MessageType::Discover => self.discover(req, now),
-            MessageType::Request => self.request(req, now),
-            MessageType::Release => self.release(req, now),
-            MessageType::Decline => self.decline(req, now),
-            MessageType::Inform => self.inform(req),
-            other => silent(format!(
-                "{} from {}: not a client message",
-                name(other),
-                req.mac
-            )),
-        }
-    }
-
-    fn discover(&mut self, req: &Request, now: u64) -> Outcome {
-        let client = key(req);
-        let Some(subnet) = self.subnet_for(req) else {
-            return silent(format!(
-                "DISCOVER from {}: no subnet for giaddr {}",
-                req.mac,
+    fn discover(&mut self, ctx: &Ctx<'_>) -> Outcome {
+        let req = ctx.req;
+        let client = ctx.client();
+        let Some(subnet) = self.subnet_for(ctx) else {
+            return ctx.silent(format_args!(
+                ": no subnet for giaddr {}",
                 req.message.giaddr()
             ));
         };
-        let Some(ip) = self.choose_address(req, &client, subnet, now) else {
-            let network = self.config.subnets[subnet].network.to_string();
-            return Outcome {
-                problem: Some(Problem::PoolExhausted {
-                    subnet: network.clone(),
-                }),
-                ..silent(format!(
-                    "DISCOVER from {}: no free address in {network}",
-                    req.mac
-                ))
-            };
+        let pool = &self.config.subnets[subnet];
+        let Some(ip) = self
+            .addresses
+            .choose(pool, req.requested_ip, ctx.claim(&client, subnet))
+        else {
+            let network = pool.network.to_string();
+            return Outcome::problem(
+                format!("DISCOVER from {}: no free address in {network}", req.mac),
+                Problem::PoolExhausted { subnet: network },
+            );
         };
-        self.offers.hold(ip, client, now + OFFER_HOLD_SECS);
-        let mut reply = self.reply_to(req, MessageType::Offer, ip);
-        self.add_lease_options(&mut reply, req, subnet);
-        let boot = self.add_boot_if_any(&mut reply, req);
-        let to = self.destination(req);
-        answered(
-            format!(
-                "DISCOVER from {} ({}) → OFFER {ip}{}",
-                req.mac,
-                describe(req),
-                boot
-            ),
-            reply,
-            to,
-        )
+        self.addresses
+            .hold_offer(ip, client, ctx.now + OFFER_HOLD_SECS);
+        let mut message = ctx.reply(MessageType::Offer, ip);
+        let boot = self.add_lease_and_boot(ctx, &mut message, subnet);
+        let summary = format!(
+            "DISCOVER from {} ({}) → OFFER {ip}{boot}",
+            req.mac,
+            describe(req)
+        );
+        Outcome::answered(summary, message, reply::destination(req))
     }
 
-    fn request(&mut self, req: &Request, now: u64) -> Outcome {
-        let client = key(req);
+    fn request(&mut self, ctx: &Ctx<'_>) -> Outcome {
+        let req = ctx.req;
         let ciaddr = req.message.ciaddr();
         if let Some(server_id) = req.server_id {
-            // SELECTING: the client answers an OFFER.
-            if server_id != self.here {
-                self.offers.release_client(&client);
-                return silent(format!(
-                    "REQUEST from {}: chose server {server_id}",
-                    req.mac
-                ));
-            }
-            let Some(ip) = req
-                .requested_ip
-                .or((!ciaddr.is_unspecified()).then_some(ciaddr))
-            else {
-                return self.nak(req, "REQUEST names no address");
-            };
-            let offered = self.offers.is_held_for(ip, &client);
-            let held = self.by_client.get(&client) == Some(&ip);
-            let Some(subnet) = self.subnet_for(req) else {
-                return self.nak(req, "no subnet for this request");
-            };
-            if !(offered || held) || !self.assignable(ip, &client, req.mac, subnet, now) {
-                return self.nak(req, &format!("{ip} was not offered to this client"));
-            }
-            return self.commit_and_ack(req, client, ip, subnet, now, "SELECTING");
+            return self.selecting(ctx, server_id);
         }
         if let Some(ip) = req.requested_ip {
-            // INIT-REBOOT: the client wants its old address back.
-            let Some(subnet) = self.subnet_for(req) else {
-                return silent(format!("REQUEST from {}: no subnet", req.mac));
-            };
-            if !self.config.subnets[subnet].contains(ip) {
-                return self.nak(req, &format!("{ip} is not on this network"));
-            }
-            let ours = self.by_client.get(&client) == Some(&ip)
-                || self.config.reservations.get(&req.mac) == Some(&ip);
-            if ours && self.assignable(ip, &client, req.mac, subnet, now) {
-                return self.commit_and_ack(req, client, ip, subnet, now, "INIT-REBOOT");
-            }
-            if self.held_by_other(ip, &client, now)
-                || self
-                    .config
-                    .reservations
-                    .get(&req.mac)
-                    .is_some_and(|r| *r != ip)
-            {
-                return self.nak(req, &format!("{ip} belongs to another client"));
-            }
-            if self.config.authoritative {
-                return self.nak(req, &format!("no record of {ip} for this client"));
-            }
-            return silent(format!(
-                "REQUEST (INIT-REBOOT) from {} for {ip}: no record, not authoritative",
-                req.mac
-            ));
+            return self.init_reboot(ctx, ip);
         }
         if !ciaddr.is_unspecified() {
-            // RENEWING (unicast) or REBINDING (broadcast).
-            let Some(subnet) = self.subnet_for(req) else {
-                return silent(format!("REQUEST from {}: no subnet", req.mac));
-            };
-            if self.by_client.get(&client) == Some(&ciaddr)
-                && self.assignable(ciaddr, &client, req.mac, subnet, now)
-            {
-                return self.commit_and_ack(req, client, ciaddr, subnet, now, "RENEWING");
-            }
-            if self.held_by_other(ciaddr, &client, now) {
-                return self.nak(req, &format!("{ciaddr} belongs to another client"));
-            }
-            return silent(format!(
-                "REQUEST (renew) from {} for {ciaddr}: no record",
-                req.mac
-            ));
+            return self.renewing(ctx, ciaddr);
         }
-        silent(format!("REQUEST from {}: names no address", req.mac))
+        ctx.silent(": names no address")
+    }
+
+    /// SELECTING: the client answers an OFFER (ours or another server's).
+    fn selecting(&mut self, ctx: &Ctx<'_>, server_id: Ipv4Addr) -> Outcome {
+        let req = ctx.req;
+        let client = ctx.client();
+        if server_id != ctx.here {
+            self.addresses.release_offer_of(&client);
+            return ctx.silent(format_args!(": chose server {server_id}"));
+        }
+        let ciaddr = req.message.ciaddr();
+        let Some(ip) = req
+            .requested_ip
+            .or((!ciaddr.is_unspecified()).then_some(ciaddr))
+        else {
+            return ctx.nak("REQUEST names no address");
+        };
+        let offered = self.addresses.is_offered_to(ip, &client);
+        let held = self.addresses.of_client(&client) == Some(ip);
+        let Some(subnet) = self.subnet_for(ctx) else {
+            return ctx.nak("no subnet for this request");
+        };
+        let pool = &self.config.subnets[subnet];
+        if !(offered || held)
+            || !self
+                .addresses
+                .assignable(ip, pool, ctx.claim(&client, subnet))
+        {
+            return ctx.nak(&format!("{ip} was not offered to this client"));
+        }
+        self.commit_and_ack(ctx, client, ip, subnet, "SELECTING")
+    }
+
+    /// INIT-REBOOT: the client wants its old address back.
+    fn init_reboot(&mut self, ctx: &Ctx<'_>, ip: Ipv4Addr) -> Outcome {
+        let req = ctx.req;
+        let client = ctx.client();
+        let Some(subnet) = self.subnet_for(ctx) else {
+            return ctx.silent(": no subnet");
+        };
+        let pool = &self.config.subnets[subnet];
+        if !pool.contains(ip) {
+            return ctx.nak(&format!("{ip} is not on this network"));
+        }
+        let reservation = self.addresses.reservation(req.mac);
+        let ours = self.addresses.of_client(&client) == Some(ip) || reservation == Some(ip);
+        if ours
+            && self
+                .addresses
+                .assignable(ip, pool, ctx.claim(&client, subnet))
+        {
+            return self.commit_and_ack(ctx, client, ip, subnet, "INIT-REBOOT");
+        }
+        if self.addresses.held_by_other(ip, &client, ctx.now)
+            || reservation.is_some_and(|r| r != ip)
+        {
+            return ctx.nak(&format!("{ip} belongs to another client"));
+        }
+        if self.config.authoritative {
+            return ctx.nak(&format!("no record of {ip} for this client"));
+        }
+        Outcome::silent(format!(
+            "REQUEST (INIT-REBOOT) from {} for {ip}: no record, not authoritative",
+            req.mac
+        ))
+    }
+
+    /// RENEWING (unicast) or REBINDING (broadcast).
+    fn renewing(&mut self, ctx: &Ctx<'_>, ciaddr: Ipv4Addr) -> Outcome {
+        let client = ctx.client();
+        let Some(subnet) = self.subnet_for(ctx) else {
+            return ctx.silent(": no subnet");
+        };
+        let pool = &self.config.subnets[subnet];
+        if self.addresses.of_client(&client) == Some(ciaddr)
+            && self
+                .addresses
+                .assignable(ciaddr, pool, ctx.claim(&client, subnet))
+        {
+            return self.commit_and_ack(ctx, client, ciaddr, subnet, "RENEWING");
+        }
+        if self.addresses.held_by_other(ciaddr, &client, ctx.now) {
+            return ctx.nak(&format!("{ciaddr} belongs to another client"));
+        }
+        Outcome::silent(format!(
+            "REQUEST (renew) from {} for {ciaddr}: no record",
+            ctx.req.mac
+        ))
     }
 
     fn commit_and_ack(
         &mut self,
-        req: &Request,
+        ctx: &Ctx<'_>,
         client: Vec<u8>,
         ip: Ipv4Addr,
         subnet: usize,
-        now: u64,
         state: &str,
     ) -> Outcome {
+        let req = ctx.req;
         let lease_time = self.config.subnets[subnet].lease_time;
         // With kernel answers, the disk holds the lease a lease time longer
         // than the client is told: the kernel may ACK renewals until then.
         let stored_for = u64::from(lease_time) * if self.config.kernel_answers { 2 } else { 1 };
         let lease = Lease {
             ip,
-            client: client.clone(),
+            client,
             mac: req.mac.0,
-            expires: now + stored_for,
+            expires: ctx.now + stored_for,
             state: LeaseState::Active,
-            hostname: self
+            hostname: ctx
                 .policy
-                .machines
-                .get(&req.mac)
-                .and_then(|m| m.hostname.clone())
+                .hostname(req.mac)
                 .or_else(|| req.hostname.clone()),
         };
-        // A client that moves to a new address gives up its old one.
-        if let Some(old) = self
-            .by_client
-            .get(&client)
-            .copied()
-            .filter(|old| *old != ip)
-        {
-            if let Some(mut previous) = self.by_ip.get(&old).cloned() {
-                previous.state = LeaseState::Released;
-                previous.expires = now;
-                if let Err(e) = self.write(&previous) {
-                    return store_failed(req, e);
-                }
-                self.by_ip.insert(old, previous);
-            }
+        if let Err(e) = self.addresses.grant(lease, ctx.now) {
+            return Outcome::store_failed(req, &e);
         }
-        if let Err(e) = self.write(&lease) {
-            return store_failed(req, e);
-        }
-        self.offers.release_ip(ip);
-        self.by_client.insert(client, ip);
-        self.by_ip.insert(ip, lease);
-
-        let mut reply = self.reply_to(req, MessageType::Ack, ip);
-        reply.set_ciaddr(req.message.ciaddr());
-        self.add_lease_options(&mut reply, req, subnet);
-        let boot = self.add_boot_if_any(&mut reply, req);
-        let to = self.destination(req);
-        let outcome = answered(
-            format!(
-                "REQUEST ({state}) from {} ({}) → ACK {ip}{}",
-                req.mac,
-                describe(req),
-                boot
-            ),
-            reply,
-            to,
+        let mut message = ctx.reply(MessageType::Ack, ip);
+        message.set_ciaddr(req.message.ciaddr());
+        let boot = self.add_lease_and_boot(ctx, &mut message, subnet);
+        let summary = format!(
+            "REQUEST ({state}) from {} ({}) → ACK {ip}{boot}",
+            req.mac,
+            describe(req)
         );
+        let outcome = Outcome::answered(summary, message, reply::destination(req));
         self.kernel_may_repeat(
             outcome,
             KernelAnswer::Lease {
                 ip,
-                stored_until: now + stored_for,
+                stored_until: ctx.now + stored_for,
                 lease_time,
             },
         )
@@ -588,400 +468,126 @@ impl Engine {
         outcome
     }
 
-    fn release(&mut self, req: &Request, now: u64) -> Outcome {
-        let client = key(req);
+    fn release(&mut self, ctx: &Ctx<'_>) -> Outcome {
+        let req = ctx.req;
         let ip = req.message.ciaddr();
-        if req.server_id.is_some_and(|s| s != self.here) || self.by_client.get(&client) != Some(&ip)
+        if req.server_id.is_some_and(|s| s != ctx.here)
+            || self.addresses.of_client(&ctx.client()) != Some(ip)
         {
-            return silent(format!("RELEASE from {} for {ip}: not our lease", req.mac));
+            return ctx.silent(format_args!(" for {ip}: not our lease"));
         }
-        let Some(mut lease) = self.by_ip.get(&ip).cloned() else {
-            return silent("RELEASE: no record".into());
-        };
-        lease.state = LeaseState::Released;
-        lease.expires = now;
-        if let Err(e) = self.write(&lease) {
-            return store_failed(req, e);
-        }
-        self.by_ip.insert(ip, lease);
-        forgotten(changed(format!(
-            "RELEASE from {}: {ip} is free again (kept for this client)",
-            req.mac
-        )))
-    }
-
-    fn decline(&mut self, req: &Request, now: u64) -> Outcome {
-        let client = key(req);
-        let Some(ip) = req.requested_ip else {
-            return silent(format!("DECLINE from {}: names no address", req.mac));
-        };
-        if self.by_client.get(&client) != Some(&ip) && !self.offers.is_held_for(ip, &client) {
-            return silent(format!(
-                "DECLINE from {} for {ip}: not this client's",
+        match self.addresses.release(ip, ctx.now) {
+            Err(e) => Outcome::store_failed(req, &e),
+            Ok(false) => Outcome::silent("RELEASE: no record".into()),
+            Ok(true) => Outcome::changed(format!(
+                "RELEASE from {}: {ip} is free again (kept for this client)",
                 req.mac
-            ));
+            ))
+            .forgetting(),
         }
-        let quarantined = Lease {
-            ip,
-            client: Vec::new(),
-            mac: req.mac.0,
-            expires: now + DECLINE_QUARANTINE_SECS,
-            state: LeaseState::Declined,
-            hostname: None,
-        };
-        if let Err(e) = self.write(&quarantined) {
-            return store_failed(req, e);
-        }
-        self.by_client.remove(&client);
-        self.offers.release_ip(ip);
-        self.by_ip.insert(ip, quarantined);
-        forgotten(changed(format!("DECLINE from {}: {ip} is in use on the wire; quarantined for {DECLINE_QUARANTINE_SECS} s", req.mac)))
     }
 
-    fn inform(&mut self, req: &Request) -> Outcome {
-        let ciaddr = req.message.ciaddr();
-        let Some(subnet) = self.subnet_for(req) else {
-            return silent(format!("INFORM from {}: no subnet", req.mac));
+    fn decline(&mut self, ctx: &Ctx<'_>) -> Outcome {
+        let req = ctx.req;
+        let client = ctx.client();
+        let Some(ip) = req.requested_ip else {
+            return ctx.silent(": names no address");
         };
-        let mut reply = self.reply_to(req, MessageType::Ack, Ipv4Addr::UNSPECIFIED);
-        reply.set_ciaddr(ciaddr);
-        self.add_lease_options(&mut reply, req, subnet);
-        // RFC 2131 §3.4: no lease time in an answer to INFORM.
-        reply.opts_mut().remove(OptionCode::AddressLeaseTime);
-        reply.opts_mut().remove(OptionCode::Renewal);
-        reply.opts_mut().remove(OptionCode::Rebinding);
-        let boot = self.add_boot_if_any(&mut reply, req);
+        if self.addresses.of_client(&client) != Some(ip)
+            && !self.addresses.is_offered_to(ip, &client)
+        {
+            return ctx.silent(format_args!(" for {ip}: not this client's"));
+        }
+        if let Err(e) = self.addresses.decline(ip, &client, req.mac, ctx.now) {
+            return Outcome::store_failed(req, &e);
+        }
+        Outcome::changed(format!(
+            "DECLINE from {}: {ip} is in use on the wire; quarantined for {DECLINE_QUARANTINE_SECS} s",
+            req.mac
+        ))
+        .forgetting()
+    }
+
+    fn inform(&self, ctx: &Ctx<'_>) -> Outcome {
+        let req = ctx.req;
+        let ciaddr = req.message.ciaddr();
+        let Some(subnet) = self.subnet_for(ctx) else {
+            return ctx.silent(": no subnet");
+        };
+        let mut message = ctx.reply(MessageType::Ack, Ipv4Addr::UNSPECIFIED);
+        message.set_ciaddr(ciaddr);
+        let boot = self.add_lease_and_boot(ctx, &mut message, subnet);
+        reply::remove_lease_times(&mut message);
         let to = if ciaddr.is_unspecified() {
-            self.destination(req)
+            reply::destination(req)
         } else {
             Destination::Unicast(SocketAddrV4::new(ciaddr, 68))
         };
-        answered(format!("INFORM from {} → ACK{}", req.mac, boot), reply, to)
+        Outcome::answered(format!("INFORM from {} → ACK{boot}", req.mac), message, to)
     }
-
-    fn nak(&mut self, req: &Request, why: &str) -> Outcome {
-        let mut reply = self.reply_to(req, MessageType::Nak, Ipv4Addr::UNSPECIFIED);
-        reply.set_siaddr(Ipv4Addr::UNSPECIFIED);
-        reply.opts_mut().insert(DhcpOption::Message(why.to_owned()));
-        // RFC 2131 §4.1: a NAK is broadcast unless it goes to a relay.
-        let to = if req.message.giaddr().is_unspecified() {
-            Destination::Broadcast
-        } else {
-            Destination::Unicast(SocketAddrV4::new(req.message.giaddr(), 67))
-        };
-        forgotten(answered(
-            format!("REQUEST from {} → NAK: {why}", req.mac),
-            reply,
-            to,
-        ))
-    }
-
-    /// Writes a lease into the store's open batch, to be committed before
-    /// this request's reply leaves.
-    fn write(&mut self, lease: &Lease) -> Result<(), LeaseError> {
-        self.wrote = true;
-        self.store.put(lease)
-    }
-
-    // ---- addresses ------------------------------------------------------
 
     /// The subnet a request belongs to: the relay's (giaddr), else ours.
-    fn subnet_for(&self, req: &Request) -> Option<usize> {
-        let giaddr = req.message.giaddr();
+    fn subnet_for(&self, ctx: &Ctx<'_>) -> Option<usize> {
+        let giaddr = ctx.req.message.giaddr();
         let anchor = if giaddr.is_unspecified() {
-            self.here
+            ctx.here
         } else {
             giaddr
         };
         self.config.subnets.iter().position(|s| s.contains(anchor))
     }
 
-    fn held_by_other(&self, ip: Ipv4Addr, client: &[u8], now: u64) -> bool {
-        self.by_ip
-            .get(&ip)
-            .is_some_and(|l| l.is_current(now) && l.client != client)
-    }
-
-    /// May `ip` go to this client now?
-    fn assignable(&self, ip: Ipv4Addr, client: &[u8], mac: Mac, subnet: usize, now: u64) -> bool {
-        let s = &self.config.subnets[subnet];
-        let reserved_for_this = self.config.reservations.get(&mac) == Some(&ip);
-        let reserved_for_other = self.reserved.get(&ip).is_some_and(|m| *m != mac);
-        (s.in_pool(ip) || (reserved_for_this && s.contains(ip)))
-            && !reserved_for_other
-            && ip != self.here
-            && !self.held_by_other(ip, client, now)
-            && !self.offers.is_held_for_another(ip, client, now)
-    }
-
-    fn choose_address(
-        &mut self,
-        req: &Request,
-        client: &[u8],
-        subnet: usize,
-        now: u64,
-    ) -> Option<Ipv4Addr> {
-        if let Some(ip) = self.config.reservations.get(&req.mac).copied() {
-            return self
-                .assignable(ip, client, req.mac, subnet, now)
-                .then_some(ip);
-        }
-        let offered = self.offers.of_client(client);
-        let previous = self.by_client.get(client).copied();
-        for candidate in [offered, previous, req.requested_ip].into_iter().flatten() {
-            if self.assignable(candidate, client, req.mac, subnet, now) {
-                return Some(candidate);
-            }
-        }
-        // A fresh address first (no record at all), then one whose lease ran out.
-        let len = self.config.subnets[subnet].pool_len();
-        for reclaim in [false, true] {
-            let start = self.cursors[subnet];
-            for step in 0..len {
-                let n = (start + step) % len;
-                let Some(ip) = self.config.subnets[subnet].nth(n) else {
-                    continue;
-                };
-                if (reclaim || !self.by_ip.contains_key(&ip))
-                    && self.assignable(ip, client, req.mac, subnet, now)
-                {
-                    self.cursors[subnet] = (n + 1) % len;
-                    return Some(ip);
-                }
-            }
-        }
-        None
-    }
-
-    // ---- replies --------------------------------------------------------
-
-    fn reply_to(&self, req: &Request, kind: MessageType, yiaddr: Ipv4Addr) -> Message {
-        let m = &req.message;
-        let mut reply = Message::new_with_id(
-            m.xid(),
-            Ipv4Addr::UNSPECIFIED,
-            yiaddr,
-            self.here,
-            m.giaddr(),
-            m.chaddr(),
-        );
-        reply.set_opcode(Opcode::BootReply);
-        reply.set_flags(m.flags());
-        reply.opts_mut().insert(DhcpOption::MessageType(kind));
-        reply
-            .opts_mut()
-            .insert(DhcpOption::ServerIdentifier(self.here));
-        // RFC 3046 §2.2: echo the relay agent information.
-        if let Some(relay) = m.opts().get(OptionCode::RelayAgentInformation) {
-            reply.opts_mut().insert(relay.clone());
-        }
-        reply
-    }
-
-    fn add_lease_options(&self, reply: &mut Message, req: &Request, subnet: usize) {
-        let s = &self.config.subnets[subnet];
-        let opts = reply.opts_mut();
-        opts.insert(DhcpOption::AddressLeaseTime(s.lease_time));
-        opts.insert(DhcpOption::Renewal(s.lease_time / 2));
-        opts.insert(DhcpOption::Rebinding(s.lease_time / 8 * 7));
-        opts.insert(DhcpOption::SubnetMask(s.network.netmask()));
-        opts.insert(DhcpOption::BroadcastAddr(s.network.broadcast()));
-        if let Some(router) = s.router {
-            opts.insert(DhcpOption::Router(vec![router]));
-        }
-        if !s.dns.is_empty() {
-            opts.insert(DhcpOption::DomainNameServer(s.dns.clone()));
-        }
-        if let Some(domain) = &s.domain {
-            opts.insert(DhcpOption::DomainName(domain.clone()));
-        }
-        if let Some(hostname) = self
-            .policy
-            .machines
-            .get(&req.mac)
-            .and_then(|m| m.hostname.clone())
-        {
-            opts.insert(DhcpOption::Hostname(hostname));
-        }
-    }
+    // ---- boot answers -----------------------------------------------------
 
     /// What to boot, if this client boots from us.
-    fn boot_answer(&self, req: &Request) -> Option<BootAnswer> {
-        if req.firmware == Firmware::NotPxe {
-            return None;
-        }
-        let firmware = match self.policy.machines.get(&req.mac).and_then(|m| m.client) {
-            Some(ClientKind::Pxe) => Firmware::Pxe,
-            Some(ClientKind::Ipxe) => Firmware::Ipxe,
-            Some(ClientKind::HttpBoot) => Firmware::HttpBoot,
-            None => req.firmware,
+    fn boot_answer(&self, ctx: &Ctx<'_>) -> Option<BootAnswer> {
+        let req = ctx.req;
+        let client = match req.firmware {
+            Firmware::NotPxe => return None,
+            Firmware::Pxe => ClientKind::Pxe,
+            Firmware::Ipxe => ClientKind::Ipxe,
+            Firmware::HttpBoot => ClientKind::HttpBoot,
         };
+        let giaddr = req.message.giaddr();
         let machine = Machine {
             mac: req.mac,
             arch: req.arch,
             uuid: req.uuid.clone(),
+            client,
+            relay: (!giaddr.is_unspecified()).then_some(giaddr),
         };
-        let urls = ServerUrls::new(self.here, self.config.http_port);
-        let decision = self.policy.decide(&machine, &urls);
-        match (firmware, decision) {
-            (_, Decision::Ignore) => None,
-            // iPXE asks for its script; a provisioned machine's script boots the disk.
-            (Firmware::Ipxe, Decision::Boot(_) | Decision::LocalBoot) => {
-                let mut url = format!(
-                    "{}/boot.ipxe?mac={}&arch={}",
-                    urls.http,
-                    req.mac,
-                    req.arch.name()
-                );
-                if let Some(uuid) = &req.uuid {
-                    url.push_str(&format!("&uuid={uuid}"));
-                }
-                Some(BootAnswer {
-                    file: url,
-                    vendor_class: b"PXEClient",
-                    tftp: false,
-                })
-            }
-            (Firmware::HttpBoot, Decision::Boot(spec)) => Some(BootAnswer {
-                file: format!("{}/{}", urls.http, spec.boot_file?),
-                vendor_class: b"HTTPClient",
-                tftp: false,
-            }),
-            (Firmware::Pxe, Decision::Boot(spec)) => Some(BootAnswer {
-                file: spec.boot_file?,
-                vendor_class: b"PXEClient",
-                tftp: true,
-            }),
-            _ => None,
-        }
+        let urls = ServerUrls::new(ctx.here, self.config.http_port);
+        ctx.policy
+            .decide(&machine, &urls)
+            .boot_answer(&machine, &urls)
     }
 
-    /// Adds the client's boot information to `reply`, if it boots from us;
-    /// returns a note for the log (", boot FILE" or nothing).
-    fn add_boot_if_any(&self, reply: &mut Message, req: &Request) -> String {
-        match self.boot_answer(req) {
+    /// The lease options of `subnet`, and the client's boot information if
+    /// it boots from us; returns a note for the log (", boot FILE" or nothing).
+    fn add_lease_and_boot(&self, ctx: &Ctx<'_>, message: &mut Message, subnet: usize) -> String {
+        let hostname = ctx.policy.hostname(ctx.req.mac);
+        reply::add_lease_options(message, &self.config.subnets[subnet], hostname);
+        match self.boot_answer(ctx) {
             Some(boot) => {
-                self.add_boot(reply, req, &boot);
+                reply::add_boot(message, ctx.req, &boot, ctx.here);
                 format!(", boot {}", boot.file)
             }
             None => String::new(),
         }
     }
-
-    fn add_boot(&self, reply: &mut Message, req: &Request, boot: &BootAnswer) {
-        reply.set_siaddr(self.here);
-        reply.set_fname_str(&boot.file);
-        let opts = reply.opts_mut();
-        // PXE 2.1 §2.5: replies to PXE clients carry option 60; UEFI HTTP Boot
-        // requires "HTTPClient" (UEFI 2.x §24.7).
-        opts.insert(DhcpOption::ClassIdentifier(boot.vendor_class.to_vec()));
-        if boot.tftp {
-            opts.insert(DhcpOption::TFTPServerName(
-                self.here.to_string().into_bytes(),
-            ));
-            opts.insert(DhcpOption::BootfileName(boot.file.clone().into_bytes()));
-            // PXE_DISCOVERY_CONTROL = 8: use the boot file given here, skip
-            // boot server discovery (PXE 2.1 §2.4.2.1).
-            opts.insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
-        }
-        if let Some(uuid) = &req.uuid_raw {
-            opts.insert(DhcpOption::ClientMachineIdentifier(uuid.clone()));
-        }
-    }
-
-    /// RFC 2131 §4.1: relay → giaddr:67; a client with an address → ciaddr:68;
-    /// otherwise broadcast (we do not unicast to an address the client has not
-    /// yet configured, which would need an ARP entry injected).
-    fn destination(&self, req: &Request) -> Destination {
-        let m = &req.message;
-        if !m.giaddr().is_unspecified() {
-            return Destination::Unicast(SocketAddrV4::new(m.giaddr(), 67));
-        }
-        if !m.ciaddr().is_unspecified() && !m.flags().broadcast() {
-            return Destination::Unicast(SocketAddrV4::new(m.ciaddr(), 68));
-        }
-        Destination::Broadcast
-    }
-}
-
-/// Reservations by address.
-fn reverse(reservations: &HashMap<Mac, Ipv4Addr>) -> HashMap<Ipv4Addr, Mac> {
-    reservations.iter().map(|(mac, ip)| (*ip, *mac)).collect()
-}
-
-fn key(req: &Request) -> Vec<u8> {
-    client_key(req.client_id.as_deref(), req.mac.0)
-}
-
-fn silent(summary: String) -> Outcome {
-    Outcome {
-        reply: None,
-        summary,
-        problem: None,
-        changed_lease: false,
-        kernel: None,
-        forget: false,
-        wrote: false,
-    }
-}
-
-fn changed(summary: String) -> Outcome {
-    Outcome {
-        changed_lease: true,
-        ..silent(summary)
-    }
-}
-
-fn answered(summary: String, message: Message, to: Destination) -> Outcome {
-    Outcome {
-        reply: Some(Reply { message, to }),
-        ..silent(summary)
-    }
-}
-
-fn forgotten(outcome: Outcome) -> Outcome {
-    Outcome {
-        forget: true,
-        ..outcome
-    }
-}
-
-fn store_failed(req: &Request, e: LeaseError) -> Outcome {
-    Outcome {
-        problem: Some(Problem::LeaseStore(e.to_string())),
-        ..silent(format!(
-            "{} from {}: not answered, the lease could not be stored: {e}",
-            name(req.msg_type),
-            req.mac
-        ))
-    }
-}
-
-fn describe(req: &Request) -> String {
-    let firmware = match req.firmware {
-        Firmware::NotPxe => return "no PXE".to_owned(),
-        Firmware::Pxe => "PXE",
-        Firmware::Ipxe => "iPXE",
-        Firmware::HttpBoot => "HTTP Boot",
-    };
-    format!("{firmware}, {}", req.arch.name())
-}
-
-fn name(t: MessageType) -> String {
-    format!("{t:?}").to_uppercase()
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
+    use std::{collections::HashMap, sync::Arc};
 
-    use dhcproto::v4::{self, relay};
+    use dhcproto::v4::{self, relay, DhcpOption, OptionCode};
 
     use super::*;
     use crate::{
         dhcp::{classify::classify, classify::tests::request, pool::parse_range},
         lease::MemLeaseStore,
-        policy::r#static::{MachineEntry, Profile},
+        policy::r#static::{MachineEntry, Profile, StaticPolicy},
     };
 
     const SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -999,8 +605,8 @@ mod tests {
         }
     }
 
-    fn policy(machines: HashMap<Mac, MachineEntry>) -> Arc<StaticPolicy> {
-        Arc::new(StaticPolicy {
+    fn policy(machines: HashMap<Mac, MachineEntry>) -> SharedPolicy {
+        SharedPolicy::new(StaticPolicy {
             profiles: [("default".to_owned(), Profile::named("default"))].into(),
             machines,
             default_profile: Some("default".into()),
@@ -1312,7 +918,7 @@ mod tests {
     fn a_client_gets_its_previous_address_back_after_a_restart_and_after_expiry() {
         let mut e = engine(Mode::Full);
         let first = dora(&mut e, |k, o| plain(k, 9, o), T0);
-        let leases = e.store.load_all().unwrap();
+        let leases = e.addresses.stored().unwrap();
         let mut store = MemLeaseStore::default();
         for l in &leases {
             store.put(l).unwrap();
@@ -1738,6 +1344,120 @@ mod tests {
             "{:?}",
             out.problem
         );
+    }
+
+    /// A store that keeps the contract (a batch counts only once committed)
+    /// and whose commits fail while `failing` is set.
+    #[derive(Default)]
+    struct DiskThatFills {
+        committed: HashMap<Ipv4Addr, Lease>,
+        pending: Vec<Lease>,
+        failing: Arc<std::sync::atomic::AtomicBool>,
+    }
+    impl LeaseStore for DiskThatFills {
+        fn load_all(&self) -> Result<Vec<Lease>, LeaseError> {
+            Ok(self.committed.values().cloned().collect())
+        }
+        fn put(&mut self, lease: &Lease) -> Result<(), LeaseError> {
+            self.pending.push(lease.clone());
+            Ok(())
+        }
+        fn remove(&mut self, _: Ipv4Addr) -> Result<(), LeaseError> {
+            Ok(())
+        }
+        fn commit(&mut self) -> Result<(), LeaseError> {
+            let batch = std::mem::take(&mut self.pending);
+            if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(disk_full());
+            }
+            self.committed.extend(batch.into_iter().map(|l| (l.ip, l)));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_commit_leaves_memory_as_the_disk_has_it() {
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let store = DiskThatFills {
+            failing: Arc::clone(&failing),
+            ..DiskThatFills::default()
+        };
+        let mut e =
+            Engine::new(config(Mode::Full), policy(HashMap::new()), Box::new(store)).unwrap();
+        let selecting = |n: u8, ip: Ipv4Addr| {
+            plain(
+                MessageType::Request,
+                n,
+                vec![
+                    DhcpOption::ServerIdentifier(SERVER),
+                    DhcpOption::RequestedIpAddress(ip),
+                ],
+            )
+        };
+        // A new machine's REQUEST fails to commit: no lease in memory, and
+        // its offer still stands, so its retry is ACKed once the disk recovers.
+        let offer = e.handle(&plain(MessageType::Discover, 40, vec![]), at(67, src()), T0);
+        let ip = offer.reply.unwrap().message.yiaddr();
+        failing.store(true, std::sync::atomic::Ordering::Relaxed);
+        let out = e.handle(&selecting(40, ip), at(67, src()), T0);
+        assert!(
+            out.reply.is_none() && out.problem.is_some(),
+            "{}",
+            out.summary
+        );
+        assert_eq!(
+            e.lease(ip),
+            None,
+            "memory must not hold a lease the disk lacks"
+        );
+        let other = e.handle(&plain(MessageType::Discover, 41, vec![]), at(67, src()), T0);
+        assert_ne!(
+            other.reply.unwrap().message.yiaddr(),
+            ip,
+            "the offer is still held"
+        );
+        failing.store(false, std::sync::atomic::Ordering::Relaxed);
+        let retry = e.handle(&selecting(40, ip), at(67, src()), T0 + 1);
+        assert_eq!(
+            msg_type(&retry),
+            Some(MessageType::Ack),
+            "{}",
+            retry.summary
+        );
+        let granted = e.lease(ip).cloned().unwrap();
+
+        // A renewal that fails to commit leaves the lease as it was on disk.
+        failing.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut renew = plain(MessageType::Request, 40, vec![]);
+        renew.message.set_ciaddr(ip);
+        let out = e.handle(&renew, at(67, SocketAddrV4::new(ip, 68)), T0 + 600);
+        assert!(out.reply.is_none(), "{}", out.summary);
+        assert_eq!(
+            e.lease(ip),
+            Some(&granted),
+            "the expiry on disk is the old one"
+        );
+
+        // A machine moving to its reservation keeps its old address when the
+        // move fails to commit.
+        let moved = Ipv4Addr::new(198, 18, 0, 105);
+        let mut moving = config(Mode::Full);
+        moving.reservations.insert(Mac(mac(40)), moved);
+        e.reconfigure(moving);
+        let offer = e.handle(
+            &plain(MessageType::Discover, 40, vec![]),
+            at(67, src()),
+            T0 + 700,
+        );
+        assert_eq!(offer.reply.unwrap().message.yiaddr(), moved);
+        let out = e.handle(&selecting(40, moved), at(67, src()), T0 + 700);
+        assert!(out.reply.is_none(), "{}", out.summary);
+        assert_eq!(e.lease(ip), Some(&granted), "the old lease is not released");
+        assert_eq!(e.lease(moved), None);
+        failing.store(false, std::sync::atomic::Ordering::Relaxed);
+        let out = e.handle(&selecting(40, moved), at(67, src()), T0 + 701);
+        assert_eq!(msg_type(&out), Some(MessageType::Ack), "{}", out.summary);
+        assert_eq!(e.lease(ip).map(|l| l.state), Some(LeaseState::Released));
     }
 
     #[test]

@@ -55,13 +55,14 @@ impl Offers {
             .is_some_and(|(c, until)| c != client && *until > now)
     }
 
-    /// Ends the offer of `ip` (it was taken, or declined).
-    pub fn release_ip(&mut self, ip: Ipv4Addr) {
-        if let Some((client, _)) = self.by_ip.remove(&ip) {
-            if self.by_client.get(&client) == Some(&ip) {
-                self.by_client.remove(&client);
-            }
+    /// Ends the offer of `ip` (it was taken, or declined); returns whom it
+    /// was held for and until when.
+    pub fn release_ip(&mut self, ip: Ipv4Addr) -> Option<(Vec<u8>, u64)> {
+        let (client, until) = self.by_ip.remove(&ip)?;
+        if self.by_client.get(&client) == Some(&ip) {
+            self.by_client.remove(&client);
         }
+        Some((client, until))
     }
 
     /// Ends the offer made to `client` (it chose another server).

@@ -1,6 +1,6 @@
 //! HTTP boot: the boot root over HTTP (GET/HEAD, single ranges, ETag and
 //! Last-Modified validators), and per-machine iPXE scripts at `/boot.ipxe`.
-//! Files come from the same confined, memory-mapped [`BootRoot`] as TFTP.
+//! Files come from the same confined [`BootRoot`] as TFTP.
 
 use std::{ops::RangeInclusive, sync::Arc, time::SystemTime};
 
@@ -19,16 +19,12 @@ use tracing::{info, warn};
 use crate::{
     bootroot::{BootFile, BootRoot, OpenError},
     policy::{
-        r#static::{Decision, ServerUrls, StaticPolicy},
-        Arch, Mac, Machine, LOCAL_BOOT_SCRIPT,
+        Arch, ClientKind, Decision, Mac, Machine, ServerUrls, SharedPolicy, LOCAL_BOOT_SCRIPT,
     },
 };
 
 /// Path of the per-machine iPXE script.
 pub const SCRIPT_PATH: &str = "/boot.ipxe";
-
-/// The policy in force; SIGHUP swaps it for a reloaded one.
-pub type SharedPolicy = Arc<std::sync::RwLock<Arc<StaticPolicy>>>;
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -69,9 +65,16 @@ async fn ipxe_script(State(state): State<HttpState>, Query(q): Query<ScriptQuery
         mac,
         arch,
         uuid: q.uuid.filter(|u| !u.is_empty()),
+        // Only iPXE fetches its script.
+        client: ClientKind::Ipxe,
+        relay: None,
     };
-    let policy = Arc::clone(&state.policy.read().unwrap_or_else(|e| e.into_inner()));
-    let script = match policy.decide(&machine, &state.urls) {
+    let script = match state
+        .policy
+        .current()
+        .decide(&machine, &state.urls)
+        .decision
+    {
         Decision::Boot(spec) => {
             info!(%mac, arch = arch.name(), profile = %spec.profile, "HTTP: iPXE script served");
             spec.ipxe_script
@@ -112,7 +115,7 @@ async fn boot_file(
     let Ok(path) = percent_encoding::percent_decode_str(uri.path()).decode_utf8() else {
         return (StatusCode::BAD_REQUEST, "path is not UTF-8\n").into_response();
     };
-    let file = match state.root.open_file(&path) {
+    let file = match state.root.open_file(&path).await {
         Ok(f) => f,
         Err(OpenError::NotFound) => return (StatusCode::NOT_FOUND, "not found\n").into_response(),
         Err(OpenError::Denied(why)) => {

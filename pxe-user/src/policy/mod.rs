@@ -1,11 +1,18 @@
 //! Who boots what: the narrow seam between the protocol servers and the
-//! operator's intent. DHCP, TFTP and HTTP ask the policy; they never read the
-//! config themselves.
+//! operator's intent. DHCP (67 and 4011) and HTTP ask a [`BootPolicy`]
+//! through one [`SharedPolicy`]; they never read the config themselves. The
+//! TOML file is one implementation ([`r#static::StaticPolicy`]); a machine
+//! inventory changed at run time is another. A reload swaps the whole
+//! policy at once: every request sees the old one or the new one, never a mix.
 
 pub mod render;
 pub mod r#static;
 
-use std::fmt;
+use std::{fmt, net::Ipv4Addr, sync::Arc};
+
+use arc_swap::ArcSwap;
+
+pub use self::r#static::ServerUrls;
 
 /// A MAC address as it appears in chaddr.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -142,9 +149,117 @@ impl ClientKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Machine {
     pub mac: Mac,
+    /// As the machine claims it (option 93, or the script URL's `arch=`).
     pub arch: Arch,
     /// Client machine identifier (option 97), as text, when sent.
     pub uuid: Option<String>,
+    /// The boot client, as detected from the request.
+    pub client: ClientKind,
+    /// The relay the request came through (giaddr), if any.
+    pub relay: Option<Ipv4Addr>,
+}
+
+/// The operator's intent, asked by every server the same way.
+pub trait BootPolicy: Send + Sync {
+    /// What `machine` boots now; its script's URLs point at `urls`.
+    fn decide(&self, machine: &Machine, urls: &ServerUrls) -> Verdict;
+    /// The host name a lease for `mac` carries, whoever asks (cheap: asked
+    /// for every lease, PXE or not).
+    fn hostname(&self, mac: Mac) -> Option<String>;
+}
+
+/// The policy's answer for one machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// How the machine's boot client is answered: as detected, unless the
+    /// policy overrides it for firmware that misreports itself.
+    pub client: ClientKind,
+    pub decision: Decision,
+}
+
+/// Whether and what a machine boots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Boot(BootSpec),
+    /// A provisioned machine: answer, but send it to its local disk.
+    LocalBoot,
+    /// Not ours to boot: stay silent.
+    Ignore,
+}
+
+/// What a DHCP reply tells a machine to fetch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootAnswer {
+    /// A path in the boot root (TFTP) or a URL (iPXE, HTTP Boot).
+    pub file: String,
+    /// Option 60 of the reply: `PXEClient`, or `HTTPClient` for UEFI HTTP Boot.
+    pub vendor_class: &'static [u8],
+    /// The file is fetched over TFTP from this server (next-server, 66, 67).
+    pub tftp: bool,
+}
+
+impl Verdict {
+    /// The boot file or URL a DHCP reply carries for `machine`, if any.
+    /// iPXE always gets its script URL (a provisioned machine's script boots
+    /// the disk), so the chainload never loops back to firmware PXE.
+    pub fn boot_answer(&self, machine: &Machine, urls: &ServerUrls) -> Option<BootAnswer> {
+        match (self.client, &self.decision) {
+            (_, Decision::Ignore) => None,
+            (ClientKind::Ipxe, Decision::Boot(_) | Decision::LocalBoot) => {
+                let mut url = format!(
+                    "{}/boot.ipxe?mac={}&arch={}",
+                    urls.http,
+                    machine.mac,
+                    machine.arch.name()
+                );
+                if let Some(uuid) = &machine.uuid {
+                    url.push_str(&format!("&uuid={uuid}"));
+                }
+                Some(BootAnswer {
+                    file: url,
+                    vendor_class: b"PXEClient",
+                    tftp: false,
+                })
+            }
+            (ClientKind::HttpBoot, Decision::Boot(spec)) => Some(BootAnswer {
+                file: format!("{}/{}", urls.http, spec.boot_file.as_ref()?),
+                vendor_class: b"HTTPClient",
+                tftp: false,
+            }),
+            (ClientKind::Pxe, Decision::Boot(spec)) => Some(BootAnswer {
+                file: spec.boot_file.clone()?,
+                vendor_class: b"PXEClient",
+                tftp: true,
+            }),
+            (ClientKind::Pxe | ClientKind::HttpBoot, Decision::LocalBoot) => None,
+        }
+    }
+}
+
+/// The policy in force, shared by every server and swapped whole on reload.
+#[derive(Clone)]
+pub struct SharedPolicy(Arc<ArcSwap<Box<dyn BootPolicy>>>);
+
+impl SharedPolicy {
+    pub fn new(policy: impl BootPolicy + 'static) -> Self {
+        Self(Arc::new(ArcSwap::from_pointee(Box::new(policy))))
+    }
+
+    /// The policy now: one snapshot, to ask as often as a request needs.
+    pub fn current(&self) -> Arc<Box<dyn BootPolicy>> {
+        self.0.load_full()
+    }
+
+    /// Puts `policy` in force for every request that starts after this.
+    pub fn replace(&self, policy: impl BootPolicy + 'static) {
+        self.0.store(Arc::new(Box::new(policy)));
+    }
+}
+
+impl fmt::Debug for SharedPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SharedPolicy")
+    }
 }
 
 /// The policy's answer for one machine.
@@ -187,6 +302,79 @@ mod tests {
         ] {
             assert!(bad.parse::<Mac>().is_err(), "{bad}");
         }
+    }
+
+    fn verdict(client: ClientKind, decision: Decision) -> Verdict {
+        Verdict { client, decision }
+    }
+
+    fn spec(boot_file: Option<&str>) -> Decision {
+        Decision::Boot(BootSpec {
+            profile: "default".into(),
+            boot_file: boot_file.map(str::to_owned),
+            ipxe_script: String::new(),
+            hostname: None,
+        })
+    }
+
+    #[test]
+    fn each_boot_client_is_answered_in_its_own_terms() {
+        let urls = ServerUrls::new(Ipv4Addr::new(198, 18, 0, 1), 8080);
+        let machine = Machine {
+            mac: Mac([2, 0, 0, 0, 0, 1]),
+            arch: Arch::UefiX64,
+            uuid: Some("u-1".into()),
+            client: ClientKind::Pxe,
+            relay: None,
+        };
+        let answer = |client, decision| verdict(client, decision).boot_answer(&machine, &urls);
+        let pxe = answer(ClientKind::Pxe, spec(Some("ipxe.efi"))).unwrap();
+        assert_eq!(
+            (pxe.file.as_str(), pxe.vendor_class, pxe.tftp),
+            ("ipxe.efi", &b"PXEClient"[..], true)
+        );
+        let http = answer(ClientKind::HttpBoot, spec(Some("ipxe.efi"))).unwrap();
+        assert_eq!(
+            (http.file.as_str(), http.vendor_class, http.tftp),
+            ("http://198.18.0.1:8080/ipxe.efi", &b"HTTPClient"[..], false)
+        );
+        let ipxe = answer(ClientKind::Ipxe, Decision::LocalBoot).unwrap();
+        assert_eq!(
+            ipxe.file,
+            "http://198.18.0.1:8080/boot.ipxe?mac=02:00:00:00:00:01&arch=uefi-x64&uuid=u-1"
+        );
+        assert_eq!(
+            answer(ClientKind::Pxe, Decision::LocalBoot),
+            None,
+            "firmware boots its disk"
+        );
+        assert_eq!(
+            answer(ClientKind::Pxe, spec(None)),
+            None,
+            "no file for the architecture"
+        );
+        assert_eq!(answer(ClientKind::Ipxe, Decision::Ignore), None);
+    }
+
+    #[test]
+    fn a_replaced_policy_answers_every_later_question_and_an_old_snapshot_stays_whole() {
+        struct Named(&'static str);
+        impl BootPolicy for Named {
+            fn decide(&self, _: &Machine, _: &ServerUrls) -> Verdict {
+                verdict(ClientKind::Pxe, Decision::Ignore)
+            }
+            fn hostname(&self, _: Mac) -> Option<String> {
+                Some(self.0.to_owned())
+            }
+        }
+        let shared = SharedPolicy::new(Named("old"));
+        let before = shared.current();
+        shared.replace(Named("new"));
+        assert_eq!(before.hostname(Mac([0; 6])).as_deref(), Some("old"));
+        assert_eq!(
+            shared.clone().current().hostname(Mac([0; 6])).as_deref(),
+            Some("new")
+        );
     }
 
     #[test]

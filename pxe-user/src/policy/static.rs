@@ -2,7 +2,7 @@
 
 use std::{collections::HashMap, net::Ipv4Addr};
 
-use super::{render, Arch, BootSpec, ClientKind, Mac, Machine};
+use super::{render, Arch, BootPolicy, BootSpec, ClientKind, Decision, Mac, Machine, Verdict};
 
 /// Boot files by architecture, paths in the boot root.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,20 +121,27 @@ pub struct StaticPolicy {
     pub default_profile: Option<String>,
 }
 
-/// What the policy decided for a machine.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Decision {
-    Boot(BootSpec),
-    /// A provisioned machine: answer, but send it to its local disk.
-    LocalBoot,
-    /// Not ours to boot: stay silent.
-    Ignore,
+impl BootPolicy for StaticPolicy {
+    fn decide(&self, machine: &Machine, urls: &ServerUrls) -> Verdict {
+        let entry = self.machines.get(&machine.mac);
+        Verdict {
+            client: entry.and_then(|e| e.client).unwrap_or(machine.client),
+            decision: self.decision(entry, machine, urls),
+        }
+    }
+
+    fn hostname(&self, mac: Mac) -> Option<String> {
+        self.machines.get(&mac).and_then(|m| m.hostname.clone())
+    }
 }
 
 impl StaticPolicy {
-    /// What `machine` boots; its script's URLs point at `urls`.
-    pub fn decide(&self, machine: &Machine, urls: &ServerUrls) -> Decision {
-        let entry = self.machines.get(&machine.mac);
+    fn decision(
+        &self,
+        entry: Option<&MachineEntry>,
+        machine: &Machine,
+        urls: &ServerUrls,
+    ) -> Decision {
         if entry.is_some_and(|e| !e.netboot) {
             return Decision::LocalBoot;
         }
@@ -219,6 +226,8 @@ mod tests {
             mac: Mac([2, 0, 0, 0, 0, last]),
             arch: Arch::from_code(code),
             uuid: None,
+            client: ClientKind::Pxe,
+            relay: None,
         }
     }
 
@@ -234,12 +243,12 @@ mod tests {
             (16, "ipxe.efi"),
             (41, "bootcode.bin"),
         ] {
-            let Decision::Boot(spec) = p.decide(&machine(9, code), &urls()) else {
+            let Decision::Boot(spec) = p.decide(&machine(9, code), &urls()).decision else {
                 panic!("arch {code} boots")
             };
             assert_eq!(spec.boot_file.as_deref(), Some(want), "arch {code}");
         }
-        let Decision::Boot(spec) = p.decide(&machine(9, 1234), &urls()) else {
+        let Decision::Boot(spec) = p.decide(&machine(9, 1234), &urls()).decision else {
             panic!()
         };
         assert_eq!(
@@ -250,7 +259,7 @@ mod tests {
 
     #[test]
     fn a_named_machine_gets_its_profile_and_its_script_is_rendered() {
-        let Decision::Boot(spec) = policy().decide(&machine(1, 7), &urls()) else {
+        let Decision::Boot(spec) = policy().decide(&machine(1, 7), &urls()).decision else {
             panic!()
         };
         assert_eq!(spec.profile, "rescue");
@@ -283,7 +292,7 @@ mod tests {
                 client: None,
             },
         );
-        let Decision::Boot(spec) = p.decide(&machine(4, 0), &urls()) else {
+        let Decision::Boot(spec) = p.decide(&machine(4, 0), &urls()).decision else {
             panic!()
         };
         assert_eq!(
@@ -294,15 +303,42 @@ mod tests {
     }
 
     #[test]
+    fn a_per_machine_client_override_beats_what_the_request_says() {
+        let mut p = policy();
+        p.machines.get_mut(&Mac([2, 0, 0, 0, 0, 1])).unwrap().client = Some(ClientKind::Pxe);
+        let mut ipxe = machine(1, 7);
+        ipxe.client = ClientKind::Ipxe;
+        assert_eq!(
+            p.decide(&ipxe, &urls()).client,
+            ClientKind::Pxe,
+            "overridden"
+        );
+        ipxe.mac = Mac([2, 0, 0, 0, 0, 9]);
+        assert_eq!(
+            p.decide(&ipxe, &urls()).client,
+            ClientKind::Ipxe,
+            "as detected"
+        );
+        assert_eq!(
+            p.hostname(Mac([2, 0, 0, 0, 0, 1])).as_deref(),
+            Some("node1")
+        );
+        assert_eq!(p.hostname(Mac([2, 0, 0, 0, 0, 9])), None);
+    }
+
+    #[test]
     fn a_provisioned_machine_boots_locally_and_strangers_follow_the_default() {
         let mut p = policy();
-        assert_eq!(p.decide(&machine(2, 7), &urls()), Decision::LocalBoot);
+        assert_eq!(
+            p.decide(&machine(2, 7), &urls()).decision,
+            Decision::LocalBoot
+        );
         assert!(
-            matches!(p.decide(&machine(3, 7), &urls()), Decision::Boot(s) if s.profile == "default")
+            matches!(p.decide(&machine(3, 7), &urls()).decision, Decision::Boot(s) if s.profile == "default")
         );
         p.default_profile = None;
         assert_eq!(
-            p.decide(&machine(3, 7), &urls()),
+            p.decide(&machine(3, 7), &urls()).decision,
             Decision::Ignore,
             "no default: strangers are ignored"
         );

@@ -223,7 +223,7 @@ impl TftpServer {
                 return;
             }
         }
-        let file = match self.root.open_file(filename) {
+        let file = match self.root.open_file(filename).await {
             Ok(f) => f,
             Err(OpenError::NotFound) => {
                 info!(client = %peer, file = filename, "TFTP: file not found");

@@ -1,0 +1,308 @@
+//! The address manager: who holds which address, over the [`LeaseStore`].
+//!
+//! It keeps the in-memory indexes (by address, by client, open offers,
+//! reservations) and writes leases into the store's open batch. The indexes
+//! change as each request of a burst is decided, so that the next request
+//! of the same burst sees them; every change is journalled until the batch
+//! commits. When the commit fails the journal is played back, so memory
+//! says exactly what the disk has (the contract of [`crate::lease`]): no
+//! lease the disk lacks, no offer given up for a lease that was never stored.
+
+use std::{collections::HashMap, net::Ipv4Addr};
+
+use super::{offers::Offers, pool::Subnet};
+use crate::{
+    lease::{Lease, LeaseError, LeaseState, LeaseStore},
+    policy::Mac,
+};
+
+/// How long a declined address stays out of use.
+pub const DECLINE_QUARANTINE_SECS: u64 = 600;
+
+/// One index change, with what it replaced.
+enum Undo {
+    Lease(Ipv4Addr, Option<Lease>),
+    Client(Vec<u8>, Option<Ipv4Addr>),
+    Offer(Ipv4Addr, Option<(Vec<u8>, u64)>),
+}
+
+pub struct Addresses {
+    store: Box<dyn LeaseStore>,
+    by_ip: HashMap<Ipv4Addr, Lease>,
+    by_client: HashMap<Vec<u8>, Ipv4Addr>,
+    offers: Offers,
+    /// Fixed addresses by MAC, and the same by address.
+    reservations: HashMap<Mac, Ipv4Addr>,
+    reserved: HashMap<Ipv4Addr, Mac>,
+    /// Where each subnet's free-address search resumes.
+    cursors: Vec<u64>,
+    /// Index changes since the last commit, oldest first.
+    journal: Vec<Undo>,
+    /// Writes into the store's batch, ever: a request wrote if it grew.
+    writes: u64,
+}
+
+/// What an address is being considered for: a client, and where it asked.
+#[derive(Clone, Copy)]
+pub struct Claim<'a> {
+    pub client: &'a [u8],
+    pub mac: Mac,
+    pub subnet: usize,
+    /// Our own address there, never handed out.
+    pub server: Ipv4Addr,
+    pub now: u64,
+}
+
+impl Addresses {
+    /// The indexes of every lease the store holds.
+    pub fn load(
+        store: Box<dyn LeaseStore>,
+        subnets: usize,
+        reservations: HashMap<Mac, Ipv4Addr>,
+    ) -> Result<Self, LeaseError> {
+        let mut by_ip = HashMap::new();
+        let mut by_client = HashMap::new();
+        for lease in store.load_all()? {
+            if lease.state != LeaseState::Declined {
+                by_client.insert(lease.client.clone(), lease.ip);
+            }
+            by_ip.insert(lease.ip, lease);
+        }
+        let mut addresses = Self {
+            store,
+            by_ip,
+            by_client,
+            offers: Offers::default(),
+            reservations: HashMap::new(),
+            reserved: HashMap::new(),
+            cursors: Vec::new(),
+            journal: Vec::new(),
+            writes: 0,
+        };
+        addresses.reconfigure(subnets, reservations);
+        Ok(addresses)
+    }
+
+    /// New subnets and reservations (SIGHUP); leases and offers stay.
+    pub fn reconfigure(&mut self, subnets: usize, reservations: HashMap<Mac, Ipv4Addr>) {
+        self.cursors = vec![0; subnets];
+        self.reserved = reservations.iter().map(|(mac, ip)| (*ip, *mac)).collect();
+        self.reservations = reservations;
+    }
+
+    /// The lease recorded for `ip`, if any.
+    pub fn lease(&self, ip: Ipv4Addr) -> Option<&Lease> {
+        self.by_ip.get(&ip)
+    }
+
+    /// The address `client` holds or last held.
+    pub fn of_client(&self, client: &[u8]) -> Option<Ipv4Addr> {
+        self.by_client.get(client).copied()
+    }
+
+    pub fn reservation(&self, mac: Mac) -> Option<Ipv4Addr> {
+        self.reservations.get(&mac).copied()
+    }
+
+    /// Writes into the store's batch so far (compare before and after a
+    /// request to know whether its reply must wait for the commit).
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+
+    /// What the store holds, as a restart would read it.
+    #[cfg(test)]
+    pub fn stored(&self) -> Result<Vec<Lease>, LeaseError> {
+        self.store.load_all()
+    }
+
+    // ---- offers -----------------------------------------------------------
+
+    pub fn sweep_offers(&mut self, now: u64) {
+        self.offers.sweep(now);
+    }
+
+    /// Holds `ip` for `client` until `until` (not journalled: an offer
+    /// writes nothing to disk, so nothing can disagree with it).
+    pub fn hold_offer(&mut self, ip: Ipv4Addr, client: Vec<u8>, until: u64) {
+        self.offers.hold(ip, client, until);
+    }
+
+    pub fn is_offered_to(&self, ip: Ipv4Addr, client: &[u8]) -> bool {
+        self.offers.is_held_for(ip, client)
+    }
+
+    /// The client chose another server: its offer is given up.
+    pub fn release_offer_of(&mut self, client: &[u8]) {
+        self.offers.release_client(client);
+    }
+
+    // ---- choosing -----------------------------------------------------------
+
+    /// Whether `ip` is held by someone other than `client` at `now`.
+    pub fn held_by_other(&self, ip: Ipv4Addr, client: &[u8], now: u64) -> bool {
+        self.by_ip
+            .get(&ip)
+            .is_some_and(|l| l.is_current(now) && l.client != client)
+    }
+
+    /// May `ip` go to this claim now?
+    pub fn assignable(&self, ip: Ipv4Addr, subnet: &Subnet, c: Claim<'_>) -> bool {
+        let reserved_for_this = self.reservations.get(&c.mac) == Some(&ip);
+        let reserved_for_other = self.reserved.get(&ip).is_some_and(|m| *m != c.mac);
+        (subnet.in_pool(ip) || (reserved_for_this && subnet.contains(ip)))
+            && !reserved_for_other
+            && ip != c.server
+            && !self.held_by_other(ip, c.client, c.now)
+            && !self.offers.is_held_for_another(ip, c.client, c.now)
+    }
+
+    /// The address to offer: the reservation, else what the client was
+    /// offered, held, or asks for, else a fresh address, else an expired one.
+    pub fn choose(
+        &mut self,
+        subnet: &Subnet,
+        requested: Option<Ipv4Addr>,
+        c: Claim<'_>,
+    ) -> Option<Ipv4Addr> {
+        if let Some(ip) = self.reservation(c.mac) {
+            return self.assignable(ip, subnet, c).then_some(ip);
+        }
+        let offered = self.offers.of_client(c.client);
+        let previous = self.of_client(c.client);
+        if let Some(ip) = [offered, previous, requested]
+            .into_iter()
+            .flatten()
+            .find(|ip| self.assignable(*ip, subnet, c))
+        {
+            return Some(ip);
+        }
+        let len = subnet.pool_len();
+        for reclaim in [false, true] {
+            let start = self.cursors[c.subnet];
+            for step in 0..len {
+                let n = (start + step) % len;
+                let Some(ip) = subnet.nth(n) else {
+                    continue;
+                };
+                if (reclaim || !self.by_ip.contains_key(&ip)) && self.assignable(ip, subnet, c) {
+                    self.cursors[c.subnet] = (n + 1) % len;
+                    return Some(ip);
+                }
+            }
+        }
+        None
+    }
+
+    // ---- changes (journalled until commit) ------------------------------------
+
+    /// Gives `lease` to its client; an address the client held before is
+    /// released. Both are in the store's batch when this returns `Ok`.
+    pub fn grant(&mut self, lease: Lease, now: u64) -> Result<(), LeaseError> {
+        let previous = self
+            .of_client(&lease.client)
+            .filter(|old| *old != lease.ip)
+            .and_then(|old| self.by_ip.get(&old).cloned())
+            .map(|mut previous| {
+                previous.state = LeaseState::Released;
+                previous.expires = now;
+                previous
+            });
+        if let Some(previous) = &previous {
+            self.put(previous)?;
+        }
+        self.put(&lease)?;
+        if let Some(previous) = previous {
+            self.set_lease(previous);
+        }
+        self.end_offer(lease.ip);
+        self.set_client(lease.client.clone(), Some(lease.ip));
+        self.set_lease(lease);
+        Ok(())
+    }
+
+    /// The client gives `ip` back; it keeps its claim to get it again.
+    pub fn release(&mut self, ip: Ipv4Addr, now: u64) -> Result<bool, LeaseError> {
+        let Some(mut lease) = self.by_ip.get(&ip).cloned() else {
+            return Ok(false);
+        };
+        lease.state = LeaseState::Released;
+        lease.expires = now;
+        self.put(&lease)?;
+        self.set_lease(lease);
+        Ok(true)
+    }
+
+    /// `ip` is in use on the wire: out of use for the quarantine, and no
+    /// longer the client's.
+    pub fn decline(
+        &mut self,
+        ip: Ipv4Addr,
+        client: &[u8],
+        mac: Mac,
+        now: u64,
+    ) -> Result<(), LeaseError> {
+        let quarantined = Lease {
+            ip,
+            client: Vec::new(),
+            mac: mac.0,
+            expires: now + DECLINE_QUARANTINE_SECS,
+            state: LeaseState::Declined,
+            hostname: None,
+        };
+        self.put(&quarantined)?;
+        self.set_client(client.to_vec(), None);
+        self.end_offer(ip);
+        self.set_lease(quarantined);
+        Ok(())
+    }
+
+    /// Makes the batch durable. On failure, every index change since the
+    /// last commit is undone and the error returned: nothing of the batch
+    /// counts, on disk or in memory.
+    pub fn commit(&mut self) -> Result<(), LeaseError> {
+        let result = self.store.commit();
+        if result.is_err() {
+            self.roll_back();
+        }
+        self.journal.clear();
+        result
+    }
+
+    fn roll_back(&mut self) {
+        while let Some(undo) = self.journal.pop() {
+            match undo {
+                Undo::Lease(ip, Some(lease)) => drop(self.by_ip.insert(ip, lease)),
+                Undo::Lease(ip, None) => drop(self.by_ip.remove(&ip)),
+                Undo::Client(client, Some(ip)) => drop(self.by_client.insert(client, ip)),
+                Undo::Client(client, None) => drop(self.by_client.remove(&client)),
+                Undo::Offer(ip, Some((client, until))) => self.offers.hold(ip, client, until),
+                Undo::Offer(_, None) => {}
+            }
+        }
+    }
+
+    fn put(&mut self, lease: &Lease) -> Result<(), LeaseError> {
+        self.writes += 1;
+        self.store.put(lease)
+    }
+
+    fn set_lease(&mut self, lease: Lease) {
+        let ip = lease.ip;
+        let before = self.by_ip.insert(ip, lease);
+        self.journal.push(Undo::Lease(ip, before));
+    }
+
+    fn set_client(&mut self, client: Vec<u8>, ip: Option<Ipv4Addr>) {
+        let before = match ip {
+            Some(ip) => self.by_client.insert(client.clone(), ip),
+            None => self.by_client.remove(&client),
+        };
+        self.journal.push(Undo::Client(client, before));
+    }
+
+    fn end_offer(&mut self, ip: Ipv4Addr) {
+        let before = self.offers.release_ip(ip);
+        self.journal.push(Undo::Offer(ip, before));
+    }
+}

@@ -1,0 +1,117 @@
+//! Reply builders: pure functions from a request and what was decided to the
+//! message that answers it (RFC 2131 §4.3, PXE 2.1, UEFI HTTP Boot).
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode};
+
+use super::{classify::Request, outcome::Destination, pool::Subnet};
+use crate::policy::BootAnswer;
+
+/// The skeleton of every reply from `server`: the request's xid, flags,
+/// relay and chaddr, the message type and our server identifier.
+pub fn reply_to(req: &Request, kind: MessageType, yiaddr: Ipv4Addr, server: Ipv4Addr) -> Message {
+    let m = &req.message;
+    let mut reply = Message::new_with_id(
+        m.xid(),
+        Ipv4Addr::UNSPECIFIED,
+        yiaddr,
+        server,
+        m.giaddr(),
+        m.chaddr(),
+    );
+    reply.set_opcode(Opcode::BootReply);
+    reply.set_flags(m.flags());
+    reply.opts_mut().insert(DhcpOption::MessageType(kind));
+    reply
+        .opts_mut()
+        .insert(DhcpOption::ServerIdentifier(server));
+    // RFC 3046 §2.2: echo the relay agent information.
+    if let Some(relay) = m.opts().get(OptionCode::RelayAgentInformation) {
+        reply.opts_mut().insert(relay.clone());
+    }
+    reply
+}
+
+/// The lease's times and the subnet's options (mask, broadcast, router,
+/// DNS, domain), and the machine's host name if it has one.
+pub fn add_lease_options(reply: &mut Message, subnet: &Subnet, hostname: Option<String>) {
+    let opts = reply.opts_mut();
+    opts.insert(DhcpOption::AddressLeaseTime(subnet.lease_time));
+    opts.insert(DhcpOption::Renewal(subnet.lease_time / 2));
+    opts.insert(DhcpOption::Rebinding(subnet.lease_time / 8 * 7));
+    opts.insert(DhcpOption::SubnetMask(subnet.network.netmask()));
+    opts.insert(DhcpOption::BroadcastAddr(subnet.network.broadcast()));
+    if let Some(router) = subnet.router {
+        opts.insert(DhcpOption::Router(vec![router]));
+    }
+    if !subnet.dns.is_empty() {
+        opts.insert(DhcpOption::DomainNameServer(subnet.dns.clone()));
+    }
+    if let Some(domain) = &subnet.domain {
+        opts.insert(DhcpOption::DomainName(domain.clone()));
+    }
+    if let Some(hostname) = hostname {
+        opts.insert(DhcpOption::Hostname(hostname));
+    }
+}
+
+/// RFC 2131 §3.4: no lease time in an answer to INFORM.
+pub fn remove_lease_times(reply: &mut Message) {
+    for code in [
+        OptionCode::AddressLeaseTime,
+        OptionCode::Renewal,
+        OptionCode::Rebinding,
+    ] {
+        reply.opts_mut().remove(code);
+    }
+}
+
+/// The boot file or URL, from `server`.
+pub fn add_boot(reply: &mut Message, req: &Request, boot: &BootAnswer, server: Ipv4Addr) {
+    reply.set_siaddr(server);
+    reply.set_fname_str(&boot.file);
+    let opts = reply.opts_mut();
+    // PXE 2.1 §2.5: replies to PXE clients carry option 60; UEFI HTTP Boot
+    // requires "HTTPClient" (UEFI 2.x §24.7).
+    opts.insert(DhcpOption::ClassIdentifier(boot.vendor_class.to_vec()));
+    if boot.tftp {
+        opts.insert(DhcpOption::TFTPServerName(server.to_string().into_bytes()));
+        opts.insert(DhcpOption::BootfileName(boot.file.clone().into_bytes()));
+        // PXE_DISCOVERY_CONTROL = 8: use the boot file given here, skip
+        // boot server discovery (PXE 2.1 §2.4.2.1).
+        opts.insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
+    }
+    if let Some(uuid) = &req.uuid_raw {
+        opts.insert(DhcpOption::ClientMachineIdentifier(uuid.clone()));
+    }
+}
+
+/// A NAK saying `why`, and where it goes: RFC 2131 §4.1, broadcast unless
+/// it goes to a relay.
+pub fn nak(req: &Request, why: &str, server: Ipv4Addr) -> (Message, Destination) {
+    let mut reply = reply_to(req, MessageType::Nak, Ipv4Addr::UNSPECIFIED, server);
+    reply.set_siaddr(Ipv4Addr::UNSPECIFIED);
+    reply.opts_mut().insert(DhcpOption::Message(why.to_owned()));
+    let giaddr = req.message.giaddr();
+    let to = if giaddr.is_unspecified() {
+        Destination::Broadcast
+    } else {
+        Destination::Unicast(SocketAddrV4::new(giaddr, 67))
+    };
+    (reply, to)
+}
+
+/// RFC 2131 §4.1: relay → giaddr:67; a client with an address → ciaddr:68;
+/// otherwise broadcast (we do not unicast to an address the client has not
+/// yet configured, which would need an ARP entry injected).
+pub fn destination(req: &Request) -> Destination {
+    let m = &req.message;
+    if !m.giaddr().is_unspecified() {
+        return Destination::Unicast(SocketAddrV4::new(m.giaddr(), 67));
+    }
+    if !m.ciaddr().is_unspecified() && !m.flags().broadcast() {
+        return Destination::Unicast(SocketAddrV4::new(m.ciaddr(), 68));
+    }
+    Destination::Broadcast
+}
