@@ -8,6 +8,7 @@
 
 mod answers;
 mod counters;
+pub mod tftp_sessions;
 
 use std::{ffi::CString, fmt};
 
