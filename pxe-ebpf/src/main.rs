@@ -35,9 +35,9 @@ use pxe_common::{
     counter::Counter,
     dhcp::{AnswerEntry, AnswerKey, BOOTP_HEAD_LEN, DHCP_ANSWERS_CAPACITY, MAX_REPLY_LEN},
     maps::{
-        ImageEntry, SessionEntry, SessionKey, TftpPortEntry, TftpPortKey, CHUNK_SIZE, CHUNK_STRIDE,
-        IMAGES_CAPACITY, IMAGE_CHUNKS_DEFAULT, MAX_FAST_BLKSIZE, MAX_KERNEL_WINDOW,
-        TFTP_PORTS_CAPACITY, TFTP_SESSIONS_CAPACITY,
+        ImageEntry, SessionConfig, SessionKey, SessionProgress, TftpPortEntry, TftpPortKey,
+        CHUNK_SIZE, CHUNK_STRIDE, IMAGES_CAPACITY, IMAGE_CHUNKS_DEFAULT, MAX_FAST_BLKSIZE,
+        MAX_KERNEL_WINDOW, TFTP_PORTS_CAPACITY, TFTP_SESSIONS_CAPACITY,
     },
 };
 
@@ -71,10 +71,20 @@ static IMAGE_CHUNKS: Array<[u8; CHUNK_SIZE as usize]> =
 #[map]
 static IMAGES: Array<ImageEntry> = Array::with_max_entries(IMAGES_CAPACITY, 0);
 
-/// Transfer → its kernel session; inserted by the daemon, advanced by both programs.
+/// Transfer → how the kernel serves it and from which point; written only
+/// by the daemon, read by both programs. Not preallocated (as both session
+/// maps): an element the daemon replaces or removes is freed only after
+/// every program reading or writing it has finished.
 #[map]
-static TFTP_SESSIONS: HashMap<SessionKey, SessionEntry> =
-    HashMap::with_max_entries(TFTP_SESSIONS_CAPACITY, 0);
+static TFTP_SESSIONS: HashMap<SessionKey, SessionConfig> =
+    HashMap::with_max_entries(TFTP_SESSIONS_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// Transfer → how far the kernel got; written only by both programs, in
+/// place (the daemon creates it zeroed and removes it while no config
+/// names it).
+#[map]
+static TFTP_PROGRESS: HashMap<SessionKey, SessionProgress> =
+    HashMap::with_max_entries(TFTP_SESSIONS_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// Client, interface, port and request shape → the reply userspace decided;
 /// written by the daemon after it answered, read by both programs. Not
@@ -124,7 +134,7 @@ fn handle_xdp(ctx: &XdpContext) -> u32 {
 /// The XDP tier: grow the ACK into the DATA frame in place and send it back.
 #[inline(always)]
 fn xdp_tftp(ctx: &XdpContext, frame: &Frame, off: UdpOffsets) -> (Counter, u32) {
-    let build = match plan(frame, off, &TFTP_SESSIONS, &IMAGES, 1) {
+    let build = match plan(frame, off, &TFTP_SESSIONS, &TFTP_PROGRESS, &IMAGES, 1) {
         Plan::Pass(counter) => return (counter, xdp_action::XDP_PASS),
         Plan::Drop => return (Counter::DROP_TFTP_STALE_ACK, xdp_action::XDP_DROP),
         Plan::Build(build) => build,
@@ -285,7 +295,14 @@ fn handle_tc(ctx: &TcContext) -> i32 {
 /// then rewrite the skb into the last block and redirect it.
 #[inline(always)]
 fn tc_tftp(ctx: &TcContext, frame: &Frame, off: UdpOffsets) -> (Counter, i32) {
-    let build = match plan(frame, off, &TFTP_SESSIONS, &IMAGES, MAX_KERNEL_WINDOW) {
+    let build = match plan(
+        frame,
+        off,
+        &TFTP_SESSIONS,
+        &TFTP_PROGRESS,
+        &IMAGES,
+        MAX_KERNEL_WINDOW,
+    ) {
         Plan::Pass(counter) => return (counter, TC_ACT_UNSPEC),
         Plan::Drop => return (Counter::DROP_TFTP_STALE_ACK, TC_ACT_SHOT as i32),
         Plan::Build(build) => build,

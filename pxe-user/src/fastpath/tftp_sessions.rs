@@ -8,7 +8,8 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use pxe_common::maps::{SessionEntry, SessionKey, MAX_FAST_BLKSIZE, MAX_KERNEL_WINDOW};
+use bytemuck::Zeroable as _;
+use pxe_common::maps::{SessionConfig, SessionKey, MAX_FAST_BLKSIZE, MAX_KERNEL_WINDOW};
 use tracing::{info, warn};
 
 use super::FastPath;
@@ -135,20 +136,18 @@ impl TransferHooks for FastPathHooks {
         let (Some(key), Some(image)) = (session_key(t), self.image_for(t.file)) else {
             return false;
         };
-        let mut fastpath = self.lock();
-        // An update keeps the kernel's own counters.
-        let mut entry: SessionEntry = fastpath
-            .session(&key)
-            .ok()
-            .flatten()
-            .unwrap_or_else(bytemuck::Zeroable::zeroed);
-        entry.image = image;
-        entry.blksize = u32::from(t.blksize);
-        entry.blocks = t.blocks as u32;
-        entry.last_acked = t.acked as u32;
-        entry.last_sent = t.last_sent as u32;
-        entry.window = u32::from(t.windowsize);
-        match fastpath.insert_session(key, entry) {
+        // Only what userspace owns: the kernel merges the hand-over point
+        // into its own progress, keeping its counters.
+        let config = SessionConfig {
+            image,
+            blksize: u32::from(t.blksize),
+            blocks: t.blocks as u32,
+            window: u32::from(t.windowsize),
+            handover_acked: t.acked as u32,
+            handover_sent: t.last_sent as u32,
+            ..SessionConfig::zeroed()
+        };
+        match self.lock().hand_over(key, config) {
             Ok(()) => true,
             Err(e) => {
                 warn!(client = %t.client, "TFTP: kernel session refused, serving from userspace: {e}");
