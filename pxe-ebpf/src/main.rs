@@ -154,7 +154,7 @@ fn xdp_tftp(ctx: &XdpContext, frame: &Frame, off: UdpOffsets) -> (Counter, u32) 
         unsafe { bpf_xdp_store_bytes(ctx.ctx, offset, from, len) }
     }) {
         // The frame has already grown: never let a half-built frame go on.
-        return (Counter::PASS_TFTP_TRANSFER, xdp_action::XDP_ABORTED);
+        return (Counter::ABORTED_TFTP_HALF_BUILT, xdp_action::XDP_ABORTED);
     }
     sent(&build, 1, 0);
     (Counter::TX_TFTP_DATA, xdp_action::XDP_TX)
@@ -196,7 +196,7 @@ fn xdp_dhcp(
     });
     if !written {
         // The frame is already resized: never let a half-built frame go on.
-        return (Counter::PASS_DHCP_UNPARSED, xdp_action::XDP_ABORTED);
+        return (Counter::ABORTED_DHCP_HALF_BUILT, xdp_action::XDP_ABORTED);
     }
     dhcp::answered(&reply);
     (Counter::TX_DHCP_REPLY, xdp_action::XDP_TX)
@@ -310,7 +310,7 @@ fn tc_tftp(ctx: &TcContext, frame: &Frame, off: UdpOffsets) -> (Counter, i32) {
     let skb = ctx.skb.skb;
     // SAFETY: the skb is the program's own; the helper validates the length.
     if unsafe { bpf_skb_change_tail(skb, build.frame_len as u32, 0) } != 0 {
-        return (Counter::PASS_TFTP_TRANSFER, TC_ACT_UNSPEC);
+        return (Counter::PASS_TFTP_RESIZE_FAILED, TC_ACT_UNSPEC);
     }
     // SAFETY: reading the ingress interface index of our own skb.
     let ifindex = unsafe { (*skb).ifindex };
@@ -345,7 +345,7 @@ fn tc_tftp(ctx: &TcContext, frame: &Frame, off: UdpOffsets) -> (Counter, i32) {
     if cloned > 0 {
         sent(&build, cloned, 1);
     }
-    (Counter::PASS_TFTP_TRANSFER, TC_ACT_SHOT as i32)
+    (Counter::DROP_TFTP_HALF_BUILT, TC_ACT_SHOT as i32)
 }
 
 /// The TC tier of DHCP: resize the skb into the reply and redirect it out
@@ -368,7 +368,7 @@ fn tc_dhcp(ctx: &TcContext, frame: &Frame, off: UdpOffsets, unanswered: Counter)
     };
     // SAFETY: the skb is the program's own; the helper validates the length.
     if unsafe { bpf_skb_change_tail(skb, reply.frame_len as u32, 0) } != 0 {
-        return (Counter::PASS_DHCP_UNPARSED, TC_ACT_UNSPEC);
+        return (Counter::PASS_DHCP_RESIZE_FAILED, TC_ACT_UNSPEC);
     }
     let written = store_dhcp(&reply, |offset, from, len| {
         // SAFETY: as in the XDP tier; RECOMPUTE_CSUM keeps a CHECKSUM_COMPLETE skb's sum right.
@@ -376,7 +376,7 @@ fn tc_dhcp(ctx: &TcContext, frame: &Frame, off: UdpOffsets, unanswered: Counter)
     });
     if !written {
         // The skb is already resized: never let a half-built frame go on.
-        return (Counter::PASS_DHCP_UNPARSED, TC_ACT_SHOT as i32);
+        return (Counter::DROP_DHCP_HALF_BUILT, TC_ACT_SHOT as i32);
     }
     dhcp::answered(&reply);
     // SAFETY: redirecting our own skb to the egress of its interface.
