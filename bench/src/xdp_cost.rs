@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use pxe_common::maps::{SessionEntry, SessionKey};
+use pxe_common::maps::{SessionConfig, SessionKey};
 use pxe_user::fastpath::{FastPath, XDP_PROGRAM};
 
 #[derive(Debug, clap::Args)]
@@ -86,8 +86,13 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     for blksize in [1468u32, 512] {
         let mut samples = Vec::with_capacity(args.samples);
         for _ in 0..args.samples {
-            let mut entry: SessionEntry = bytemuck::Zeroable::zeroed();
-            (entry.blksize, entry.blocks, entry.last_sent, entry.window) = (blksize, 100, 1, 1);
+            let mut entry: SessionConfig = bytemuck::Zeroable::zeroed();
+            (
+                entry.blksize,
+                entry.blocks,
+                entry.handover_sent,
+                entry.window,
+            ) = (blksize, 100, 1, 1);
             fp.insert_session(key, entry)?;
             let (action, duration) = run_once(&mut fp, &ack, 1)?;
             anyhow::ensure!(action == 3, "expected XDP_TX, got {action}");
@@ -97,8 +102,13 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         let at = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize].as_nanos();
         println!("  build DATA in place, blksize {blksize:>4}: p50 {:>5} ns, p90 {:>5} ns ({} single runs)", at(0.5), at(0.9), samples.len());
     }
-    let mut entry: SessionEntry = bytemuck::Zeroable::zeroed();
-    (entry.blksize, entry.blocks, entry.last_sent, entry.window) = (1468, 100, 5, 1);
+    let mut entry: SessionConfig = bytemuck::Zeroable::zeroed();
+    (
+        entry.blksize,
+        entry.blocks,
+        entry.handover_sent,
+        entry.window,
+    ) = (1468, 100, 5, 1);
     fp.insert_session(key, entry)?;
     let (action, per) = run_once(&mut fp, &ack, args.repeat)?;
     anyhow::ensure!(action == 1, "expected XDP_DROP, got {action}");

@@ -1,9 +1,16 @@
 //! What the kernel programs count, defined once for both sides.
 //!
-//! Every packet a program sees ends in exactly one *verdict* counter (the
-//! `PASS_*` family today; `TX_*`/`DROP_*` join it as the fast paths grow), so
-//! the verdicts add up to the packets seen. `SEEN_*` counters are observations
-//! counted in addition to the verdict.
+//! Every packet a program sees ends in exactly one *verdict* counter, so the
+//! verdicts add up to the packets seen. A verdict's prefix says what became
+//! of the packet, its name why:
+//!
+//! - `PASS_*`: it went on untouched, to the stack (XDP to TC, TC to userspace);
+//! - `TX_*`, `REDIRECT_*`: it was answered (`XDP_TX`; a TC redirect);
+//! - `DROP_*`: it was dropped on purpose (`XDP_DROP`, `TC_ACT_SHOT`);
+//! - `ABORTED_*`: `XDP_ABORTED`, a failure after the frame was already
+//!   rewritten (also reported by the `xdp:xdp_exception` tracepoint).
+//!
+//! `SEEN_*` counters are observations counted in addition to the verdict.
 //!
 //! No Rust `enum` crosses the boundary (reading an invalid discriminant from a
 //! map would be undefined behaviour): a counter is a transparent index.
@@ -53,7 +60,8 @@ counters! {
     /// UDP to 69: a TFTP request (RRQ/WRQ) to start a transfer.
     PASS_TFTP_REQUEST = 10,
     /// UDP to a registered TFTP transfer port that the kernel tiers do not
-    /// serve (not an ACK, no kernel session, IP options): for userspace.
+    /// serve (not an ACK, no kernel session, IP options, an image not
+    /// ready): for userspace.
     PASS_TFTP_TRANSFER = 11,
     /// ACK of a lockstep session answered with the next DATA built in place: `XDP_TX`.
     TX_TFTP_DATA = 12,
@@ -87,13 +95,31 @@ counters! {
     /// XDP could not resize the frame, or may not transmit on this
     /// interface: left to TC.
     PASS_DHCP_TO_TC = 22,
+    /// XDP had grown the ACK but could not write the DATA frame into it:
+    /// aborted, so a half-built frame never goes on (userspace's timer
+    /// resends the block).
+    ABORTED_TFTP_HALF_BUILT = 23,
+    /// TC had grown the skb but could not write or clone a block of the
+    /// window: dropped, never sent half-built. The blocks already cloned
+    /// out are recorded; userspace's timer sends the rest.
+    DROP_TFTP_HALF_BUILT = 24,
+    /// TC could not grow the skb into a DATA frame: left to userspace.
+    PASS_TFTP_RESIZE_FAILED = 25,
+    /// XDP had resized the request but could not write the reply into it:
+    /// aborted, so a half-built frame never goes on (the client retries).
+    ABORTED_DHCP_HALF_BUILT = 26,
+    /// TC had resized the skb but could not write the reply into it:
+    /// dropped, never sent half-built (the client retries).
+    DROP_DHCP_HALF_BUILT = 27,
+    /// TC could not resize the skb into the reply: left to userspace.
+    PASS_DHCP_RESIZE_FAILED = 28,
     /// Observation: the frame carried one 802.1Q tag (counted besides its verdict).
-    SEEN_VLAN_TAG = 23,
+    SEEN_VLAN_TAG = 29,
 }
 
 impl Counter {
     /// Length of a counter array.
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 30;
 
     /// The counter's name, e.g. `PASS_TFTP_REQUEST`.
     pub fn name(self) -> &'static str {
@@ -141,6 +167,17 @@ mod tests {
         assert_eq!(Counter::ALL.len() as u32, Counter::COUNT);
         for (i, (c, _)) in Counter::ALL.iter().enumerate() {
             assert_eq!(c.0 as usize, i, "{} is out of place", c.name());
+        }
+    }
+
+    #[test]
+    fn every_verdict_is_named_for_what_became_of_the_packet() {
+        const OUTCOMES: &[&str] = &["PASS_", "TX_", "REDIRECT_", "DROP_", "ABORTED_"];
+        for (c, name) in Counter::ALL.iter().filter(|(c, _)| c.is_verdict()) {
+            assert!(
+                OUTCOMES.iter().any(|o| name.starts_with(o)),
+                "{name} ({c:?}) says nothing of the packet's fate"
+            );
         }
     }
 

@@ -105,6 +105,213 @@ pub const fn keep_bytes(word: u64, valid: u64) -> u64 {
     }
 }
 
+/// The bytes the option walk reads: a request's BOOTP message (userspace)
+/// or the frame carrying it (the programs), bounds-checked by the reader.
+pub trait RequestBytes {
+    /// Offsets past this end the walk as if the options ended there. For
+    /// the programs it is the bound the verifier needs on the cursor before
+    /// a read (it cannot carry one from the variable end of the datagram).
+    const MAX_OFFSET: usize;
+    fn byte(&self, at: usize) -> Option<u8>;
+    /// The four bytes at `at` (an address).
+    fn four(&self, at: usize) -> Option<[u8; 4]>;
+    /// The eight bytes at `at` as a little-endian word.
+    fn word(&self, at: usize) -> Option<u64>;
+}
+
+impl RequestBytes for [u8] {
+    const MAX_OFFSET: usize = usize::MAX;
+
+    fn byte(&self, at: usize) -> Option<u8> {
+        self.get(at).copied()
+    }
+
+    fn four(&self, at: usize) -> Option<[u8; 4]> {
+        self.get(at..at.checked_add(4)?)?.try_into().ok()
+    }
+
+    fn word(&self, at: usize) -> Option<u64> {
+        let bytes = self.get(at..at.checked_add(8)?)?;
+        Some(u64::from_le_bytes(bytes.try_into().ok()?))
+    }
+}
+
+/// What a request's options say, as far as an answer depends on them: the
+/// shape signature, the message type, the requested address and the server
+/// identifier. One walk ([`OptionWalk::walk`]) computes it on both sides,
+/// so the daemon's template key and the kernel's lookup cannot drift apart.
+///
+/// The programs keep it in per-CPU scratch memory, and the walk reads and
+/// writes its fields there for real (volatile): the verifier tracks stack
+/// and register values exactly, and every combination of options seen
+/// would be a state of the walk to explore again (past its
+/// million-instruction budget).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OptionWalk {
+    /// Of the shape options (see the module's documentation).
+    pub signature: u64,
+    /// Offset of the next option.
+    cursor: u64,
+    /// Bits of the shape options seen ([`shape_bit`]).
+    seen: u32,
+    /// Option 53's value; 0 if absent.
+    pub msg_type: u8,
+    /// Non-zero if option 50 was present.
+    pub has_requested_ip: u8,
+    /// Non-zero if option 54 was present.
+    pub has_server_id: u8,
+    _pad: u8,
+    pub requested_ip: [u8; 4],
+    pub server_id: [u8; 4],
+}
+
+impl OptionWalk {
+    /// Walks the options in `[start, end)` of `bytes`; false for anything
+    /// the kernel does not answer (see `PASS_DHCP_UNPARSED`): option
+    /// overload, relay agent information, a malformed 50, 53 or 54, a
+    /// repeated or long shape option, an option running past `end`, or more
+    /// than [`MAX_OPTION_ITEMS`] items. `start` is at least 6 (options
+    /// follow the BOOTP fixed part), which [`Self::mix_option`] relies on.
+    #[inline(always)]
+    pub fn walk<B: RequestBytes + ?Sized>(&mut self, bytes: &B, start: usize, end: usize) -> bool {
+        set(&mut self.cursor, start as u64);
+        set(&mut self.signature, SIGNATURE_SEED);
+        set(&mut self.seen, 0);
+        set(&mut self.msg_type, 0);
+        set(&mut self.has_requested_ip, 0);
+        set(&mut self.has_server_id, 0);
+        for _ in 0..MAX_OPTION_ITEMS {
+            // Read back from memory, the offset is the same unknown to the
+            // verifier on every pass, so it checks the body once, not once
+            // per combination of option lengths; the bound is what it needs.
+            let at = get(&self.cursor) as usize;
+            if at >= end || at > B::MAX_OFFSET {
+                return true;
+            }
+            let Some(code) = bytes.byte(at) else {
+                return false;
+            };
+            if code == OPT_END {
+                return true;
+            }
+            if code == OPT_PAD {
+                set(&mut self.cursor, (at + 1) as u64);
+                continue;
+            }
+            let Some(len) = bytes.byte(at + 1) else {
+                return false;
+            };
+            let len = len as usize;
+            let data = at + 2;
+            if data + len > end || !self.take_option(bytes, code, len, data) {
+                return false;
+            }
+            set(&mut self.cursor, (data + len) as u64);
+        }
+        // More items than the kernel walks: userspace reads them.
+        false
+    }
+
+    /// Takes in one option; false if the kernel must not answer its request.
+    #[inline(always)]
+    fn take_option<B: RequestBytes + ?Sized>(
+        &mut self,
+        bytes: &B,
+        code: u8,
+        len: usize,
+        data: usize,
+    ) -> bool {
+        match code {
+            OPT_OVERLOAD | OPT_RELAY_AGENT => false,
+            OPT_MESSAGE_TYPE if len == 1 => bytes
+                .byte(data)
+                .map(|t| set(&mut self.msg_type, t))
+                .is_some(),
+            OPT_REQUESTED_IP if len == 4 => match bytes.four(data) {
+                Some(ip) => {
+                    set(&mut self.requested_ip, ip);
+                    set(&mut self.has_requested_ip, 1);
+                    true
+                }
+                None => false,
+            },
+            OPT_SERVER_ID if len == 4 => match bytes.four(data) {
+                Some(ip) => {
+                    set(&mut self.server_id, ip);
+                    set(&mut self.has_server_id, 1);
+                    true
+                }
+                None => false,
+            },
+            OPT_MESSAGE_TYPE | OPT_REQUESTED_IP | OPT_SERVER_ID => false,
+            _ => {
+                let bit = shape_bit(code);
+                if bit == 0 {
+                    return true;
+                }
+                let seen = get(&self.seen);
+                if seen & bit != 0 || len > MAX_SHAPE_OPTION_LEN {
+                    return false;
+                }
+                set(&mut self.seen, seen | bit);
+                match Self::mix_option(bytes, get(&self.signature), code, len, data) {
+                    Some(h) => {
+                        set(&mut self.signature, h);
+                        true
+                    }
+                    None => false,
+                }
+            }
+        }
+    }
+
+    /// Mixes one shape option (≤ 32 bytes at `data`) into the signature.
+    /// Every read ends inside the option: a datagram may end right after it
+    /// (with its END), so bytes past it may not exist. A last word shorter
+    /// than eight bytes is read as the eight bytes ending with the option,
+    /// shifted down: the same value as its bytes followed by zeros. (The
+    /// option starts at least 8 bytes in, so those eight bytes exist.)
+    #[inline(always)]
+    fn mix_option<B: RequestBytes + ?Sized>(
+        bytes: &B,
+        mut h: u64,
+        code: u8,
+        len: usize,
+        data: usize,
+    ) -> Option<u64> {
+        h = mix(h, option_word(code, len as u8));
+        for i in 0..(MAX_SHAPE_OPTION_LEN / 8) {
+            let from = i * 8;
+            if from >= len {
+                break;
+            }
+            let left = len - from;
+            let word = if left >= 8 {
+                bytes.word(data + from)?
+            } else {
+                bytes.word(data + len - 8)? >> ((8 - left) * 8)
+            };
+            h = mix(h, keep_bytes(word, left as u64));
+        }
+        Some(h)
+    }
+}
+
+/// Stores into memory for real (LLVM would otherwise keep the value in a
+/// register, where the verifier tracks it again; see [`OptionWalk`]).
+#[inline(always)]
+fn set<T>(field: &mut T, value: T) {
+    // SAFETY: a valid, aligned, exclusively borrowed field.
+    unsafe { core::ptr::write_volatile(field, value) }
+}
+
+#[inline(always)]
+fn get<T: Copy>(field: &T) -> T {
+    // SAFETY: as in `set`.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
 /// Which port a template answers on.
 pub const PORT_KIND_DHCP: u8 = 0;
 pub const PORT_KIND_PROXY: u8 = 1;
@@ -180,6 +387,46 @@ mod tests {
         assert_eq!(keep_bytes(w, 4), u64::from_le_bytes(*b"iPXE\0\0\0\0"));
         assert_eq!(keep_bytes(w, 8), w);
         assert_eq!(keep_bytes(w, 0), 0);
+    }
+
+    /// A BOOTP message whose options are `options`.
+    fn message(options: &[u8]) -> [u8; 300] {
+        let mut m = [0u8; 300];
+        m[BOOTP_MAGIC..BOOTP_OPTIONS].copy_from_slice(&MAGIC_COOKIE);
+        m[BOOTP_OPTIONS..BOOTP_OPTIONS + options.len()].copy_from_slice(options);
+        m
+    }
+
+    fn walk(options: &[u8]) -> Option<OptionWalk> {
+        let m = message(options);
+        let mut w = OptionWalk::default();
+        w.walk(&m[..], BOOTP_OPTIONS, BOOTP_OPTIONS + options.len())
+            .then_some(w)
+    }
+
+    #[test]
+    fn the_walk_reads_what_a_reply_is_decided_by() {
+        let w = walk(&[53, 1, 3, 0, 50, 4, 10, 9, 0, 7, 54, 4, 10, 9, 0, 1, 255]).unwrap();
+        assert_eq!(w.msg_type, DHCPREQUEST);
+        assert_eq!((w.has_requested_ip, w.requested_ip), (1, [10, 9, 0, 7]));
+        assert_eq!((w.has_server_id, w.server_id), (1, [10, 9, 0, 1]));
+        assert_eq!(w.signature, SIGNATURE_SEED, "no shape option: the seed");
+    }
+
+    #[test]
+    fn the_walk_mixes_shape_options_and_refuses_what_the_kernel_does_not_read() {
+        let class = walk(&[
+            53, 1, 1, 60, 9, b'P', b'X', b'E', b'C', b'l', b'i', b'e', b'n', b't',
+        ]);
+        assert_ne!(class.unwrap().signature, SIGNATURE_SEED);
+        assert!(walk(&[53, 2, 1, 1]).is_none(), "a malformed message type");
+        assert!(
+            walk(&[60, 1, 1, 60, 1, 1]).is_none(),
+            "a repeated shape option"
+        );
+        assert!(walk(&[82, 0]).is_none(), "relay agent information");
+        assert!(walk(&[60, 9, 1]).is_none(), "an option past the end");
+        assert!(walk(&[0; 41]).is_none(), "more items than the kernel walks");
     }
 
     #[test]

@@ -20,10 +20,14 @@ pub const IMAGE_CHUNKS: &str = "IMAGE_CHUNKS";
 /// Image id → [`ImageEntry`]; written by the daemon when it loads a file
 /// into `IMAGE_CHUNKS`, read by both programs.
 pub const IMAGES: &str = "IMAGES";
-/// [`SessionKey`] → [`SessionEntry`]; inserted by the daemon once a transfer
-/// is negotiated and its first block sent, advanced by the programs on every
-/// in-sequence ACK, read by the daemon for its retransmit timer.
+/// [`SessionKey`] → [`SessionConfig`]: how the kernel serves a transfer and
+/// from which point. Written only by the daemon (when it hands a transfer
+/// over), read by both programs.
 pub const TFTP_SESSIONS: &str = "TFTP_SESSIONS";
+/// [`SessionKey`] → [`SessionProgress`]: how far the kernel got. Written only
+/// by the programs (on every in-sequence ACK), read by the daemon for its
+/// retransmit timer.
+pub const TFTP_PROGRESS: &str = "TFTP_PROGRESS";
 
 /// Every map the object must define.
 pub const ALL: &[&str] = &[
@@ -33,6 +37,7 @@ pub const ALL: &[&str] = &[
     IMAGE_CHUNKS,
     IMAGES,
     TFTP_SESSIONS,
+    TFTP_PROGRESS,
     crate::dhcp::DHCP_ANSWERS,
 ];
 
@@ -84,29 +89,86 @@ pub struct SessionKey {
     pub server_port: [u8; 2],
 }
 
-/// Value of `TFTP_SESSIONS`.
+/// Value of `TFTP_SESSIONS`: what userspace decided about a kernel session.
+///
+/// One writer per field (katran's rule): every field here is written by the
+/// daemon only, every field of [`SessionProgress`] by the programs only, so
+/// neither side can undo what the other wrote. Userspace moves a running
+/// session on by publishing a new hand-over (a fresh `handover` number with
+/// the point it reached); the kernel adopts it into its progress
+/// ([`SessionProgress::adopt`]) at the next ACK.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
-pub struct SessionEntry {
+pub struct SessionConfig {
     pub image: u32,
     pub blksize: u32,
     /// Blocks in the transfer, the final (short or empty) one included.
     pub blocks: u32,
-    /// Highest block sent (wide index, 1-based).
-    pub last_sent: u32,
-    /// Highest block the client acknowledged (wide index; 0: none yet).
-    pub last_acked: u32,
     /// Blocks sent per ACK (RFC 7440 windowsize; 1 is lockstep), at most
     /// [`MAX_KERNEL_WINDOW`]. An ACK of any block in the window in flight
     /// (`last_sent - window < block ≤ last_sent`) is answered with the
     /// `window` blocks after it; older ACKs are duplicates.
     pub window: u32,
+    /// Number of this hand-over, never 0 (see [`next_handover`]): the
+    /// kernel adopts a hand-over whose number differs from the one its
+    /// progress records.
+    pub handover: u32,
+    /// Highest block the client had acknowledged to userspace at the
+    /// hand-over (wide index; 0: none yet).
+    pub handover_acked: u32,
+    /// Highest block userspace had sent at the hand-over (wide index).
+    pub handover_sent: u32,
+    pub _pad: u32,
+}
+
+/// Value of `TFTP_PROGRESS`: what the kernel did with a session. Written by
+/// the programs only; the daemon creates it zeroed before the session's
+/// [`SessionConfig`] exists and removes it after the config is gone, the
+/// only moments no program can be writing it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct SessionProgress {
+    /// The hand-over adopted last (0: none yet).
+    pub handover: u32,
+    /// Highest block the client acknowledged (wide index; 0: none yet).
+    pub last_acked: u32,
+    /// Highest block sent, by either side (wide index, 1-based).
+    pub last_sent: u32,
     /// Blocks the kernel tiers sent, by tier (XDP in place, TC redirect).
     pub xdp_sent: u32,
     pub tc_sent: u32,
     /// Duplicate or stale ACKs dropped.
     pub dup_acks: u32,
-    pub _pad: u32,
+}
+
+impl SessionProgress {
+    /// Takes in the hand-over of `config` if it is not the one adopted last;
+    /// true if it was new. Both marks only ever rise on either side (a block
+    /// sent stays sent, an acknowledgement stays received), so the merge
+    /// takes the higher of each: a hand-over that userspace made from a read
+    /// older than the kernel's latest progress cannot move it backwards.
+    #[inline(always)]
+    pub fn adopt(&mut self, config: &SessionConfig) -> bool {
+        if self.handover == config.handover {
+            return false;
+        }
+        self.handover = config.handover;
+        self.last_acked = self.last_acked.max(config.handover_acked);
+        self.last_sent = self.last_sent.max(config.handover_sent);
+        true
+    }
+}
+
+/// Number of the first hand-over of a session (its progress starts at 0).
+pub const FIRST_HANDOVER: u32 = 1;
+
+/// The hand-over number after `previous`: it differs from every recent one
+/// and is never 0, the "nothing adopted" of a fresh progress entry.
+pub const fn next_handover(previous: u32) -> u32 {
+    match previous.wrapping_add(1) {
+        0 => FIRST_HANDOVER,
+        next => next,
+    }
 }
 
 /// Largest window the kernel tiers serve: the TC tier sends a window as one
@@ -116,7 +178,8 @@ pub const MAX_KERNEL_WINDOW: u32 = 8;
 
 const _: () = assert!(core::mem::size_of::<ImageEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<SessionKey>() == 8);
-const _: () = assert!(core::mem::size_of::<SessionEntry>() == 40);
+const _: () = assert!(core::mem::size_of::<SessionConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<SessionProgress>() == 24);
 const _: () = assert!(CHUNK_STRIDE > 0);
 
 /// How many transfer ports can be registered at once: one per running transfer.
@@ -156,12 +219,64 @@ crate::impl_aya_pod!(
     TftpPortEntry,
     ImageEntry,
     SessionKey,
-    SessionEntry
+    SessionConfig,
+    SessionProgress
 );
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn handed_over(handover: u32, acked: u32, sent: u32) -> SessionConfig {
+        SessionConfig {
+            handover,
+            handover_acked: acked,
+            handover_sent: sent,
+            ..Zeroable::zeroed()
+        }
+    }
+
+    #[test]
+    fn a_new_hand_over_is_adopted_once() {
+        let mut p = SessionProgress::zeroed();
+        let config = handed_over(FIRST_HANDOVER, 3, 4);
+        assert!(p.adopt(&config));
+        assert_eq!((p.handover, p.last_acked, p.last_sent), (1, 3, 4));
+        p.last_sent = 9;
+        assert!(
+            !p.adopt(&config),
+            "adopted already: the kernel's own progress stands"
+        );
+        assert_eq!(p.last_sent, 9);
+    }
+
+    #[test]
+    fn a_hand_over_behind_the_kernel_never_moves_its_progress_back() {
+        let mut p = SessionProgress {
+            handover: 1,
+            last_acked: 7,
+            last_sent: 8,
+            xdp_sent: 7,
+            ..Zeroable::zeroed()
+        };
+        assert!(p.adopt(&handed_over(2, 5, 6)));
+        assert_eq!(
+            (p.handover, p.last_acked, p.last_sent, p.xdp_sent),
+            (2, 7, 8, 7)
+        );
+        assert!(
+            p.adopt(&handed_over(3, 9, 12)),
+            "ahead of the kernel: taken"
+        );
+        assert_eq!((p.last_acked, p.last_sent), (9, 12));
+    }
+
+    #[test]
+    fn hand_over_numbers_skip_zero_when_they_wrap() {
+        assert_eq!(next_handover(FIRST_HANDOVER), 2);
+        assert_eq!(next_handover(u32::MAX), FIRST_HANDOVER);
+        assert_ne!(next_handover(0), 0);
+    }
 
     #[test]
     fn every_fast_path_block_lies_inside_one_chunk() {

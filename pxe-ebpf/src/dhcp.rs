@@ -16,12 +16,10 @@ use pxe_common::{
     consts::{DHCP_CLIENT_PORT, DHCP_SERVER_PORT, PXE_PROXY_PORT},
     counter::Counter,
     dhcp::{
-        keep_bytes, mix, option_word, shape_bit, AnswerEntry, AnswerKey, BOOTP_CHADDR,
-        BOOTP_CIADDR, BOOTP_FLAGS, BOOTP_GIADDR, BOOTP_HEAD_LEN, BOOTP_MAGIC, BOOTP_OP,
-        BOOTP_OPTIONS, BOOTP_XID, DHCPACK, DHCPDISCOVER, DHCPOFFER, DHCPREQUEST, FLAG_BROADCAST,
-        MAGIC_COOKIE, MAX_OPTION_ITEMS, MAX_REPLY_LEN, MAX_SHAPE_OPTION_LEN, OPT_END,
-        OPT_MESSAGE_TYPE, OPT_OVERLOAD, OPT_PAD, OPT_RELAY_AGENT, OPT_REQUESTED_IP, OPT_SERVER_ID,
-        PORT_KIND_DHCP, PORT_KIND_PROXY, SIGNATURE_SEED,
+        AnswerEntry, AnswerKey, OptionWalk, RequestBytes, BOOTP_CHADDR, BOOTP_CIADDR, BOOTP_FLAGS,
+        BOOTP_GIADDR, BOOTP_HEAD_LEN, BOOTP_MAGIC, BOOTP_OP, BOOTP_OPTIONS, BOOTP_XID, DHCPACK,
+        DHCPDISCOVER, DHCPOFFER, DHCPREQUEST, FLAG_BROADCAST, MAGIC_COOKIE, MAX_REPLY_LEN,
+        PORT_KIND_DHCP, PORT_KIND_PROXY,
     },
     hdr::{EthHdr, Ipv4Hdr, UdpHdr},
 };
@@ -70,30 +68,11 @@ pub enum Plan {
     Reply(Reply),
 }
 
-/// What the reply needs from the request's options. Kept in the per-CPU
-/// scratch value, not on the stack: the verifier tracks stack values
-/// exactly, and every combination of options seen would be a state of the
-/// option walk to explore again (past its million-instruction budget).
-#[repr(C)]
-pub struct Options {
-    signature: u64,
-    /// Offset of the next option in the frame.
-    cursor: u64,
-    /// Bits of the shape options seen (`shape_bit`).
-    seen: u32,
-    msg_type: u8,
-    has_requested_ip: u8,
-    has_server_id: u8,
-    _pad: u8,
-    requested_ip: [u8; 4],
-    server_id: [u8; 4],
-}
-
 /// This CPU's working memory for one request.
 #[repr(C)]
 pub struct Scratch {
     pub prefix: Prefix,
-    pub options: Options,
+    pub options: OptionWalk,
 }
 
 /// Decides on a DHCP request (UDP to 67 or 4011) at `off`, arrived on
@@ -136,7 +115,7 @@ pub fn plan(
     };
     // SAFETY: this CPU's scratch value; nothing else runs on it meanwhile.
     let (prefix, opts) = unsafe { (&mut (*work).prefix as *mut Prefix, &mut (*work).options) };
-    if !read_options(frame, bootp + BOOTP_OPTIONS, end, opts) {
+    if !opts.walk(frame, bootp + BOOTP_OPTIONS, end) {
         return Plan::Pass(Counter::PASS_DHCP_UNPARSED);
     }
     if opts.msg_type != DHCPDISCOVER && opts.msg_type != DHCPREQUEST {
@@ -252,7 +231,7 @@ pub fn plan(
 
 /// Is this the request the template answers, now?
 #[inline(always)]
-fn decided(e: &AnswerEntry, opts: &Options, ciaddr: [u8; 4], giaddr: [u8; 4]) -> bool {
+fn decided(e: &AnswerEntry, opts: &OptionWalk, ciaddr: [u8; 4], giaddr: [u8; 4]) -> bool {
     if giaddr != e.giaddr {
         return false;
     }
@@ -278,148 +257,32 @@ fn decided(e: &AnswerEntry, opts: &Options, ciaddr: [u8; 4], giaddr: [u8; 4]) ->
     wanted == e.yiaddr && (opts.has_server_id == 0 || opts.server_id == e.server_ip)
 }
 
-/// Walks the options in `[at, end)` into `opts`: message type, requested
-/// address, server identifier and the shape signature. False for anything
-/// the kernel does not answer (see `PASS_DHCP_UNPARSED`).
-#[inline(always)]
-fn read_options(frame: &Frame, start: usize, end: usize, opts: &mut Options) -> bool {
-    set(&mut opts.cursor, start as u64);
-    set(&mut opts.signature, SIGNATURE_SEED);
-    set(&mut opts.seen, 0);
-    set(&mut opts.msg_type, 0);
-    set(&mut opts.has_requested_ip, 0);
-    set(&mut opts.has_server_id, 0);
-    for _ in 0..MAX_OPTION_ITEMS {
-        // Read back from memory, the offset is the same unknown to the
-        // verifier on every pass, so it checks the body once, not once per
-        // combination of option lengths; the bound is what it needs.
-        let at = get(&opts.cursor) as usize;
-        if at >= end || at > MAX_REQUEST_LEN + 64 {
-            return true;
-        }
-        let Some(code) = byte_at(frame, at) else {
-            return false;
-        };
-        if code == OPT_END {
-            return true;
-        }
-        if code == OPT_PAD {
-            set(&mut opts.cursor, (at + 1) as u64);
-            continue;
-        }
-        let Some(len) = byte_at(frame, at + 1) else {
-            return false;
-        };
-        let len = len as usize;
-        let data = at + 2;
-        if data + len > end || !read_option(frame, code, len, data, opts) {
-            return false;
-        }
-        set(&mut opts.cursor, (data + len) as u64);
+/// The frame as the shared option walk reads it. Offsets are hidden from
+/// LLVM and bounded again before each read: LLVM would otherwise fold a
+/// bounds check into an earlier one the verifier cannot relate it to.
+impl RequestBytes for Frame {
+    const MAX_OFFSET: usize = MAX_REQUEST_LEN + 64;
+
+    #[inline(always)]
+    fn byte(&self, at: usize) -> Option<u8> {
+        byte_at(self, at)
     }
-    // More items than the kernel walks: userspace reads them.
-    false
-}
 
-/// Takes in one option; false if the kernel must not answer its request.
-#[inline(always)]
-fn read_option(frame: &Frame, code: u8, len: usize, data: usize, opts: &mut Options) -> bool {
-    match code {
-        OPT_OVERLOAD | OPT_RELAY_AGENT => false,
-        OPT_MESSAGE_TYPE if len == 1 => byte_at(frame, data)
-            .map(|t| set(&mut opts.msg_type, t))
-            .is_some(),
-        OPT_REQUESTED_IP if len == 4 => match ptr_at::<[u8; 4]>(frame, data) {
-            Some(ip) => {
-                // SAFETY: ptr_at checked the four bytes lie inside the frame.
-                set(&mut opts.requested_ip, unsafe { *ip });
-                set(&mut opts.has_requested_ip, 1);
-                true
-            }
-            None => false,
-        },
-        OPT_SERVER_ID if len == 4 => match ptr_at::<[u8; 4]>(frame, data) {
-            Some(ip) => {
-                // SAFETY: as above.
-                set(&mut opts.server_id, unsafe { *ip });
-                set(&mut opts.has_server_id, 1);
-                true
-            }
-            None => false,
-        },
-        OPT_MESSAGE_TYPE | OPT_REQUESTED_IP | OPT_SERVER_ID => false,
-        _ => {
-            let bit = shape_bit(code);
-            if bit == 0 {
-                return true;
-            }
-            let seen = get(&opts.seen);
-            if seen & bit != 0 || len > MAX_SHAPE_OPTION_LEN {
-                return false;
-            }
-            set(&mut opts.seen, seen | bit);
-            match mix_option(frame, get(&opts.signature), code, len, data) {
-                Some(h) => {
-                    set(&mut opts.signature, h);
-                    true
-                }
-                None => false,
-            }
-        }
+    #[inline(always)]
+    fn four(&self, at: usize) -> Option<[u8; 4]> {
+        // SAFETY: ptr_at checked the four bytes lie inside the frame.
+        ptr_at::<[u8; 4]>(self, at).map(|p| unsafe { *p })
     }
-}
 
-/// Stores into scratch memory for real (LLVM would otherwise keep the value
-/// in a register, where the verifier tracks it again).
-#[inline(always)]
-fn set<T>(field: &mut T, value: T) {
-    // SAFETY: a valid, aligned field of the scratch value.
-    unsafe { core::ptr::write_volatile(field, value) }
-}
-
-#[inline(always)]
-fn get<T: Copy>(field: &T) -> T {
-    // SAFETY: as in `set`.
-    unsafe { core::ptr::read_volatile(field) }
-}
-
-/// Mixes one shape option (≤ 32 bytes at `data`) into the signature. Every
-/// read ends inside the option: a datagram may end right after it (with
-/// its END), so bytes past it may not exist. A last word shorter than
-/// eight bytes is read as the eight bytes ending with the option, shifted
-/// down: the same value as its bytes followed by zeros.
-#[inline(always)]
-fn mix_option(frame: &Frame, mut h: u64, code: u8, len: usize, data: usize) -> Option<u64> {
-    h = mix(h, option_word(code, len as u8));
-    for i in 0..(MAX_SHAPE_OPTION_LEN / 8) {
-        let from = i * 8;
-        if from >= len {
-            break;
+    #[inline(always)]
+    fn word(&self, at: usize) -> Option<u64> {
+        let at = opaque(at as u64) as usize;
+        if at > Self::MAX_OFFSET {
+            return None;
         }
-        let left = len - from;
-        let word = if left >= 8 {
-            let at = opaque((data + from) as u64) as usize;
-            if at > MAX_REQUEST_LEN + 64 {
-                return None;
-            }
-            // SAFETY: ptr_at checks the eight bytes lie inside the frame.
-            u64::from_le_bytes(unsafe { *ptr_at::<[u8; 8]>(frame, at)? })
-        } else {
-            // The option starts at least 242 bytes into the frame, so the
-            // eight bytes before its end exist. (The offset is hidden from
-            // LLVM, which would otherwise fold this bounds check into an
-            // earlier one the verifier cannot relate it to.)
-            let at = opaque((data + len - 8) as u64) as usize;
-            if at > MAX_REQUEST_LEN + 64 {
-                return None;
-            }
-            // SAFETY: as above.
-            let tail = u64::from_le_bytes(unsafe { *ptr_at::<[u8; 8]>(frame, at)? });
-            tail >> ((8 - left) * 8)
-        };
-        h = mix(h, keep_bytes(word, left as u64));
+        // SAFETY: ptr_at checks the eight bytes lie inside the frame.
+        Some(u64::from_le_bytes(unsafe { *ptr_at::<[u8; 8]>(self, at)? }))
     }
-    Some(h)
 }
 
 /// What a reply takes from the request's fixed part.

@@ -35,9 +35,9 @@ use pxe_common::{
     counter::Counter,
     dhcp::{AnswerEntry, AnswerKey, BOOTP_HEAD_LEN, DHCP_ANSWERS_CAPACITY, MAX_REPLY_LEN},
     maps::{
-        ImageEntry, SessionEntry, SessionKey, TftpPortEntry, TftpPortKey, CHUNK_SIZE, CHUNK_STRIDE,
-        IMAGES_CAPACITY, IMAGE_CHUNKS_DEFAULT, MAX_FAST_BLKSIZE, MAX_KERNEL_WINDOW,
-        TFTP_PORTS_CAPACITY, TFTP_SESSIONS_CAPACITY,
+        ImageEntry, SessionConfig, SessionKey, SessionProgress, TftpPortEntry, TftpPortKey,
+        CHUNK_SIZE, CHUNK_STRIDE, IMAGES_CAPACITY, IMAGE_CHUNKS_DEFAULT, MAX_FAST_BLKSIZE,
+        MAX_KERNEL_WINDOW, TFTP_PORTS_CAPACITY, TFTP_SESSIONS_CAPACITY,
     },
 };
 
@@ -71,10 +71,20 @@ static IMAGE_CHUNKS: Array<[u8; CHUNK_SIZE as usize]> =
 #[map]
 static IMAGES: Array<ImageEntry> = Array::with_max_entries(IMAGES_CAPACITY, 0);
 
-/// Transfer → its kernel session; inserted by the daemon, advanced by both programs.
+/// Transfer → how the kernel serves it and from which point; written only
+/// by the daemon, read by both programs. Not preallocated (as both session
+/// maps): an element the daemon replaces or removes is freed only after
+/// every program reading or writing it has finished.
 #[map]
-static TFTP_SESSIONS: HashMap<SessionKey, SessionEntry> =
-    HashMap::with_max_entries(TFTP_SESSIONS_CAPACITY, 0);
+static TFTP_SESSIONS: HashMap<SessionKey, SessionConfig> =
+    HashMap::with_max_entries(TFTP_SESSIONS_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// Transfer → how far the kernel got; written only by both programs, in
+/// place (the daemon creates it zeroed and removes it while no config
+/// names it).
+#[map]
+static TFTP_PROGRESS: HashMap<SessionKey, SessionProgress> =
+    HashMap::with_max_entries(TFTP_SESSIONS_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// Client, interface, port and request shape → the reply userspace decided;
 /// written by the daemon after it answered, read by both programs. Not
@@ -124,7 +134,7 @@ fn handle_xdp(ctx: &XdpContext) -> u32 {
 /// The XDP tier: grow the ACK into the DATA frame in place and send it back.
 #[inline(always)]
 fn xdp_tftp(ctx: &XdpContext, frame: &Frame, off: UdpOffsets) -> (Counter, u32) {
-    let build = match plan(frame, off, &TFTP_SESSIONS, &IMAGES, 1) {
+    let build = match plan(frame, off, &TFTP_SESSIONS, &TFTP_PROGRESS, &IMAGES, 1) {
         Plan::Pass(counter) => return (counter, xdp_action::XDP_PASS),
         Plan::Drop => return (Counter::DROP_TFTP_STALE_ACK, xdp_action::XDP_DROP),
         Plan::Build(build) => build,
@@ -144,7 +154,7 @@ fn xdp_tftp(ctx: &XdpContext, frame: &Frame, off: UdpOffsets) -> (Counter, u32) 
         unsafe { bpf_xdp_store_bytes(ctx.ctx, offset, from, len) }
     }) {
         // The frame has already grown: never let a half-built frame go on.
-        return (Counter::PASS_TFTP_TRANSFER, xdp_action::XDP_ABORTED);
+        return (Counter::ABORTED_TFTP_HALF_BUILT, xdp_action::XDP_ABORTED);
     }
     sent(&build, 1, 0);
     (Counter::TX_TFTP_DATA, xdp_action::XDP_TX)
@@ -186,7 +196,7 @@ fn xdp_dhcp(
     });
     if !written {
         // The frame is already resized: never let a half-built frame go on.
-        return (Counter::PASS_DHCP_UNPARSED, xdp_action::XDP_ABORTED);
+        return (Counter::ABORTED_DHCP_HALF_BUILT, xdp_action::XDP_ABORTED);
     }
     dhcp::answered(&reply);
     (Counter::TX_DHCP_REPLY, xdp_action::XDP_TX)
@@ -285,7 +295,14 @@ fn handle_tc(ctx: &TcContext) -> i32 {
 /// then rewrite the skb into the last block and redirect it.
 #[inline(always)]
 fn tc_tftp(ctx: &TcContext, frame: &Frame, off: UdpOffsets) -> (Counter, i32) {
-    let build = match plan(frame, off, &TFTP_SESSIONS, &IMAGES, MAX_KERNEL_WINDOW) {
+    let build = match plan(
+        frame,
+        off,
+        &TFTP_SESSIONS,
+        &TFTP_PROGRESS,
+        &IMAGES,
+        MAX_KERNEL_WINDOW,
+    ) {
         Plan::Pass(counter) => return (counter, TC_ACT_UNSPEC),
         Plan::Drop => return (Counter::DROP_TFTP_STALE_ACK, TC_ACT_SHOT as i32),
         Plan::Build(build) => build,
@@ -293,7 +310,7 @@ fn tc_tftp(ctx: &TcContext, frame: &Frame, off: UdpOffsets) -> (Counter, i32) {
     let skb = ctx.skb.skb;
     // SAFETY: the skb is the program's own; the helper validates the length.
     if unsafe { bpf_skb_change_tail(skb, build.frame_len as u32, 0) } != 0 {
-        return (Counter::PASS_TFTP_TRANSFER, TC_ACT_UNSPEC);
+        return (Counter::PASS_TFTP_RESIZE_FAILED, TC_ACT_UNSPEC);
     }
     // SAFETY: reading the ingress interface index of our own skb.
     let ifindex = unsafe { (*skb).ifindex };
@@ -328,7 +345,7 @@ fn tc_tftp(ctx: &TcContext, frame: &Frame, off: UdpOffsets) -> (Counter, i32) {
     if cloned > 0 {
         sent(&build, cloned, 1);
     }
-    (Counter::PASS_TFTP_TRANSFER, TC_ACT_SHOT as i32)
+    (Counter::DROP_TFTP_HALF_BUILT, TC_ACT_SHOT as i32)
 }
 
 /// The TC tier of DHCP: resize the skb into the reply and redirect it out
@@ -351,7 +368,7 @@ fn tc_dhcp(ctx: &TcContext, frame: &Frame, off: UdpOffsets, unanswered: Counter)
     };
     // SAFETY: the skb is the program's own; the helper validates the length.
     if unsafe { bpf_skb_change_tail(skb, reply.frame_len as u32, 0) } != 0 {
-        return (Counter::PASS_DHCP_UNPARSED, TC_ACT_UNSPEC);
+        return (Counter::PASS_DHCP_RESIZE_FAILED, TC_ACT_UNSPEC);
     }
     let written = store_dhcp(&reply, |offset, from, len| {
         // SAFETY: as in the XDP tier; RECOMPUTE_CSUM keeps a CHECKSUM_COMPLETE skb's sum right.
@@ -359,7 +376,7 @@ fn tc_dhcp(ctx: &TcContext, frame: &Frame, off: UdpOffsets, unanswered: Counter)
     });
     if !written {
         // The skb is already resized: never let a half-built frame go on.
-        return (Counter::PASS_DHCP_UNPARSED, TC_ACT_SHOT as i32);
+        return (Counter::DROP_DHCP_HALF_BUILT, TC_ACT_SHOT as i32);
     }
     dhcp::answered(&reply);
     // SAFETY: redirecting our own skb to the egress of its interface.

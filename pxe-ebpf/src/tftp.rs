@@ -12,6 +12,9 @@
 //! window, the window that reaches the final (short) block and the final
 //! ACK, every retransmission (its timer watches `last_sent` here), and
 //! anything that is not a plain ACK of a known session.
+//!
+//! The programs read a session's `SessionConfig` and write only its
+//! `SessionProgress` (one writer per field: see `pxe_common::maps`).
 
 use aya_ebpf::{
     helpers::bpf_csum_diff,
@@ -21,8 +24,8 @@ use pxe_common::{
     counter::Counter,
     hdr::{EthHdr, Ipv4Hdr, UdpHdr},
     maps::{
-        ImageEntry, SessionEntry, SessionKey, CHUNK_SIZE, CHUNK_STRIDE, MAX_FAST_BLKSIZE,
-        MAX_KERNEL_WINDOW,
+        ImageEntry, SessionConfig, SessionKey, SessionProgress, CHUNK_SIZE, CHUNK_STRIDE,
+        MAX_FAST_BLKSIZE, MAX_KERNEL_WINDOW,
     },
 };
 
@@ -41,7 +44,8 @@ const TFTP_HDR: usize = 4;
 
 /// The blocks to build: `acked + 1 ..= acked + count`, all full-sized.
 pub struct Build {
-    pub session: *mut SessionEntry,
+    /// The session's progress entry, which `sent` advances.
+    pub progress: *mut SessionProgress,
     /// The block the ACK acknowledged (wide index).
     pub acked: u32,
     /// Blocks to send: the session's window.
@@ -94,7 +98,8 @@ pub enum Plan {
 pub fn plan(
     frame: &Frame,
     off: UdpOffsets,
-    sessions: &HashMap<SessionKey, SessionEntry>,
+    sessions: &HashMap<SessionKey, SessionConfig>,
+    progress: &HashMap<SessionKey, SessionProgress>,
     images: &Array<ImageEntry>,
     max_window: u32,
 ) -> Plan {
@@ -122,12 +127,18 @@ pub fn plan(
         client_port: udp.src,
         server_port: udp.dst,
     };
-    let Some(session) = sessions.get_ptr_mut(&key) else {
+    // SAFETY: a copy of the value the lookup just found; the daemon
+    // replaces configs whole, never in place.
+    let Some(config) = (unsafe { sessions.get(&key) }).copied() else {
+        return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
+    };
+    let Some(progress_ptr) = progress.get_ptr_mut(&key) else {
         return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
     };
     // SAFETY: a map value pointer the lookup just returned.
-    let s = unsafe { &mut *session };
-    let window = s.window;
+    let s = unsafe { &mut *progress_ptr };
+    s.adopt(&config);
+    let window = config.window;
     if window > max_window {
         // XDP sends one frame per ACK: a window is TC's to send.
         return Plan::Pass(Counter::PASS_TFTP_WINDOWED);
@@ -145,23 +156,23 @@ pub fn plan(
         return Plan::Drop;
     }
     let acked = s.last_sent - behind;
-    if acked + window >= s.blocks {
+    if acked + window >= config.blocks {
         // The window would reach the final block (short or empty):
         // userspace's, with the end of the transfer.
         return Plan::Pass(Counter::PASS_TFTP_LAST_BLOCKS);
     }
-    let blksize = s.blksize;
+    let blksize = config.blksize;
     if blksize == 0 || blksize > MAX_FAST_BLKSIZE || blksize % 4 != 0 {
         return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
     }
-    let Some(image) = images.get(s.image) else {
+    let Some(image) = images.get(config.image) else {
         return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
     };
     if image.ready == 0 {
         return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
     }
     Plan::Build(Build {
-        session,
+        progress: progress_ptr,
         acked,
         count: window,
         blksize,
@@ -308,8 +319,8 @@ fn reply_headers(
 /// (0: XDP, 1: TC).
 #[inline(always)]
 pub fn sent(build: &Build, count: u32, tier: u8) {
-    // SAFETY: the session pointer came from the map lookup in `plan`.
-    let s = unsafe { &mut *build.session };
+    // SAFETY: the progress pointer came from the map lookup in `plan`.
+    let s = unsafe { &mut *build.progress };
     s.last_acked = build.acked;
     s.last_sent = build.acked + count;
     if tier == 0 {

@@ -11,7 +11,7 @@ use std::{net::UdpSocket, time::Duration};
 
 use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp};
 use common::frames::internet_checksum;
-use pxe_common::maps::{SessionEntry, SessionKey};
+use pxe_common::maps::{SessionConfig, SessionKey};
 use pxe_lab::Lab;
 use pxe_user::fastpath::{FastPath, XdpModeChoice, XDP_PROGRAM};
 
@@ -109,10 +109,10 @@ fn xdp_tx_frames_built_in_place_reach_a_real_client() {
                 client_port: client_port.to_be_bytes(),
                 server_port: SERVER_PORT.to_be_bytes(),
             };
-            let mut entry: SessionEntry = bytemuck::Zeroable::zeroed();
+            let mut entry: SessionConfig = bytemuck::Zeroable::zeroed();
             entry.blksize = 1468;
             entry.blocks = 21;
-            entry.last_sent = 1;
+            entry.handover_sent = 1;
             entry.window = 1;
             fp.insert_session(key, entry).unwrap();
 

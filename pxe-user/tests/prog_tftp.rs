@@ -13,7 +13,7 @@ use common::frames::{
 };
 use pxe_common::{
     counter::Counter,
-    maps::{SessionEntry, SessionKey},
+    maps::{SessionConfig, SessionKey},
 };
 use pxe_user::fastpath::{FastPath, TC_PROGRAM, XDP_PROGRAM};
 
@@ -48,14 +48,14 @@ fn setup(image_bytes: &[u8], blksize: u32, last_sent: u32) -> FastPath {
     let blocks = (image_bytes.len() as u32) / blksize + 1;
     fp.insert_session(
         key(),
-        SessionEntry {
+        SessionConfig {
             image: 7,
             blksize,
             blocks,
-            last_sent,
-            last_acked: last_sent.saturating_sub(1),
+            handover_sent: last_sent,
+            handover_acked: last_sent.saturating_sub(1),
             window: 1,
-            ..SessionEntry::default_zeroed()
+            ..SessionConfig::default_zeroed()
         },
     )
     .unwrap();
@@ -65,7 +65,7 @@ fn setup(image_bytes: &[u8], blksize: u32, last_sent: u32) -> FastPath {
 trait Zeroed {
     fn default_zeroed() -> Self;
 }
-impl Zeroed for SessionEntry {
+impl Zeroed for SessionConfig {
     fn default_zeroed() -> Self {
         bytemuck::Zeroable::zeroed()
     }
@@ -117,8 +117,8 @@ fn run_tc(fp: &mut FastPath, frame: &[u8]) -> (u32, Vec<u8>) {
 /// are out, the client acknowledged `last_acked`.
 fn setup_window(image_bytes: &[u8], window: u32, last_acked: u32, last_sent: u32) -> FastPath {
     let mut fp = setup(image_bytes, 1468, last_sent);
-    let mut s = fp.session(&key()).unwrap().unwrap();
-    (s.window, s.last_acked) = (window, last_acked);
+    let mut s = fp.session_config(&key()).unwrap().unwrap();
+    (s.window, s.handover_acked) = (window, last_acked);
     fp.insert_session(key(), s).unwrap();
     fp
 }
@@ -296,6 +296,57 @@ fn duplicate_and_stale_acks_are_dropped_without_a_resend() {
     );
 }
 
+/// A lockstep session handed over at block 1 whose ACK the kernel answered.
+fn after_the_kernel_sent_block_2(file: &[u8]) -> FastPath {
+    let mut fp = setup(file, 1468, 1);
+    let (action, _) = run_xdp(&mut fp, &ack(1));
+    assert_eq!(action, XDP_TX, "the kernel sent block 2");
+    fp
+}
+
+#[test]
+fn a_hand_over_from_a_stale_read_never_moves_the_kernels_progress_back() {
+    if !pxe_lab::privileged("a_hand_over_from_a_stale_read_never_moves_the_kernels_progress_back") {
+        return;
+    }
+    let file = image(1468 * 10);
+    let mut fp = after_the_kernel_sent_block_2(&file);
+    // Userspace hands over again from what it saw before the kernel moved on.
+    let stale = fp.session_config(&key()).unwrap().unwrap();
+    fp.hand_over(key(), stale).unwrap();
+    let s = fp.session(&key()).unwrap().unwrap();
+    assert_eq!(
+        (s.last_sent, s.xdp_sent),
+        (2, 1),
+        "the kernel's progress stands"
+    );
+    let (action, out) = run_xdp(&mut fp, &ack(2));
+    assert_eq!(action, XDP_TX, "ACK 2 is in sequence, not a duplicate");
+    assert_data_frame(&out, 3, &file[2 * 1468..3 * 1468], "block 3");
+}
+
+#[test]
+fn a_hand_over_ahead_of_the_kernel_is_adopted_and_keeps_its_counters() {
+    if !pxe_lab::privileged("a_hand_over_ahead_of_the_kernel_is_adopted_and_keeps_its_counters") {
+        return;
+    }
+    let file = image(1468 * 10);
+    let mut fp = after_the_kernel_sent_block_2(&file);
+    // Userspace's timer resent and the client moved on: blocks up to 6 are out.
+    let mut config = fp.session_config(&key()).unwrap().unwrap();
+    (config.handover_acked, config.handover_sent) = (5, 6);
+    fp.hand_over(key(), config).unwrap();
+    let (action, out) = run_xdp(&mut fp, &ack(6));
+    assert_eq!(action, XDP_TX);
+    assert_data_frame(&out, 7, &file[6 * 1468..7 * 1468], "block 7");
+    let s = fp.session(&key()).unwrap().unwrap();
+    assert_eq!(
+        (s.last_acked, s.last_sent, s.xdp_sent),
+        (6, 7, 2),
+        "adopted, with the blocks sent before it still counted"
+    );
+}
+
 #[test]
 fn the_last_blocks_and_everything_unusual_go_to_userspace_untouched() {
     if !pxe_lab::privileged("the_last_blocks_and_everything_unusual_go_to_userspace_untouched") {
@@ -410,13 +461,13 @@ fn images_larger_than_a_chunk_are_served_across_chunk_boundaries() {
             }
             fp.insert_session(
                 key(),
-                SessionEntry {
+                SessionConfig {
                     image: 7,
                     blksize: 1468,
                     blocks: blocks as u32 + 1,
-                    last_sent: last_sent as u32,
+                    handover_sent: last_sent as u32,
                     window: 1,
-                    ..SessionEntry::default_zeroed()
+                    ..SessionConfig::default_zeroed()
                 },
             )
             .unwrap();

@@ -3,19 +3,17 @@
 //! same shape (see `pxe_common::dhcp`). Pure functions: bytes and times in,
 //! a map key and value out.
 //!
-//! The request's shape signature is computed here over the raw options,
-//! exactly as the programs compute it, and refused (`None`) wherever they
-//! would refuse to read the request: then no template is made and every
-//! request of that shape stays with userspace.
+//! The request's shape signature is computed here over the raw options by
+//! the programs' own walk (`pxe_common::dhcp::OptionWalk`), and refused
+//! (`None`) wherever they would refuse to read the request: then no
+//! template is made and every request of that shape stays with userspace.
 
 use std::net::Ipv4Addr;
 
 use pxe_common::dhcp::{
-    keep_bytes, mix, option_word, shape_bit, AnswerEntry, AnswerKey, BOOTP_CHADDR, BOOTP_CIADDR,
-    BOOTP_FLAGS, BOOTP_GIADDR, BOOTP_MAGIC, BOOTP_OPTIONS, BOOTP_XID, MAGIC_COOKIE,
-    MAX_OPTION_ITEMS, MAX_REPLY_LEN, MAX_SHAPE_OPTION_LEN, OPT_END, OPT_MESSAGE_TYPE, OPT_OVERLOAD,
-    OPT_PAD, OPT_RELAY_AGENT, OPT_REQUESTED_IP, OPT_SERVER_ID, PORT_KIND_DHCP, PORT_KIND_PROXY,
-    SIGNATURE_SEED,
+    AnswerEntry, AnswerKey, OptionWalk, BOOTP_CHADDR, BOOTP_CIADDR, BOOTP_FLAGS, BOOTP_GIADDR,
+    BOOTP_MAGIC, BOOTP_OPTIONS, BOOTP_XID, MAGIC_COOKIE, MAX_REPLY_LEN, OPT_END, OPT_MESSAGE_TYPE,
+    OPT_PAD, PORT_KIND_DHCP, PORT_KIND_PROXY,
 };
 
 use super::engine::{KernelAnswer, PROXY_PORT};
@@ -70,51 +68,14 @@ impl Clocks {
 
 /// The shape signature of a request's options, or `None` where the kernel
 /// would not read the request (it then never finds a template for it).
+/// The walk is the programs' own ([`OptionWalk`]).
 pub fn signature(datagram: &[u8]) -> Option<u64> {
     if datagram.len() <= BOOTP_OPTIONS || datagram[BOOTP_MAGIC..BOOTP_OPTIONS] != MAGIC_COOKIE {
         return None;
     }
-    let options = &datagram[BOOTP_OPTIONS..];
-    let mut h = SIGNATURE_SEED;
-    let mut seen = 0u32;
-    let mut at = 0usize;
-    for _ in 0..MAX_OPTION_ITEMS {
-        let Some(&code) = options.get(at) else {
-            return Some(h);
-        };
-        match code {
-            OPT_END => return Some(h),
-            OPT_PAD => {
-                at += 1;
-                continue;
-            }
-            _ => {}
-        }
-        let len = usize::from(*options.get(at + 1)?);
-        let value = options.get(at + 2..at + 2 + len)?;
-        match code {
-            OPT_OVERLOAD | OPT_RELAY_AGENT => return None,
-            OPT_MESSAGE_TYPE if len != 1 => return None,
-            OPT_REQUESTED_IP | OPT_SERVER_ID if len != 4 => return None,
-            _ => {}
-        }
-        let bit = shape_bit(code);
-        if bit != 0 {
-            if seen & bit != 0 || len > MAX_SHAPE_OPTION_LEN {
-                return None;
-            }
-            seen |= bit;
-            h = mix(h, option_word(code, len as u8));
-            for word in value.chunks(8) {
-                let mut bytes = [0u8; 8];
-                bytes[..word.len()].copy_from_slice(word);
-                h = mix(h, keep_bytes(u64::from_le_bytes(bytes), word.len() as u64));
-            }
-        }
-        at += 2 + len;
-    }
-    // More items than the kernel walks.
-    None
+    let mut walk = OptionWalk::default();
+    walk.walk(datagram, BOOTP_OPTIONS, datagram.len())
+        .then_some(walk.signature)
 }
 
 /// The template of `reply` (an encoded BOOTP message) answering `request`

@@ -8,7 +8,7 @@
 
 mod answers;
 mod counters;
-mod tftp_sessions;
+pub mod tftp_sessions;
 
 use std::{ffi::CString, fmt};
 
@@ -17,10 +17,11 @@ use aya::{
     programs::{tc, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
     Ebpf, EbpfError, EbpfLoader,
 };
+use bytemuck::Zeroable as _;
 use pxe_common::dhcp::{AnswerEntry, AnswerKey, DHCP_ANSWERS};
 use pxe_common::maps::{
-    self, ImageEntry, SessionEntry, SessionKey, TftpPortEntry, TftpPortKey, CHUNK_SIZE,
-    CHUNK_STRIDE, IMAGES_CAPACITY,
+    self, next_handover, ImageEntry, SessionConfig, SessionKey, SessionProgress, TftpPortEntry,
+    TftpPortKey, CHUNK_SIZE, CHUNK_STRIDE, FIRST_HANDOVER, IMAGES_CAPACITY,
 };
 
 pub use self::{
@@ -216,47 +217,77 @@ impl FastPath {
         Ok(entry)
     }
 
-    /// Hands a transfer to the kernel tiers.
+    /// Starts (or restarts) a kernel session at `config`'s hand-over point,
+    /// whose `handover` number is set here. Any earlier session under the
+    /// key is taken back first, so the zeroed progress entry is written
+    /// while no config names it: from then on only the programs write it.
     pub fn insert_session(
         &mut self,
         key: SessionKey,
-        entry: SessionEntry,
+        mut config: SessionConfig,
     ) -> Result<(), FastPathError> {
-        self.sessions()?
-            .insert(key, entry, 0)
-            .map_err(|source| FastPathError::Map {
-                name: maps::TFTP_SESSIONS,
-                source,
-            })
+        self.remove_session(&key)?;
+        let progress: HashMap<_, SessionKey, SessionProgress> =
+            self.hash_map(maps::TFTP_PROGRESS)?;
+        insert_entry(
+            progress,
+            maps::TFTP_PROGRESS,
+            key,
+            SessionProgress::zeroed(),
+        )?;
+        config.handover = FIRST_HANDOVER;
+        let configs = self.hash_map(maps::TFTP_SESSIONS)?;
+        insert_entry(configs, maps::TFTP_SESSIONS, key, config)
     }
 
-    /// A kernel session as the programs left it.
-    pub fn session(&mut self, key: &SessionKey) -> Result<Option<SessionEntry>, FastPathError> {
-        match self.sessions()?.get(key, 0) {
-            Ok(entry) => Ok(Some(entry)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(None)
-            }
-            Err(source) => Err(FastPathError::Map {
-                name: maps::TFTP_SESSIONS,
-                source,
-            }),
+    /// Hands a transfer to the kernel tiers at `config`'s point: a session
+    /// the kernel serves already gets a new hand-over, which the programs
+    /// merge into their progress at the next ACK; otherwise one is started.
+    pub fn hand_over(
+        &mut self,
+        key: SessionKey,
+        mut config: SessionConfig,
+    ) -> Result<(), FastPathError> {
+        let Some(current) = self.session_config(&key)? else {
+            return self.insert_session(key, config);
+        };
+        config.handover = next_handover(current.handover);
+        let configs = self.hash_map(maps::TFTP_SESSIONS)?;
+        insert_entry(configs, maps::TFTP_SESSIONS, key, config)
+    }
+
+    /// A kernel session's progress as the programs will act on it: what
+    /// they wrote, with a hand-over they have not adopted yet merged in.
+    pub fn session(&mut self, key: &SessionKey) -> Result<Option<SessionProgress>, FastPathError> {
+        let Some(config) = self.session_config(key)? else {
+            return Ok(None);
+        };
+        let progress = self.hash_map(maps::TFTP_PROGRESS)?;
+        let mut progress: Option<SessionProgress> = get_entry(&progress, maps::TFTP_PROGRESS, key)?;
+        if let Some(p) = &mut progress {
+            p.adopt(&config);
         }
+        Ok(progress)
     }
 
-    /// Takes a transfer back from the kernel tiers.
+    /// A kernel session's config as userspace last handed it over.
+    pub fn session_config(
+        &mut self,
+        key: &SessionKey,
+    ) -> Result<Option<SessionConfig>, FastPathError> {
+        let configs = self.hash_map(maps::TFTP_SESSIONS)?;
+        get_entry(&configs, maps::TFTP_SESSIONS, key)
+    }
+
+    /// Takes a transfer back from the kernel tiers: the config goes first,
+    /// so no program starts writing the progress entry as it goes.
     pub fn remove_session(&mut self, key: &SessionKey) -> Result<(), FastPathError> {
-        match self.sessions()?.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(())
-            }
-            Err(source) => Err(FastPathError::Map {
-                name: maps::TFTP_SESSIONS,
-                source,
-            }),
-        }
+        let mut configs: HashMap<_, SessionKey, SessionConfig> =
+            self.hash_map(maps::TFTP_SESSIONS)?;
+        remove_entry(&mut configs, maps::TFTP_SESSIONS, key)?;
+        let mut progress: HashMap<_, SessionKey, SessionProgress> =
+            self.hash_map(maps::TFTP_PROGRESS)?;
+        remove_entry(&mut progress, maps::TFTP_PROGRESS, key)
     }
 
     /// Gives the kernel a DHCP reply template (replacing any under the key).
@@ -313,17 +344,15 @@ impl FastPath {
         })
     }
 
-    fn sessions(
+    fn hash_map<K: aya::Pod, V: aya::Pod>(
         &mut self,
-    ) -> Result<HashMap<&mut MapData, SessionKey, SessionEntry>, FastPathError> {
+        name: &'static str,
+    ) -> Result<HashMap<&mut MapData, K, V>, FastPathError> {
         let map = self
             .ebpf
-            .map_mut(maps::TFTP_SESSIONS)
-            .expect("TFTP_SESSIONS is defined by pxe-ebpf");
-        HashMap::try_from(map).map_err(|source| FastPathError::Map {
-            name: maps::TFTP_SESSIONS,
-            source,
-        })
+            .map_mut(name)
+            .unwrap_or_else(|| panic!("{name} is defined by pxe-ebpf"));
+        HashMap::try_from(map).map_err(|source| FastPathError::Map { name, source })
     }
 
     /// The loaded object, for tests that run the programs with BPF_PROG_TEST_RUN.
@@ -443,6 +472,51 @@ impl FastPath {
             name: maps::TFTP_PORTS,
             source,
         })
+    }
+}
+
+fn insert_entry<K: aya::Pod, V: aya::Pod>(
+    mut map: HashMap<&mut MapData, K, V>,
+    name: &'static str,
+    key: K,
+    value: V,
+) -> Result<(), FastPathError> {
+    map.insert(key, value, 0)
+        .map_err(|source| FastPathError::Map { name, source })
+}
+
+/// The value under `key`, or `None` where there is none.
+fn get_entry<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<&mut MapData, K, V>,
+    name: &'static str,
+    key: &K,
+) -> Result<Option<V>, FastPathError> {
+    match map.get(key, 0) {
+        Ok(value) => Ok(Some(value)),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(source) => Err(FastPathError::Map { name, source }),
+    }
+}
+
+/// Removes `key`; a key already gone is no error.
+fn remove_entry<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<&mut MapData, K, V>,
+    name: &'static str,
+    key: &K,
+) -> Result<(), FastPathError> {
+    match map.remove(key) {
+        Ok(()) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(source) => Err(FastPathError::Map { name, source }),
+    }
+}
+
+/// aya reports a missing key as `KeyNotFound` or as the syscall's ENOENT.
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }
 
