@@ -100,10 +100,13 @@ pub fn plan(
     let (eth, ip, udp) = unsafe { (*eth, *ip, *udp) };
     let udp_len = u16::from_be_bytes(udp.len) as usize;
     let bootp = off.l4 + UdpHdr::LEN;
-    if udp_len < UdpHdr::LEN + BOOTP_OPTIONS + 1
-        || udp_len > UdpHdr::LEN + MAX_REQUEST_LEN
-        || ip.total_len() as usize != Ipv4Hdr::LEN + udp_len
-    {
+    #[expect(
+        clippy::manual_range_contains,
+        reason = "two plain comparisons, which the verifier reads as bounds on udp_len"
+    )]
+    let outside =
+        udp_len < UdpHdr::LEN + BOOTP_OPTIONS + 1 || udp_len > UdpHdr::LEN + MAX_REQUEST_LEN;
+    if outside || ip.total_len() as usize != Ipv4Hdr::LEN + udp_len {
         return Plan::Pass(Counter::PASS_DHCP_UNPARSED);
     }
     let end = bootp + udp_len - UdpHdr::LEN;
@@ -133,13 +136,13 @@ pub fn plan(
         },
         _pad: [0; 5],
     };
-    let Some(entry) = answers.get_ptr_mut(&key) else {
+    let Some(entry) = answers.get_ptr_mut(key) else {
         return Plan::Pass(unanswered);
     };
     // SAFETY: a map value pointer the lookup just returned.
     let e = unsafe { &*entry };
     let (ciaddr, giaddr) = (fixed.ciaddr, fixed.giaddr);
-    if !decided(e, &opts, ciaddr, giaddr) {
+    if !decided(e, opts, ciaddr, giaddr) {
         return Plan::Pass(Counter::PASS_DHCP_NOT_DECIDED);
     }
     let len = e.len as usize;
@@ -327,7 +330,7 @@ fn udp_checksum(p: &Prefix, template_sum: u32, msg_type: u8, msg_type_at: usize)
     sum += ne(h[BOOTP_XID], h[BOOTP_XID + 1]) + ne(h[BOOTP_XID + 2], h[BOOTP_XID + 3]);
     sum += ne(h[BOOTP_FLAGS], h[BOOTP_FLAGS + 1]);
     sum += ne(h[BOOTP_CIADDR], h[BOOTP_CIADDR + 1]) + ne(h[BOOTP_CIADDR + 2], h[BOOTP_CIADDR + 3]);
-    sum += if msg_type_at % 2 == 0 {
+    sum += if msg_type_at.is_multiple_of(2) {
         ne(msg_type, 0)
     } else {
         ne(0, msg_type)

@@ -304,7 +304,7 @@ fn tc_tftp(ctx: &TcContext, frame: &Frame, off: UdpOffsets) -> (Counter, i32) {
         MAX_KERNEL_WINDOW,
     ) {
         Plan::Pass(counter) => return (counter, TC_ACT_UNSPEC),
-        Plan::Drop => return (Counter::DROP_TFTP_STALE_ACK, TC_ACT_SHOT as i32),
+        Plan::Drop => return (Counter::DROP_TFTP_STALE_ACK, TC_ACT_SHOT),
         Plan::Build(build) => build,
     };
     let skb = ctx.skb.skb;
@@ -345,7 +345,7 @@ fn tc_tftp(ctx: &TcContext, frame: &Frame, off: UdpOffsets) -> (Counter, i32) {
     if cloned > 0 {
         sent(&build, cloned, 1);
     }
-    (Counter::DROP_TFTP_HALF_BUILT, TC_ACT_SHOT as i32)
+    (Counter::DROP_TFTP_HALF_BUILT, TC_ACT_SHOT)
 }
 
 /// The TC tier of DHCP: resize the skb into the reply and redirect it out
@@ -376,7 +376,7 @@ fn tc_dhcp(ctx: &TcContext, frame: &Frame, off: UdpOffsets, unanswered: Counter)
     });
     if !written {
         // The skb is already resized: never let a half-built frame go on.
-        return (Counter::DROP_DHCP_HALF_BUILT, TC_ACT_SHOT as i32);
+        return (Counter::DROP_DHCP_HALF_BUILT, TC_ACT_SHOT);
     }
     dhcp::answered(&reply);
     // SAFETY: redirecting our own skb to the egress of its interface.
@@ -387,7 +387,7 @@ fn tc_dhcp(ctx: &TcContext, frame: &Frame, off: UdpOffsets, unanswered: Counter)
 #[inline(always)]
 fn is_transfer_port(port: u16) -> bool {
     // SAFETY: the value is only tested for presence, never read.
-    unsafe { TFTP_PORTS.get(&TftpPortKey::new(port)).is_some() }
+    unsafe { TFTP_PORTS.get(TftpPortKey::new(port)).is_some() }
 }
 
 #[inline(always)]

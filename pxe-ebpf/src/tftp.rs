@@ -129,10 +129,10 @@ pub fn plan(
     };
     // SAFETY: a copy of the value the lookup just found; the daemon
     // replaces configs whole, never in place.
-    let Some(config) = (unsafe { sessions.get(&key) }).copied() else {
+    let Some(config) = (unsafe { sessions.get(key) }).copied() else {
         return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
     };
-    let Some(progress_ptr) = progress.get_ptr_mut(&key) else {
+    let Some(progress_ptr) = progress.get_ptr_mut(key) else {
         return Plan::Pass(Counter::PASS_TFTP_TRANSFER);
     };
     // SAFETY: a map value pointer the lookup just returned.

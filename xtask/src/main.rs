@@ -2,8 +2,9 @@
 //!
 //! - `setup`: installs what a fresh Debian machine lacks (apt packages,
 //!   nightly rust-src, bpf-linker) and checks the kernel. Idempotent.
-//! - `test`: setup, then the whole test suite, with privileged tests required
-//!   to run rather than allowed to skip.
+//! - `test`: setup, then formatting and lints, the whole test suite (with
+//!   privileged tests required to run rather than allowed to skip), and each
+//!   fuzz target for a bounded time.
 //! - `demo`: the main job on its embedded defaults, with a machine booting.
 //! - `bench`, `bench-dhcp`, `bench-tftp`: comparisons with peers, written to docs/benchmarks.
 
@@ -172,7 +173,20 @@ pub fn build_release_binaries() -> anyhow::Result<(std::path::PathBuf, std::path
     ))
 }
 
+/// Seconds each fuzz target runs in the test suite: enough to catch a
+/// regression in the parsers' edges, bounded so CI stays well inside its time.
+const FUZZ_SECONDS: u32 = 30;
+
+/// The fuzz targets of fuzz/Cargo.toml.
+const FUZZ_TARGETS: &[&str] = &["dhcp_decision", "tftp_parse"];
+
+/// The whole suite: formatting and lints, every test, then each fuzz target
+/// for a bounded time. With arguments (a test filter), only `cargo test`.
 fn test(cargo_args: &[String]) -> anyhow::Result<()> {
+    let whole = cargo_args.is_empty();
+    if whole {
+        lint()?;
+    }
     let status = Command::new(env!("CARGO"))
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(cargo_args)
@@ -182,6 +196,65 @@ fn test(cargo_args: &[String]) -> anyhow::Result<()> {
         .context("running cargo test")?;
     if !status.success() {
         bail!("tests failed ({status})");
+    }
+    if whole {
+        fuzz()?;
+    }
+    Ok(())
+}
+
+/// `cargo fmt --check`, clippy with warnings as errors on the host crates
+/// (the default members: `--workspace` would build pxe-ebpf for the host)
+/// and on pxe-ebpf for its own target.
+fn lint() -> anyhow::Result<()> {
+    run_step(
+        "cargo fmt --check",
+        Command::new(env!("CARGO")).args(["fmt", "--all", "--check"]),
+    )?;
+    run_step(
+        "cargo clippy (host crates)",
+        Command::new(env!("CARGO")).args(["clippy", "--all-targets", "--", "-D", "warnings"]),
+    )?;
+    run_step(
+        "cargo clippy (pxe-ebpf for bpfel-unknown-none)",
+        Command::new("cargo")
+            .args([
+                "+nightly",
+                "clippy",
+                "-p",
+                "pxe-ebpf",
+                "--target",
+                "bpfel-unknown-none",
+            ])
+            .args(["-Z", "build-std=core", "--target-dir"])
+            .arg(workspace_root().join("target/bpf-clippy"))
+            .args(["--", "-D", "warnings"]),
+    )
+}
+
+/// Builds the fuzz targets and runs each for [`FUZZ_SECONDS`].
+fn fuzz() -> anyhow::Result<()> {
+    let dir = workspace_root().join("fuzz");
+    for target in FUZZ_TARGETS {
+        run_step(
+            &format!("fuzzing {target} for {FUZZ_SECONDS} s"),
+            Command::new("cargo")
+                .args(["+nightly", "fuzz", "run", target, "--"])
+                .arg(format!("-max_total_time={FUZZ_SECONDS}"))
+                .current_dir(&dir),
+        )?;
+    }
+    Ok(())
+}
+
+fn run_step(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: {what}");
+    if cmd.get_current_dir().is_none() {
+        cmd.current_dir(workspace_root());
+    }
+    let status = cmd.status().with_context(|| format!("running {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
     }
     Ok(())
 }

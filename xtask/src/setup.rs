@@ -14,6 +14,15 @@ pub enum Mode {
     Install,
 }
 
+/// Components of the nightly toolchain the BPF crate needs, and why.
+const NIGHTLY_COMPONENTS: &[(&str, &str)] = &[
+    ("rust-src", "needed to build core for bpfel-unknown-none"),
+    (
+        "clippy",
+        "the test suite lints the BPF crate for its own target",
+    ),
+];
+
 /// Debian packages: the LLVM that bpf-linker links against, the network tools
 /// the lab uses, and the real protocol peers the tests run.
 const APT_PACKAGES: &[(&str, &str)] = &[
@@ -121,20 +130,36 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
                 "the {BPF_TOOLCHAIN} toolchain is missing (the BPF crate builds with -Z build-std); fix: rustup toolchain install {BPF_TOOLCHAIN} --profile minimal --component rust-src"
             ));
         }
-    } else if !has_rust_src(BPF_TOOLCHAIN) {
+    } else {
+        for (component, why) in NIGHTLY_COMPONENTS {
+            if has_component(BPF_TOOLCHAIN, component) {
+                continue;
+            }
+            if mode == Mode::Install {
+                step(&format!("adding {component} to {BPF_TOOLCHAIN}"));
+                run_cmd(Command::new("rustup").args([
+                    "component",
+                    "add",
+                    component,
+                    "--toolchain",
+                    BPF_TOOLCHAIN,
+                ]))?;
+            } else {
+                problems.push(format!(
+                    "{component} is missing from {BPF_TOOLCHAIN} ({why}); fix: rustup component add {component} --toolchain {BPF_TOOLCHAIN}"
+                ));
+            }
+        }
+    }
+
+    if !has_cargo_fuzz() {
         if mode == Mode::Install {
-            step(&format!("adding rust-src to {BPF_TOOLCHAIN}"));
-            run_cmd(Command::new("rustup").args([
-                "component",
-                "add",
-                "rust-src",
-                "--toolchain",
-                BPF_TOOLCHAIN,
-            ]))?;
+            step("installing cargo-fuzz (the fuzz targets run in the test suite; about a minute)");
+            run_cmd(Command::new(env!("CARGO")).args(["install", "cargo-fuzz", "--locked"]))?;
         } else {
-            problems.push(format!(
-                "rust-src is missing from {BPF_TOOLCHAIN} (needed to build core for bpfel-unknown-none); fix: rustup component add rust-src --toolchain {BPF_TOOLCHAIN}"
-            ));
+            problems.push(
+                "cargo-fuzz is missing (the test suite runs each fuzz target for a bounded time); fix: cargo install cargo-fuzz --locked".to_owned(),
+            );
         }
     }
 
@@ -287,15 +312,25 @@ fn has_toolchain(toolchain: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn has_rust_src(toolchain: &str) -> bool {
+fn has_component(toolchain: &str, component: &str) -> bool {
     Command::new("rustup")
         .args(["component", "list", "--installed", "--toolchain", toolchain])
         .output()
         .map(|o| {
             String::from_utf8_lossy(&o.stdout)
                 .lines()
-                .any(|l| l.starts_with("rust-src"))
+                .any(|l| l.starts_with(component))
         })
+        .unwrap_or(false)
+}
+
+fn has_cargo_fuzz() -> bool {
+    Command::new(env!("CARGO"))
+        .args(["fuzz", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
         .unwrap_or(false)
 }
 
