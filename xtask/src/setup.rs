@@ -227,7 +227,9 @@ fn dpkg_installed(package: &str) -> bool {
         .args(["-W", "-f=${Status}", package])
         .stderr(Stdio::null())
         .output()
-        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).ends_with("installed"))
+        // Not `ends_with("installed")`: a package dpkg knows of but does not
+        // have reads "unknown ok not-installed".
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout) == "install ok installed")
         .unwrap_or(false)
 }
 
