@@ -53,14 +53,8 @@ fn frame_from(src_port: u16, dst_port: u16, payload: &[u8]) -> Vec<u8> {
         0,
         1,
     ];
-    let mut sum: u32 = ip
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let check = pxe_common::csum::checksum(&[&ip]);
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
     f.extend_from_slice(&ip);
     f.extend_from_slice(&src_port.to_be_bytes());
     f.extend_from_slice(&dst_port.to_be_bytes());
