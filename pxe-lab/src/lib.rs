@@ -364,6 +364,29 @@ pub fn privileged(test: &str) -> bool {
     false
 }
 
+/// For tests that need a file a package installs (firmware, boot programs):
+/// true when `path` exists. When it does not, prints why and returns false,
+/// or panics if [`REQUIRE_PRIVILEGED_TESTS`] is set: the project's test
+/// command installs every such package, so a missing file there is a broken
+/// setup, not a reason to pass.
+pub fn have_file(path: impl AsRef<Path>, package: &str) -> bool {
+    let path = path.as_ref();
+    if path.exists() {
+        return true;
+    }
+    if std::env::var_os(REQUIRE_PRIVILEGED_TESTS).is_some() {
+        panic!(
+            "{} is missing (Debian package {package}), and {REQUIRE_PRIVILEGED_TESTS} says the test must not be skipped",
+            path.display()
+        );
+    }
+    eprintln!(
+        "skipping: {} is missing (Debian package {package})",
+        path.display()
+    );
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -153,8 +153,8 @@ impl FirmwareLab {
 fn have_qemu() -> bool {
     have_tool("qemu-system-x86_64", "qemu-system-x86 (bookworm-backports)")
         && have_tool("busybox", "busybox")
-        && Path::new("/usr/lib/ipxe/ipxe.lkrn").exists()
-        && Path::new("/usr/share/OVMF/OVMF_CODE.fd").exists()
+        && pxe_lab::have_file("/usr/lib/ipxe/ipxe.lkrn", "ipxe")
+        && pxe_lab::have_file("/usr/share/OVMF/OVMF_CODE.fd", "ovmf")
 }
 
 #[test]
@@ -321,7 +321,7 @@ fn bios_pxelinux_boots_linux_all_over_tftp_with_the_kernel_serving_the_blocks() 
     if !pxe_lab::privileged(
         "bios_pxelinux_boots_linux_all_over_tftp_with_the_kernel_serving_the_blocks",
     ) || !have_qemu()
-        || !Path::new("/usr/lib/PXELINUX/pxelinux.0").exists()
+        || !have_pxelinux()
     {
         return;
     }
@@ -456,7 +456,7 @@ fn pxelinux_boots_all_over_tftp_with_pxed_in_proxy_mode() {
     if !pxe_lab::privileged("pxelinux_boots_all_over_tftp_with_pxed_in_proxy_mode")
         || !have_qemu()
         || !have_tool("dnsmasq", "dnsmasq-base")
-        || !Path::new("/usr/lib/PXELINUX/pxelinux.0").exists()
+        || !have_pxelinux()
     {
         return;
     }
@@ -502,6 +502,15 @@ fn a_unified_kernel_image_boots_over_http_with_pxed_in_proxy_mode() {
         log.contains("proxy OFFER, boot http://198.18.0.1/uki.efi"),
         "{log}"
     );
+}
+
+/// Whether PXELINUX and the ldlinux.c32 it loads are installed (see [`have_file`](pxe_lab::have_file)).
+fn have_pxelinux() -> bool {
+    pxe_lab::have_file("/usr/lib/PXELINUX/pxelinux.0", "pxelinux")
+        && pxe_lab::have_file(
+            "/usr/lib/syslinux/modules/bios/ldlinux.c32",
+            "syslinux-common",
+        )
 }
 
 /// PXELINUX, its ldlinux.c32 and a config that boots the lab kernel.
