@@ -41,6 +41,23 @@ impl Served {
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
         wait_for_file_text(&self.log, needle, timeout);
     }
+
+    /// Waits until `needle` is on at least `count` lines of pxed's log;
+    /// panics with the log if not.
+    pub fn wait_for_log_count(&self, needle: &str, count: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.log();
+            if text.lines().filter(|l| l.contains(needle)).count() >= count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited for {count} lines with {needle:?} in pxed's log:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// Waits until the file contains `needle`; panics with its contents if not.
