@@ -14,6 +14,7 @@
 mod dhcp;
 mod dhcp_load;
 mod plot;
+mod progress;
 mod pxe;
 mod report;
 mod tftp;

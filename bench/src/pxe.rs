@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use crate::{
     dhcp::{self, DhcpWire, Identity},
+    progress::Progress,
     report, tftp,
 };
 
@@ -228,7 +229,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
     }
     if let Some(path) = &args.svg {
-        std::fs::write(path, crate::plot::svg(&report))?;
+        std::fs::write(path, crate::plot::svg(&report)?)?;
     }
     Ok(report.failed == 0)
 }
@@ -250,15 +251,13 @@ async fn run_machines(args: &Args) -> anyhow::Result<Report> {
     let failed = Arc::new(AtomicUsize::new(0));
     let progress = {
         let (done, failed) = (Arc::clone(&done), Arc::clone(&failed));
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let (d, f) = (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-                eprintln!(
-                    "bench: {d}/{total} booted, {f} failed, {:.0} s",
-                    started.elapsed().as_secs_f64()
-                );
-            }
+        Progress::start(total as u64, move || {
+            let (d, f) = (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+            let text = format!(
+                "{d}/{total} booted, {f} failed, {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+            ((d + f) as u64, text)
         })
     };
     let mut tasks = Vec::with_capacity(total);
@@ -296,7 +295,7 @@ async fn run_machines(args: &Args) -> anyhow::Result<Report> {
     for task in tasks {
         machines.push(task.await?);
     }
-    progress.abort();
+    progress.finish();
     Ok(summarise(
         args,
         machines,
@@ -469,15 +468,15 @@ fn summarise(
 ) -> Report {
     let mut stage_ms = Vec::new();
     for stage in ["dhcp", "nbp", "ipxe_dhcp", "script", "os"] {
-        let mut times: Vec<f64> = machines
+        let mut times = report::Latencies::default();
+        machines
             .iter()
             .filter_map(|m| m.stages.iter().find(|(s, _)| *s == stage).map(|(_, t)| *t))
-            .collect();
+            .for_each(|ms| times.record_ms(ms));
         if times.is_empty() {
             continue;
         }
-        times.sort_by(f64::total_cmp);
-        let at = |p: f64| report::quantile(&times, p);
+        let at = |p: f64| times.quantile_ms(p);
         stage_ms.push((stage, (at(0.5), at(0.99), at(1.0))));
     }
     let failures = report::by_reason(machines.iter().filter_map(|m| m.failure.as_deref()));

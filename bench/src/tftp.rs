@@ -197,14 +197,16 @@ fn report(
     started: Instant,
     meter: pxe_lab::cpu::CpuMeter,
 ) -> Report {
-    let mut durations = Vec::new();
+    let mut durations = crate::report::Latencies::default();
+    let mut transfers_ok = 0;
     let mut failures = Vec::new();
     let mut retransmits = 0;
     let mut bytes = 0u64;
     for (elapsed, outcome) in results {
         match outcome {
             Ok((r, _)) => {
-                durations.push(elapsed.as_secs_f64() * 1000.0);
+                durations.record(elapsed);
+                transfers_ok += 1;
                 retransmits += r;
                 bytes += file_len;
             }
@@ -212,22 +214,15 @@ fn report(
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    durations.sort_by(f64::total_cmp);
-    let percentile = |p: f64| {
-        durations
-            .get(((durations.len() as f64 - 1.0) * p).round() as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
     Report {
         clients,
-        transfers_ok: durations.len(),
+        transfers_ok,
         transfers_failed: failures.len(),
         bytes,
         seconds,
         goodput_mb_per_s: bytes as f64 / seconds / 1e6,
-        transfer_ms_p50: percentile(0.5),
-        transfer_ms_p99: percentile(0.99),
+        transfer_ms_p50: durations.quantile_ms(0.5),
+        transfer_ms_p99: durations.quantile_ms(0.99),
         client_retransmits: retransmits,
         failures,
         cpu: meter.stop(),

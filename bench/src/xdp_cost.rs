@@ -11,6 +11,8 @@ use aya::programs::{TestRun, TestRunOptions, Xdp};
 use pxe_common::maps::{SessionEntry, SessionKey};
 use pxe_user::fastpath::{FastPath, XDP_PROGRAM};
 
+use crate::report::Latencies;
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Single runs timed for the build path (each needs its session reset).
@@ -78,17 +80,16 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     let ack = frame(SERVER_PORT, &[0, 4, 0, 1]);
     println!("xdp-cost: BPF_PROG_TEST_RUN on the real object; ns per packet");
     for blksize in [1468u32, 512] {
-        let mut samples = Vec::with_capacity(args.samples);
+        let mut samples = Latencies::default();
         for _ in 0..args.samples {
             let mut entry: SessionEntry = bytemuck::Zeroable::zeroed();
             (entry.blksize, entry.blocks, entry.last_sent, entry.window) = (blksize, 100, 1, 1);
             fp.insert_session(key, entry)?;
             let (action, duration) = run_once(&mut fp, &ack, 1)?;
             anyhow::ensure!(action == 3, "expected XDP_TX, got {action}");
-            samples.push(duration);
+            samples.record(duration);
         }
-        samples.sort();
-        let at = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize].as_nanos();
+        let at = |p: f64| samples.quantile(p).as_nanos();
         println!("  build DATA in place, blksize {blksize:>4}: p50 {:>5} ns, p90 {:>5} ns ({} single runs)", at(0.5), at(0.9), samples.len());
     }
     let mut entry: SessionEntry = bytemuck::Zeroable::zeroed();
@@ -104,17 +105,16 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     let (request, reply_len) = dhcp_template(&mut fp)?;
     // Single runs: with `repeat`, each run would start from the previous
     // one's reply, not from the request.
-    let mut samples = Vec::with_capacity(args.samples);
+    let mut samples = Latencies::default();
     for _ in 0..args.samples {
         let (action, duration) = run_once(&mut fp, &request, 1)?;
         anyhow::ensure!(
             action == 3,
             "expected XDP_TX for the DHCP REQUEST, got {action}"
         );
-        samples.push(duration);
+        samples.record(duration);
     }
-    samples.sort();
-    let at = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize].as_nanos();
+    let at = |p: f64| samples.quantile(p).as_nanos();
     println!(
         "  DHCP ACK from a template ({reply_len} B): p50 {:>5} ns, p90 {:>5} ns ({} single runs)",
         at(0.5),
