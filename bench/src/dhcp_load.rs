@@ -19,7 +19,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    dhcp::{self, DhcpWire, Identity},
+    dhcp::{self, DhcpWire, Identity, Schedule},
     progress::Progress,
     pxe::Firmware,
     report,
@@ -168,13 +168,19 @@ async fn run_machines(args: &Args) -> anyhow::Result<Report> {
             (done as u64, text)
         })
     };
+    // No wait for proxy offers: the first address offer is taken.
+    let schedule = Schedule {
+        offer_wait: Duration::ZERO,
+        ..args.firmware.profile().dhcp_schedule()
+    };
     let tasks: Vec<_> = (0..args.clients)
         .map(|n| {
             let (identity, xid) = args.firmware.machine(args.mac_prefix, n);
             let (wire, exchanges) = (Arc::clone(&wire), Arc::clone(&exchanges));
-            let repeats = args.repeats;
+            let (repeats, schedule) = (args.repeats, schedule.clone());
             tokio::spawn(async move {
-                lease_again_and_again(&wire, &identity, xid, repeats, deadline, &exchanges).await
+                let machine = (&identity, xid, &schedule);
+                lease_again_and_again(&wire, machine, repeats, deadline, &exchanges).await
             })
         })
         .collect();
@@ -190,8 +196,7 @@ async fn run_machines(args: &Args) -> anyhow::Result<Report> {
 /// One machine: its first exchange, then `repeats` more, each with the next xid.
 async fn lease_again_and_again(
     wire: &DhcpWire,
-    identity: &Identity,
-    first_xid: u32,
+    (identity, first_xid, schedule): (&Identity, u32, &Schedule),
     repeats: u8,
     deadline: tokio::time::Instant,
     exchanges: &AtomicUsize,
@@ -199,13 +204,11 @@ async fn lease_again_and_again(
     let mut run = MachineRun::default();
     for round in 0..=repeats {
         let t0 = Instant::now();
-        // No wait for proxy offers: the first address offer is taken.
         let exchange = dhcp::dora(
             wire,
             identity,
             first_xid | u32::from(round),
-            &dhcp::FIRMWARE_RETRIES,
-            Duration::ZERO,
+            schedule.clone(),
         );
         let Ok((lease, tally)) = tokio::time::timeout_at(deadline, exchange).await else {
             run.failure = Some("time limit: the exchange was still running".into());

@@ -28,6 +28,7 @@ use std::{
 
 use nix::sched::{setns, CloneFlags};
 
+pub mod client;
 pub mod cpu;
 pub mod firmware;
 

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(
     dead_code,
+    unused_imports,
     reason = "each test binary uses its own subset of the helpers"
 )]
 
