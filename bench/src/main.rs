@@ -18,7 +18,6 @@ mod progress;
 mod pxe;
 mod report;
 mod tftp;
-mod tftp_client;
 mod tftp_packet;
 mod xdp_cost;
 

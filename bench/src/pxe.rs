@@ -329,17 +329,10 @@ impl Machine {
         let expected = self.expected_opt(&nbp)?;
         let server = SocketAddr::from((lease.next_server, 69));
         let tftp = firmware.tftp();
-        let (retrans, bytes) = tftp::download(
-            server,
-            &nbp,
-            tftp.blksize,
-            tftp.windowsize,
-            tftp.timeout,
-            self.deadline,
-            expected.as_deref(),
-        )
-        .await
-        .map_err(|e| format!("nbp: {e}"))?;
+        let (retrans, bytes) =
+            tftp::download(server, &nbp, &tftp, self.deadline, expected.as_deref())
+                .await
+                .map_err(|e| format!("nbp: {e}"))?;
         r.tftp_retransmits += retrans;
         r.bytes += bytes;
         r.stages.push(("nbp", ms(t0)));

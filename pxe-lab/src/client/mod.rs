@@ -5,5 +5,6 @@
 
 pub mod dhcp;
 pub mod firmware;
+pub mod tftp;
 
 pub use firmware::{Firmware, TftpProfile};
