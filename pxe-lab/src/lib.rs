@@ -31,6 +31,10 @@ use nix::sched::{setns, CloneFlags};
 pub mod client;
 pub mod cpu;
 pub mod firmware;
+pub mod peers;
+pub mod topology;
+
+pub use topology::{Pair, CLIENT_CIDR, SERVER_CIDR};
 
 const PREFIX: &str = "pxl";
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);

@@ -10,6 +10,7 @@ use std::{path::Path, time::Duration};
 
 use pxe_lab::{
     firmware::{self, Firmware},
+    peers::Dnsmasq,
     Lab, Netns,
 };
 
@@ -43,13 +44,7 @@ fn firmware_lab_with(
     extra_config: &str,
 ) -> FirmwareLab {
     let lab = Lab::new().unwrap();
-    let server = lab.add_netns("srv").unwrap();
-    let client = lab.add_netns("cli").unwrap();
-    lab.veth(
-        (&server, "eth0", Some("198.18.0.1/24")),
-        (&client, "uplink", None),
-    )
-    .unwrap();
+    let pxe_lab::Pair { server, client } = lab.pair().client_ifname("uplink").build().unwrap();
     lab.bridge(&client, "br0", None).unwrap();
     lab.attach_to_bridge(&client, "uplink", "br0").unwrap();
     for n in 0..taps {
@@ -64,27 +59,13 @@ fn firmware_lab_with(
         )
         .unwrap();
         lab.attach_to_bridge(&client, "site", "br0").unwrap();
-        lab.spawn_logged(
-            &site,
-            "dnsmasq",
-            &[
-                "--no-daemon",
-                "--port=0",
-                "--conf-file=/dev/null",
-                "--pid-file=",
-                "--user=root",
-                "--interface=eth0",
-                "--bind-interfaces",
-                "--dhcp-range=198.18.0.150,198.18.0.199,1h",
-                "--no-ping",
-                &format!(
-                    "--dhcp-leasefile={}",
-                    work.path().join("dnsmasq.leases").display()
-                ),
-            ],
-            &work.path().join("dnsmasq.log"),
-        )
-        .unwrap();
+        Dnsmasq::new()
+            .interface("eth0")
+            .dhcp_range("198.18.0.150,198.18.0.199,1h")
+            .no_ping()
+            .lease_file(&work.path().join("dnsmasq.leases"))
+            .spawn(&lab, &site, &work.path().join("dnsmasq.log"))
+            .unwrap();
         assert!(site.wait_for_udp_port(67, Duration::from_secs(20)));
     }
     let images = images();

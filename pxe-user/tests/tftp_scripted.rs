@@ -412,17 +412,15 @@ fn on_a_jumbo_frame_network_the_kernel_tiers_cap_the_granted_blksize() {
     let root = boot_root();
     let granted = |pxed_args: &[&str]| -> String {
         let lab = pxe_lab::Lab::new().unwrap();
-        let server_ns = lab.add_netns("srv").unwrap();
-        let client = lab.add_netns("cli").unwrap();
-        lab.veth(
-            (&server_ns, "eth0", Some("198.18.0.1/24")),
-            (&client, "eth0", Some("198.18.0.2/24")),
-        )
-        .unwrap();
-        server_ns
-            .ip(["link", "set", "eth0", "mtu", "9000"])
+        let pxe_lab::Pair {
+            server: server_ns,
+            client,
+        } = lab
+            .pair()
+            .client_addr(pxe_lab::CLIENT_CIDR)
+            .mtu(9000)
+            .build()
             .unwrap();
-        client.ip(["link", "set", "eth0", "mtu", "9000"]).unwrap();
         let mut args = vec![
             "--interface",
             "eth0",

@@ -81,13 +81,11 @@ pub fn wait_for_file_text(path: &Path, needle: &str, timeout: Duration) {
 /// Starts `pxed --interface eth0 <args>` in a fresh lab and waits for TFTP.
 pub fn serve_tftp(boot_root: &Path, extra: &[&str]) -> Served {
     let lab = Lab::new().expect("creating the lab");
-    let server = lab.add_netns("srv").unwrap();
-    let client = lab.add_netns("cli").unwrap();
-    lab.veth(
-        (&server, "eth0", Some("198.18.0.1/24")),
-        (&client, "eth0", Some("198.18.0.2/24")),
-    )
-    .unwrap();
+    let pxe_lab::Pair { server, client } = lab
+        .pair()
+        .client_addr(pxe_lab::CLIENT_CIDR)
+        .build()
+        .unwrap();
     let root = boot_root.to_str().unwrap();
     let mut args = vec!["--interface", "eth0", "--boot-root", root];
     args.extend_from_slice(extra);
