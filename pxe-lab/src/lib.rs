@@ -10,6 +10,9 @@
 //! set aside for benchmarking networks) so lab traffic can never be mistaken
 //! for, or routed to, a real network.
 //!
+//! Beside the networks: the usual server/client pair ([`Lab::pair`]), peer
+//! servers ([`peers`]), and the clients that run on them ([`client`]).
+//!
 //! Namespace names carry the creating process's PID (`pxl-<pid>-<n>-<role>`).
 //! If a process dies without unwinding (SIGKILL), its namespaces are swept by
 //! the next [`Lab::new`] on the machine, which deletes those whose PID is gone.

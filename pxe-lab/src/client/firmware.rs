@@ -99,3 +99,40 @@ impl Firmware {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::tftp::Download;
+
+    #[test]
+    fn each_firmware_asks_tftp_for_its_own_block_and_window() {
+        let request = |firmware: Firmware| {
+            let (_, rrq) = Download::start("f", &firmware.tftp(), None);
+            String::from_utf8(rrq[2..].to_vec())
+                .unwrap()
+                .replace('\0', " ")
+        };
+        assert_eq!(
+            request(Firmware::Edk2),
+            "f octet tsize 0 blksize 1468 windowsize 4 "
+        );
+        assert_eq!(request(Firmware::Ipxe), "f octet tsize 0 blksize 1432 ");
+        assert_eq!(request(Firmware::Pxelinux), "f octet tsize 0 blksize 1408 ");
+        assert_eq!(
+            request(Firmware::LegacyRom),
+            "f octet tsize 0 blksize 1432 "
+        );
+    }
+
+    #[test]
+    fn ipxe_retries_fast_and_says_who_it_is() {
+        let rom = Firmware::LegacyRom.dhcp_schedule();
+        let ipxe = Firmware::Ipxe.dhcp_schedule();
+        assert_eq!(rom.retries.iter().map(Duration::as_secs).sum::<u64>(), 60);
+        assert!(ipxe.retries[0] < rom.retries[0]);
+        let identity = Firmware::Ipxe.identity([2; 6], [0; 16]);
+        assert_eq!(identity.user_class.as_deref(), Some(dhcp::IPXE_USER_CLASS));
+        assert_eq!(Firmware::LegacyRom.identity([2; 6], [0; 16]).arch, Some(0));
+    }
+}
