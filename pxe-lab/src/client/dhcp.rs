@@ -398,9 +398,24 @@ impl Dora {
         // unless it has everything already.
         d.collect_until = d.collect_until.min(now + self.schedule.offer_wait);
         if d.proxy.is_some() || boot_file(address).is_some() {
-            return self.on_timeout(now);
+            return self.stop_collecting(now);
         }
         Step::Wait
+    }
+
+    /// Ends the DISCOVER round early: the offers in hand are all it needs.
+    fn stop_collecting(&mut self, now: Instant) -> Step {
+        match std::mem::replace(&mut self.state, State::Finished) {
+            State::Discovering(Discovering {
+                address: Some(address),
+                proxy,
+                ..
+            }) => self.request(now, address, proxy),
+            other => {
+                self.state = other;
+                Step::Wait
+            }
+        }
     }
 
     /// The first REQUEST for the offered address.
