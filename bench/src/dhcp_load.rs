@@ -19,7 +19,8 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    dhcp::{self, DhcpWire, Identity},
+    dhcp::{self, DhcpWire, Identity, Schedule},
+    progress::Progress,
     pxe::Firmware,
     report,
 };
@@ -59,13 +60,13 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(mut ms: Vec<f64>) -> Self {
-        ms.sort_by(f64::total_cmp);
+    fn of(durations: impl Iterator<Item = Duration>) -> Self {
+        let latencies: report::Latencies = durations.collect();
         Self {
-            p50: report::quantile(&ms, 0.5),
-            p90: report::quantile(&ms, 0.9),
-            p99: report::quantile(&ms, 0.99),
-            max: report::quantile(&ms, 1.0),
+            p50: latencies.quantile_ms(0.5),
+            p90: latencies.quantile_ms(0.9),
+            p99: latencies.quantile_ms(0.99),
+            max: latencies.max_ms(),
         }
     }
 }
@@ -84,17 +85,12 @@ pub struct Latencies {
 
 impl Latencies {
     fn of(samples: &[&Sample]) -> Self {
-        let ms = |f: fn(&Sample) -> Duration| {
-            samples
-                .iter()
-                .map(|s| f(s).as_secs_f64() * 1000.0)
-                .collect()
-        };
+        let of = |f: fn(&Sample) -> Duration| Percentiles::of(samples.iter().map(|s| f(s)));
         Self {
             exchanges: samples.len(),
-            offer_ms: Percentiles::of(ms(|s| s.tally.offer_delay)),
-            ack_ms: Percentiles::of(ms(|s| s.tally.ack_delay)),
-            dora_ms: Percentiles::of(ms(|s| s.dora)),
+            offer_ms: of(|s| s.tally.offer_delay),
+            ack_ms: of(|s| s.tally.ack_delay),
+            dora_ms: of(|s| s.dora),
         }
     }
 }
@@ -163,24 +159,28 @@ async fn run_machines(args: &Args) -> anyhow::Result<Report> {
     let progress = {
         let exchanges = Arc::clone(&exchanges);
         let total = args.clients * (usize::from(args.repeats) + 1);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                eprintln!(
-                    "bench: {}/{total} exchanges, {:.0} s",
-                    exchanges.load(Ordering::Relaxed),
-                    started.elapsed().as_secs_f64()
-                );
-            }
+        Progress::start(total as u64, move || {
+            let done = exchanges.load(Ordering::Relaxed);
+            let text = format!(
+                "{done}/{total} exchanges, {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+            (done as u64, text)
         })
+    };
+    // No wait for proxy offers: the first address offer is taken.
+    let schedule = Schedule {
+        offer_wait: Duration::ZERO,
+        ..args.firmware.profile().dhcp_schedule()
     };
     let tasks: Vec<_> = (0..args.clients)
         .map(|n| {
             let (identity, xid) = args.firmware.machine(args.mac_prefix, n);
             let (wire, exchanges) = (Arc::clone(&wire), Arc::clone(&exchanges));
-            let repeats = args.repeats;
+            let (repeats, schedule) = (args.repeats, schedule.clone());
             tokio::spawn(async move {
-                lease_again_and_again(&wire, &identity, xid, repeats, deadline, &exchanges).await
+                let machine = (&identity, xid, &schedule);
+                lease_again_and_again(&wire, machine, repeats, deadline, &exchanges).await
             })
         })
         .collect();
@@ -188,7 +188,7 @@ async fn run_machines(args: &Args) -> anyhow::Result<Report> {
     for task in tasks {
         machines.push(task.await?);
     }
-    progress.abort();
+    progress.finish();
     let seconds = started.elapsed().as_secs_f64();
     Ok(summarise(args, &machines, seconds, meter.stop()))
 }
@@ -196,8 +196,7 @@ async fn run_machines(args: &Args) -> anyhow::Result<Report> {
 /// One machine: its first exchange, then `repeats` more, each with the next xid.
 async fn lease_again_and_again(
     wire: &DhcpWire,
-    identity: &Identity,
-    first_xid: u32,
+    (identity, first_xid, schedule): (&Identity, u32, &Schedule),
     repeats: u8,
     deadline: tokio::time::Instant,
     exchanges: &AtomicUsize,
@@ -205,13 +204,11 @@ async fn lease_again_and_again(
     let mut run = MachineRun::default();
     for round in 0..=repeats {
         let t0 = Instant::now();
-        // No wait for proxy offers: the first address offer is taken.
         let exchange = dhcp::dora(
             wire,
             identity,
             first_xid | u32::from(round),
-            &dhcp::FIRMWARE_RETRIES,
-            Duration::ZERO,
+            schedule.clone(),
         );
         let Ok((lease, tally)) = tokio::time::timeout_at(deadline, exchange).await else {
             run.failure = Some("time limit: the exchange was still running".into());

@@ -14,10 +14,10 @@
 mod dhcp;
 mod dhcp_load;
 mod plot;
+mod progress;
 mod pxe;
 mod report;
 mod tftp;
-mod tftp_client;
 mod tftp_packet;
 mod xdp_cost;
 

@@ -16,8 +16,11 @@ use std::{
 
 use serde::Serialize;
 
+use pxe_lab::client as lab;
+
 use crate::{
     dhcp::{self, DhcpWire, Identity},
+    progress::Progress,
     report, tftp,
 };
 
@@ -31,28 +34,11 @@ pub enum Firmware {
 }
 
 impl Firmware {
-    fn arch(self) -> u16 {
+    /// The client behaviour this firmware stands for.
+    pub fn profile(self) -> lab::Firmware {
         match self {
-            Self::Uefi => 7,
-            Self::Bios => 0,
-        }
-    }
-    fn vendor_class(self) -> &'static [u8] {
-        match self {
-            Self::Uefi => b"PXEClient:Arch:00007:UNDI:003016",
-            Self::Bios => b"PXEClient:Arch:00000:UNDI:002001",
-        }
-    }
-    fn blksize(self) -> u16 {
-        match self {
-            Self::Uefi => 1468,
-            Self::Bios => 1432,
-        }
-    }
-    fn windowsize(self) -> u16 {
-        match self {
-            Self::Uefi => 4,
-            Self::Bios => 1,
+            Self::Uefi => lab::Firmware::Edk2,
+            Self::Bios => lab::Firmware::LegacyRom,
         }
     }
 
@@ -70,16 +56,11 @@ impl Firmware {
             (id >> 8) as u8,
             id as u8,
         ];
-        let identity = Identity {
-            mac,
-            arch: self.arch(),
-            vendor_class: self.vendor_class().to_vec(),
-            user_class: None,
-            uuid: [
-                mac[3], mac[4], mac[5], 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa,
-                0xbb, 0xcc, 0xdd,
-            ],
-        };
+        let uuid = [
+            mac[3], mac[4], mac[5], 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa,
+            0xbb, 0xcc, 0xdd,
+        ];
+        let identity = self.profile().identity(mac, uuid);
         (identity, u32::from_be_bytes([mac[3], mac[4], mac[5], 0]))
     }
 }
@@ -228,7 +209,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
     }
     if let Some(path) = &args.svg {
-        std::fs::write(path, crate::plot::svg(&report))?;
+        std::fs::write(path, crate::plot::svg(&report)?)?;
     }
     Ok(report.failed == 0)
 }
@@ -250,15 +231,13 @@ async fn run_machines(args: &Args) -> anyhow::Result<Report> {
     let failed = Arc::new(AtomicUsize::new(0));
     let progress = {
         let (done, failed) = (Arc::clone(&done), Arc::clone(&failed));
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let (d, f) = (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-                eprintln!(
-                    "bench: {d}/{total} booted, {f} failed, {:.0} s",
-                    started.elapsed().as_secs_f64()
-                );
-            }
+        Progress::start(total as u64, move || {
+            let (d, f) = (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+            let text = format!(
+                "{d}/{total} booted, {f} failed, {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+            ((d + f) as u64, text)
         })
     };
     let mut tasks = Vec::with_capacity(total);
@@ -296,7 +275,7 @@ async fn run_machines(args: &Args) -> anyhow::Result<Report> {
     for task in tasks {
         machines.push(task.await?);
     }
-    progress.abort();
+    progress.finish();
     Ok(summarise(
         args,
         machines,
@@ -335,14 +314,9 @@ impl Machine {
         r: &mut MachineResult,
     ) -> Result<(), String> {
         let ms = |t0: Instant| t0.elapsed().as_secs_f64() * 1000.0;
-        let (lease, tally) = dhcp::dora(
-            wire,
-            &self.identity,
-            self.xid,
-            &dhcp::FIRMWARE_RETRIES,
-            Duration::from_millis(500),
-        )
-        .await;
+        let firmware = self.firmware.profile();
+        let (lease, tally) =
+            dhcp::dora(wire, &self.identity, self.xid, firmware.dhcp_schedule()).await;
         r.add_dhcp(tally);
         let lease = lease.map_err(|e| format!("dhcp: {e}"))?;
         r.address = Some(lease.address);
@@ -354,18 +328,11 @@ impl Machine {
 
         let expected = self.expected_opt(&nbp)?;
         let server = SocketAddr::from((lease.next_server, 69));
-        let timeout = Duration::from_secs(4);
-        let (retrans, bytes) = tftp::download(
-            server,
-            &nbp,
-            self.firmware.blksize(),
-            self.firmware.windowsize(),
-            timeout,
-            self.deadline,
-            expected.as_deref(),
-        )
-        .await
-        .map_err(|e| format!("nbp: {e}"))?;
+        let tftp = firmware.tftp();
+        let (retrans, bytes) =
+            tftp::download(server, &nbp, &tftp, self.deadline, expected.as_deref())
+                .await
+                .map_err(|e| format!("nbp: {e}"))?;
         r.tftp_retransmits += retrans;
         r.bytes += bytes;
         r.stages.push(("nbp", ms(t0)));
@@ -374,17 +341,9 @@ impl Machine {
         }
 
         // iPXE: DHCP again, now saying who it is; it retries fast.
-        let mut ipxe = self.identity.clone();
-        ipxe.user_class = Some(b"\x04iPXE".to_vec());
-        let ipxe_retries = [1, 2, 4, 8, 16].map(Duration::from_secs);
-        let (lease, tally) = dhcp::dora(
-            wire,
-            &ipxe,
-            self.xid | 1,
-            &ipxe_retries,
-            Duration::from_millis(200),
-        )
-        .await;
+        let ipxe = self.identity.as_ipxe();
+        let schedule = lab::Firmware::Ipxe.dhcp_schedule();
+        let (lease, tally) = dhcp::dora(wire, &ipxe, self.xid | 1, schedule).await;
         r.add_dhcp(tally);
         let lease = lease.map_err(|e| format!("ipxe dhcp: {e}"))?;
         r.stages.push(("ipxe_dhcp", ms(t0)));
@@ -469,15 +428,15 @@ fn summarise(
 ) -> Report {
     let mut stage_ms = Vec::new();
     for stage in ["dhcp", "nbp", "ipxe_dhcp", "script", "os"] {
-        let mut times: Vec<f64> = machines
+        let mut times = report::Latencies::default();
+        machines
             .iter()
             .filter_map(|m| m.stages.iter().find(|(s, _)| *s == stage).map(|(_, t)| *t))
-            .collect();
+            .for_each(|ms| times.record_ms(ms));
         if times.is_empty() {
             continue;
         }
-        times.sort_by(f64::total_cmp);
-        let at = |p: f64| report::quantile(&times, p);
+        let at = |p: f64| times.quantile_ms(p);
         stage_ms.push((stage, (at(0.5), at(0.99), at(1.0))));
     }
     let failures = report::by_reason(machines.iter().filter_map(|m| m.failure.as_deref()));

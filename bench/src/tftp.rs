@@ -14,10 +14,12 @@ use anyhow::{bail, Context as _};
 use serde::Serialize;
 use tokio::net::UdpSocket;
 
-use crate::{
-    tftp_client::{Download, Step},
-    tftp_packet,
+use pxe_lab::client::{
+    tftp::{Download, Step},
+    TftpProfile,
 };
+
+use crate::tftp_packet;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -60,6 +62,18 @@ pub struct Args {
     /// The client interface `--io packet` receives on.
     #[arg(long)]
     interface: Option<String>,
+}
+
+impl Args {
+    /// What each download asks for: the size first, as firmware does.
+    fn ask(&self) -> TftpProfile {
+        TftpProfile {
+            blksize: self.blksize,
+            windowsize: self.windowsize,
+            tsize: true,
+            timeout: Duration::from_millis(self.timeout_ms),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -112,9 +126,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
                 interface,
                 server,
                 file: &args.file,
-                blksize: args.blksize,
-                windowsize: args.windowsize,
-                timeout: Duration::from_millis(args.timeout_ms),
+                ask: args.ask(),
                 deadline,
                 expected: &expected,
                 clients: args.clients,
@@ -155,28 +167,12 @@ async fn run_clients(
     let mut tasks = Vec::with_capacity(args.clients);
     for _ in 0..args.clients {
         let expected = Arc::clone(&expected);
-        let (server, file, blksize, windowsize, rounds) = (
-            args.server,
-            args.file.clone(),
-            args.blksize,
-            args.windowsize,
-            args.rounds,
-        );
-        let timeout = Duration::from_millis(args.timeout_ms);
+        let (server, file, ask, rounds) = (args.server, args.file.clone(), args.ask(), args.rounds);
         tasks.push(tokio::spawn(async move {
             let mut results = Vec::with_capacity(rounds);
             for _ in 0..rounds {
                 let one = Instant::now();
-                let outcome = download(
-                    server,
-                    &file,
-                    blksize,
-                    windowsize,
-                    timeout,
-                    deadline,
-                    Some(&expected),
-                )
-                .await;
+                let outcome = download(server, &file, &ask, deadline, Some(&expected)).await;
                 results.push((one.elapsed(), outcome));
             }
             results
@@ -197,14 +193,16 @@ fn report(
     started: Instant,
     meter: pxe_lab::cpu::CpuMeter,
 ) -> Report {
-    let mut durations = Vec::new();
+    let mut durations = crate::report::Latencies::default();
+    let mut transfers_ok = 0;
     let mut failures = Vec::new();
     let mut retransmits = 0;
     let mut bytes = 0u64;
     for (elapsed, outcome) in results {
         match outcome {
             Ok((r, _)) => {
-                durations.push(elapsed.as_secs_f64() * 1000.0);
+                durations.record(elapsed);
+                transfers_ok += 1;
                 retransmits += r;
                 bytes += file_len;
             }
@@ -212,22 +210,15 @@ fn report(
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    durations.sort_by(f64::total_cmp);
-    let percentile = |p: f64| {
-        durations
-            .get(((durations.len() as f64 - 1.0) * p).round() as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
     Report {
         clients,
-        transfers_ok: durations.len(),
+        transfers_ok,
         transfers_failed: failures.len(),
         bytes,
         seconds,
         goodput_mb_per_s: bytes as f64 / seconds / 1e6,
-        transfer_ms_p50: percentile(0.5),
-        transfer_ms_p99: percentile(0.99),
+        transfer_ms_p50: durations.quantile_ms(0.5),
+        transfer_ms_p99: durations.quantile_ms(0.99),
         client_retransmits: retransmits,
         failures,
         cpu: meter.stop(),
@@ -239,16 +230,14 @@ fn report(
 pub(crate) async fn download(
     server: SocketAddr,
     file: &str,
-    blksize: u16,
-    windowsize: u16,
-    timeout: Duration,
+    ask: &TftpProfile,
     deadline: Instant,
     expected: Option<&[u8]>,
 ) -> Result<(u64, u64), String> {
     let socket = UdpSocket::bind("0.0.0.0:0")
         .await
         .map_err(|e| format!("bind: {e}"))?;
-    let (mut transfer, request) = Download::start(file, blksize, windowsize, expected);
+    let (mut transfer, request) = Download::start(file, ask, expected);
     let mut peer = server;
     socket
         .send_to(&request, server)
@@ -268,7 +257,7 @@ pub(crate) async fn download(
             };
             let received = match ready {
                 Some(r) => Ok(r),
-                None => tokio::time::timeout(timeout, socket.recv_from(&mut buf))
+                None => tokio::time::timeout(ask.timeout, socket.recv_from(&mut buf))
                     .await
                     .map_err(drop),
             };

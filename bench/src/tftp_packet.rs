@@ -8,7 +8,7 @@
 //!
 //! One thread per core, each with its share of the clients and its own
 //! packet socket in a fanout group that hands it exactly its transfers'
-//! packets (see [`run`]). The protocol is `tftp_client::Download`, the same
+//! packets (see [`run`]). The protocol is `pxe_lab::client::tftp::Download`, the same
 //! as the socket path's.
 
 use std::{
@@ -21,7 +21,10 @@ use std::{
 
 use pxe_user::wire::udp;
 
-use crate::tftp_client::{Download, Step};
+use pxe_lab::client::{
+    tftp::{Download, Step},
+    TftpProfile,
+};
 
 /// Frames taken per `recvmmsg`.
 const BATCH: usize = 64;
@@ -47,9 +50,8 @@ pub struct Plan<'a> {
     pub interface: &'a str,
     pub server: SocketAddrV4,
     pub file: &'a str,
-    pub blksize: u16,
-    pub windowsize: u16,
-    pub timeout: Duration,
+    /// What each request asks for, and the retransmission timeout.
+    pub ask: TftpProfile,
     pub deadline: Instant,
     pub expected: &'a [u8],
     pub clients: usize,
@@ -164,12 +166,8 @@ impl<'e> Engine<'_, 'e> {
         self.rounds_left[client] -= 1;
         let (socket, port) = self.bind_own_port()?;
         drop_everything_received(&socket)?;
-        let (download, request) = Download::start(
-            self.plan.file,
-            self.plan.blksize,
-            self.plan.windowsize,
-            Some(self.plan.expected),
-        );
+        let (download, request) =
+            Download::start(self.plan.file, &self.plan.ask, Some(self.plan.expected));
         socket.send_to(&request, self.plan.server)?;
         let now = Instant::now();
         let active = Active {
@@ -178,7 +176,7 @@ impl<'e> Engine<'_, 'e> {
             tid_known: false,
             download,
             started: now,
-            due: now + self.plan.timeout,
+            due: now + self.plan.ask.timeout,
             client,
         };
         self.active.insert(port, active);
@@ -245,7 +243,7 @@ impl<'e> Engine<'_, 'e> {
         } else if from != a.peer {
             return Ok(());
         }
-        a.due = Instant::now() + self.plan.timeout;
+        a.due = Instant::now() + self.plan.ask.timeout;
         let step = a.download.on_datagram(payload);
         self.act(dst_port, step)
     }
@@ -268,7 +266,7 @@ impl<'e> Engine<'_, 'e> {
             } else {
                 a.download.on_timeout()
             };
-            a.due = now + self.plan.timeout;
+            a.due = now + self.plan.ask.timeout;
             self.act(port, step)?;
         }
         Ok(())

@@ -11,6 +11,8 @@ use aya::programs::{TestRun, TestRunOptions, Xdp};
 use pxe_common::maps::{SessionConfig, SessionKey};
 use pxe_user::fastpath::{FastPath, XDP_PROGRAM};
 
+use crate::report::Latencies;
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Single runs timed for the build path (each needs its session reset).
@@ -53,14 +55,8 @@ fn frame_from(src_port: u16, dst_port: u16, payload: &[u8]) -> Vec<u8> {
         0,
         1,
     ];
-    let mut sum: u32 = ip
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let check = pxe_common::csum::checksum(&[&ip]);
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
     f.extend_from_slice(&ip);
     f.extend_from_slice(&src_port.to_be_bytes());
     f.extend_from_slice(&dst_port.to_be_bytes());
@@ -84,7 +80,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     let ack = frame(SERVER_PORT, &[0, 4, 0, 1]);
     println!("xdp-cost: BPF_PROG_TEST_RUN on the real object; ns per packet");
     for blksize in [1468u32, 512] {
-        let mut samples = Vec::with_capacity(args.samples);
+        let mut samples = Latencies::default();
         for _ in 0..args.samples {
             let mut entry: SessionConfig = bytemuck::Zeroable::zeroed();
             (
@@ -96,10 +92,9 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
             fp.insert_session(key, entry)?;
             let (action, duration) = run_once(&mut fp, &ack, 1)?;
             anyhow::ensure!(action == 3, "expected XDP_TX, got {action}");
-            samples.push(duration);
+            samples.record(duration);
         }
-        samples.sort();
-        let at = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize].as_nanos();
+        let at = |p: f64| samples.quantile(p).as_nanos();
         println!("  build DATA in place, blksize {blksize:>4}: p50 {:>5} ns, p90 {:>5} ns ({} single runs)", at(0.5), at(0.9), samples.len());
     }
     let mut entry: SessionConfig = bytemuck::Zeroable::zeroed();
@@ -120,17 +115,16 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     let (request, reply_len) = dhcp_template(&mut fp)?;
     // Single runs: with `repeat`, each run would start from the previous
     // one's reply, not from the request.
-    let mut samples = Vec::with_capacity(args.samples);
+    let mut samples = Latencies::default();
     for _ in 0..args.samples {
         let (action, duration) = run_once(&mut fp, &request, 1)?;
         anyhow::ensure!(
             action == 3,
             "expected XDP_TX for the DHCP REQUEST, got {action}"
         );
-        samples.push(duration);
+        samples.record(duration);
     }
-    samples.sort();
-    let at = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize].as_nanos();
+    let at = |p: f64| samples.quantile(p).as_nanos();
     println!(
         "  DHCP ACK from a template ({reply_len} B): p50 {:>5} ns, p90 {:>5} ns ({} single runs)",
         at(0.5),

@@ -8,6 +8,7 @@
 
 pub mod consts;
 pub mod counter;
+pub mod csum;
 pub mod dhcp;
 pub mod hdr;
 pub mod maps;

@@ -22,12 +22,5 @@ pub fn ip_header_sum(ip: &Ipv4Hdr) -> u64 {
         + ne(ip.dst[2], ip.dst[3])
 }
 
-/// Folds a sum to 16 bits and complements it (RFC 1071). Four folds reduce
-/// any sum of a frame's words; the loop bound is constant for the verifier.
-#[inline(always)]
-pub fn fold(mut sum: u64) -> u16 {
-    for _ in 0..4 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
+/// The fold is the daemon's too: one definition in pxe-common.
+pub use pxe_common::csum::fold;

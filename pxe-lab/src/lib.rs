@@ -10,6 +10,9 @@
 //! set aside for benchmarking networks) so lab traffic can never be mistaken
 //! for, or routed to, a real network.
 //!
+//! Beside the networks: the usual server/client pair ([`Lab::pair`]), peer
+//! servers ([`peers`]), and the clients that run on them ([`client`]).
+//!
 //! Namespace names carry the creating process's PID (`pxl-<pid>-<n>-<role>`).
 //! If a process dies without unwinding (SIGKILL), its namespaces are swept by
 //! the next [`Lab::new`] on the machine, which deletes those whose PID is gone.
@@ -28,8 +31,13 @@ use std::{
 
 use nix::sched::{setns, CloneFlags};
 
+pub mod client;
 pub mod cpu;
 pub mod firmware;
+pub mod peers;
+pub mod topology;
+
+pub use topology::{Pair, CLIENT_CIDR, SERVER_CIDR};
 
 const PREFIX: &str = "pxl";
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
@@ -361,6 +369,29 @@ pub fn privileged(test: &str) -> bool {
         panic!("{test} needs root, and {REQUIRE_PRIVILEGED_TESTS} says it must not be skipped");
     }
     eprintln!("skipping {test}: needs root (network namespaces, BPF)");
+    false
+}
+
+/// For tests that need a file a package installs (firmware, boot programs):
+/// true when `path` exists. When it does not, prints why and returns false,
+/// or panics if [`REQUIRE_PRIVILEGED_TESTS`] is set: the project's test
+/// command installs every such package, so a missing file there is a broken
+/// setup, not a reason to pass.
+pub fn have_file(path: impl AsRef<Path>, package: &str) -> bool {
+    let path = path.as_ref();
+    if path.exists() {
+        return true;
+    }
+    if std::env::var_os(REQUIRE_PRIVILEGED_TESTS).is_some() {
+        panic!(
+            "{} is missing (Debian package {package}), and {REQUIRE_PRIVILEGED_TESTS} says the test must not be skipped",
+            path.display()
+        );
+    }
+    eprintln!(
+        "skipping: {} is missing (Debian package {package})",
+        path.display()
+    );
     false
 }
 

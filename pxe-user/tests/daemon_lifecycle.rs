@@ -19,13 +19,11 @@ const PXED: &str = env!("CARGO_BIN_EXE_pxed");
 
 fn lab() -> (Lab, Netns) {
     let lab = Lab::new().expect("creating the lab");
-    let server = lab.add_netns("srv").unwrap();
-    let client = lab.add_netns("cli").unwrap();
-    lab.veth(
-        (&server, "eth0", Some("198.18.0.1/24")),
-        (&client, "eth0", Some("198.18.0.2/24")),
-    )
-    .unwrap();
+    let pxe_lab::Pair { server, .. } = lab
+        .pair()
+        .client_addr(pxe_lab::CLIENT_CIDR)
+        .build()
+        .unwrap();
     (lab, server)
 }
 
@@ -222,13 +220,11 @@ fn with_only_an_interface_pxed_serves_the_ipxe_binaries_it_finds() {
         return;
     };
     let lab = Lab::new().unwrap();
-    let server = lab.add_netns("srv").unwrap();
-    let client = lab.add_netns("cli").unwrap();
-    lab.veth(
-        (&server, "eth0", Some("198.18.0.1/24")),
-        (&client, "eth0", Some("198.18.0.2/24")),
-    )
-    .unwrap();
+    let pxe_lab::Pair { server, client } = lab
+        .pair()
+        .client_addr(pxe_lab::CLIENT_CIDR)
+        .build()
+        .unwrap();
     let work = tempfile::tempdir().unwrap();
     let log = work.path().join("pxed.log");
     lab.spawn_logged(&server, PXED, &["--interface", "eth0"], &log)

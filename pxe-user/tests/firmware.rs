@@ -10,6 +10,7 @@ use std::{path::Path, time::Duration};
 
 use pxe_lab::{
     firmware::{self, Firmware},
+    peers::Dnsmasq,
     Lab, Netns,
 };
 
@@ -43,13 +44,7 @@ fn firmware_lab_with(
     extra_config: &str,
 ) -> FirmwareLab {
     let lab = Lab::new().unwrap();
-    let server = lab.add_netns("srv").unwrap();
-    let client = lab.add_netns("cli").unwrap();
-    lab.veth(
-        (&server, "eth0", Some("198.18.0.1/24")),
-        (&client, "uplink", None),
-    )
-    .unwrap();
+    let pxe_lab::Pair { server, client } = lab.pair().client_ifname("uplink").build().unwrap();
     lab.bridge(&client, "br0", None).unwrap();
     lab.attach_to_bridge(&client, "uplink", "br0").unwrap();
     for n in 0..taps {
@@ -64,27 +59,13 @@ fn firmware_lab_with(
         )
         .unwrap();
         lab.attach_to_bridge(&client, "site", "br0").unwrap();
-        lab.spawn_logged(
-            &site,
-            "dnsmasq",
-            &[
-                "--no-daemon",
-                "--port=0",
-                "--conf-file=/dev/null",
-                "--pid-file=",
-                "--user=root",
-                "--interface=eth0",
-                "--bind-interfaces",
-                "--dhcp-range=198.18.0.150,198.18.0.199,1h",
-                "--no-ping",
-                &format!(
-                    "--dhcp-leasefile={}",
-                    work.path().join("dnsmasq.leases").display()
-                ),
-            ],
-            &work.path().join("dnsmasq.log"),
-        )
-        .unwrap();
+        Dnsmasq::new()
+            .interface("eth0")
+            .dhcp_range("198.18.0.150,198.18.0.199,1h")
+            .no_ping()
+            .lease_file(&work.path().join("dnsmasq.leases"))
+            .spawn(&lab, &site, &work.path().join("dnsmasq.log"))
+            .unwrap();
         assert!(site.wait_for_udp_port(67, Duration::from_secs(20)));
     }
     let images = images();
@@ -153,8 +134,8 @@ impl FirmwareLab {
 fn have_qemu() -> bool {
     have_tool("qemu-system-x86_64", "qemu-system-x86 (bookworm-backports)")
         && have_tool("busybox", "busybox")
-        && Path::new("/usr/lib/ipxe/ipxe.lkrn").exists()
-        && Path::new("/usr/share/OVMF/OVMF_CODE.fd").exists()
+        && pxe_lab::have_file("/usr/lib/ipxe/ipxe.lkrn", "ipxe")
+        && pxe_lab::have_file("/usr/share/OVMF/OVMF_CODE.fd", "ovmf")
 }
 
 #[test]
@@ -321,7 +302,7 @@ fn bios_pxelinux_boots_linux_all_over_tftp_with_the_kernel_serving_the_blocks() 
     if !pxe_lab::privileged(
         "bios_pxelinux_boots_linux_all_over_tftp_with_the_kernel_serving_the_blocks",
     ) || !have_qemu()
-        || !Path::new("/usr/lib/PXELINUX/pxelinux.0").exists()
+        || !have_pxelinux()
     {
         return;
     }
@@ -456,7 +437,7 @@ fn pxelinux_boots_all_over_tftp_with_pxed_in_proxy_mode() {
     if !pxe_lab::privileged("pxelinux_boots_all_over_tftp_with_pxed_in_proxy_mode")
         || !have_qemu()
         || !have_tool("dnsmasq", "dnsmasq-base")
-        || !Path::new("/usr/lib/PXELINUX/pxelinux.0").exists()
+        || !have_pxelinux()
     {
         return;
     }
@@ -502,6 +483,15 @@ fn a_unified_kernel_image_boots_over_http_with_pxed_in_proxy_mode() {
         log.contains("proxy OFFER, boot http://198.18.0.1/uki.efi"),
         "{log}"
     );
+}
+
+/// Whether PXELINUX and the ldlinux.c32 it loads are installed (see [`have_file`](pxe_lab::have_file)).
+fn have_pxelinux() -> bool {
+    pxe_lab::have_file("/usr/lib/PXELINUX/pxelinux.0", "pxelinux")
+        && pxe_lab::have_file(
+            "/usr/lib/syslinux/modules/bios/ldlinux.c32",
+            "syslinux-common",
+        )
 }
 
 /// PXELINUX, its ldlinux.c32 and a config that boots the lab kernel.

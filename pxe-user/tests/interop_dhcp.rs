@@ -22,7 +22,7 @@ use nix::{
     sys::signal::{kill, Signal},
     unistd::Pid,
 };
-use pxe_lab::Lab;
+use pxe_lab::{peers::Dnsmasq, Lab};
 
 const POOL: &str = "198.18.0.100-198.18.0.199";
 
@@ -273,21 +273,11 @@ router = "198.18.5.1"
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     let relay_log = work.path().join("dnsmasq.log");
-    lab.spawn_logged(
-        &relay,
-        "dnsmasq",
-        &[
-            "--no-daemon",
-            "--port=0",
-            "--conf-file=/dev/null",
-            "--pid-file=",
-            "--user=root",
-            "--log-dhcp",
-            "--dhcp-relay=198.18.5.1,198.18.0.1",
-        ],
-        &relay_log,
-    )
-    .unwrap();
+    Dnsmasq::new()
+        .arg("--log-dhcp")
+        .arg("--dhcp-relay=198.18.5.1,198.18.0.1")
+        .spawn(&lab, &relay, &relay_log)
+        .unwrap();
     assert!(relay.wait_for_udp_port(67, Duration::from_secs(20)));
 
     let out = client
@@ -374,23 +364,12 @@ fn proxy_mode_beside_dnsmasq_gives_the_boot_file_while_dnsmasq_gives_the_address
     )
     .unwrap();
     let dnsmasq_leases = work.path().join("dnsmasq.leases");
-    lab.spawn_logged(
-        &site,
-        "dnsmasq",
-        &[
-            "--no-daemon",
-            "--port=0",
-            "--conf-file=/dev/null",
-            "--pid-file=",
-            "--user=root",
-            "--interface=eth0",
-            "--bind-interfaces",
-            "--dhcp-range=198.18.0.100,198.18.0.150,1h",
-            &format!("--dhcp-leasefile={}", dnsmasq_leases.display()),
-        ],
-        &work.path().join("dnsmasq.log"),
-    )
-    .unwrap();
+    Dnsmasq::new()
+        .interface("eth0")
+        .dhcp_range("198.18.0.100,198.18.0.150,1h")
+        .lease_file(&dnsmasq_leases)
+        .spawn(&lab, &site, &work.path().join("dnsmasq.log"))
+        .unwrap();
     assert!(
         server.wait_for_udp_port(4011, Duration::from_secs(20)),
         "{}",
@@ -489,13 +468,7 @@ fn every_acked_lease_survives_sigkill_and_no_address_goes_to_two_clients() {
         return;
     }
     let lab = Lab::new().unwrap();
-    let server = lab.add_netns("srv").unwrap();
-    let client = lab.add_netns("cli").unwrap();
-    lab.veth(
-        (&server, "eth0", Some("198.18.0.1/24")),
-        (&client, "eth0", None),
-    )
-    .unwrap();
+    let pxe_lab::Pair { server, client } = lab.pair().build().unwrap();
     let work = tempfile::tempdir().unwrap();
     let leases = work.path().join("leases.redb");
     let log = work.path().join("pxed.log");
@@ -601,36 +574,16 @@ fn proxy_mode_shares_port_67_with_dnsmasq_on_the_same_host() {
         return;
     }
     let lab = Lab::new().unwrap();
-    let server = lab.add_netns("srv").unwrap();
-    let client = lab.add_netns("cli").unwrap();
-    lab.veth(
-        (&server, "eth0", Some("198.18.0.1/24")),
-        (&client, "eth0", None),
-    )
-    .unwrap();
+    let pxe_lab::Pair { server, client } = lab.pair().build().unwrap();
     let root = boot_root();
     let work = tempfile::tempdir().unwrap();
     // The site's DHCP server is already running on this host and holds port 67.
-    lab.spawn_logged(
-        &server,
-        "dnsmasq",
-        &[
-            "--no-daemon",
-            "--port=0",
-            "--conf-file=/dev/null",
-            "--pid-file=",
-            "--user=root",
-            "--interface=eth0",
-            "--bind-interfaces",
-            "--dhcp-range=198.18.0.100,198.18.0.150,1h",
-            &format!(
-                "--dhcp-leasefile={}",
-                work.path().join("dnsmasq.leases").display()
-            ),
-        ],
-        &work.path().join("dnsmasq.log"),
-    )
-    .unwrap();
+    Dnsmasq::new()
+        .interface("eth0")
+        .dhcp_range("198.18.0.100,198.18.0.150,1h")
+        .lease_file(&work.path().join("dnsmasq.leases"))
+        .spawn(&lab, &server, &work.path().join("dnsmasq.log"))
+        .unwrap();
     assert!(server.wait_for_udp_port(67, Duration::from_secs(20)));
     let log = work.path().join("pxed.log");
     lab.spawn_logged(
@@ -818,13 +771,7 @@ fn proxy_mode_listens_beside_kea_which_holds_port_67_exclusively() {
         return;
     }
     let lab = Lab::new().unwrap();
-    let server = lab.add_netns("srv").unwrap();
-    let client = lab.add_netns("cli").unwrap();
-    lab.veth(
-        (&server, "eth0", Some("198.18.0.1/24")),
-        (&client, "eth0", None),
-    )
-    .unwrap();
+    let pxe_lab::Pair { server, client } = lab.pair().build().unwrap();
     let root = boot_root();
     let work = tempfile::tempdir().unwrap();
     // The site's DHCP server, already on this host: Kea binds port 67 without

@@ -28,13 +28,11 @@ const TRAFFIC: [(u16, Counter); 6] = [
 
 fn lab() -> (Lab, Netns, Netns) {
     let lab = Lab::new().expect("creating the lab");
-    let server = lab.add_netns("srv").unwrap();
-    let client = lab.add_netns("cli").unwrap();
-    lab.veth(
-        (&server, "eth0", Some("198.18.0.1/24")),
-        (&client, "eth0", Some("198.18.0.2/24")),
-    )
-    .unwrap();
+    let pxe_lab::Pair { server, client } = lab
+        .pair()
+        .client_addr(pxe_lab::CLIENT_CIDR)
+        .build()
+        .unwrap();
     (lab, server, client)
 }
 

@@ -38,13 +38,7 @@ struct Server {
 impl Server {
     fn start(extra: &[&str]) -> Self {
         let lab = Lab::new().expect("creating the lab");
-        let server = lab.add_netns("srv").unwrap();
-        let client = lab.add_netns("cli").unwrap();
-        lab.veth(
-            (&server, "eth0", Some("198.18.0.1/24")),
-            (&client, "eth0", None),
-        )
-        .unwrap();
+        let pxe_lab::Pair { server, client } = lab.pair().build().unwrap();
         let work = tempfile::tempdir().unwrap();
         let root = work.path().join("root");
         std::fs::create_dir(&root).unwrap();

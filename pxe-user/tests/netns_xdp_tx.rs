@@ -70,13 +70,11 @@ fn xdp_tx_frames_built_in_place_reach_a_real_client() {
         return;
     }
     let lab = Lab::new().unwrap();
-    let server = lab.add_netns("srv").unwrap();
-    let client = lab.add_netns("cli").unwrap();
-    lab.veth(
-        (&server, "eth0", Some("198.18.0.1/24")),
-        (&client, "eth0", Some("198.18.0.2/24")),
-    )
-    .unwrap();
+    let pxe_lab::Pair { server, client } = lab
+        .pair()
+        .client_addr(pxe_lab::CLIENT_CIDR)
+        .build()
+        .unwrap();
     let (server_mac, client_mac) = (mac_of(&server, "eth0"), mac_of(&client, "eth0"));
     let ifindex = ifindex_of(&server, "eth0");
 

@@ -119,12 +119,8 @@ pub fn run(
     let mut rows = Vec::new();
     for (name, argv) in &servers {
         let lab = Lab::new()?;
-        let server = lab.add_netns("srv")?;
-        let client = lab.add_netns("cli")?;
-        lab.veth(
-            (&server, "eth0", Some("198.18.0.1/24")),
-            (&client, "eth0", Some("198.18.0.2/24")),
-        )?;
+        let pxe_lab::Pair { server, client } =
+            lab.pair().client_addr(pxe_lab::CLIENT_CIDR).build()?;
         let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
         let log = work.join(format!(
             "{}.log",

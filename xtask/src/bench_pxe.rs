@@ -8,7 +8,7 @@
 use std::{fmt::Write as _, path::Path, time::Duration};
 
 use anyhow::{bail, Context as _};
-use pxe_lab::{Lab, Netns};
+use pxe_lab::{peers::Dnsmasq, Lab, Netns};
 
 use crate::{peers, workspace_root};
 
@@ -103,21 +103,15 @@ pub fn servers(pxed: &Path, tftpd: &Path, root: &Path, work: &Path) -> anyhow::R
         argv
     };
     let dnsmasq_dhcp = |extra: &[&str]| {
-        let leases = work.join("dnsmasq.leases").display().to_string();
-        let mut argv = s(&[
-            "dnsmasq",
-            "--no-daemon",
-            "--port=0",
-            "--conf-file=/dev/null",
-            "--pid-file=",
-            "--user=root",
-            "--interface=eth0",
-            "--bind-interfaces",
-            "--no-ping",
-            &format!("--dhcp-range={POOL_FIRST},{POOL_LAST},255.255.0.0,1h"),
-            &format!("--dhcp-leasefile={leases}"),
-            "--dhcp-lease-max=100000",
-        ]);
+        let leases = work.join("dnsmasq.leases");
+        let dnsmasq = Dnsmasq::new()
+            .interface("eth0")
+            .no_ping()
+            .dhcp_range(&format!("{POOL_FIRST},{POOL_LAST},255.255.0.0,1h"))
+            .lease_file(&leases)
+            .arg("--dhcp-lease-max=100000");
+        let mut argv = s(&["dnsmasq"]);
+        argv.extend(dnsmasq.args().iter().cloned());
         argv.extend(s(extra));
         argv
     };
@@ -243,12 +237,14 @@ pub fn start(server: &Server, work: &Path) -> anyhow::Result<(Lab, Netns, Netns)
         let _ = std::fs::remove_file(work.join(stale));
     }
     let lab = Lab::new()?;
-    let srv = lab.add_netns("srv")?;
-    let cli = lab.add_netns("cli")?;
-    lab.veth(
-        (&srv, "eth0", Some(SERVER_CIDR)),
-        (&cli, "eth0", Some(CLIENT_CIDR)),
-    )?;
+    let pxe_lab::Pair {
+        server: srv,
+        client: cli,
+    } = lab
+        .pair()
+        .server_addr(SERVER_CIDR)
+        .client_addr(CLIENT_CIDR)
+        .build()?;
     for (i, (argv, port)) in server.programs.iter().enumerate() {
         let log = work.join(format!(
             "{}-{i}.log",

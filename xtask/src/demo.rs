@@ -59,14 +59,13 @@ fn run_lab(
     firmware: &str,
 ) -> anyhow::Result<()> {
     let lab = Lab::new()?;
-    let server = lab.add_netns("srv")?;
-    let client = lab.add_netns("cli")?;
     // The client network: a bridge with the uplink to pxed, the real
     // machine's tap, and an address for the simulated machines.
-    lab.veth(
-        (&server, "eth0", Some("198.18.0.1/20")),
-        (&client, "uplink", None),
-    )?;
+    let pxe_lab::Pair { server, client } = lab
+        .pair()
+        .server_addr("198.18.0.1/20")
+        .client_ifname("uplink")
+        .build()?;
     lab.bridge(&client, "br0", Some("198.18.15.254/20"))?;
     lab.attach_to_bridge(&client, "uplink", "br0")?;
     lab.tap(&client, "tap0", Some("br0"))?;

@@ -3,6 +3,8 @@
 
 use std::net::Ipv4Addr;
 
+use pxe_common::csum;
+
 const IPV4_MIN_HEADER: usize = 20;
 const UDP_HEADER: usize = 8;
 const PROTO_UDP: u8 = 17;
@@ -61,7 +63,7 @@ pub fn build(d: &Datagram<'_>) -> Option<Vec<u8>> {
     packet.extend_from_slice(&[DEFAULT_TTL, PROTO_UDP, 0, 0]);
     packet.extend_from_slice(&d.src.octets());
     packet.extend_from_slice(&d.dst.octets());
-    let ip_checksum = checksum(&[&packet[..IPV4_MIN_HEADER]]);
+    let ip_checksum = csum::checksum(&[&packet[..IPV4_MIN_HEADER]]);
     packet[10..12].copy_from_slice(&ip_checksum.to_be_bytes());
 
     packet.extend_from_slice(&d.src_port.to_be_bytes());
@@ -69,42 +71,16 @@ pub fn build(d: &Datagram<'_>) -> Option<Vec<u8>> {
     packet.extend_from_slice(&udp_len.to_be_bytes());
     packet.extend_from_slice(&[0, 0]);
     packet.extend_from_slice(d.payload);
-    let mut pseudo = [0u8; 12];
-    pseudo[..4].copy_from_slice(&d.src.octets());
-    pseudo[4..8].copy_from_slice(&d.dst.octets());
-    pseudo[9] = PROTO_UDP;
-    pseudo[10..].copy_from_slice(&udp_len.to_be_bytes());
-    // RFC 768: a computed zero is sent as all ones (zero means "none").
-    let udp_checksum = match checksum(&[&pseudo, &packet[IPV4_MIN_HEADER..]]) {
-        0 => 0xffff,
-        c => c,
-    };
+    let udp_checksum =
+        csum::udp_checksum(d.src.octets(), d.dst.octets(), &packet[IPV4_MIN_HEADER..]);
     packet[IPV4_MIN_HEADER + 6..IPV4_MIN_HEADER + 8].copy_from_slice(&udp_checksum.to_be_bytes());
     Some(packet)
-}
-
-/// The Internet checksum (RFC 1071) of the concatenated parts; every part
-/// but the last must have an even length.
-fn checksum(parts: &[&[u8]]) -> u16 {
-    let mut sum: u32 = 0;
-    for part in parts {
-        let mut words = part.chunks_exact(2);
-        for w in &mut words {
-            sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
-        }
-        if let [last] = words.remainder() {
-            sum += u32::from(*last) << 8;
-        }
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pxe_common::csum::{checksum, udp_pseudo_header};
 
     fn sample(payload: &[u8]) -> Datagram<'_> {
         Datagram {
@@ -126,11 +102,11 @@ mod tests {
             0,
             "the IPv4 header sums to zero"
         );
-        let mut pseudo = [0u8; 12];
-        pseudo[..4].copy_from_slice(&packet[12..16]);
-        pseudo[4..8].copy_from_slice(&packet[16..20]);
-        pseudo[9] = 17;
-        pseudo[10..].copy_from_slice(&packet[24..26]);
+        let pseudo = udp_pseudo_header(
+            packet[12..16].try_into().unwrap(),
+            packet[16..20].try_into().unwrap(),
+            u16::from_be_bytes([packet[24], packet[25]]),
+        );
         assert_eq!(
             checksum(&[&pseudo, &packet[20..]]),
             0,

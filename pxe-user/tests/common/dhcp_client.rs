@@ -1,33 +1,41 @@
 //! A scripted DHCP client for what packaged clients cannot show: every offer
 //! on the wire (proxyDHCP beside a DHCP server), PXE options, boot server
-//! discovery on 4011, and thousands of MACs. Blocking sockets, run inside a
-//! namespace thread.
+//! discovery on 4011, and thousands of MACs. Messages and the DORA exchange
+//! are `pxe_lab::client::dhcp`'s, the bench's too; here they run on blocking
+//! sockets, inside a namespace thread.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, UdpSocket},
     time::{Duration, Instant},
 };
 
-use dhcproto::{
-    v4::{self, DhcpOption, Message, MessageType, OptionCode},
-    Decodable, Decoder, Encodable, Encoder,
-};
+use dhcproto::v4::{DhcpOption, Message, MessageType};
+use pxe_lab::client::dhcp::{self as client, Dora, Identity, Schedule, Step};
+
+pub use pxe_lab::client::dhcp::{file_field as boot_file, kind, server_id};
 
 pub const UEFI_VENDOR_CLASS: &[u8] = b"PXEClient:Arch:00007:UNDI:003016";
 
 /// A socket on port 68 bound to `iface`, able to broadcast without an address.
 pub fn client_socket(iface: &str) -> UdpSocket {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
-    s.set_reuse_address(true).unwrap();
-    s.set_broadcast(true).unwrap();
-    s.bind_device(Some(iface.as_bytes())).unwrap();
-    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 68)).into())
-        .unwrap();
-    let s: UdpSocket = s.into();
+    let s: UdpSocket = client::client_socket(iface).unwrap().into();
     s.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     s
+}
+
+/// `mac` as a plain client, or as a UEFI PXE client when `pxe` is set (the
+/// options pxed decides on: 60, 93 and 97).
+fn identity(mac: [u8; 6], pxe: bool) -> Identity {
+    if !pxe {
+        return Identity::plain(mac);
+    }
+    Identity {
+        vendor_class: Some(UEFI_VENDOR_CLASS.to_vec()),
+        arch: Some(7),
+        uuid: Some([0x11; 16]),
+        ..Identity::plain(mac)
+    }
 }
 
 /// A request from `mac`, as a UEFI PXE client sends it when `pxe` is set.
@@ -38,33 +46,7 @@ pub fn message(
     pxe: bool,
     extra: Vec<DhcpOption>,
 ) -> Vec<u8> {
-    let mut m = Message::new(
-        Ipv4Addr::UNSPECIFIED,
-        Ipv4Addr::UNSPECIFIED,
-        Ipv4Addr::UNSPECIFIED,
-        Ipv4Addr::UNSPECIFIED,
-        &mac,
-    );
-    m.set_xid(xid);
-    m.set_flags(v4::Flags::default().set_broadcast());
-    m.opts_mut().insert(DhcpOption::MessageType(kind));
-    if pxe {
-        m.opts_mut()
-            .insert(DhcpOption::ClassIdentifier(UEFI_VENDOR_CLASS.to_vec()));
-        m.opts_mut().insert(DhcpOption::ClientSystemArchitecture(
-            v4::Architecture::from(7),
-        ));
-        let mut uuid = vec![0u8];
-        uuid.extend_from_slice(&[0x11; 16]);
-        m.opts_mut()
-            .insert(DhcpOption::ClientMachineIdentifier(uuid));
-    }
-    for o in extra {
-        m.opts_mut().insert(o);
-    }
-    let mut buf = Vec::new();
-    m.encode(&mut Encoder::new(&mut buf)).unwrap();
-    buf
+    client::encode(&client::request(&identity(mac, pxe), kind, xid, extra))
 }
 
 /// Every reply with transaction `xid` that arrives within `wait`, with its sender.
@@ -90,10 +72,7 @@ fn collect_until(
         let Ok((len, from)) = socket.recv_from(&mut buf) else {
             continue;
         };
-        let Ok(m) = Message::decode(&mut Decoder::new(&buf[..len])) else {
-            continue;
-        };
-        if m.xid() == xid && m.opcode() == v4::Opcode::BootReply {
+        if let Some(m) = client::decode_reply(&buf[..len], xid) {
             got.push((m, from));
             if stop_at_first {
                 break;
@@ -101,24 +80,6 @@ fn collect_until(
         }
     }
     got
-}
-
-pub fn kind(m: &Message) -> Option<MessageType> {
-    m.opts().msg_type()
-}
-
-pub fn server_id(m: &Message) -> Option<Ipv4Addr> {
-    match m.opts().get(OptionCode::ServerIdentifier) {
-        Some(DhcpOption::ServerIdentifier(ip)) => Some(*ip),
-        _ => None,
-    }
-}
-
-/// The `file` field, without its NUL padding.
-pub fn boot_file(m: &Message) -> Option<String> {
-    m.fname_str()
-        .and_then(Result::ok)
-        .map(|f| f.trim_end_matches('\0').to_owned())
 }
 
 /// Broadcasts `packet` and collects the replies for `xid`.
@@ -138,40 +99,58 @@ pub fn ask(socket: &UdpSocket, packet: &[u8], xid: u32, wait: Duration) -> Optio
     first(socket, xid, wait).map(|(m, _)| m)
 }
 
-/// DISCOVER → OFFER → REQUEST → ACK with one server; returns the address, or
-/// what went wrong. Retries a lost exchange a few times, as clients do.
-pub fn dora(socket: &UdpSocket, mac: [u8; 6], xid: u32) -> Result<Ipv4Addr, String> {
-    for _ in 0..4 {
-        let Some(offer) = ask(
-            socket,
-            &message(MessageType::Discover, mac, xid, false, vec![]),
-            xid,
-            Duration::from_millis(800),
-        ) else {
-            continue;
-        };
-        if kind(&offer) != Some(MessageType::Offer) {
-            continue;
-        }
-        let ip = offer.yiaddr();
-        let server = server_id(&offer).ok_or("OFFER without server identifier")?;
-        let request = message(
-            MessageType::Request,
-            mac,
-            xid,
-            false,
-            vec![
-                DhcpOption::ServerIdentifier(server),
-                DhcpOption::RequestedIpAddress(ip),
-            ],
-        );
-        match ask(socket, &request, xid, Duration::from_millis(800)).and_then(|m| kind(&m)) {
-            Some(MessageType::Ack) => return Ok(ip),
-            Some(MessageType::Nak) => return Err(format!("NAK for {ip}")),
-            _ => continue,
-        }
+/// How the tests' plain client resends: each DISCOVER and REQUEST up to four
+/// times, 800 ms apart; the first address offer is taken; a NAK is an error.
+fn test_schedule() -> Schedule {
+    Schedule {
+        retries: vec![Duration::from_millis(800); 4],
+        offer_wait: Duration::ZERO,
+        max_naks: 1,
     }
-    Err(format!("no lease for {mac:02x?} after 4 tries"))
+}
+
+/// DISCOVER → OFFER → REQUEST → ACK with one server as a plain client;
+/// returns the address, or what went wrong.
+pub fn dora(socket: &UdpSocket, mac: [u8; 6], xid: u32) -> Result<Ipv4Addr, String> {
+    let mut exchange = Dora::new(Identity::plain(mac), xid, test_schedule());
+    let step = exchange.start(Instant::now());
+    let caller_timeout = socket.read_timeout().unwrap();
+    let result = drive(socket, &mut exchange, step);
+    socket.set_read_timeout(caller_timeout).unwrap();
+    result.map_err(|why| format!("no lease for {mac:02x?}: {why}"))
+}
+
+/// Runs `exchange` on `socket` from `step` to its end: each wait for a reply
+/// lasts until the exchange's deadline.
+fn drive(socket: &UdpSocket, exchange: &mut Dora, mut step: Step) -> Result<Ipv4Addr, String> {
+    let mut buf = [0u8; 2048];
+    loop {
+        match step {
+            Step::Broadcast(bytes) => {
+                socket
+                    .send_to(&bytes, (Ipv4Addr::BROADCAST, 67))
+                    .map_err(|e| format!("sending: {e}"))?;
+            }
+            Step::Wait => {}
+            Step::Done(lease) => return Ok(lease.address),
+            Step::Failed(why) => return Err(why),
+        }
+        let now = Instant::now();
+        let deadline = exchange
+            .deadline()
+            .expect("a running exchange has a deadline");
+        if now >= deadline {
+            step = exchange.on_timeout(now);
+            continue;
+        }
+        // A zero read timeout would mean "block forever".
+        let wait = (deadline - now).max(Duration::from_millis(1));
+        socket.set_read_timeout(Some(wait)).unwrap();
+        step = match socket.recv_from(&mut buf) {
+            Ok((len, _)) => exchange.on_reply(Instant::now(), &buf[..len]),
+            Err(_) => Step::Wait,
+        };
+    }
 }
 
 /// INIT-REBOOT: asks for `ip` back without a server identifier.

@@ -99,32 +99,15 @@ impl FrameSpec {
         udp.extend_from_slice(&len.to_be_bytes());
         udp.extend_from_slice(&[0, 0]);
         udp.extend_from_slice(&self.payload);
-        let mut pseudo = Vec::new();
-        pseudo.extend_from_slice(&CLIENT_IP);
-        pseudo.extend_from_slice(&SERVER_IP);
-        pseudo.extend_from_slice(&[0, 17]);
-        pseudo.extend_from_slice(&len.to_be_bytes());
-        pseudo.extend_from_slice(&udp);
-        let check = match internet_checksum(&pseudo) {
-            0 => 0xffff, // RFC 768: a computed zero is sent as all ones
-            c => c,
-        };
+        let check = pxe_common::csum::udp_checksum(CLIENT_IP, SERVER_IP, &udp);
         udp[6..8].copy_from_slice(&check.to_be_bytes());
         udp
     }
 }
 
-/// RFC 1071 checksum.
+/// RFC 1071 checksum of `bytes` (0 when they carry their correct checksum).
 pub fn internet_checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    for chunk in bytes.chunks(2) {
-        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    pxe_common::csum::checksum(&[bytes])
 }
 
 /// A BOOTP-sized DHCPDISCOVER from an unknown client: the kernel reads it

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(
     dead_code,
+    unused_imports,
     reason = "each test binary uses its own subset of the helpers"
 )]
 
@@ -41,6 +42,23 @@ impl Served {
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
         wait_for_file_text(&self.log, needle, timeout);
     }
+
+    /// Waits until `needle` is on at least `count` lines of pxed's log;
+    /// panics with the log if not.
+    pub fn wait_for_log_count(&self, needle: &str, count: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.log();
+            if text.lines().filter(|l| l.contains(needle)).count() >= count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited for {count} lines with {needle:?} in pxed's log:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// Waits until the file contains `needle`; panics with its contents if not.
@@ -63,13 +81,11 @@ pub fn wait_for_file_text(path: &Path, needle: &str, timeout: Duration) {
 /// Starts `pxed --interface eth0 <args>` in a fresh lab and waits for TFTP.
 pub fn serve_tftp(boot_root: &Path, extra: &[&str]) -> Served {
     let lab = Lab::new().expect("creating the lab");
-    let server = lab.add_netns("srv").unwrap();
-    let client = lab.add_netns("cli").unwrap();
-    lab.veth(
-        (&server, "eth0", Some("198.18.0.1/24")),
-        (&client, "eth0", Some("198.18.0.2/24")),
-    )
-    .unwrap();
+    let pxe_lab::Pair { server, client } = lab
+        .pair()
+        .client_addr(pxe_lab::CLIENT_CIDR)
+        .build()
+        .unwrap();
     let root = boot_root.to_str().unwrap();
     let mut args = vec!["--interface", "eth0", "--boot-root", root];
     args.extend_from_slice(extra);

@@ -1,12 +1,18 @@
 //! A scripted TFTP client for cases real clients cannot express: hostile
-//! requests, duplicate ACKs, exact packet counts. Runs on blocking sockets
-//! inside a namespace thread.
+//! requests, duplicate ACKs, exact packet counts, a bad wire. Downloads run
+//! `pxe_lab::client::tftp::Download`, the bench's client, on blocking sockets
+//! inside a namespace thread; hostile requests are crafted with pxed's own
+//! codec.
 
 use std::{
     net::{SocketAddr, UdpSocket},
     time::Duration,
 };
 
+use pxe_lab::client::{
+    tftp::{Download, Step},
+    TftpProfile,
+};
 use pxe_user::wire::tftp::{ErrorCode, Repr, TftpOption};
 
 /// Sends `packet` to `server` from a fresh socket and returns the first reply.
@@ -53,8 +59,25 @@ pub struct Fetched {
     pub duplicate_data: u64,
 }
 
-/// Downloads `file` in lockstep, acknowledging every block `acks_per_block`
-/// times (2 simulates a client whose ACKs are duplicated on the way).
+/// What to ask for: `options` may name blksize and windowsize (no tsize).
+fn ask(options: &[(&str, &str)]) -> TftpProfile {
+    let value = |name: &str, default: u16| {
+        options
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(default, |(_, v)| v.parse().unwrap())
+    };
+    TftpProfile {
+        blksize: value("blksize", 0),
+        windowsize: value("windowsize", 1),
+        tsize: false,
+        timeout: Duration::from_secs(5),
+    }
+}
+
+/// Downloads `file` in lockstep, sending every ACK `acks_per_block` times
+/// (2 simulates a client whose ACKs are duplicated on the way). On this
+/// lossless link a timeout is a failure, not a reason to retransmit.
 pub fn fetch(
     server: SocketAddr,
     file: &str,
@@ -65,71 +88,103 @@ pub fn fetch(
     socket
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    socket.send_to(&rrq(file, options), server).unwrap();
-    let mut got = Fetched::default();
+    let (download, request) = Download::start(file, &ask(options), None);
+    let mut download = download.keeping_data();
+    socket.send_to(&request, server).unwrap();
     let mut buf = vec![0u8; 70_000];
-    let mut expected: u16 = 1;
-    let mut blksize = 512usize;
     let mut transfer_port = None;
     loop {
         let (len, from) = socket
             .recv_from(&mut buf)
-            .map_err(|e| format!("waiting for block {expected}: {e}"))?;
+            .map_err(|e| format!("waiting for DATA: {e}"))?;
         let peer = *transfer_port.get_or_insert(from);
         if from != peer {
             return Err(format!("packet from {from}, transfer runs on {peer}"));
         }
-        match Repr::parse(&buf[..len]).map_err(|e| e.to_string())? {
-            Repr::OptionAck { options } => {
-                for o in &options {
-                    if o.name == "blksize" {
-                        blksize = o.value.parse().unwrap();
-                    }
-                }
-                got.oack = options
-                    .iter()
-                    .map(|o| (o.name.to_owned(), o.value.to_owned()))
-                    .collect();
-                socket
-                    .send_to(&Repr::Ack { block: 0 }.to_vec(), peer)
-                    .unwrap();
-            }
-            Repr::Data { block, payload } => {
-                got.data_packets += 1;
-                if block != expected {
-                    got.duplicate_data += 1;
-                    continue;
-                }
-                got.data.extend_from_slice(payload);
-                for _ in 0..acks_per_block {
-                    socket.send_to(&Repr::Ack { block }.to_vec(), peer).unwrap();
-                }
-                if payload.len() < blksize {
-                    // Linger briefly: a server that resends on duplicate ACKs shows it now.
-                    socket
-                        .set_read_timeout(Some(Duration::from_millis(300)))
-                        .unwrap();
-                    while let Ok((len, _)) = socket.recv_from(&mut buf) {
-                        if matches!(Repr::parse(&buf[..len]), Ok(Repr::Data { .. })) {
-                            got.data_packets += 1;
-                            got.duplicate_data += 1;
-                        }
-                    }
-                    return Ok(got);
-                }
-                expected = expected.wrapping_add(1);
-            }
-            Repr::Error { code, message } => return Err(format!("ERROR {code:?}: {message}")),
-            other => return Err(format!("unexpected {other:?}")),
+        let (ack, done) = match download.on_datagram(&buf[..len]) {
+            Step::Wait => continue,
+            Step::Send(ack) => (ack, false),
+            Step::Done { .. } => (download.final_ack().to_vec(), true),
+            Step::Fail { why, .. } => return Err(why),
+        };
+        for _ in 0..acks_per_block {
+            socket.send_to(&ack, peer).unwrap();
+        }
+        if done {
+            let late = late_data_packets(&socket, &mut buf);
+            let seen = download.seen().clone();
+            return Ok(Fetched {
+                data: download.into_data(),
+                oack: seen.oack,
+                data_packets: seen.data_packets + late,
+                duplicate_data: seen.out_of_order + late,
+            });
         }
     }
 }
 
-/// Downloads `file` with a window of `window` blocks through a simulated bad
-/// wire: about `reorder_percent` of DATA packets swap places with the next
-/// one, `loss_percent` vanish, and some ACKs are repeated late (so the server
-/// sees stale ACKs out of order). The client behaves as RFC 7440 says: it
-/// acknowledges every full window, and the last good block on a gap.
+/// DATA packets that still arrive in a short while after the last block:
+/// a server that resends on duplicate ACKs shows it now.
+fn late_data_packets(socket: &UdpSocket, buf: &mut [u8]) -> u64 {
+    socket
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut late = 0;
+    while let Ok((len, _)) = socket.recv_from(buf) {
+        if matches!(Repr::parse(&buf[..len]), Ok(Repr::Data { .. })) {
+            late += 1;
+        }
+    }
+    late
+}
+
+/// A wire that loses about `loss_percent` of the packets it carries, holds
+/// about `reorder_percent` back behind the next one, and repeats some ACKs
+/// late (so the server sees stale ACKs out of order). Seeded: a failure
+/// replays.
+struct BadWire {
+    rng: u64,
+    loss_percent: u64,
+    reorder_percent: u64,
+    held: Option<Vec<u8>>,
+    stale_ack: Option<Vec<u8>>,
+}
+
+impl BadWire {
+    fn roll(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng % 100
+    }
+
+    /// The packets the client gets, in order, when `packet` arrives.
+    fn deliver(&mut self, packet: Vec<u8>) -> Vec<Vec<u8>> {
+        if self.roll() < self.loss_percent {
+            return vec![];
+        }
+        if self.held.is_none() && self.roll() < self.reorder_percent {
+            self.held = Some(packet);
+            return vec![];
+        }
+        // A held packet arrives after the one that overtook it.
+        std::iter::once(packet).chain(self.held.take()).collect()
+    }
+
+    /// The ACKs that reach the server when the client sends `ack`: now and
+    /// then an older one first, late.
+    fn send(&mut self, ack: Vec<u8>) -> Vec<Vec<u8>> {
+        let late = self.stale_ack.take();
+        if self.roll() < 10 {
+            self.stale_ack = Some(ack.clone());
+        }
+        late.into_iter().chain([ack]).collect()
+    }
+}
+
+/// Downloads `file` with a window of `window` blocks through a [`BadWire`].
+/// The client is the bench's: it acknowledges every full window, and the
+/// last good block on a gap or a timeout (RFC 7440).
 pub fn fetch_disordered(
     server: SocketAddr,
     file: &str,
@@ -143,95 +198,61 @@ pub fn fetch_disordered(
     socket
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    let (b, w) = (blksize.to_string(), window.to_string());
-    socket
-        .send_to(&rrq(file, &[("blksize", &b), ("windowsize", &w)]), server)
-        .unwrap();
-    let mut rng = seed | 1;
-    let mut roll = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % 100
+    let profile = TftpProfile {
+        blksize,
+        windowsize: window,
+        tsize: false,
+        timeout: Duration::from_millis(200),
     };
-    let mut data = Vec::new();
+    let (download, request) = Download::start(file, &profile, None);
+    // Losses make timeouts by the dozen; a stall is 50 in a row (below).
+    let mut download = download.keeping_data().giving_up_after(u64::MAX);
+    socket.send_to(&request, server).unwrap();
+    let mut wire = BadWire {
+        rng: seed | 1,
+        loss_percent,
+        reorder_percent,
+        held: None,
+        stale_ack: None,
+    };
     let mut buf = vec![0u8; 70_000];
-    let mut peer = None;
-    let mut held: Option<Vec<u8>> = None;
-    let mut last_ack: Vec<u8> = Vec::new();
-    let mut stale_ack: Option<Vec<u8>> = None;
-    let (mut expected, mut in_window, mut idle) = (1u16, 0u16, 0);
-    let block_len = usize::from(blksize);
+    let (mut peer, mut silences) = (None, 0);
     loop {
-        let packet = match socket.recv_from(&mut buf) {
+        let arrived = match socket.recv_from(&mut buf) {
             Ok((len, from)) => {
-                idle = 0;
                 peer.get_or_insert(from);
-                buf[..len].to_vec()
+                wire.deliver(buf[..len].to_vec())
             }
-            Err(_) => {
-                idle += 1;
-                if idle > 50 {
-                    return Err(format!("stalled at block {expected}"));
-                }
-                if let Some(p) = held.take() {
-                    p // the held packet finally arrives
-                } else {
-                    if let Some(peer) = peer {
-                        socket.send_to(&last_ack, peer).unwrap();
-                    }
-                    continue;
-                }
-            }
+            // Silence: the held packet finally arrives, or the client times out.
+            Err(_) => wire.held.take().into_iter().collect(),
         };
-        let peer = peer.unwrap();
-        // The wire: lose some, hold some back behind the next packet.
-        if roll() < loss_percent {
-            continue;
+        silences = if arrived.is_empty() { silences + 1 } else { 0 };
+        if silences > 50 {
+            return Err("stalled: 50 timeouts in a row".into());
         }
-        let mut deliver = vec![packet];
-        if roll() < reorder_percent && held.is_none() {
-            held = deliver.pop();
-        } else if let Some(p) = held.take() {
-            deliver.push(p); // arrives after the packet that overtook it
-        }
-        for packet in deliver {
-            match Repr::parse(&packet).map_err(|e| e.to_string())? {
-                Repr::OptionAck { .. } => {
-                    last_ack = Repr::Ack { block: 0 }.to_vec();
-                    socket.send_to(&last_ack, peer).unwrap();
-                }
-                Repr::Data { block, payload } if block == expected => {
-                    data.extend_from_slice(payload);
-                    in_window += 1;
-                    let last = payload.len() < block_len;
-                    if last || in_window == window {
-                        if let Some(stale) = stale_ack.take() {
-                            socket.send_to(&stale, peer).unwrap(); // an old ACK, late
-                        }
-                        if roll() < 10 {
-                            stale_ack = Some(last_ack.clone());
-                        }
-                        last_ack = Repr::Ack { block }.to_vec();
-                        socket.send_to(&last_ack, peer).unwrap();
-                        in_window = 0;
+        let steps: Vec<Step> = if !arrived.is_empty() {
+            arrived.iter().map(|p| download.on_datagram(p)).collect()
+        } else if download.seen().oack.is_empty() {
+            // The OACK was lost: the server sends it again itself. The
+            // client's timeout would resend the request, to the transfer port.
+            vec![]
+        } else {
+            vec![download.on_timeout()]
+        };
+        let Some(peer) = peer else { continue };
+        for step in steps {
+            match step {
+                Step::Wait => {}
+                Step::Send(ack) => {
+                    for ack in wire.send(ack) {
+                        socket.send_to(&ack, peer).unwrap();
                     }
-                    if last {
-                        return Ok(data);
-                    }
-                    expected = expected.wrapping_add(1);
                 }
-                Repr::Data { .. } => {
-                    // A gap or a resend: acknowledge the last block received in order.
-                    last_ack = Repr::Ack {
-                        block: expected.wrapping_sub(1),
-                    }
-                    .to_vec();
-                    socket.send_to(&last_ack, peer).unwrap();
-                    in_window = 0;
+                Step::Done { .. } => {
+                    socket.send_to(download.final_ack(), peer).unwrap();
+                    return Ok(download.into_data());
                 }
-                Repr::Error { code, message } => return Err(format!("ERROR {code:?}: {message}")),
-                other => return Err(format!("unexpected {other:?}")),
+                Step::Fail { why, .. } => return Err(why),
             }
         }
     }
