@@ -21,6 +21,7 @@ fuzz_target!(|data: &[u8]| {
         profiles: [("default".to_owned(), Profile::named("default"))].into(),
         machines: HashMap::new(),
         default_profile: Some("default".into()),
+        provision: None,
     });
     let config = EngineConfig {
         mode: if selector & 1 == 0 { Mode::Full } else { Mode::Proxy },

@@ -136,6 +136,29 @@ pub struct Cli {
     #[arg(long, value_name = "PORT")]
     pub http_port: Option<u16>,
 
+    /// Serve the operator API (JSON over HTTP, docs/API.md) on this
+    /// management address, e.g. 127.0.0.1:8067. Off unless given; keep it
+    /// off the boot networks. Needs --api-token-file.
+    #[arg(
+        long,
+        value_name = "ADDR:PORT",
+        requires = "api_token_file",
+        env = "PXED_API"
+    )]
+    pub api: Option<std::net::SocketAddr>,
+
+    /// File holding the API's bearer token (one line; e.g. `openssl rand
+    /// -hex 32 > /etc/pxed/api-token`). Every API request must send
+    /// `Authorization: Bearer TOKEN`; machines' {{provision_token}}s are
+    /// derived from it.
+    #[arg(long, value_name = "FILE", env = "PXED_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+
+    /// Where the machines and profiles the API writes are kept (durable
+    /// across restarts) [default: /var/lib/pxed/inventory.redb].
+    #[arg(long, value_name = "FILE")]
+    pub inventory_file: Option<PathBuf>,
+
     /// Seconds between counter lines in the log (only when something changed);
     /// 0 logs them only at exit. SIGUSR1 logs them at any time.
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]

@@ -338,6 +338,7 @@ impl Config {
                 hostname: machine.hostname.clone(),
                 arch,
                 client,
+                vars: Default::default(),
             };
             if machines.insert(mac, entry).is_some() {
                 return Err(error_at(

@@ -6,13 +6,16 @@
 //! passed in) → policy and storage → I/O drivers (tokio sockets, the BPF
 //! programs in `fastpath`) → `main.rs`.
 
+pub mod api;
 pub mod bootroot;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod dhcp;
 pub mod fastpath;
 pub mod http;
+pub mod inventory;
 pub mod lease;
 pub mod netif;
 pub mod policy;

@@ -22,6 +22,8 @@ use crate::{
 
 /// Where leases live when neither the flags nor the file say.
 pub const DEFAULT_LEASE_FILE: &str = "/var/lib/pxed/leases.redb";
+/// Where the API's inventory lives when neither the flags nor the file say.
+pub const DEFAULT_INVENTORY_FILE: &str = "/var/lib/pxed/inventory.redb";
 /// Largest TFTP window granted when neither the flags nor the file say.
 pub const DEFAULT_MAX_WINDOWSIZE: u16 = 64;
 /// HTTP boot's port when neither the flags nor the file say.
@@ -51,6 +53,9 @@ pub struct Settings {
     pub tftp_gso: bool,
     pub http_port: u16,
     pub stats_interval: u64,
+    /// The operator API's address and its bearer token (read from the file).
+    pub api: Option<(std::net::SocketAddr, String)>,
+    pub inventory_file: PathBuf,
     /// The file as loaded (defaults when there is none).
     pub config: Config,
 }
@@ -91,7 +96,15 @@ impl Settings {
         if dhcp == DhcpMode::Full && ranges.is_empty() && config.subnets.is_empty() {
             bail!("--dhcp full needs addresses to hand out: --range FIRST-LAST, or [[dhcp.subnet]] in the config");
         }
+        let api = match (cli.api, &cli.api_token_file) {
+            (Some(addr), Some(file)) => Some((addr, read_token(file)?)),
+            _ => None,
+        };
         Ok(Self {
+            api,
+            inventory_file: cli
+                .inventory_file
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_INVENTORY_FILE)),
             config_path: cli.config,
             interfaces,
             dhcp,
@@ -131,6 +144,7 @@ impl Settings {
             profiles: config.profiles.clone(),
             machines: config.machines.clone(),
             default_profile: config.default_profile.clone(),
+            provision: None,
         }
     }
 
@@ -229,6 +243,20 @@ impl Settings {
     }
 }
 
+/// The API token: the file's first line, which must not be empty.
+fn read_token(file: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| anyhow::anyhow!("--api-token-file {}: {e}", file.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_owned();
+    if token.len() < 16 {
+        bail!(
+            "--api-token-file {}: the token must be at least 16 characters (e.g. `openssl rand -hex 32`)",
+            file.display()
+        );
+    }
+    Ok(token)
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
@@ -287,6 +315,32 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().starts_with("--range 10.9.0.9-x: "), "{e}");
+    }
+
+    #[test]
+    fn the_api_needs_a_token_file_with_a_real_token() {
+        let e = Cli::try_parse_from(["pxed", "-i", "eth1", "--api", "127.0.0.1:8067"]).unwrap_err();
+        assert!(e.to_string().contains("--api-token-file"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "short\n").unwrap();
+        let args = |f: &std::path::Path| {
+            cli(&[
+                "-i",
+                "eth1",
+                "--api",
+                "127.0.0.1:8067",
+                "--api-token-file",
+                f.to_str().unwrap(),
+            ])
+        };
+        let e = Settings::merge(args(&file), Config::default()).unwrap_err();
+        assert!(e.to_string().contains("at least 16 characters"), "{e}");
+        std::fs::write(&file, "0123456789abcdef0123\nignored\n").unwrap();
+        let s = Settings::merge(args(&file), Config::default()).unwrap();
+        assert_eq!(s.api.unwrap().1, "0123456789abcdef0123");
+        let e = Settings::merge(args(&dir.path().join("missing")), Config::default()).unwrap_err();
+        assert!(e.to_string().starts_with("--api-token-file "), "{e}");
     }
 
     #[test]

@@ -67,6 +67,19 @@ fn addresses(ns: &pxe_lab::Netns) -> String {
     .into_owned()
 }
 
+/// Whether `address` is configured on eth0 within a few seconds: a client
+/// logs its lease before its script has configured it.
+fn configured(ns: &pxe_lab::Netns, address: &str) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !addresses(ns).contains(address) {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
 #[test]
 fn udhcpc_gets_renews_and_releases_a_lease() {
     if !pxe_lab::privileged("udhcpc_gets_renews_and_releases_a_lease")
@@ -112,7 +125,7 @@ esac
         .unwrap();
     assert!(in_pool(ip), "{ip}");
     assert!(
-        addresses(&served.client).contains(&format!("{ip}/24")),
+        configured(&served.client, &format!("{ip}/24")),
         "the script configured it"
     );
 

@@ -88,6 +88,7 @@ impl Lab {
             profiles: [("default".to_owned(), Profile::named("default"))].into(),
             machines: HashMap::new(),
             default_profile: Some("default".into()),
+            provision: None,
         });
         let engine =
             Engine::new(config, policy.clone(), Box::new(MemLeaseStore::default())).unwrap();
@@ -138,7 +139,7 @@ impl Lab {
             let (key, entry) =
                 templates::template(datagram, &bytes, &kernel, port, &self.interface, now)
                     .expect("a template");
-            self.answers.install(key, entry);
+            self.answers.install(key, entry, self.answers.epoch());
         }
         Some((bytes, reply.to))
     }

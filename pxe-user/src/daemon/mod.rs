@@ -27,6 +27,7 @@ pub use self::{
 };
 use crate::{
     config::{Config, DhcpMode},
+    control::Control,
     dhcp::engine::Engine,
     fastpath::{CounterSnapshot, Counters, FastPath, KernelAnswers},
     netif,
@@ -74,7 +75,8 @@ impl Services {
 struct Running {
     settings: Settings,
     fastpath: Arc<Mutex<FastPath>>,
-    policy: SharedPolicy,
+    /// Where SIGHUP's reload goes, like every other change.
+    control: Arc<Control>,
     engine: Option<Arc<Mutex<Engine>>>,
     answers: Option<Arc<KernelAnswers>>,
     services: Services,
@@ -120,37 +122,6 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
     let served = served_addresses(&settings)?;
     let policy = SharedPolicy::new(Settings::policy(&settings.config));
 
-    let found_ipxe = if settings.boot_root.is_none() {
-        FoundIpxe::copy(std::path::Path::new(IPXE_DIR), &std::env::temp_dir())
-    } else {
-        None
-    };
-    let boot_root = settings
-        .boot_root
-        .clone()
-        .or_else(|| found_ipxe.as_ref().map(|f| f.path().to_owned()));
-    match &boot_root {
-        Some(dir) if !served.is_empty() => {
-            services::start_file_services(
-                &settings,
-                &served,
-                dir,
-                &fastpath,
-                &policy,
-                &mut services,
-            )
-            .await?;
-            if settings.http_port == 0 && settings.dhcp != DhcpMode::Off {
-                warn!(
-                    "HTTP is off (--http-port 0): iPXE clients are sent script URLs nobody answers"
-                );
-            }
-        }
-        _ => warn!(
-            "no --boot-root and no iPXE binaries in {IPXE_DIR}: TFTP and HTTP file serving are off"
-        ),
-    }
-
     let answers = settings
         .kernel_answers()
         .then(|| Arc::new(KernelAnswers::new(Arc::clone(&fastpath))));
@@ -168,12 +139,54 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
         )?;
         Some(engine)
     };
+    // The inventory over the file: published before any file is served.
+    let control = Arc::new(services::control(
+        &settings,
+        &policy,
+        engine.clone(),
+        answers.clone(),
+    )?);
+
+    let found_ipxe = if settings.boot_root.is_none() {
+        FoundIpxe::copy(std::path::Path::new(IPXE_DIR), &std::env::temp_dir())
+    } else {
+        None
+    };
+    let boot_root = settings
+        .boot_root
+        .clone()
+        .or_else(|| found_ipxe.as_ref().map(|f| f.path().to_owned()));
+    match &boot_root {
+        Some(dir) if !served.is_empty() => {
+            services::start_file_services(
+                &settings,
+                &served,
+                dir,
+                &fastpath,
+                &policy,
+                &control,
+                &mut services,
+            )
+            .await?;
+            if settings.http_port == 0 && settings.dhcp != DhcpMode::Off {
+                warn!(
+                    "HTTP is off (--http-port 0): iPXE clients are sent script URLs nobody answers"
+                );
+            }
+        }
+        _ => warn!(
+            "no --boot-root and no iPXE binaries in {IPXE_DIR}: TFTP and HTTP file serving are off"
+        ),
+    }
+    if let Some((address, token)) = &settings.api {
+        services::start_api(*address, token, &control, &xdp_modes, &mut services).await?;
+    }
     Ok(Running {
         settings,
         fastpath,
-        policy,
-        engine,
+        control,
         answers,
+        engine,
         services,
         _found_ipxe: found_ipxe,
     })
@@ -246,7 +259,8 @@ impl Running {
     }
 
     /// SIGHUP: re-read the config file; a bad one is refused and the old one
-    /// keeps serving. Leases are untouched.
+    /// keeps serving. Leases and the API's inventory are untouched (the
+    /// inventory stays laid over the new file).
     fn reload(&self) {
         let Some(path) = &self.settings.config_path else {
             info!("SIGHUP: no --config file to reload");
@@ -259,24 +273,21 @@ impl Running {
                 return;
             }
         };
-        if let Some(engine) = &self.engine {
-            match self.settings.engine_config(&config) {
-                Ok(engine_config) => engine
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .reconfigure(engine_config),
-                Err(e) => {
-                    error!("SIGHUP: the new config is refused, the old one keeps serving: {e:#}");
-                    return;
-                }
+        let engine_config = match self
+            .engine
+            .as_ref()
+            .map(|_| self.settings.engine_config(&config))
+            .transpose()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                error!("SIGHUP: the new config is refused, the old one keeps serving: {e:#}");
+                return;
             }
-        }
-        // DHCP and HTTP both read this one policy: they switch together.
-        self.policy.replace(Settings::policy(&config));
-        if let Some(answers) = &self.answers {
-            // Any answer may change with the config: the kernel relearns them.
-            answers.clear();
-        }
+        };
+        // DHCP, HTTP, TFTP and the kernel's templates all switch here.
+        self.control
+            .reload_file(Settings::policy(&config), engine_config);
         info!(
             profiles = config.profiles.len(),
             machines = config.machines.len(),

@@ -14,8 +14,10 @@ use tracing::info;
 
 use super::Services;
 use crate::{
+    api,
     bootroot::BootRoot,
     config::DhcpMode,
+    control::Control,
     dhcp::{
         self,
         driver::Listener,
@@ -24,8 +26,10 @@ use crate::{
     },
     fastpath::{AttachedXdp, FastPath, FastPathHooks, KernelAnswers},
     http,
+    inventory::{Inventory, InventoryStore, MemInventoryStore, RedbInventoryStore},
     lease::{LeaseStore, MemLeaseStore, RedbLeaseStore},
     netif,
+    policy::{provision::ProvisionKey, FileGate},
     policy::{ServerUrls, SharedPolicy},
     settings::Settings,
     tftp::{
@@ -75,6 +79,7 @@ pub async fn start_file_services(
     root_dir: &Path,
     fastpath: &Arc<Mutex<FastPath>>,
     policy: &SharedPolicy,
+    control: &Arc<Control>,
     services: &mut Services,
 ) -> anyhow::Result<()> {
     let root = Arc::new(
@@ -85,8 +90,9 @@ pub async fn start_file_services(
         Arc::clone(fastpath),
         settings.kernel_tiers(),
     ));
+    let gate = file_gate(settings, control);
     for (interface, address) in served {
-        let server = start_tftp(
+        let mut server = start_tftp(
             settings,
             interface,
             *address,
@@ -94,12 +100,24 @@ pub async fn start_file_services(
             Arc::clone(&hooks),
         )
         .await?;
+        if let Some(gate) = &gate {
+            server = server.with_gate(Arc::clone(gate));
+        }
         services.spawn(format!("TFTP ({interface})"), server.run());
         if settings.http_port != 0 {
-            let (listener, router) =
-                start_http(settings, *address, Arc::clone(&root), policy.clone()).await?;
+            let (listener, router) = start_http(
+                settings,
+                *address,
+                Arc::clone(&root),
+                policy.clone(),
+                gate.clone(),
+            )
+            .await?;
+            // The installer's `provisioned` call comes over the boot network.
+            let router = router.merge(api::boot_network_router(Arc::clone(control)));
+            let service = router.into_make_service_with_connect_info::<SocketAddr>();
             services.spawn(format!("HTTP ({interface})"), async move {
-                axum::serve(listener, router).await
+                axum::serve(listener, service).await
             });
         }
     }
@@ -159,6 +177,7 @@ async fn start_http(
     address: Ipv4Addr,
     root: Arc<BootRoot>,
     policy: SharedPolicy,
+    gate: Option<Arc<dyn FileGate>>,
 ) -> anyhow::Result<(tokio::net::TcpListener, axum::Router)> {
     let bind = SocketAddr::from((address, settings.http_port));
     let listener = tokio::net::TcpListener::bind(bind)
@@ -169,8 +188,94 @@ async fn start_http(
     info!(url = %urls.http, profiles = config.profiles.len(), machines = config.machines.len(), "HTTP boot serving");
     Ok((
         listener,
-        http::router(http::HttpState { root, policy, urls }),
+        http::router(http::HttpState {
+            root,
+            policy,
+            urls,
+            gate,
+        }),
     ))
+}
+
+/// In full mode pxed knows which machine holds which address: TFTP and HTTP
+/// then refuse boot files to a machine marked not to netboot.
+fn file_gate(settings: &Settings, control: &Arc<Control>) -> Option<Arc<dyn FileGate>> {
+    (settings.dhcp == DhcpMode::Full).then(|| Arc::clone(control) as Arc<dyn FileGate>)
+}
+
+/// The inventory (durable when the API may change it, or when an earlier
+/// run left one), laid over the file's policy and published.
+pub fn control(
+    settings: &Settings,
+    policy: &SharedPolicy,
+    engine: Option<Arc<Mutex<Engine>>>,
+    answers: Option<Arc<KernelAnswers>>,
+) -> anyhow::Result<Control> {
+    let path = &settings.inventory_file;
+    let store: Box<dyn InventoryStore> = if settings.api.is_some() || path.exists() {
+        Box::new(
+            RedbInventoryStore::open(path)
+                .context("opening the inventory database (--inventory-file)")?,
+        )
+    } else {
+        Box::new(MemInventoryStore::default())
+    };
+    let inventory = Inventory::load(store).context("reading the inventory database")?;
+    if !inventory.machines().is_empty() || !inventory.profiles().is_empty() {
+        info!(
+            machines = inventory.machines().len(),
+            profiles = inventory.profiles().len(),
+            inventory = %path.display(),
+            "inventory laid over the config file"
+        );
+    }
+    let engine_config = match &engine {
+        Some(_) => Some(settings.engine_config(&settings.config)?),
+        None => None,
+    };
+    let provision = settings
+        .api
+        .as_ref()
+        .map(|(_, token)| ProvisionKey::from_secret(token.as_bytes()));
+    Ok(Control::new(
+        Settings::policy(&settings.config),
+        engine_config,
+        inventory,
+        policy.clone(),
+        engine,
+        answers,
+        provision,
+    ))
+}
+
+/// The operator API on its management address.
+pub async fn start_api(
+    address: SocketAddr,
+    token: &str,
+    control: &Arc<Control>,
+    xdp_modes: &XdpModes,
+    services: &mut Services,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding the API to {address} (--api)"))?;
+    let attached: Vec<(String, String)> = xdp_modes
+        .iter()
+        .map(|(i, m)| {
+            let how = m.map_or_else(|| "tc only".to_owned(), |m| format!("xdp {m}"));
+            (i.clone(), how)
+        })
+        .collect();
+    let router = api::router(api::ApiState {
+        control: Arc::clone(control),
+        token: token.into(),
+        attached: attached.into(),
+    });
+    info!(%address, "API serving (docs/API.md)");
+    services.spawn("API".to_owned(), async move {
+        axum::serve(listener, router).await
+    });
+    Ok(())
 }
 
 /// Opens the lease store, builds the engine, opens 67 and 4011 on every

@@ -95,6 +95,11 @@ impl Addresses {
         self.by_ip.get(&ip)
     }
 
+    /// Every lease recorded, by address.
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.by_ip.values()
+    }
+
     /// The address `client` holds or last held.
     pub fn of_client(&self, client: &[u8]) -> Option<Ipv4Addr> {
         self.by_client.get(client).copied()

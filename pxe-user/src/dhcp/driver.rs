@@ -148,6 +148,9 @@ pub async fn run(engine: Arc<Mutex<Engine>>, listener: Listener) -> io::Result<(
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
+        // Read before deciding: a policy change after this point makes the
+        // burst's templates stale, and the kernel refuses them.
+        let decided_in = kernel.as_ref().map_or(0, |(answers, _)| answers.epoch());
         // The engine fsyncs the burst's leases; keep that off the async workers' backs.
         let outcomes = tokio::task::block_in_place(|| {
             engine
@@ -156,9 +159,11 @@ pub async fn run(engine: Arc<Mutex<Engine>>, listener: Listener) -> io::Result<(
                 .handle_batch(burst.iter().map(|r| (&r.request, r.arrival)), now)
         });
         for (received, outcome) in burst.iter().zip(outcomes) {
-            let kernel = kernel
-                .as_ref()
-                .map(|(answers, iface)| (answers.as_ref(), iface));
+            let kernel = kernel.as_ref().map(|(answers, iface)| KernelSide {
+                answers,
+                iface,
+                decided_in,
+            });
             answer(
                 received,
                 outcome,
@@ -174,6 +179,14 @@ pub async fn run(engine: Arc<Mutex<Engine>>, listener: Listener) -> io::Result<(
     }
 }
 
+/// Where a burst's repeatable answers go, and the policy epoch they were
+/// decided in.
+struct KernelSide<'a> {
+    answers: &'a KernelAnswers,
+    iface: &'a Interface,
+    decided_in: u64,
+}
+
 /// Logs what the engine decided for one request, sends its reply and
 /// gives the kernel what it may answer next time.
 #[expect(
@@ -187,12 +200,12 @@ async fn answer(
     dhcp: &Port67,
     discovery: &UdpSocket,
     interface: &str,
-    kernel: Option<(&KernelAnswers, &Interface)>,
+    kernel: Option<KernelSide<'_>>,
     warned: &mut Warnings,
 ) {
     let request = &received.request;
-    if let (true, Some((answers, _))) = (outcome.forget, kernel) {
-        answers.forget(request.mac.0);
+    if let (true, Some(k)) = (outcome.forget, &kernel) {
+        k.answers.forget(request.mac.0);
     }
     match &outcome.problem {
         Some(Problem::PoolExhausted { subnet }) => warned.pool_exhausted(subnet),
@@ -222,11 +235,9 @@ async fn answer(
     // The kernel learns the answer before it leaves (the lease is already
     // committed): a client that asks again at once, or retransmits, is
     // answered by the kernel rather than racing the template.
-    if let (Some(answer), Some((answers, iface)), Some(datagram)) =
-        (outcome.kernel, kernel, &received.datagram)
-    {
-        match templates::template(datagram, &bytes, &answer, port, iface, Clocks::now()) {
-            Some((key, entry)) => answers.install(key, entry),
+    if let (Some(answer), Some(k), Some(datagram)) = (outcome.kernel, kernel, &received.datagram) {
+        match templates::template(datagram, &bytes, &answer, port, k.iface, Clocks::now()) {
+            Some((key, entry)) => k.answers.install(key, entry, k.decided_in),
             None => {
                 debug!(mac = %request.mac, "DHCP: this answer stays with userspace (the kernel cannot send it)")
             }

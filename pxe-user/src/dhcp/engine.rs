@@ -77,6 +77,8 @@ pub struct Engine {
     policy: SharedPolicy,
     addresses: Addresses,
     stats: EngineStats,
+    /// Why the last commit failed, until one succeeds again.
+    store_failing: Option<String>,
 }
 
 /// One request being decided, and what it is decided with.
@@ -141,6 +143,7 @@ impl Engine {
             policy,
             addresses,
             stats: EngineStats::default(),
+            store_failing: None,
         })
     }
 
@@ -163,6 +166,24 @@ impl Engine {
     /// The lease currently recorded for `ip`, if any.
     pub fn lease(&self, ip: Ipv4Addr) -> Option<&Lease> {
         self.addresses.lease(ip)
+    }
+
+    /// Every lease recorded (current or not), in no particular order.
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.addresses.leases()
+    }
+
+    /// The machine that holds `ip` at `now`, if one does.
+    pub fn holder(&self, ip: Ipv4Addr, now: u64) -> Option<Mac> {
+        self.lease(ip)
+            .filter(|l| l.state == LeaseState::Active && l.is_current(now))
+            .map(|l| Mac(l.mac))
+    }
+
+    /// Why the lease store's last commit failed, if it did and none has
+    /// succeeded since.
+    pub fn store_failing(&self) -> Option<&str> {
+        self.store_failing.as_deref()
     }
 
     /// Decides on one request, at `now` (seconds since the Unix epoch), and
@@ -199,9 +220,13 @@ impl Engine {
             ports.push(arrival.port);
         }
         if outcomes.iter().any(|o| o.wrote) {
-            if let Err(e) = self.addresses.commit() {
-                for o in outcomes.iter_mut().filter(|o| o.wrote) {
-                    o.withdraw(&e);
+            match self.addresses.commit() {
+                Ok(()) => self.store_failing = None,
+                Err(e) => {
+                    self.store_failing = Some(e.to_string());
+                    for o in outcomes.iter_mut().filter(|o| o.wrote) {
+                        o.withdraw(&e);
+                    }
                 }
             }
         }
@@ -610,6 +635,7 @@ mod tests {
             profiles: [("default".to_owned(), Profile::named("default"))].into(),
             machines,
             default_profile: Some("default".into()),
+            provision: None,
         })
     }
 
@@ -826,6 +852,7 @@ mod tests {
                 hostname: Some("n6".into()),
                 arch: None,
                 client: None,
+                vars: Default::default(),
             },
         )]
         .into();
@@ -870,6 +897,7 @@ mod tests {
                 hostname: None,
                 arch: None,
                 client: Some(ClientKind::Pxe),
+                vars: Default::default(),
             },
         )]
         .into();

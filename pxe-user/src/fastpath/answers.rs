@@ -5,7 +5,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use pxe_common::dhcp::{AnswerEntry, AnswerKey, PORT_KIND_DHCP};
@@ -18,6 +21,10 @@ use crate::{netif, policy::Mac};
 pub struct KernelAnswers {
     fastpath: Arc<Mutex<FastPath>>,
     held: Mutex<HashMap<[u8; 6], Vec<Held>>>,
+    /// Counts policy changes (changed only with `held` locked). A template
+    /// decided in an earlier epoch is refused: the answer it repeats may be
+    /// the old policy's.
+    epoch: AtomicU64,
 }
 
 #[derive(Clone, Copy)]
@@ -59,13 +66,24 @@ impl KernelAnswers {
         Self {
             fastpath,
             held: Mutex::new(HashMap::new()),
+            epoch: AtomicU64::new(0),
         }
     }
 
-    /// Lets the kernel answer with `entry`. A lease for a new address takes
-    /// back the client's templates that name another one.
-    pub fn install(&self, key: AnswerKey, entry: AnswerEntry) {
+    /// The policy epoch now: read it before deciding, pass it to [`Self::install`].
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Lets the kernel answer with `entry`, decided in policy epoch
+    /// `decided_in`; refused if the policy changed since. A lease for a new
+    /// address takes back the client's templates that name another one.
+    pub fn install(&self, key: AnswerKey, entry: AnswerEntry, decided_in: u64) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if self.epoch.load(Ordering::SeqCst) != decided_in {
+            debug!(mac = %Mac(key.mac), "DHCP: the policy changed while this answer was decided; the kernel does not learn it");
+            return;
+        }
         let mut fastpath = self.fastpath.lock().unwrap_or_else(|e| e.into_inner());
         let client = held.entry(key.mac).or_default();
         if key.port_kind == PORT_KIND_DHCP && entry.yiaddr != [0; 4] {
@@ -114,11 +132,28 @@ impl KernelAnswers {
         }
     }
 
-    /// Takes back every template (the config changed: any answer may).
-    pub fn clear(&self) {
+    /// The policy changed for these machines: their templates are taken
+    /// back, and answers decided before now are not learnt. When this
+    /// returns, the kernel answers none of them the old way.
+    pub fn invalidate(&self, macs: &[[u8; 6]]) {
+        self.bump_epoch();
+        for mac in macs {
+            self.forget(*mac);
+        }
+    }
+
+    /// The policy changed for any machine (SIGHUP, a profile): every
+    /// template is taken back, as in [`Self::invalidate`].
+    pub fn invalidate_all(&self) {
+        self.bump_epoch();
         for mac in self.clients() {
             self.forget(mac);
         }
+    }
+
+    fn bump_epoch(&self) {
+        let _held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        self.epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The MACs of the clients with templates, at this moment.

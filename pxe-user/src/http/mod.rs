@@ -2,11 +2,11 @@
 //! Last-Modified validators), and per-machine iPXE scripts at `/boot.ipxe`.
 //! Files come from the same confined [`BootRoot`] as TFTP.
 
-use std::{ops::RangeInclusive, sync::Arc, time::SystemTime};
+use std::{net::SocketAddr, ops::RangeInclusive, sync::Arc, time::SystemTime};
 
 use axum::{
     body::Body,
-    extract::{Query, State},
+    extract::{ConnectInfo, Query, State},
     http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri},
     response::{IntoResponse, Response},
     routing::get,
@@ -19,7 +19,8 @@ use tracing::{info, warn};
 use crate::{
     bootroot::{BootFile, BootRoot, OpenError},
     policy::{
-        Arch, ClientKind, Decision, Mac, Machine, ServerUrls, SharedPolicy, LOCAL_BOOT_SCRIPT,
+        Arch, ClientKind, Decision, FileGate, Mac, Machine, ServerUrls, SharedPolicy,
+        LOCAL_BOOT_SCRIPT,
     },
 };
 
@@ -32,6 +33,8 @@ pub struct HttpState {
     pub policy: SharedPolicy,
     /// This listener's own URLs, for the scripts it renders.
     pub urls: Arc<ServerUrls>,
+    /// Refuses boot files to machines marked not to netboot, if set.
+    pub gate: Option<Arc<dyn FileGate>>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -101,6 +104,7 @@ async fn ipxe_script(State(state): State<HttpState>, Query(q): Query<ScriptQuery
 
 async fn boot_file(
     State(state): State<HttpState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -115,6 +119,12 @@ async fn boot_file(
     let Ok(path) = percent_encoding::percent_decode_str(uri.path()).decode_utf8() else {
         return (StatusCode::BAD_REQUEST, "path is not UTF-8\n").into_response();
     };
+    if let (Some(gate), SocketAddr::V4(client)) = (&state.gate, client) {
+        if let Some(mac) = gate.refuses(*client.ip()) {
+            info!(%mac, path = %path, "HTTP: refused: the machine is marked not to netboot");
+            return (StatusCode::FORBIDDEN, "this machine boots from its disk\n").into_response();
+        }
+    }
     let file = match state.root.open_file(&path).await {
         Ok(f) => f,
         Err(OpenError::NotFound) => return (StatusCode::NOT_FOUND, "not found\n").into_response(),

@@ -5,6 +5,7 @@
 //! inventory changed at run time is another. A reload swaps the whole
 //! policy at once: every request sees the old one or the new one, never a mix.
 
+pub mod provision;
 pub mod render;
 pub mod r#static;
 
@@ -135,6 +136,15 @@ pub enum ClientKind {
 }
 
 impl ClientKind {
+    /// The name used in config, the API and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pxe => "pxe",
+            Self::Ipxe => "ipxe",
+            Self::HttpBoot => "http",
+        }
+    }
+
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "pxe" => Some(Self::Pxe),
@@ -166,6 +176,17 @@ pub trait BootPolicy: Send + Sync {
     /// The host name a lease for `mac` carries, whoever asks (cheap: asked
     /// for every lease, PXE or not).
     fn hostname(&self, mac: Mac) -> Option<String>;
+    /// False for a machine marked not to netboot (provisioned): TFTP and
+    /// HTTP refuse it boot files. Cheap: asked per file request.
+    fn may_netboot(&self, mac: Mac) -> bool;
+}
+
+/// Whether a client address may fetch boot files: in full DHCP mode pxed
+/// knows which machine holds an address, and a machine marked not to
+/// netboot gets no boot file over TFTP or HTTP, whatever it asks for.
+pub trait FileGate: Send + Sync {
+    /// The machine at `client`, if it is one marked not to netboot.
+    fn refuses(&self, client: Ipv4Addr) -> Option<Mac>;
 }
 
 /// The policy's answer for one machine.
@@ -365,6 +386,9 @@ mod tests {
             }
             fn hostname(&self, _: Mac) -> Option<String> {
                 Some(self.0.to_owned())
+            }
+            fn may_netboot(&self, _: Mac) -> bool {
+                true
             }
         }
         let shared = SharedPolicy::new(Named("old"));

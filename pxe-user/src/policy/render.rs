@@ -5,8 +5,22 @@
 
 /// Placeholders a template may use.
 pub const VARIABLES: &[&str] = &[
-    "mac", "arch", "uuid", "profile", "hostname", "server", "http", "kernel", "initrd", "cmdline",
+    "mac",
+    "arch",
+    "uuid",
+    "profile",
+    "hostname",
+    "server",
+    "http",
+    "kernel",
+    "initrd",
+    "cmdline",
+    "provision_token",
+    "provision_url",
 ];
+
+/// The prefix of a machine's own variables: `{{var.role}}`.
+pub const MACHINE_VARIABLE: &str = "var.";
 
 /// Checks a template: every `{{…}}` must be closed and name a known variable.
 pub fn check(template: &str) -> Result<(), String> {
@@ -17,9 +31,12 @@ pub fn check(template: &str) -> Result<(), String> {
             .find("}}")
             .ok_or_else(|| "a \"{{\" is never closed by \"}}\"".to_owned())?;
         let name = after[..end].trim();
-        if !VARIABLES.contains(&name) {
+        let machine_variable = name
+            .strip_prefix(MACHINE_VARIABLE)
+            .is_some_and(|v| !v.is_empty());
+        if !VARIABLES.contains(&name) && !machine_variable {
             return Err(format!(
-                "unknown placeholder {{{{{name}}}}}; known: {}",
+                "unknown placeholder {{{{{name}}}}}; known: {}, var.NAME",
                 VARIABLES.join(", ")
             ));
         }

@@ -1,8 +1,14 @@
 //! The policy written in the config file: profiles, and machines by MAC.
 
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+};
 
-use super::{render, Arch, BootPolicy, BootSpec, ClientKind, Decision, Mac, Machine, Verdict};
+use super::{
+    provision::{ProvisionKey, PROVISIONED_PATH},
+    render, Arch, BootPolicy, BootSpec, ClientKind, Decision, Mac, Machine, Verdict,
+};
 
 /// Boot files by architecture, paths in the boot root.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,6 +92,22 @@ pub struct MachineEntry {
     pub arch: Option<Arch>,
     /// Overrides how the machine's boot client is answered.
     pub client: Option<ClientKind>,
+    /// Free-form values its scripts use as `{{var.NAME}}`.
+    pub vars: BTreeMap<String, String>,
+}
+
+impl Default for MachineEntry {
+    /// A machine known by MAC alone: the default profile, netbooting.
+    fn default() -> Self {
+        Self {
+            profile: None,
+            netboot: true,
+            hostname: None,
+            arch: None,
+            client: None,
+            vars: BTreeMap::new(),
+        }
+    }
 }
 
 /// Where the services can be reached, for templates: the address of the
@@ -119,6 +141,9 @@ pub struct StaticPolicy {
     pub machines: HashMap<Mac, MachineEntry>,
     /// Profile for machines the config does not name; `None` ignores them.
     pub default_profile: Option<String>,
+    /// Signs each machine's `{{provision_token}}`; without it (no API) the
+    /// token renders empty.
+    pub provision: Option<ProvisionKey>,
 }
 
 impl BootPolicy for StaticPolicy {
@@ -132,6 +157,10 @@ impl BootPolicy for StaticPolicy {
 
     fn hostname(&self, mac: Mac) -> Option<String> {
         self.machines.get(&mac).and_then(|m| m.hostname.clone())
+    }
+
+    fn may_netboot(&self, mac: Mac) -> bool {
+        self.machines.get(&mac).is_none_or(|m| m.netboot)
     }
 }
 
@@ -153,7 +182,12 @@ impl StaticPolicy {
         };
         let hostname = entry.and_then(|e| e.hostname.clone());
         let arch = entry.and_then(|e| e.arch).unwrap_or(machine.arch);
-        let ipxe_script = render::render(&profile.ipxe_script, |name| {
+        let vars = entry.map(|e| &e.vars);
+        let token = self.provision.as_ref().map(|k| k.token(machine.mac));
+        let value = |name: &str| -> Option<String> {
+            if let Some(var) = name.strip_prefix("var.") {
+                return vars?.get(var).cloned();
+            }
             Some(match name {
                 "mac" => machine.mac.to_string(),
                 "arch" => arch.name().to_owned(),
@@ -164,9 +198,21 @@ impl StaticPolicy {
                 "http" => urls.http.clone(),
                 "kernel" => profile.kernel.clone(),
                 "initrd" => profile.initrd.clone(),
-                "cmdline" => profile.cmdline.clone(),
+                "provision_token" => token.clone()?,
+                "provision_url" => format!(
+                    "{}{}",
+                    urls.http,
+                    PROVISIONED_PATH.replace("{mac}", &machine.mac.to_string())
+                ),
                 _ => return None,
             })
+        };
+        // The command line may use the placeholders too (a token for the
+        // installer, say); it is rendered first, then the script around it.
+        let cmdline = render::render(&profile.cmdline, value);
+        let ipxe_script = render::render(&profile.ipxe_script, |name| match name {
+            "cmdline" => Some(cmdline.clone()),
+            other => value(other),
         });
         Decision::Boot(BootSpec {
             profile: profile.name.clone(),
@@ -194,6 +240,7 @@ mod tests {
                 hostname: Some("node1".into()),
                 arch: None,
                 client: None,
+                vars: Default::default(),
             },
         );
         machines.insert(
@@ -204,6 +251,7 @@ mod tests {
                 hostname: None,
                 arch: None,
                 client: None,
+                vars: Default::default(),
             },
         );
         StaticPolicy {
@@ -214,6 +262,7 @@ mod tests {
             .into(),
             machines,
             default_profile: Some("default".into()),
+            provision: None,
         }
     }
 
@@ -290,6 +339,7 @@ mod tests {
                 hostname: None,
                 arch: Some(Arch::UefiArm64),
                 client: None,
+                vars: Default::default(),
             },
         );
         let Decision::Boot(spec) = p.decide(&machine(4, 0), &urls()).decision else {

@@ -20,6 +20,7 @@ use super::{
 };
 use crate::{
     bootroot::{BootFile, BootRoot, OpenError},
+    policy::FileGate,
     wire::tftp::{emit_data_header, ErrorCode, Repr, TftpOption, DATA_HEADER_LEN},
 };
 
@@ -112,6 +113,7 @@ pub struct TftpServer {
     config: TftpConfig,
     hooks: Arc<dyn TransferHooks>,
     active: Arc<Mutex<HashMap<SocketAddr, Active>>>,
+    gate: Option<Arc<dyn FileGate>>,
 }
 
 impl TftpServer {
@@ -135,7 +137,14 @@ impl TftpServer {
             config,
             hooks,
             active: Arc::new(Mutex::new(HashMap::new())),
+            gate: None,
         })
+    }
+
+    /// Refuses files to the machines `gate` says boot from their disk.
+    pub fn with_gate(mut self, gate: Arc<dyn FileGate>) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -221,6 +230,18 @@ impl TftpServer {
             if from_client >= self.config.max_transfers_per_client {
                 warn!(client = %peer, limit = self.config.max_transfers_per_client, "TFTP: per-client transfer limit reached; request dropped");
                 return;
+            }
+        }
+        if let (Some(gate), IpAddr::V4(client)) = (&self.gate, peer.ip()) {
+            if let Some(mac) = gate.refuses(client) {
+                info!(client = %peer, %mac, file = filename, "TFTP: refused: the machine is marked not to netboot");
+                return self
+                    .refuse(
+                        peer,
+                        ErrorCode::AccessViolation,
+                        "this machine boots from its disk",
+                    )
+                    .await;
             }
         }
         let file = match self.root.open_file(filename).await {

@@ -1,0 +1,160 @@
+//! Where the inventory is kept: an embedded redb database by default (one
+//! server), in memory for tests. A write is durable when it returns.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{MachineRecord, ProfileRecord};
+use crate::policy::Mac;
+
+/// MAC (6 bytes) → the machine's record as JSON.
+const MACHINES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("machines");
+/// Profile name → the profile's record as JSON.
+const PROFILES: TableDefinition<&str, &[u8]> = TableDefinition::new("profiles");
+
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error("inventory database {path}: {message}")]
+    Database { path: String, message: String },
+    #[error("inventory record {key} is unreadable: {message}")]
+    Corrupt { key: String, message: String },
+}
+
+pub trait InventoryStore: Send {
+    fn load_all(&self) -> Result<(Vec<MachineRecord>, Vec<ProfileRecord>), InventoryError>;
+    /// Puts `machines` and `profiles` and deletes `forget`, in one durable
+    /// transaction: all of it or none.
+    fn write(
+        &mut self,
+        machines: &[MachineRecord],
+        forget: &[Mac],
+        profiles: &[ProfileRecord],
+    ) -> Result<(), InventoryError>;
+}
+
+pub struct RedbInventoryStore {
+    db: Database,
+    path: String,
+}
+
+impl RedbInventoryStore {
+    /// Opens the database at `path`, creating it (and its directory) if absent.
+    pub fn open(path: &Path) -> Result<Self, InventoryError> {
+        let shown = path.display().to_string();
+        let error = |message: String| InventoryError::Database {
+            path: shown.clone(),
+            message,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| error(format!("creating {}: {e}", dir.display())))?;
+        }
+        let db = Database::create(path).map_err(|e| error(e.to_string()))?;
+        let txn = db.begin_write().map_err(|e| error(e.to_string()))?;
+        txn.open_table(MACHINES).map_err(|e| error(e.to_string()))?;
+        txn.open_table(PROFILES).map_err(|e| error(e.to_string()))?;
+        txn.commit().map_err(|e| error(e.to_string()))?;
+        Ok(Self { db, path: shown })
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> InventoryError {
+        InventoryError::Database {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+}
+
+fn corrupt(key: impl std::fmt::Display, e: serde_json::Error) -> InventoryError {
+    InventoryError::Corrupt {
+        key: key.to_string(),
+        message: e.to_string(),
+    }
+}
+
+impl InventoryStore for RedbInventoryStore {
+    fn load_all(&self) -> Result<(Vec<MachineRecord>, Vec<ProfileRecord>), InventoryError> {
+        let txn = self.db.begin_read().map_err(|e| self.error(e))?;
+        let machines_table = txn.open_table(MACHINES).map_err(|e| self.error(e))?;
+        let mut machines = Vec::new();
+        for entry in machines_table.iter().map_err(|e| self.error(e))? {
+            let (key, value) = entry.map_err(|e| self.error(e))?;
+            let record: MachineRecord = serde_json::from_slice(value.value())
+                .map_err(|e| corrupt(format!("{:02x?}", key.value()), e))?;
+            machines.push(record);
+        }
+        let profiles_table = txn.open_table(PROFILES).map_err(|e| self.error(e))?;
+        let mut profiles = Vec::new();
+        for entry in profiles_table.iter().map_err(|e| self.error(e))? {
+            let (key, value) = entry.map_err(|e| self.error(e))?;
+            let record: ProfileRecord =
+                serde_json::from_slice(value.value()).map_err(|e| corrupt(key.value(), e))?;
+            profiles.push(record);
+        }
+        Ok((machines, profiles))
+    }
+
+    fn write(
+        &mut self,
+        machines: &[MachineRecord],
+        forget: &[Mac],
+        profiles: &[ProfileRecord],
+    ) -> Result<(), InventoryError> {
+        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
+        {
+            let mut table = txn.open_table(MACHINES).map_err(|e| self.error(e))?;
+            for m in machines {
+                let json = serde_json::to_vec(m).map_err(|e| self.error(e))?;
+                table
+                    .insert(&m.mac.0[..], json.as_slice())
+                    .map_err(|e| self.error(e))?;
+            }
+            for mac in forget {
+                table.remove(&mac.0[..]).map_err(|e| self.error(e))?;
+            }
+            let mut table = txn.open_table(PROFILES).map_err(|e| self.error(e))?;
+            for p in profiles {
+                let json = serde_json::to_vec(p).map_err(|e| self.error(e))?;
+                table
+                    .insert(p.name.as_str(), json.as_slice())
+                    .map_err(|e| self.error(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.error(e))
+    }
+}
+
+/// For tests and simulations: nothing survives the process.
+#[derive(Debug, Default)]
+pub struct MemInventoryStore {
+    machines: std::collections::BTreeMap<Mac, MachineRecord>,
+    profiles: std::collections::BTreeMap<String, ProfileRecord>,
+}
+
+impl InventoryStore for MemInventoryStore {
+    fn load_all(&self) -> Result<(Vec<MachineRecord>, Vec<ProfileRecord>), InventoryError> {
+        Ok((
+            self.machines.values().cloned().collect(),
+            self.profiles.values().cloned().collect(),
+        ))
+    }
+
+    fn write(
+        &mut self,
+        machines: &[MachineRecord],
+        forget: &[Mac],
+        profiles: &[ProfileRecord],
+    ) -> Result<(), InventoryError> {
+        for m in machines {
+            self.machines.insert(m.mac, m.clone());
+        }
+        for mac in forget {
+            self.machines.remove(mac);
+        }
+        for p in profiles {
+            self.profiles.insert(p.name.clone(), p.clone());
+        }
+        Ok(())
+    }
+}
