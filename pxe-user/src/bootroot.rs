@@ -23,7 +23,6 @@
 
 use std::{
     collections::HashMap,
-    ffi::CString,
     fs::File,
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -241,34 +240,25 @@ impl BootRoot {
     }
 
     fn open_beneath(&self, relative: &str) -> Result<File, OpenError> {
-        let c_path = CString::new(relative).map_err(|_| OpenError::Denied("NUL byte in path"))?;
-        // SAFETY: open_how is plain data; all-zero is its documented default.
-        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-        how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
-        how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
-        // SAFETY: the descriptor, path and open_how outlive the call, and the
-        // size passed is open_how's own.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                self.dir.as_raw_fd(),
-                c_path.as_ptr(),
-                &how as *const libc::open_how,
-                std::mem::size_of::<libc::open_how>(),
-            )
+        use nix::{
+            errno::Errno,
+            fcntl::{openat2, OFlag, OpenHow, ResolveFlag},
         };
-        if fd < 0 {
-            let err = io::Error::last_os_error();
-            return Err(match err.raw_os_error() {
-                Some(libc::ENOENT | libc::ENOTDIR) => OpenError::NotFound,
-                Some(libc::EXDEV) => OpenError::Denied("path leaves the boot root"),
-                Some(libc::ELOOP) => OpenError::Denied("too many or forbidden symlinks"),
-                Some(libc::EACCES | libc::EPERM) => OpenError::Denied("permission denied"),
-                _ => OpenError::Io(err),
-            });
+        if relative.contains('\0') {
+            return Err(OpenError::Denied("NUL byte in path"));
         }
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        let fd = openat2(self.dir.as_raw_fd(), relative, how).map_err(|errno| match errno {
+            Errno::ENOENT | Errno::ENOTDIR => OpenError::NotFound,
+            Errno::EXDEV => OpenError::Denied("path leaves the boot root"),
+            Errno::ELOOP => OpenError::Denied("too many or forbidden symlinks"),
+            Errno::EACCES | Errno::EPERM => OpenError::Denied("permission denied"),
+            other => OpenError::Io(other.into()),
+        })?;
         // SAFETY: openat2 returned a fresh descriptor that nothing else owns.
-        Ok(unsafe { File::from_raw_fd(fd as i32) })
+        Ok(unsafe { File::from_raw_fd(fd) })
     }
 }
 

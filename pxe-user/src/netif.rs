@@ -21,12 +21,8 @@ pub fn ipv4_address(iface: &str) -> anyhow::Result<Ipv4Addr> {
 
 /// The interface's index (what the kernel programs see a packet arrive on).
 pub fn index(iface: &str) -> anyhow::Result<u32> {
-    let name = std::ffi::CString::new(iface).context("interface name")?;
-    // SAFETY: a NUL-terminated name; the call only reads it.
-    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
-        0 => bail!("no interface named {iface} here"),
-        index => Ok(index),
-    }
+    nix::net::if_::if_nametoindex(iface)
+        .map_err(|_| anyhow::anyhow!("no interface named {iface} here"))
 }
 
 /// The name of the interface with this index, for logs ("ifindex N" when it

@@ -313,6 +313,25 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn an_option_of_the_wrong_length_is_malformed_not_a_panic() {
+        // Found by the dhcp_decision fuzzer: BLQ base time (152) must be 4
+        // bytes, and dhcproto debug-asserts it; any length is sent here.
+        let bytes = request(MessageType::Discover, MAC, vec![]);
+        let end = bytes.len() - 1;
+        assert_eq!(bytes[end], 255, "the options end here");
+        for len in [0u8, 1, 3, 5] {
+            let mut hostile = bytes.clone();
+            hostile.truncate(end);
+            hostile.extend_from_slice(&[152, len]);
+            hostile.extend(std::iter::repeat_n(7, usize::from(len)));
+            hostile.push(255);
+            // In a release build dhcproto reads on and may decode something;
+            // either way classify returns, it never panics.
+            let _ = classify(&hostile);
+        }
+    }
+
+    #[test]
     fn option_175_alone_does_not_make_ipxe() {
         let r = classify(&request(
             MessageType::Discover,

@@ -10,7 +10,7 @@ mod answers;
 mod counters;
 pub mod tftp_sessions;
 
-use std::{ffi::CString, fmt};
+use std::fmt;
 
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError},
@@ -567,10 +567,5 @@ fn interface_index(iface: &str) -> Result<u32, FastPathError> {
     let unknown = || FastPathError::UnknownInterface {
         iface: iface.to_owned(),
     };
-    let c_name = CString::new(iface).map_err(|_| unknown())?;
-    // SAFETY: c_name is a valid NUL-terminated string that outlives the call.
-    match unsafe { libc::if_nametoindex(c_name.as_ptr()) } {
-        0 => Err(unknown()),
-        index => Ok(index),
-    }
+    crate::netif::index(iface).map_err(|_| unknown())
 }
