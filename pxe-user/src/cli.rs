@@ -5,7 +5,15 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use clap::Parser;
 
-use crate::{config::DhcpMode, fastpath::XdpModeChoice};
+use crate::{config::DhcpMode, ctl::CtlArgs, fastpath::XdpModeChoice};
+
+/// What `pxed` does other than serve.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Read and change a running pxed through its operator API (machines,
+    /// profiles, leases, reimaging, health).
+    Ctl(CtlArgs),
+}
 
 /// PXE boot server: DHCP/proxyDHCP, TFTP and HTTP boot, with the hot paths in
 /// XDP/TC programs attached to the serving interfaces.
@@ -21,9 +29,25 @@ use crate::{config::DhcpMode, fastpath::XdpModeChoice};
 /// file (a bad file is refused and the old one keeps serving); SIGUSR1 logs
 /// counters. Programs are attached through BPF links owned by this process:
 /// when it exits, however it exits, the kernel detaches them.
+///
+/// `pxed ctl ...` talks to a running pxed's operator API instead (see
+/// `pxed ctl --help`).
 #[derive(Debug, Parser)]
-#[command(name = "pxed", version, about, long_about, verbatim_doc_comment)]
+#[command(
+    name = "pxed",
+    version,
+    about,
+    long_about,
+    verbatim_doc_comment,
+    // `pxed -i eth1 ...` runs the daemon as it always has; a subcommand
+    // stands alone, so a daemon flag before `ctl` is an error, not ignored.
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
+    /// Without one, pxed runs the daemon.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Config file (TOML): DHCP subnets, profiles, machines, service settings.
     /// See docs/pxed.example.toml. Flags override what it says.
     #[arg(short, long, value_name = "FILE", env = "PXED_CONFIG")]

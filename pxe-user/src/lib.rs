@@ -1,5 +1,6 @@
 //! pxed, the PXE boot daemon, as a library: `main.rs` parses the flags
-//! ([`cli`]), merges the config file ([`settings`]) and runs the [`daemon`];
+//! ([`cli`]), merges the config file ([`settings`]) and runs the [`daemon`],
+//! or runs `pxed ctl` ([`ctl`]), a client of the operator API;
 //! the integration tests drive the modules directly.
 //!
 //! Layers, top down: wire formats (pure bytes) → protocol machines (pure, time
@@ -11,6 +12,7 @@ pub mod bootroot;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod daemon;
 pub mod dhcp;
 pub mod fastpath;

@@ -1,13 +1,14 @@
 //! `pxed`: the PXE boot daemon. This file only wires the pieces together:
-//! flags parsed, the config file merged in, the daemon started on a runtime.
+//! flags parsed, the config file merged in, the daemon started on a runtime;
+//! or `pxed ctl ...`, the operator API's command line, run without one.
 use std::{io::IsTerminal as _, process::ExitCode};
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use pxe_user::{
-    cli::Cli,
+    cli::{Cli, Command},
     config::Config,
-    daemon,
+    ctl, daemon,
     privileges::{missing_capabilities, raise_open_file_limit},
     settings::Settings,
 };
@@ -17,6 +18,10 @@ use tracing::warn;
 const OPEN_FILES_FOR_A_RACK: u64 = 16_384;
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Ctl(args)) = cli.command {
+        return ctl::run(args);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PXED_LOG")
@@ -25,7 +30,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match run(Cli::parse()) {
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pxed: {e:#}");
