@@ -183,6 +183,37 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub inventory_file: Option<PathBuf>,
 
+    /// A decision webhook, pixiecore's API: for machines neither the config
+    /// nor the API names (see --decision-for), pxed asks `GET
+    /// URL/v1/boot/MAC?arch=NAME` and boots what it answers (`kernel`,
+    /// `initrd`, `cmdline`, or pxed's `profile`); non-200 means do not boot.
+    /// DHCP never waits on it: an unanswered machine is answered on its
+    /// retransmission, from the cache.
+    #[arg(long, value_name = "URL")]
+    pub decision_url: Option<String>,
+
+    /// Which machines the webhook decides for.
+    #[arg(long, value_enum, default_value_t = crate::policy::webhook::Ask::Unknown, requires = "decision_url")]
+    pub decision_for: crate::policy::webhook::Ask,
+
+    /// How long a webhook call may take before the configured policy decides.
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 500,
+        requires = "decision_url"
+    )]
+    pub decision_timeout_ms: u64,
+
+    /// How long a webhook answer is reused.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 60,
+        requires = "decision_url"
+    )]
+    pub decision_cache_secs: u64,
+
     /// Seconds between counter lines in the log (only when something changed);
     /// 0 logs them only at exit. SIGUSR1 logs them at any time.
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]

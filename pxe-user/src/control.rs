@@ -24,7 +24,12 @@ use crate::{
     fastpath::KernelAnswers,
     inventory::{Inventory, InventoryError, MachineRecord, ProfileRecord},
     lease::Lease,
-    policy::{provision::ProvisionKey, r#static::StaticPolicy, FileGate, Mac, SharedPolicy},
+    policy::{
+        provision::ProvisionKey,
+        r#static::StaticPolicy,
+        webhook::{Webhook, WebhookPolicy},
+        FileGate, Mac, SharedPolicy,
+    },
 };
 
 /// Why a change was refused; nothing of it was applied.
@@ -64,10 +69,21 @@ pub struct MachineView {
 
 pub struct Control {
     state: Mutex<State>,
-    policy: SharedPolicy,
-    engine: Option<Arc<Mutex<Engine>>>,
-    answers: Option<Arc<KernelAnswers>>,
-    provision: Option<ProvisionKey>,
+    paths: Paths,
+}
+
+/// Where a change is published, and what every published policy carries.
+pub struct Paths {
+    /// What DHCP, HTTP and TFTP read.
+    pub policy: SharedPolicy,
+    /// The DHCP engine (its reservations), with DHCP on.
+    pub engine: Option<Arc<Mutex<Engine>>>,
+    /// The kernel's DHCP templates, when the kernel answers.
+    pub answers: Option<Arc<KernelAnswers>>,
+    /// Signs `{{provision_token}}`, with the API on.
+    pub provision: Option<ProvisionKey>,
+    /// Asked for the machines it decides for, if configured.
+    pub webhook: Option<Arc<Webhook>>,
 }
 
 /// What the published policy is made of.
@@ -86,10 +102,7 @@ impl Control {
         file: StaticPolicy,
         engine_config: Option<EngineConfig>,
         inventory: Inventory,
-        policy: SharedPolicy,
-        engine: Option<Arc<Mutex<Engine>>>,
-        answers: Option<Arc<KernelAnswers>>,
-        provision: Option<ProvisionKey>,
+        paths: Paths,
     ) -> Self {
         let file_reservations = engine_config
             .as_ref()
@@ -102,10 +115,7 @@ impl Control {
                 file_reservations,
                 inventory,
             }),
-            policy,
-            engine,
-            answers,
-            provision,
+            paths,
         };
         control.publish(&control.lock(), None);
         control
@@ -117,7 +127,7 @@ impl Control {
 
     /// The provisioning key tokens are checked with (none without an API).
     pub fn provision_key(&self) -> Option<&ProvisionKey> {
-        self.provision.as_ref()
+        self.paths.provision.as_ref()
     }
 
     // ---- reading ------------------------------------------------------------
@@ -172,7 +182,7 @@ impl Control {
 
     /// Leases the engine holds (none with DHCP off).
     pub fn leases(&self) -> Vec<Lease> {
-        let Some(engine) = &self.engine else {
+        let Some(engine) = &self.paths.engine else {
             return Vec::new();
         };
         let engine = engine.lock().unwrap_or_else(|e| e.into_inner());
@@ -183,7 +193,7 @@ impl Control {
 
     /// Why the lease store is failing, if it is.
     pub fn lease_store_failing(&self) -> Option<String> {
-        let engine = self.engine.as_ref()?;
+        let engine = self.paths.engine.as_ref()?;
         let engine = engine.lock().unwrap_or_else(|e| e.into_inner());
         engine.store_failing().map(str::to_owned)
     }
@@ -234,7 +244,7 @@ impl Control {
 
     /// The installer's call: `mac` is done, it boots from its disk from now on.
     pub fn provisioned(&self, mac: Mac, token: &str) -> Result<MachineRecord, ChangeError> {
-        let key = self.provision.as_ref().ok_or(ChangeError::BadToken)?;
+        let key = self.paths.provision.as_ref().ok_or(ChangeError::BadToken)?;
         if !key.verify(mac, token) {
             return Err(ChangeError::BadToken);
         }
@@ -347,7 +357,7 @@ impl Control {
                 "{ip} is already reserved for another machine"
             )));
         }
-        if let Some(engine) = &self.engine {
+        if let Some(engine) = &self.paths.engine {
             let holder = engine
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -363,8 +373,8 @@ impl Control {
     /// machines whose answers may differ (`None`: any machine's).
     fn publish(&self, state: &State, changed: Option<&[Mac]>) {
         let mut policy = state.inventory.over(&state.file);
-        policy.provision = self.provision.clone();
-        if let (Some(engine), Some(config)) = (&self.engine, &state.engine_config) {
+        policy.provision = self.paths.provision.clone();
+        if let (Some(engine), Some(config)) = (&self.paths.engine, &state.engine_config) {
             let mut config = config.clone();
             for r in state.inventory.machines().values() {
                 match r.address {
@@ -379,8 +389,14 @@ impl Control {
                 .unwrap_or_else(|e| e.into_inner())
                 .reconfigure(config);
         }
-        self.policy.replace(policy);
-        if let Some(answers) = &self.answers {
+        match &self.paths.webhook {
+            Some(hook) => self.paths.policy.replace(WebhookPolicy {
+                base: policy,
+                hook: Arc::clone(hook),
+            }),
+            None => self.paths.policy.replace(policy),
+        }
+        if let Some(answers) = &self.paths.answers {
             match changed {
                 Some(macs) => answers.invalidate(&macs.iter().map(|m| m.0).collect::<Vec<_>>()),
                 None => answers.invalidate_all(),
@@ -391,12 +407,12 @@ impl Control {
 
 impl FileGate for Control {
     fn refuses(&self, client: Ipv4Addr) -> Option<Mac> {
-        let engine = self.engine.as_ref()?;
+        let engine = self.paths.engine.as_ref()?;
         let mac = engine
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .holder(client, unix_now())?;
-        (!self.policy.current().may_netboot(mac)).then_some(mac)
+        (!self.paths.policy.current().may_netboot(mac)).then_some(mac)
     }
 }
 

@@ -31,6 +31,15 @@ pub const DEFAULT_HTTP_PORT: u16 = 80;
 /// The shortest lease a `--range` subnet hands out, whatever `--lease-time` says.
 const MIN_LEASE_TIME: u32 = 60;
 
+/// `--decision-url` and its knobs.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub url: String,
+    pub ask: crate::policy::webhook::Ask,
+    pub timeout: std::time::Duration,
+    pub cache: std::time::Duration,
+}
+
 #[derive(Debug)]
 pub struct Settings {
     pub config_path: Option<PathBuf>,
@@ -56,6 +65,8 @@ pub struct Settings {
     /// The operator API's address and its bearer token (read from the file).
     pub api: Option<(std::net::SocketAddr, String)>,
     pub inventory_file: PathBuf,
+    /// The decision webhook, if one is configured.
+    pub decision: Option<Decision>,
     /// The file as loaded (defaults when there is none).
     pub config: Config,
 }
@@ -100,7 +111,20 @@ impl Settings {
             (Some(addr), Some(file)) => Some((addr, read_token(file)?)),
             _ => None,
         };
+        let decision = match &cli.decision_url {
+            Some(url) if !url.starts_with("http://") => {
+                bail!("--decision-url {url}: want an http:// URL (its /v1/boot/MAC is asked; put a local TLS proxy in front of an https one)")
+            }
+            Some(url) => Some(Decision {
+                url: url.clone(),
+                ask: cli.decision_for,
+                timeout: std::time::Duration::from_millis(cli.decision_timeout_ms.max(1)),
+                cache: std::time::Duration::from_secs(cli.decision_cache_secs),
+            }),
+            None => None,
+        };
         Ok(Self {
+            decision,
             api,
             inventory_file: cli
                 .inventory_file

@@ -17,7 +17,7 @@ use crate::{
     api,
     bootroot::BootRoot,
     config::DhcpMode,
-    control::Control,
+    control::{Control, Paths},
     dhcp::{
         self,
         driver::Listener,
@@ -29,7 +29,7 @@ use crate::{
     inventory::{Inventory, InventoryStore, MemInventoryStore, RedbInventoryStore},
     lease::{LeaseStore, MemLeaseStore, RedbLeaseStore},
     netif,
-    policy::{provision::ProvisionKey, FileGate},
+    policy::{provision::ProvisionKey, webhook::Webhook, FileGate},
     policy::{ServerUrls, SharedPolicy},
     settings::Settings,
     tftp::{
@@ -237,14 +237,27 @@ pub fn control(
         .api
         .as_ref()
         .map(|(_, token)| ProvisionKey::from_secret(token.as_bytes()));
+    let webhook = settings.decision.as_ref().map(|d| {
+        info!(url = %d.url, ask = ?d.ask, timeout_ms = d.timeout.as_millis() as u64, "decision webhook: asked for the machines it decides for");
+        Arc::new(Webhook::new(
+            &d.url,
+            d.ask,
+            d.timeout,
+            d.cache,
+            tokio::runtime::Handle::current(),
+        ))
+    });
     Ok(Control::new(
         Settings::policy(&settings.config),
         engine_config,
         inventory,
-        policy.clone(),
-        engine,
-        answers,
-        provision,
+        Paths {
+            policy: policy.clone(),
+            engine,
+            answers,
+            provision,
+            webhook,
+        },
     ))
 }
 

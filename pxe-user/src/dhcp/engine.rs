@@ -264,7 +264,7 @@ impl Engine {
     /// Port 67 in proxy mode: a boot-only OFFER to PXE DISCOVERs.
     fn proxy_offer(&self, ctx: &Ctx<'_>) -> Outcome {
         let req = ctx.req;
-        let Some(boot) = self.boot_answer(ctx) else {
+        let (Some(boot), repeatable) = self.boot_answer(ctx) else {
             return ctx.silent(format_args!(" ({}): no boot answer", describe(req)));
         };
         let mut message = ctx.reply(MessageType::Offer, Ipv4Addr::UNSPECIFIED);
@@ -276,13 +276,13 @@ impl Engine {
             boot.file
         );
         let outcome = Outcome::answered(summary, message, reply::destination(req));
-        self.kernel_may_repeat(outcome, KernelAnswer::Boot)
+        self.kernel_may_repeat(outcome, KernelAnswer::Boot, repeatable)
     }
 
     /// Port 4011: the client has an address and asks for its boot file.
     fn boot_server_discovery(&self, ctx: &Ctx<'_>, source: SocketAddrV4) -> Outcome {
         let req = ctx.req;
-        let Some(boot) = self.boot_answer(ctx) else {
+        let (Some(boot), repeatable) = self.boot_answer(ctx) else {
             return ctx.silent(format_args!(" on 4011 ({}): no boot answer", describe(req)));
         };
         let mut message = ctx.reply(MessageType::Ack, Ipv4Addr::UNSPECIFIED);
@@ -297,7 +297,7 @@ impl Engine {
         );
         let outcome = Outcome::answered(summary, message, Destination::Unicast(source));
         if req.msg_type == MessageType::Request {
-            return self.kernel_may_repeat(outcome, KernelAnswer::Boot);
+            return self.kernel_may_repeat(outcome, KernelAnswer::Boot, repeatable);
         }
         outcome
     }
@@ -327,7 +327,9 @@ impl Engine {
         self.addresses
             .hold_offer(ip, client, ctx.now + OFFER_HOLD_SECS);
         let mut message = ctx.reply(MessageType::Offer, ip);
-        let boot = self.add_lease_and_boot(ctx, &mut message, subnet);
+        // Only an ACK becomes a kernel template (which then OFFERs too):
+        // whether this OFFER could be repeated is not asked.
+        let (boot, _) = self.add_lease_and_boot(ctx, &mut message, subnet);
         let summary = format!(
             "DISCOVER from {} ({}) → OFFER {ip}{boot}",
             req.mac,
@@ -468,7 +470,7 @@ impl Engine {
         }
         let mut message = ctx.reply(MessageType::Ack, ip);
         message.set_ciaddr(req.message.ciaddr());
-        let boot = self.add_lease_and_boot(ctx, &mut message, subnet);
+        let (boot, repeatable) = self.add_lease_and_boot(ctx, &mut message, subnet);
         let summary = format!(
             "REQUEST ({state}) from {} ({}) → ACK {ip}{boot}",
             req.mac,
@@ -482,12 +484,19 @@ impl Engine {
                 stored_until: ctx.now + stored_for,
                 lease_time,
             },
+            repeatable,
         )
     }
 
-    /// Marks an answer the kernel may give again on its own, if it may.
-    fn kernel_may_repeat(&self, mut outcome: Outcome, answer: KernelAnswer) -> Outcome {
-        if self.config.kernel_answers {
+    /// Marks an answer the kernel may give again on its own, if it may:
+    /// kernel answers are on and the policy's answer stands until it changes.
+    fn kernel_may_repeat(
+        &self,
+        mut outcome: Outcome,
+        answer: KernelAnswer,
+        repeatable: bool,
+    ) -> Outcome {
+        if self.config.kernel_answers && repeatable {
             outcome.kernel = Some(answer);
         }
         outcome
@@ -541,7 +550,7 @@ impl Engine {
         };
         let mut message = ctx.reply(MessageType::Ack, Ipv4Addr::UNSPECIFIED);
         message.set_ciaddr(ciaddr);
-        let boot = self.add_lease_and_boot(ctx, &mut message, subnet);
+        let (boot, _) = self.add_lease_and_boot(ctx, &mut message, subnet);
         reply::remove_lease_times(&mut message);
         let to = if ciaddr.is_unspecified() {
             reply::destination(req)
@@ -564,11 +573,12 @@ impl Engine {
 
     // ---- boot answers -----------------------------------------------------
 
-    /// What to boot, if this client boots from us.
-    fn boot_answer(&self, ctx: &Ctx<'_>) -> Option<BootAnswer> {
+    /// What to boot, if this client boots from us, and whether the answer
+    /// stands until the policy changes (the kernel may repeat it).
+    fn boot_answer(&self, ctx: &Ctx<'_>) -> (Option<BootAnswer>, bool) {
         let req = ctx.req;
         let client = match req.firmware {
-            Firmware::NotPxe => return None,
+            Firmware::NotPxe => return (None, true),
             Firmware::Pxe => ClientKind::Pxe,
             Firmware::Ipxe => ClientKind::Ipxe,
             Firmware::HttpBoot => ClientKind::HttpBoot,
@@ -582,22 +592,27 @@ impl Engine {
             relay: (!giaddr.is_unspecified()).then_some(giaddr),
         };
         let urls = ServerUrls::new(ctx.here, self.config.http_port);
-        ctx.policy
-            .decide(&machine, &urls)
-            .boot_answer(&machine, &urls)
+        let verdict = ctx.policy.decide(&machine, &urls);
+        (verdict.boot_answer(&machine, &urls), verdict.repeatable)
     }
 
     /// The lease options of `subnet`, and the client's boot information if
-    /// it boots from us; returns a note for the log (", boot FILE" or nothing).
-    fn add_lease_and_boot(&self, ctx: &Ctx<'_>, message: &mut Message, subnet: usize) -> String {
+    /// it boots from us; returns a note for the log (", boot FILE" or
+    /// nothing) and whether the kernel may repeat the reply.
+    fn add_lease_and_boot(
+        &self,
+        ctx: &Ctx<'_>,
+        message: &mut Message,
+        subnet: usize,
+    ) -> (String, bool) {
         let hostname = ctx.policy.hostname(ctx.req.mac);
         reply::add_lease_options(message, &self.config.subnets[subnet], hostname);
         match self.boot_answer(ctx) {
-            Some(boot) => {
+            (Some(boot), repeatable) => {
                 reply::add_boot(message, ctx.req, &boot, ctx.here);
-                format!(", boot {}", boot.file)
+                (format!(", boot {}", boot.file), repeatable)
             }
-            None => String::new(),
+            (None, repeatable) => (String::new(), repeatable),
         }
     }
 }

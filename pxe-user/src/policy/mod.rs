@@ -8,6 +8,7 @@
 pub mod provision;
 pub mod render;
 pub mod r#static;
+pub mod webhook;
 
 use std::{fmt, net::Ipv4Addr, sync::Arc};
 
@@ -196,6 +197,10 @@ pub struct Verdict {
     /// policy overrides it for firmware that misreports itself.
     pub client: ClientKind,
     pub decision: Decision,
+    /// The answer stands until the policy changes, so the kernel may repeat
+    /// it; false for one that may change on its own (a webhook's, cached
+    /// for a while).
+    pub repeatable: bool,
 }
 
 /// Whether and what a machine boots.
@@ -217,6 +222,8 @@ pub struct BootAnswer {
     pub vendor_class: &'static [u8],
     /// The file is fetched over TFTP from this server (next-server, 66, 67).
     pub tftp: bool,
+    /// The kernel may repeat the reply that carries it (see [`Verdict::repeatable`]).
+    pub repeatable: bool,
 }
 
 impl Verdict {
@@ -240,17 +247,20 @@ impl Verdict {
                     file: url,
                     vendor_class: b"PXEClient",
                     tftp: false,
+                    repeatable: self.repeatable,
                 })
             }
             (ClientKind::HttpBoot, Decision::Boot(spec)) => Some(BootAnswer {
                 file: format!("{}/{}", urls.http, spec.boot_file.as_ref()?),
                 vendor_class: b"HTTPClient",
                 tftp: false,
+                repeatable: self.repeatable,
             }),
             (ClientKind::Pxe, Decision::Boot(spec)) => Some(BootAnswer {
                 file: spec.boot_file.clone()?,
                 vendor_class: b"PXEClient",
                 tftp: true,
+                repeatable: self.repeatable,
             }),
             (ClientKind::Pxe | ClientKind::HttpBoot, Decision::LocalBoot) => None,
         }
@@ -326,7 +336,11 @@ mod tests {
     }
 
     fn verdict(client: ClientKind, decision: Decision) -> Verdict {
-        Verdict { client, decision }
+        Verdict {
+            client,
+            decision,
+            repeatable: true,
+        }
     }
 
     fn spec(boot_file: Option<&str>) -> Decision {

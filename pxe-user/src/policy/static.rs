@@ -152,6 +152,7 @@ impl BootPolicy for StaticPolicy {
         Verdict {
             client: entry.and_then(|e| e.client).unwrap_or(machine.client),
             decision: self.decision(entry, machine, urls),
+            repeatable: true,
         }
     }
 
@@ -165,17 +166,43 @@ impl BootPolicy for StaticPolicy {
 }
 
 impl StaticPolicy {
+    /// What `machine` boots with `profile`, whatever its entry names (the
+    /// decision webhook's choice); `netboot = false` still wins.
+    pub fn decide_with_profile(
+        &self,
+        machine: &Machine,
+        urls: &ServerUrls,
+        profile: &str,
+    ) -> Verdict {
+        let entry = self.machines.get(&machine.mac);
+        Verdict {
+            client: entry.and_then(|e| e.client).unwrap_or(machine.client),
+            decision: self.decision_with(entry, machine, urls, Some(profile)),
+            repeatable: true,
+        }
+    }
+
     fn decision(
         &self,
         entry: Option<&MachineEntry>,
         machine: &Machine,
         urls: &ServerUrls,
     ) -> Decision {
+        self.decision_with(entry, machine, urls, None)
+    }
+
+    fn decision_with(
+        &self,
+        entry: Option<&MachineEntry>,
+        machine: &Machine,
+        urls: &ServerUrls,
+        forced_profile: Option<&str>,
+    ) -> Decision {
         if entry.is_some_and(|e| !e.netboot) {
             return Decision::LocalBoot;
         }
-        let profile_name = entry
-            .and_then(|e| e.profile.as_deref())
+        let profile_name = forced_profile
+            .or(entry.and_then(|e| e.profile.as_deref()))
             .or(self.default_profile.as_deref());
         let Some(profile) = profile_name.and_then(|name| self.profiles.get(name)) else {
             return Decision::Ignore;
