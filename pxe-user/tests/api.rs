@@ -407,6 +407,27 @@ fn every_endpoint_answers_and_bad_input_changes_nothing() {
         let error = answer["error"].as_str().unwrap_or_default();
         assert!(error.contains(says), "{method} {path}: {error}");
     }
+    // A bulk call of 150,000 MACs (3 MB) is read, not refused at the door.
+    let macs: Vec<String> = (0..150_000u32)
+        .map(|i| {
+            let b = i.to_be_bytes();
+            format!("02:00:00:{:02x}:{:02x}:{:02x}", b[1], b[2], b[3])
+        })
+        .collect();
+    let huge = json!({"macs": macs, "set": {}});
+    let file = p.work.path().join("bulk.json");
+    std::fs::write(&file, huge.to_string()).unwrap();
+    let (status, answer, _) = curl(
+        &p.server,
+        "POST",
+        &format!("http://{API}/api/v1/machines:bulk"),
+        Some(&format!("@{}", file.display())),
+        &["-H", &format!("Authorization: Bearer {TOKEN}")],
+    );
+    assert_eq!(
+        status, 422,
+        "parsed, then refused for its empty set: {answer}"
+    );
     let (_, unchanged, _) = p.api("GET", "/machines/52:54:00:00:60:02", None, &[]);
     assert_eq!(
         unchanged["revision"], 2,

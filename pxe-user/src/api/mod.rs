@@ -61,7 +61,12 @@ pub fn router(state: ApiState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         // The installer's call carries its machine's token instead.
         .route("/machines/{mac}/provisioned", post(provisioned));
-    Router::new().nest(PREFIX, api).with_state(state)
+    Router::new()
+        .nest(PREFIX, api)
+        // axum's own limit (2 MiB) would refuse a large bulk call first,
+        // and in plain text.
+        .layer(axum::extract::DefaultBodyLimit::max(machines::MAX_BODY))
+        .with_state(state)
 }
 
 /// The routes the boot HTTP listener also serves: machines reach that one,
