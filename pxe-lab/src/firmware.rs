@@ -8,6 +8,13 @@
 //! command line on the serial console, then powers the guest off: a boot
 //! test passes when the marker shows up in the serial log.
 //!
+//! An installer's last step, when the command line carries
+//! `pxed.done=URL pxed.token=TOKEN`: before powering off, `/init` loads the
+//! virtio-net driver (modules from the same kernel package), takes an address
+//! with busybox udhcpc, POSTs to URL with `Authorization: Bearer TOKEN`
+//! (busybox wget) and prints [`PROVISIONED_MARKER`] if pxed said yes, or
+//! [`PROVISION_FAILED_MARKER`] with what failed.
+//!
 //! QEMU runs under TCG (`/dev/kvm` here lacks vmx/svm): a boot to the marker
 //! takes 20–60 s.
 
@@ -24,6 +31,30 @@ use crate::{Lab, Netns};
 /// Printed by the guest's `/init` once Linux reaches userspace.
 pub const MARKER: &str = "PXED-LAB-BOOTED";
 
+/// Printed after [`MARKER`] once `pxed.done=URL` answered the POST with 2xx.
+pub const PROVISIONED_MARKER: &str = "PXED-LAB-PROVISIONED";
+
+/// Printed instead of [`PROVISIONED_MARKER`], with the step that failed.
+pub const PROVISION_FAILED_MARKER: &str = "PXED-LAB-PROVISION-FAILED";
+
+/// What the initramfs holds and does; a cache whose `initrd.version` says
+/// otherwise was built by an older lab and its initramfs is built again.
+const INITRAMFS_VERSION: &str = "2: pxed.done provisioning with virtio-net modules\n";
+
+/// The kernel modules the provisioning step loads, in dependency order (a
+/// Debian kernel builds virtio and virtio-net as modules, and the initramfs
+/// has no modprobe database).
+const NET_MODULES: [&str; 8] = [
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "failover",
+    "net_failover",
+    "virtio_net",
+];
+
 /// The kernel and initramfs a lab machine boots.
 pub struct BootImages {
     pub kernel: PathBuf,
@@ -34,18 +65,67 @@ pub struct BootImages {
 /// parallel threads, and one must not run busybox while another copies it.
 static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Builds the boot images into `cache` once and reuses them afterwards.
+/// Builds the boot images into `cache` once and reuses them afterwards (the
+/// initramfs again when an older lab built it: see `INITRAMFS_VERSION`).
 pub fn boot_images(cache: &Path) -> io::Result<BootImages> {
     let _building = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let kernel = cache.join("vmlinuz");
     let initrd = cache.join("initrd.img");
-    if kernel.exists() && initrd.exists() {
+    let stamp = cache.join("initrd.version");
+    let current = std::fs::read_to_string(&stamp).is_ok_and(|v| v == INITRAMFS_VERSION);
+    if kernel.exists() && initrd.exists() && current {
         return Ok(BootImages { kernel, initrd });
     }
     std::fs::create_dir_all(cache)?;
     let debs = cache.join("debs");
     std::fs::create_dir_all(&debs)?;
+    let kernel_tree = match cached_kernel_tree(&kernel, &debs) {
+        Some(tree) => tree,
+        None => fetch_kernel(cache, &debs, &kernel)?,
+    };
 
+    let busybox_tree = unpack("busybox-static", &debs)?;
+    let initrd_tmp = cache.join("initrd.img.tmp");
+    build_initramfs(
+        &busybox_tree.join("bin/busybox"),
+        &kernel_tree,
+        &initrd_tmp,
+        cache,
+    )?;
+    std::fs::rename(&initrd_tmp, &initrd)?;
+    std::fs::write(&stamp, INITRAMFS_VERSION)?;
+    Ok(BootImages { kernel, initrd })
+}
+
+/// The unpacked kernel package whose `/boot/vmlinuz-*` is the cached kernel,
+/// so a cache from before the initramfs held modules gets the matching ones.
+fn cached_kernel_tree(kernel: &Path, debs: &Path) -> Option<PathBuf> {
+    let cached = std::fs::read(kernel).ok()?;
+    std::fs::read_dir(debs).ok()?.flatten().find_map(|entry| {
+        let tree = entry.path();
+        let is_kernel = tree.is_dir()
+            && entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("linux-image-");
+        if !is_kernel {
+            return None;
+        }
+        let vmlinuz = std::fs::read_dir(tree.join("boot"))
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            })?;
+        (std::fs::read(vmlinuz).ok()? == cached).then_some(tree)
+    })
+}
+
+/// Downloads and unpacks the current Debian kernel, copies its vmlinuz to
+/// `kernel`, and returns the unpacked tree (for its modules).
+fn fetch_kernel(cache: &Path, debs: &Path, kernel: &Path) -> io::Result<PathBuf> {
     // linux-image-amd64 is a metapackage; its dependency is the real kernel.
     let mut depends =
         run_text("apt-cache", &["depends", "linux-image-amd64"], cache).unwrap_or_default();
@@ -62,7 +142,7 @@ pub fn boot_images(cache: &Path) -> io::Result<BootImages> {
                 "apt-cache depends linux-image-amd64 names no kernel package (apt-get update?)",
             )
         })?;
-    let kernel_tree = unpack(&kernel_package, &debs)?;
+    let kernel_tree = unpack(&kernel_package, debs)?;
     let vmlinuz = std::fs::read_dir(kernel_tree.join("boot"))?
         .flatten()
         .map(|e| e.path())
@@ -74,13 +154,8 @@ pub fn boot_images(cache: &Path) -> io::Result<BootImages> {
     // Written aside and renamed in, so another process never sees half a file.
     let kernel_tmp = cache.join("vmlinuz.tmp");
     std::fs::copy(vmlinuz, &kernel_tmp)?;
-    std::fs::rename(&kernel_tmp, &kernel)?;
-
-    let busybox_tree = unpack("busybox-static", &debs)?;
-    let initrd_tmp = cache.join("initrd.img.tmp");
-    build_initramfs(&busybox_tree.join("bin/busybox"), &initrd_tmp, cache)?;
-    std::fs::rename(&initrd_tmp, &initrd)?;
-    Ok(BootImages { kernel, initrd })
+    std::fs::rename(&kernel_tmp, kernel)?;
+    Ok(kernel_tree)
 }
 
 /// A unified kernel image: systemd's EFI stub (`systemd-boot-efi`, unpacked)
@@ -154,26 +229,100 @@ fn unpack(package: &str, debs: &Path) -> io::Result<PathBuf> {
     Ok(tree)
 }
 
-fn build_initramfs(busybox: &Path, out: &Path, cache: &Path) -> io::Result<()> {
+/// `/init` without `pxed.done` on the command line: the marker, the command
+/// line, power off (as every boot test expects).
+fn init_script() -> String {
+    format!(
+        "#!/bin/busybox sh\n\
+         /bin/busybox mount -t proc proc /proc\n\
+         /bin/busybox mount -t devtmpfs dev /dev 2>/dev/null\n\
+         echo \"{MARKER} cmdline: $(/bin/busybox cat /proc/cmdline)\" > /dev/ttyS0\n\
+         echo \"{MARKER}\" > /dev/console\n\
+         done_url=\n\
+         token=\n\
+         for word in $(/bin/busybox cat /proc/cmdline); do\n\
+         \x20 case \"$word\" in\n\
+         \x20   pxed.done=*) done_url=\"${{word#pxed.done=}}\" ;;\n\
+         \x20   pxed.token=*) token=\"${{word#pxed.token=}}\" ;;\n\
+         \x20 esac\n\
+         done\n\
+         if [ -n \"$done_url\" ]; then\n\
+         \x20 /bin/provision \"$done_url\" \"$token\" > /dev/ttyS0 2>&1\n\
+         fi\n\
+         /bin/busybox poweroff -f\n"
+    )
+}
+
+/// `/bin/provision URL TOKEN`: the network up, then the installer's last call.
+fn provision_script() -> String {
+    let modules = NET_MODULES.join(" ");
+    format!(
+        "#!/bin/busybox sh\n\
+         bb=/bin/busybox\n\
+         fail() {{ echo \"{PROVISION_FAILED_MARKER}: $*\"; exit 1; }}\n\
+         for m in {modules}; do\n\
+         \x20 $bb insmod /lib/modules/$m.ko || fail \"insmod $m\"\n\
+         done\n\
+         n=0\n\
+         until $bb ip link set eth0 up 2>/dev/null; do\n\
+         \x20 n=$((n + 1)); [ $n -lt 100 ] || fail \"no eth0\"; $bb usleep 100000\n\
+         done\n\
+         $bb udhcpc -i eth0 -f -q -n -t 10 -T 2 -s /bin/udhcpc-script || fail \"udhcpc: no address\"\n\
+         echo \"provision: POST $1\"\n\
+         $bb wget -q -O - --post-data= --header \"Authorization: Bearer $2\" \"$1\" || fail \"wget $1\"\n\
+         echo\n\
+         echo \"{PROVISIONED_MARKER}\"\n"
+    )
+}
+
+/// udhcpc's hook: puts the leased address on the interface.
+const UDHCPC_SCRIPT: &str = "#!/bin/busybox sh\n\
+case \"$1\" in\n\
+  bound|renew) /bin/busybox ifconfig \"$interface\" \"$ip\" netmask \"${subnet:-255.255.255.0}\" up\n\
+    echo \"udhcpc: $interface $ip/$subnet from $serverid\" ;;\n\
+esac\n";
+
+/// `name.ko` under the kernel package's `lib/modules`.
+fn find_module(dir: &Path, name: &str) -> Option<PathBuf> {
+    let wanted = format!("{name}.ko");
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if let Some(found) = find_module(&path, name) {
+                return Some(found);
+            }
+        } else if entry.file_name().to_string_lossy() == wanted {
+            return Some(path);
+        }
+    }
+    None
+}
+
+fn build_initramfs(busybox: &Path, kernel_tree: &Path, out: &Path, cache: &Path) -> io::Result<()> {
     let staging = cache.join("initramfs");
     let _ = std::fs::remove_dir_all(&staging);
-    for dir in ["bin", "dev", "proc", "sys"] {
+    for dir in ["bin", "dev", "proc", "sys", "lib/modules"] {
         std::fs::create_dir_all(staging.join(dir))?;
     }
     std::fs::copy(busybox, staging.join("bin/busybox"))?;
-    let init = staging.join("init");
-    std::fs::write(
-        &init,
-        format!(
-            "#!/bin/busybox sh\n\
-             /bin/busybox mount -t proc proc /proc\n\
-             /bin/busybox mount -t devtmpfs dev /dev 2>/dev/null\n\
-             echo \"{MARKER} cmdline: $(/bin/busybox cat /proc/cmdline)\" > /dev/ttyS0\n\
-             echo \"{MARKER}\" > /dev/console\n\
-             /bin/busybox poweroff -f\n"
-        ),
-    )?;
-    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755))?;
+    for module in NET_MODULES {
+        let found = find_module(&kernel_tree.join("lib/modules"), module).ok_or_else(|| {
+            io::Error::other(format!(
+                "{}: no {module}.ko under lib/modules",
+                kernel_tree.display()
+            ))
+        })?;
+        std::fs::copy(found, staging.join(format!("lib/modules/{module}.ko")))?;
+    }
+    for (path, text) in [
+        ("init", init_script()),
+        ("bin/provision", provision_script()),
+        ("bin/udhcpc-script", UDHCPC_SCRIPT.to_owned()),
+    ] {
+        let file = staging.join(path);
+        std::fs::write(&file, text)?;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755))?;
+    }
     // The console node must exist before devtmpfs is mounted, or /init has no stdout.
     run(Command::new("mknod")
         .arg(staging.join("dev/console"))
@@ -223,6 +372,30 @@ pub fn start_machine(
     firmware: Firmware,
     work: &Path,
     serial_log: &Path,
+) -> io::Result<u32> {
+    start_machine_with(lab, ns, tap, mac, firmware, work, serial_log, &[])
+}
+
+/// Firmware settings that leave OVMF no IPv6 PXE boot option: the lab has
+/// no DHCPv6 server, and that option alone spends about 90 s under TCG
+/// waiting for one before OVMF goes on to the next.
+pub const OVMF_NO_IPV6_PXE: [&str; 2] =
+    ["-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n"];
+
+/// [`start_machine`] with `extra` QEMU arguments after the lab's own.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "start_machine's arguments and the extra ones; a builder for one caller would be more code than this"
+)]
+pub fn start_machine_with(
+    lab: &Lab,
+    ns: &Netns,
+    tap: &str,
+    mac: &str,
+    firmware: Firmware,
+    work: &Path,
+    serial_log: &Path,
+    extra: &[&str],
 ) -> io::Result<u32> {
     let netdev = format!("tap,id=n0,ifname={tap},script=no,downscript=no");
     let mut args: Vec<String> = vec![
@@ -284,6 +457,7 @@ pub fn start_machine(
             }
         }
     }
+    args.extend(extra.iter().map(|a| a.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     lab.spawn_logged(
         ns,
@@ -295,15 +469,26 @@ pub fn start_machine(
 
 /// Waits until `MARKER` appears in a serial log; returns the log either way.
 pub fn wait_for_marker(serial_log: &Path, timeout: Duration) -> (bool, String) {
+    let (seen, text) = wait_for_any(serial_log, &[MARKER], timeout);
+    (seen.is_some(), text)
+}
+
+/// Waits until one of `needles` appears in a serial log; returns the first
+/// found (in `needles`' order) and the log, or `None` and the log at timeout.
+pub fn wait_for_any<'a>(
+    serial_log: &Path,
+    needles: &[&'a str],
+    timeout: Duration,
+) -> (Option<&'a str>, String) {
     let deadline = Instant::now() + timeout;
     loop {
         let text =
             String::from_utf8_lossy(&std::fs::read(serial_log).unwrap_or_default()).into_owned();
-        if text.contains(MARKER) {
-            return (true, text);
+        if let Some(found) = needles.iter().find(|n| text.contains(*n)) {
+            return (Some(found), text);
         }
         if Instant::now() > deadline {
-            return (false, text);
+            return (None, text);
         }
         std::thread::sleep(Duration::from_millis(250));
     }

@@ -2,7 +2,9 @@
 //! namespace, bridged to pxed's namespace, must reach Linux userspace from a
 //! kernel and initramfs pxed served, and print the lab marker on their serial
 //! console. Needs root, qemu-system-x86, ovmf and ipxe-qemu; each boot takes
-//! 20–60 s under TCG.
+//! 20–60 s under TCG. The reimaging workflow too: a machine's installer marks
+//! it provisioned through the API, and powered on again the machine gets no
+//! boot file and its firmware falls through to its next boot option.
 
 mod common;
 
@@ -25,6 +27,7 @@ fn images() -> firmware::BootImages {
 
 struct FirmwareLab {
     lab: Lab,
+    server: Netns,
     client: Netns,
     work: tempfile::TempDir,
 }
@@ -102,13 +105,31 @@ fn firmware_lab_with(
         "{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
-    FirmwareLab { lab, client, work }
+    FirmwareLab {
+        lab,
+        server,
+        client,
+        work,
+    }
 }
 
 impl FirmwareLab {
     fn boot(&self, tap: usize, mac: &str, firmware: Firmware) -> (std::path::PathBuf, u32) {
-        let serial = self.work.path().join(format!("serial-{tap}.log"));
-        let pid = firmware::start_machine(
+        self.boot_with(tap, mac, firmware, &format!("serial-{tap}.log"), &[])
+    }
+
+    /// Starts a machine with its serial console in `serial` of the work
+    /// directory and `extra` QEMU arguments.
+    fn boot_with(
+        &self,
+        tap: usize,
+        mac: &str,
+        firmware: Firmware,
+        serial: &str,
+        extra: &[&str],
+    ) -> (std::path::PathBuf, u32) {
+        let serial = self.work.path().join(serial);
+        let pid = firmware::start_machine_with(
             &self.lab,
             &self.client,
             &format!("tap{tap}"),
@@ -116,6 +137,7 @@ impl FirmwareLab {
             firmware,
             self.work.path(),
             &serial,
+            extra,
         )
         .unwrap();
         (serial, pid)
@@ -508,4 +530,209 @@ fn add_pxelinux(boot: &Path) {
         "DEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  KERNEL vmlinuz\n  APPEND initrd=initrd.img console=ttyS0 panic=-1\n",
     )
     .unwrap();
+}
+
+const API_TOKEN: &str = "firmware-test-token-0123456789";
+
+/// curl in `ns` against pxed's API on 127.0.0.1:8067; (status, JSON body).
+fn api(ns: &Netns, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    let auth = format!("Authorization: Bearer {API_TOKEN}");
+    let url = format!("http://127.0.0.1:8067/api/v1{path}");
+    let mut args = vec![
+        "-sS",
+        "--max-time",
+        "20",
+        "-X",
+        method,
+        "-H",
+        &auth,
+        "-w",
+        "\n%{http_code}",
+    ];
+    if let Some(b) = body {
+        args.extend_from_slice(&["-H", "Content-Type: application/json", "--data-binary", b]);
+    }
+    args.push(&url);
+    let out = ns.output("curl", &args).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (json, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (
+        status.trim().parse().unwrap_or(0),
+        serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Waits for the QEMU process `pid` (started by the lab) to end by itself.
+fn wait_for_exit(lab: &Lab, pid: u32, timeout: Duration) -> bool {
+    let Some(mut child) = lab.take_child(pid) else {
+        return true;
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
+#[test]
+fn uefi_machine_installs_marks_itself_provisioned_and_then_boots_no_nbp() {
+    if !pxe_lab::privileged("uefi_machine_installs_marks_itself_provisioned_and_then_boots_no_nbp")
+        || !have_qemu()
+        || !have_tool("curl", "curl")
+    {
+        return;
+    }
+    const MAC: &str = "52:54:00:fa:00:0c";
+    let secrets = tempfile::tempdir().unwrap();
+    let token = secrets.path().join("token");
+    std::fs::write(&token, format!("{API_TOKEN}\n")).unwrap();
+    let inventory = secrets.path().join("inventory.redb");
+    let extra = "[[profile]]\nname = \"installer\"\n\
+                 cmdline = \"console=ttyS0 panic=-1 pxed.done={{provision_url}} pxed.token={{provision_token}}\"\n";
+    let lab = firmware_lab_with(
+        1,
+        false,
+        &[
+            "--dhcp",
+            "full",
+            "--range",
+            "198.18.0.100-198.18.0.199",
+            "--api",
+            "127.0.0.1:8067",
+            "--api-token-file",
+            token.to_str().unwrap(),
+            "--inventory-file",
+            inventory.to_str().unwrap(),
+        ],
+        extra,
+    );
+    let pxed_log = || std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap_or_default();
+    assert!(
+        lab.server.wait_for_tcp_port(8067, Duration::from_secs(20)),
+        "{}",
+        pxed_log()
+    );
+    let (status, record) = api(
+        &lab.server,
+        "PUT",
+        &format!("/machines/{MAC}"),
+        Some(r#"{"profile": "installer"}"#),
+    );
+    assert_eq!(status, 200, "{record}");
+
+    // First power-on: OVMF PXE → ipxe.efi → the installer profile's kernel,
+    // whose initramfs calls `provisioned` and powers off.
+    let (serial, pid) = lab.boot_with(0, MAC, Firmware::UefiPxe, "serial-install.log", &[]);
+    let (said, text) = firmware::wait_for_any(
+        &serial,
+        &[
+            firmware::PROVISIONED_MARKER,
+            firmware::PROVISION_FAILED_MARKER,
+        ],
+        Duration::from_secs(300),
+    );
+    assert_eq!(
+        said,
+        Some(firmware::PROVISIONED_MARKER),
+        "the installer did not mark its machine provisioned.\nserial:\n{text}\npxed:\n{}",
+        pxed_log()
+    );
+    assert!(text.contains(firmware::MARKER), "{text}");
+    assert!(
+        wait_for_exit(&lab.lab, pid, Duration::from_secs(60)),
+        "the machine did not power off:\n{text}"
+    );
+    let log = pxed_log();
+    assert!(
+        log.contains("provisioned: the machine boots from its disk from now on"),
+        "{log}"
+    );
+    let (_, record) = api(&lab.server, "GET", &format!("/machines/{MAC}"), None);
+    assert_eq!(record["netboot"], false, "{record}");
+
+    // Second power-on, same MAC: an address and no boot file; OVMF's PXE
+    // says so (PXE-E16) and BdsDxe goes on to the next boot option, HTTP
+    // Boot, whose DHCP pxed answers with no URL either. Linux never starts.
+    let first_boot = log.len();
+    let (serial, _) = lab.boot_with(
+        0,
+        MAC,
+        Firmware::UefiPxe,
+        "serial-after.log",
+        &firmware::OVMF_NO_IPV6_PXE,
+    );
+    let http_boot_answered = |log: &str| {
+        log[first_boot..].lines().any(|l| {
+            l.contains(&format!(
+                "DISCOVER from {MAC} (HTTP Boot, uefi-x64-http) → OFFER"
+            ))
+        })
+    };
+    let started = std::time::Instant::now();
+    let text = loop {
+        let text =
+            String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()).into_owned();
+        if http_boot_answered(&pxed_log())
+            || text.contains(firmware::MARKER)
+            || started.elapsed() > Duration::from_secs(120)
+        {
+            // A moment for whatever the firmware would do with the answer.
+            std::thread::sleep(Duration::from_secs(5));
+            break String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default())
+                .into_owned();
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let log = pxed_log();
+    let after = &log[first_boot..];
+    let context = format!("serial:\n{text}\npxed since the first boot:\n{after}");
+    assert!(
+        !text.contains(firmware::MARKER),
+        "Linux started on the second power-on:\n{context}"
+    );
+    assert!(
+        text.contains(">>Start PXE over IPv4.")
+            && text.contains("PXE-E16: No valid offer received.")
+            && text.lines().any(|l| l.contains("BdsDxe: failed to load")
+                && l.contains("\"UEFI PXEv4 (MAC:525400FA000C)")),
+        "OVMF's PXE found no boot file and fell through:\n{context}"
+    );
+    assert!(
+        text.contains(">>Start HTTP Boot over IPv4") && http_boot_answered(&log),
+        "to the next boot option, HTTP Boot, which pxed answered:\n{context}"
+    );
+    let answers: Vec<&str> = after
+        .lines()
+        .filter(|l| l.contains(&format!("from {MAC} ")) && l.contains("→ "))
+        .collect();
+    assert!(
+        answers
+            .iter()
+            .any(|l| l.contains("(PXE, uefi-x64) → OFFER"))
+            && answers
+                .iter()
+                .any(|l| l.contains("(HTTP Boot, uefi-x64-http) → OFFER")),
+        "PXE and HTTP Boot asked again and were answered:\n{context}"
+    );
+    assert!(
+        answers.iter().all(|l| !l.contains(", boot ")),
+        "no boot file offered:\n{}",
+        answers.join("\n")
+    );
+    let file_requests: Vec<&str> = after
+        .lines()
+        .filter(|l| l.contains("TFTP:") || l.contains("TFTP transfer") || l.contains("HTTP:"))
+        .collect();
+    assert!(
+        file_requests.is_empty(),
+        "no TFTP or HTTP request the second time:\n{}",
+        file_requests.join("\n")
+    );
+    let (_, record) = api(&lab.server, "GET", &format!("/machines/{MAC}"), None);
+    assert_eq!(record["netboot"], false, "{record}");
 }
