@@ -6,20 +6,22 @@
 //! Blocking and single-threaded: no tokio runtime is started for a command
 //! line that makes one call and exits.
 
+mod client;
+mod show;
 mod table;
 
-use std::{
-    path::PathBuf,
-    process::ExitCode,
-    time::{Duration, SystemTime},
-};
+use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::{anyhow, bail, Context as _};
+use anyhow::bail;
 use clap::{ArgAction, ArgGroup, Args, Subcommand};
-use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::{json, Map, Value};
 
-use self::table::{pairs, Table};
+use self::{
+    client::{api_error, segment, Answer, Client},
+    show::{
+        health_pairs, leases_table, machine_pairs, machines_table, profile_pairs, profiles_table,
+    },
+};
 
 /// Where `pxed --api 127.0.0.1:8067`, the documented example, listens.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:8067";
@@ -429,335 +431,6 @@ fn show(
     Ok(())
 }
 
-// ---- how answers look ------------------------------------------------------
-
-/// A JSON value as a cell: strings bare, null as `-`.
-fn cell(v: &Value) -> String {
-    match v {
-        Value::Null => "-".to_owned(),
-        Value::String(s) if s.is_empty() => "\"\"".to_owned(),
-        Value::String(s) => s.clone(),
-        Value::Object(map) if map.is_empty() => "-".to_owned(),
-        Value::Object(map) => map
-            .iter()
-            .map(|(k, v)| {
-                format!(
-                    "{k}={}",
-                    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(","),
-        other => other.to_string(),
-    }
-}
-
-fn machines_table(list: &Value) -> String {
-    let mut t = Table::new(&["MAC", "PROFILE", "NETBOOT", "ADDRESS", "LABELS", "SOURCE"]);
-    for m in list.as_array().into_iter().flatten() {
-        t.row(vec![
-            cell(&m["mac"]),
-            cell(&m["profile"]),
-            cell(&m["netboot"]),
-            cell(&m["address"]),
-            cell(&m["labels"]),
-            // A write answers the record itself, which is the API's.
-            m.get("source").map_or_else(|| "api".to_owned(), cell),
-        ]);
-    }
-    t.render()
-}
-
-fn machine_pairs(m: &Value) -> String {
-    let mut rows: Vec<(&str, String)> = [
-        "mac", "profile", "netboot", "hostname", "address", "arch", "client", "labels", "vars",
-    ]
-    .iter()
-    .map(|k| (*k, cell(&m[*k])))
-    .collect();
-    rows.push((
-        "source",
-        m.get("source").map_or_else(|| "api".to_owned(), cell),
-    ));
-    rows.push(("revision", cell(&m["revision"])));
-    pairs(&rows)
-}
-
-fn leases_table(list: &Value) -> String {
-    let now = unix_now();
-    let mut t = Table::new(&["IP", "MAC", "STATE", "EXPIRES", "HOSTNAME"]);
-    for l in list.as_array().into_iter().flatten() {
-        t.row(vec![
-            cell(&l["ip"]),
-            cell(&l["mac"]),
-            cell(&l["state"]),
-            l["expires"]
-                .as_u64()
-                .map_or_else(|| "-".to_owned(), |e| relative(e, now)),
-            cell(&l["hostname"]),
-        ]);
-    }
-    t.render()
-}
-
-/// A file's profile shows revision 0: the API has never written it.
-fn source_of_profile(p: &Value) -> &'static str {
-    if p["revision"].as_u64().unwrap_or(0) > 0 {
-        "api"
-    } else {
-        "file"
-    }
-}
-
-fn profiles_table(list: &Value) -> String {
-    let mut t = Table::new(&["NAME", "SOURCE", "KERNEL", "INITRD", "UEFI_X64", "BIOS"]);
-    for p in list.as_array().into_iter().flatten() {
-        t.row(vec![
-            cell(&p["name"]),
-            source_of_profile(p).to_owned(),
-            cell(&p["kernel"]),
-            cell(&p["initrd"]),
-            cell(&p["boot_files"]["uefi_x64"]),
-            cell(&p["boot_files"]["bios"]),
-        ]);
-    }
-    t.render()
-}
-
-fn profile_pairs(p: &Value) -> String {
-    let mut rows: Vec<(&str, String)> = vec![("name", cell(&p["name"]))];
-    for slot in ["bios", "uefi_x64", "uefi_arm64", "uefi_ia32", "rpi"] {
-        rows.push((slot, cell(&p["boot_files"][slot])));
-    }
-    for k in ["kernel", "initrd", "cmdline"] {
-        rows.push((k, cell(&p[k])));
-    }
-    rows.push(("source", source_of_profile(p).to_owned()));
-    rows.push(("revision", cell(&p["revision"])));
-    let mut text = pairs(&rows);
-    if let Some(script) = p["ipxe_script"].as_str().filter(|s| !s.is_empty()) {
-        text.push_str("ipxe_script:\n");
-        for line in script.lines() {
-            text.push_str("  ");
-            text.push_str(line);
-            text.push('\n');
-        }
-    }
-    text
-}
-
-fn health_pairs(h: &Value) -> String {
-    let mut rows: Vec<(&str, String)> = vec![("status", cell(&h["status"]))];
-    let mut details = String::new();
-    if let Some(checks) = h["checks"].as_object() {
-        for (name, check) in checks {
-            let state = if check["ok"] == true {
-                "ok".to_owned()
-            } else {
-                format!("failing: {}", cell(&check["why"]))
-            };
-            rows.push((name.as_str(), state));
-            for d in check["detail"].as_array().into_iter().flatten() {
-                // The programs' detail: an attachment per interface.
-                let line = match (d["interface"].as_str(), d["attached"].as_str()) {
-                    (Some(interface), Some(how)) => format!("{interface}: {how}"),
-                    _ => cell(d),
-                };
-                details.push_str(&format!("  {name}  {line}\n"));
-            }
-        }
-    }
-    pairs(&rows) + &details
-}
-
-/// `in 59m`, `expired 3m ago`: when a lease ends, from now.
-fn relative(expires: u64, now: u64) -> String {
-    let span = |s: u64| match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m", s / 60),
-        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
-    };
-    if expires >= now {
-        format!("in {}", span(expires - now))
-    } else {
-        format!("expired {} ago", span(now - expires))
-    }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-// ---- HTTP ------------------------------------------------------------------
-
-/// Characters left as they are in a path segment or query value.
-const KEEP: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~')
-    .remove(b':');
-
-fn segment(text: &str) -> String {
-    utf8_percent_encode(text, KEEP).to_string()
-}
-
-/// What the API answered to one call.
-struct Answer {
-    status: u16,
-    /// The body as JSON (null when empty, a string when not JSON).
-    json: Value,
-    /// The body as sent.
-    text: String,
-}
-
-/// An error answer: the API's `error` message, and its status.
-fn api_error(answer: &Answer) -> anyhow::Error {
-    let status = answer.status;
-    match answer.json["error"].as_str() {
-        Some(message) => anyhow!("{message} (HTTP {status})"),
-        None => anyhow!("the API answered HTTP {status}: {}", answer.text.trim()),
-    }
-}
-
-/// Largest answer read: the machine list of a big site fits.
-const MAX_ANSWER: u64 = 256 << 20;
-
-struct Client {
-    agent: ureq::Agent,
-    /// `http://host:port/api/v1`.
-    base: String,
-    token: String,
-}
-
-impl Client {
-    fn new(args: &CtlArgs) -> anyhow::Result<Self> {
-        let url = args.url.trim_end_matches('/');
-        let url = url.strip_suffix(crate::api::PREFIX).unwrap_or(url);
-        if !url.starts_with("http://") {
-            bail!("--url {url}: want http://HOST:PORT (the API is plain HTTP, e.g. {DEFAULT_URL})");
-        }
-        let agent = ureq::Agent::config_builder()
-            // Errors are answers to show, not failures of the call.
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(args.timeout.max(1))))
-            // A management address: never through an http_proxy of the
-            // environment, never redirected with the token elsewhere.
-            .proxy(None)
-            .max_redirects(0)
-            .user_agent(concat!("pxed-ctl/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .new_agent();
-        Ok(Self {
-            agent,
-            base: format!("{url}{}", crate::api::PREFIX),
-            token: token(args)?,
-        })
-    }
-
-    fn get(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<Answer> {
-        self.ok(self.call("GET", path, query, None, None)?)
-    }
-
-    fn send(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-        if_match: Option<u64>,
-    ) -> anyhow::Result<Answer> {
-        self.ok(self.call(method, path, &[], body, if_match)?)
-    }
-
-    fn ok(&self, answer: Answer) -> anyhow::Result<Answer> {
-        if (200..300).contains(&answer.status) {
-            Ok(answer)
-        } else {
-            Err(api_error(&answer))
-        }
-    }
-
-    /// One call, whatever its status.
-    fn call(
-        &self,
-        method: &str,
-        path: &str,
-        query: &[(&str, String)],
-        body: Option<&Value>,
-        if_match: Option<u64>,
-    ) -> anyhow::Result<Answer> {
-        let mut url = format!("{}{path}", self.base);
-        for (i, (k, v)) in query.iter().enumerate() {
-            url.push(if i == 0 { '?' } else { '&' });
-            url.push_str(k);
-            url.push('=');
-            url.push_str(&segment(v));
-        }
-        let mut request = ureq::http::Request::builder()
-            .method(method)
-            .uri(&url)
-            .header("Authorization", format!("Bearer {}", self.token))
-            .header("Accept", "application/json");
-        if let Some(rev) = if_match {
-            request = request.header("If-Match", format!("\"{rev}\""));
-        }
-        let sent = match body {
-            Some(b) => self.agent.run(
-                request
-                    .header("Content-Type", "application/json")
-                    .body(b.to_string())?,
-            ),
-            None => self.agent.run(request.body(())?),
-        };
-        let mut response = sent.map_err(|e| {
-            anyhow!("cannot reach the pxed API at {url}: {e} (is pxed running with --api there? --url or $PXED_API_URL names another)")
-        })?;
-        let status = response.status().as_u16();
-        let text = response
-            .body_mut()
-            .with_config()
-            .limit(MAX_ANSWER)
-            .read_to_string()
-            .with_context(|| format!("reading the answer of {method} {url}"))?;
-        let json = if text.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text.clone()))
-        };
-        Ok(Answer { status, json, text })
-    }
-}
-
-/// The token: --token-file, else $PXED_API_TOKEN, else $PXED_API_TOKEN_FILE.
-fn token(args: &CtlArgs) -> anyhow::Result<String> {
-    let from_file = |path: PathBuf, how: &str| -> anyhow::Result<String> {
-        let text =
-            std::fs::read_to_string(&path).with_context(|| format!("{how} {}", path.display()))?;
-        let token = text.lines().next().unwrap_or("").trim().to_owned();
-        if token.is_empty() {
-            bail!("{how} {}: the first line is empty", path.display());
-        }
-        Ok(token)
-    };
-    if let Some(path) = &args.token_file {
-        return from_file(path.clone(), "--token-file");
-    }
-    if let Some(token) = std::env::var("PXED_API_TOKEN")
-        .ok()
-        .map(|t| t.trim().to_owned())
-        .filter(|t| !t.is_empty())
-    {
-        return Ok(token);
-    }
-    if let Some(path) = std::env::var_os("PXED_API_TOKEN_FILE").filter(|p| !p.is_empty()) {
-        return from_file(PathBuf::from(path), "$PXED_API_TOKEN_FILE");
-    }
-    bail!("no API token: give --token-file FILE (the file of pxed's --api-token-file), or set PXED_API_TOKEN or PXED_API_TOKEN_FILE")
-}
-
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
@@ -851,6 +524,7 @@ mod tests {
 
     #[test]
     fn cells_and_times_read_plainly() {
+        use super::show::{cell, relative};
         assert_eq!(cell(&Value::Null), "-");
         assert_eq!(cell(&json!({"rack": "r12", "row": "3"})), "rack=r12,row=3");
         assert_eq!(cell(&json!({})), "-");
