@@ -2,6 +2,13 @@
 //! the network boot program over TFTP, then (with `--second-stage`) iPXE:
 //! DHCP again with user class `iPXE`, its script over HTTP, and the kernel and
 //! initrd the script names. Every byte is checked against `--verify-root`.
+//!
+//! With `--reimage PROFILE`, the reimaging workflow of an operator API
+//! (pxed's): one bulk call puts every machine on PROFILE before they power
+//! on; each boots it through iPXE, then does what its installer would when
+//! done: POSTs to the `pxed.done=URL` its kernel command line names, with
+//! its `pxed.token=TOKEN` as bearer token. Then it powers on again, as
+//! firmware, and must be given an address but no boot file.
 
 use std::{
     collections::BTreeMap,
@@ -80,6 +87,18 @@ pub struct Args {
     /// After the NBP, boot on as iPXE: DHCP again, script, kernel and initrd over HTTP.
     #[arg(long)]
     second_stage: bool,
+    /// Reimage every machine with this profile: one bulk API call first; each
+    /// machine then boots (as with --second-stage), marks itself provisioned
+    /// with the URL and token of its kernel command line (`pxed.done=`,
+    /// `pxed.token=`), and on its next power-on must get no boot file.
+    #[arg(long, value_name = "PROFILE", requires = "api")]
+    reimage: Option<String>,
+    /// Base URL of the operator API for --reimage, e.g. http://127.0.0.1:8067.
+    #[arg(long, value_name = "URL", requires = "api_token_file")]
+    api: Option<String>,
+    /// File holding the operator API's bearer token.
+    #[arg(long, value_name = "FILE")]
+    api_token_file: Option<PathBuf>,
     /// Local copy of the server's boot root: every file received is compared with it.
     #[arg(long, value_name = "DIR")]
     verify_root: Option<PathBuf>,
@@ -169,6 +188,10 @@ pub struct MachineResult {
     /// NAKs that sent this machine back to DISCOVER.
     pub dhcp_naks: u32,
     pub tftp_retransmits: u64,
+    /// With --reimage: the server accepted this machine's `provisioned` call.
+    pub provisioned: bool,
+    /// With --reimage: the boot file its next power-on was offered (none is right).
+    pub second_boot_file: Option<String>,
     pub failure: Option<String>,
 }
 
@@ -199,14 +222,54 @@ pub struct Report {
     pub machines: Vec<MachineResult>,
 }
 
+/// What the reimaging workflow (--reimage) did, next to the [`Report`].
+#[derive(Debug, Serialize)]
+pub struct Reimage {
+    pub profile: String,
+    /// Machines the bulk call said it changed.
+    pub bulk_changed: u64,
+    /// How long the bulk call took to return, ms.
+    pub bulk_ms: f64,
+    /// Machines whose `provisioned` call the server accepted.
+    pub provisioned: usize,
+    /// Machines whose next power-on got an address.
+    pub second_boot_answered: usize,
+    /// Machines whose next power-on was still offered a boot file (want 0).
+    pub second_boot_boot_files: usize,
+}
+
+/// The JSON report: the run's, and the workflow's when there was one.
+#[derive(Serialize)]
+struct Written<'a> {
+    #[serde(flatten)]
+    report: &'a Report,
+    reimage: Option<&'a Reimage>,
+}
+
 pub fn run(args: Args) -> anyhow::Result<bool> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let report = runtime.block_on(run_machines(&args))?;
+    let (report, reimage) = runtime.block_on(run_machines(&args))?;
     print_report(&report, args.timeline);
+    if let Some(r) = &reimage {
+        println!(
+            "  reimage {:?}: bulk call changed {} machines in {:.1} ms; provisioned {}; \
+             second power-on: {} answered, {} given a boot file",
+            r.profile,
+            r.bulk_changed,
+            r.bulk_ms,
+            r.provisioned,
+            r.second_boot_answered,
+            r.second_boot_boot_files
+        );
+    }
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+        let written = Written {
+            report: &report,
+            reimage: reimage.as_ref(),
+        };
+        std::fs::write(path, serde_json::to_vec_pretty(&written)?)?;
     }
     if let Some(path) = &args.svg {
         std::fs::write(path, crate::plot::svg(&report)?)?;
@@ -214,7 +277,57 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     Ok(report.failed == 0)
 }
 
-async fn run_machines(args: &Args) -> anyhow::Result<Report> {
+/// The operator API's base URL and bearer token.
+struct Api {
+    base: String,
+    token: String,
+}
+
+impl Api {
+    fn from_args(args: &Args) -> anyhow::Result<Option<Self>> {
+        let (Some(base), Some(file)) = (&args.api, &args.api_token_file) else {
+            return Ok(None);
+        };
+        let token = std::fs::read_to_string(file)
+            .map_err(|e| anyhow::anyhow!("--api-token-file {}: {e}", file.display()))?;
+        Ok(Some(Self {
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.trim().to_owned(),
+        }))
+    }
+
+    /// `POST /api/v1/machines:bulk`: every MAC onto `profile`, netbooting.
+    /// Returns how many machines the server changed.
+    async fn bulk_profile(
+        &self,
+        http: &reqwest::Client,
+        macs: &[String],
+        profile: &str,
+    ) -> anyhow::Result<u64> {
+        let body = serde_json::json!({"macs": macs, "set": {"profile": profile, "netboot": true}});
+        let url = format!("{}/api/v1/machines:bulk", self.base);
+        let answer = http
+            .post(&url)
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(serde_json::to_vec(&body)?)
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+        let status = answer.status();
+        let text = answer.text().await.unwrap_or_default();
+        if !status.is_success() {
+            anyhow::bail!("{url}: {status}: {text}");
+        }
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{url}: the answer is not JSON ({e}): {text}"))?;
+        value["changed"]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("{url}: no \"changed\" count in {text}"))
+    }
+}
+
+async fn run_machines(args: &Args) -> anyhow::Result<(Report, Option<Reimage>)> {
     let wire = DhcpWire::bind(&args.interface)?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
@@ -224,6 +337,22 @@ async fn run_machines(args: &Args) -> anyhow::Result<Report> {
     if total > 0xff_ffff {
         anyhow::bail!("{total} machines: the simulated MACs have room for 16,777,215");
     }
+    // The operator's one call before the machines power on.
+    let bulk = match (&args.reimage, Api::from_args(args)?) {
+        (Some(profile), Some(api)) => {
+            let macs: Vec<String> = (0..total)
+                .map(|n| mac_text(args.firmware.machine(args.mac_prefix, n).0.mac))
+                .collect();
+            let called = Instant::now();
+            let changed = api.bulk_profile(&http, &macs, profile).await?;
+            Some((
+                profile.clone(),
+                changed,
+                called.elapsed().as_secs_f64() * 1000.0,
+            ))
+        }
+        _ => None,
+    };
     let meter = pxe_lab::cpu::CpuMeter::start(pxe_lab::cpu::LoadGenerator::ThisProcess);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.time_limit);
@@ -248,7 +377,8 @@ async fn run_machines(args: &Args) -> anyhow::Result<Report> {
             identity,
             xid,
             firmware: args.firmware,
-            second_stage: args.second_stage,
+            second_stage: args.second_stage || args.reimage.is_some(),
+            reimage: args.reimage.is_some(),
             verify_root: args.verify_root.clone(),
             deadline,
         };
@@ -276,12 +406,27 @@ async fn run_machines(args: &Args) -> anyhow::Result<Report> {
         machines.push(task.await?);
     }
     progress.finish();
-    Ok(summarise(
+    let reimage = bulk.map(|(profile, bulk_changed, bulk_ms)| Reimage {
+        profile,
+        bulk_changed,
+        bulk_ms,
+        provisioned: machines.iter().filter(|m| m.provisioned).count(),
+        second_boot_answered: machines
+            .iter()
+            .filter(|m| m.stages.iter().any(|(s, _)| *s == "second_dhcp"))
+            .count(),
+        second_boot_boot_files: machines
+            .iter()
+            .filter(|m| m.second_boot_file.is_some())
+            .count(),
+    });
+    let report = summarise(
         args,
         machines,
         started.elapsed().as_secs_f64(),
         meter.stop(),
-    ))
+    );
+    Ok((report, reimage))
 }
 
 struct Machine {
@@ -289,6 +434,8 @@ struct Machine {
     xid: u32,
     firmware: Firmware,
     second_stage: bool,
+    /// Mark itself provisioned once booted, then power on again.
+    reimage: bool,
     verify_root: Option<PathBuf>,
     deadline: Instant,
 }
@@ -382,6 +529,41 @@ impl Machine {
             r.bytes += body.len() as u64;
         }
         r.stages.push(("os", ms(t0)));
+        if !self.reimage {
+            return Ok(());
+        }
+
+        // The installer is done: it marks its machine with the URL and token
+        // its command line carries, and the machine powers off.
+        let (done_url, token) = provision_args(&script).ok_or(
+            "provision: the script's kernel line has no pxed.done=URL and pxed.token=TOKEN",
+        )?;
+        let answer = http
+            .post(&done_url)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .map_err(|e| format!("provision: {done_url}: {e}"))?;
+        let status = answer.status();
+        if !status.is_success() {
+            let text = answer.text().await.unwrap_or_default();
+            return Err(format!("provision: {done_url}: {status}: {}", text.trim()));
+        }
+        r.provisioned = true;
+        r.stages.push(("provisioned", ms(t0)));
+
+        // Powered on again: the firmware's DHCP, answered with an address
+        // and, for a provisioned machine, no boot file.
+        let (lease, tally) =
+            dhcp::dora(wire, &self.identity, self.xid | 2, firmware.dhcp_schedule()).await;
+        r.add_dhcp(tally);
+        let lease = lease.map_err(|e| format!("second boot dhcp: {e}"))?;
+        r.stages.push(("second_dhcp", ms(t0)));
+        if let Some(file) = lease.boot_file {
+            let failure = format!("second boot: still offered a boot file ({file})");
+            r.second_boot_file = Some(file);
+            return Err(failure);
+        }
         Ok(())
     }
 
@@ -413,6 +595,22 @@ fn script_urls(script: &str) -> Vec<String> {
         .collect()
 }
 
+/// The installer's `pxed.done=URL` and `pxed.token=TOKEN` from the script's
+/// kernel line (the convention the lab's initramfs follows too).
+fn provision_args(script: &str) -> Option<(String, String)> {
+    let kernel = script
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("kernel"))?;
+    let word = |prefix: &str| {
+        kernel
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(prefix))
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+    Some((word("pxed.done=")?, word("pxed.token=")?))
+}
+
 fn mac_text(m: [u8; 6]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
@@ -427,7 +625,15 @@ fn summarise(
     cpu: pxe_lab::cpu::CpuUsage,
 ) -> Report {
     let mut stage_ms = Vec::new();
-    for stage in ["dhcp", "nbp", "ipxe_dhcp", "script", "os"] {
+    for stage in [
+        "dhcp",
+        "nbp",
+        "ipxe_dhcp",
+        "script",
+        "os",
+        "provisioned",
+        "second_dhcp",
+    ] {
         let mut times = report::Latencies::default();
         machines
             .iter()
@@ -546,6 +752,22 @@ mod tests {
             [0, 5, 1000, 1005],
             "waves, ramped within"
         );
+    }
+
+    #[test]
+    fn the_installers_url_and_token_come_from_the_kernel_line() {
+        let script = "#!ipxe\nkernel http://198.18.0.1/vmlinuz initrd=initrd.img pxed.done=http://198.18.0.1/api/v1/machines/52:54:00:10:00:01/provisioned pxed.token=abc\ninitrd http://198.18.0.1/initrd.img\nboot\n";
+        assert_eq!(
+            provision_args(script),
+            Some((
+                "http://198.18.0.1/api/v1/machines/52:54:00:10:00:01/provisioned".into(),
+                "abc".into()
+            ))
+        );
+        // An empty token (pxed without its API renders none) is no token.
+        let tokenless = "#!ipxe\nkernel http://s/vmlinuz pxed.done=http://s/x pxed.token=\nboot\n";
+        assert_eq!(provision_args(tokenless), None);
+        assert_eq!(provision_args("#!ipxe\nkernel http://s/vmlinuz\n"), None);
     }
 
     #[test]

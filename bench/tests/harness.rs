@@ -6,7 +6,10 @@
 //! so. `bench dhcp` must lease 50 machines four times each from pxed, whose
 //! programs answer every repeat. `bench tftp --io packet` (one packet socket
 //! for every transfer) must download byte-exact from pxed's kernel tiers,
-//! lockstep and windowed, and count a file that differs as failed. Needs root.
+//! lockstep and windowed, and count a file that differs as failed. `bench pxe
+//! --reimage` must carry 1,000 machines through pxed's reimaging workflow:
+//! one bulk API call, all boot, all mark themselves provisioned, and none is
+//! given a boot file when it powers on again. Needs root.
 
 use std::{
     path::{Path, PathBuf},
@@ -99,7 +102,8 @@ fn start_pxed_with(lab: &Lab, server: &Netns, root: &Path, work: &Path, extra: &
         "--dhcp",
         "full",
         "--range",
-        "198.18.0.10-198.18.3.200",
+        // 1,009 addresses: room for the 1,000 machines of the largest run.
+        "198.18.0.10-198.18.3.250",
         "--lease-file",
         leases.to_str().unwrap(),
         "--tftp-max-per-client",
@@ -596,4 +600,123 @@ fn packet_io_downloads_byte_exact_from_the_kernel_tiers_and_counts_a_wrong_file(
             .contains("differ from the expected file")),
         "{report}"
     );
+}
+
+#[test]
+fn a_thousand_machines_are_reimaged_then_mark_themselves_done_and_boot_no_file_again() {
+    if !pxe_lab::privileged(
+        "a_thousand_machines_are_reimaged_then_mark_themselves_done_and_boot_no_file_again",
+    ) {
+        return;
+    }
+    let (lab, server, client) = lab();
+    // Small files: this is about the workflow, not the bytes.
+    let root = tempfile::tempdir().unwrap();
+    for (name, len) in [
+        ("ipxe.efi", 20_000usize),
+        ("vmlinuz", 40_000),
+        ("initrd.img", 60_000),
+    ] {
+        let bytes: Vec<u8> = (0..len)
+            .map(|i| (i % 251) as u8 ^ name.len() as u8)
+            .collect();
+        std::fs::write(root.path().join(name), bytes).unwrap();
+    }
+    let work = tempfile::tempdir().unwrap();
+    let path = |name: &str| work.path().join(name).to_str().unwrap().to_owned();
+    std::fs::write(path("token"), "bench-reimage-token-0123456789\n").unwrap();
+    std::fs::write(
+        path("pxed.toml"),
+        "default_profile = \"default\"\n\
+         [[profile]]\nname = \"default\"\n\
+         [[profile]]\nname = \"installer\"\n\
+         cmdline = \"console=ttyS0 pxed.done={{provision_url}} pxed.token={{provision_token}}\"\n",
+    )
+    .unwrap();
+    let pid = start_pxed_with(
+        &lab,
+        &server,
+        root.path(),
+        work.path(),
+        &[
+            "--config",
+            &path("pxed.toml"),
+            "--inventory-file",
+            &path("inventory.redb"),
+            // On the lab's server address, so the harness in the client
+            // namespace reaches it (a lab network is no boot network).
+            "--api",
+            "198.18.0.1:8067",
+            "--api-token-file",
+            &path("token"),
+        ],
+    );
+    assert!(
+        server.wait_for_tcp_port(8067, Duration::from_secs(20)),
+        "{}",
+        std::fs::read_to_string(path("pxed.log")).unwrap_or_default()
+    );
+    let report = bench_pxe(
+        &client,
+        &[
+            "--clients",
+            "1000",
+            "--mac-prefix",
+            "80",
+            "--reimage",
+            "installer",
+            "--api",
+            "http://198.18.0.1:8067",
+            "--api-token-file",
+            &path("token"),
+            "--verify-root",
+            root.path().to_str().unwrap(),
+        ],
+        work.path(),
+    );
+    let log = std::fs::read_to_string(path("pxed.log")).unwrap_or_default();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    assert_eq!(
+        count(&report, "failed"),
+        0,
+        "{}\n{}",
+        report["failures"],
+        warnings[warnings.len().saturating_sub(40)..].join("\n")
+    );
+    assert_eq!(count(&report, "booted"), 1000);
+    let reimage = &report["reimage"];
+    assert_eq!(count(reimage, "bulk_changed"), 1000, "{reimage}");
+    assert_eq!(count(reimage, "provisioned"), 1000, "{reimage}");
+    assert_eq!(count(reimage, "second_boot_answered"), 1000, "{reimage}");
+    assert_eq!(count(reimage, "second_boot_boot_files"), 0, "{reimage}");
+    let stages: Vec<&str> = report["stage_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s[0].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            "dhcp",
+            "nbp",
+            "ipxe_dhcp",
+            "script",
+            "os",
+            "provisioned",
+            "second_dhcp"
+        ]
+    );
+    // pxed's side: each machine marked itself, through the boot network's listener.
+    assert_eq!(
+        log.matches("provisioned: the machine boots from its disk from now on")
+            .count(),
+        1000
+    );
+    // And the second power-ons were decided as local boots, not boot files.
+    let counters = pxed_dhcp_counters(pid, &work.path().join("pxed.log"));
+    assert!(counters.contains("naks=0"), "{counters}");
 }
