@@ -11,6 +11,7 @@
 mod bench;
 mod bench_dhcp;
 mod bench_pxe;
+mod bench_webhook;
 mod demo;
 mod peers;
 mod setup;
@@ -86,6 +87,15 @@ enum Task {
         #[arg(long, default_value = "socket", value_parser = ["socket", "packet"])]
         harness_io: String,
     },
+    /// Does a slow decision webhook hold up the machines pxed knows? DHCP
+    /// latency of N known machines without a webhook, then with one taking
+    /// 5 s while N strangers ask it; writes docs/benchmarks/webhook.md (as
+    /// root; about a minute).
+    BenchWebhook {
+        /// Known machines (and as many strangers).
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+    },
     /// Run setup, then every test in the workspace (as root: namespaces, BPF).
     Test {
         /// Extra arguments for `cargo test`, e.g. a test name filter.
@@ -117,6 +127,9 @@ fn main() -> ExitCode {
             harness_io,
         } => setup::run(setup::Mode::Install)
             .and_then(|()| bench::run(&clients, blksize, windowsize, &harness_io)),
+        Task::BenchWebhook { clients } => {
+            setup::run(setup::Mode::Install).and_then(|()| bench_webhook::run(clients))
+        }
         Task::Test { cargo_args } => {
             setup::run(setup::Mode::Install).and_then(|()| test(&cargo_args))
         }

@@ -85,6 +85,12 @@ pub struct Webhook {
 /// Failures are cached this long: the webhook is asked again soon.
 const FAILED_TTL: Duration = Duration::from_secs(5);
 
+/// Lookups running at once, at most. Each holds a blocking thread for up to
+/// the timeout; a storm of strangers must not turn into a thousand threads
+/// that take the CPU from the machines pxed knows. A stranger over the
+/// bound is asked about on a later retransmission.
+const MAX_LOOKUPS: usize = 16;
+
 impl Webhook {
     /// A webhook at `url` (its `/v1/boot/{mac}` is asked); lookups run on
     /// `runtime`'s blocking threads.
@@ -129,12 +135,9 @@ impl Webhook {
                 return Some(c.said.clone());
             }
         }
-        if self
-            .asking
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(machine.mac)
-        {
+        let mut asking = self.asking.lock().unwrap_or_else(|e| e.into_inner());
+        if asking.len() < MAX_LOOKUPS && asking.insert(machine.mac) {
+            drop(asking);
             let hook = Arc::clone(self);
             let (mac, arch) = (machine.mac, machine.arch.name());
             self.runtime.spawn_blocking(move || hook.look_up(mac, arch));
