@@ -567,6 +567,55 @@ fn a_release_or_nak_takes_the_clients_templates_back() {
 }
 
 #[test]
+fn an_answer_decided_before_a_policy_change_is_not_learnt_after_it() {
+    let mut lab = Lab::new(Mode::Full, true);
+    let ip = leased(&mut lab);
+    assert!(!lab.answers.is_empty());
+    // A repeat REQUEST is decided under the policy as it is...
+    let request = selecting(9, ip);
+    let decided_in = lab.answers.epoch();
+    let now = Clocks::now();
+    let arrival = Arrival {
+        port: 67,
+        source: client(),
+        server_ip: SERVER,
+    };
+    let outcome = lab
+        .engine
+        .handle(&classify(&request).unwrap(), arrival, now.unix_secs);
+    let mut bytes = Vec::new();
+    outcome
+        .reply
+        .expect("an ACK")
+        .message
+        .encode(&mut Encoder::new(&mut bytes))
+        .unwrap();
+    let answer = outcome.kernel.expect("a repeatable answer");
+    let (key, entry) =
+        templates::template(&request, &bytes, &answer, 67, &lab.interface, now).unwrap();
+    // ...the operator changes this machine before the answer reaches the
+    // kernel (what the API and SIGHUP do)...
+    lab.answers.invalidate(&[MAC]);
+    assert!(lab.answers.is_empty(), "its templates are taken back");
+    // ...and the late template is refused: the kernel never repeats the old
+    // policy's answer.
+    lab.answers.install(key, entry, decided_in);
+    assert!(
+        lab.answers.is_empty(),
+        "a template decided before the change"
+    );
+    assert_passed(
+        &lab,
+        &frame(&selecting(10, ip), 68, 67),
+        Counter::PASS_DHCP_TO_SERVER,
+        "REQUEST after the change",
+    );
+    // One decided after the change is learnt as ever.
+    lab.answers.install(key, entry, lab.answers.epoch());
+    assert_eq!(lab.answers.len(), 1);
+}
+
+#[test]
 fn a_lease_that_moves_takes_back_the_template_that_named_the_old_address() {
     let mut lab = Lab::new(Mode::Full, true);
     let old = leased(&mut lab);
