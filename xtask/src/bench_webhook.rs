@@ -143,21 +143,16 @@ fn measure(
     };
     // The strangers power on with the known machines in both runs, so that
     // only the webhook differs: with it, they make pxed ask a slow webhook.
-    let (child, json) = run(STRANGER_PREFIX, "strangers");
-    let mut strangers = Some((child.context("starting bench dhcp")?, json));
+    let (strangers, strangers_json) = run(STRANGER_PREFIX, "strangers");
+    let mut strangers = strangers.context("starting bench dhcp")?;
     let (known, known_json) = run(KNOWN_PREFIX, "known");
     let status = known.context("starting bench dhcp")?.wait()?;
     anyhow::ensure!(
         status.success(),
         "bench dhcp for the known machines failed ({status})"
     );
-    let strangers_report = match strangers.as_mut() {
-        Some((child, json)) => {
-            child.wait()?;
-            serde_json::from_slice(&std::fs::read(json)?)?
-        }
-        None => serde_json::Value::Null,
-    };
+    strangers.wait()?;
+    let strangers_report = serde_json::from_slice(&std::fs::read(&strangers_json)?)?;
     let known_report = serde_json::from_slice(&std::fs::read(&known_json)?)?;
     Ok((known_report, strangers_report))
 }
