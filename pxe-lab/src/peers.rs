@@ -1,7 +1,17 @@
 //! Other servers the tests and benchmarks run beside or instead of pxed,
-//! started the one way that keeps them inside a lab: dnsmasq.
+//! started the one way that keeps them inside a lab: dnsmasq, and Prometheus
+//! as the scraper of pxed's metrics.
 
-use std::{io, path::Path};
+use std::{
+    collections::BTreeMap,
+    io::{self, Write as _},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
 
 use crate::{Lab, Netns};
 
@@ -77,4 +87,298 @@ impl Dnsmasq {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
         lab.spawn_logged(ns, "dnsmasq", &args, log)
     }
+}
+
+/// A Prometheus server scraping one target, run inside a lab namespace (never
+/// the system's service: Debian's `prometheus` package brings the binaries).
+/// Its web API listens on [`Prometheus::WEB`] inside that namespace only;
+/// every query reaches it from there. Dropping it kills the process.
+pub struct Prometheus {
+    ns: Netns,
+    child: Child,
+    log: PathBuf,
+}
+
+/// One scrape target as `/api/v1/targets` reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScrapeTarget {
+    pub scrape_url: String,
+    /// `up`, `down`, or `unknown` before the first scrape.
+    pub health: String,
+    /// Why the last scrape failed; empty when it did not.
+    pub last_error: String,
+}
+
+impl ScrapeTarget {
+    pub fn is_up(&self) -> bool {
+        self.health == "up"
+    }
+}
+
+impl Prometheus {
+    /// Where the web API listens, in the server's namespace. Loopback: each
+    /// namespace has its own, so every lab can use the same port.
+    pub const WEB: &'static str = "127.0.0.1:9090";
+    /// The `job` label of the one target.
+    pub const JOB: &'static str = "lab";
+    const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// Starts Prometheus in `ns` scraping `http://{target}{metrics_path}`
+    /// every second, with `bearer_token` as the `Authorization` header when
+    /// given. Config, token, database and log go in `dir`. Returns once the
+    /// server says it is ready.
+    pub fn start(
+        lab: &Lab,
+        ns: &Netns,
+        dir: &Path,
+        target: SocketAddr,
+        metrics_path: &str,
+        bearer_token: Option<&str>,
+    ) -> io::Result<Self> {
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            scrape_config(dir, target, metrics_path, bearer_token)?,
+        )?;
+        let log = dir.join("prometheus.log");
+        let args = [
+            format!("--config.file={}", config.display()),
+            format!("--storage.tsdb.path={}", dir.join("data").display()),
+            format!("--web.listen-address={}", Self::WEB),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let pid = lab.spawn_logged(ns, "prometheus", &args, &log)?;
+        // Ours, not the lab's: dropping the server stops it.
+        let child = lab
+            .take_child(pid)
+            .ok_or_else(|| io::Error::other("the lab lost the prometheus it started"))?;
+        let mut server = Self {
+            ns: ns.clone(),
+            child,
+            log,
+        };
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    fn wait_ready(&mut self) -> io::Result<()> {
+        let deadline = Instant::now() + Self::READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Err(self.failure(&format!("prometheus exited ({status})")));
+            }
+            if self.get("/-/ready", &[]).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(self.failure(&format!(
+                    "prometheus was not ready within {:?}",
+                    Self::READY_TIMEOUT
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// An instant query: each sample's labels and value.
+    pub fn query(&self, promql: &str) -> io::Result<Vec<(BTreeMap<String, String>, f64)>> {
+        let data = self.api("/api/v1/query", &[("query", promql)])?;
+        let result = &data["result"];
+        match data["resultType"].as_str() {
+            Some("vector") => result
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|sample| {
+                    let labels = sample["metric"]
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                        .collect();
+                    Ok((labels, sample_value(&sample["value"])?))
+                })
+                .collect(),
+            Some("scalar") => Ok(vec![(BTreeMap::new(), sample_value(result)?)]),
+            other => Err(io::Error::other(format!(
+                "{promql}: result type {other:?}, not a vector or scalar"
+            ))),
+        }
+    }
+
+    /// Polls `promql`, which must return at most one sample, until `holds`
+    /// says yes to its value; returns that value. On timeout the error says
+    /// the last value seen and what the scrape target's health was.
+    pub fn wait_for(
+        &self,
+        promql: &str,
+        holds: impl Fn(f64) -> bool,
+        timeout: Duration,
+    ) -> io::Result<f64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match self.query(promql)?.as_slice() {
+                [] => "no sample".to_owned(),
+                [(_, value)] if holds(*value) => return Ok(*value),
+                [(_, value)] => value.to_string(),
+                many => {
+                    return Err(io::Error::other(format!(
+                        "{promql} returned {} samples, not one",
+                        many.len()
+                    )))
+                }
+            };
+            if Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "after {timeout:?}, {promql} was {last}; targets: {:?}",
+                    self.targets()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The scrape targets and their health (`/api/v1/targets`).
+    pub fn targets(&self) -> io::Result<Vec<ScrapeTarget>> {
+        let data = self.api("/api/v1/targets", &[])?;
+        let text = |t: &Value, key: &str| t[key].as_str().unwrap_or_default().to_owned();
+        Ok(data["activeTargets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| ScrapeTarget {
+                scrape_url: text(t, "scrapeUrl"),
+                health: text(t, "health"),
+                last_error: text(t, "lastError"),
+            })
+            .collect())
+    }
+
+    /// The `data` of an API answer whose `status` is `success`.
+    fn api(&self, path: &str, params: &[(&str, &str)]) -> io::Result<Value> {
+        let body = self.get(path, params)?;
+        let mut answer: Value = serde_json::from_slice(&body).map_err(|e| {
+            io::Error::other(format!(
+                "{path}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&body)
+            ))
+        })?;
+        if answer["status"] != "success" {
+            return Err(io::Error::other(format!(
+                "{path} {params:?}: {} {}",
+                answer["errorType"], answer["error"]
+            )));
+        }
+        Ok(answer["data"].take())
+    }
+
+    /// GETs `path` with `params` URL-encoded, with curl run in the server's
+    /// namespace: the only place its address means this server. The body,
+    /// also of an error status (the API explains errors in JSON).
+    fn get(&self, path: &str, params: &[(&str, &str)]) -> io::Result<Vec<u8>> {
+        let url = format!("http://{}{path}", Self::WEB);
+        let mut args = vec!["-sS", "--max-time", "5", "-G", url.as_str()];
+        let params: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        for param in &params {
+            args.extend(["--data-urlencode", param.as_str()]);
+        }
+        let out = self.ns.output("curl", &args)?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "curl {url}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(out.stdout)
+    }
+
+    fn failure(&self, what: &str) -> io::Error {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        io::Error::other(format!(
+            "{what}; the end of {}:\n{tail}",
+            self.log.display()
+        ))
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        // Its own child, by PID; the data directory is the caller's.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// prometheus.yml for one target. Written as JSON, which is YAML too, so
+/// that paths and the target are quoted correctly whatever they hold.
+fn scrape_config(
+    dir: &Path,
+    target: SocketAddr,
+    metrics_path: &str,
+    bearer_token: Option<&str>,
+) -> io::Result<String> {
+    let mut job = serde_json::json!({
+        "job_name": Prometheus::JOB,
+        "metrics_path": metrics_path,
+        "static_configs": [{ "targets": [target.to_string()] }],
+    });
+    if let Some(token) = bearer_token {
+        // A file, not `credentials`: the token stays out of the config,
+        // which Prometheus shows at /api/v1/status/config.
+        let file = dir.join("bearer_token");
+        std::fs::write(&file, token)?;
+        job["authorization"] = serde_json::json!({
+            "type": "Bearer",
+            "credentials_file": file,
+        });
+    }
+    let config = serde_json::json!({
+        "global": { "scrape_interval": "1s", "scrape_timeout": "1s" },
+        "scrape_configs": [job],
+    });
+    Ok(serde_json::to_string_pretty(&config).expect("a JSON value serializes"))
+}
+
+/// An API sample, `[time, "value"]`: the value (Prometheus sends it as text
+/// so that NaN and ±Inf survive JSON).
+fn sample_value(sample: &Value) -> io::Result<f64> {
+    sample[1]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("not a sample: {sample}")))
+}
+
+/// Runs `promtool check metrics` on an exposition (the text a `/metrics`
+/// endpoint serves): an error with promtool's findings if it rejects it,
+/// lint problems (a missing HELP, a counter without `_total`) included.
+pub fn promtool_check_metrics(exposition: &str) -> io::Result<()> {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("running promtool (package prometheus): {e}"),
+            )
+        })?;
+    // Written from another thread: promtool may answer before reading it all.
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let text = exposition.to_owned();
+    let writer = std::thread::spawn(move || stdin.write_all(text.as_bytes()));
+    let out = child.wait_with_output()?;
+    let _ = writer.join();
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(io::Error::other(format!(
+        "promtool check metrics ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )))
 }

@@ -77,7 +77,17 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "kea-admin",
         "perfdhcp, ISC's DHCP load tool, for cargo xtask bench-dhcp",
     ),
+    (
+        "prometheus",
+        "prometheus and promtool, a real scraper for the metrics tests (its service is never run)",
+    ),
 ];
+
+/// Services that packages above enable on install, with the package that
+/// brings each. The tests start their own instance inside a lab; one running
+/// as a system service would sit in the root namespace, on the machine's
+/// real network, and start again on every boot.
+const SERVICES_NEVER_RUN: &[(&str, &str)] = &[("prometheus", "prometheus")];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13";
@@ -92,6 +102,7 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
     if !missing.is_empty() {
         if can_install {
             apt_install(&missing)?;
+            keep_services_off(&missing)?;
         } else {
             let names: Vec<&str> = missing.iter().map(|(n, _)| *n).collect();
             for (name, why) in &missing {
@@ -237,7 +248,7 @@ fn apt_install(missing: &[(&str, &str)]) -> anyhow::Result<()> {
     let names: Vec<&str> = missing.iter().map(|(n, _)| *n).collect();
     step(&format!("installing {}", names.join(" ")));
     run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
-    // Server packages (Kea) start their service on install: in the root
+    // Server packages (Kea, Prometheus) start their service on install: in the root
     // namespace, on the machine's real network. Deny every service start for
     // the install (policy-rc.d, exit 101), unless the machine already has a
     // policy of its own.
@@ -276,6 +287,55 @@ impl Drop for DenyServiceStarts {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// Stops and disables the services of [`SERVICES_NEVER_RUN`] whose package
+/// was just installed. policy-rc.d kept them from starting, but their
+/// postinst still enabled them for the next boot, and a machine's own
+/// policy-rc.d may allow starts. Packages installed before are the
+/// machine's business, not setup's.
+fn keep_services_off(installed: &[(&str, &str)]) -> anyhow::Result<()> {
+    for (service, package) in SERVICES_NEVER_RUN {
+        if installed.iter().any(|(name, _)| name == package) {
+            step(&format!(
+                "keeping the {service} service stopped and disabled"
+            ));
+            stop_and_disable(service)?;
+        }
+    }
+    Ok(())
+}
+
+fn stop_and_disable(service: &str) -> anyhow::Result<()> {
+    // The check sd_booted() makes: systemd is the running init.
+    if Path::new("/run/systemd/system").is_dir() {
+        return run_cmd(Command::new("systemctl").args(["disable", "--now", service]));
+    }
+    // No systemd running (a container): enabling is links on disk, which
+    // `systemctl disable` removes offline, sysvinit's rc links included.
+    if has_program("systemctl") {
+        run_cmd(Command::new("systemctl").args(["disable", "--quiet", service]))?;
+    } else if has_program("update-rc.d") {
+        run_cmd(Command::new("update-rc.d").args([service, "disable"]))?;
+    }
+    // Only an init script can have started it then; usually nothing runs.
+    let script = Path::new("/etc/init.d").join(service);
+    let running = script.exists()
+        && Command::new(&script)
+            .arg("status")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    if running {
+        run_cmd(Command::new(&script).arg("stop"))?;
+    }
+    Ok(())
+}
+
+fn has_program(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
 }
 
 /// QEMU must come from bookworm-backports: the image's qemu-utils 10 (from
