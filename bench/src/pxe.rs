@@ -518,6 +518,7 @@ impl Machine {
                 .map_err(|e| format!("os: {url}: {e}"))?;
             let body = body.bytes().await.map_err(|e| format!("os: {url}: {e}"))?;
             let path = url.splitn(4, '/').nth(3).unwrap_or_default();
+            let path = path.split('?').next().unwrap_or_default();
             if let Some(want) = self.expected_opt(path)? {
                 if body.as_ref() != want.as_slice() {
                     return Err(format!(

@@ -214,6 +214,23 @@ pub struct Cli {
     )]
     pub decision_cache_secs: u64,
 
+    /// Let `GET /metrics` on the API listener answer without the bearer
+    /// token (for a Prometheus that cannot send one). The rest of the API
+    /// still needs it.
+    #[arg(long, requires = "api")]
+    pub metrics_public: bool,
+
+    /// How many machines' boot timelines are kept (each its last 4 boots);
+    /// past it, the longest-known machine is forgotten first. About 100,000
+    /// machines cost 1 KiB each (docs/OBSERVABILITY.md).
+    #[arg(long, value_name = "N", default_value_t = crate::observe::DEFAULT_TIMELINE_MACHINES)]
+    pub timeline_machines: usize,
+
+    /// Keep no metrics and no boot timelines (for measuring what they cost);
+    /// `/metrics` and the boots endpoints then answer 404.
+    #[arg(long)]
+    pub no_observe: bool,
+
     /// Seconds between counter lines in the log (only when something changed);
     /// 0 logs them only at exit. SIGUSR1 logs them at any time.
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]

@@ -24,6 +24,7 @@ use crate::{
     fastpath::KernelAnswers,
     inventory::{Inventory, InventoryError, MachineRecord, ProfileRecord},
     lease::Lease,
+    observe::Observer,
     policy::{
         provision::ProvisionKey,
         r#static::StaticPolicy,
@@ -84,6 +85,8 @@ pub struct Paths {
     pub provision: Option<ProvisionKey>,
     /// Asked for the machines it decides for, if configured.
     pub webhook: Option<Arc<Webhook>>,
+    /// Told when a machine is marked provisioned (its timeline's last stage).
+    pub observer: Arc<Observer>,
 }
 
 /// What the published policy is made of.
@@ -243,6 +246,11 @@ impl Control {
     }
 
     /// The installer's call: `mac` is done, it boots from its disk from now on.
+    /// Where metrics and boot timelines are kept.
+    pub fn observer(&self) -> &Arc<Observer> {
+        &self.paths.observer
+    }
+
     pub fn provisioned(&self, mac: Mac, token: &str) -> Result<MachineRecord, ChangeError> {
         let key = self.paths.provision.as_ref().ok_or(ChangeError::BadToken)?;
         if !key.verify(mac, token) {
@@ -254,6 +262,7 @@ impl Control {
         record.netboot = false;
         let written = self.put_machines(vec![record], None)?;
         info!(%mac, "provisioned: the machine boots from its disk from now on");
+        self.paths.observer.provisioned(mac);
         Ok(written.into_iter().next().expect("one record written"))
     }
 

@@ -20,6 +20,7 @@ pub mod http;
 pub mod inventory;
 pub mod lease;
 pub mod netif;
+pub mod observe;
 pub mod policy;
 pub mod privileges;
 pub mod settings;

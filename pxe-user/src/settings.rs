@@ -65,6 +65,11 @@ pub struct Settings {
     /// The operator API's address and its bearer token (read from the file).
     pub api: Option<(std::net::SocketAddr, String)>,
     pub inventory_file: PathBuf,
+    /// `GET /metrics` needs no token.
+    pub metrics_public: bool,
+    /// Machines whose timelines are kept; 0 with metrics and timelines off.
+    pub timeline_machines: usize,
+    pub observe: bool,
     /// The decision webhook, if one is configured.
     pub decision: Option<Decision>,
     /// The file as loaded (defaults when there is none).
@@ -158,6 +163,9 @@ impl Settings {
                 .or(config.http_port)
                 .unwrap_or(DEFAULT_HTTP_PORT),
             stats_interval: cli.stats_interval,
+            metrics_public: cli.metrics_public,
+            timeline_machines: cli.timeline_machines,
+            observe: !cli.no_observe,
             config,
         })
     }

@@ -654,6 +654,7 @@ fn uefi_machine_installs_marks_itself_provisioned_and_then_boots_no_nbp() {
     );
     let (_, record) = api(&lab.server, "GET", &format!("/machines/{MAC}"), None);
     assert_eq!(record["netboot"], false, "{record}");
+    assert_first_boot_timeline(&lab.server, MAC, &log);
 
     // Second power-on, same MAC: an address and no boot file; OVMF's PXE
     // says so (PXE-E16) and BdsDxe goes on to the next boot option, HTTP
@@ -737,4 +738,150 @@ fn uefi_machine_installs_marks_itself_provisioned_and_then_boots_no_nbp() {
     );
     let (_, record) = api(&lab.server, "GET", &format!("/machines/{MAC}"), None);
     assert_eq!(record["netboot"], false, "{record}");
+    // The timeline: a second boot, begun by the firmware's DISCOVER, that
+    // got an address and nothing more.
+    let (status, answer) = api(&lab.server, "GET", &format!("/machines/{MAC}/boots"), None);
+    assert_eq!(status, 200, "{answer}");
+    let boots = answer["boots"].as_array().unwrap();
+    assert_eq!(boots.len(), 2, "{answer:#}");
+    assert_eq!(boots[1]["stage"], "dhcp", "{:#}", boots[1]);
+}
+
+/// pxed's timeline of the installing boot: every stage once, in boot order,
+/// at times a TCG machine takes, and the files with their details.
+fn assert_first_boot_timeline(server: &Netns, mac: &str, log: &str) {
+    let (status, answer) = api(server, "GET", &format!("/machines/{mac}/boots"), None);
+    assert_eq!(status, 200, "{answer}");
+    let boot = &answer["boots"][0];
+    let context = format!("{boot:#}\npxed:\n{log}");
+    assert_eq!(boot["stage"], "provisioned", "{context}");
+    assert!(boot["failure"].is_null(), "{context}");
+    let order = [
+        "power_on",
+        "dhcp",
+        "nbp",
+        "ipxe_dhcp",
+        "script",
+        "os",
+        "provisioned",
+    ];
+    let seconds: Vec<f64> = order
+        .iter()
+        .map(|s| {
+            boot["stages"][*s]
+                .as_f64()
+                .unwrap_or_else(|| panic!("no {s} stage: {context}"))
+        })
+        .collect();
+    assert!(
+        seconds.windows(2).all(|w| w[0] <= w[1]) && seconds[6] > 1.0 && seconds[6] < 300.0,
+        "stages out of order or implausible: {seconds:?}\n{context}"
+    );
+    let events = boot["events"].as_array().unwrap();
+    let kind = |e: &serde_json::Value, k: &str| e["kind"] == k;
+    let nbp = events
+        .iter()
+        .find(|e| kind(e, "tftp") && e["path"] == "ipxe.efi" && e["end"]["how"] == "completed")
+        .unwrap_or_else(|| panic!("no completed ipxe.efi transfer: {context}"));
+    assert!(
+        nbp["size"].as_u64() > Some(100_000) && nbp["blksize"].as_u64() > Some(512),
+        "{nbp}"
+    );
+    for file in ["/vmlinuz", "/initrd.img"] {
+        assert!(
+            events.iter().any(|e| kind(e, "http")
+                && e["path"] == file
+                && e["status"] == 200
+                && e["complete"] == true),
+            "{file} not downloaded whole: {context}"
+        );
+    }
+    let at = |pred: &dyn Fn(&serde_json::Value) -> bool| {
+        events.iter().position(|e| pred(e)).unwrap_or(usize::MAX)
+    };
+    let ipxe_ack = at(&|e| kind(e, "dhcp") && e["ipxe"] == true && e["answered"] == "ACK");
+    let script = at(&|e| kind(e, "http") && e["route"] == "script");
+    let provisioned = at(&|e| kind(e, "provisioned"));
+    assert!(
+        at(&|e| kind(e, "dhcp") && e["asked"] == "DISCOVER") == 0
+            && ipxe_ack < script
+            && script < provisioned
+            && provisioned < usize::MAX,
+        "events out of order: {context}"
+    );
+}
+
+/// A machine whose boot file is missing: its timeline says so, as the
+/// failure of the boot, and the rack view counts it failed.
+#[test]
+fn a_machine_whose_nbp_is_missing_shows_the_error_as_its_failure() {
+    if !pxe_lab::privileged("a_machine_whose_nbp_is_missing_shows_the_error_as_its_failure")
+        || !have_qemu()
+        || !have_tool("curl", "curl")
+    {
+        return;
+    }
+    const MAC: &str = "52:54:00:fa:00:0d";
+    let secrets = tempfile::tempdir().unwrap();
+    let token = secrets.path().join("token");
+    std::fs::write(&token, format!("{API_TOKEN}\n")).unwrap();
+    let inventory = secrets.path().join("inventory.redb");
+    let extra =
+        "[[profile]]\nname = \"broken\"\n[profile.boot_files]\nuefi_x64 = \"missing.efi\"\n\
+                 [[machine]]\nmac = \"52:54:00:fa:00:0d\"\nprofile = \"broken\"\n";
+    let lab = firmware_lab_with(
+        1,
+        false,
+        &[
+            "--dhcp",
+            "full",
+            "--range",
+            "198.18.0.100-198.18.0.199",
+            "--api",
+            "127.0.0.1:8067",
+            "--api-token-file",
+            token.to_str().unwrap(),
+            "--inventory-file",
+            inventory.to_str().unwrap(),
+        ],
+        extra,
+    );
+    let pxed_log = || std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap_or_default();
+    assert!(lab.server.wait_for_tcp_port(8067, Duration::from_secs(20)));
+    let (serial, pid) = lab.boot_with(0, MAC, Firmware::UefiPxe, "serial-missing.log", &[]);
+    let started = std::time::Instant::now();
+    while !pxed_log().contains("TFTP: file not found")
+        && started.elapsed() < Duration::from_secs(180)
+    {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // A moment for the firmware to give up on the file.
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, answer) = api(&lab.server, "GET", &format!("/machines/{MAC}/boots"), None);
+    let (_, rack) = api(&lab.server, "GET", "/boots?since=10m", None);
+    if let Some(child) = lab.lab.take_child(pid) {
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let serial = std::fs::read_to_string(&serial).unwrap_or_default();
+    let context = format!("{answer:#}\nserial:\n{serial}\npxed:\n{}", pxed_log());
+    let boot = &answer["boots"][0];
+    let failure = boot["failure"].as_str().unwrap_or_default();
+    assert!(
+        failure.contains("missing.efi")
+            && (failure.contains("not found") || failure.contains("404")),
+        "the boot's failure names the missing file: {context}"
+    );
+    assert_eq!(boot["stage"], "dhcp", "{context}");
+    assert!(
+        boot["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "tftp" && e["end"]["how"] == "refused"),
+        "{context}"
+    );
+    assert_eq!(rack["failed"], 1, "{rack:#}");
+    assert_eq!(rack["failed_machines"][0]["mac"], MAC, "{rack:#}");
 }

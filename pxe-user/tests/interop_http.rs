@@ -208,7 +208,7 @@ fn ipxe_scripts_follow_the_config_per_machine() {
     assert_eq!(status, 200);
     assert!(
         script.contains(&format!(
-            "kernel http://{SERVER_IP}/vmlinuz initrd=initrd.img console=ttyS0"
+            "kernel http://{SERVER_IP}/vmlinuz?mac=52:54:00:00:00:09 initrd=initrd.img console=ttyS0"
         )),
         "{script}"
     );

@@ -33,6 +33,7 @@ use pxe_user::{
     },
     fastpath::{FastPath, KernelAnswers, TC_PROGRAM, XDP_PROGRAM},
     lease::MemLeaseStore,
+    observe::Observer,
     policy::{
         r#static::{Profile, StaticPolicy},
         Mac, SharedPolicy,
@@ -95,7 +96,7 @@ impl Lab {
         let fastpath = Arc::new(Mutex::new(
             FastPath::load_with_image_chunks(1).expect("loading the BPF object"),
         ));
-        let answers = KernelAnswers::new(Arc::clone(&fastpath));
+        let answers = KernelAnswers::new(Arc::clone(&fastpath), Arc::new(Observer::off()));
         let interface = Interface {
             ifindex: LOOPBACK_IFINDEX,
             mac: SERVER_MAC,

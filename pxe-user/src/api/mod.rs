@@ -4,6 +4,7 @@
 //! makes it durable and consistent on every path before the answer leaves.
 //! docs/API.md lists every endpoint with examples.
 
+mod boots;
 mod machines;
 
 use std::{net::Ipv4Addr, sync::Arc};
@@ -22,6 +23,7 @@ use serde_json::json;
 use crate::{
     control::{ChangeError, Control},
     lease::{Lease, LeaseState},
+    observe::Observer,
     policy::Mac,
 };
 
@@ -36,6 +38,10 @@ pub struct ApiState {
     pub token: Arc<str>,
     /// The programs' attachments, for `/health`: (interface, how).
     pub attached: Arc<[(String, String)]>,
+    /// Metrics and boot timelines.
+    pub observer: Arc<Observer>,
+    /// `GET /metrics` answers without the token (`--metrics-public`).
+    pub metrics_public: bool,
 }
 
 /// The API's routes, behind the token check.
@@ -58,11 +64,18 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/leases", get(leases))
         .route("/leases/{ip}", get(lease))
+        .route("/machines/{mac}/boots", get(boots::machine_boots))
+        .route("/boots", get(boots::rack))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         // The installer's call carries its machine's token instead.
         .route("/machines/{mac}/provisioned", post(provisioned));
+    let mut metrics = Router::new().route("/metrics", get(boots::metrics));
+    if !state.metrics_public {
+        metrics = metrics.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    }
     Router::new()
         .nest(PREFIX, api)
+        .merge(metrics)
         // axum's own limit (2 MiB) would refuse a large bulk call first,
         // and in plain text.
         .layer(axum::extract::DefaultBodyLimit::max(machines::MAX_BODY))

@@ -6,17 +6,19 @@
 //! Blocking and single-threaded: no tokio runtime is started for a command
 //! line that makes one call and exits.
 
+mod boots;
 mod client;
 mod show;
 mod table;
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{io::Write as _, path::PathBuf, process::ExitCode};
 
 use anyhow::bail;
 use clap::{ArgAction, ArgGroup, Args, Subcommand};
 use serde_json::{json, Map, Value};
 
 use self::{
+    boots::{boots_text, rack_text},
     client::{api_error, segment, Answer, Client},
     show::{
         health_pairs, leases_table, machine_pairs, machines_table, profile_pairs, profiles_table,
@@ -37,6 +39,8 @@ Examples:
   pxed ctl machine 52:54:00:12:34:56 delete
   pxed ctl reimage --label rack=r12 --profile installer
   pxed ctl leases --subnet 10.9.0.0/24 --state active
+  pxed ctl boots 52:54:00:12:34:56
+  pxed ctl watch --since 15m
   pxed ctl --url http://10.0.0.5:8067 profiles --json
 
 The URL is --url, else $PXED_API_URL, else http://127.0.0.1:8067. The token
@@ -160,6 +164,37 @@ Examples:
 
     /// Is pxed well: the lease store, the programs, each ok or why not.
     Health,
+
+    /// One machine's recent boots as pxed saw them: each stage with its
+    /// time since power-on, every DHCP exchange, file and provisioning
+    /// call, and what went wrong.
+    #[command(after_help = "Example:\n  pxed ctl boots 52:54:00:12:34:56")]
+    Boots {
+        /// The machine's MAC.
+        mac: String,
+    },
+
+    /// A rack booting, live: machines per stage, failures and why, the
+    /// slowest. Refreshes until interrupted (Ctrl-C); --once prints once.
+    #[command(after_help = "\
+Examples:
+  pxed ctl watch                      # every machine active in the last hour
+  pxed ctl watch --since 10m --every 5
+  pxed ctl watch --once --json | jq .stages")]
+    Watch {
+        /// Machines active since: a duration ago (90s, 10m, 2h, 1d) or Unix milliseconds.
+        #[arg(long, default_value = "1h")]
+        since: String,
+        /// How many failed and slowest machines to list.
+        #[arg(long, default_value_t = 10, value_name = "N")]
+        slowest: usize,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2, value_name = "SECONDS")]
+        every: u64,
+        /// Print once and exit.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -310,6 +345,34 @@ fn execute(args: &CtlArgs) -> anyhow::Result<ExitCode> {
                     machines_table(&a["machines"])
                 )
             })?;
+        }
+        CtlCommand::Boots { mac } => {
+            let boots = client.get(&format!("/machines/{}/boots", segment(mac)), &[])?;
+            show(out, args, &boots, boots_text)?;
+        }
+        CtlCommand::Watch {
+            since,
+            slowest,
+            every,
+            once,
+        } => {
+            let query = [("since", since.clone()), ("slowest", slowest.to_string())];
+            let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            loop {
+                let view = client.get("/boots", &query)?;
+                if terminal && !*once && !args.json {
+                    write!(out, "\x1b[2J\x1b[H")?; // clear the screen, cursor home
+                }
+                show(out, args, &view, rack_text)?;
+                out.flush()?;
+                if *once || args.json {
+                    break;
+                }
+                if !terminal {
+                    writeln!(out)?;
+                }
+                std::thread::sleep(std::time::Duration::from_secs((*every).max(1)));
+            }
         }
         CtlCommand::Health => {
             let health = client.call("GET", "/health", &[], None, None)?;

@@ -31,6 +31,7 @@ use crate::{
     dhcp::engine::Engine,
     fastpath::{CounterSnapshot, Counters, FastPath, KernelAnswers},
     netif,
+    observe::Observer,
     policy::SharedPolicy,
     settings::Settings,
 };
@@ -121,10 +122,20 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
     let mut services = Services::default();
     let served = served_addresses(&settings)?;
     let policy = SharedPolicy::new(Settings::policy(&settings.config));
+    let observer = Arc::new(if settings.observe {
+        Observer::new(settings.timeline_machines)
+    } else {
+        info!("metrics and boot timelines off (--no-observe)");
+        Observer::off()
+    });
+    observer.watch_fastpath(&fastpath);
 
-    let answers = settings
-        .kernel_answers()
-        .then(|| Arc::new(KernelAnswers::new(Arc::clone(&fastpath))));
+    let answers = settings.kernel_answers().then(|| {
+        Arc::new(KernelAnswers::new(
+            Arc::clone(&fastpath),
+            Arc::clone(&observer),
+        ))
+    });
     let engine = if settings.dhcp == DhcpMode::Off {
         info!("DHCP off");
         None
@@ -135,6 +146,7 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
             &xdp_modes,
             answers.as_ref(),
             &policy,
+            &observer,
             &mut services,
         )?;
         Some(engine)
@@ -145,6 +157,7 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
         &policy,
         engine.clone(),
         answers.clone(),
+        &observer,
     )?);
 
     let found_ipxe = if settings.boot_root.is_none() {
@@ -179,7 +192,13 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
         ),
     }
     if let Some((address, token)) = &settings.api {
-        services::start_api(*address, token, &control, &xdp_modes, &mut services).await?;
+        let api = services::Api {
+            address: *address,
+            token,
+            metrics_public: settings.metrics_public,
+            observer: &observer,
+        };
+        services::start_api(&api, &control, &xdp_modes, &mut services).await?;
     }
     Ok(Running {
         settings,

@@ -29,6 +29,7 @@ use crate::{
     inventory::{Inventory, InventoryStore, MemInventoryStore, RedbInventoryStore},
     lease::{LeaseStore, MemLeaseStore, RedbLeaseStore},
     netif,
+    observe::Observer,
     policy::{provision::ProvisionKey, webhook::Webhook, FileGate},
     policy::{ServerUrls, SharedPolicy},
     settings::Settings,
@@ -82,6 +83,7 @@ pub async fn start_file_services(
     control: &Arc<Control>,
     services: &mut Services,
 ) -> anyhow::Result<()> {
+    let observer = control.observer();
     let root = Arc::new(
         BootRoot::open(root_dir)
             .context("the boot root (--boot-root) must be a readable directory")?,
@@ -103,6 +105,7 @@ pub async fn start_file_services(
         if let Some(gate) = &gate {
             server = server.with_gate(Arc::clone(gate));
         }
+        server = server.with_observer(Arc::clone(observer));
         services.spawn(format!("TFTP ({interface})"), server.run());
         if settings.http_port != 0 {
             let (listener, router) = start_http(
@@ -115,6 +118,7 @@ pub async fn start_file_services(
             .await?;
             // The installer's `provisioned` call comes over the boot network.
             let router = router.merge(api::boot_network_router(Arc::clone(control)));
+            let router = http::observed(router, Arc::clone(observer));
             let service = router.into_make_service_with_connect_info::<SocketAddr>();
             services.spawn(format!("HTTP ({interface})"), async move {
                 axum::serve(listener, service).await
@@ -210,6 +214,7 @@ pub fn control(
     policy: &SharedPolicy,
     engine: Option<Arc<Mutex<Engine>>>,
     answers: Option<Arc<KernelAnswers>>,
+    observer: &Arc<Observer>,
 ) -> anyhow::Result<Control> {
     let path = &settings.inventory_file;
     let store: Box<dyn InventoryStore> = if settings.api.is_some() || path.exists() {
@@ -257,18 +262,28 @@ pub fn control(
             answers,
             provision,
             webhook,
+            observer: Arc::clone(observer),
         },
     ))
 }
 
+/// How the operator API is served.
+pub struct Api<'a> {
+    pub address: SocketAddr,
+    pub token: &'a str,
+    /// `GET /metrics` needs no token.
+    pub metrics_public: bool,
+    pub observer: &'a Arc<Observer>,
+}
+
 /// The operator API on its management address.
 pub async fn start_api(
-    address: SocketAddr,
-    token: &str,
+    api: &Api<'_>,
     control: &Arc<Control>,
     xdp_modes: &XdpModes,
     services: &mut Services,
 ) -> anyhow::Result<()> {
+    let address = api.address;
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("binding the API to {address} (--api)"))?;
@@ -281,8 +296,10 @@ pub async fn start_api(
         .collect();
     let router = api::router(api::ApiState {
         control: Arc::clone(control),
-        token: token.into(),
+        token: api.token.into(),
         attached: attached.into(),
+        observer: Arc::clone(api.observer),
+        metrics_public: api.metrics_public,
     });
     info!(%address, "API serving (docs/API.md)");
     services.spawn("API".to_owned(), async move {
@@ -299,6 +316,7 @@ pub fn start_dhcp(
     xdp_modes: &XdpModes,
     answers: Option<&Arc<KernelAnswers>>,
     policy: &SharedPolicy,
+    observer: &Arc<Observer>,
     services: &mut Services,
 ) -> anyhow::Result<Arc<Mutex<Engine>>> {
     let mode = settings.dhcp;
@@ -312,6 +330,7 @@ pub fn start_dhcp(
     let engine =
         Engine::new(engine_config, policy.clone(), store).context("reading the lease database")?;
     let engine = Arc::new(Mutex::new(engine));
+    observer.watch_engine(&engine);
     let mut listeners = Vec::new();
     for (interface, address) in served {
         let mut listener = Listener::open(interface, *address, mode == DhcpMode::Proxy)?;
@@ -337,7 +356,10 @@ pub fn start_dhcp(
     for listener in listeners {
         info!(interface = %listener.interface, server = %listener.address, "DHCP listening");
         let name = format!("DHCP ({})", listener.interface);
-        services.spawn(name, dhcp::driver::run(Arc::clone(&engine), listener));
+        services.spawn(
+            name,
+            dhcp::driver::run(Arc::clone(&engine), listener, Arc::clone(observer)),
+        );
     }
     Ok(engine)
 }

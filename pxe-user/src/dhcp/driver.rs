@@ -19,7 +19,7 @@ use super::{
     socket::{bind, Port67, DHCP_SERVER_PORT},
     templates::{self, Clocks, Interface},
 };
-use crate::fastpath::KernelAnswers;
+use crate::{fastpath::KernelAnswers, observe::Observer};
 
 /// The DHCP sockets of one interface.
 pub struct Listener {
@@ -81,7 +81,11 @@ const MAX_BURST: usize = 256;
 
 /// Serves one interface's DHCP (port 67) and boot server discovery (port
 /// 4011) until the future is dropped.
-pub async fn run(engine: Arc<Mutex<Engine>>, listener: Listener) -> io::Result<()> {
+pub async fn run(
+    engine: Arc<Mutex<Engine>>,
+    listener: Listener,
+    observer: Arc<Observer>,
+) -> io::Result<()> {
     let Listener {
         interface,
         address,
@@ -152,13 +156,15 @@ pub async fn run(engine: Arc<Mutex<Engine>>, listener: Listener) -> io::Result<(
         // burst's templates stale, and the kernel refuses them.
         let decided_in = kernel.as_ref().map_or(0, |(answers, _)| answers.epoch());
         // The engine fsyncs the burst's leases; keep that off the async workers' backs.
-        let outcomes = tokio::task::block_in_place(|| {
-            engine
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .handle_batch(burst.iter().map(|r| (&r.request, r.arrival)), now)
+        let started = Instant::now();
+        let (outcomes, commit) = tokio::task::block_in_place(|| {
+            let mut engine = engine.lock().unwrap_or_else(|e| e.into_inner());
+            let outcomes = engine.handle_batch(burst.iter().map(|r| (&r.request, r.arrival)), now);
+            (outcomes, engine.take_commit())
         });
+        observer.dhcp_burst(burst.len(), started.elapsed(), commit);
         for (received, outcome) in burst.iter().zip(outcomes) {
+            observer.dhcp(port, &received.request, &outcome);
             let kernel = kernel.as_ref().map(|(answers, iface)| KernelSide {
                 answers,
                 iface,

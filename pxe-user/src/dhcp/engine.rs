@@ -79,6 +79,23 @@ pub struct Engine {
     stats: EngineStats,
     /// Why the last commit failed, until one succeeds again.
     store_failing: Option<String>,
+    last_commit: Option<CommitTiming>,
+}
+
+/// One subnet's pool, counted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolUsage {
+    pub subnet: String,
+    pub in_use: u64,
+    pub free: u64,
+}
+
+/// One commit of a burst's leases.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CommitTiming {
+    pub seconds: f64,
+    pub leases: usize,
+    pub ok: bool,
 }
 
 /// One request being decided, and what it is decided with.
@@ -144,6 +161,7 @@ impl Engine {
             addresses,
             stats: EngineStats::default(),
             store_failing: None,
+            last_commit: None,
         })
     }
 
@@ -178,6 +196,36 @@ impl Engine {
         self.lease(ip)
             .filter(|l| l.state == LeaseState::Active && l.is_current(now))
             .map(|l| Mac(l.mac))
+    }
+
+    /// Each subnet's pool: addresses in use (a current lease or an open
+    /// offer) and free, for the metrics.
+    pub fn pool_usage(&self, now: u64) -> Vec<PoolUsage> {
+        let mut in_use = vec![0u64; self.config.subnets.len()];
+        for lease in self.addresses.leases().filter(|l| l.is_current(now)) {
+            if let Some(i) = self.config.subnets.iter().position(|s| s.in_pool(lease.ip)) {
+                in_use[i] += 1;
+            }
+        }
+        self.config
+            .subnets
+            .iter()
+            .zip(in_use)
+            .map(|(subnet, used)| PoolUsage {
+                subnet: subnet.network.to_string(),
+                in_use: used,
+                free: subnet
+                    .pool_len()
+                    .saturating_sub(subnet.exclude.len() as u64)
+                    .saturating_sub(used),
+            })
+            .collect()
+    }
+
+    /// How long the last burst's lease commit took and how many leases it
+    /// wrote, once per commit.
+    pub fn take_commit(&mut self) -> Option<CommitTiming> {
+        self.last_commit.take()
     }
 
     /// Why the lease store's last commit failed, if it did and none has
@@ -219,8 +267,16 @@ impl Engine {
             outcomes.push(outcome);
             ports.push(arrival.port);
         }
-        if outcomes.iter().any(|o| o.wrote) {
-            match self.addresses.commit() {
+        let leases = outcomes.iter().filter(|o| o.wrote).count();
+        if leases > 0 {
+            let started = std::time::Instant::now();
+            let committed = self.addresses.commit();
+            self.last_commit = Some(CommitTiming {
+                seconds: started.elapsed().as_secs_f64(),
+                leases,
+                ok: committed.is_ok(),
+            });
+            match committed {
                 Ok(()) => self.store_failing = None,
                 Err(e) => {
                     self.store_failing = Some(e.to_string());

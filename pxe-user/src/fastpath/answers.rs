@@ -15,7 +15,7 @@ use pxe_common::dhcp::{AnswerEntry, AnswerKey, PORT_KIND_DHCP};
 use tracing::{debug, info, warn};
 
 use super::FastPath;
-use crate::{netif, policy::Mac};
+use crate::{netif, observe::Observer, policy::Mac};
 
 /// Templates in `DHCP_ANSWERS`, by client MAC.
 pub struct KernelAnswers {
@@ -25,6 +25,8 @@ pub struct KernelAnswers {
     /// decided in an earlier epoch is refused: the answer it repeats may be
     /// the old policy's.
     epoch: AtomicU64,
+    /// Told how often the kernel answered each client.
+    observer: Arc<Observer>,
 }
 
 #[derive(Clone, Copy)]
@@ -36,8 +38,9 @@ struct Held {
 }
 
 impl Held {
-    /// Logs the replies sent from this template since it was last logged.
-    fn log_new_answers(&mut self, fastpath: &mut FastPath) {
+    /// Logs the replies sent from this template since it was last logged,
+    /// and tells the observer.
+    fn log_new_answers(&mut self, fastpath: &mut FastPath, observer: &Observer) {
         let answered = match fastpath.answer(&self.key) {
             Ok(Some(entry)) => entry.answered,
             Ok(None) => return,
@@ -55,16 +58,19 @@ impl Held {
         let mac = Mac(self.key.mac);
         if self.key.port_kind == PORT_KIND_DHCP {
             info!(%mac, %interface, address = %std::net::Ipv4Addr::from(self.yiaddr), "DHCP: the kernel answered {new} more request(s) from the template");
+            observer.kernel_answered(mac, 67, new);
         } else {
             info!(%mac, %interface, "proxyDHCP 4011: the kernel answered {new} more request(s) from the template");
+            observer.kernel_answered(mac, 4011, new);
         }
     }
 }
 
 impl KernelAnswers {
-    pub fn new(fastpath: Arc<Mutex<FastPath>>) -> Self {
+    pub fn new(fastpath: Arc<Mutex<FastPath>>, observer: Arc<Observer>) -> Self {
         Self {
             fastpath,
+            observer,
             held: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
         }
@@ -91,7 +97,7 @@ impl KernelAnswers {
                 let stale =
                     h.key.port_kind == PORT_KIND_DHCP && h.yiaddr != entry.yiaddr && h.key != key;
                 if stale {
-                    h.log_new_answers(&mut fastpath);
+                    h.log_new_answers(&mut fastpath, &self.observer);
                     if let Err(e) = fastpath.remove_answer(&h.key) {
                         warn!("DHCP: taking back a kernel answer: {e}");
                     }
@@ -101,7 +107,7 @@ impl KernelAnswers {
         }
         // A template replaced loses its count: log what it answered first.
         if let Some(old) = client.iter_mut().find(|h| h.key == key) {
-            old.log_new_answers(&mut fastpath);
+            old.log_new_answers(&mut fastpath, &self.observer);
         }
         match fastpath.insert_answer(key, entry) {
             Ok(()) => {
@@ -125,7 +131,7 @@ impl KernelAnswers {
         };
         let mut fastpath = self.fastpath.lock().unwrap_or_else(|e| e.into_inner());
         for mut h in keys {
-            h.log_new_answers(&mut fastpath);
+            h.log_new_answers(&mut fastpath, &self.observer);
             if let Err(e) = fastpath.remove_answer(&h.key) {
                 warn!("DHCP: taking back a kernel answer: {e}");
             }
@@ -178,7 +184,7 @@ impl KernelAnswers {
             };
             let mut fastpath = self.fastpath.lock().unwrap_or_else(|e| e.into_inner());
             for h in client.iter_mut() {
-                h.log_new_answers(&mut fastpath);
+                h.log_new_answers(&mut fastpath, &self.observer);
             }
         }
     }

@@ -429,6 +429,15 @@ impl FastPath {
     }
 
     /// Reads both programs' counters, summed over CPUs.
+    /// Kernel image memory used and reserved, in bytes.
+    pub fn image_memory(&self) -> (u64, u64) {
+        let chunk = u64::from(CHUNK_SIZE);
+        (
+            u64::from(self.next_chunk) * chunk,
+            u64::from(self.chunks_total) * chunk,
+        )
+    }
+
     pub fn counters(&self) -> Result<Counters, FastPathError> {
         Ok(Counters {
             xdp: counters::read(&self.ebpf, maps::XDP_COUNTERS)?,

@@ -1,6 +1,11 @@
 //! HTTP boot: the boot root over HTTP (GET/HEAD, single ranges, ETag and
 //! Last-Modified validators), and per-machine iPXE scripts at `/boot.ipxe`.
-//! Files come from the same confined [`BootRoot`] as TFTP.
+//! Files come from the same confined [`BootRoot`] as TFTP. Every answer
+//! is reported to the [`Observer`] once its body is sent (see [`observed`]).
+
+mod observed;
+
+pub use self::observed::observed;
 
 use std::{net::SocketAddr, ops::RangeInclusive, sync::Arc, time::SystemTime};
 
@@ -36,6 +41,10 @@ pub struct HttpState {
     /// Refuses boot files to machines marked not to netboot, if set.
     pub gate: Option<Arc<dyn FileGate>>,
 }
+
+/// The files a served script names from this server, for the observer.
+#[derive(Clone, Debug)]
+pub struct ScriptFiles(pub Vec<String>);
 
 pub fn router(state: HttpState) -> Router {
     Router::new()
@@ -95,11 +104,17 @@ async fn ipxe_script(State(state): State<HttpState>, Query(q): Query<ScriptQuery
                 .into_response();
         }
     };
-    (
+    let files = ScriptFiles(crate::observe::timeline::script_files(
+        &script,
+        &state.urls.http,
+    ));
+    let mut response = (
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         script,
     )
-        .into_response()
+        .into_response();
+    response.extensions_mut().insert(files);
+    response
 }
 
 async fn boot_file(

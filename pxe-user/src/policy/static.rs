@@ -34,11 +34,13 @@ impl Default for BootFiles {
 }
 
 /// The script every profile gets unless it says otherwise: the kernel and
-/// initrd of the profile, over HTTP.
+/// initrd of the profile, over HTTP. Their URLs name the machine
+/// (`?mac=`), so its boot timeline gets them wherever its requests come
+/// from; iPXE names each image by its path alone.
 pub const DEFAULT_IPXE_SCRIPT: &str = "#!ipxe\n\
 echo pxed: {{mac}} ({{arch}}) boots profile {{profile}}\n\
-kernel {{http}}/{{kernel}} initrd={{initrd}} {{cmdline}}\n\
-initrd {{http}}/{{initrd}}\n\
+kernel {{http}}/{{kernel}}?mac={{mac}} initrd={{initrd}} {{cmdline}}\n\
+initrd {{http}}/{{initrd}}?mac={{mac}}\n\
 boot\n";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -342,8 +344,9 @@ mod tests {
         assert_eq!(spec.boot_file.as_deref(), Some("rescue/ipxe.efi"));
         assert_eq!(spec.hostname.as_deref(), Some("node1"));
         assert!(
-            spec.ipxe_script
-                .contains("kernel http://198.18.0.1/rescue/vmlinuz initrd=initrd.img"),
+            spec.ipxe_script.contains(
+                "kernel http://198.18.0.1/rescue/vmlinuz?mac=02:00:00:00:00:01 initrd=initrd.img"
+            ),
             "{}",
             spec.ipxe_script
         );

@@ -20,6 +20,7 @@ use super::{
 };
 use crate::{
     bootroot::{BootFile, BootRoot, OpenError},
+    observe::{Observer, TftpEnd, TftpFile},
     policy::FileGate,
     wire::tftp::{emit_data_header, ErrorCode, Repr, TftpOption, DATA_HEADER_LEN},
 };
@@ -114,6 +115,7 @@ pub struct TftpServer {
     hooks: Arc<dyn TransferHooks>,
     active: Arc<Mutex<HashMap<SocketAddr, Active>>>,
     gate: Option<Arc<dyn FileGate>>,
+    observer: Arc<Observer>,
 }
 
 impl TftpServer {
@@ -138,7 +140,14 @@ impl TftpServer {
             hooks,
             active: Arc::new(Mutex::new(HashMap::new())),
             gate: None,
+            observer: Arc::new(Observer::off()),
         })
+    }
+
+    /// Reports every transfer and refusal to `observer`.
+    pub fn with_observer(mut self, observer: Arc<Observer>) -> Self {
+        self.observer = observer;
+        self
     }
 
     /// Refuses files to the machines `gate` says boot from their disk.
@@ -235,6 +244,11 @@ impl TftpServer {
         if let (Some(gate), IpAddr::V4(client)) = (&self.gate, peer.ip()) {
             if let Some(mac) = gate.refuses(client) {
                 info!(client = %peer, %mac, file = filename, "TFTP: refused: the machine is marked not to netboot");
+                self.refused(
+                    peer,
+                    filename,
+                    "refused: the machine is marked not to netboot",
+                );
                 return self
                     .refuse(
                         peer,
@@ -248,16 +262,19 @@ impl TftpServer {
             Ok(f) => f,
             Err(OpenError::NotFound) => {
                 info!(client = %peer, file = filename, "TFTP: file not found");
+                self.refused(peer, filename, "file not found");
                 return self
                     .refuse(peer, ErrorCode::FileNotFound, "file not found")
                     .await;
             }
             Err(OpenError::Denied(why)) => {
                 warn!(client = %peer, file = filename, "TFTP: access refused: {why}");
+                self.refused(peer, filename, &format!("access refused: {why}"));
                 return self.refuse(peer, ErrorCode::AccessViolation, why).await;
             }
             Err(OpenError::Io(e)) => {
                 warn!(client = %peer, file = filename, "TFTP: reading failed: {e}");
+                self.refused(peer, filename, &format!("reading failed: {e}"));
                 return self
                     .refuse(
                         peer,
@@ -271,6 +288,7 @@ impl TftpServer {
             Ok(a) => a,
             Err(refused) => {
                 info!(client = %peer, file = filename, "TFTP: options refused: {}", refused.0);
+                self.refused(peer, filename, &format!("options refused: {}", refused.0));
                 return self
                     .refuse(peer, ErrorCode::OptionsRefused, &refused.0)
                     .await;
@@ -299,17 +317,44 @@ impl TftpServer {
             );
         let active = Arc::clone(&self.active);
         let hooks = Arc::clone(&self.hooks);
+        let observer = Arc::clone(&self.observer);
         let (timer, gso) = (self.config.timer, self.config.gso);
         tokio::spawn(async move {
             let port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
             hooks.opened(port);
-            run_transfer(socket, peer, file, agreed, timer, gso, hooks.as_ref()).await;
+            observer.tftp_started();
+            let served = run_transfer(socket, peer, file, agreed, timer, gso, hooks.as_ref()).await;
+            if let IpAddr::V4(client) = peer.ip() {
+                observer.tftp(client, served, true);
+            }
             hooks.closed(port);
             active
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&peer);
         });
+    }
+
+    /// Tells the observer a request was refused before any transfer.
+    fn refused(&self, peer: SocketAddr, filename: &str, why: &str) {
+        let IpAddr::V4(client) = peer.ip() else {
+            return;
+        };
+        let file = TftpFile {
+            path: filename.into(),
+            size: 0,
+            blksize: 0,
+            windowsize: 0,
+            ms: 0,
+            retransmits: 0,
+            user_blocks: 0,
+            xdp_blocks: 0,
+            tc_blocks: 0,
+            end: TftpEnd::Refused {
+                why: why.to_owned(),
+            },
+        };
+        self.observer.tftp(client, file, false);
     }
 
     async fn refuse(&self, peer: SocketAddr, code: ErrorCode, message: &str) {
@@ -320,7 +365,7 @@ impl TftpServer {
     }
 }
 
-/// Drives one transfer to its end.
+/// Drives one transfer to its end; says how it was served.
 async fn run_transfer(
     socket: UdpSocket,
     peer: SocketAddr,
@@ -329,7 +374,7 @@ async fn run_transfer(
     timer: TimerConfig,
     gso: bool,
     hooks: &dyn TransferHooks,
-) {
+) -> TftpFile {
     let started = Instant::now();
     let server_port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
     let mut offloaded = false;
@@ -448,6 +493,30 @@ async fn run_transfer(
             "TFTP transfer abandoned: the client went silent"
         ),
         None => warn!(client = %peer, file = %file.path, "TFTP transfer stopped"),
+    }
+    TftpFile {
+        path: file.path.as_str().into(),
+        size: file.len(),
+        blksize: agreed.blksize,
+        windowsize: agreed.windowsize,
+        ms: elapsed.as_millis() as u64,
+        retransmits: stats.retransmits,
+        user_blocks: stats.data_sent,
+        xdp_blocks: kernel.xdp_sent,
+        tc_blocks: kernel.tc_sent,
+        end: match transfer.outcome() {
+            Some(Outcome::Completed) => TftpEnd::Completed,
+            Some(Outcome::ClientError { code, message }) => TftpEnd::ClientError {
+                code: *code,
+                message: message.clone(),
+            },
+            Some(Outcome::TimedOut { acked_blocks }) => TftpEnd::TimedOut {
+                acked_blocks: *acked_blocks,
+            },
+            None => TftpEnd::TimedOut {
+                acked_blocks: transfer.acked_blocks(),
+            },
+        },
     }
 }
 
