@@ -655,6 +655,36 @@ fn uefi_machine_installs_marks_itself_provisioned_and_then_boots_no_nbp() {
     let (_, record) = api(&lab.server, "GET", &format!("/machines/{MAC}"), None);
     assert_eq!(record["netboot"], false, "{record}");
     assert_first_boot_timeline(&lab.server, MAC, &log);
+    // And as an operator reads it (docs/OBSERVABILITY.md shows this output).
+    let ctl = lab
+        .server
+        .output(
+            PXED,
+            &[
+                "ctl",
+                "--url",
+                "http://127.0.0.1:8067",
+                "--token-file",
+                token.to_str().unwrap(),
+                "boots",
+                MAC,
+            ],
+        )
+        .unwrap();
+    let shown = String::from_utf8_lossy(&ctl.stdout);
+    eprintln!("pxed ctl boots {MAC}:\n{shown}");
+    assert!(
+        ctl.status.success(),
+        "{shown}{}",
+        String::from_utf8_lossy(&ctl.stderr)
+    );
+    assert!(
+        shown.starts_with("boot 1 of 1: began ") && shown.contains(", reached provisioned\n"),
+        "{shown}"
+    );
+    for line in ["TFTP ipxe.efi", "HTTP /vmlinuz", "provisioned"] {
+        assert!(shown.contains(line), "{line} missing:\n{shown}");
+    }
 
     // Second power-on, same MAC: an address and no boot file; OVMF's PXE
     // says so (PXE-E16) and BdsDxe goes on to the next boot option, HTTP
@@ -738,13 +768,24 @@ fn uefi_machine_installs_marks_itself_provisioned_and_then_boots_no_nbp() {
     );
     let (_, record) = api(&lab.server, "GET", &format!("/machines/{MAC}"), None);
     assert_eq!(record["netboot"], false, "{record}");
-    // The timeline: a second boot, begun by the firmware's DISCOVER, that
-    // got an address and nothing more.
+    // The timeline: a second boot, begun by the firmware's DISCOVER, offered
+    // an address and no boot file, so the firmware went on: no failure, and
+    // no file.
     let (status, answer) = api(&lab.server, "GET", &format!("/machines/{MAC}/boots"), None);
     assert_eq!(status, 200, "{answer}");
     let boots = answer["boots"].as_array().unwrap();
     assert_eq!(boots.len(), 2, "{answer:#}");
-    assert_eq!(boots[1]["stage"], "dhcp", "{:#}", boots[1]);
+    let second = &boots[1];
+    assert_eq!(second["stage"], "power_on", "{second:#}");
+    assert!(second["failure"].is_null(), "{second:#}");
+    let events = second["events"].as_array().unwrap();
+    assert!(
+        !events.is_empty()
+            && events
+                .iter()
+                .all(|e| e["kind"] == "dhcp" && e["boot_file"] == false),
+        "{second:#}"
+    );
 }
 
 /// pxed's timeline of the installing boot: every stage once, in boot order,
@@ -797,9 +838,9 @@ fn assert_first_boot_timeline(server: &Netns, mac: &str, log: &str) {
         );
     }
     let at = |pred: &dyn Fn(&serde_json::Value) -> bool| {
-        events.iter().position(|e| pred(e)).unwrap_or(usize::MAX)
+        events.iter().position(pred).unwrap_or(usize::MAX)
     };
-    let ipxe_ack = at(&|e| kind(e, "dhcp") && e["ipxe"] == true && e["answered"] == "ACK");
+    let ipxe_ack = at(&|e| kind(e, "dhcp") && e["client"] == "ipxe" && e["answered"] == "ACK");
     let script = at(&|e| kind(e, "http") && e["route"] == "script");
     let provisioned = at(&|e| kind(e, "provisioned"));
     assert!(

@@ -67,11 +67,18 @@ pub(super) fn boots_text(answer: &Value) -> String {
 fn describe(e: &Value) -> (String, String) {
     match e["kind"].as_str().unwrap_or("") {
         "dhcp" => {
-            let who = if e["ipxe"] == true { "iPXE " } else { "" };
+            let who = match e["client"].as_str() {
+                Some("ipxe") => "iPXE ",
+                Some("os") => "OS ",
+                _ => "",
+            };
             let answer = e["answered"].as_str().unwrap_or("not answered");
             let mut detail = format!("port {}", cell(&e["port"]));
             if let Some(a) = e["address"].as_str() {
                 detail.push_str(&format!(", address {a}"));
+            }
+            if e["answered"].is_string() && e["boot_file"] == false {
+                detail.push_str(", no boot file");
             }
             (format!("{who}{} → {answer}", cell(&e["asked"])), detail)
         }
@@ -225,7 +232,7 @@ mod tests {
             "started_ms": 1_000_000, "stage": "nbp", "failure": null,
             "stages": {"power_on": 0.0, "dhcp": 0.2, "nbp": 1.5},
             "events": [
-                {"at_ms": 1_000_000, "kind": "dhcp", "port": 67, "asked": "DISCOVER", "answered": "OFFER", "ipxe": false, "address": "10.0.0.5"},
+                {"at_ms": 1_000_000, "kind": "dhcp", "port": 67, "asked": "DISCOVER", "answered": "OFFER", "client": "firmware", "address": "10.0.0.5"},
                 {"at_ms": 1_001_500, "kind": "tftp", "path": "ipxe.efi", "size": 1000, "blksize": 1468, "windowsize": 4, "ms": 30,
                  "retransmits": 0, "user_blocks": 1, "xdp_blocks": 3, "tc_blocks": 0, "end": {"how": "completed"}}
             ],

@@ -22,7 +22,7 @@ use std::{
 use dhcproto::v4::MessageType;
 use serde::Serialize;
 
-pub use self::timeline::{DhcpStep, HttpFile, Msg, Route, Stage, TftpEnd, TftpFile};
+pub use self::timeline::{DhcpClient, DhcpStep, HttpFile, Msg, Route, Stage, TftpEnd, TftpFile};
 use self::{
     metrics::{DhcpLabels, Exposition, HttpLabels, PortLabel, ReasonLabel, StageLabel, TierLabel},
     timeline::{Boot, Reached, Timelines},
@@ -381,8 +381,13 @@ fn dhcp_step(port: u16, request: &Request, outcome: &Outcome) -> DhcpStep {
         port,
         asked: msg(request.msg_type),
         answered,
-        ipxe: request.firmware == Firmware::Ipxe,
+        client: match request.firmware {
+            Firmware::Ipxe => DhcpClient::Ipxe,
+            Firmware::Pxe | Firmware::HttpBoot => DhcpClient::Firmware,
+            Firmware::NotPxe => DhcpClient::Os,
+        },
         address,
+        boot_file: reply.is_some_and(|m| m.fname().is_some_and(|f| !f.is_empty())),
         completes,
     }
 }

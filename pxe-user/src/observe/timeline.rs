@@ -91,6 +91,19 @@ pub enum Msg {
     Other,
 }
 
+/// Which DHCP client of a machine asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DhcpClient {
+    /// PXE or HTTP Boot firmware: its DISCOVER is a power-on.
+    Firmware,
+    /// iPXE (user class `iPXE`).
+    Ipxe,
+    /// No PXE options: the booted OS (an installer's DHCP client). Its
+    /// exchanges are on the timeline but reach no stage.
+    Os,
+}
+
 /// One DHCP request and what it was answered.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DhcpStep {
@@ -99,11 +112,14 @@ pub struct DhcpStep {
     /// None: not answered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub answered: Option<Msg>,
-    /// Sent by iPXE (user class `iPXE`), not by the firmware.
-    pub ipxe: bool,
+    /// Who asked: the firmware, iPXE, or the booted OS's own DHCP client.
+    pub client: DhcpClient,
     /// The address the reply gives (full mode) or the client says it has.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub address: Option<Ipv4Addr>,
+    /// The reply names a boot file or URL. Without one a PXE firmware goes
+    /// on to its disk (a provisioned machine) and sends no REQUEST.
+    pub boot_file: bool,
     /// The reply completes this client's DHCP: an ACK of an address, or in
     /// proxy mode the boot information.
     #[serde(skip)]
@@ -353,6 +369,7 @@ impl Boot {
                 what: What::Dhcp(DhcpStep {
                     answered: Some(Msg::Offer),
                     completes: false,
+                    boot_file: true,
                     ..
                 }),
                 ..
@@ -436,15 +453,15 @@ impl Timelines {
         problem: Option<String>,
         now_ms: u64,
     ) -> Option<Reached> {
-        let begins = step.asked == Msg::Discover && !step.ipxe;
+        let begins = step.asked == Msg::Discover && step.client == DhcpClient::Firmware;
         if let Some(address) = step.address {
             self.link(mac, address);
         }
         let boot = self.boot_for(mac, now_ms, begins);
-        let stage = if step.ipxe {
-            Stage::IpxeDhcp
-        } else {
-            Stage::Dhcp
+        let stage = match step.client {
+            DhcpClient::Firmware => Some(Stage::Dhcp),
+            DhcpClient::Ipxe => Some(Stage::IpxeDhcp),
+            DhcpClient::Os => None,
         };
         let completes = step.completes;
         if let Some(p) = problem {
@@ -453,9 +470,7 @@ impl Timelines {
             boot.problem = Some(format!("DHCP: {:?} answered with NAK", step.asked).into());
         }
         boot.push(now_ms, What::Dhcp(step));
-        if !completes {
-            return None;
-        }
+        let stage = stage.filter(|_| completes)?;
         // iPXE's DHCP after a boot file we never saw (served elsewhere, or
         // before a restart) still counts as iPXE's.
         boot.reach(stage, now_ms)
@@ -667,8 +682,13 @@ mod tests {
             port: 67,
             asked,
             answered,
-            ipxe,
+            client: if ipxe {
+                DhcpClient::Ipxe
+            } else {
+                DhcpClient::Firmware
+            },
             address: (answered == Some(Msg::Ack)).then_some(IP),
+            boot_file: answered.is_some(),
             completes: answered == Some(Msg::Ack),
         }
     }
@@ -776,6 +796,18 @@ mod tests {
     }
 
     #[test]
+    fn the_booted_os_asking_for_an_address_is_no_new_boot() {
+        let mut t = Timelines::new(10);
+        boot(&mut t, 1_000_000);
+        let mut os = step(Msg::Discover, Some(Msg::Offer), false);
+        os.client = DhcpClient::Os;
+        assert_eq!(t.dhcp(MAC, os, None, 2_000_000), None);
+        let boots = t.boots(MAC).unwrap();
+        assert_eq!(boots.len(), 1);
+        assert_eq!(boots[0].events.len(), 11);
+    }
+
+    #[test]
     fn what_went_wrong_is_the_failure_until_the_boot_moves_on() {
         let mut t = Timelines::new(10);
         t.dhcp(
@@ -791,6 +823,15 @@ mod tests {
                 .failure(1000 + OFFER_UNANSWERED_MS)
                 .as_deref(),
             Some("offered an address, no REQUEST followed")
+        );
+        let mut t2 = Timelines::new(10);
+        let mut local = step(Msg::Discover, Some(Msg::Offer), false);
+        local.boot_file = false;
+        t2.dhcp(MAC, local, None, 1000);
+        assert_eq!(
+            t2.current(MAC).unwrap().failure(1000 + OFFER_UNANSWERED_MS),
+            None,
+            "no boot file: the firmware went on to its disk, as told"
         );
         t.dhcp(MAC, step(Msg::Request, Some(Msg::Ack), false), None, 2000);
         let refused = TftpEnd::Refused {
