@@ -286,6 +286,24 @@ fn two_hundred_machines_boot_from_pxed_through_ipxe_byte_exact() {
     assert!(tftp[0].1 >= 200.0, "{tftp:?}");
     let exposition = api_get(&client, "/metrics");
     promtool_check_metrics(&exposition).unwrap();
+    // Every query of the Grafana dashboard we ship runs against these metrics.
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../docs/grafana/pxed.json")).unwrap();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        // Each evaluates; the first of each panel has data (the others may
+        // count what this run has none of: kernel answers, failures).
+        for (n, target) in panel["targets"].as_array().unwrap().iter().enumerate() {
+            let expr = target["expr"].as_str().unwrap();
+            let samples = prometheus
+                .query(expr)
+                .unwrap_or_else(|e| panic!("{}: {expr}: {e}", panel["title"]));
+            assert!(
+                n > 0 || !samples.is_empty(),
+                "{}: {expr} has no data",
+                panel["title"]
+            );
+        }
+    }
     let rack: serde_json::Value =
         serde_json::from_str(&api_get(&client, "/api/v1/boots?since=10m")).unwrap();
     assert_eq!(rack["machines"], 200, "{rack}");

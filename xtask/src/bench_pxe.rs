@@ -21,7 +21,7 @@ pub const CLIENT: &str = "198.18.255.254";
 const POOL_FIRST: &str = "198.18.1.0";
 const POOL_LAST: &str = "198.18.63.254";
 /// The boot program every machine downloads: what a real UEFI rack fetches.
-const NBP: &str = "ipxe.efi";
+pub const NBP: &str = "ipxe.efi";
 
 pub struct Server {
     pub name: &'static str,
@@ -228,6 +228,15 @@ fn measure(
 /// A fresh lab (server and client namespaces, `SERVER_CIDR` and `CLIENT_CIDR`)
 /// with `server` started in it on empty lease databases in `work`.
 pub fn start(server: &Server, work: &Path) -> anyhow::Result<(Lab, Netns, Netns)> {
+    let (lab, srv, cli, _) = start_with_pids(server, work)?;
+    Ok((lab, srv, cli))
+}
+
+/// [`start`], with the PID of each program started (in `server.programs` order).
+pub fn start_with_pids(
+    server: &Server,
+    work: &Path,
+) -> anyhow::Result<(Lab, Netns, Netns, Vec<u32>)> {
     for stale in [
         "pxed-leases.redb",
         "dnsmasq.leases",
@@ -245,6 +254,7 @@ pub fn start(server: &Server, work: &Path) -> anyhow::Result<(Lab, Netns, Netns)
         .server_addr(SERVER_CIDR)
         .client_addr(CLIENT_CIDR)
         .build()?;
+    let mut pids = Vec::new();
     for (i, (argv, port)) in server.programs.iter().enumerate() {
         let log = work.join(format!(
             "{}-{i}.log",
@@ -256,7 +266,8 @@ pub fn start(server: &Server, work: &Path) -> anyhow::Result<(Lab, Netns, Netns)
         let mut wrapped = vec![format!("--nofile={nofile}:{nofile}"), "--".to_owned()];
         wrapped.extend(argv.iter().cloned());
         let args: Vec<&str> = wrapped.iter().map(String::as_str).collect();
-        lab.spawn_logged(&srv, "prlimit", &args, &log)?;
+        // `ip netns exec` and prlimit exec the program: the PID is its own.
+        pids.push(lab.spawn_logged(&srv, "prlimit", &args, &log)?);
         if !srv.wait_for_udp_port(*port, Duration::from_secs(30)) {
             bail!(
                 "{}: {} did not start listening on UDP {port}:\n{}",
@@ -266,7 +277,7 @@ pub fn start(server: &Server, work: &Path) -> anyhow::Result<(Lab, Netns, Netns)
             );
         }
     }
-    Ok((lab, srv, cli))
+    Ok((lab, srv, cli, pids))
 }
 
 fn hard_open_file_limit() -> u64 {
@@ -278,7 +289,7 @@ fn hard_open_file_limit() -> u64 {
     limit.rlim_max
 }
 
-fn run_bench(
+pub fn run_bench(
     client: &Netns,
     bench: &Path,
     root: &Path,

@@ -6,10 +6,12 @@
 //!   privileged tests required to run rather than allowed to skip), and each
 //!   fuzz target for a bounded time.
 //! - `demo`: the main job on its embedded defaults, with a machine booting.
-//! - `bench`, `bench-dhcp`, `bench-tftp`: comparisons with peers, written to docs/benchmarks.
+//! - `bench`, `bench-dhcp`, `bench-tftp`, `bench-webhook`, `bench-observe`:
+//!   measurements, beside peers where there are any, written to docs/benchmarks.
 
 mod bench;
 mod bench_dhcp;
+mod bench_observe;
 mod bench_pxe;
 mod bench_webhook;
 mod demo;
@@ -96,6 +98,18 @@ enum Task {
         #[arg(long, default_value_t = 1000)]
         clients: usize,
     },
+    /// What metrics and boot timelines cost: `bench`'s storm against pxed
+    /// with them on and with --no-observe, alternating, pxed's own CPU
+    /// compared by median; writes docs/benchmarks/observe.md (as root;
+    /// about a minute per run).
+    BenchObserve {
+        /// Machines powered on at once.
+        #[arg(long, default_value_t = 10_000)]
+        clients: usize,
+        /// Runs each way.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Run setup, then every test in the workspace (as root: namespaces, BPF).
     Test {
         /// Extra arguments for `cargo test`, e.g. a test name filter.
@@ -129,6 +143,9 @@ fn main() -> ExitCode {
             .and_then(|()| bench::run(&clients, blksize, windowsize, &harness_io)),
         Task::BenchWebhook { clients } => {
             setup::run(setup::Mode::Install).and_then(|()| bench_webhook::run(clients))
+        }
+        Task::BenchObserve { clients, rounds } => {
+            setup::run(setup::Mode::Install).and_then(|()| bench_observe::run(clients, rounds))
         }
         Task::Test { cargo_args } => {
             setup::run(setup::Mode::Install).and_then(|()| test(&cargo_args))
