@@ -309,6 +309,40 @@ fn two_hundred_machines_boot_from_pxed_through_ipxe_byte_exact() {
     assert_eq!(rack["machines"], 200, "{rack}");
     assert_eq!(rack["stages"]["os"], 200, "{rack}");
     assert_eq!(rack["failed"], 0, "{rack}");
+    // And as an operator watches it.
+    let watch = client
+        .output(
+            pxed(),
+            &[
+                "ctl",
+                "--url",
+                &format!("http://{API}"),
+                "--token-file",
+                token.to_str().unwrap(),
+                "watch",
+                "--once",
+                "--since",
+                "10m",
+            ],
+        )
+        .unwrap();
+    let shown = String::from_utf8_lossy(&watch.stdout);
+    assert!(
+        watch.status.success(),
+        "{shown}{}",
+        String::from_utf8_lossy(&watch.stderr)
+    );
+    assert!(
+        shown.starts_with("200 machine(s) booting since "),
+        "{shown}"
+    );
+    assert!(shown.contains(", 0 failed"), "{shown}");
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.split_whitespace().eq(["os", "200"])),
+        "{shown}"
+    );
 }
 
 #[test]
