@@ -221,10 +221,15 @@ pub struct Cli {
     pub metrics_public: bool,
 
     /// How many machines' boot timelines are kept (each its last 4 boots);
-    /// past it, the longest-known machine is forgotten first. About 100,000
-    /// machines cost 1 KiB each (docs/OBSERVABILITY.md).
+    /// past it, the longest-known machine is forgotten first. A machine
+    /// costs about 1 KiB (docs/OBSERVABILITY.md).
     #[arg(long, value_name = "N", default_value_t = crate::observe::DEFAULT_TIMELINE_MACHINES)]
     pub timeline_machines: usize,
+
+    /// Most memory the boot timelines may take, in MiB; past it, too, the
+    /// longest-known machine is forgotten first.
+    #[arg(long, value_name = "MIB", default_value_t = crate::observe::DEFAULT_TIMELINE_MIB)]
+    pub timeline_memory: usize,
 
     /// Keep no metrics and no boot timelines (for measuring what they cost);
     /// `/metrics` and the boots endpoints then answer 404.

@@ -245,12 +245,12 @@ impl Control {
         Ok(())
     }
 
-    /// The installer's call: `mac` is done, it boots from its disk from now on.
     /// Where metrics and boot timelines are kept.
     pub fn observer(&self) -> &Arc<Observer> {
         &self.paths.observer
     }
 
+    /// The installer's call: `mac` is done, it boots from its disk from now on.
     pub fn provisioned(&self, mac: Mac, token: &str) -> Result<MachineRecord, ChangeError> {
         let key = self.paths.provision.as_ref().ok_or(ChangeError::BadToken)?;
         if !key.verify(mac, token) {

@@ -67,8 +67,9 @@ pub struct Settings {
     pub inventory_file: PathBuf,
     /// `GET /metrics` needs no token.
     pub metrics_public: bool,
-    /// Machines whose timelines are kept; 0 with metrics and timelines off.
+    /// Machines whose timelines are kept, and the memory they may take.
     pub timeline_machines: usize,
+    pub timeline_bytes: usize,
     pub observe: bool,
     /// The decision webhook, if one is configured.
     pub decision: Option<Decision>,
@@ -165,6 +166,7 @@ impl Settings {
             stats_interval: cli.stats_interval,
             metrics_public: cli.metrics_public,
             timeline_machines: cli.timeline_machines,
+            timeline_bytes: cli.timeline_memory.saturating_mul(1 << 20),
             observe: !cli.no_observe,
             config,
         })

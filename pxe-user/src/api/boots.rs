@@ -65,9 +65,11 @@ pub async fn rack(State(state): State<ApiState>, Query(q): Query<RackQuery>) -> 
         None => now_ms().saturating_sub(3_600_000),
         Some(text) => since_ms(text, now_ms()).map_err(|e| error(StatusCode::BAD_REQUEST, e))?,
     };
-    let view = state
-        .observer
-        .rack(since, q.slowest.unwrap_or(DEFAULT_SLOWEST));
+    let slowest = q.slowest.unwrap_or(DEFAULT_SLOWEST);
+    // O(machines) under the timelines' lock: off the async workers.
+    let view = tokio::task::spawn_blocking(move || state.observer.rack(since, slowest))
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     Ok(Json(view).into_response())
 }
 
@@ -102,7 +104,7 @@ fn since_ms(text: &str, now_ms: u64) -> Result<u64, String> {
         "d" => Duration::from_secs(86_400),
         _ => return Err(bad()),
     };
-    let ago = unit.as_millis() as u64 * n;
+    let ago = (unit.as_millis() as u64).checked_mul(n).ok_or_else(bad)?;
     Ok(now_ms.saturating_sub(ago))
 }
 
@@ -118,7 +120,7 @@ mod tests {
         assert_eq!(since_ms("2h", now), Ok(now - 7_200_000));
         assert_eq!(since_ms("1d", now), Ok(0));
         assert_eq!(since_ms("1234", now), Ok(1234));
-        for bad in ["", "m", "10x", "-5m", "1.5h"] {
+        for bad in ["", "m", "10x", "-5m", "1.5h", "99999999999999999d"] {
             assert!(since_ms(bad, now).is_err(), "{bad}");
         }
     }

@@ -37,10 +37,11 @@ pub(super) fn boots_text(answer: &Value) -> String {
             boots.len(),
             clock(started),
             cell(&boot["stage"]),
-            boot["failure"]
-                .as_str()
-                .map(|f| format!(", FAILED: {f}"))
-                .unwrap_or_default()
+            if boot["failure"].is_string() {
+                format!(", FAILED: {}", cell(&boot["failure"]))
+            } else {
+                String::new()
+            }
         ));
         let stages: Vec<(&str, String)> = STAGES
             .iter()
@@ -251,6 +252,20 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_clients_control_characters_never_reach_the_terminal() {
+        let answer = json!({"mac": "52:54:00:00:00:01", "boots": [{
+            "started_ms": 0, "stage": "dhcp", "failure": "TFTP \u{1b}[2Jx: file not found",
+            "stages": {"power_on": 0.0}, "events_dropped": 0,
+            "events": [{"at_ms": 0, "kind": "tftp", "path": "\u{1b}[2Jx", "size": 0, "blksize": 0,
+                        "windowsize": 0, "ms": 0, "retransmits": 0, "user_blocks": 0, "xdp_blocks": 0,
+                        "tc_blocks": 0, "end": {"how": "refused", "why": "file not found"}}]
+        }]});
+        let text = boots_text(&answer);
+        assert!(!text.contains('\u{1b}'), "{text:?}");
+        assert!(text.contains("TFTP \\u{1b}[2Jx"), "{text}");
     }
 
     #[test]

@@ -6,11 +6,16 @@ use serde_json::Value;
 
 use super::table::{pairs, Table};
 
-/// A JSON value as a cell: strings bare, null as `-`.
+/// A JSON value as a cell: strings bare, null as `-`. Control characters
+/// (a client's error message, a requested path) are shown escaped, never
+/// sent to the terminal.
 pub(super) fn cell(v: &Value) -> String {
     match v {
         Value::Null => "-".to_owned(),
         Value::String(s) if s.is_empty() => "\"\"".to_owned(),
+        Value::String(s) if s.chars().any(char::is_control) => {
+            s.chars().flat_map(char::escape_default).collect()
+        }
         Value::String(s) => s.clone(),
         Value::Object(map) if map.is_empty() => "-".to_owned(),
         Value::Object(map) => map

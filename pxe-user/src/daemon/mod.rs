@@ -123,7 +123,7 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
     let served = served_addresses(&settings)?;
     let policy = SharedPolicy::new(Settings::policy(&settings.config));
     let observer = Arc::new(if settings.observe {
-        Observer::new(settings.timeline_machines)
+        Observer::new(settings.timeline_machines, settings.timeline_bytes)
     } else {
         info!("metrics and boot timelines off (--no-observe)");
         Observer::off()

@@ -428,7 +428,6 @@ impl FastPath {
             .map_err(tc_error)
     }
 
-    /// Reads both programs' counters, summed over CPUs.
     /// Kernel image memory used and reserved, in bytes.
     pub fn image_memory(&self) -> (u64, u64) {
         let chunk = u64::from(CHUNK_SIZE);
@@ -438,6 +437,7 @@ impl FastPath {
         )
     }
 
+    /// Reads both programs' counters, summed over CPUs.
     pub fn counters(&self) -> Result<Counters, FastPathError> {
         Ok(Counters {
             xdp: counters::read(&self.ebpf, maps::XDP_COUNTERS)?,

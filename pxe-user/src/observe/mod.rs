@@ -39,6 +39,8 @@ use crate::{
 /// Machines whose timelines are kept unless `--timeline-machines` says
 /// otherwise: a large site's worth, at a cost docs/OBSERVABILITY.md states.
 pub const DEFAULT_TIMELINE_MACHINES: usize = 100_000;
+/// Memory the timelines may take unless `--timeline-memory` says otherwise, MiB.
+pub const DEFAULT_TIMELINE_MIB: usize = 256;
 
 /// The one place events go. Off (`--no-observe`), every call returns at once.
 pub struct Observer {
@@ -48,9 +50,9 @@ pub struct Observer {
 }
 
 impl Observer {
-    pub fn new(max_machines: usize) -> Self {
+    pub fn new(max_machines: usize, max_bytes: usize) -> Self {
         let exposition = Exposition::default();
-        let timelines = Arc::new(Mutex::new(Timelines::new(max_machines)));
+        let timelines = Arc::new(Mutex::new(Timelines::new(max_machines, max_bytes)));
         let _ = exposition.live.timelines.set(Arc::clone(&timelines));
         Self {
             on: true,
@@ -63,7 +65,7 @@ impl Observer {
     pub fn off() -> Self {
         Self {
             on: false,
-            ..Self::new(1)
+            ..Self::new(1, 0)
         }
     }
 
@@ -109,7 +111,7 @@ impl Observer {
         if !self.on {
             return;
         }
-        let step = dhcp_step(port, request, outcome);
+        let (step, link, leased) = dhcp_step(port, request, outcome);
         let problem = outcome.problem.as_ref().map(|p| match p {
             Problem::PoolExhausted { subnet } => format!("DHCP: the pool of {subnet} is exhausted"),
             Problem::LeaseStore(e) => format!("DHCP: the lease could not be stored: {e}"),
@@ -120,13 +122,15 @@ impl Observer {
             .get_or_create(&DhcpLabels {
                 port,
                 message: message_label(request.msg_type),
-                outcome: outcome_label(&step, problem.is_some()),
+                outcome: outcome_label(&step, leased, problem.is_some()),
             })
             .inc();
         if problem.is_some() {
             self.failure("dhcp_not_answered");
         }
-        let reached = self.timelines().dhcp(request.mac, step, problem, now_ms());
+        let reached = self
+            .timelines()
+            .dhcp(request.mac, step, link, problem, now_ms());
         self.reached(reached);
     }
 
@@ -143,25 +147,24 @@ impl Observer {
         self.timelines().kernel_answered(mac, port, count, now_ms());
     }
 
-    /// A TFTP transfer began.
-    pub fn tftp_started(&self) {
-        if self.on {
+    /// A TFTP transfer began; it counts in flight until the guard is dropped
+    /// (however the transfer ends, a panic included).
+    pub fn tftp_started(&self) -> InFlight {
+        let gauge = self.on.then(|| {
             let m = &self.exposition.metrics;
             m.tftp_started.inc();
             m.tftp_in_flight.inc();
-        }
+            m.tftp_in_flight.clone()
+        });
+        InFlight(gauge)
     }
 
-    /// A TFTP transfer ended (`started`: it was counted begun) or a request
-    /// was refused.
-    pub fn tftp(&self, client: Ipv4Addr, file: TftpFile, started: bool) {
+    /// A TFTP transfer ended or a request was refused.
+    pub fn tftp(&self, client: Ipv4Addr, file: TftpFile) {
         if !self.on {
             return;
         }
         let m = &self.exposition.metrics;
-        if started {
-            m.tftp_in_flight.dec();
-        }
         let block_bytes = u64::from(file.blksize);
         for (tier, blocks) in [
             ("userspace", file.user_blocks),
@@ -187,7 +190,9 @@ impl Observer {
             }
             end => {
                 let reason = match end {
-                    TftpEnd::ClientError { code: 8, .. } => "client_refused_options",
+                    TftpEnd::ClientError { .. } if file.is_size_probe() => {
+                        "client_aborted_before_data"
+                    }
                     TftpEnd::ClientError { .. } => "client_aborted",
                     TftpEnd::TimedOut { .. } => "timed_out",
                     TftpEnd::Refused { why } if why.contains("not found") => "not_found",
@@ -230,7 +235,10 @@ impl Observer {
         }
         self.count_http(&file);
         let mut timelines = self.timelines();
-        let Some(mac) = mac.or_else(|| timelines.machine_at(client)) else {
+        // A `?mac=` names a machine only if DHCP made it known: a client
+        // cannot make up machines.
+        let named = mac.filter(|m| timelines.knows(*m));
+        let Some(mac) = named.or_else(|| timelines.machine_at(client)) else {
             drop(timelines);
             self.unjoined("http");
             return;
@@ -279,42 +287,48 @@ impl Observer {
     /// `since_ms`, by stage, with the failures and the slowest.
     pub fn rack(&self, since_ms: u64, slowest: usize) -> RackView {
         let now = now_ms();
-        let timelines = self.timelines();
+        // Under the lock only what the view needs; sorted after it.
+        let rows: Vec<(Mac, Stage, u64, Option<String>)> = self
+            .timelines()
+            .latest_since(since_ms)
+            .map(|(mac, boot)| (mac, boot.stage(), boot.busy_ms(), boot.failure(now)))
+            .collect();
         let mut view = RackView {
             since_ms,
             now_ms: now,
             ..RackView::default()
         };
-        let mut running = Vec::new();
         for stage in Stage::ALL {
             view.stages.insert(stage.name(), 0);
         }
-        for (mac, boot) in timelines.latest_since(since_ms) {
+        let mut running = Vec::new();
+        for (mac, stage, busy_ms, failure) in rows {
             view.machines += 1;
-            *view.stages.entry(boot.stage().name()).or_default() += 1;
-            if let Some(why) = boot.failure(now) {
-                view.failed += 1;
-                *view.failures.entry(failure_kind(&why)).or_default() += 1;
-                if view.failed_machines.len() < slowest {
-                    view.failed_machines.push(FailedMachine {
-                        mac: mac.to_string(),
-                        stage: boot.stage(),
-                        why,
-                    });
+            *view.stages.entry(stage.name()).or_default() += 1;
+            match failure {
+                Some(why) => {
+                    view.failed += 1;
+                    *view.failures.entry(failure_kind(&why)).or_default() += 1;
+                    if view.failed_machines.len() < slowest {
+                        view.failed_machines.push(FailedMachine {
+                            mac: mac.to_string(),
+                            stage,
+                            why,
+                        });
+                    }
                 }
-            } else {
-                running.push((mac, boot));
+                None => running.push((mac, stage, busy_ms)),
             }
         }
         // The slowest: longest from power-on to their latest event.
-        running.sort_by_key(|(_, b)| std::cmp::Reverse(b.busy_ms()));
+        running.sort_by_key(|(_, _, busy)| std::cmp::Reverse(*busy));
         view.slowest = running
             .into_iter()
             .take(slowest)
-            .map(|(mac, b)| SlowMachine {
+            .map(|(mac, stage, busy)| SlowMachine {
                 mac: mac.to_string(),
-                stage: b.stage(),
-                seconds: b.busy_ms() as f64 / 1000.0,
+                stage,
+                seconds: busy as f64 / 1000.0,
             })
             .collect();
         view
@@ -353,6 +367,17 @@ impl Observer {
     }
 }
 
+/// A TFTP transfer counted in flight while this lives.
+pub struct InFlight(Option<prometheus_client::metrics::gauge::Gauge>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(gauge) = &self.0 {
+            gauge.dec();
+        }
+    }
+}
+
 /// Payload bytes userspace sent: its blocks, the last one short.
 fn user_bytes(file: &TftpFile) -> u64 {
     let blksize = u64::from(file.blksize);
@@ -364,8 +389,13 @@ fn user_bytes(file: &TftpFile) -> u64 {
     full + last.min(blksize) * u64::from(file.user_blocks > 0)
 }
 
-/// A DHCP request and its answer, as the timeline keeps it.
-fn dhcp_step(port: u16, request: &Request, outcome: &Outcome) -> DhcpStep {
+/// A DHCP request and its answer, as the timeline keeps it; the address it
+/// ties to the machine; whether the reply leases an address.
+fn dhcp_step(
+    port: u16,
+    request: &Request,
+    outcome: &Outcome,
+) -> (DhcpStep, Option<Ipv4Addr>, bool) {
     let reply = outcome.reply.as_ref().map(|r| &r.message);
     let answered = reply.and_then(|m| m.opts().msg_type()).map(msg);
     let yiaddr = reply.map(|m| m.yiaddr()).filter(|a| !a.is_unspecified());
@@ -374,10 +404,15 @@ fn dhcp_step(port: u16, request: &Request, outcome: &Outcome) -> DhcpStep {
     // address (proxyDHCP), whatever it is called.
     let completes =
         answered == Some(Msg::Ack) || (answered == Some(Msg::Offer) && yiaddr.is_none());
-    // What the reply gives, else what the client says it has or asks for
-    // (proxy mode sees the other server's client ask for its address).
-    let address = yiaddr.or(ciaddr).or(request.requested_ip);
-    DhcpStep {
+    // Only what holds: an address pxed ACKed (or, on 4011, the one the
+    // client has), or in proxy mode the one a REQUEST not ours asks the
+    // site's server for. Never a NAKed or declined one.
+    let link = match (answered, request.msg_type) {
+        (Some(Msg::Ack), _) => yiaddr.or(ciaddr),
+        (None, MessageType::Request) if outcome.problem.is_none() => request.requested_ip,
+        _ => None,
+    };
+    let step = DhcpStep {
         port,
         asked: msg(request.msg_type),
         answered,
@@ -386,10 +421,11 @@ fn dhcp_step(port: u16, request: &Request, outcome: &Outcome) -> DhcpStep {
             Firmware::Pxe | Firmware::HttpBoot => DhcpClient::Firmware,
             Firmware::NotPxe => DhcpClient::Os,
         },
-        address,
+        address: yiaddr.or(ciaddr).or(request.requested_ip),
         boot_file: reply.is_some_and(|m| m.fname().is_some_and(|f| !f.is_empty())),
         completes,
-    }
+    };
+    (step, link, yiaddr.is_some())
 }
 
 fn msg(t: MessageType) -> Msg {
@@ -417,13 +453,12 @@ fn message_label(t: MessageType) -> &'static str {
     }
 }
 
-fn outcome_label(step: &DhcpStep, problem: bool) -> &'static str {
-    let leased = step.address.is_some();
+fn outcome_label(step: &DhcpStep, leased: bool, problem: bool) -> &'static str {
     match step.answered {
         None if problem => "not_answered",
         None => "ignored",
         Some(Msg::Nak) => "naked",
-        Some(Msg::Offer) if leased && !step.completes => "offered",
+        Some(Msg::Offer) if leased => "offered",
         Some(Msg::Ack) if leased => "acked",
         _ => "boot_info",
     }

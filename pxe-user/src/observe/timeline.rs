@@ -2,10 +2,13 @@
 //! file and provisioning call in order, the stages reached and what went
 //! wrong. Pure: events and clocks in, stage changes and views out.
 //!
-//! Memory is bounded twice: [`BOOTS_PER_MACHINE`] boots of at most
+//! Memory is bounded three times: [`BOOTS_PER_MACHINE`] boots of at most
 //! [`EVENTS_PER_BOOT`] events each (later events of a boot are counted, not
-//! kept), and at most `max_machines` machines (the longest-known is
-//! forgotten first). [`Timelines::approx_bytes`] says what that costs.
+//! kept; client-given text is cut at [`MAX_TEXT`] bytes), at most
+//! `max_machines` machines, and at most `max_bytes` in all, counted as
+//! events are kept: past either, the longest-known machine is forgotten
+//! first. Only DHCP from a machine's firmware or iPXE makes a machine
+//! known; a file request or a `?mac=` names only a machine already known.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -27,6 +30,20 @@ pub const EVENTS_PER_BOOT: usize = 48;
 const BOOT_GIVES_UP_MS: u64 = 5 * 60 * 1000;
 /// An OFFER not followed by a REQUEST this long is reported as a failure.
 const OFFER_UNANSWERED_MS: u64 = 30 * 1000;
+/// Longest text kept from a client (a path, an error message), in bytes.
+pub const MAX_TEXT: usize = 256;
+
+/// `text` cut to [`MAX_TEXT`] bytes at a character boundary, marked `…`.
+pub fn capped(text: &str) -> String {
+    if text.len() <= MAX_TEXT {
+        return text.to_owned();
+    }
+    let mut end = MAX_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
 
 /// Where a boot has got to, in boot order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -171,12 +188,15 @@ impl TftpFile {
         }
     }
 
-    fn is_size_probe(&self) -> bool {
-        matches!(&self.end, TftpEnd::ClientError { code: 8, .. })
+    /// The client ended the transfer before any block: a size probe
+    /// (EDK2 asks for tsize, then aborts, then asks again), no failure.
+    pub fn is_size_probe(&self) -> bool {
+        matches!(&self.end, TftpEnd::ClientError { .. })
             && self.user_blocks + self.xdp_blocks + self.tc_blocks == 0
     }
 
-    fn problem(&self) -> Option<String> {
+    /// What went wrong, if anything.
+    pub fn problem(&self) -> Option<String> {
         match &self.end {
             TftpEnd::Completed => None,
             _ if self.is_size_probe() => None,
@@ -287,9 +307,22 @@ pub struct Boot {
     outstanding: Vec<Box<str>>,
     #[serde(skip)]
     last_ms: u64,
+    /// What this boot takes in memory, roughly, kept up to date.
+    #[serde(skip)]
+    bytes: usize,
 }
 
 const UNREACHED: u32 = u32::MAX;
+
+/// What one kept event takes, roughly: itself and what it owns.
+fn event_bytes(event: &Event) -> usize {
+    size_of::<Event>()
+        + match &event.what {
+            What::Tftp(t) => size_of::<TftpFile>() + t.path.len() + t.end_bytes(),
+            What::Http(h) => size_of::<HttpFile>() + h.path.len(),
+            _ => 0,
+        }
+}
 
 impl Boot {
     fn new(now_ms: u64) -> Self {
@@ -303,6 +336,7 @@ impl Boot {
             problem: None,
             outstanding: Vec::new(),
             last_ms: now_ms,
+            bytes: size_of::<Boot>(),
         }
     }
 
@@ -319,7 +353,20 @@ impl Boot {
     fn compact(&mut self) {
         self.events_dropped += self.events.len() as u64;
         self.events = Vec::new();
-        self.outstanding = Vec::new();
+        self.set_outstanding(Vec::new());
+        self.bytes = size_of::<Boot>() + self.problem.as_ref().map_or(0, |p| p.len());
+    }
+
+    fn set_problem(&mut self, problem: Option<String>) {
+        let old = self.problem.as_ref().map_or(0, |p| p.len());
+        self.problem = problem.map(|p| capped(&p).into());
+        self.bytes = self.bytes - old + self.problem.as_ref().map_or(0, |p| p.len());
+    }
+
+    fn set_outstanding(&mut self, files: Vec<Box<str>>) {
+        let size = |files: &[Box<str>]| files.iter().map(|f| f.len() + 16).sum::<usize>();
+        self.bytes = self.bytes - size(&self.outstanding) + size(&files);
+        self.outstanding = files;
     }
 
     /// From power-on to the latest event, in milliseconds.
@@ -336,7 +383,9 @@ impl Boot {
     fn push(&mut self, at_ms: u64, what: What) {
         self.last_ms = self.last_ms.max(at_ms);
         if self.events.len() < EVENTS_PER_BOOT {
-            self.events.push(Event { at_ms, what });
+            let event = Event { at_ms, what };
+            self.bytes += event_bytes(&event);
+            self.events.push(event);
         } else {
             self.events_dropped += 1;
         }
@@ -353,7 +402,7 @@ impl Boot {
         *slot = u32::try_from(offset).unwrap_or(UNREACHED - 1);
         // Moving on means whatever went wrong before was recovered from
         // (EDK2 retries a transfer, iPXE retries DHCP).
-        self.problem = None;
+        self.set_problem(None);
         Some(now_ms.saturating_sub(self.started_ms) as f64 / 1000.0)
     }
 
@@ -379,24 +428,6 @@ impl Boot {
         (offered_last && waiting && self.events_dropped == 0)
             .then(|| "offered an address, no REQUEST followed".to_owned())
     }
-
-    fn approx_bytes(&self) -> usize {
-        // Allocations as the allocator sees them: capacity, not length.
-        let boxes: usize = self
-            .events
-            .iter()
-            .map(|e| match &e.what {
-                What::Tftp(t) => size_of::<TftpFile>() + t.end_bytes(),
-                What::Http(_) => size_of::<HttpFile>(),
-                _ => 0,
-            })
-            .sum();
-        size_of::<Boot>()
-            + self.events.capacity() * size_of::<Event>()
-            + boxes
-            + self.problem.as_ref().map_or(0, |p| p.len())
-            + self.outstanding.iter().map(|o| o.len() + 16).sum::<usize>()
-    }
 }
 
 #[derive(Default)]
@@ -417,21 +448,42 @@ pub struct Reached {
 /// Every machine's recent boots.
 pub struct Timelines {
     machines: HashMap<Mac, MachineBoots>,
-    /// Oldest-known first: who is forgotten when the bound is reached.
+    /// Oldest-known first: who is forgotten when a bound is reached.
     order: VecDeque<Mac>,
     /// The address↔MAC link the leases (or the client's own REQUEST) give:
-    /// TFTP and HTTP know only the client's address.
+    /// TFTP and HTTP know only the client's address. One address per MAC.
     by_address: HashMap<Ipv4Addr, Mac>,
     max_machines: usize,
+    max_bytes: usize,
+    /// What every kept boot takes, plus the indexes, roughly.
+    bytes: usize,
+}
+
+/// What a machine costs besides its boots: its entries in the three indexes.
+const MACHINE_BYTES: usize = size_of::<Mac>() * 2
+    + size_of::<MachineBoots>()
+    + size_of::<Ipv4Addr>()
+    + size_of::<Mac>()
+    + 32;
+
+/// Counts over every machine's latest boot, for a scrape.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub by_stage: [u64; 7],
+    pub failed: u64,
+    pub machines: usize,
+    pub bytes: usize,
 }
 
 impl Timelines {
-    pub fn new(max_machines: usize) -> Self {
+    pub fn new(max_machines: usize, max_bytes: usize) -> Self {
         Self {
             machines: HashMap::new(),
             order: VecDeque::new(),
             by_address: HashMap::new(),
             max_machines: max_machines.max(1),
+            max_bytes,
+            bytes: 0,
         }
     }
 
@@ -440,103 +492,138 @@ impl Timelines {
         self.by_address.get(&address).copied()
     }
 
+    /// Whether `mac` is a machine DHCP made known.
+    pub fn knows(&self, mac: Mac) -> bool {
+        self.machines.contains_key(&mac)
+    }
+
     pub fn machines(&self) -> usize {
         self.machines.len()
     }
 
-    /// A DHCP request and its answer; `problem`: why it was not answered,
-    /// when an operator must know (a full pool, a failing lease disk).
+    /// A DHCP request and its answer; `link`: the address it ties to the
+    /// machine (an ACK's, or the one it asks the site's server for in proxy
+    /// mode); `problem`: why it was not answered, when an operator must
+    /// know (a full pool, a failing lease disk). Only the firmware and
+    /// iPXE make a machine known.
     pub fn dhcp(
         &mut self,
         mac: Mac,
         step: DhcpStep,
+        link: Option<Ipv4Addr>,
         problem: Option<String>,
         now_ms: u64,
     ) -> Option<Reached> {
         let begins = step.asked == Msg::Discover && step.client == DhcpClient::Firmware;
-        if let Some(address) = step.address {
-            self.link(mac, address);
-        }
-        let boot = self.boot_for(mac, now_ms, begins);
+        let creates = step.client != DhcpClient::Os;
         let stage = match step.client {
             DhcpClient::Firmware => Some(Stage::Dhcp),
             DhcpClient::Ipxe => Some(Stage::IpxeDhcp),
             DhcpClient::Os => None,
         };
         let completes = step.completes;
-        if let Some(p) = problem {
-            boot.problem = Some(p.into());
-        } else if step.answered == Some(Msg::Nak) {
-            boot.problem = Some(format!("DHCP: {:?} answered with NAK", step.asked).into());
+        let nak = (step.answered == Some(Msg::Nak))
+            .then(|| format!("DHCP: {:?} answered with NAK", step.asked));
+        let reached = self.change(mac, now_ms, begins, creates, |boot| {
+            if let Some(p) = problem.or(nak) {
+                boot.set_problem(Some(p));
+            }
+            boot.push(now_ms, What::Dhcp(step));
+            let stage = stage.filter(|_| completes)?;
+            // iPXE's DHCP after a boot file we never saw (served elsewhere,
+            // or before a restart) still counts as iPXE's.
+            boot.reach(stage, now_ms)
+                .map(|seconds| Reached { stage, seconds })
+        })?;
+        if let Some(address) = link {
+            self.link(mac, address);
         }
-        boot.push(now_ms, What::Dhcp(step));
-        let stage = stage.filter(|_| completes)?;
-        // iPXE's DHCP after a boot file we never saw (served elsewhere, or
-        // before a restart) still counts as iPXE's.
-        boot.reach(stage, now_ms)
-            .map(|seconds| Reached { stage, seconds })
+        reached
     }
 
     /// Replies the kernel sent for `mac` from its templates.
     pub fn kernel_answered(&mut self, mac: Mac, port: u16, count: u64, now_ms: u64) {
-        if let Some(boot) = self.current(mac) {
+        self.change(mac, now_ms, false, false, |boot| {
             boot.push(now_ms, What::KernelAnswered { port, count });
-        }
+        });
     }
 
-    /// A TFTP file served (or refused) to `mac`.
-    pub fn tftp(&mut self, mac: Mac, file: TftpFile, now_ms: u64) -> Option<Reached> {
-        let boot = self.boot_for(mac, now_ms, false);
-        let completed = file.end == TftpEnd::Completed;
-        let path = file.path.to_string();
-        if let Some(p) = file.problem() {
-            boot.problem = Some(p.into());
+    /// A TFTP file served (or refused) to `mac`, a machine already known.
+    pub fn tftp(&mut self, mac: Mac, mut file: TftpFile, now_ms: u64) -> Option<Reached> {
+        if file.path.len() > MAX_TEXT {
+            file.path = capped(&file.path).into();
         }
-        boot.push(now_ms, What::Tftp(Box::new(file)));
-        if !completed {
-            return None;
-        }
-        Self::file_done(boot, &path, now_ms)
+        file.end = match file.end {
+            TftpEnd::ClientError { code, message } => TftpEnd::ClientError {
+                code,
+                message: capped(&message),
+            },
+            TftpEnd::Refused { why } => TftpEnd::Refused { why: capped(&why) },
+            end => end,
+        };
+        self.change(mac, now_ms, false, false, |boot| {
+            let completed = file.end == TftpEnd::Completed;
+            let path = file.path.to_string();
+            if let Some(p) = file.problem() {
+                boot.set_problem(Some(p));
+            }
+            boot.push(now_ms, What::Tftp(Box::new(file)));
+            if !completed {
+                return None;
+            }
+            Self::file_done(boot, &path, now_ms)
+        })
+        .flatten()
     }
 
-    /// An HTTP request answered for `mac`; `script_files`: for a script,
-    /// the files it names from this server.
+    /// An HTTP request answered for `mac`, a machine already known;
+    /// `script_files`: for a script, the files it names from this server.
     pub fn http(
         &mut self,
         mac: Mac,
-        file: HttpFile,
+        mut file: HttpFile,
         script_files: Vec<String>,
         now_ms: u64,
     ) -> Option<Reached> {
-        let boot = self.boot_for(mac, now_ms, false);
-        if let Some(p) = file.problem() {
-            boot.problem = Some(p.into());
-        }
-        let done = file.status == 200 && file.complete;
-        let (route, path) = (file.route, file.path.clone());
-        boot.push(now_ms, What::Http(Box::new(file)));
-        match route {
-            Route::Script if done => {
-                boot.outstanding = script_files.into_iter().map(Into::into).collect();
-                boot.reach(Stage::Script, now_ms).map(|seconds| Reached {
-                    stage: Stage::Script,
-                    seconds,
-                })
+        file.path = capped(&file.path);
+        self.change(mac, now_ms, false, false, |boot| {
+            if let Some(p) = file.problem() {
+                boot.set_problem(Some(p));
             }
-            Route::File if done => Self::file_done(boot, &path, now_ms),
-            _ => None,
-        }
+            let done = file.status == 200 && file.complete;
+            let (route, path) = (file.route, file.path.clone());
+            boot.push(now_ms, What::Http(Box::new(file)));
+            match route {
+                Route::Script if done => {
+                    let files = script_files
+                        .iter()
+                        .take(EVENTS_PER_BOOT)
+                        .map(|f| capped(f).into())
+                        .collect();
+                    boot.set_outstanding(files);
+                    boot.reach(Stage::Script, now_ms).map(|seconds| Reached {
+                        stage: Stage::Script,
+                        seconds,
+                    })
+                }
+                Route::File if done => Self::file_done(boot, &path, now_ms),
+                _ => None,
+            }
+        })
+        .flatten()
     }
 
-    /// The installer said `mac` is done.
+    /// The installer said `mac`, a machine already known, is done.
     pub fn provisioned(&mut self, mac: Mac, now_ms: u64) -> Option<Reached> {
-        let boot = self.boot_for(mac, now_ms, false);
-        boot.push(now_ms, What::Provisioned);
-        boot.reach(Stage::Provisioned, now_ms)
-            .map(|seconds| Reached {
-                stage: Stage::Provisioned,
-                seconds,
-            })
+        self.change(mac, now_ms, false, false, |boot| {
+            boot.push(now_ms, What::Provisioned);
+            boot.reach(Stage::Provisioned, now_ms)
+                .map(|seconds| Reached {
+                    stage: Stage::Provisioned,
+                    seconds,
+                })
+        })
+        .flatten()
     }
 
     /// A file fully downloaded: the NBP before the script, one of the
@@ -545,11 +632,19 @@ impl Timelines {
         let stage = if boot.reached(Stage::Script).is_none() {
             Stage::Nbp
         } else {
-            let before = boot.outstanding.len();
             let path = path.trim_start_matches('/');
-            boot.outstanding
-                .retain(|o| o.trim_start_matches('/') != path);
-            if before == 0 || !boot.outstanding.is_empty() {
+            let left: Vec<Box<str>> = boot
+                .outstanding
+                .iter()
+                .filter(|o| o.trim_start_matches('/') != path)
+                .cloned()
+                .collect();
+            if boot.outstanding.is_empty() || left.len() == boot.outstanding.len() {
+                return None;
+            }
+            let last = left.is_empty();
+            boot.set_outstanding(left);
+            if !last {
                 return None;
             }
             Stage::Os
@@ -574,36 +669,60 @@ impl Timelines {
         })
     }
 
+    /// Machines per stage and failed, in one pass.
+    pub fn summary(&self, now_ms: u64) -> Summary {
+        let mut summary = Summary {
+            machines: self.machines.len(),
+            bytes: self.bytes,
+            ..Summary::default()
+        };
+        for (_, boot) in self.latest_since(0) {
+            summary.by_stage[boot.stage().index()] += 1;
+            summary.failed += u64::from(boot.failure(now_ms).is_some());
+        }
+        summary
+    }
+
     /// What the kept timelines take in memory, roughly: the structures,
     /// not the allocator's slack.
     pub fn approx_bytes(&self) -> usize {
-        let per_entry = size_of::<Mac>() + size_of::<MachineBoots>() + 16;
-        self.machines
-            .values()
-            .map(|m| per_entry + m.boots.iter().map(Boot::approx_bytes).sum::<usize>())
-            .sum::<usize>()
-            + self.order.len() * size_of::<Mac>()
-            + self.by_address.len() * (size_of::<Ipv4Addr>() + size_of::<Mac>() + 8)
+        self.bytes
     }
 
+    #[cfg(test)]
     fn current(&mut self, mac: Mac) -> Option<&mut Boot> {
         self.machines.get_mut(&mac)?.boots.back_mut()
     }
 
-    /// The boot an event of `mac` belongs to: a new one when `begins` (a
+    /// Applies `change` to the boot an event of `mac` belongs to, keeping
+    /// the byte count and the bounds; `None` if `mac` is not known and the
+    /// event may not make it known. A new boot begins when `begins` (a
     /// firmware DISCOVER) and the current one is past its boot file or has
     /// given up, or when the machine has none.
-    fn boot_for(&mut self, mac: Mac, now_ms: u64, begins: bool) -> &mut Boot {
+    fn change<T>(
+        &mut self,
+        mac: Mac,
+        now_ms: u64,
+        begins: bool,
+        creates: bool,
+        change: impl FnOnce(&mut Boot) -> T,
+    ) -> Option<T> {
         if !self.machines.contains_key(&mac) {
-            self.make_room();
+            if !creates {
+                return None;
+            }
+            self.make_room(MACHINE_BYTES);
             self.order.push_back(mac);
+            self.machines.insert(mac, MachineBoots::default());
+            self.bytes += MACHINE_BYTES;
         }
-        let machine = self.machines.entry(mac).or_default();
+        let machine = self.machines.get_mut(&mac).expect("ensured above");
+        let before: usize = machine.boots.iter().map(|b| b.bytes).sum();
         let new = match machine.boots.back() {
             None => true,
+            // Past the boot file (whether or not its download was seen: a
+            // later stage says it was done), or given up.
             Some(b) => {
-                // Past the boot file (whether or not its download was seen:
-                // a later stage says it was done), or given up.
                 begins
                     && (b.stage() >= Stage::Nbp
                         || now_ms.saturating_sub(b.started_ms) > BOOT_GIVES_UP_MS)
@@ -618,30 +737,58 @@ impl Timelines {
             }
             machine.boots.push_back(Boot::new(now_ms));
         }
-        machine.boots.back_mut().expect("a boot was just ensured")
+        let boot = machine.boots.back_mut().expect("a boot was just ensured");
+        let result = change(boot);
+        let after: usize = machine.boots.iter().map(|b| b.bytes).sum();
+        self.bytes = self.bytes + after - before;
+        if self.bytes > self.max_bytes {
+            self.make_room(0);
+        }
+        Some(result)
     }
 
+    /// Ties `address` to `mac` alone: the machine's earlier address, and
+    /// another machine's claim to this one, are let go.
     fn link(&mut self, mac: Mac, address: Ipv4Addr) {
-        if address.is_unspecified() {
+        if address.is_unspecified() || !self.machines.contains_key(&mac) {
             return;
         }
-        self.by_address.insert(address, mac);
-        if let Some(m) = self.machines.get_mut(&mac) {
-            m.address = Some(address);
+        if let Some(previous) = self.by_address.insert(address, mac) {
+            if previous != mac {
+                if let Some(m) = self.machines.get_mut(&previous) {
+                    m.address = None;
+                }
+            }
+        }
+        let machine = self.machines.get_mut(&mac).expect("checked above");
+        if let Some(old) = machine.address.replace(address) {
+            if old != address && self.by_address.get(&old) == Some(&mac) {
+                self.by_address.remove(&old);
+            }
         }
     }
 
-    fn make_room(&mut self) {
-        while self.machines.len() >= self.max_machines {
+    /// Forgets the longest-known machines until one more of `more` bytes
+    /// fits both bounds (the machine being changed may go too, if it is
+    /// the only one left).
+    fn make_room(&mut self, more: usize) {
+        while self.machines.len() >= self.max_machines
+            || (self.bytes + more > self.max_bytes && !self.machines.is_empty())
+        {
             let Some(oldest) = self.order.pop_front() else {
                 return;
             };
-            if let Some(gone) = self.machines.remove(&oldest) {
-                if let Some(address) = gone.address {
-                    if self.by_address.get(&address) == Some(&oldest) {
-                        self.by_address.remove(&address);
-                    }
+            let Some(gone) = self.machines.remove(&oldest) else {
+                continue;
+            };
+            self.bytes -= MACHINE_BYTES + gone.boots.iter().map(|b| b.bytes).sum::<usize>();
+            if let Some(address) = gone.address {
+                if self.by_address.get(&address) == Some(&oldest) {
+                    self.by_address.remove(&address);
                 }
+            }
+            if more == 0 && self.bytes <= self.max_bytes {
+                return;
             }
         }
     }
@@ -728,8 +875,20 @@ mod tests {
         };
         let mut reached = Vec::new();
         let dora = |t: &mut Timelines, ipxe: bool, at: u64| {
-            let offer = t.dhcp(MAC, step(Msg::Discover, Some(Msg::Offer), ipxe), None, at);
-            let ack = t.dhcp(MAC, step(Msg::Request, Some(Msg::Ack), ipxe), None, at + 50);
+            let offer = t.dhcp(
+                MAC,
+                step(Msg::Discover, Some(Msg::Offer), ipxe),
+                Some(IP),
+                None,
+                at,
+            );
+            let ack = t.dhcp(
+                MAC,
+                step(Msg::Request, Some(Msg::Ack), ipxe),
+                Some(IP),
+                None,
+                at + 50,
+            );
             offer.into_iter().chain(ack).collect::<Vec<_>>()
         };
         reached.extend(dora(t, false, next()));
@@ -755,7 +914,7 @@ mod tests {
 
     #[test]
     fn a_whole_boot_reaches_every_stage_in_order() {
-        let mut t = Timelines::new(10);
+        let mut t = Timelines::new(10, usize::MAX);
         let reached = boot(&mut t, 1_000_000);
         let stages: Vec<Stage> = reached.iter().map(|r| r.stage).collect();
         assert_eq!(stages, Stage::ALL[1..].to_vec());
@@ -771,7 +930,7 @@ mod tests {
 
     #[test]
     fn a_firmware_discover_after_the_boot_file_begins_a_new_boot_and_only_four_are_kept() {
-        let mut t = Timelines::new(10);
+        let mut t = Timelines::new(10, usize::MAX);
         for n in 0..6 {
             boot(&mut t, 10_000_000 * (n + 1));
         }
@@ -779,16 +938,18 @@ mod tests {
         assert_eq!(boots.len(), BOOTS_PER_MACHINE);
         assert_eq!(boots[0].started_ms, 30_000_000 + 100);
         // Retransmitted DISCOVERs before the boot file stay in one boot.
-        let mut t = Timelines::new(10);
+        let mut t = Timelines::new(10, usize::MAX);
         t.dhcp(
             MAC,
             step(Msg::Discover, Some(Msg::Offer), false),
+            Some(IP),
             None,
             1000,
         );
         t.dhcp(
             MAC,
             step(Msg::Discover, Some(Msg::Offer), false),
+            Some(IP),
             None,
             5000,
         );
@@ -797,11 +958,11 @@ mod tests {
 
     #[test]
     fn the_booted_os_asking_for_an_address_is_no_new_boot() {
-        let mut t = Timelines::new(10);
+        let mut t = Timelines::new(10, usize::MAX);
         boot(&mut t, 1_000_000);
         let mut os = step(Msg::Discover, Some(Msg::Offer), false);
         os.client = DhcpClient::Os;
-        assert_eq!(t.dhcp(MAC, os, None, 2_000_000), None);
+        assert_eq!(t.dhcp(MAC, os, Some(IP), None, 2_000_000), None);
         let boots = t.boots(MAC).unwrap();
         assert_eq!(boots.len(), 1);
         assert_eq!(boots[0].events.len(), 11);
@@ -809,10 +970,11 @@ mod tests {
 
     #[test]
     fn what_went_wrong_is_the_failure_until_the_boot_moves_on() {
-        let mut t = Timelines::new(10);
+        let mut t = Timelines::new(10, usize::MAX);
         t.dhcp(
             MAC,
             step(Msg::Discover, Some(Msg::Offer), false),
+            Some(IP),
             None,
             1000,
         );
@@ -824,16 +986,22 @@ mod tests {
                 .as_deref(),
             Some("offered an address, no REQUEST followed")
         );
-        let mut t2 = Timelines::new(10);
+        let mut t2 = Timelines::new(10, usize::MAX);
         let mut local = step(Msg::Discover, Some(Msg::Offer), false);
         local.boot_file = false;
-        t2.dhcp(MAC, local, None, 1000);
+        t2.dhcp(MAC, local, Some(IP), None, 1000);
         assert_eq!(
             t2.current(MAC).unwrap().failure(1000 + OFFER_UNANSWERED_MS),
             None,
             "no boot file: the firmware went on to its disk, as told"
         );
-        t.dhcp(MAC, step(Msg::Request, Some(Msg::Ack), false), None, 2000);
+        t.dhcp(
+            MAC,
+            step(Msg::Request, Some(Msg::Ack), false),
+            Some(IP),
+            None,
+            2000,
+        );
         let refused = TftpEnd::Refused {
             why: "file not found".into(),
         };
@@ -853,11 +1021,12 @@ mod tests {
 
     #[test]
     fn events_and_machines_are_bounded() {
-        let mut t = Timelines::new(3);
+        let mut t = Timelines::new(3, usize::MAX);
         for n in 0..(EVENTS_PER_BOOT as u64 + 10) {
             t.dhcp(
                 MAC,
                 step(Msg::Discover, Some(Msg::Offer), false),
+                Some(IP),
                 None,
                 1000 + n,
             );
@@ -867,7 +1036,13 @@ mod tests {
         assert_eq!(boot.events_dropped, 10);
         for n in 2..=5u8 {
             let mac = Mac([2, 0, 0, 0, 0, n]);
-            t.dhcp(mac, step(Msg::Request, Some(Msg::Ack), false), None, 1000);
+            t.dhcp(
+                mac,
+                step(Msg::Request, Some(Msg::Ack), false),
+                Some(IP),
+                None,
+                1000,
+            );
         }
         assert_eq!(t.machines(), 3);
         assert!(
@@ -883,22 +1058,42 @@ mod tests {
 
     #[test]
     fn a_hundred_thousand_machines_with_four_boots_each_fit_the_stated_budget() {
-        let mut t = Timelines::new(100_000);
+        let mut t = Timelines::new(100_000, usize::MAX);
         for n in 0..100_000u32 {
             let [_, a, b, c] = n.to_be_bytes();
             let mac = Mac([2, 0, 0, a, b, c]);
+            let ip = Ipv4Addr::new(10, a, b, c);
             for k in 0..BOOTS_PER_MACHINE as u64 {
                 let at = 1_000_000 * (k + 1);
-                t.dhcp(mac, step(Msg::Discover, Some(Msg::Offer), false), None, at);
-                t.dhcp(mac, step(Msg::Request, Some(Msg::Ack), false), None, at + 1);
+                t.dhcp(
+                    mac,
+                    step(Msg::Discover, Some(Msg::Offer), false),
+                    Some(ip),
+                    None,
+                    at,
+                );
+                t.dhcp(
+                    mac,
+                    step(Msg::Request, Some(Msg::Ack), false),
+                    Some(ip),
+                    None,
+                    at + 1,
+                );
                 t.tftp(mac, tftp("ipxe.efi", TftpEnd::Completed, 700), at + 2);
                 t.dhcp(
                     mac,
                     step(Msg::Discover, Some(Msg::Offer), true),
+                    Some(ip),
                     None,
                     at + 3,
                 );
-                t.dhcp(mac, step(Msg::Request, Some(Msg::Ack), true), None, at + 4);
+                t.dhcp(
+                    mac,
+                    step(Msg::Request, Some(Msg::Ack), true),
+                    Some(ip),
+                    None,
+                    at + 4,
+                );
                 let files = vec!["vmlinuz".to_owned(), "initrd.img".to_owned()];
                 t.http(mac, http(Route::Script, "/boot.ipxe", 200), files, at + 5);
                 t.http(mac, http(Route::File, "/vmlinuz", 200), vec![], at + 6);
@@ -912,6 +1107,102 @@ mod tests {
             mib < 128.0,
             "{mib:.0} MiB, over the 128 MiB docs/OBSERVABILITY.md states"
         );
+    }
+
+    #[test]
+    fn the_byte_budget_forgets_the_longest_known_machines_and_text_is_capped() {
+        let mut t = Timelines::new(1000, 64 * 1024);
+        for n in 0..200u8 {
+            let mac = Mac([2, 0, 0, 0, 1, n]);
+            t.dhcp(
+                mac,
+                step(Msg::Request, Some(Msg::Ack), false),
+                None,
+                None,
+                1000,
+            );
+            let long = format!("/{}", "x".repeat(10_000));
+            t.http(mac, http(Route::File, &long, 404), vec![], 1001);
+        }
+        assert!(t.approx_bytes() <= 64 * 1024, "{}", t.approx_bytes());
+        assert!(t.machines() < 200 && t.machines() > 10, "{}", t.machines());
+        assert!(t.knows(Mac([2, 0, 0, 0, 1, 199])), "the newest stay");
+        let boot = t.boots(Mac([2, 0, 0, 0, 1, 199])).unwrap().back().unwrap();
+        let failure = boot.failure(1001).unwrap();
+        assert!(failure.len() < MAX_TEXT + 16, "{}", failure.len());
+        // Forgetting every machine leaves exactly nothing counted.
+        let mut t = Timelines::new(1, usize::MAX);
+        t.dhcp(
+            MAC,
+            step(Msg::Request, Some(Msg::Ack), false),
+            Some(IP),
+            None,
+            1,
+        );
+        let other = Mac([2, 0, 0, 0, 0, 9]);
+        t.dhcp(
+            other,
+            step(Msg::Request, Some(Msg::Ack), false),
+            None,
+            None,
+            2,
+        );
+        assert_eq!(t.machines(), 1);
+        let one = t.approx_bytes();
+        t.dhcp(
+            MAC,
+            step(Msg::Request, Some(Msg::Ack), false),
+            None,
+            None,
+            3,
+        );
+        assert_eq!(t.approx_bytes(), one, "one machine for another");
+        assert_eq!(
+            t.machine_at(IP),
+            None,
+            "the forgotten machine's address goes with it"
+        );
+    }
+
+    #[test]
+    fn only_dhcp_makes_a_machine_known_and_an_address_belongs_to_one() {
+        let mut t = Timelines::new(10, usize::MAX);
+        let stranger = Mac([2, 0, 0, 0, 0, 7]);
+        assert_eq!(
+            t.http(stranger, http(Route::Script, "/boot.ipxe", 200), vec![], 1),
+            None
+        );
+        assert_eq!(t.provisioned(stranger, 1), None);
+        let mut os = step(Msg::Discover, Some(Msg::Offer), false);
+        os.client = DhcpClient::Os;
+        t.dhcp(stranger, os, None, None, 1);
+        assert!(!t.knows(stranger), "neither a file nor the OS's DHCP");
+        let other = Mac([2, 0, 0, 0, 0, 8]);
+        t.dhcp(
+            MAC,
+            step(Msg::Request, Some(Msg::Ack), false),
+            Some(IP),
+            None,
+            1,
+        );
+        t.dhcp(
+            other,
+            step(Msg::Request, Some(Msg::Ack), false),
+            Some(IP),
+            None,
+            2,
+        );
+        assert_eq!(t.machine_at(IP), Some(other), "the address moved");
+        let next = Ipv4Addr::new(10, 0, 0, 51);
+        t.dhcp(
+            other,
+            step(Msg::Request, Some(Msg::Ack), false),
+            Some(next),
+            None,
+            3,
+        );
+        assert_eq!(t.machine_at(IP), None, "its earlier address is let go");
+        assert_eq!(t.by_address.len(), 1);
     }
 
     #[test]

@@ -322,10 +322,11 @@ impl TftpServer {
         tokio::spawn(async move {
             let port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
             hooks.opened(port);
-            observer.tftp_started();
+            let in_flight = observer.tftp_started();
             let served = run_transfer(socket, peer, file, agreed, timer, gso, hooks.as_ref()).await;
+            drop(in_flight);
             if let IpAddr::V4(client) = peer.ip() {
-                observer.tftp(client, served, true);
+                observer.tftp(client, served);
             }
             hooks.closed(port);
             active
@@ -341,7 +342,7 @@ impl TftpServer {
             return;
         };
         let file = TftpFile {
-            path: filename.into(),
+            path: crate::observe::timeline::capped(filename).into(),
             size: 0,
             blksize: 0,
             windowsize: 0,
@@ -354,7 +355,7 @@ impl TftpServer {
                 why: why.to_owned(),
             },
         };
-        self.observer.tftp(client, file, false);
+        self.observer.tftp(client, file);
     }
 
     async fn refuse(&self, peer: SocketAddr, code: ErrorCode, message: &str) {
