@@ -382,3 +382,188 @@ pub fn promtool_check_metrics(exposition: &str) -> io::Result<()> {
         String::from_utf8_lossy(&out.stderr)
     )))
 }
+
+/// A PostgreSQL server of the test's own: `initdb` in a directory of the
+/// test's, listening only on a Unix socket there (never on a network, never
+/// the system's service), run as the `postgres` user, trusted locally.
+/// Stopped (immediately) when dropped.
+pub struct Postgres {
+    data: PathBuf,
+    socket_dir: PathBuf,
+    bin: PathBuf,
+    log: PathBuf,
+}
+
+impl Postgres {
+    const PORT: u16 = 5432;
+
+    /// Creates a cluster in `dir` and starts it.
+    pub fn start(dir: &Path) -> io::Result<Self> {
+        let bin = postgres_bin()?;
+        let data = dir.join("data");
+        let socket_dir = dir.join("socket");
+        std::fs::create_dir_all(&socket_dir)?;
+        let postgres = user_ids("postgres")?;
+        // The server runs as postgres: it must reach and own its directories.
+        for path in [dir, &socket_dir] {
+            std::os::unix::fs::chown(path, Some(postgres.0), Some(postgres.1))?;
+        }
+        let server = Self {
+            data,
+            socket_dir,
+            bin,
+            log: dir.join("postgres.log"),
+        };
+        server.as_postgres(
+            "initdb",
+            &[
+                "-D",
+                server.data.to_str().unwrap_or_default(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+            ],
+        )?;
+        server.start_again()?;
+        Ok(server)
+    }
+
+    /// Starts the server (after [`Self::stop`]); returns once it accepts connections.
+    pub fn start_again(&self) -> io::Result<()> {
+        let options = format!(
+            "-c listen_addresses='' -k {} -p {}",
+            self.socket_dir.display(),
+            Self::PORT
+        );
+        self.as_postgres(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data.to_str().unwrap_or_default(),
+                "-l",
+                self.log.to_str().unwrap_or_default(),
+                "-o",
+                &options,
+                "-w",
+                "start",
+            ],
+        )
+        .map(drop)
+    }
+
+    /// Stops the server (`fast`: connections are cut, nothing is lost).
+    pub fn stop(&self) -> io::Result<()> {
+        self.as_postgres(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data.to_str().unwrap_or_default(),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ],
+        )
+        .map(drop)
+    }
+
+    /// The URL of `database` as the `postgres` crate takes it (the socket
+    /// directory as the host, percent-encoded).
+    pub fn url(&self, database: &str) -> String {
+        let host: String = self
+            .socket_dir
+            .to_string_lossy()
+            .replace('%', "%25")
+            .replace('/', "%2F");
+        format!("postgres://postgres@{host}:{}/{database}", Self::PORT)
+    }
+
+    /// Runs `sql` with psql; its unaligned, tuples-only output.
+    pub fn psql(&self, database: &str, sql: &str) -> io::Result<String> {
+        let socket = self.socket_dir.to_string_lossy().into_owned();
+        let port = Self::PORT.to_string();
+        self.as_postgres(
+            "psql",
+            &[
+                "-X",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                &socket,
+                "-p",
+                &port,
+                "-d",
+                database,
+                "-c",
+                sql,
+            ],
+        )
+    }
+
+    fn as_postgres(&self, program: &str, args: &[&str]) -> io::Result<String> {
+        let out = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join(program))
+            .args(args)
+            .current_dir("/")
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "{program} {}: {}{}\n{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self.as_postgres(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data.to_str().unwrap_or_default(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+}
+
+/// Debian's PostgreSQL programs (`/usr/lib/postgresql/VERSION/bin`), the newest.
+fn postgres_bin() -> io::Result<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let version = e.file_name().to_str()?.parse().ok()?;
+            Some((version, e.path().join("bin")))
+        })
+        .filter(|(_, bin)| bin.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, bin)| bin)
+        .ok_or_else(|| io::Error::other("no PostgreSQL server programs (Debian's postgresql)"))
+}
+
+/// The uid and gid of `user`.
+fn user_ids(user: &str) -> io::Result<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd")?;
+    passwd
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.first() == Some(&user))
+                .then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
+        })
+        .ok_or_else(|| io::Error::other(format!("no user {user} (Debian's postgresql creates it)")))
+}

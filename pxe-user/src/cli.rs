@@ -95,6 +95,14 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub lease_file: Option<PathBuf>,
 
+    /// Keep leases in PostgreSQL instead of --lease-file, e.g.
+    /// `postgres://pxed:PASSWORD@db.example/pxed` (or
+    /// `postgres://pxed@%2Frun%2Fpostgresql/pxed` for a Unix socket). pxed
+    /// creates and migrates its tables; every lease is committed there
+    /// before its ACK leaves.
+    #[arg(long, value_name = "URL", env = "PXED_LEASE_STORE", value_parser = postgres_url, conflicts_with = "lease_file")]
+    pub lease_store: Option<String>,
+
     /// NAK requests for addresses pxed has no record of (RFC 2131 §4.3.2).
     /// Only for the one DHCP server of a network.
     #[arg(long)]
@@ -240,4 +248,15 @@ pub struct Cli {
     /// 0 logs them only at exit. SIGUSR1 logs them at any time.
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     pub stats_interval: u64,
+}
+
+fn postgres_url(s: &str) -> Result<String, String> {
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{:?} is not a PostgreSQL URL (postgres://USER:PASSWORD@HOST/DATABASE)",
+            crate::lease::postgres_store::without_password(s)
+        ))
+    }
 }

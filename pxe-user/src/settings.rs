@@ -49,6 +49,8 @@ pub struct Settings {
     pub router: Option<Ipv4Addr>,
     pub lease_time: u32,
     pub lease_file: PathBuf,
+    /// PostgreSQL instead of `lease_file`, when given.
+    pub lease_store: Option<String>,
     pub authoritative: bool,
     pub xdp_mode: XdpModeChoice,
     pub no_tc: bool,
@@ -141,6 +143,7 @@ impl Settings {
             ranges,
             router: cli.router,
             lease_time: cli.lease_time,
+            lease_store: cli.lease_store.clone(),
             lease_file: cli
                 .lease_file
                 .or_else(|| config.lease_file.clone())

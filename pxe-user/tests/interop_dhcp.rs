@@ -14,8 +14,8 @@ use std::{
 };
 
 use common::{
-    dhcp_client as dc, have_tool, run_ok, serve_tftp, wait_for_file_text, write_script, Served,
-    PXED,
+    dhcp_client as dc, have_tool, run_ok, serve_tftp, start_udhcpc, udhcpc_lease,
+    wait_for_file_text, write_script, Served, PXED,
 };
 use dhcproto::v4::{DhcpOption, MessageType, OptionCode};
 use nix::{
@@ -90,39 +90,8 @@ fn udhcpc_gets_renews_and_releases_a_lease() {
     let root = boot_root();
     let served = full_mode(root.path());
     let work = tempfile::tempdir().unwrap();
-    let script = write_script(
-        work.path(),
-        "udhcpc.sh",
-        r#"
-case "$1" in
-  bound|renew) ip addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface" ;;
-  deconfig) ip addr flush dev "$interface" ;;
-esac
-"#,
-    );
-    let out = work.path().join("udhcpc.log");
-    let pid = served
-        .lab
-        .spawn_logged(
-            &served.client,
-            "busybox",
-            &[
-                "udhcpc", "-i", "eth0", "-f", "-t", "5", "-T", "1", "-s", &script,
-            ],
-            &out,
-        )
-        .unwrap();
-    wait_for_file_text(&out, "obtained from 198.18.0.1", Duration::from_secs(20));
-    let text = std::fs::read_to_string(&out).unwrap();
-    let ip: Ipv4Addr = text
-        .split("lease of ")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (pid, out) = start_udhcpc(&served, work.path());
+    let ip = udhcpc_lease(&out);
     assert!(in_pool(ip), "{ip}");
     assert!(
         configured(&served.client, &format!("{ip}/24")),

@@ -81,13 +81,18 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "prometheus",
         "prometheus and promtool, a real scraper for the metrics tests (its service is never run)",
     ),
+    (
+        "postgresql",
+        "PostgreSQL for --lease-store; the tests run their own server in a temporary directory (the system's service is never run)",
+    ),
 ];
 
 /// Services that packages above enable on install, with the package that
 /// brings each. The tests start their own instance inside a lab; one running
 /// as a system service would sit in the root namespace, on the machine's
 /// real network, and start again on every boot.
-const SERVICES_NEVER_RUN: &[(&str, &str)] = &[("prometheus", "prometheus")];
+const SERVICES_NEVER_RUN: &[(&str, &str)] =
+    &[("prometheus", "prometheus"), ("postgresql", "postgresql")];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13";

@@ -27,7 +27,7 @@ use crate::{
     fastpath::{AttachedXdp, FastPath, FastPathHooks, KernelAnswers},
     http,
     inventory::{Inventory, InventoryStore, MemInventoryStore, RedbInventoryStore},
-    lease::{LeaseStore, MemLeaseStore, RedbLeaseStore},
+    lease::{postgres_store, LeaseStore, MemLeaseStore, PostgresLeaseStore, RedbLeaseStore},
     netif,
     observe::Observer,
     policy::{provision::ProvisionKey, webhook::Webhook, FileGate},
@@ -322,13 +322,19 @@ pub fn start_dhcp(
     let mode = settings.dhcp;
     let engine_config = settings.engine_config(&settings.config)?;
     let subnets = subnet_names(&engine_config);
-    let store: Box<dyn LeaseStore> = match mode {
-        DhcpMode::Full => Box::new(open_leases(&settings.lease_file)?),
+    let store: Box<dyn LeaseStore> = match (mode, &settings.lease_store) {
+        (DhcpMode::Full, Some(url)) => {
+            let store = tokio::task::block_in_place(|| PostgresLeaseStore::open(url))
+                .context("opening the lease database (--lease-store)")?;
+            info!(database = %postgres_store::without_password(url), "leases in PostgreSQL");
+            Box::new(store)
+        }
+        (DhcpMode::Full, None) => Box::new(open_leases(&settings.lease_file)?),
         // Proxy mode hands out no addresses: nothing to remember.
-        _ => Box::new(MemLeaseStore::default()),
+        (_, _) => Box::new(MemLeaseStore::default()),
     };
-    let engine =
-        Engine::new(engine_config, policy.clone(), store).context("reading the lease database")?;
+    let engine = tokio::task::block_in_place(|| Engine::new(engine_config, policy.clone(), store))
+        .context("reading the lease database")?;
     let engine = Arc::new(Mutex::new(engine));
     observer.watch_engine(&engine);
     let mut listeners = Vec::new();
@@ -350,7 +356,11 @@ pub fn start_dhcp(
     }
     info!(
         mode = ?mode, subnets = ?subnets,
-        lease_file = %if mode == DhcpMode::Full { settings.lease_file.display().to_string() } else { "-".into() },
+        leases = %match (mode, &settings.lease_store) {
+            (DhcpMode::Full, Some(url)) => postgres_store::without_password(url),
+            (DhcpMode::Full, None) => settings.lease_file.display().to_string(),
+            _ => "-".into(),
+        },
         "DHCP serving on ports 67 and 4011"
     );
     for listener in listeners {

@@ -13,13 +13,16 @@
 //! disk flush for a rack's worth of ACKs, not one each).
 
 mod mem;
+pub mod postgres_store;
 mod redb_store;
 
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-pub use self::{mem::MemLeaseStore, redb_store::RedbLeaseStore};
+pub use self::{
+    mem::MemLeaseStore, postgres_store::PostgresLeaseStore, redb_store::RedbLeaseStore,
+};
 
 /// What a lease record says about its address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

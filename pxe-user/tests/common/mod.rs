@@ -177,3 +177,44 @@ pub fn run_ok(ns: &Netns, program: &str, args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// busybox udhcpc in `served`'s client namespace, in the foreground, its
+/// script configuring eth0 with what it leases; its PID and log. The IPv4
+/// address of its first lease is [`udhcpc_lease`] of that log.
+pub fn start_udhcpc(served: &Served, work: &Path) -> (u32, PathBuf) {
+    let script = write_script(
+        work,
+        "udhcpc.sh",
+        r#"
+case "$1" in
+  bound|renew) ip addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface" ;;
+  deconfig) ip addr flush dev "$interface" ;;
+esac
+"#,
+    );
+    let out = work.join("udhcpc.log");
+    let pid = served
+        .lab
+        .spawn_logged(
+            &served.client,
+            "busybox",
+            &[
+                "udhcpc", "-i", "eth0", "-f", "-t", "5", "-T", "1", "-s", &script,
+            ],
+            &out,
+        )
+        .unwrap();
+    (pid, out)
+}
+
+/// The address of udhcpc's first lease, once its log says it got one.
+pub fn udhcpc_lease(log: &Path) -> std::net::Ipv4Addr {
+    wait_for_file_text(log, "obtained from 198.18.0.1", Duration::from_secs(20));
+    std::fs::read_to_string(log)
+        .unwrap()
+        .split("lease of ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|ip| ip.parse().ok())
+        .expect("udhcpc logs `lease of IP obtained from SERVER`")
+}
