@@ -271,7 +271,24 @@ impl Addresses {
             self.roll_back();
         }
         self.journal.clear();
+        if let Err(LeaseError::Taken { lease }) = &result {
+            self.learn(lease);
+        }
         result
+    }
+
+    /// A lease another server holds, as the shared database has it: known
+    /// from now on, so this server offers the address to nobody else.
+    fn learn(&mut self, lease: &Lease) {
+        self.offers.release_ip(lease.ip);
+        if let Some(old) = self.by_ip.insert(lease.ip, lease.clone()) {
+            if old.client != lease.client && self.by_client.get(&old.client) == Some(&lease.ip) {
+                self.by_client.remove(&old.client);
+            }
+        }
+        if lease.state != LeaseState::Declined {
+            self.by_client.insert(lease.client.clone(), lease.ip);
+        }
     }
 
     fn roll_back(&mut self) {

@@ -215,6 +215,9 @@ async fn answer(
     }
     match &outcome.problem {
         Some(Problem::PoolExhausted { subnet }) => warned.pool_exhausted(subnet),
+        Some(Problem::Taken(e)) => {
+            warn!(mac = %request.mac, "DHCP: not answered: {e}; the client's next request gets another address")
+        }
         Some(Problem::LeaseStore(e)) => {
             error!(mac = %request.mac, "DHCP: lease store failing, request not answered: {e}")
         }

@@ -279,7 +279,11 @@ impl Engine {
             match committed {
                 Ok(()) => self.store_failing = None,
                 Err(e) => {
-                    self.store_failing = Some(e.to_string());
+                    // Another server's lease is no failing store: the
+                    // burst is answered again when its clients retry.
+                    if !matches!(e, LeaseError::Taken { .. }) {
+                        self.store_failing = Some(e.to_string());
+                    }
                     for o in outcomes.iter_mut().filter(|o| o.wrote) {
                         o.withdraw(&e);
                     }
@@ -1443,6 +1447,95 @@ mod tests {
             "{:?}",
             out.problem
         );
+    }
+
+    /// A shared database where another server already leased `theirs`: a
+    /// batch writing that address for another client is refused with its
+    /// holder, as the PostgreSQL store does.
+    struct SharedWithAnotherServer {
+        theirs: Lease,
+        pending: Vec<Lease>,
+    }
+    impl LeaseStore for SharedWithAnotherServer {
+        fn load_all(&self) -> Result<Vec<Lease>, LeaseError> {
+            Ok(Vec::new()) // this server started before the other leased it
+        }
+        fn put(&mut self, lease: &Lease) -> Result<(), LeaseError> {
+            self.pending.push(lease.clone());
+            Ok(())
+        }
+        fn remove(&mut self, _: Ipv4Addr) -> Result<(), LeaseError> {
+            Ok(())
+        }
+        fn commit(&mut self) -> Result<(), LeaseError> {
+            let batch = std::mem::take(&mut self.pending);
+            if batch
+                .iter()
+                .any(|l| l.ip == self.theirs.ip && l.client != self.theirs.client)
+            {
+                return Err(LeaseError::Taken {
+                    lease: Box::new(self.theirs.clone()),
+                });
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_address_another_server_holds_is_learnt_and_the_retry_gets_another() {
+        let first = Ipv4Addr::new(198, 18, 0, 100);
+        let theirs = Lease {
+            ip: first,
+            client: client_key(None, mac(90)),
+            mac: mac(90),
+            expires: T0 + 3600,
+            state: LeaseState::Active,
+            hostname: None,
+        };
+        let store = SharedWithAnotherServer {
+            theirs: theirs.clone(),
+            pending: Vec::new(),
+        };
+        let mut e =
+            Engine::new(config(Mode::Full), policy(HashMap::new()), Box::new(store)).unwrap();
+        let request = |ip: Ipv4Addr| {
+            plain(
+                MessageType::Request,
+                50,
+                vec![
+                    DhcpOption::ServerIdentifier(SERVER),
+                    DhcpOption::RequestedIpAddress(ip),
+                ],
+            )
+        };
+        let offer = e.handle(&plain(MessageType::Discover, 50, vec![]), at(67, src()), T0);
+        assert_eq!(
+            offer.reply.unwrap().message.yiaddr(),
+            first,
+            "memory did not know"
+        );
+        let out = e.handle(&request(first), at(67, src()), T0);
+        assert!(out.reply.is_none(), "{}", out.summary);
+        assert!(
+            matches!(out.problem, Some(Problem::Taken(_))),
+            "{:?}",
+            out.problem
+        );
+        assert_eq!(
+            e.store_failing(),
+            None,
+            "another server's lease is no failing store"
+        );
+        assert_eq!(e.lease(first), Some(&theirs), "learnt from the database");
+        let again = e.handle(
+            &plain(MessageType::Discover, 50, vec![]),
+            at(67, src()),
+            T0 + 4,
+        );
+        let next = again.reply.unwrap().message.yiaddr();
+        assert_ne!(next, first);
+        let ack = e.handle(&request(next), at(67, src()), T0 + 4);
+        assert_eq!(msg_type(&ack), Some(MessageType::Ack), "{}", ack.summary);
     }
 
     /// A store that keeps the contract (a batch counts only once committed)

@@ -66,8 +66,13 @@ pub struct Outcome {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Problem {
-    PoolExhausted { subnet: String },
+    PoolExhausted {
+        subnet: String,
+    },
     LeaseStore(String),
+    /// Another server holds the address in the shared database: the client
+    /// asks again and gets another one.
+    Taken(String),
 }
 
 impl Outcome {
@@ -135,7 +140,10 @@ impl Outcome {
             "{}; not answered, the lease could not be stored: {e}",
             self.summary
         );
-        self.problem = Some(Problem::LeaseStore(e.to_string()));
+        self.problem = Some(match e {
+            LeaseError::Taken { .. } => Problem::Taken(e.to_string()),
+            _ => Problem::LeaseStore(e.to_string()),
+        });
     }
 
     fn msg_type(&self) -> Option<MessageType> {
@@ -169,6 +177,7 @@ impl EngineStats {
         match &outcome.problem {
             Some(Problem::PoolExhausted { .. }) => self.pool_exhausted += 1,
             Some(Problem::LeaseStore(_)) => self.store_failures += 1,
+            Some(Problem::Taken(_)) => {}
             None => {}
         }
     }

@@ -105,6 +105,10 @@ pub enum LeaseError {
     Database { path: String, message: String },
     #[error("lease record for {ip} is unreadable: {message}")]
     Corrupt { ip: Ipv4Addr, message: String },
+    /// The shared database has `lease.ip` held by another client (another
+    /// server leased it): the batch did not count, and this is its holder.
+    #[error("{} is held by another client in the lease database (another server leased it)", lease.ip)]
+    Taken { lease: Box<Lease> },
 }
 
 /// Durable storage of leases.

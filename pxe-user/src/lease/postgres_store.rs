@@ -53,8 +53,27 @@ enum Op {
 }
 
 enum Request {
-    Load(mpsc::SyncSender<Result<Vec<Lease>, String>>),
-    Commit(Vec<Op>, mpsc::SyncSender<Result<(), String>>),
+    Load(mpsc::SyncSender<Result<Vec<Lease>, Failed>>),
+    Commit(Vec<Op>, mpsc::SyncSender<Result<(), Failed>>),
+}
+
+/// Why a request failed.
+enum Failed {
+    /// Another client holds this lease's address: the batch was rolled back.
+    Taken(Lease),
+    Error(String),
+}
+
+impl From<String> for Failed {
+    fn from(e: String) -> Self {
+        Self::Error(e)
+    }
+}
+
+impl From<postgres::Error> for Failed {
+    fn from(e: postgres::Error) -> Self {
+        Self::Error(e.to_string())
+    }
 }
 
 pub struct PostgresLeaseStore {
@@ -98,7 +117,7 @@ impl PostgresLeaseStore {
 
     fn ask<T>(
         &self,
-        request: impl FnOnce(mpsc::SyncSender<Result<T, String>>) -> Request,
+        request: impl FnOnce(mpsc::SyncSender<Result<T, Failed>>) -> Request,
     ) -> Result<T, LeaseError> {
         let (reply, answer) = mpsc::sync_channel(1);
         self.requests
@@ -107,7 +126,12 @@ impl PostgresLeaseStore {
         answer
             .recv()
             .map_err(|_| self.error("the database thread is gone"))?
-            .map_err(|e| self.error(e))
+            .map_err(|e| match e {
+                Failed::Taken(lease) => LeaseError::Taken {
+                    lease: Box::new(lease),
+                },
+                Failed::Error(e) => self.error(e),
+            })
     }
 }
 
@@ -181,8 +205,8 @@ fn serve(url: String, shown: String, mut client: Option<Client>, inbox: mpsc::Re
 fn fail(request: Request, e: &str) {
     let message = format!("cannot reach the database: {e}");
     match request {
-        Request::Load(reply) => drop(reply.send(Err(message))),
-        Request::Commit(_, reply) => drop(reply.send(Err(message))),
+        Request::Load(reply) => drop(reply.send(Err(Failed::Error(message)))),
+        Request::Commit(_, reply) => drop(reply.send(Err(Failed::Error(message)))),
     }
 }
 
@@ -230,15 +254,20 @@ fn migrate(client: &mut Client) -> Result<(), String> {
     tx.commit().map_err(|e| e.to_string())
 }
 
-fn load(client: &mut Client) -> Result<Vec<Lease>, String> {
-    let rows = client
-        .query(
-            "SELECT ip, client, mac, expires, state, hostname FROM pxed_leases",
-            &[],
-        )
-        .map_err(|e| e.to_string())?;
+const COLUMNS: &str = "ip, client, mac, expires, state, hostname";
+
+fn load(client: &mut Client) -> Result<Vec<Lease>, Failed> {
+    let rows = client.query(&format!("SELECT {COLUMNS} FROM pxed_leases"), &[])?;
     rows.iter()
-        .map(|row| {
+        .map(lease_of)
+        .collect::<Result<_, _>>()
+        .map_err(Failed::Error)
+}
+
+/// A row of `COLUMNS` as a lease.
+fn lease_of(row: &postgres::Row) -> Result<Lease, String> {
+    {
+        {
             let IpAddr::V4(ip) = row.get::<_, IpAddr>(0) else {
                 return Err("an IPv6 address in pxed_leases".to_owned());
             };
@@ -259,17 +288,17 @@ fn load(client: &mut Client) -> Result<Vec<Lease>, String> {
                 },
                 hostname: row.get(5),
             })
-        })
-        .collect()
+        }
+    }
 }
 
-fn commit(client: &mut Client, ops: &[Op]) -> Result<(), String> {
+fn commit(client: &mut Client, ops: &[Op]) -> Result<(), Failed> {
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    let mut tx = client.transaction().map_err(|e| e.to_string())?;
-    let upsert = tx.prepare(UPSERT).map_err(|e| e.to_string())?;
+    let mut tx = client.transaction()?;
+    let upsert = tx.prepare(UPSERT)?;
     for op in ops {
         match op {
             Op::Put(lease) => {
@@ -281,35 +310,34 @@ fn commit(client: &mut Client, ops: &[Op]) -> Result<(), String> {
                     LeaseState::Released => "released",
                     LeaseState::Declined => "declined",
                 };
-                let written = tx
-                    .execute(
-                        &upsert,
-                        &[
-                            &ip,
-                            &lease.client,
-                            &mac,
-                            &expires,
-                            &state,
-                            &lease.hostname,
-                            &now,
-                        ],
-                    )
-                    .map_err(|e| e.to_string())?;
+                let written = tx.execute(
+                    &upsert,
+                    &[
+                        &ip,
+                        &lease.client,
+                        &mac,
+                        &expires,
+                        &state,
+                        &lease.hostname,
+                        &now,
+                    ],
+                )?;
                 if written == 0 {
-                    // Dropping the transaction rolls the whole batch back.
-                    return Err(format!(
-                        "{} is held by another client in the database (another server leased it)",
-                        lease.ip
-                    ));
+                    // Its holder, for the engine to learn; dropping the
+                    // transaction rolls the whole batch back.
+                    let row = tx.query_one(
+                        &format!("SELECT {COLUMNS} FROM pxed_leases WHERE ip = $1"),
+                        &[&ip],
+                    )?;
+                    return Err(Failed::Taken(lease_of(&row)?));
                 }
             }
             Op::Remove(ip) => {
-                tx.execute("DELETE FROM pxed_leases WHERE ip = $1", &[&IpAddr::V4(*ip)])
-                    .map_err(|e| e.to_string())?;
+                tx.execute("DELETE FROM pxed_leases WHERE ip = $1", &[&IpAddr::V4(*ip)])?;
             }
         }
     }
-    tx.commit().map_err(|e| e.to_string())
+    Ok(tx.commit()?)
 }
 
 /// `url` with its password, if any, replaced by `***`.

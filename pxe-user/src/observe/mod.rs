@@ -115,6 +115,7 @@ impl Observer {
         let problem = outcome.problem.as_ref().map(|p| match p {
             Problem::PoolExhausted { subnet } => format!("DHCP: the pool of {subnet} is exhausted"),
             Problem::LeaseStore(e) => format!("DHCP: the lease could not be stored: {e}"),
+            Problem::Taken(e) => format!("DHCP: {e}"),
         });
         self.exposition
             .metrics
