@@ -220,6 +220,7 @@ impl Settings {
             authoritative: self.authoritative,
             http_port: self.http_port,
             kernel_answers: self.kernel_answers(),
+            shared_pools: self.lease_store.is_some(),
         })
     }
 

@@ -156,7 +156,8 @@ use common::{have_tool, serve_tftp, start_udhcpc, udhcpc_lease};
 
 const TOKEN: &str = "postgres-test-token-0123456789";
 
-/// `GET http://198.18.0.1:8067{path}` with the token, from `ns`: status and body.
+/// `GET http://198.18.0.1:8067{path}` with the token, from `ns`: status and
+/// body. From the server's namespace: udhcpc reconfigures the client's.
 fn api_get(ns: &pxe_lab::Netns, path: &str) -> (u16, String) {
     let out = ns
         .output(
@@ -242,7 +243,7 @@ fn pxed_leases_into_postgres_and_rides_out_the_database_stopping() {
         "lease store failing, request not answered",
         Duration::from_secs(15),
     );
-    let (status, health) = api_get(&served.client, "/api/v1/health");
+    let (status, health) = api_get(&served.server, "/api/v1/health");
     assert_eq!(status, 503, "{health}");
     let health: serde_json::Value = serde_json::from_str(&health).unwrap();
     assert_eq!(health["checks"]["lease_store"]["ok"], false, "{health}");
@@ -253,7 +254,7 @@ fn pxed_leases_into_postgres_and_rides_out_the_database_stopping() {
         why.contains("postgres://postgres@"),
         "names the database: {health}"
     );
-    let (_, metrics) = api_get(&served.client, "/metrics");
+    let (_, metrics) = api_get(&served.server, "/metrics");
     assert!(metrics.contains("pxed_lease_store_healthy 0"), "{metrics}");
     let acked_before = served.log().matches("→ ACK").count();
 
@@ -264,7 +265,7 @@ fn pxed_leases_into_postgres_and_rides_out_the_database_stopping() {
     renew();
     served.wait_for_log("lease database reachable again", Duration::from_secs(15));
     served.wait_for_log_count("→ ACK", acked_before + 1, Duration::from_secs(30));
-    let (status, health) = api_get(&served.client, "/api/v1/health");
+    let (status, health) = api_get(&served.server, "/api/v1/health");
     assert_eq!(status, 200, "{health}");
     let rows = pg
         .psql("postgres", "SELECT count(*) FROM pxed_leases")

@@ -84,6 +84,7 @@ impl Lab {
             authoritative: false,
             http_port: 80,
             kernel_answers: true,
+            shared_pools: false,
         };
         let policy = SharedPolicy::new(StaticPolicy {
             profiles: [("default".to_owned(), Profile::named("default"))].into(),

@@ -34,8 +34,11 @@ pub struct Addresses {
     /// Fixed addresses by MAC, and the same by address.
     reservations: HashMap<Mac, Ipv4Addr>,
     reserved: HashMap<Ipv4Addr, Mac>,
-    /// Where each subnet's free-address search resumes.
-    cursors: Vec<u64>,
+    /// Where each subnet's free-address search resumes; `None` until the
+    /// first search, which starts at 0 or, with [`Self::spread`], at a
+    /// point the server's own address picks.
+    cursors: Vec<Option<u64>>,
+    spread: bool,
     /// Index changes since the last commit, oldest first.
     journal: Vec<Undo>,
     /// Writes into the store's batch, ever: a request wrote if it grew.
@@ -76,6 +79,7 @@ impl Addresses {
             reservations: HashMap::new(),
             reserved: HashMap::new(),
             cursors: Vec::new(),
+            spread: false,
             journal: Vec::new(),
             writes: 0,
         };
@@ -83,9 +87,15 @@ impl Addresses {
         Ok(addresses)
     }
 
+    /// Other servers lease from the same pools: start each subnet's search
+    /// where this server's address says (see `EngineConfig::shared_pools`).
+    pub fn spread(&mut self, on: bool) {
+        self.spread = on;
+    }
+
     /// New subnets and reservations (SIGHUP); leases and offers stay.
     pub fn reconfigure(&mut self, subnets: usize, reservations: HashMap<Mac, Ipv4Addr>) {
-        self.cursors = vec![0; subnets];
+        self.cursors = vec![None; subnets];
         self.reserved = reservations.iter().map(|(mac, ip)| (*ip, *mac)).collect();
         self.reservations = reservations;
     }
@@ -183,15 +193,24 @@ impl Addresses {
             return Some(ip);
         }
         let len = subnet.pool_len();
+        let spread = self.spread;
+        let start = *self.cursors[c.subnet].get_or_insert_with(|| {
+            // Knuth's multiplicative hash spreads neighbouring addresses.
+            let seed = u64::from(u32::from(c.server).wrapping_mul(2_654_435_761));
+            if spread && len > 0 {
+                seed % len
+            } else {
+                0
+            }
+        });
         for reclaim in [false, true] {
-            let start = self.cursors[c.subnet];
             for step in 0..len {
                 let n = (start + step) % len;
                 let Some(ip) = subnet.nth(n) else {
                     continue;
                 };
                 if (reclaim || !self.by_ip.contains_key(&ip)) && self.assignable(ip, subnet, c) {
-                    self.cursors[c.subnet] = (n + 1) % len;
+                    self.cursors[c.subnet] = Some((n + 1) % len);
                     return Some(ip);
                 }
             }

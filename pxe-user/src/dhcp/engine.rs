@@ -60,6 +60,11 @@ pub struct EngineConfig {
     /// (see [`KernelAnswer`]). Leases are then stored for twice their
     /// time, so that renewals the kernel ACKs are covered on disk.
     pub kernel_answers: bool,
+    /// Other servers lease from the same pools (a shared PostgreSQL store):
+    /// each subnet's search for a free address starts at a point of the
+    /// pool this server's own address picks, so two servers seldom choose
+    /// the same one (the database arbitrates when they do).
+    pub shared_pools: bool,
 }
 
 /// Where a request arrived: the port, the sender, and our address on the
@@ -154,7 +159,9 @@ impl Engine {
         policy: SharedPolicy,
         store: Box<dyn LeaseStore>,
     ) -> Result<Self, LeaseError> {
-        let addresses = Addresses::load(store, config.subnets.len(), config.reservations.clone())?;
+        let mut addresses =
+            Addresses::load(store, config.subnets.len(), config.reservations.clone())?;
+        addresses.spread(config.shared_pools);
         Ok(Self {
             config,
             policy,
@@ -725,6 +732,7 @@ mod tests {
             authoritative: false,
             http_port: 80,
             kernel_answers: false,
+            shared_pools: false,
         }
     }
 
@@ -1479,6 +1487,43 @@ mod tests {
             }
             Ok(())
         }
+    }
+
+    #[test]
+    fn servers_sharing_pools_start_their_searches_apart() {
+        let first_offer = |server: Ipv4Addr, shared: bool| {
+            let mut config = config(Mode::Full);
+            config.shared_pools = shared;
+            let mut e = Engine::new(
+                config,
+                policy(HashMap::new()),
+                Box::new(MemLeaseStore::default()),
+            )
+            .unwrap();
+            let arrival = Arrival {
+                server_ip: server,
+                ..at(67, src())
+            };
+            let offer = e.handle(&plain(MessageType::Discover, 60, vec![]), arrival, T0);
+            offer.reply.unwrap().message.yiaddr()
+        };
+        let (a, b) = (Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 18, 0, 2));
+        assert_eq!(first_offer(a, false), Ipv4Addr::new(198, 18, 0, 100));
+        assert_eq!(
+            first_offer(b, false),
+            Ipv4Addr::new(198, 18, 0, 100),
+            "one server: from the start"
+        );
+        assert_ne!(
+            first_offer(a, true),
+            first_offer(b, true),
+            "two servers: apart"
+        );
+        assert_eq!(
+            first_offer(a, true),
+            first_offer(a, true),
+            "the same server, the same start"
+        );
     }
 
     #[test]
