@@ -95,7 +95,8 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub lease_file: Option<PathBuf>,
 
-    /// Keep leases in PostgreSQL instead of --lease-file, e.g.
+    /// Keep leases, and the API's machines and profiles, in PostgreSQL
+    /// instead of --lease-file and --inventory-file, e.g.
     /// `postgres://pxed:PASSWORD@db.example/pxed` (or
     /// `postgres://pxed@%2Frun%2Fpostgresql/pxed` for a Unix socket). pxed
     /// creates and migrates its tables; every lease is committed there

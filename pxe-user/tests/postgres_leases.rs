@@ -1,5 +1,6 @@
-//! Leases on a real PostgreSQL the test starts itself (`initdb` in a
-//! temporary directory, a Unix socket only): they survive reopening, the
+//! Leases and the inventory on a real PostgreSQL the test starts itself
+//! (`initdb` in a temporary directory, a Unix socket only): they survive
+//! reopening, the
 //! database refuses a second holder of an address, a schema newer than the
 //! binary is refused, an unreachable database is a clear error with the
 //! password hidden, and a database stopped and started again is written to
@@ -8,7 +9,11 @@
 use std::net::Ipv4Addr;
 
 use pxe_lab::peers::Postgres;
-use pxe_user::lease::{Lease, LeaseState, LeaseStore, PostgresLeaseStore};
+use pxe_user::{
+    inventory::{InventoryStore, MachineRecord, PostgresInventoryStore, ProfileRecord},
+    lease::{Lease, LeaseState, LeaseStore, PostgresLeaseStore},
+    policy::Mac,
+};
 
 fn lease(last: u8, client: u8, expires: u64) -> Lease {
     Lease {
@@ -90,6 +95,43 @@ fn leases_survive_reopening_and_the_database_refuses_a_second_holder() {
         )
         .unwrap();
     assert_eq!(twice.trim(), "0");
+}
+
+#[test]
+fn the_inventory_beside_the_leases_is_one_transaction_a_write_and_survives_reopening() {
+    let Some((_dir, pg)) = server() else { return };
+    let url = pg.url("postgres");
+    let leases = PostgresLeaseStore::open(&url).unwrap();
+    let mut store = PostgresInventoryStore::open(&url).unwrap();
+    let (a, b) = (Mac([2, 0, 0, 0, 0, 1]), Mac([2, 0, 0, 0, 0, 2]));
+    let mut machine = MachineRecord::new(a);
+    machine.profile = Some("installer".into());
+    store
+        .write(
+            &[machine.clone(), MachineRecord::new(b)],
+            &[],
+            &[ProfileRecord::named("installer")],
+        )
+        .unwrap();
+    store.write(&[], &[b], &[]).unwrap();
+    drop(store);
+    let (machines, profiles) = PostgresInventoryStore::open(&url)
+        .unwrap()
+        .load_all()
+        .unwrap();
+    assert_eq!(machines, vec![machine]);
+    assert_eq!(profiles, vec![ProfileRecord::named("installer")]);
+    assert!(
+        leases.load_all().unwrap().is_empty(),
+        "the two schemas live side by side"
+    );
+    let versions = pg
+        .psql(
+            "postgres",
+            "SELECT component, version FROM pxed_schema ORDER BY component",
+        )
+        .unwrap();
+    assert_eq!(versions.trim(), "inventory|1\nleases|1");
 }
 
 #[test]
@@ -231,6 +273,38 @@ fn pxed_leases_into_postgres_and_rides_out_the_database_stopping() {
         .psql("postgres", "SELECT host(ip), state FROM pxed_leases")
         .unwrap();
     assert_eq!(rows.trim(), format!("{ip}|active"), "{}", served.log());
+    // The API's machines live beside the leases.
+    let put = served
+        .server
+        .output(
+            "curl",
+            &[
+                "-sS",
+                "--fail-with-body",
+                "-X",
+                "PUT",
+                "-H",
+                &format!("Authorization: Bearer {TOKEN}"),
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                r#"{"netboot": false}"#,
+                "http://198.18.0.1:8067/api/v1/machines/52:54:00:12:34:56",
+            ],
+        )
+        .unwrap();
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stdout)
+    );
+    let record = pg
+        .psql(
+            "postgres",
+            "SELECT mac, record->>'netboot' FROM pxed_machines",
+        )
+        .unwrap();
+    assert_eq!(record.trim(), "52:54:00:12:34:56|false");
 
     // The database goes away: a renewal cannot be stored, so it is not ACKed.
     pg.stop().unwrap();
@@ -263,7 +337,7 @@ fn pxed_leases_into_postgres_and_rides_out_the_database_stopping() {
     // restarted.
     pg.start_again().unwrap();
     renew();
-    served.wait_for_log("lease database reachable again", Duration::from_secs(15));
+    served.wait_for_log("database reachable again", Duration::from_secs(15));
     served.wait_for_log_count("→ ACK", acked_before + 1, Duration::from_secs(30));
     let (status, health) = api_get(&served.server, "/api/v1/health");
     assert_eq!(status, 200, "{health}");

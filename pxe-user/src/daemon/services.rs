@@ -26,7 +26,9 @@ use crate::{
     },
     fastpath::{AttachedXdp, FastPath, FastPathHooks, KernelAnswers},
     http,
-    inventory::{Inventory, InventoryStore, MemInventoryStore, RedbInventoryStore},
+    inventory::{
+        Inventory, InventoryStore, MemInventoryStore, PostgresInventoryStore, RedbInventoryStore,
+    },
     lease::{postgres_store, LeaseStore, MemLeaseStore, PostgresLeaseStore, RedbLeaseStore},
     netif,
     observe::Observer,
@@ -217,7 +219,13 @@ pub fn control(
     observer: &Arc<Observer>,
 ) -> anyhow::Result<Control> {
     let path = &settings.inventory_file;
-    let store: Box<dyn InventoryStore> = if settings.api.is_some() || path.exists() {
+    let store: Box<dyn InventoryStore> = if let Some(url) = &settings.lease_store {
+        // Beside the leases: every server on the database sees one inventory.
+        Box::new(
+            tokio::task::block_in_place(|| PostgresInventoryStore::open(url))
+                .context("opening the inventory in the lease database (--lease-store)")?,
+        )
+    } else if settings.api.is_some() || path.exists() {
         Box::new(
             RedbInventoryStore::open(path)
                 .context("opening the inventory database (--inventory-file)")?,
@@ -225,7 +233,8 @@ pub fn control(
     } else {
         Box::new(MemInventoryStore::default())
     };
-    let inventory = Inventory::load(store).context("reading the inventory database")?;
+    let inventory = tokio::task::block_in_place(|| Inventory::load(store))
+        .context("reading the inventory database")?;
     if !inventory.machines().is_empty() || !inventory.profiles().is_empty() {
         info!(
             machines = inventory.machines().len(),

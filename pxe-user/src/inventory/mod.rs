@@ -16,7 +16,10 @@ use std::collections::BTreeMap;
 
 pub use self::{
     record::{MachineRecord, ProfileRecord, Selector},
-    store::{InventoryError, InventoryStore, MemInventoryStore, RedbInventoryStore},
+    store::{
+        InventoryError, InventoryStore, MemInventoryStore, PostgresInventoryStore,
+        RedbInventoryStore,
+    },
 };
 use crate::policy::{
     r#static::{MachineEntry, Profile, StaticPolicy},

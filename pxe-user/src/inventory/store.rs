@@ -1,12 +1,16 @@
 //! Where the inventory is kept: an embedded redb database by default (one
-//! server), in memory for tests. A write is durable when it returns.
+//! server), PostgreSQL beside the leases (`--lease-store`), in memory for
+//! tests. A write is durable when it returns.
 
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{MachineRecord, ProfileRecord};
-use crate::policy::Mac;
+use crate::{
+    lease::db::{Db, Failed},
+    policy::Mac,
+};
 
 /// MAC (6 bytes) → the machine's record as JSON.
 const MACHINES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("machines");
@@ -123,6 +127,111 @@ impl InventoryStore for RedbInventoryStore {
         }
         txn.commit().map_err(|e| self.error(e))
     }
+}
+
+/// Every step of the inventory's schema in PostgreSQL, in order.
+const PG_MIGRATIONS: [&str; 1] = [
+    "CREATE TABLE pxed_machines (mac text PRIMARY KEY, record jsonb NOT NULL);
+     CREATE TABLE pxed_profiles (name text PRIMARY KEY, record jsonb NOT NULL)",
+];
+
+/// The inventory in PostgreSQL, beside the leases: machines by MAC and
+/// profiles by name, each record as JSON, every write one transaction.
+pub struct PostgresInventoryStore {
+    db: Db,
+}
+
+impl PostgresInventoryStore {
+    /// Connects and creates or migrates the inventory's schema.
+    pub fn open(url: &str) -> Result<Self, InventoryError> {
+        let db = Db::open(url, "inventory", &PG_MIGRATIONS)
+            .map_err(|(path, message)| InventoryError::Database { path, message })?;
+        Ok(Self { db })
+    }
+
+    fn call<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut postgres::Client) -> Result<T, Failed> + Send + 'static,
+    ) -> Result<T, InventoryError> {
+        self.db.call(job).map_err(|e| InventoryError::Database {
+            path: self.db.shown().to_owned(),
+            message: match e {
+                Failed::Error(message) => message,
+                Failed::Taken(lease) => format!("unexpected lease conflict on {}", lease.ip),
+            },
+        })
+    }
+}
+
+impl InventoryStore for PostgresInventoryStore {
+    fn load_all(&self) -> Result<(Vec<MachineRecord>, Vec<ProfileRecord>), InventoryError> {
+        let (machines, profiles) = self.call(|client| {
+            let text = |sql: &str,
+                        client: &mut postgres::Client|
+             -> Result<Vec<(String, String)>, Failed> {
+                Ok(client
+                    .query(sql, &[])?
+                    .iter()
+                    .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                    .collect())
+            };
+            let machines = text("SELECT mac, record::text FROM pxed_machines", client)?;
+            let profiles = text("SELECT name, record::text FROM pxed_profiles", client)?;
+            Ok((machines, profiles))
+        })?;
+        let machines = machines
+            .iter()
+            .map(|(key, json)| serde_json::from_str(json).map_err(|e| corrupt(key, e)))
+            .collect::<Result<_, _>>()?;
+        let profiles = profiles
+            .iter()
+            .map(|(key, json)| serde_json::from_str(json).map_err(|e| corrupt(key, e)))
+            .collect::<Result<_, _>>()?;
+        Ok((machines, profiles))
+    }
+
+    fn write(
+        &mut self,
+        machines: &[MachineRecord],
+        forget: &[Mac],
+        profiles: &[ProfileRecord],
+    ) -> Result<(), InventoryError> {
+        let machines: Vec<(String, String)> = machines
+            .iter()
+            .map(|m| (m.mac.to_string(), to_json(m)))
+            .collect();
+        let forget: Vec<String> = forget.iter().map(Mac::to_string).collect();
+        let profiles: Vec<(String, String)> = profiles
+            .iter()
+            .map(|p| (p.name.clone(), to_json(p)))
+            .collect();
+        self.call(move |client| {
+            let mut tx = client.transaction()?;
+            for (mac, record) in &machines {
+                tx.execute(
+                    "INSERT INTO pxed_machines (mac, record) VALUES ($1, $2::text::jsonb)
+                     ON CONFLICT (mac) DO UPDATE SET record = EXCLUDED.record",
+                    &[mac, record],
+                )?;
+            }
+            for mac in &forget {
+                tx.execute("DELETE FROM pxed_machines WHERE mac = $1", &[mac])?;
+            }
+            for (name, record) in &profiles {
+                tx.execute(
+                    "INSERT INTO pxed_profiles (name, record) VALUES ($1, $2::text::jsonb)
+                     ON CONFLICT (name) DO UPDATE SET record = EXCLUDED.record",
+                    &[name, record],
+                )?;
+            }
+            Ok(tx.commit()?)
+        })
+    }
+}
+
+/// A record as JSON text (records are plain data: this cannot fail).
+fn to_json<T: serde::Serialize>(record: &T) -> String {
+    serde_json::to_string(record).expect("a record serialises")
 }
 
 /// For tests and simulations: nothing survives the process.

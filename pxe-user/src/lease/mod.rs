@@ -12,6 +12,7 @@
 //! commits the leases of a whole burst of requests at once (group commit: one
 //! disk flush for a rack's worth of ACKs, not one each).
 
+pub mod db;
 mod mem;
 pub mod postgres_store;
 mod redb_store;

@@ -8,27 +8,25 @@
 //! commit. A batch is one transaction, committed with `synchronous_commit
 //! = on`: durable on the server before any ACK of it leaves.
 //!
-//! The client runs on a thread of its own (the `postgres` crate drives its
-//! connection on a runtime of its own, which must not nest in the daemon's);
-//! the store's calls wait for it. A lost connection is made again on the
-//! next call, and said so in the log.
+//! The connection is [`Db`]'s: on a thread of its own, made again after a
+//! loss.
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    sync::mpsc,
     time::SystemTime,
 };
 
-use postgres::{Client, NoTls};
-use tracing::{info, warn};
+use postgres::Client;
 
-use super::{Lease, LeaseError, LeaseState, LeaseStore};
+pub use super::db::without_password;
+use super::{
+    db::{Db, Failed},
+    Lease, LeaseError, LeaseState, LeaseStore,
+};
 
-/// The schema this build writes and reads. A database at a newer version
-/// was migrated by a newer pxed, and is refused.
-pub const SCHEMA_VERSION: i32 = 1;
-
-/// Every step from an empty database to [`SCHEMA_VERSION`], in order.
+/// Every step of the leases' schema from an empty database, in order: the
+/// schema's version is their number. A database at a newer version was
+/// migrated by a newer pxed, and is refused.
 const MIGRATIONS: [&str; 1] = ["CREATE TABLE pxed_leases (
         ip inet PRIMARY KEY,
         client bytea NOT NULL,
@@ -52,34 +50,8 @@ enum Op {
     Remove(Ipv4Addr),
 }
 
-enum Request {
-    Load(mpsc::SyncSender<Result<Vec<Lease>, Failed>>),
-    Commit(Vec<Op>, mpsc::SyncSender<Result<(), Failed>>),
-}
-
-/// Why a request failed.
-enum Failed {
-    /// Another client holds this lease's address: the batch was rolled back.
-    Taken(Lease),
-    Error(String),
-}
-
-impl From<String> for Failed {
-    fn from(e: String) -> Self {
-        Self::Error(e)
-    }
-}
-
-impl From<postgres::Error> for Failed {
-    fn from(e: postgres::Error) -> Self {
-        Self::Error(e.to_string())
-    }
-}
-
 pub struct PostgresLeaseStore {
-    /// The URL as logs and errors show it: no password.
-    shown: String,
-    requests: mpsc::Sender<Request>,
+    db: Db,
     batch: Vec<Op>,
 }
 
@@ -88,56 +60,33 @@ impl PostgresLeaseStore {
     /// thread. A database that cannot be reached, or whose schema is newer
     /// than this build's, is an error naming the URL (password hidden).
     pub fn open(url: &str) -> Result<Self, LeaseError> {
-        let shown = without_password(url);
-        let error = |message: String| LeaseError::Database {
-            path: shown.clone(),
-            message,
-        };
-        let mut client = connect(url).map_err(error)?;
-        migrate(&mut client).map_err(error)?;
-        let (requests, inbox) = mpsc::channel();
-        let (url, thread_shown) = (url.to_owned(), shown.clone());
-        std::thread::Builder::new()
-            .name("pxed-postgres".into())
-            .spawn(move || serve(url, thread_shown, Some(client), inbox))
-            .map_err(|e| error(format!("starting the database thread: {e}")))?;
+        let db = Db::open(url, "leases", &MIGRATIONS)
+            .map_err(|(path, message)| LeaseError::Database { path, message })?;
         Ok(Self {
-            shown,
-            requests,
+            db,
             batch: Vec::new(),
         })
     }
 
-    fn error(&self, message: impl Into<String>) -> LeaseError {
-        LeaseError::Database {
-            path: self.shown.clone(),
-            message: message.into(),
-        }
-    }
-
-    fn ask<T>(
+    fn ask<T: Send + 'static>(
         &self,
-        request: impl FnOnce(mpsc::SyncSender<Result<T, Failed>>) -> Request,
+        job: impl FnOnce(&mut Client) -> Result<T, Failed> + Send + 'static,
     ) -> Result<T, LeaseError> {
-        let (reply, answer) = mpsc::sync_channel(1);
-        self.requests
-            .send(request(reply))
-            .map_err(|_| self.error("the database thread is gone"))?;
-        answer
-            .recv()
-            .map_err(|_| self.error("the database thread is gone"))?
-            .map_err(|e| match e {
-                Failed::Taken(lease) => LeaseError::Taken {
-                    lease: Box::new(lease),
-                },
-                Failed::Error(e) => self.error(e),
-            })
+        self.db.call(job).map_err(|e| match e {
+            Failed::Taken(lease) => LeaseError::Taken {
+                lease: Box::new(lease),
+            },
+            Failed::Error(message) => LeaseError::Database {
+                path: self.db.shown().to_owned(),
+                message,
+            },
+        })
     }
 }
 
 impl LeaseStore for PostgresLeaseStore {
     fn load_all(&self) -> Result<Vec<Lease>, LeaseError> {
-        self.ask(Request::Load)
+        self.ask(load)
     }
 
     fn put(&mut self, lease: &Lease) -> Result<(), LeaseError> {
@@ -156,102 +105,8 @@ impl LeaseStore for PostgresLeaseStore {
         }
         // Taken whether it commits or not: a failed batch counts for nothing.
         let batch = std::mem::take(&mut self.batch);
-        self.ask(|reply| Request::Commit(batch, reply))
+        self.ask(move |client| commit(client, &batch))
     }
-}
-
-/// The client's thread: one request at a time, connecting again after a loss.
-fn serve(url: String, shown: String, mut client: Option<Client>, inbox: mpsc::Receiver<Request>) {
-    let mut lost = false;
-    for request in inbox {
-        if client.as_ref().is_none_or(Client::is_closed) {
-            client = match connect(&url) {
-                Ok(c) => {
-                    if lost {
-                        info!(database = %shown, "lease database reachable again");
-                        lost = false;
-                    }
-                    Some(c)
-                }
-                Err(e) => {
-                    fail(request, &e);
-                    continue;
-                }
-            };
-        }
-        let c = client.as_mut().expect("connected above");
-        let ok = match request {
-            Request::Load(reply) => {
-                let result = load(c);
-                let ok = result.is_ok();
-                let _ = reply.send(result);
-                ok
-            }
-            Request::Commit(ops, reply) => {
-                let result = commit(c, &ops);
-                let ok = result.is_ok();
-                let _ = reply.send(result);
-                ok
-            }
-        };
-        if !ok && c.is_closed() {
-            warn!(database = %shown, "lease database connection lost; connecting again on the next write");
-            lost = true;
-            client = None;
-        }
-    }
-}
-
-fn fail(request: Request, e: &str) {
-    let message = format!("cannot reach the database: {e}");
-    match request {
-        Request::Load(reply) => drop(reply.send(Err(Failed::Error(message)))),
-        Request::Commit(_, reply) => drop(reply.send(Err(Failed::Error(message)))),
-    }
-}
-
-fn connect(url: &str) -> Result<Client, String> {
-    let mut client = Client::connect(url, NoTls).map_err(|e| e.to_string())?;
-    // Durable on the server when COMMIT returns, whatever the server's default.
-    client
-        .batch_execute("SET synchronous_commit = on")
-        .map_err(|e| e.to_string())?;
-    Ok(client)
-}
-
-/// Creates or migrates the schema, one server at a time.
-fn migrate(client: &mut Client) -> Result<(), String> {
-    let mut tx = client.transaction().map_err(|e| e.to_string())?;
-    // Two servers starting together: the second waits for the first's schema.
-    tx.batch_execute(
-        "SELECT pg_advisory_xact_lock(8067);
-         CREATE TABLE IF NOT EXISTS pxed_schema (component text PRIMARY KEY, version integer NOT NULL)",
-    )
-    .map_err(|e| e.to_string())?;
-    let row = tx
-        .query_opt(
-            "SELECT version FROM pxed_schema WHERE component = 'leases'",
-            &[],
-        )
-        .map_err(|e| e.to_string())?;
-    let have: i32 = row.map_or(0, |r| r.get(0));
-    if have > SCHEMA_VERSION {
-        return Err(format!(
-            "the lease schema is version {have}, newer than this pxed's {SCHEMA_VERSION}: \
-             a newer pxed migrated it; run that one (or newer) here too"
-        ));
-    }
-    for (step, sql) in MIGRATIONS.iter().enumerate().skip(have as usize) {
-        tx.batch_execute(sql)
-            .map_err(|e| format!("migrating the lease schema to version {}: {e}", step + 1))?;
-    }
-    tx.execute(
-        "INSERT INTO pxed_schema (component, version) VALUES ('leases', $1)
-         ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
-        &[&SCHEMA_VERSION],
-    )
-    .map_err(|e| e.to_string())?;
-    tx.commit().map_err(|e| e.to_string())
 }
 
 const COLUMNS: &str = "ip, client, mac, expires, state, hostname";
@@ -340,23 +195,9 @@ fn commit(client: &mut Client, ops: &[Op]) -> Result<(), Failed> {
     Ok(tx.commit()?)
 }
 
-/// `url` with its password, if any, replaced by `***`.
-pub fn without_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((userinfo, host)) = rest.split_once('@') else {
-        return url.to_owned();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::super::db::without_password;
 
     #[test]
     fn a_password_never_shows() {
