@@ -45,6 +45,7 @@ fuzz_target!(|data: &[u8]| {
         authoritative: selector & 2 != 0,
         http_port: 80,
         kernel_answers: selector & 8 != 0,
+        shared_pools: selector & 16 != 0,
     };
     let mut engine = Engine::new(config, policy, Box::new(MemLeaseStore::default())).unwrap();
     let port = if selector & 4 == 0 { 67 } else { 4011 };

@@ -235,7 +235,7 @@ fn test(cargo_args: &[String]) -> anyhow::Result<()> {
 
 /// `cargo fmt --check`, clippy with warnings as errors on the host crates
 /// (the default members: `--workspace` would build pxe-ebpf for the host)
-/// and on pxe-ebpf for its own target.
+/// and on pxe-ebpf for its own target, and the fuzz targets compile.
 fn lint() -> anyhow::Result<()> {
     run_step(
         "cargo fmt --check",
@@ -259,6 +259,14 @@ fn lint() -> anyhow::Result<()> {
             .args(["-Z", "build-std=core", "--target-dir"])
             .arg(workspace_root().join("target/bpf-clippy"))
             .args(["--", "-D", "warnings"]),
+    )?;
+    // The fuzz crate is outside the workspace: checked here, so a target a
+    // change broke fails in a minute rather than after the whole suite.
+    run_step(
+        "cargo check (fuzz targets)",
+        Command::new("cargo")
+            .args(["+nightly", "check", "--bins", "--manifest-path"])
+            .arg(workspace_root().join("fuzz/Cargo.toml")),
     )
 }
 
