@@ -557,13 +557,8 @@ fn postgres_bin() -> io::Result<PathBuf> {
 
 /// The uid and gid of `user`.
 fn user_ids(user: &str) -> io::Result<(u32, u32)> {
-    let passwd = std::fs::read_to_string("/etc/passwd")?;
-    passwd
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.first() == Some(&user))
-                .then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
-        })
+    nix::unistd::User::from_name(user)
+        .map_err(io::Error::from)?
+        .map(|u| (u.uid.as_raw(), u.gid.as_raw()))
         .ok_or_else(|| io::Error::other(format!("no user {user} (Debian's postgresql creates it)")))
 }

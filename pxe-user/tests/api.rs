@@ -738,3 +738,63 @@ fn the_installer_marks_its_own_machine_done_with_its_token_and_no_other() {
         .log()
         .contains("provisioned: the machine boots from its disk from now on"));
 }
+
+/// `/metrics` asks for the token like the rest of the API; with
+/// `--metrics-public` it alone answers without it; with `--no-observe` the
+/// metrics and boots endpoints say they are off.
+#[test]
+fn metrics_need_the_token_unless_public_and_answer_404_when_observing_is_off() {
+    let Some(mut pxed) = Pxed::start() else {
+        return;
+    };
+    let auth = format!("Authorization: Bearer {TOKEN}");
+    let get = |pxed: &Pxed, path: &str, headers: &[&str]| {
+        curl(
+            &pxed.server,
+            "GET",
+            &format!("http://{API}{path}"),
+            None,
+            headers,
+        )
+    };
+    assert_eq!(get(&pxed, "/metrics", &[]).0, 401);
+    let (status, _, headers) = get(&pxed, "/metrics", &[&auth]);
+    assert_eq!(status, 200);
+    assert!(headers.contains("text/plain; version=0.0.4"), "{headers}");
+    let (_, _, headers) = get(
+        &pxed,
+        "/metrics",
+        &[&auth, "Accept: application/openmetrics-text; version=1.0.0"],
+    );
+    assert!(
+        headers.contains("application/openmetrics-text"),
+        "{headers}"
+    );
+
+    pxed.args.push("--metrics-public".into());
+    pxed.sigkill_and_restart();
+    assert_eq!(get(&pxed, "/metrics", &[]).0, 200, "{}", pxed.log());
+    assert_eq!(
+        get(&pxed, "/api/v1/boots", &[]).0,
+        401,
+        "the rest still needs it"
+    );
+
+    pxed.args.push("--no-observe".into());
+    pxed.sigkill_and_restart();
+    for path in [
+        "/metrics",
+        "/api/v1/boots",
+        "/api/v1/machines/52:54:00:00:60:01/boots",
+    ] {
+        let (status, body, _) = get(&pxed, path, &[&auth]);
+        assert_eq!(status, 404, "{path}: {body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("--no-observe"),
+            "{path}: {body}"
+        );
+    }
+}

@@ -562,6 +562,34 @@ fn api(ns: &Netns, method: &str, path: &str, body: Option<&str>) -> (u16, serde_
     )
 }
 
+/// One machine's lab, full DHCP, with the API on 127.0.0.1:8067 (token
+/// [`API_TOKEN`]) and `extra_config`; the directory holding the token file
+/// (`token`) and the inventory.
+fn firmware_lab_with_api(extra_config: &str) -> (FirmwareLab, tempfile::TempDir) {
+    let secrets = tempfile::tempdir().unwrap();
+    let token = secrets.path().join("token");
+    std::fs::write(&token, format!("{API_TOKEN}\n")).unwrap();
+    let inventory = secrets.path().join("inventory.redb");
+    let lab = firmware_lab_with(
+        1,
+        false,
+        &[
+            "--dhcp",
+            "full",
+            "--range",
+            "198.18.0.100-198.18.0.199",
+            "--api",
+            "127.0.0.1:8067",
+            "--api-token-file",
+            token.to_str().unwrap(),
+            "--inventory-file",
+            inventory.to_str().unwrap(),
+        ],
+        extra_config,
+    );
+    (lab, secrets)
+}
+
 /// Waits for the QEMU process `pid` (started by the lab) to end by itself.
 fn wait_for_exit(lab: &Lab, pid: u32, timeout: Duration) -> bool {
     let Some(mut child) = lab.take_child(pid) else {
@@ -588,29 +616,10 @@ fn uefi_machine_installs_marks_itself_provisioned_and_then_boots_no_nbp() {
         return;
     }
     const MAC: &str = "52:54:00:fa:00:0c";
-    let secrets = tempfile::tempdir().unwrap();
-    let token = secrets.path().join("token");
-    std::fs::write(&token, format!("{API_TOKEN}\n")).unwrap();
-    let inventory = secrets.path().join("inventory.redb");
     let extra = "[[profile]]\nname = \"installer\"\n\
                  cmdline = \"console=ttyS0 panic=-1 pxed.done={{provision_url}} pxed.token={{provision_token}}\"\n";
-    let lab = firmware_lab_with(
-        1,
-        false,
-        &[
-            "--dhcp",
-            "full",
-            "--range",
-            "198.18.0.100-198.18.0.199",
-            "--api",
-            "127.0.0.1:8067",
-            "--api-token-file",
-            token.to_str().unwrap(),
-            "--inventory-file",
-            inventory.to_str().unwrap(),
-        ],
-        extra,
-    );
+    let (lab, secrets) = firmware_lab_with_api(extra);
+    let token = secrets.path().join("token");
     let pxed_log = || std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap_or_default();
     assert!(
         lab.server.wait_for_tcp_port(8067, Duration::from_secs(20)),
@@ -863,30 +872,10 @@ fn a_machine_whose_nbp_is_missing_shows_the_error_as_its_failure() {
         return;
     }
     const MAC: &str = "52:54:00:fa:00:0d";
-    let secrets = tempfile::tempdir().unwrap();
-    let token = secrets.path().join("token");
-    std::fs::write(&token, format!("{API_TOKEN}\n")).unwrap();
-    let inventory = secrets.path().join("inventory.redb");
     let extra =
         "[[profile]]\nname = \"broken\"\n[profile.boot_files]\nuefi_x64 = \"missing.efi\"\n\
                  [[machine]]\nmac = \"52:54:00:fa:00:0d\"\nprofile = \"broken\"\n";
-    let lab = firmware_lab_with(
-        1,
-        false,
-        &[
-            "--dhcp",
-            "full",
-            "--range",
-            "198.18.0.100-198.18.0.199",
-            "--api",
-            "127.0.0.1:8067",
-            "--api-token-file",
-            token.to_str().unwrap(),
-            "--inventory-file",
-            inventory.to_str().unwrap(),
-        ],
-        extra,
-    );
+    let (lab, _secrets) = firmware_lab_with_api(extra);
     let pxed_log = || std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap_or_default();
     assert!(lab.server.wait_for_tcp_port(8067, Duration::from_secs(20)));
     let (serial, pid) = lab.boot_with(0, MAC, Firmware::UefiPxe, "serial-missing.log", &[]);
