@@ -170,6 +170,7 @@ mod tests {
             second_stage: false,
             booted: 2,
             failed: 0,
+            retried: 0,
             seconds: 2.0,
             goodput_mb_per_s: 2.0,
             stage_ms: vec![

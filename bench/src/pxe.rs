@@ -115,6 +115,13 @@ pub struct Args {
     /// First byte of the simulated MACs' last three (to keep runs apart).
     #[arg(long, default_value_t = 0x10)]
     mac_prefix: u8,
+    /// Boot attempts per machine: after a failed one the machine powers
+    /// on again and starts over from DHCP, as firmware's boot manager
+    /// retries a network boot (1: a failure is final). A server killed
+    /// mid-run fails the boots it was serving; retries show whether the
+    /// others take them over.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    boot_attempts: u32,
     /// Give up on the run after this many seconds.
     #[arg(long, default_value_t = 300)]
     time_limit: u64,
@@ -181,6 +188,12 @@ pub struct MachineResult {
     /// When the machine powered on, in ms since the run started.
     pub powered_on_ms: f64,
     pub address: Option<Ipv4Addr>,
+    /// The DHCP server (server identifier) of the boot that counted.
+    pub server: Option<Ipv4Addr>,
+    /// Boot attempts made (more than 1 only with --boot-attempts).
+    pub attempts: u32,
+    /// Why each earlier attempt failed.
+    pub retried_after: Vec<String>,
     /// Stages in boot order, each with the milliseconds from power-on to its end.
     pub stages: Vec<(&'static str, f64)>,
     pub bytes: u64,
@@ -209,6 +222,8 @@ pub struct Report {
     pub second_stage: bool,
     pub booted: usize,
     pub failed: usize,
+    /// Machines that needed more than one boot attempt (--boot-attempts).
+    pub retried: usize,
     pub seconds: f64,
     pub goodput_mb_per_s: f64,
     /// Stages in boot order with (p50, p99, max) of the time from power-on to
@@ -377,6 +392,7 @@ async fn run_machines(args: &Args) -> anyhow::Result<(Report, Option<Reimage>)> 
             identity,
             xid,
             firmware: args.firmware,
+            attempts: args.boot_attempts,
             second_stage: args.second_stage || args.reimage.is_some(),
             reimage: args.reimage.is_some(),
             verify_root: args.verify_root.clone(),
@@ -432,6 +448,8 @@ async fn run_machines(args: &Args) -> anyhow::Result<(Report, Option<Reimage>)> 
 struct Machine {
     identity: Identity,
     xid: u32,
+    /// Boot attempts allowed (see --boot-attempts).
+    attempts: u32,
     firmware: Firmware,
     second_stage: bool,
     /// Mark itself provisioned once booted, then power on again.
@@ -447,8 +465,30 @@ impl Machine {
             mac: mac_text(self.identity.mac),
             ..MachineResult::default()
         };
-        if let Err(e) = self.stages(wire, http, t0, &mut result).await {
-            result.failure = Some(e);
+        for attempt in 1..=self.attempts {
+            result.attempts = attempt;
+            // Each power-on is a new exchange: a new xid, as firmware picks.
+            let xid = self.xid.wrapping_add((attempt - 1) << 2);
+            let mut this = MachineResult {
+                mac: result.mac.clone(),
+                ..MachineResult::default()
+            };
+            match self.stages(wire, http, t0, xid, &mut this).await {
+                Ok(()) => {
+                    this.attempts = attempt;
+                    this.retried_after = std::mem::take(&mut result.retried_after);
+                    return this;
+                }
+                Err(e) if attempt < self.attempts && Instant::now() < self.deadline => {
+                    result.retried_after.push(e);
+                }
+                Err(e) => {
+                    this.attempts = attempt;
+                    this.retried_after = std::mem::take(&mut result.retried_after);
+                    this.failure = Some(e);
+                    return this;
+                }
+            }
         }
         result
     }
@@ -458,15 +498,16 @@ impl Machine {
         wire: &DhcpWire,
         http: &reqwest::Client,
         t0: Instant,
+        xid: u32,
         r: &mut MachineResult,
     ) -> Result<(), String> {
         let ms = |t0: Instant| t0.elapsed().as_secs_f64() * 1000.0;
         let firmware = self.firmware.profile();
-        let (lease, tally) =
-            dhcp::dora(wire, &self.identity, self.xid, firmware.dhcp_schedule()).await;
+        let (lease, tally) = dhcp::dora(wire, &self.identity, xid, firmware.dhcp_schedule()).await;
         r.add_dhcp(tally);
         let lease = lease.map_err(|e| format!("dhcp: {e}"))?;
         r.address = Some(lease.address);
+        r.server = Some(lease.server);
         r.stages.push(("dhcp", ms(t0)));
         let nbp = lease
             .boot_file
@@ -490,7 +531,7 @@ impl Machine {
         // iPXE: DHCP again, now saying who it is; it retries fast.
         let ipxe = self.identity.as_ipxe();
         let schedule = lab::Firmware::Ipxe.dhcp_schedule();
-        let (lease, tally) = dhcp::dora(wire, &ipxe, self.xid | 1, schedule).await;
+        let (lease, tally) = dhcp::dora(wire, &ipxe, xid | 1, schedule).await;
         r.add_dhcp(tally);
         let lease = lease.map_err(|e| format!("ipxe dhcp: {e}"))?;
         r.stages.push(("ipxe_dhcp", ms(t0)));
@@ -556,7 +597,7 @@ impl Machine {
         // Powered on again: the firmware's DHCP, answered with an address
         // and, for a provisioned machine, no boot file.
         let (lease, tally) =
-            dhcp::dora(wire, &self.identity, self.xid | 2, firmware.dhcp_schedule()).await;
+            dhcp::dora(wire, &self.identity, xid | 2, firmware.dhcp_schedule()).await;
         r.add_dhcp(tally);
         let lease = lease.map_err(|e| format!("second boot dhcp: {e}"))?;
         r.stages.push(("second_dhcp", ms(t0)));
@@ -654,6 +695,7 @@ fn summarise(
         second_stage: args.second_stage,
         booted: machines.iter().filter(|m| m.failure.is_none()).count(),
         failed: machines.iter().filter(|m| m.failure.is_some()).count(),
+        retried: machines.iter().filter(|m| m.attempts > 1).count(),
         seconds,
         goodput_mb_per_s: bytes as f64 / seconds.max(1e-9) / 1e6,
         stage_ms,
@@ -691,6 +733,20 @@ fn print_report(r: &Report, timeline: usize) {
     println!("  {}", r.cpu.describe(bytes));
     for (reason, n) in &r.failures {
         println!("  failed ×{n}: {reason}");
+    }
+    if r.retried > 0 {
+        let retries = report::by_reason(
+            r.machines
+                .iter()
+                .flat_map(|m| m.retried_after.iter().map(String::as_str)),
+        );
+        println!(
+            "  {} machines booted again after a failed attempt:",
+            r.retried
+        );
+        for (reason, n) in &retries {
+            println!("    ×{n}: {reason}");
+        }
     }
     for m in r.machines.iter().take(timeline) {
         let stages: Vec<String> = m

@@ -72,6 +72,7 @@ impl Args {
             windowsize: self.windowsize,
             tsize: true,
             timeout: Duration::from_millis(self.timeout_ms),
+            retries: pxe_lab::client::tftp::MAX_RETRANSMITS,
         }
     }
 }

@@ -18,7 +18,7 @@ use std::{
 };
 
 use pxe_lab::{
-    peers::{promtool_check_metrics, Dnsmasq, Prometheus},
+    peers::{promtool_check_metrics, Dnsmasq, Postgres, Prometheus},
     Lab, Netns,
 };
 
@@ -104,15 +104,18 @@ fn start_pxed_with(lab: &Lab, server: &Netns, root: &Path, work: &Path, extra: &
         root.to_str().unwrap(),
         "--dhcp",
         "full",
-        "--range",
-        // 1,009 addresses: room for the 1,000 machines of the largest run.
-        "198.18.0.10-198.18.3.250",
-        "--lease-file",
-        leases.to_str().unwrap(),
         "--tftp-max-per-client",
         "100000",
     ];
-    let args: Vec<&str> = args.iter().chain(extra).copied().collect();
+    let mut args: Vec<&str> = args.iter().chain(extra).copied().collect();
+    if !extra.contains(&"--range") {
+        // 1,009 addresses: room for the 1,000 machines of the largest run.
+        args.extend(["--range", "198.18.0.10-198.18.3.250"]);
+    }
+    // Leases in a file of the run's unless the caller names a database.
+    if !extra.contains(&"--lease-store") {
+        args.extend(["--lease-file", leases.to_str().unwrap()]);
+    }
     let pid = lab.spawn_logged(server, pxed(), &args, &log).unwrap();
     assert!(
         server.wait_for_tcp_port(80, Duration::from_secs(30)),
@@ -892,4 +895,271 @@ fn a_thousand_machines_are_reimaged_then_mark_themselves_done_and_boot_no_file_a
     }
     assert_eq!(boots[1]["stage"], "dhcp", "{}", boots[1]);
     assert!(boots[1]["failure"].is_null(), "{}", boots[1]);
+}
+
+/// `curl` against an API at `address` from `ns` with the token: status and body.
+fn api_call(
+    ns: &Netns,
+    address: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, String) {
+    let url = format!("http://{address}{path}");
+    let auth = format!("Authorization: Bearer {API_TOKEN}");
+    let mut args = vec!["-sS", "--max-time", "10", "-X", method, "-H", &auth];
+    args.extend(["-w", "\n%{http_code}"]);
+    if let Some(body) = body {
+        args.extend([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            body,
+        ]);
+    }
+    args.push(&url);
+    let out = ns.output("curl", &args).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (status.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// Two pxed in full mode on one bridge share one PostgreSQL (the test's
+/// own, on a Unix socket). An API change made through one is in force on
+/// the other when the call returns: machines booted from both are then
+/// refused a boot file by both, kernel templates included. Then 1,000
+/// machines power on and one server is SIGKILLed while it serves them:
+/// every machine boots (those the dead server was serving power on again,
+/// as firmware does), the survivor serves new and known machines, and
+/// no address is given to two machines, on the wire or in the database.
+#[test]
+fn two_servers_on_one_database_share_the_api_and_survive_one_being_killed() {
+    if !pxe_lab::privileged(
+        "two_servers_on_one_database_share_the_api_and_survive_one_being_killed",
+    ) || !pxe_lab::have_file("/usr/bin/psql", "postgresql")
+    {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let [a, b, client]: [Netns; 3] = lab
+        .segment(&[
+            ("srv-a", Some("198.18.0.1/21")),
+            ("srv-b", Some("198.18.0.2/21")),
+            ("cli", Some("198.18.7.254/21")),
+        ])
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let db_dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(db_dir.path()).unwrap();
+    let url = pg.url("postgres");
+    let root = tempfile::tempdir().unwrap();
+    let nbp: Vec<u8> = (0..200_000usize).map(|i| (i % 253) as u8).collect();
+    std::fs::write(root.path().join("ipxe.efi"), nbp).unwrap();
+    let (work_a, work_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut pids = Vec::new();
+    for (ns, work, api) in [
+        (&a, &work_a, "198.18.0.1:8067"),
+        (&b, &work_b, "198.18.0.2:8067"),
+    ] {
+        let token = work.path().join("token");
+        std::fs::write(&token, format!("{API_TOKEN}\n")).unwrap();
+        let inventory = work.path().join("inventory.redb");
+        pids.push(start_pxed_with(
+            &lab,
+            ns,
+            root.path(),
+            work.path(),
+            &[
+                // 2,025 addresses: the 1,000 machines, and the 20 before them.
+                "--range",
+                "198.18.0.10-198.18.7.250",
+                "--lease-store",
+                &url,
+                "--api",
+                api,
+                "--api-token-file",
+                token.to_str().unwrap(),
+                "--inventory-file",
+                inventory.to_str().unwrap(),
+            ],
+        ));
+    }
+    let log = |work: &tempfile::TempDir| {
+        std::fs::read_to_string(work.path().join("pxed.log")).unwrap_or_default()
+    };
+    // Each must know the other is there before changes are waited for.
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while !(log(&work_a).contains("live servers on this database changed")
+        && log(&work_b).contains("live servers on this database changed"))
+    {
+        assert!(
+            std::time::Instant::now() < until,
+            "A:\n{}\nB:\n{}",
+            log(&work_a),
+            log(&work_b)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // 20 machines boot from whichever server answers first; both offer, so
+    // both hold templates for some of them.
+    let first = bench_pxe(
+        &client,
+        &["--clients", "20", "--mac-prefix", "32"],
+        work_a.path(),
+    );
+    assert_eq!(count(&first, "booted"), 20, "{first}");
+    // Through A's API: none of them may netboot any more.
+    let macs: Vec<String> = first["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| format!("\"{}\"", m["mac"].as_str().unwrap()))
+        .collect();
+    let bulk = format!(
+        r#"{{"macs": [{}], "set": {{"netboot": false}}}}"#,
+        macs.join(",")
+    );
+    let (status, body) = api_call(
+        &a,
+        "198.18.0.1:8067",
+        "POST",
+        "/api/v1/machines:bulk",
+        Some(&bulk),
+    );
+    assert_eq!(status, 200, "{body}");
+    // B has it the moment A's call returned.
+    let probe = macs[7].trim_matches('"');
+    let (status, body) = api_call(
+        &b,
+        "198.18.0.2:8067",
+        "GET",
+        &format!("/api/v1/machines/{probe}"),
+        None,
+    );
+    assert_eq!(status, 200, "{body}\nB:\n{}", log(&work_b));
+    assert!(body.contains(r#""netboot":false"#), "{body}");
+    let again = bench_pxe(
+        &client,
+        &["--clients", "20", "--mac-prefix", "32"],
+        work_a.path(),
+    );
+    let refused = again["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["failure"].as_str() == Some("dhcp: no boot file offered"))
+        .count();
+    assert_eq!(
+        refused, 20,
+        "no server, kernel or userspace, still offers them a boot file: {again}"
+    );
+
+    // 1,000 machines power on; A dies while it serves them.
+    let a_pid = pids[0];
+    let a_log = work_a.path().join("pxed.log");
+    let acks = |path: &Path| {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .matches("→ ACK")
+            .count()
+    };
+    let acked_before = acks(&a_log);
+    let killer = std::thread::spawn(move || {
+        // Once A has ACKed 100 of them: transfers and offers of its are in flight.
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while acks(&a_log) < acked_before + 100 && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: kills the pxed this test started.
+        assert_eq!(unsafe { libc::kill(a_pid as i32, libc::SIGKILL) }, 0);
+    });
+    let work = tempfile::tempdir().unwrap();
+    let report = bench_pxe(
+        &client,
+        &[
+            "--clients",
+            "1000",
+            "--mac-prefix",
+            "48",
+            "--boot-attempts",
+            "4",
+            "--verify-root",
+            root.path().to_str().unwrap(),
+        ],
+        work.path(),
+    );
+    killer.join().unwrap();
+    let survivor = log(&work_b);
+    let trouble: Vec<&str> = survivor
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .take(40)
+        .collect();
+    assert_eq!(
+        count(&report, "booted"),
+        1000,
+        "{}\nB's warnings:\n{}",
+        report["failures"],
+        trouble.join("\n")
+    );
+    let machines = report["machines"].as_array().unwrap();
+    let served_by = |server: &str| machines.iter().filter(|m| m["server"] == server).count();
+    eprintln!(
+        "two servers, A killed: {} booted, {} after a retry; A served {}, B {}; {:.1} s",
+        report["booted"],
+        report["retried"],
+        served_by("198.18.0.1"),
+        served_by("198.18.0.2"),
+        report["seconds"].as_f64().unwrap_or(0.0)
+    );
+    assert!(
+        served_by("198.18.0.1") > 0 && served_by("198.18.0.2") > 0,
+        "both served"
+    );
+    assert!(
+        count(&report, "retried") > 0,
+        "the kill interrupted boots: {}",
+        report["retried"]
+    );
+    // On the wire: no address went to two machines.
+    let mut addresses: Vec<&str> = machines
+        .iter()
+        .map(|m| m["address"].as_str().unwrap())
+        .collect();
+    addresses.sort_unstable();
+    let before = addresses.len();
+    addresses.dedup();
+    assert_eq!(
+        addresses.len(),
+        before,
+        "an address was given to two machines"
+    );
+    // In the database: each machine holds the address it booted with, and
+    // no address or active machine is there twice.
+    let rows = pg
+        .psql(
+            "postgres",
+            "SELECT mac, host(ip) FROM pxed_leases WHERE state = 'active' AND mac LIKE '52:54:00:30:%'",
+        )
+        .unwrap();
+    let held: std::collections::HashMap<&str, &str> =
+        rows.lines().filter_map(|l| l.split_once('|')).collect();
+    for m in machines {
+        let (mac, address) = (m["mac"].as_str().unwrap(), m["address"].as_str().unwrap());
+        assert_eq!(held.get(mac), Some(&address), "{mac} in the database");
+    }
+    let twice = pg
+        .psql(
+            "postgres",
+            "SELECT count(*) FROM (SELECT mac FROM pxed_leases WHERE state = 'active' \
+             GROUP BY mac HAVING count(*) > 1) AS held_twice",
+        )
+        .unwrap();
+    assert_eq!(twice.trim(), "0", "a machine holds two active leases");
+    assert!(
+        survivor.contains("live servers on this database changed"),
+        "{survivor}"
+    );
 }

@@ -1,6 +1,7 @@
 //! The network most tests, the bench and the demo start from: a server
 //! namespace and a client namespace joined by one veth pair, `eth0` at both
-//! ends unless the client's is named otherwise. Built by [`Lab::pair`].
+//! ends unless the client's is named otherwise. Built by [`Lab::pair`];
+//! several hosts on one broadcast domain by [`Lab::segment`].
 
 use std::io;
 
@@ -80,5 +81,25 @@ impl PairBuilder<'_> {
             client.ip(["link", "set", &self.client_ifname, "mtu", &mtu])?;
         }
         Ok(Pair { server, client })
+    }
+}
+
+impl Lab {
+    /// One broadcast domain: a bridge in a "switch" namespace and one
+    /// namespace per `(role, address)`, each joined to it by its `eth0`
+    /// (address in CIDR form, or `None`). Returns the namespaces in order.
+    pub fn segment(&self, hosts: &[(&str, Option<&str>)]) -> io::Result<Vec<Netns>> {
+        let switch = self.add_netns("sw")?;
+        self.bridge(&switch, "br0", None)?;
+        let mut namespaces = Vec::with_capacity(hosts.len());
+        for (n, (role, addr)) in hosts.iter().enumerate() {
+            let ns = self.add_netns(role)?;
+            let port = format!("p{}", n + 1);
+            self.veth((&ns, "eth0", *addr), (&switch, &port, None))?;
+            self.attach_to_bridge(&switch, &port, "br0")?;
+            namespaces.push(ns);
+        }
+        // The switch namespace lives as long as the lab; nobody needs it.
+        Ok(namespaces)
     }
 }

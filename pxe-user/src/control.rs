@@ -17,9 +17,10 @@ use std::{
     time::SystemTime,
 };
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
+    cluster::{Cluster, PEER_BOUND},
     dhcp::engine::{Engine, EngineConfig, Mode},
     fastpath::KernelAnswers,
     inventory::{Inventory, InventoryError, MachineRecord, ProfileRecord},
@@ -87,6 +88,9 @@ pub struct Paths {
     pub webhook: Option<Arc<Webhook>>,
     /// Told when a machine is marked provisioned (its timeline's last stage).
     pub observer: Arc<Observer>,
+    /// The other servers on a shared database, whose confirmation a change
+    /// waits for before it returns.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// What the published policy is made of.
@@ -227,6 +231,7 @@ impl Control {
         let written = state.inventory.put_machines(records)?;
         self.publish(&state, Some(&macs));
         info!(machines = written.len(), "API: machine records written");
+        self.wait_for_peers(state);
         Ok(written)
     }
 
@@ -242,6 +247,7 @@ impl Control {
         state.inventory.delete_machine(mac)?;
         self.publish(&state, Some(&[mac]));
         info!(%mac, "API: machine record deleted");
+        self.wait_for_peers(state);
         Ok(())
     }
 
@@ -292,7 +298,98 @@ impl Control {
         // Any machine may boot this profile: every answer may change.
         self.publish(&state, None);
         info!(profile = %written.name, "API: profile written");
+        self.wait_for_peers(state);
         Ok(written)
+    }
+
+    // ---- other servers' changes (a shared database) --------------------------
+
+    /// Another server wrote these addresses' leases: the engine follows the
+    /// database, and the kernel's templates of the machines concerned are
+    /// taken back (this server decides their next answer itself).
+    pub fn absorb_peer_leases(&self, changes: Vec<(Ipv4Addr, Option<Lease>)>) {
+        let Some(engine) = &self.paths.engine else {
+            return;
+        };
+        let touched = engine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .absorb_peer_leases(changes);
+        if let Some(answers) = &self.paths.answers {
+            for mac in touched {
+                answers.forget(mac.0);
+            }
+        }
+    }
+
+    /// Another server's API changed these records: published here as if
+    /// made here, without writing them again.
+    pub fn absorb_peer_inventory(
+        &self,
+        machines: Vec<(Mac, Option<MachineRecord>)>,
+        profiles: Vec<(String, Option<ProfileRecord>)>,
+    ) {
+        let mut state = self.lock();
+        let macs: Vec<Mac> = machines.iter().map(|(mac, _)| *mac).collect();
+        let any_profile = !profiles.is_empty();
+        state.inventory.absorb(machines, profiles);
+        self.publish(&state, (!any_profile).then_some(macs.as_slice()));
+    }
+
+    /// Everything from the shared database, replacing memory (the change
+    /// feed was interrupted, or has just started).
+    pub fn resync_from_peers(
+        &self,
+        leases: Vec<Lease>,
+        machines: Vec<MachineRecord>,
+        profiles: Vec<ProfileRecord>,
+    ) {
+        if let Some(engine) = &self.paths.engine {
+            let differed = engine
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .resync_leases(leases);
+            if differed > 0 {
+                info!(
+                    leases = differed,
+                    "cluster: leases read again from the database differed from memory"
+                );
+                if let Some(answers) = &self.paths.answers {
+                    answers.invalidate_all();
+                }
+            }
+        }
+        let mut state = self.lock();
+        let (macs, profiles_changed) = state.inventory.replace_all(machines, profiles);
+        if profiles_changed {
+            self.publish(&state, None);
+        } else if !macs.is_empty() {
+            self.publish(&state, Some(&macs));
+        }
+    }
+
+    /// Returns once every other live server confirmed the change just
+    /// written (or after [`PEER_BOUND`], naming those that did not).
+    fn wait_for_peers(&self, state: MutexGuard<'_, State>) {
+        let change = state.inventory.last_change();
+        drop(state);
+        let (Some(cluster), Some(change)) = (&self.paths.cluster, change) else {
+            return;
+        };
+        let wait = || cluster.wait_applied(change, PEER_BOUND);
+        let waited = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        };
+        if let Err(e) = waited {
+            warn!(
+                lagging = ?e.lagging,
+                "cluster: not confirmed by every live server within {} s; they apply it when their change feed catches up",
+                PEER_BOUND.as_secs()
+            );
+        }
     }
 
     /// SIGHUP: a new file, the inventory kept over it.

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod bootroot;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod ctl;

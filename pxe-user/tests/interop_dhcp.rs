@@ -312,19 +312,15 @@ fn proxy_mode_beside_dnsmasq_gives_the_boot_file_while_dnsmasq_gives_the_address
     // One broadcast domain: a bridge in a "switch" namespace joining pxed,
     // the site's DHCP server (dnsmasq, addresses only) and a PXE client.
     let lab = Lab::new().unwrap();
-    let switch = lab.add_netns("sw").unwrap();
-    let server = lab.add_netns("srv").unwrap();
-    let site = lab.add_netns("dhcp").unwrap();
-    let client = lab.add_netns("cli").unwrap();
-    lab.bridge(&switch, "br0", None).unwrap();
-    for (ns, port, addr) in [
-        (&server, "p1", Some("198.18.0.1/24")),
-        (&site, "p2", Some("198.18.0.2/24")),
-        (&client, "p3", None),
-    ] {
-        lab.veth((ns, "eth0", addr), (&switch, port, None)).unwrap();
-        lab.attach_to_bridge(&switch, port, "br0").unwrap();
-    }
+    let [server, site, client]: [pxe_lab::Netns; 3] = lab
+        .segment(&[
+            ("srv", Some("198.18.0.1/24")),
+            ("dhcp", Some("198.18.0.2/24")),
+            ("cli", None),
+        ])
+        .unwrap()
+        .try_into()
+        .unwrap();
     let root = boot_root();
     let work = tempfile::tempdir().unwrap();
     let log = work.path().join("pxed.log");

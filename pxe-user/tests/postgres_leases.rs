@@ -50,7 +50,7 @@ fn leases_survive_reopening_and_the_database_refuses_a_second_holder() {
     let url = pg.url("postgres");
     let until = far_future();
     {
-        let mut store = PostgresLeaseStore::open(&url).unwrap();
+        let mut store = PostgresLeaseStore::open(&url, "test").unwrap();
         for i in 1..=20 {
             store.put(&lease(i, i, until)).unwrap();
         }
@@ -59,14 +59,14 @@ fn leases_survive_reopening_and_the_database_refuses_a_second_holder() {
         store.commit().unwrap();
         store.put(&lease(99, 99, until)).unwrap(); // never committed
     }
-    let mut first = PostgresLeaseStore::open(&url).unwrap();
+    let mut first = PostgresLeaseStore::open(&url, "test").unwrap();
     let all = first.load_all().unwrap();
     assert_eq!(all.len(), 19, "{all:?}");
     assert!(all.contains(&lease(20, 20, until)));
 
     // A second server, whose memory does not know of .5's lease, writes it
     // for another client: refused, and nothing of its batch counts.
-    let mut second = PostgresLeaseStore::open(&url).unwrap();
+    let mut second = PostgresLeaseStore::open(&url, "test").unwrap();
     second.put(&lease(30, 30, until)).unwrap();
     second.put(&lease(5, 77, until)).unwrap();
     let err = second.commit().unwrap_err().to_string();
@@ -101,8 +101,8 @@ fn leases_survive_reopening_and_the_database_refuses_a_second_holder() {
 fn the_inventory_beside_the_leases_is_one_transaction_a_write_and_survives_reopening() {
     let Some((_dir, pg)) = server() else { return };
     let url = pg.url("postgres");
-    let leases = PostgresLeaseStore::open(&url).unwrap();
-    let mut store = PostgresInventoryStore::open(&url).unwrap();
+    let leases = PostgresLeaseStore::open(&url, "test").unwrap();
+    let mut store = PostgresInventoryStore::open(&url, Default::default()).unwrap();
     let (a, b) = (Mac([2, 0, 0, 0, 0, 1]), Mac([2, 0, 0, 0, 0, 2]));
     let mut machine = MachineRecord::new(a);
     machine.profile = Some("installer".into());
@@ -115,7 +115,7 @@ fn the_inventory_beside_the_leases_is_one_transaction_a_write_and_survives_reope
         .unwrap();
     store.write(&[], &[b], &[]).unwrap();
     drop(store);
-    let (machines, profiles) = PostgresInventoryStore::open(&url)
+    let (machines, profiles) = PostgresInventoryStore::open(&url, Default::default())
         .unwrap()
         .load_all()
         .unwrap();
@@ -138,7 +138,7 @@ fn the_inventory_beside_the_leases_is_one_transaction_a_write_and_survives_reope
 fn a_newer_schema_and_an_unreachable_database_are_clear_errors() {
     let Some((_dir, pg)) = server() else { return };
     let url = pg.url("postgres");
-    drop(PostgresLeaseStore::open(&url).unwrap());
+    drop(PostgresLeaseStore::open(&url, "test").unwrap());
     assert_eq!(
         pg.psql(
             "postgres",
@@ -150,16 +150,22 @@ fn a_newer_schema_and_an_unreachable_database_are_clear_errors() {
     );
     pg.psql("postgres", "UPDATE pxed_schema SET version = 99")
         .unwrap();
-    let err = PostgresLeaseStore::open(&url).err().unwrap().to_string();
+    let err = PostgresLeaseStore::open(&url, "test")
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         err.contains("version 99, newer than this pxed's 1"),
         "{err}"
     );
 
-    let err = PostgresLeaseStore::open("postgres://pxed:s3cret@%2Fnonexistent%2Fdir:5432/pxed")
-        .err()
-        .unwrap()
-        .to_string();
+    let err = PostgresLeaseStore::open(
+        "postgres://pxed:s3cret@%2Fnonexistent%2Fdir:5432/pxed",
+        "test",
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("postgres://pxed:***@"), "{err}");
     assert!(!err.contains("s3cret"), "{err}");
 }
@@ -167,7 +173,7 @@ fn a_newer_schema_and_an_unreachable_database_are_clear_errors() {
 #[test]
 fn a_database_stopped_and_started_again_is_written_to_again_without_a_restart() {
     let Some((_dir, pg)) = server() else { return };
-    let mut store = PostgresLeaseStore::open(&pg.url("postgres")).unwrap();
+    let mut store = PostgresLeaseStore::open(&pg.url("postgres"), "test").unwrap();
     let until = far_future();
     store.put(&lease(1, 1, until)).unwrap();
     store.commit().unwrap();

@@ -33,6 +33,9 @@ pub struct TftpProfile {
     pub tsize: bool,
     /// How long it waits for the next block before it acknowledges again.
     pub timeout: Duration,
+    /// Timeouts in a row (no block in between) it takes before it gives
+    /// the transfer up and the boot fails.
+    pub retries: u64,
 }
 
 /// EDK2 and PXE ROMs resend a DISCOVER or REQUEST nobody answered after 4, 8,
@@ -85,17 +88,20 @@ impl Firmware {
     }
 
     pub fn tftp(self) -> TftpProfile {
-        let (blksize, windowsize, timeout) = match self {
-            Self::Edk2 => (1468, 4, 4),
-            Self::Ipxe => (1432, 1, 1),
-            Self::Pxelinux => (1408, 1, 1),
-            Self::LegacyRom => (1432, 1, 4),
+        // EDK2 retries a stalled transfer 6 times (PXEBC_MTFTP_RETRIES);
+        // the others are given the transfer-wide limit only.
+        let (blksize, windowsize, timeout, retries) = match self {
+            Self::Edk2 => (1468, 4, 4, 6),
+            Self::Ipxe => (1432, 1, 1, super::tftp::MAX_RETRANSMITS),
+            Self::Pxelinux => (1408, 1, 1, super::tftp::MAX_RETRANSMITS),
+            Self::LegacyRom => (1432, 1, 4, 6),
         };
         TftpProfile {
             blksize,
             windowsize,
             tsize: true,
             timeout: Duration::from_secs(timeout),
+            retries,
         }
     }
 }

@@ -56,6 +56,10 @@ pub struct Download<'e> {
     in_window: u16,
     retransmits: u64,
     max_retransmits: u64,
+    /// Timeouts since the last block arrived in order, and how many in a
+    /// row the firmware takes before it gives the boot up.
+    silent: u64,
+    max_silent: u64,
     /// A DATA block arrived in order yet (before that, the request or ACK 0 is resent).
     received_any: bool,
     last_sent: Vec<u8>,
@@ -80,6 +84,8 @@ impl<'e> Download<'e> {
             in_window: 0,
             retransmits: 0,
             max_retransmits: MAX_RETRANSMITS,
+            silent: 0,
+            max_silent: ask.retries,
             received_any: false,
             last_sent: request.clone(),
             seen: Seen::default(),
@@ -168,6 +174,7 @@ impl<'e> Download<'e> {
             return Step::Send(self.last_sent.clone());
         }
         self.received_any = true;
+        self.silent = 0;
         let end = self.received + payload.len();
         if let Some(expected) = self.expected {
             if end > expected.len() || expected[self.received..end] != *payload {
@@ -214,9 +221,14 @@ impl<'e> Download<'e> {
     /// No datagram within the timeout.
     pub fn on_timeout(&mut self) -> Step {
         self.retransmits += 1;
+        self.silent += 1;
         if self.retransmits > self.max_retransmits {
             let max = self.max_retransmits;
             return self.fail(format!("no answer after {max} retries"));
+        }
+        if self.silent > self.max_silent {
+            let max = self.max_silent;
+            return self.fail(format!("the server went silent: {max} retries in a row"));
         }
         // RFC 7440 §4: on a timeout, acknowledge the last block received in order.
         if self.received_any {

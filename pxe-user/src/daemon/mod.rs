@@ -136,6 +136,11 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
             Arc::clone(&observer),
         ))
     });
+    // Servers sharing a database: this one's identity among them.
+    let cluster = settings
+        .lease_store
+        .as_ref()
+        .map(|_| Arc::new(crate::cluster::Cluster::new()));
     let engine = if settings.dhcp == DhcpMode::Off {
         info!("DHCP off");
         None
@@ -144,9 +149,12 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
             &settings,
             &served,
             &xdp_modes,
-            answers.as_ref(),
-            &policy,
-            &observer,
+            &services::Shared {
+                answers: answers.as_ref(),
+                policy: &policy,
+                observer: &observer,
+                cluster: cluster.as_ref(),
+            },
             &mut services,
         )?;
         Some(engine)
@@ -158,7 +166,13 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
         engine.clone(),
         answers.clone(),
         &observer,
+        cluster.as_ref(),
     )?);
+    if let (Some(url), Some(cluster)) = (&settings.lease_store, &cluster) {
+        let (url, cluster, control) = (url.clone(), Arc::clone(cluster), Arc::clone(&control));
+        tokio::task::block_in_place(|| crate::cluster::feed::start(&url, cluster, control))
+            .map_err(|e| anyhow::anyhow!("starting the change feed (--lease-store): {e}"))?;
+    }
 
     let found_ipxe = if settings.boot_root.is_none() {
         FoundIpxe::copy(std::path::Path::new(IPXE_DIR), &std::env::temp_dir())

@@ -16,6 +16,7 @@ use super::Services;
 use crate::{
     api,
     bootroot::BootRoot,
+    cluster::Cluster,
     config::DhcpMode,
     control::{Control, Paths},
     dhcp::{
@@ -217,12 +218,15 @@ pub fn control(
     engine: Option<Arc<Mutex<Engine>>>,
     answers: Option<Arc<KernelAnswers>>,
     observer: &Arc<Observer>,
+    cluster: Option<&Arc<Cluster>>,
 ) -> anyhow::Result<Control> {
     let path = &settings.inventory_file;
-    let store: Box<dyn InventoryStore> = if let Some(url) = &settings.lease_store {
+    let store: Box<dyn InventoryStore> = if let (Some(url), Some(cluster)) =
+        (&settings.lease_store, cluster)
+    {
         // Beside the leases: every server on the database sees one inventory.
         Box::new(
-            tokio::task::block_in_place(|| PostgresInventoryStore::open(url))
+            tokio::task::block_in_place(|| PostgresInventoryStore::open(url, Arc::clone(cluster)))
                 .context("opening the inventory in the lease database (--lease-store)")?,
         )
     } else if settings.api.is_some() || path.exists() {
@@ -272,6 +276,7 @@ pub fn control(
             provision,
             webhook,
             observer: Arc::clone(observer),
+            cluster: cluster.cloned(),
         },
     ))
 }
@@ -317,23 +322,39 @@ pub async fn start_api(
     Ok(())
 }
 
+/// What the DHCP service shares with the rest of the daemon.
+#[derive(Clone, Copy)]
+pub struct Shared<'a> {
+    /// The kernel's DHCP templates, when the kernel answers.
+    pub answers: Option<&'a Arc<KernelAnswers>>,
+    pub policy: &'a SharedPolicy,
+    pub observer: &'a Arc<Observer>,
+    /// This server among others on a shared lease database.
+    pub cluster: Option<&'a Arc<Cluster>>,
+}
+
 /// Opens the lease store, builds the engine, opens 67 and 4011 on every
 /// interface and starts one task per interface.
 pub fn start_dhcp(
     settings: &Settings,
     served: &[(String, Ipv4Addr)],
     xdp_modes: &XdpModes,
-    answers: Option<&Arc<KernelAnswers>>,
-    policy: &SharedPolicy,
-    observer: &Arc<Observer>,
+    shared: &Shared<'_>,
     services: &mut Services,
 ) -> anyhow::Result<Arc<Mutex<Engine>>> {
+    let Shared {
+        answers,
+        policy,
+        observer,
+        cluster,
+    } = *shared;
     let mode = settings.dhcp;
     let engine_config = settings.engine_config(&settings.config)?;
     let subnets = subnet_names(&engine_config);
     let store: Box<dyn LeaseStore> = match (mode, &settings.lease_store) {
         (DhcpMode::Full, Some(url)) => {
-            let store = tokio::task::block_in_place(|| PostgresLeaseStore::open(url))
+            let server = cluster.map_or("", |c| c.id());
+            let store = tokio::task::block_in_place(|| PostgresLeaseStore::open(url, server))
                 .context("opening the lease database (--lease-store)")?;
             info!(database = %postgres_store::without_password(url), "leases in PostgreSQL");
             Box::new(store)

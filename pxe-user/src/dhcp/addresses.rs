@@ -63,14 +63,9 @@ impl Addresses {
         subnets: usize,
         reservations: HashMap<Mac, Ipv4Addr>,
     ) -> Result<Self, LeaseError> {
-        let mut by_ip = HashMap::new();
-        let mut by_client = HashMap::new();
-        for lease in store.load_all()? {
-            if lease.state != LeaseState::Declined {
-                by_client.insert(lease.client.clone(), lease.ip);
-            }
-            by_ip.insert(lease.ip, lease);
-        }
+        let by_ip: HashMap<Ipv4Addr, Lease> =
+            store.load_all()?.into_iter().map(|l| (l.ip, l)).collect();
+        let by_client = client_index(&by_ip);
         let mut addresses = Self {
             store,
             by_ip,
@@ -310,6 +305,60 @@ impl Addresses {
         }
     }
 
+    /// What the shared database now says of `ip` after another server
+    /// changed it (`None`: the record is gone). Called between bursts, never
+    /// with a batch open. Returns the MACs whose answers may have changed:
+    /// the address's holder before and after.
+    pub fn absorb(&mut self, ip: Ipv4Addr, lease: Option<Lease>) -> Vec<Mac> {
+        debug_assert!(self.journal.is_empty(), "absorbed with a batch open");
+        let mut touched: Vec<Mac> = self
+            .by_ip
+            .get(&ip)
+            .map(|l| Mac(l.mac))
+            .into_iter()
+            .collect();
+        match lease {
+            Some(lease) => {
+                // It took a lease elsewhere: what this server offered it is moot.
+                self.offers.release_client(&lease.client);
+                touched.push(Mac(lease.mac));
+                self.learn(&lease);
+            }
+            None => {
+                if let Some(old) = self.by_ip.remove(&ip) {
+                    if self.by_client.get(&old.client) == Some(&ip) {
+                        self.by_client.remove(&old.client);
+                    }
+                }
+            }
+        }
+        touched.dedup();
+        touched
+    }
+
+    /// Replaces every lease in memory with the database's (after the
+    /// change feed was interrupted and changes may have been missed).
+    /// Returns how many records differed.
+    pub fn resync(&mut self, leases: Vec<Lease>) -> usize {
+        debug_assert!(self.journal.is_empty(), "resynchronised with a batch open");
+        let fresh: HashMap<Ipv4Addr, Lease> = leases.into_iter().map(|l| (l.ip, l)).collect();
+        let differed = fresh
+            .iter()
+            .filter(|(ip, l)| self.by_ip.get(ip) != Some(l))
+            .count()
+            + self
+                .by_ip
+                .keys()
+                .filter(|ip| !fresh.contains_key(ip))
+                .count();
+        self.by_client = client_index(&fresh);
+        for ip in fresh.keys() {
+            self.offers.release_ip(*ip);
+        }
+        self.by_ip = fresh;
+        differed
+    }
+
     fn roll_back(&mut self) {
         while let Some(undo) = self.journal.pop() {
             match undo {
@@ -346,4 +395,18 @@ impl Addresses {
         let before = self.offers.release_ip(ip);
         self.journal.push(Undo::Offer(ip, before));
     }
+}
+
+/// Each client's address: of its records (a client may have an old,
+/// released one beside its lease), the active one expiring last.
+fn client_index(by_ip: &HashMap<Ipv4Addr, Lease>) -> HashMap<Vec<u8>, Ipv4Addr> {
+    let mut records: Vec<&Lease> = by_ip
+        .values()
+        .filter(|l| l.state != LeaseState::Declined)
+        .collect();
+    records.sort_by_key(|l| (l.state == LeaseState::Active, l.expires));
+    records
+        .into_iter()
+        .map(|l| (l.client.clone(), l.ip))
+        .collect()
 }

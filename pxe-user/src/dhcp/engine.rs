@@ -198,6 +198,25 @@ impl Engine {
         self.addresses.leases()
     }
 
+    /// Another server on the shared database changed these addresses'
+    /// records (`None`: deleted); memory follows. Returns the machines
+    /// whose answers may differ now.
+    pub fn absorb_peer_leases(&mut self, changes: Vec<(Ipv4Addr, Option<Lease>)>) -> Vec<Mac> {
+        let mut touched = Vec::new();
+        for (ip, lease) in changes {
+            touched.extend(self.addresses.absorb(ip, lease));
+        }
+        touched.sort();
+        touched.dedup();
+        touched
+    }
+
+    /// Every lease from the shared database, replacing memory's (after
+    /// changes may have been missed). Returns how many records differed.
+    pub fn resync_leases(&mut self, leases: Vec<Lease>) -> usize {
+        self.addresses.resync(leases)
+    }
+
     /// The machine that holds `ip` at `now`, if one does.
     pub fn holder(&self, ip: Ipv4Addr, now: u64) -> Option<Mac> {
         self.lease(ip)
@@ -1581,6 +1600,73 @@ mod tests {
         assert_ne!(next, first);
         let ack = e.handle(&request(next), at(67, src()), T0 + 4);
         assert_eq!(msg_type(&ack), Some(MessageType::Ack), "{}", ack.summary);
+    }
+
+    #[test]
+    fn leases_another_server_wrote_are_absorbed_and_a_resync_follows_the_database() {
+        let mut e = engine(Mode::Full);
+        let mine = dora(&mut e, |k, x| plain(k, 1, x), T0);
+        // Another server leased the next free address to machine 2, then
+        // moved machine 1 (it rebooted there) to another.
+        let theirs = |ip: [u8; 4], n: u8| Lease {
+            ip: Ipv4Addr::from(ip),
+            client: client_key(None, mac(n)),
+            mac: mac(n),
+            expires: T0 + 3600,
+            state: LeaseState::Active,
+            hostname: None,
+        };
+        let two = theirs([198, 18, 0, 101], 2);
+        let one_moved = theirs([198, 18, 0, 107], 1);
+        let touched = e.absorb_peer_leases(vec![
+            (two.ip, Some(two.clone())),
+            (one_moved.ip, Some(one_moved.clone())),
+        ]);
+        assert_eq!(touched, vec![Mac(mac(1)), Mac(mac(2))]);
+        let offer = e.handle(
+            &plain(MessageType::Discover, 2, vec![]),
+            at(67, src()),
+            T0 + 1,
+        );
+        assert_eq!(
+            offer.reply.unwrap().message.yiaddr(),
+            two.ip,
+            "machine 2 keeps its address here too"
+        );
+        let offer = e.handle(
+            &plain(MessageType::Discover, 1, vec![]),
+            at(67, src()),
+            T0 + 1,
+        );
+        assert_eq!(
+            offer.reply.unwrap().message.yiaddr(),
+            one_moved.ip,
+            "machine 1 where it is now"
+        );
+        let offer = e.handle(
+            &plain(MessageType::Discover, 3, vec![]),
+            at(67, src()),
+            T0 + 1,
+        );
+        let three = offer.reply.unwrap().message.yiaddr();
+        assert!(
+            three != two.ip && three != one_moved.ip,
+            "a new machine gets neither: {three}"
+        );
+        // Deleted in the database: gone from memory.
+        assert_eq!(
+            e.absorb_peer_leases(vec![(two.ip, None)]),
+            vec![Mac(mac(2))]
+        );
+        assert_eq!(e.lease(two.ip), None);
+        // A resync replaces memory with the database's records.
+        assert_eq!(
+            e.resync_leases(vec![one_moved.clone()]),
+            1,
+            "the first lease of machine 1 was not there"
+        );
+        assert_eq!(e.lease(mine), None);
+        assert_eq!(e.leases().count(), 1);
     }
 
     /// A store that keeps the contract (a batch counts only once committed)

@@ -10,7 +10,7 @@
 //! system flip them at run time without the two overwriting each other.
 
 mod record;
-mod store;
+pub(crate) mod store;
 
 use std::collections::BTreeMap;
 
@@ -97,6 +97,56 @@ impl Inventory {
         self.store.write(&[], &[], std::slice::from_ref(&profile))?;
         self.profiles.insert(profile.name.clone(), profile.clone());
         Ok(profile)
+    }
+
+    /// The number the last write was announced to other servers under,
+    /// with a shared store.
+    pub fn last_change(&self) -> Option<u64> {
+        self.store.last_change()
+    }
+
+    /// Records another server wrote (`None`: deleted), as the shared
+    /// database has them now: memory follows, nothing is written.
+    pub fn absorb(
+        &mut self,
+        machines: Vec<(Mac, Option<MachineRecord>)>,
+        profiles: Vec<(String, Option<ProfileRecord>)>,
+    ) {
+        for (mac, record) in machines {
+            match record {
+                Some(r) => drop(self.machines.insert(mac, r)),
+                None => drop(self.machines.remove(&mac)),
+            }
+        }
+        for (name, record) in profiles {
+            match record {
+                Some(p) => drop(self.profiles.insert(name, p)),
+                None => drop(self.profiles.remove(&name)),
+            }
+        }
+    }
+
+    /// Everything the shared database holds, replacing memory (after
+    /// changes may have been missed). Returns the MACs whose records differed.
+    pub fn replace_all(
+        &mut self,
+        machines: Vec<MachineRecord>,
+        profiles: Vec<ProfileRecord>,
+    ) -> (Vec<Mac>, bool) {
+        let machines: BTreeMap<Mac, MachineRecord> =
+            machines.into_iter().map(|m| (m.mac, m)).collect();
+        let profiles: BTreeMap<String, ProfileRecord> =
+            profiles.into_iter().map(|p| (p.name.clone(), p)).collect();
+        let mut changed: Vec<Mac> = machines
+            .iter()
+            .filter(|(mac, r)| self.machines.get(mac) != Some(r))
+            .map(|(mac, _)| *mac)
+            .collect();
+        changed.extend(self.machines.keys().filter(|m| !machines.contains_key(m)));
+        let profiles_changed = profiles != self.profiles;
+        self.machines = machines;
+        self.profiles = profiles;
+        (changed, profiles_changed)
     }
 
     /// The policy in force: the file's, with the inventory laid over it.

@@ -6,8 +6,11 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
+use std::sync::Arc;
+
 use super::{MachineRecord, ProfileRecord};
 use crate::{
+    cluster::{Change, Cluster, CHANGES},
     lease::db::{Db, Failed},
     policy::Mac,
 };
@@ -35,6 +38,11 @@ pub trait InventoryStore: Send {
         forget: &[Mac],
         profiles: &[ProfileRecord],
     ) -> Result<(), InventoryError>;
+    /// The number the last successful write was announced to other servers
+    /// under, for a store shared with them (`crate::cluster`).
+    fn last_change(&self) -> Option<u64> {
+        None
+    }
 }
 
 pub struct RedbInventoryStore {
@@ -136,17 +144,25 @@ const PG_MIGRATIONS: [&str; 1] = [
 ];
 
 /// The inventory in PostgreSQL, beside the leases: machines by MAC and
-/// profiles by name, each record as JSON, every write one transaction.
+/// profiles by name, each record as JSON, every write one transaction,
+/// announced to the other servers in it (`crate::cluster`).
 pub struct PostgresInventoryStore {
     db: Db,
+    cluster: Arc<Cluster>,
+    last_change: Option<u64>,
 }
 
 impl PostgresInventoryStore {
-    /// Connects and creates or migrates the inventory's schema.
-    pub fn open(url: &str) -> Result<Self, InventoryError> {
+    /// Connects and creates or migrates the inventory's schema; writes are
+    /// announced as `cluster`'s.
+    pub fn open(url: &str, cluster: Arc<Cluster>) -> Result<Self, InventoryError> {
         let db = Db::open(url, "inventory", &PG_MIGRATIONS)
             .map_err(|(path, message)| InventoryError::Database { path, message })?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            cluster,
+            last_change: None,
+        })
     }
 
     fn call<T: Send + 'static>(
@@ -155,39 +171,14 @@ impl PostgresInventoryStore {
     ) -> Result<T, InventoryError> {
         self.db.call(job).map_err(|e| InventoryError::Database {
             path: self.db.shown().to_owned(),
-            message: match e {
-                Failed::Error(message) => message,
-                Failed::Taken(lease) => format!("unexpected lease conflict on {}", lease.ip),
-            },
+            message: e.to_string(),
         })
     }
 }
 
 impl InventoryStore for PostgresInventoryStore {
     fn load_all(&self) -> Result<(Vec<MachineRecord>, Vec<ProfileRecord>), InventoryError> {
-        let (machines, profiles) = self.call(|client| {
-            let text = |sql: &str,
-                        client: &mut postgres::Client|
-             -> Result<Vec<(String, String)>, Failed> {
-                Ok(client
-                    .query(sql, &[])?
-                    .iter()
-                    .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
-                    .collect())
-            };
-            let machines = text("SELECT mac, record::text FROM pxed_machines", client)?;
-            let profiles = text("SELECT name, record::text FROM pxed_profiles", client)?;
-            Ok((machines, profiles))
-        })?;
-        let machines = machines
-            .iter()
-            .map(|(key, json)| serde_json::from_str(json).map_err(|e| corrupt(key, e)))
-            .collect::<Result<_, _>>()?;
-        let profiles = profiles
-            .iter()
-            .map(|(key, json)| serde_json::from_str(json).map_err(|e| corrupt(key, e)))
-            .collect::<Result<_, _>>()?;
-        Ok((machines, profiles))
+        self.call(|client| load_pg(client).map_err(Failed::Error))
     }
 
     fn write(
@@ -205,6 +196,15 @@ impl InventoryStore for PostgresInventoryStore {
             .iter()
             .map(|p| (p.name.clone(), to_json(p)))
             .collect();
+        let change = self.cluster.begin_change();
+        let named: Vec<String> = machines
+            .iter()
+            .map(|(mac, _)| mac.clone())
+            .chain(forget.iter().cloned())
+            .collect();
+        let names: Vec<String> = profiles.iter().map(|(name, _)| name.clone()).collect();
+        let payloads = Change::inventory_payloads(self.cluster.id(), change, &named, &names);
+        self.last_change = None;
         self.call(move |client| {
             let mut tx = client.transaction()?;
             for (mac, record) in &machines {
@@ -224,9 +224,95 @@ impl InventoryStore for PostgresInventoryStore {
                     &[name, record],
                 )?;
             }
+            for payload in &payloads {
+                tx.execute("SELECT pg_notify($1, $2)", &[&CHANGES, payload])?;
+            }
             Ok(tx.commit()?)
-        })
+        })?;
+        self.last_change = Some(change);
+        Ok(())
     }
+
+    fn last_change(&self) -> Option<u64> {
+        self.last_change
+    }
+}
+
+/// Every machine and profile in the database.
+pub(crate) fn load_pg(
+    client: &mut postgres::Client,
+) -> Result<(Vec<MachineRecord>, Vec<ProfileRecord>), String> {
+    let text =
+        |sql: &str, client: &mut postgres::Client| -> Result<Vec<(String, String)>, String> {
+            Ok(client
+                .query(sql, &[])
+                .map_err(|e| e.to_string())?
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect())
+        };
+    let machines = text("SELECT mac, record::text FROM pxed_machines", client)?;
+    let profiles = text("SELECT name, record::text FROM pxed_profiles", client)?;
+    let machines = machines
+        .iter()
+        .map(|(key, json)| serde_json::from_str(json).map_err(|e| corrupt(key, e).to_string()))
+        .collect::<Result<_, _>>()?;
+    let profiles = profiles
+        .iter()
+        .map(|(key, json)| serde_json::from_str(json).map_err(|e| corrupt(key, e).to_string()))
+        .collect::<Result<_, _>>()?;
+    Ok((machines, profiles))
+}
+
+/// The records of these MACs now (`None`: deleted, or unreadable).
+pub(crate) fn read_machines(
+    client: &mut postgres::Client,
+    macs: &[String],
+) -> Result<Vec<(Mac, Option<MachineRecord>)>, postgres::Error> {
+    let mut found = read_records(
+        client,
+        "SELECT mac, record::text FROM pxed_machines WHERE mac = ANY($1)",
+        macs,
+    )?;
+    Ok(macs
+        .iter()
+        .filter_map(|text| Some((text.parse::<Mac>().ok()?, found.remove(text))))
+        .collect())
+}
+
+/// The records of these profiles now (`None`: deleted, or unreadable).
+pub(crate) fn read_profiles(
+    client: &mut postgres::Client,
+    names: &[String],
+) -> Result<Vec<(String, Option<ProfileRecord>)>, postgres::Error> {
+    let mut found = read_records(
+        client,
+        "SELECT name, record::text FROM pxed_profiles WHERE name = ANY($1)",
+        names,
+    )?;
+    Ok(names
+        .iter()
+        .map(|name| (name.clone(), found.remove(name)))
+        .collect())
+}
+
+/// Key → record for the rows `sql` (key and JSON, for keys = `$1`) returns.
+fn read_records<T: serde::de::DeserializeOwned>(
+    client: &mut postgres::Client,
+    sql: &str,
+    keys: &[String],
+) -> Result<std::collections::HashMap<String, T>, postgres::Error> {
+    if keys.is_empty() {
+        return Ok(Default::default());
+    }
+    Ok(client
+        .query(sql, &[&keys])?
+        .iter()
+        .filter_map(|r| {
+            let (key, json): (String, String) = (r.get(0), r.get(1));
+            serde_json::from_str(&json).ok().map(|rec| (key, rec))
+        })
+        .collect())
 }
 
 /// A record as JSON text (records are plain data: this cannot fail).

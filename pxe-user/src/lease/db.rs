@@ -21,6 +21,15 @@ pub enum Failed {
     Error(String),
 }
 
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Taken(lease) => write!(f, "{} is held by another client", lease.ip),
+            Self::Error(e) => f.write_str(e),
+        }
+    }
+}
+
 impl From<String> for Failed {
     fn from(e: String) -> Self {
         Self::Error(e)
@@ -114,7 +123,7 @@ fn serve(url: &str, shown: &str, client: Client, inbox: &mpsc::Receiver<Job>) {
     }
 }
 
-fn connect(url: &str) -> Result<Client, String> {
+pub(crate) fn connect(url: &str) -> Result<Client, String> {
     let mut client = Client::connect(url, NoTls).map_err(|e| e.to_string())?;
     // Durable on the server when COMMIT returns, whatever the server's default.
     client
@@ -124,7 +133,11 @@ fn connect(url: &str) -> Result<Client, String> {
 }
 
 /// Creates or migrates `component`'s schema, one server at a time.
-fn migrate(client: &mut Client, component: &str, migrations: &[&str]) -> Result<(), String> {
+pub(crate) fn migrate(
+    client: &mut Client,
+    component: &str,
+    migrations: &[&str],
+) -> Result<(), String> {
     let latest = migrations.len() as i32;
     let mut tx = client.transaction().map_err(|e| e.to_string())?;
     // Two servers starting together: the second waits for the first's schema.

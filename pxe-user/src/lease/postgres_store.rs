@@ -18,6 +18,8 @@ use std::{
 
 use postgres::Client;
 
+use crate::cluster::{Change, CHANGES};
+
 pub use super::db::without_password;
 use super::{
     db::{Db, Failed},
@@ -53,18 +55,22 @@ enum Op {
 pub struct PostgresLeaseStore {
     db: Db,
     batch: Vec<Op>,
+    /// Who this server is in the change notifications (`crate::cluster`).
+    server: String,
 }
 
 impl PostgresLeaseStore {
     /// Connects, creates or migrates the schema, and starts the client's
     /// thread. A database that cannot be reached, or whose schema is newer
     /// than this build's, is an error naming the URL (password hidden).
-    pub fn open(url: &str) -> Result<Self, LeaseError> {
+    /// Every commit is announced to the other servers as `server`'s.
+    pub fn open(url: &str, server: &str) -> Result<Self, LeaseError> {
         let db = Db::open(url, "leases", &MIGRATIONS)
             .map_err(|(path, message)| LeaseError::Database { path, message })?;
         Ok(Self {
             db,
             batch: Vec::new(),
+            server: server.to_owned(),
         })
     }
 
@@ -105,13 +111,14 @@ impl LeaseStore for PostgresLeaseStore {
         }
         // Taken whether it commits or not: a failed batch counts for nothing.
         let batch = std::mem::take(&mut self.batch);
-        self.ask(move |client| commit(client, &batch))
+        let server = self.server.clone();
+        self.ask(move |client| commit(client, &batch, &server))
     }
 }
 
-const COLUMNS: &str = "ip, client, mac, expires, state, hostname";
+pub(crate) const COLUMNS: &str = "ip, client, mac, expires, state, hostname";
 
-fn load(client: &mut Client) -> Result<Vec<Lease>, Failed> {
+pub(crate) fn load(client: &mut Client) -> Result<Vec<Lease>, Failed> {
     let rows = client.query(&format!("SELECT {COLUMNS} FROM pxed_leases"), &[])?;
     rows.iter()
         .map(lease_of)
@@ -120,34 +127,33 @@ fn load(client: &mut Client) -> Result<Vec<Lease>, Failed> {
 }
 
 /// A row of `COLUMNS` as a lease.
-fn lease_of(row: &postgres::Row) -> Result<Lease, String> {
-    {
-        {
-            let IpAddr::V4(ip) = row.get::<_, IpAddr>(0) else {
-                return Err("an IPv6 address in pxed_leases".to_owned());
-            };
-            let mac: String = row.get(2);
-            let state: String = row.get(4);
-            Ok(Lease {
-                ip,
-                client: row.get(1),
-                mac: mac
-                    .parse::<crate::policy::Mac>()
-                    .map_err(|e| format!("lease {ip}: {e}"))?
-                    .0,
-                expires: u64::try_from(row.get::<_, i64>(3)).unwrap_or(0),
-                state: match state.as_str() {
-                    "active" => LeaseState::Active,
-                    "released" => LeaseState::Released,
-                    _ => LeaseState::Declined,
-                },
-                hostname: row.get(5),
-            })
-        }
-    }
+pub(crate) fn lease_of(row: &postgres::Row) -> Result<Lease, String> {
+    let IpAddr::V4(ip) = row.get::<_, IpAddr>(0) else {
+        return Err("an IPv6 address in pxed_leases".to_owned());
+    };
+    let mac: String = row.get(2);
+    let state: String = row.get(4);
+    Ok(Lease {
+        ip,
+        client: row.get(1),
+        mac: mac
+            .parse::<crate::policy::Mac>()
+            .map_err(|e| format!("lease {ip}: {e}"))?
+            .0,
+        expires: u64::try_from(row.get::<_, i64>(3)).unwrap_or(0),
+        state: match state.as_str() {
+            "active" => LeaseState::Active,
+            "released" => LeaseState::Released,
+            _ => LeaseState::Declined,
+        },
+        hostname: row.get(5),
+    })
 }
 
-fn commit(client: &mut Client, ops: &[Op]) -> Result<(), Failed> {
+/// Writes the batch in one transaction, announcing its addresses to the
+/// other servers in the same transaction: they hear of it if and when it
+/// is durable.
+fn commit(client: &mut Client, ops: &[Op], server: &str) -> Result<(), Failed> {
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -191,6 +197,16 @@ fn commit(client: &mut Client, ops: &[Op]) -> Result<(), Failed> {
                 tx.execute("DELETE FROM pxed_leases WHERE ip = $1", &[&IpAddr::V4(*ip)])?;
             }
         }
+    }
+    let written: Vec<Ipv4Addr> = ops
+        .iter()
+        .map(|op| match op {
+            Op::Put(lease) => lease.ip,
+            Op::Remove(ip) => *ip,
+        })
+        .collect();
+    for payload in Change::lease_payloads(server, &written) {
+        tx.execute("SELECT pg_notify($1, $2)", &[&CHANGES, &payload])?;
     }
     Ok(tx.commit()?)
 }

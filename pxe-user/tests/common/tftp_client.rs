@@ -72,6 +72,7 @@ fn ask(options: &[(&str, &str)]) -> TftpProfile {
         windowsize: value("windowsize", 1),
         tsize: false,
         timeout: Duration::from_secs(5),
+        retries: pxe_lab::client::tftp::MAX_RETRANSMITS,
     }
 }
 
@@ -203,6 +204,8 @@ pub fn fetch_disordered(
         windowsize: window,
         tsize: false,
         timeout: Duration::from_millis(200),
+        // This caller tells a stall itself (below).
+        retries: u64::MAX,
     };
     let (download, request) = Download::start(file, &profile, None);
     // Losses make timeouts by the dozen; a stall is 50 in a row (below).

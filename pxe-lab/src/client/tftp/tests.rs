@@ -19,6 +19,7 @@ fn ask(blksize: u16, windowsize: u16) -> TftpProfile {
         windowsize,
         tsize: true,
         timeout: Duration::from_secs(4),
+        retries: super::MAX_RETRANSMITS,
     }
 }
 
@@ -115,4 +116,26 @@ fn silence_ends_in_failure_after_the_retries() {
         assert_eq!(d.on_timeout(), Step::Send(rrq.clone()), "the request again");
     }
     assert!(matches!(d.on_timeout(), Step::Fail { .. }));
+}
+
+#[test]
+fn firmware_gives_up_after_its_retries_in_a_row_but_progress_resets_them() {
+    let firmware = TftpProfile {
+        retries: 2,
+        ..ask(512, 1)
+    };
+    let (mut d, rrq) = Download::start("f", &firmware, None);
+    assert_eq!(d.on_timeout(), Step::Send(rrq.clone()));
+    assert_eq!(d.on_timeout(), Step::Send(rrq));
+    assert_eq!(
+        d.on_datagram(&data(1, &[7; 512])),
+        ack(1),
+        "a block: the count starts again"
+    );
+    assert_eq!(d.on_timeout(), ack(1));
+    assert_eq!(d.on_timeout(), ack(1));
+    let Step::Fail { why, .. } = d.on_timeout() else {
+        panic!("a third timeout in a row ends it");
+    };
+    assert!(why.contains("2 retries in a row"), "{why}");
 }
