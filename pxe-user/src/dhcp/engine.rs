@@ -152,6 +152,10 @@ impl Ctx<'_> {
     }
 }
 
+/// How often a burst is decided when the shared database keeps refusing
+/// its addresses (each refusal teaches memory one more holder).
+const MAX_DECISIONS: usize = 4;
+
 impl Engine {
     /// Builds the engine and its index from every lease the store holds.
     pub fn new(
@@ -272,14 +276,38 @@ impl Engine {
     /// lease they wrote at once (one disk flush for the burst). When the
     /// commit fails, the replies that depend on a write are withdrawn and
     /// the addresses are as before the burst.
+    ///
+    /// When the shared database refuses the batch because another server
+    /// holds one of its addresses, memory has learnt the holder and the
+    /// burst is decided again (a few times at most): one conflict costs a
+    /// second decision, not every reply of the burst.
     pub fn handle_batch<'a>(
         &mut self,
         requests: impl IntoIterator<Item = (&'a Request, Arrival)>,
         now: u64,
     ) -> Vec<Outcome> {
+        let requests: Vec<(&Request, Arrival)> = requests.into_iter().collect();
+        let mut outcomes = self.decide_and_commit(&requests, now);
+        for _ in 1..MAX_DECISIONS {
+            let taken = outcomes
+                .iter()
+                .any(|o| matches!(o.problem, Some(Problem::Taken(_))));
+            if !taken {
+                break;
+            }
+            outcomes = self.decide_and_commit(&requests, now);
+        }
+        let full = self.config.mode == Mode::Full;
+        for (o, (_, arrival)) in outcomes.iter().zip(&requests) {
+            self.stats.count(o, full && arrival.port != PROXY_PORT);
+        }
+        outcomes
+    }
+
+    /// One decision of the burst and its commit.
+    fn decide_and_commit(&mut self, requests: &[(&Request, Arrival)], now: u64) -> Vec<Outcome> {
         let policy = self.policy.current();
-        let mut outcomes = Vec::new();
-        let mut ports = Vec::new();
+        let mut outcomes = Vec::with_capacity(requests.len());
         for (req, arrival) in requests {
             let ctx = Ctx {
                 req,
@@ -288,10 +316,9 @@ impl Engine {
                 policy: policy.as_ref().as_ref(),
             };
             let writes = self.addresses.writes();
-            let mut outcome = self.decide(&ctx, arrival);
+            let mut outcome = self.decide(&ctx, *arrival);
             outcome.wrote = self.addresses.writes() != writes;
             outcomes.push(outcome);
-            ports.push(arrival.port);
         }
         let leases = outcomes.iter().filter(|o| o.wrote).count();
         if leases > 0 {
@@ -305,8 +332,7 @@ impl Engine {
             match committed {
                 Ok(()) => self.store_failing = None,
                 Err(e) => {
-                    // Another server's lease is no failing store: the
-                    // burst is answered again when its clients retry.
+                    // Another server's lease is no failing store.
                     if !matches!(e, LeaseError::Taken { .. }) {
                         self.store_failing = Some(e.to_string());
                     }
@@ -315,10 +341,6 @@ impl Engine {
                     }
                 }
             }
-        }
-        let full = self.config.mode == Mode::Full;
-        for (o, port) in outcomes.iter().zip(ports) {
-            self.stats.count(o, full && port != PROXY_PORT);
         }
         outcomes
     }
@@ -1546,7 +1568,7 @@ mod tests {
     }
 
     #[test]
-    fn an_address_another_server_holds_is_learnt_and_the_retry_gets_another() {
+    fn an_address_another_server_holds_is_learnt_the_request_naked_and_the_retry_gets_another() {
         let first = Ipv4Addr::new(198, 18, 0, 100);
         let theirs = Lease {
             ip: first,
@@ -1578,13 +1600,11 @@ mod tests {
             first,
             "memory did not know"
         );
+        // The database refuses it; decided again with the holder known, the
+        // client is told at once to start over.
         let out = e.handle(&request(first), at(67, src()), T0);
-        assert!(out.reply.is_none(), "{}", out.summary);
-        assert!(
-            matches!(out.problem, Some(Problem::Taken(_))),
-            "{:?}",
-            out.problem
-        );
+        assert_eq!(msg_type(&out), Some(MessageType::Nak), "{}", out.summary);
+        assert!(out.problem.is_none(), "{:?}", out.problem);
         assert_eq!(
             e.store_failing(),
             None,
@@ -1600,6 +1620,58 @@ mod tests {
         assert_ne!(next, first);
         let ack = e.handle(&request(next), at(67, src()), T0 + 4);
         assert_eq!(msg_type(&ack), Some(MessageType::Ack), "{}", ack.summary);
+    }
+
+    #[test]
+    fn one_conflict_in_a_burst_costs_only_its_own_reply() {
+        let first = Ipv4Addr::new(198, 18, 0, 100);
+        let store = SharedWithAnotherServer {
+            theirs: Lease {
+                ip: first,
+                client: client_key(None, mac(90)),
+                mac: mac(90),
+                expires: T0 + 3600,
+                state: LeaseState::Active,
+                hostname: None,
+            },
+            pending: Vec::new(),
+        };
+        let mut e =
+            Engine::new(config(Mode::Full), policy(HashMap::new()), Box::new(store)).unwrap();
+        let mut offered = Vec::new();
+        for n in [50, 51] {
+            let offer = e.handle(&plain(MessageType::Discover, n, vec![]), at(67, src()), T0);
+            offered.push(offer.reply.unwrap().message.yiaddr());
+        }
+        assert_eq!(offered[0], first, "memory did not know");
+        let requests: Vec<Request> = [50, 51]
+            .into_iter()
+            .zip(&offered)
+            .map(|(n, ip)| {
+                plain(
+                    MessageType::Request,
+                    n,
+                    vec![
+                        DhcpOption::ServerIdentifier(SERVER),
+                        DhcpOption::RequestedIpAddress(*ip),
+                    ],
+                )
+            })
+            .collect();
+        let out = e.handle_batch(requests.iter().map(|r| (r, at(67, src()))), T0);
+        assert_eq!(
+            msg_type(&out[0]),
+            Some(MessageType::Nak),
+            "{}",
+            out[0].summary
+        );
+        assert_eq!(
+            msg_type(&out[1]),
+            Some(MessageType::Ack),
+            "{}",
+            out[1].summary
+        );
+        assert_eq!(e.lease(offered[1]).map(|l| l.mac), Some(mac(51)));
     }
 
     #[test]
