@@ -100,7 +100,8 @@ pub struct Cli {
     /// `postgres://pxed:PASSWORD@db.example/pxed` (or
     /// `postgres://pxed@%2Frun%2Fpostgresql/pxed` for a Unix socket). pxed
     /// creates and migrates its tables; every lease is committed there
-    /// before its ACK leaves.
+    /// before its ACK leaves. Several pxed on one database share its pools
+    /// and inventory (docs/CLUSTER.md). Config: `[dhcp] store = "URL"`.
     #[arg(long, value_name = "URL", env = "PXED_LEASE_STORE", value_parser = postgres_url, conflicts_with = "lease_file")]
     pub lease_store: Option<String>,
 
@@ -251,7 +252,7 @@ pub struct Cli {
     pub stats_interval: u64,
 }
 
-fn postgres_url(s: &str) -> Result<String, String> {
+pub(crate) fn postgres_url(s: &str) -> Result<String, String> {
     if s.starts_with("postgres://") || s.starts_with("postgresql://") {
         Ok(s.to_owned())
     } else {

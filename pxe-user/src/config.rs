@@ -61,6 +61,7 @@ struct HttpSection {
 struct DhcpSection {
     mode: Option<DhcpMode>,
     lease_file: Option<PathBuf>,
+    store: Option<Spanned<String>>,
     authoritative: Option<bool>,
     kernel_answers: Option<bool>,
     #[serde(default, rename = "subnet")]
@@ -149,6 +150,9 @@ pub struct Config {
     pub default_profile: Option<String>,
     pub dhcp_mode: Option<DhcpMode>,
     pub lease_file: Option<PathBuf>,
+    /// `[dhcp] store = "postgres://..."`: leases and the inventory in
+    /// PostgreSQL (as `--lease-store`).
+    pub lease_store: Option<String>,
     pub authoritative: bool,
     /// The XDP/TC programs answer repeat requests (`[dhcp] kernel_answers`,
     /// default true; `--no-kernel-dhcp` turns it off too).
@@ -171,6 +175,7 @@ impl Default for Config {
             default_profile: Some("default".to_owned()),
             dhcp_mode: None,
             lease_file: None,
+            lease_store: None,
             authoritative: false,
             kernel_answers: true,
             subnets: Vec::new(),
@@ -443,9 +448,26 @@ impl Config {
                 names
             }
         };
+        let lease_store = match file.dhcp.store {
+            Some(url) => {
+                let span = url.span();
+                let url = crate::cli::postgres_url(url.get_ref())
+                    .map_err(|e| error_at(Some(span.clone()), format!("dhcp.store: {e}")))?;
+                if file.dhcp.lease_file.is_some() {
+                    return Err(error_at(
+                        Some(span),
+                        "dhcp.store and dhcp.lease_file: leases are kept in one place; remove one"
+                            .to_owned(),
+                    ));
+                }
+                Some(url)
+            }
+            None => None,
+        };
         Ok(Self {
             dhcp_mode: file.dhcp.mode,
             lease_file: file.dhcp.lease_file,
+            lease_store,
             authoritative: file.dhcp.authoritative.unwrap_or(false),
             kernel_answers: file.dhcp.kernel_answers.unwrap_or(true),
             subnets,
@@ -567,6 +589,8 @@ mod tests {
             ("[tftp]\nmax_blksize = \"big\"\n", 2, "invalid type"),
             ("default_profile = \"nope\"\n", 1, "default_profile \"nope\""),
             ("[dhcp]\nmode = \"fulll\"\n", 2, "unknown variant `fulll`"),
+            ("[dhcp]\nstore = \"mysql://db/pxed\"\n", 2, "dhcp.store: \"mysql://db/pxed\" is not a PostgreSQL URL"),
+            ("[dhcp]\nlease_file = \"/l.redb\"\nstore = \"postgres://db/pxed\"\n", 3, "leases are kept in one place"),
             ("[[machine]]\nmac = \"52:54:00:00:00:01\"\narch = \"arm\"\n", 3, "machine arch \"arm\""),
             ("[[dhcp.subnet]]\nnetwork = \"198.18.0.0/24\"\npools = [\"198.18.1.1-198.18.1.9\"]\n", 3, "is not inside 198.18.0.0/24"),
             ("[[dhcp.subnet]]\nnetwork = \"198.18.0.0/24\"\npools = [\"198.18.0.1-198.18.0.9\"]\nrouter = \"gw\"\n", 4, "router \"gw\" is not an IPv4 address"),

@@ -143,7 +143,12 @@ impl Settings {
             ranges,
             router: cli.router,
             lease_time: cli.lease_time,
-            lease_store: cli.lease_store.clone(),
+            // The command line's choice of store wins over the file's.
+            lease_store: match (&cli.lease_store, &cli.lease_file) {
+                (Some(url), _) => Some(url.clone()),
+                (None, Some(_)) => None,
+                (None, None) => config.lease_store.clone(),
+            },
             lease_file: cli
                 .lease_file
                 .or_else(|| config.lease_file.clone())
@@ -334,6 +339,28 @@ mod tests {
         assert_eq!(s.tftp_max_windowsize, DEFAULT_MAX_WINDOWSIZE);
         assert_eq!(s.lease_file, PathBuf::from(DEFAULT_LEASE_FILE));
         assert_eq!(s.dhcp, DhcpMode::Proxy, "proxy unless told");
+    }
+
+    #[test]
+    fn the_files_lease_store_holds_unless_the_command_line_names_one() {
+        let file = config("[dhcp]\nstore = \"postgres://pxed@db/pxed\"\n");
+        let s = Settings::merge(cli(&["-i", "eth1"]), file.clone()).unwrap();
+        assert_eq!(s.lease_store.as_deref(), Some("postgres://pxed@db/pxed"));
+        let s = Settings::merge(
+            cli(&["-i", "eth1", "--lease-file", "/tmp/l.redb"]),
+            file.clone(),
+        )
+        .unwrap();
+        assert_eq!(
+            s.lease_store, None,
+            "--lease-file wins over the file's store"
+        );
+        let s = Settings::merge(
+            cli(&["-i", "eth1", "--lease-store", "postgres://other@db/pxed"]),
+            file,
+        )
+        .unwrap();
+        assert_eq!(s.lease_store.as_deref(), Some("postgres://other@db/pxed"));
     }
 
     #[test]
