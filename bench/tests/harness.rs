@@ -9,7 +9,10 @@
 //! lockstep and windowed, and count a file that differs as failed. `bench pxe
 //! --reimage` must carry 1,000 machines through pxed's reimaging workflow:
 //! one bulk API call, all boot, all mark themselves provisioned, and none is
-//! given a boot file when it powers on again. Needs root.
+//! given a boot file when it powers on again. Two pxed on one PostgreSQL
+//! must share an API change before the call returns and boot 1,000
+//! machines while one of them is SIGKILLed; a PostgreSQL stopped under
+//! `bench dhcp` load must cost retransmissions, not leases. Needs root.
 
 use std::{
     path::{Path, PathBuf},
@@ -1161,5 +1164,96 @@ fn two_servers_on_one_database_share_the_api_and_survive_one_being_killed() {
     assert!(
         survivor.contains("live servers on this database changed"),
         "{survivor}"
+    );
+}
+
+/// pxed on PostgreSQL under `bench dhcp` load, every exchange decided in
+/// userspace (each ACK a write). PostgreSQL is stopped mid-run and started
+/// again 2 s later: the machines retransmit through the outage and every
+/// one ends with its lease, pxed reconnects with no restart and says so,
+/// and every lease the machines were ACKed is in the database.
+#[test]
+fn a_database_stopped_under_load_costs_retransmissions_not_leases() {
+    if !pxe_lab::privileged("a_database_stopped_under_load_costs_retransmissions_not_leases")
+        || !pxe_lab::have_file("/usr/bin/psql", "postgresql")
+    {
+        return;
+    }
+    let (lab, server, client) = lab();
+    let db_dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(db_dir.path()).unwrap();
+    let url = pg.url("postgres");
+    let root = boot_root();
+    let work = tempfile::tempdir().unwrap();
+    let inventory = work.path().join("inventory.redb");
+    start_pxed_with(
+        &lab,
+        &server,
+        root.path(),
+        work.path(),
+        &[
+            "--xdp-mode",
+            "off",
+            "--no-tc",
+            "--lease-store",
+            &url,
+            "--inventory-file",
+            inventory.to_str().unwrap(),
+        ],
+    );
+    let log_path = work.path().join("pxed.log");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let json = work.path().join("dhcp.json");
+    let mut bench = client
+        .command(
+            BENCH,
+            &[
+                "dhcp",
+                "--clients",
+                "100",
+                "--repeats",
+                "250",
+                "--time-limit",
+                "120",
+                "--json",
+                json.to_str().unwrap(),
+            ],
+        )
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let wait_for = |what: &str, n: usize| {
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while log().matches(what).count() < n {
+            assert!(
+                std::time::Instant::now() < until,
+                "no {n} × {what:?} in:\n{}",
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("→ ACK", 300);
+    pg.stop().unwrap();
+    wait_for("lease store failing, request not answered", 1);
+    std::thread::sleep(Duration::from_secs(2));
+    pg.start_again().unwrap();
+    let status = bench.wait().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert!(status.success(), "{}", report["failures"]);
+    assert_eq!(count(&report, "leased"), 100, "{}", report["failures"]);
+    assert!(count(&report, "retransmits") > 0, "the outage was felt");
+    let text = log();
+    assert!(text.contains("database reachable again"), "{text}");
+    let held = pg
+        .psql(
+            "postgres",
+            "SELECT count(DISTINCT mac) FROM pxed_leases WHERE state = 'active' AND mac LIKE '52:54:00:10:%'",
+        )
+        .unwrap();
+    assert_eq!(
+        held.trim(),
+        "100",
+        "every machine's lease is in the database"
     );
 }

@@ -160,6 +160,38 @@ fn cpu_seconds(whose: LoadGenerator) -> (f64, f64) {
     (secs(usage.ru_utime), secs(usage.ru_stime))
 }
 
+/// utime + stime of a running process, in seconds (`/proc/PID/stat`).
+pub fn process_seconds(pid: u32) -> std::io::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let bad = || std::io::Error::other(format!("an unreadable /proc/{pid}/stat"));
+    // The command name is in parentheses and may hold spaces: count after it.
+    let (_, after) = stat.rsplit_once(')').ok_or_else(bad)?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of proc_pid_stat(5); `after` starts at field 3.
+    let ticks = |n: usize| -> std::io::Result<f64> {
+        fields
+            .get(n - 3)
+            .and_then(|f| f.parse::<f64>().ok())
+            .ok_or_else(bad)
+    };
+    Ok((ticks(14)? + ticks(15)?) / ticks_per_second())
+}
+
+/// Summed [`process_seconds`] of every process whose command name is
+/// `comm` (e.g. every backend of a PostgreSQL); processes that end between
+/// the listing and the read count as 0.
+pub fn processes_named_seconds(comm: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .filter_map(|pid| process_seconds(pid).ok())
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

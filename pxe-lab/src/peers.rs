@@ -479,27 +479,38 @@ impl Postgres {
         format!("postgres://postgres@{host}:{}/{database}", Self::PORT)
     }
 
+    /// The directory of its Unix socket (libpq's `host` for it) and its port.
+    pub fn socket(&self) -> (&Path, u16) {
+        (&self.socket_dir, Self::PORT)
+    }
+
     /// Runs `sql` with psql; its unaligned, tuples-only output.
     pub fn psql(&self, database: &str, sql: &str) -> io::Result<String> {
+        self.psql_with(database, &["-c", sql])
+    }
+
+    /// Runs the SQL script at `path` (readable by `postgres`) with psql.
+    pub fn psql_file(&self, database: &str, path: &Path) -> io::Result<String> {
+        self.psql_with(database, &["-f", path.to_str().unwrap_or_default()])
+    }
+
+    fn psql_with(&self, database: &str, what: &[&str]) -> io::Result<String> {
         let socket = self.socket_dir.to_string_lossy().into_owned();
         let port = Self::PORT.to_string();
-        self.as_postgres(
-            "psql",
-            &[
-                "-X",
-                "-At",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-h",
-                &socket,
-                "-p",
-                &port,
-                "-d",
-                database,
-                "-c",
-                sql,
-            ],
-        )
+        let mut args = vec![
+            "-X",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            &socket,
+            "-p",
+            &port,
+            "-d",
+            database,
+        ];
+        args.extend_from_slice(what);
+        self.as_postgres("psql", &args)
     }
 
     fn as_postgres(&self, program: &str, args: &[&str]) -> io::Result<String> {

@@ -336,30 +336,42 @@ impl Control {
         self.publish(&state, (!any_profile).then_some(macs.as_slice()));
     }
 
-    /// Everything from the shared database, replacing memory (the change
-    /// feed was interrupted, or has just started).
-    pub fn resync_from_peers(
-        &self,
-        leases: Vec<Lease>,
-        machines: Vec<MachineRecord>,
-        profiles: Vec<ProfileRecord>,
-    ) {
-        if let Some(engine) = &self.paths.engine {
-            let differed = engine
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .resync_leases(leases);
-            if differed > 0 {
-                info!(
-                    leases = differed,
-                    "cluster: leases read again from the database differed from memory"
-                );
-                if let Some(answers) = &self.paths.answers {
-                    answers.invalidate_all();
-                }
+    /// Every lease from the shared database, replacing memory's (the change
+    /// feed was interrupted, or has just started). `read` runs with the
+    /// engine held, so no lease this server commits meanwhile is lost from
+    /// memory; it returns `None` when the database could not be read.
+    pub fn resync_leases(&self, read: impl FnOnce() -> Option<Vec<Lease>>) {
+        let Some(engine) = &self.paths.engine else {
+            return;
+        };
+        let mut engine = engine.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(leases) = read() else {
+            return;
+        };
+        let differed = engine.resync_leases(leases);
+        drop(engine);
+        if differed > 0 {
+            info!(
+                leases = differed,
+                "cluster: leases read again from the database differed from memory"
+            );
+            if let Some(answers) = &self.paths.answers {
+                answers.invalidate_all();
             }
         }
+    }
+
+    /// Every machine and profile from the shared database, replacing
+    /// memory's; `read` runs with changes held off, as in
+    /// [`Self::resync_leases`].
+    pub fn resync_inventory(
+        &self,
+        read: impl FnOnce() -> Option<(Vec<MachineRecord>, Vec<ProfileRecord>)>,
+    ) {
         let mut state = self.lock();
+        let Some((machines, profiles)) = read() else {
+            return;
+        };
         let (macs, profiles_changed) = state.inventory.replace_all(machines, profiles);
         if profiles_changed {
             self.publish(&state, None);

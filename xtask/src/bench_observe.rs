@@ -6,7 +6,7 @@
 
 use std::{fmt::Write as _, path::Path};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 
 use crate::{
     bench_pxe::{self, Server, NBP},
@@ -85,29 +85,10 @@ fn measure(
     })
 }
 
-/// utime + stime of a running process, in seconds (`/proc/PID/stat`).
+/// utime + stime of a running process, in seconds.
 fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading pxed's CPU time: process {pid} is gone"))?;
-    // The command name is in parentheses and may hold spaces: count after it.
-    let after = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .context("an unreadable /proc/PID/stat")?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 of stat(5); `after` starts at field 3.
-    let ticks = |n: usize| -> anyhow::Result<f64> {
-        Ok(fields
-            .get(n - 3)
-            .context("a short /proc/PID/stat")?
-            .parse::<f64>()?)
-    };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    if hz <= 0.0 {
-        bail!("sysconf(_SC_CLK_TCK) failed");
-    }
-    Ok((ticks(14)? + ticks(15)?) / hz)
+    pxe_lab::cpu::process_seconds(pid)
+        .with_context(|| format!("reading pxed's CPU time (process {pid})"))
 }
 
 fn median(mut values: Vec<f64>) -> f64 {

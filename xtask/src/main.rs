@@ -10,6 +10,7 @@
 //!   measurements, beside peers where there are any, written to docs/benchmarks.
 
 mod bench;
+mod bench_cluster;
 mod bench_dhcp;
 mod bench_observe;
 mod bench_pxe;
@@ -71,6 +72,16 @@ enum Task {
         #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
         clients: Vec<usize>,
     },
+    /// DHCP with the leases on PostgreSQL: perfdhcp (new clients, repeats)
+    /// against pxed on redb, one and two pxed on one PostgreSQL, and Kea
+    /// 2.2 on PostgreSQL; writes docs/benchmarks/cluster.md (as root; a
+    /// few minutes).
+    BenchCluster {
+        /// Measure one setup only, to look into it (no doc is written):
+        /// `redb`, `postgres`, `two-postgres` or `kea`.
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// Measure TFTP goodput of pxed, tftpd-hpa and dnsmasq in throwaway
     /// namespaces and write docs/benchmarks/tftp-userspace.md (as root; about a minute).
     BenchTftp {
@@ -131,6 +142,9 @@ fn main() -> ExitCode {
         }
         Task::Bench { clients, only } => setup::run(setup::Mode::Install)
             .and_then(|()| bench_pxe::run(&clients, only.as_deref())),
+        Task::BenchCluster { only } => {
+            setup::run(setup::Mode::Install).and_then(|()| bench_cluster::run(only.as_deref()))
+        }
         Task::BenchDhcp { clients } => {
             setup::run(setup::Mode::Install).and_then(|()| bench_dhcp::run(&clients))
         }

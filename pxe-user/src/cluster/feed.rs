@@ -7,7 +7,7 @@
 //! while nobody listened were announced to nobody.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::Ipv4Addr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -121,7 +121,7 @@ fn apply(
     control: &Control,
     notes: &[Notification],
 ) -> Result<(), postgres::Error> {
-    let mut leases: Vec<Ipv4Addr> = Vec::new();
+    let mut leases: Vec<(Ipv4Addr, Option<crate::lease::Lease>)> = Vec::new();
     let mut machines: Vec<String> = Vec::new();
     let mut profiles: Vec<String> = Vec::new();
     let mut to_confirm: Vec<(String, u64)> = Vec::new();
@@ -130,7 +130,7 @@ fn apply(
             CHANGES => match serde_json::from_str::<Change>(note.payload()) {
                 Ok(c) if c.server == cluster.id() => {}
                 Ok(c) => {
-                    leases.extend(c.leases);
+                    leases.extend(c.leases.into_iter().map(|w| (w.ip, w.lease)));
                     machines.extend(c.machines);
                     profiles.extend(c.profiles);
                     if c.change != 0 {
@@ -154,14 +154,12 @@ fn apply(
         }
     }
     if !leases.is_empty() {
-        leases.sort();
-        leases.dedup();
-        let rows = read_leases(client, &leases)?;
+        // In commit order: a later record of an address replaces an earlier.
         debug!(
             leases = leases.len(),
             "cluster: leases another server wrote"
         );
-        control.absorb_peer_leases(rows);
+        control.absorb_peer_leases(leases);
     }
     if !machines.is_empty() || !profiles.is_empty() {
         machines.sort();
@@ -190,29 +188,6 @@ fn apply(
     Ok(())
 }
 
-/// The rows of these addresses now (`None`: deleted).
-fn read_leases(
-    client: &mut Client,
-    ips: &[Ipv4Addr],
-) -> Result<Vec<(Ipv4Addr, Option<crate::lease::Lease>)>, postgres::Error> {
-    let wanted: Vec<IpAddr> = ips.iter().map(|ip| IpAddr::V4(*ip)).collect();
-    let rows = client.query(
-        &format!(
-            "SELECT {} FROM pxed_leases WHERE ip = ANY($1)",
-            postgres_store::COLUMNS
-        ),
-        &[&wanted],
-    )?;
-    let mut found = std::collections::HashMap::new();
-    for row in &rows {
-        match postgres_store::lease_of(row) {
-            Ok(lease) => drop(found.insert(lease.ip, lease)),
-            Err(e) => warn!("cluster: {e}"),
-        }
-    }
-    Ok(ips.iter().map(|ip| (*ip, found.remove(ip))).collect())
-}
-
 type MachineRows = Vec<(Mac, Option<crate::inventory::MachineRecord>)>;
 type ProfileRows = Vec<(String, Option<crate::inventory::ProfileRecord>)>;
 
@@ -228,21 +203,16 @@ fn read_inventory(
 
 /// Everything from the database, replacing memory's.
 fn resync(client: &mut Client, control: &Control) {
-    let leases = match postgres_store::load(client) {
-        Ok(leases) => leases,
-        Err(e) => {
-            warn!("cluster: reading the leases again: {e}");
-            return;
-        }
-    };
-    let inventory = match inventory_store::load_pg(client) {
-        Ok(inventory) => inventory,
-        Err(e) => {
-            warn!("cluster: reading the inventory again: {e}");
-            return;
-        }
-    };
-    control.resync_from_peers(leases, inventory.0, inventory.1);
+    control.resync_leases(|| {
+        postgres_store::load(client)
+            .map_err(|e| warn!("cluster: reading the leases again: {e}"))
+            .ok()
+    });
+    control.resync_inventory(|| {
+        inventory_store::load_pg(client)
+            .map_err(|e| warn!("cluster: reading the inventory again: {e}"))
+            .ok()
+    });
 }
 
 /// Says this server is alive, forgets servers gone for an hour, and

@@ -4,11 +4,12 @@
 //! Every write a server commits to the shared tables (a burst's leases, an
 //! API change to machines or profiles) carries a notification in the same
 //! transaction (`pg_notify` on [`CHANGES`]), so it is delivered exactly
-//! when, and only if, the write is durable. Each server's [`feed`] listens,
-//! re-reads the rows named from the database (the database, never the
-//! message, is the truth) and applies them: addresses to the DHCP engine,
-//! records to the inventory, with the kernel's DHCP templates of the
-//! machines concerned taken back.
+//! when, and only if, the write is durable. Each server's [`feed`] listens
+//! and applies what it hears: lease records (carried in the notification,
+//! exactly as committed, in commit order) to the DHCP engine, and
+//! inventory records (re-read from the database, whose rows are the truth)
+//! to the inventory, with the kernel's DHCP templates of the machines
+//! concerned taken back.
 //!
 //! An API change waits, before it answers, for every live server to say
 //! it applied it ([`APPLIED`]), for at most [`PEER_BOUND`]; a server that
@@ -24,12 +25,14 @@ use std::{
     net::Ipv4Addr,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Condvar, Mutex,
+        Arc, Condvar, Mutex,
     },
     time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
+
+use crate::{dhcp::PoolShare, lease::Lease};
 
 /// The channel writes are announced on.
 pub const CHANGES: &str = "pxed_changes";
@@ -51,13 +54,25 @@ pub struct Change {
     /// changes); 0 for leases.
     #[serde(default)]
     pub change: u64,
+    /// Lease records as committed (`lease: None`: the record was removed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub leases: Vec<Ipv4Addr>,
+    pub leases: Vec<LeaseWritten>,
     /// MACs as text (`52:54:00:...`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub machines: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub profiles: Vec<String>,
+}
+
+/// One lease record as a commit left it. The notification carries the
+/// record itself: it is sent in the writing transaction and delivered in
+/// commit order, so it is exactly what the table holds after it, and a
+/// peer need not read the row again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseWritten {
+    pub ip: Ipv4Addr,
+    /// `None`: removed.
+    pub lease: Option<Lease>,
 }
 
 /// A server's confirmation, on [`APPLIED`], that it applied `origin`'s `change`.
@@ -69,22 +84,32 @@ pub struct Applied {
 }
 
 impl Change {
-    /// The notifications announcing `leases` written by `server`, each
-    /// within PostgreSQL's payload limit.
-    pub fn lease_payloads(server: &str, leases: &[Ipv4Addr]) -> Vec<String> {
-        // "255.255.255.255", is 18 bytes: this many fit with room to spare.
-        let per = (MAX_PAYLOAD - 100 - server.len()) / 18;
-        leases
-            .chunks(per.max(1))
-            .map(|chunk| {
-                serde_json::to_string(&Change {
-                    server: server.to_owned(),
-                    leases: chunk.to_vec(),
-                    ..Change::default()
-                })
-                .expect("a change serialises")
-            })
-            .collect()
+    /// The notifications announcing `leases` as `server` committed them,
+    /// each within PostgreSQL's payload limit.
+    pub fn lease_payloads(server: &str, leases: &[LeaseWritten]) -> Vec<String> {
+        let mut payloads = Vec::new();
+        let mut change = Change {
+            server: server.to_owned(),
+            ..Change::default()
+        };
+        let mut size = 100 + server.len();
+        for written in leases {
+            let one = serde_json::to_string(written)
+                .expect("a lease serialises")
+                .len()
+                + 1;
+            if size + one > MAX_PAYLOAD && !change.leases.is_empty() {
+                payloads.push(serde_json::to_string(&change).expect("a change serialises"));
+                change.leases.clear();
+                size = 100 + server.len();
+            }
+            change.leases.push(written.clone());
+            size += one;
+        }
+        if !change.leases.is_empty() {
+            payloads.push(serde_json::to_string(&change).expect("a change serialises"));
+        }
+        payloads
     }
 
     /// The notifications announcing an inventory change; the first names
@@ -141,6 +166,8 @@ pub struct Cluster {
     name: String,
     next_change: AtomicU64,
     peers: Mutex<Vec<Peer>>,
+    /// This server's part of the pools, among the live servers.
+    pool_share: Arc<PoolShare>,
     /// Changes waited for → the servers that confirmed them.
     confirmed: Mutex<HashMap<u64, HashSet<String>>>,
     arrived: Condvar,
@@ -166,6 +193,7 @@ impl Cluster {
             name: format!("{host} (pid {pid})"),
             next_change: AtomicU64::new(1),
             peers: Mutex::new(Vec::new()),
+            pool_share: Arc::new(PoolShare::default()),
             confirmed: Mutex::new(HashMap::new()),
             arrived: Condvar::new(),
         }
@@ -184,7 +212,21 @@ impl Cluster {
         self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The pools' part this server prefers: kept current as servers come
+    /// and go, for the DHCP engine.
+    pub fn pool_share(&self) -> Arc<PoolShare> {
+        Arc::clone(&self.pool_share)
+    }
+
     pub(crate) fn set_peers(&self, peers: Vec<Peer>) {
+        // Servers number themselves by id, so each knows its slot without
+        // asking the others.
+        let mut ids: Vec<&str> = peers.iter().map(|p| p.id.as_str()).collect();
+        ids.push(&self.id);
+        ids.sort_unstable();
+        ids.dedup();
+        let slot = ids.iter().position(|id| *id == self.id).unwrap_or(0);
+        self.pool_share.set(slot as u32, ids.len() as u32);
         *self.peers.lock().unwrap_or_else(|e| e.into_inner()) = peers;
         self.arrived.notify_all();
     }
@@ -260,10 +302,22 @@ mod tests {
 
     #[test]
     fn payloads_stay_under_postgres_limit_and_say_everything() {
-        let ips: Vec<Ipv4Addr> = (0..5000u32)
-            .map(|n| Ipv4Addr::from(0xc612_0000 + n))
+        let written: Vec<LeaseWritten> = (0..5000u32)
+            .map(|n| {
+                let ip = Ipv4Addr::from(0xc612_0000 + n);
+                let mac = [0x52, 0x54, 0, 0, (n >> 8) as u8, n as u8];
+                let lease = (n % 7 != 0).then(|| Lease {
+                    ip,
+                    client: crate::lease::client_key(None, mac),
+                    mac,
+                    expires: 1_800_000_000 + u64::from(n),
+                    state: crate::lease::LeaseState::Active,
+                    hostname: Some(format!("node-{n:05}.rack-{:03}.example", n / 40)),
+                });
+                LeaseWritten { ip, lease }
+            })
             .collect();
-        let payloads = Change::lease_payloads("0123456789abcdef", &ips);
+        let payloads = Change::lease_payloads("0123456789abcdef", &written);
         assert!(payloads.len() > 1);
         let mut back = Vec::new();
         for p in &payloads {
@@ -272,7 +326,7 @@ mod tests {
             assert_eq!(c.server, "0123456789abcdef");
             back.extend(c.leases);
         }
-        assert_eq!(back, ips);
+        assert_eq!(back, written);
         let macs: Vec<String> = (0..3000)
             .map(|n| format!("52:54:00:00:{:02x}:{:02x}", n >> 8, n & 0xff))
             .collect();

@@ -363,8 +363,12 @@ pub fn start_dhcp(
         // Proxy mode hands out no addresses: nothing to remember.
         (_, _) => Box::new(MemLeaseStore::default()),
     };
-    let engine = tokio::task::block_in_place(|| Engine::new(engine_config, policy.clone(), store))
-        .context("reading the lease database")?;
+    let mut engine =
+        tokio::task::block_in_place(|| Engine::new(engine_config, policy.clone(), store))
+            .context("reading the lease database")?;
+    if let Some(cluster) = cluster {
+        engine.share_pools(cluster.pool_share());
+    }
     let engine = Arc::new(Mutex::new(engine));
     observer.watch_engine(&engine);
     let mut listeners = Vec::new();

@@ -8,13 +8,50 @@
 //! says exactly what the disk has (the contract of [`crate::lease`]): no
 //! lease the disk lacks, no offer given up for a lease that was never stored.
 
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
 
 use super::{offers::Offers, pool::Subnet};
 use crate::{
     lease::{Lease, LeaseError, LeaseState, LeaseStore},
     policy::Mac,
 };
+
+/// This server's share of the pools when several lease from them (a
+/// shared database): it prefers the addresses whose index in a pool is
+/// `slot` modulo `of`, and takes the others only when its own are gone.
+/// Set by whoever knows the live servers (`crate::cluster`); one server
+/// alone has all of it.
+#[derive(Debug)]
+pub struct PoolShare(AtomicU64);
+
+impl Default for PoolShare {
+    fn default() -> Self {
+        Self(AtomicU64::new(1))
+    }
+}
+
+impl PoolShare {
+    /// This server is number `slot` of `of` (0-based; `of` ≥ 1).
+    pub fn set(&self, slot: u32, of: u32) {
+        let of = of.max(1);
+        let slot = slot.min(of - 1);
+        self.0
+            .store(u64::from(slot) << 32 | u64::from(of), Ordering::Relaxed);
+    }
+
+    /// (slot, of).
+    pub fn get(&self) -> (u64, u64) {
+        let v = self.0.load(Ordering::Relaxed);
+        (v >> 32, (v & 0xffff_ffff).max(1))
+    }
+}
 
 /// How long a declined address stays out of use.
 pub const DECLINE_QUARANTINE_SECS: u64 = 600;
@@ -39,6 +76,8 @@ pub struct Addresses {
     /// point the server's own address picks.
     cursors: Vec<Option<u64>>,
     spread: bool,
+    /// Which part of each pool this server prefers (see [`PoolShare`]).
+    share: Option<Arc<PoolShare>>,
     /// Index changes since the last commit, oldest first.
     journal: Vec<Undo>,
     /// Writes into the store's batch, ever: a request wrote if it grew.
@@ -75,6 +114,7 @@ impl Addresses {
             reserved: HashMap::new(),
             cursors: Vec::new(),
             spread: false,
+            share: None,
             journal: Vec::new(),
             writes: 0,
         };
@@ -86,6 +126,12 @@ impl Addresses {
     /// where this server's address says (see `EngineConfig::shared_pools`).
     pub fn spread(&mut self, on: bool) {
         self.spread = on;
+    }
+
+    /// Several servers lease from these pools: prefer this server's share.
+    pub fn share(&mut self, share: Arc<PoolShare>) {
+        self.spread = true;
+        self.share = Some(share);
     }
 
     /// New subnets and reservations (SIGHUP); leases and offers stay.
@@ -198,15 +244,25 @@ impl Addresses {
                 0
             }
         });
+        // Fresh addresses before expired ones; this server's share of each
+        // before the others' (they are the other servers' first choice).
+        let (slot, of) = self.share.as_ref().map_or((0, 1), |s| s.get());
+        let passes: &[bool] = if of > 1 { &[true, false] } else { &[false] };
         for reclaim in [false, true] {
-            for step in 0..len {
-                let n = (start + step) % len;
-                let Some(ip) = subnet.nth(n) else {
-                    continue;
-                };
-                if (reclaim || !self.by_ip.contains_key(&ip)) && self.assignable(ip, subnet, c) {
-                    self.cursors[c.subnet] = Some((n + 1) % len);
-                    return Some(ip);
+            for &own_only in passes {
+                for step in 0..len {
+                    let n = (start + step) % len;
+                    if own_only && n % of != slot {
+                        continue;
+                    }
+                    let Some(ip) = subnet.nth(n) else {
+                        continue;
+                    };
+                    if (reclaim || !self.by_ip.contains_key(&ip)) && self.assignable(ip, subnet, c)
+                    {
+                        self.cursors[c.subnet] = Some((n + 1) % len);
+                        return Some(ip);
+                    }
                 }
             }
         }
@@ -318,6 +374,8 @@ impl Addresses {
             .into_iter()
             .collect();
         match lease {
+            // This server renewed it since the row was read: memory is newer.
+            Some(lease) if self.by_ip.get(&ip).is_some_and(|l| renews(l, &lease)) => {}
             Some(lease) => {
                 // It took a lease elsewhere: what this server offered it is moot.
                 self.offers.release_client(&lease.client);
@@ -409,4 +467,13 @@ fn client_index(by_ip: &HashMap<Ipv4Addr, Lease>) -> HashMap<Vec<u8>, Ipv4Addr> 
         .into_iter()
         .map(|l| (l.client.clone(), l.ip))
         .collect()
+}
+
+/// `newer` is `older`'s lease again, for as long or longer: the same client
+/// holding it actively.
+fn renews(newer: &Lease, older: &Lease) -> bool {
+    newer.client == older.client
+        && newer.state == LeaseState::Active
+        && older.state == LeaseState::Active
+        && newer.expires >= older.expires
 }

@@ -202,6 +202,12 @@ impl Engine {
         self.addresses.leases()
     }
 
+    /// Other servers lease from these pools: this server prefers `share`
+    /// of them (kept current by `crate::cluster`).
+    pub fn share_pools(&mut self, share: std::sync::Arc<super::PoolShare>) {
+        self.addresses.share(share);
+    }
+
     /// Another server on the shared database changed these addresses'
     /// records (`None`: deleted); memory follows. Returns the machines
     /// whose answers may differ now.
@@ -733,7 +739,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        dhcp::{classify::classify, classify::tests::request, pool::parse_range},
+        dhcp::{classify::classify, classify::tests::request, pool::parse_range, PoolShare},
         lease::MemLeaseStore,
         policy::r#static::{MachineEntry, Profile, StaticPolicy},
     };
@@ -1565,6 +1571,33 @@ mod tests {
             first_offer(a, true),
             "the same server, the same start"
         );
+    }
+
+    #[test]
+    fn servers_sharing_pools_take_their_own_share_first_then_the_rest() {
+        let offers = |slot: u32| {
+            let mut e = engine(Mode::Full);
+            let share = std::sync::Arc::new(PoolShare::default());
+            share.set(slot, 2);
+            e.share_pools(share);
+            (1..=6)
+                .map(|n| {
+                    let offer =
+                        e.handle(&plain(MessageType::Discover, n, vec![]), at(67, src()), T0);
+                    u32::from(offer.reply.unwrap().message.yiaddr())
+                        - u32::from(Ipv4Addr::new(198, 18, 0, 100))
+                })
+                .collect::<Vec<u32>>()
+        };
+        // The pool has ten addresses: five in each share.
+        for (slot, theirs) in [(0, 1), (1, 0)] {
+            let got = offers(slot);
+            assert!(
+                got[..5].iter().all(|i| i % 2 == slot),
+                "slot {slot}: its own five first: {got:?}"
+            );
+            assert_eq!(got[5] % 2, theirs, "then the other's: {got:?}");
+        }
     }
 
     #[test]

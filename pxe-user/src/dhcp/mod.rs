@@ -17,6 +17,7 @@
 //! - `driver`: the tokio loop of one interface.
 
 mod addresses;
+pub use addresses::PoolShare;
 pub mod classify;
 pub mod driver;
 pub mod engine;

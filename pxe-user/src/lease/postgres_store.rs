@@ -18,7 +18,7 @@ use std::{
 
 use postgres::Client;
 
-use crate::cluster::{Change, CHANGES};
+use crate::cluster::{Change, LeaseWritten, CHANGES};
 
 pub use super::db::without_password;
 use super::{
@@ -198,11 +198,17 @@ fn commit(client: &mut Client, ops: &[Op], server: &str) -> Result<(), Failed> {
             }
         }
     }
-    let written: Vec<Ipv4Addr> = ops
+    let written: Vec<LeaseWritten> = ops
         .iter()
         .map(|op| match op {
-            Op::Put(lease) => lease.ip,
-            Op::Remove(ip) => *ip,
+            Op::Put(lease) => LeaseWritten {
+                ip: lease.ip,
+                lease: Some(lease.clone()),
+            },
+            Op::Remove(ip) => LeaseWritten {
+                ip: *ip,
+                lease: None,
+            },
         })
         .collect();
     for payload in Change::lease_payloads(server, &written) {
