@@ -322,6 +322,11 @@ pub async fn start_api(
     Ok(())
 }
 
+/// How long a burst that writes waits for more requests when leases are in
+/// PostgreSQL (see `Listener::with_commit_linger`; measured in
+/// docs/benchmarks/cluster.md).
+const POSTGRES_COMMIT_LINGER: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// What the DHCP service shares with the rest of the daemon.
 #[derive(Clone, Copy)]
 pub struct Shared<'a> {
@@ -374,6 +379,11 @@ pub fn start_dhcp(
     let mut listeners = Vec::new();
     for (interface, address) in served {
         let mut listener = Listener::open(interface, *address, mode == DhcpMode::Proxy)?;
+        if settings.lease_store.is_some() {
+            // A commit is a round trip to the database: a millisecond's
+            // wait lets one carry more leases.
+            listener = listener.with_commit_linger(POSTGRES_COMMIT_LINGER);
+        }
         if let Some(answers) = answers {
             let xdp_tx =
                 netif::xdp_can_transmit(interface, xdp_modes.get(interface).copied().flatten());

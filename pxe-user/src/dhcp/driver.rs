@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use dhcproto::{Encodable, Encoder};
+use dhcproto::{v4::MessageType, Encodable, Encoder};
 use tokio::net::UdpSocket;
 use tracing::{debug, error, info, warn};
 
@@ -32,6 +32,9 @@ pub struct Listener {
     discovery: UdpSocket,
     /// Where the kernel answers repeat requests from our replies, if it does.
     kernel: Option<(Arc<KernelAnswers>, Interface)>,
+    /// How long a burst that will write waits for more requests (see
+    /// [`Listener::with_commit_linger`]).
+    linger: Duration,
 }
 
 impl Listener {
@@ -53,7 +56,17 @@ impl Listener {
             dhcp,
             discovery,
             kernel: None,
+            linger: Duration::ZERO,
         })
+    }
+
+    /// A burst with a request that writes a lease waits up to `linger`
+    /// for more before it is decided: one commit then covers more leases.
+    /// For a store whose commit is a round trip (PostgreSQL), where the
+    /// commit, not the wait, is the cost.
+    pub fn with_commit_linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
     }
 
     /// Hands each reply the engine marks repeatable to the kernel as a template.
@@ -92,6 +105,7 @@ pub async fn run(
         dhcp,
         discovery,
         kernel,
+        linger,
     } = listener;
     let mut warned = Warnings::default();
     let mut buf_67 = vec![0u8; 4096];
@@ -109,6 +123,7 @@ pub async fn run(
             &mut buf_67
         };
         let mut received = Some(received);
+        let mut deadline: Option<Instant> = None;
         // The first request woke us; take whatever else is already waiting.
         while burst.len() < MAX_BURST {
             let next = match received.take() {
@@ -118,7 +133,20 @@ pub async fn run(
             };
             let (len, from) = match next {
                 Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if port != PROXY_PORT && lingers(&burst, linger) {
+                        // Nothing more is waiting, but this burst will
+                        // commit: the next requests until the deadline share it.
+                        let until = *deadline.get_or_insert_with(|| Instant::now() + linger);
+                        if let Ok(r) =
+                            tokio::time::timeout_at(until.into(), dhcp.recv_from(buf)).await
+                        {
+                            received = Some(r);
+                            continue;
+                        }
+                    }
+                    break;
+                }
                 // An ICMP error for an earlier reply (a client whose port closed,
                 // a relay that went away) surfaces on a later receive. It is
                 // about that reply, not about this socket: never a reason to stop.
@@ -260,6 +288,18 @@ async fn answer(
     if let Err(e) = sent {
         warn!(mac = %request.mac, %to, "DHCP: sending the reply failed: {e}");
     }
+}
+
+/// Whether a burst waits for more: lingering is on, and the burst has a
+/// request that writes a lease.
+fn lingers(burst: &[Received], linger: Duration) -> bool {
+    !linger.is_zero()
+        && burst.iter().any(|r| {
+            matches!(
+                r.request.msg_type,
+                MessageType::Request | MessageType::Release | MessageType::Decline
+            )
+        })
 }
 
 /// Errors a UDP socket reports on behalf of an earlier send.
