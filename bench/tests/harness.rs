@@ -1013,6 +1013,21 @@ fn two_servers_on_one_database_share_the_api_and_survive_one_being_killed() {
         work_a.path(),
     );
     assert_eq!(count(&first, "booted"), 20, "{first}");
+    // Each server knows the other's leases within a second (the feed's bound).
+    let leased_here = |ns: &Netns, api: &str| {
+        let (_, body) = api_call(ns, api, "GET", "/api/v1/leases", None);
+        body.matches("52:54:00:20:").count()
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(1);
+    while leased_here(&a, "198.18.0.1:8067") < 20 || leased_here(&b, "198.18.0.2:8067") < 20 {
+        assert!(
+            std::time::Instant::now() < until,
+            "A knows {} of the 20 leases, B {}",
+            leased_here(&a, "198.18.0.1:8067"),
+            leased_here(&b, "198.18.0.2:8067")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Through A's API: none of them may netboot any more.
     let macs: Vec<String> = first["machines"]
         .as_array()

@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::{
     cluster::{Cluster, PEER_BOUND},
-    dhcp::engine::{Engine, EngineConfig, Mode},
+    dhcp::engine::{Engine, EngineConfig, FeedRecord, Mode},
     fastpath::KernelAnswers,
     inventory::{Inventory, InventoryError, MachineRecord, ProfileRecord},
     lease::Lease,
@@ -304,32 +304,41 @@ impl Control {
 
     // ---- other servers' changes (a shared database) --------------------------
 
-    /// Another server wrote these addresses' leases: the engine follows the
-    /// database, and the kernel's templates of the machines concerned are
-    /// taken back (this server decides their next answer itself).
-    pub fn absorb_peer_leases(&self, changes: Vec<(Ipv4Addr, Option<Lease>)>) {
+    /// The lease records the change feed delivered, in commit order: the
+    /// engine follows the database, and the kernel's templates of the
+    /// machines concerned are taken back (this server decides their next
+    /// answer itself).
+    pub fn follow_lease_feed(&self, records: Vec<FeedRecord>) {
         let Some(engine) = &self.paths.engine else {
             return;
         };
         let touched = engine
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .absorb_peer_leases(changes);
-        if let Some(answers) = &self.paths.answers {
-            for mac in touched {
-                answers.forget(mac.0);
-            }
+            .follow_lease_feed(records);
+        if let (Some(answers), false) = (&self.paths.answers, touched.is_empty()) {
+            // Also refuses a template of theirs decided before now and
+            // installed after: it may repeat what no longer holds.
+            answers.invalidate(&touched.iter().map(|m| m.0).collect::<Vec<_>>());
         }
     }
 
     /// Another server's API changed these records: published here as if
     /// made here, without writing them again.
+    /// `read` fetches the records with changes held off here, so a write
+    /// through this server's API cannot land between the read and its
+    /// publication and be undone by an older record.
     pub fn absorb_peer_inventory(
         &self,
-        machines: Vec<(Mac, Option<MachineRecord>)>,
-        profiles: Vec<(String, Option<ProfileRecord>)>,
+        read: impl FnOnce() -> Option<(
+            Vec<(Mac, Option<MachineRecord>)>,
+            Vec<(String, Option<ProfileRecord>)>,
+        )>,
     ) {
         let mut state = self.lock();
+        let Some((machines, profiles)) = read() else {
+            return;
+        };
         let macs: Vec<Mac> = machines.iter().map(|(mac, _)| *mac).collect();
         let any_profile = !profiles.is_empty();
         state.inventory.absorb(machines, profiles);

@@ -18,7 +18,9 @@ use tracing::{debug, info, warn};
 use super::{Applied, Change, Cluster, Peer, APPLIED, CHANGES, LIVE_WITHIN_SECS};
 use crate::{
     control::Control,
+    dhcp::engine::FeedRecord,
     inventory::store as inventory_store,
+    lease::Lease,
     lease::{db, postgres_store},
     policy::Mac,
 };
@@ -38,7 +40,7 @@ const BATCH: usize = 512;
 /// runs the feed on a thread of its own for the life of the process.
 pub fn start(url: &str, cluster: Arc<Cluster>, control: Arc<Control>) -> Result<(), String> {
     let shown = db::without_password(url);
-    let mut client = db::connect(url).map_err(|e| format!("{shown}: {e}"))?;
+    let mut client = connect(url).map_err(|e| format!("{shown}: {e}"))?;
     db::migrate(&mut client, "cluster", &MIGRATIONS).map_err(|e| format!("{shown}: {e}"))?;
     info!(server = %cluster.id(), name = %cluster.name(), database = %shown, "cluster: sharing leases and the inventory with the other servers on this database");
     let url = url.to_owned();
@@ -55,7 +57,7 @@ fn run(url: &str, shown: &str, first: Client, cluster: &Cluster, control: &Contr
     loop {
         let c = match client.take() {
             Some(c) => c,
-            None => match db::connect(url) {
+            None => match connect(url) {
                 Ok(c) => c,
                 Err(e) => {
                     if lost_since.is_none() {
@@ -96,6 +98,16 @@ fn session(mut client: Client, cluster: &Cluster, control: &Control) -> postgres
     result.expect_err("the feed loops until its connection fails")
 }
 
+/// The feed's connection. A read that takes longer than this is given up:
+/// a resync reads with the DHCP engine held.
+fn connect(url: &str) -> Result<Client, String> {
+    let mut client = db::connect(url)?;
+    client
+        .batch_execute("SET statement_timeout = '5s'")
+        .map_err(|e| e.to_string())?;
+    Ok(client)
+}
+
 /// The notifications that arrived, waiting up to a heartbeat for the first.
 fn drain(client: &mut Client) -> Result<Vec<Notification>, postgres::Error> {
     use postgres::fallible_iterator::FallibleIterator;
@@ -121,16 +133,25 @@ fn apply(
     control: &Control,
     notes: &[Notification],
 ) -> Result<(), postgres::Error> {
-    let mut leases: Vec<(Ipv4Addr, Option<crate::lease::Lease>)> = Vec::new();
+    let mut leases: Vec<FeedRecord> = Vec::new();
+    // Records too large for a notification, sent by address: read here.
+    let mut unsent: Vec<Ipv4Addr> = Vec::new();
     let mut machines: Vec<String> = Vec::new();
     let mut profiles: Vec<String> = Vec::new();
     let mut to_confirm: Vec<(String, u64)> = Vec::new();
     for note in notes {
         match note.channel() {
             CHANGES => match serde_json::from_str::<Change>(note.payload()) {
-                Ok(c) if c.server == cluster.id() => {}
+                Ok(c) if c.server == cluster.id() => {
+                    leases.extend(c.leases.into_iter().map(|w| FeedRecord::Own(w.ip)));
+                }
                 Ok(c) => {
-                    leases.extend(c.leases.into_iter().map(|w| (w.ip, w.lease)));
+                    for w in c.leases {
+                        if w.unsent {
+                            unsent.push(w.ip);
+                        }
+                        leases.push(FeedRecord::Peer(w.ip, w.lease));
+                    }
                     machines.extend(c.machines);
                     profiles.extend(c.profiles);
                     if c.change != 0 {
@@ -153,26 +174,44 @@ fn apply(
             _ => {}
         }
     }
+    if !unsent.is_empty() {
+        let rows = read_leases(client, &unsent)?;
+        for record in &mut leases {
+            if let FeedRecord::Peer(ip, lease) = record {
+                if let Some(row) = rows.get(ip) {
+                    lease.clone_from(row);
+                }
+            }
+        }
+    }
     if !leases.is_empty() {
-        // In commit order: a later record of an address replaces an earlier.
         debug!(
-            leases = leases.len(),
-            "cluster: leases another server wrote"
+            records = leases.len(),
+            "cluster: lease records from the feed"
         );
-        control.absorb_peer_leases(leases);
+        control.follow_lease_feed(leases);
     }
     if !machines.is_empty() || !profiles.is_empty() {
         machines.sort();
         machines.dedup();
         profiles.sort();
         profiles.dedup();
-        let (m, p) = read_inventory(client, &machines, &profiles)?;
+        let mut read_failed = None;
+        control.absorb_peer_inventory(|| match read_inventory(client, &machines, &profiles) {
+            Ok(records) => Some(records),
+            Err(e) => {
+                read_failed = Some(e);
+                None
+            }
+        });
+        if let Some(e) = read_failed {
+            return Err(e);
+        }
         info!(
-            machines = m.len(),
-            profiles = p.len(),
+            machines = machines.len(),
+            profiles = profiles.len(),
             "cluster: inventory changed through another server's API; applied"
         );
-        control.absorb_peer_inventory(m, p);
     }
     to_confirm.sort();
     to_confirm.dedup();
@@ -186,6 +225,30 @@ fn apply(
         client.execute("SELECT pg_notify($1, $2)", &[&APPLIED, &applied])?;
     }
     Ok(())
+}
+
+/// The rows of these addresses now (absent: removed).
+fn read_leases(
+    client: &mut Client,
+    ips: &[Ipv4Addr],
+) -> Result<std::collections::HashMap<Ipv4Addr, Option<Lease>>, postgres::Error> {
+    let wanted: Vec<std::net::IpAddr> = ips.iter().map(|ip| std::net::IpAddr::V4(*ip)).collect();
+    let rows = client.query(
+        &format!(
+            "SELECT {} FROM pxed_leases WHERE ip = ANY($1)",
+            postgres_store::COLUMNS
+        ),
+        &[&wanted],
+    )?;
+    let mut found: std::collections::HashMap<Ipv4Addr, Option<Lease>> =
+        ips.iter().map(|ip| (*ip, None)).collect();
+    for row in &rows {
+        match postgres_store::lease_of(row) {
+            Ok(lease) => drop(found.insert(lease.ip, Some(lease))),
+            Err(e) => warn!("cluster: {e}"),
+        }
+    }
+    Ok(found)
 }
 
 type MachineRows = Vec<(Mac, Option<crate::inventory::MachineRecord>)>;

@@ -71,8 +71,12 @@ pub struct Change {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseWritten {
     pub ip: Ipv4Addr,
-    /// `None`: removed.
+    /// `None`: removed (or, with `unsent`, not in the message).
     pub lease: Option<Lease>,
+    /// The record alone would not fit in a notification (a client's
+    /// oversized host name or identifier): the peer reads the row.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unsent: bool,
 }
 
 /// A server's confirmation, on [`APPLIED`], that it applied `origin`'s `change`.
@@ -94,10 +98,22 @@ impl Change {
         };
         let mut size = 100 + server.len();
         for written in leases {
-            let one = serde_json::to_string(written)
+            let mut one = serde_json::to_string(written)
                 .expect("a lease serialises")
                 .len()
                 + 1;
+            let unsent;
+            let written = if 200 + server.len() + one > MAX_PAYLOAD {
+                one = 64;
+                unsent = LeaseWritten {
+                    ip: written.ip,
+                    lease: None,
+                    unsent: true,
+                };
+                &unsent
+            } else {
+                written
+            };
             if size + one > MAX_PAYLOAD && !change.leases.is_empty() {
                 payloads.push(serde_json::to_string(&change).expect("a change serialises"));
                 change.leases.clear();
@@ -218,6 +234,14 @@ impl Cluster {
         Arc::clone(&self.pool_share)
     }
 
+    /// A change that was never written: nobody will confirm it.
+    pub fn abandon_change(&self, change: u64) {
+        self.confirmed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&change);
+    }
+
     pub(crate) fn set_peers(&self, peers: Vec<Peer>) {
         // Servers number themselves by id, so each knows its slot without
         // asking the others.
@@ -228,6 +252,8 @@ impl Cluster {
         let slot = ids.iter().position(|id| *id == self.id).unwrap_or(0);
         self.pool_share.set(slot as u32, ids.len() as u32);
         *self.peers.lock().unwrap_or_else(|e| e.into_inner()) = peers;
+        // Under the waiters' lock, so none misses it between its check and its wait.
+        let _confirmed = self.confirmed.lock().unwrap_or_else(|e| e.into_inner());
         self.arrived.notify_all();
     }
 
@@ -314,7 +340,11 @@ mod tests {
                     state: crate::lease::LeaseState::Active,
                     hostname: Some(format!("node-{n:05}.rack-{:03}.example", n / 40)),
                 });
-                LeaseWritten { ip, lease }
+                LeaseWritten {
+                    ip,
+                    lease,
+                    unsent: false,
+                }
             })
             .collect();
         let payloads = Change::lease_payloads("0123456789abcdef", &written);
@@ -327,6 +357,26 @@ mod tests {
             back.extend(c.leases);
         }
         assert_eq!(back, written);
+        // A record too big for any notification goes by address.
+        let mut huge = written[1].clone();
+        if let Some(lease) = &mut huge.lease {
+            lease.hostname = Some("\u{1}".repeat(3000));
+        }
+        let payloads = Change::lease_payloads("s", &[written[2].clone(), huge.clone()]);
+        let all: Vec<LeaseWritten> = payloads
+            .iter()
+            .inspect(|p| assert!(p.len() < 8000, "{} bytes", p.len()))
+            .flat_map(|p| serde_json::from_str::<Change>(p).unwrap().leases)
+            .collect();
+        assert_eq!(all[0], written[2]);
+        assert_eq!(
+            all[1],
+            LeaseWritten {
+                ip: huge.ip,
+                lease: None,
+                unsent: true
+            }
+        );
         let macs: Vec<String> = (0..3000)
             .map(|n| format!("52:54:00:00:{:02x}:{:02x}", n >> 8, n & 0xff))
             .collect();

@@ -379,7 +379,7 @@ pub fn start_dhcp(
     let mut listeners = Vec::new();
     for (interface, address) in served {
         let mut listener = Listener::open(interface, *address, mode == DhcpMode::Proxy)?;
-        if settings.lease_store.is_some() {
+        if settings.lease_store.is_some() && mode == DhcpMode::Full {
             // A commit is a round trip to the database: a millisecond's
             // wait lets one carry more leases.
             listener = listener.with_commit_linger(POSTGRES_COMMIT_LINGER);

@@ -78,6 +78,9 @@ pub struct Addresses {
     spread: bool,
     /// Which part of each pool this server prefers (see [`PoolShare`]).
     share: Option<Arc<PoolShare>>,
+    /// With other servers: addresses this server committed whose own
+    /// notification the change feed has not delivered yet, and how many.
+    unseen_own: HashMap<Ipv4Addr, u32>,
     /// Index changes since the last commit, oldest first.
     journal: Vec<Undo>,
     /// Writes into the store's batch, ever: a request wrote if it grew.
@@ -115,6 +118,7 @@ impl Addresses {
             cursors: Vec::new(),
             spread: false,
             share: None,
+            unseen_own: HashMap::new(),
             journal: Vec::new(),
             writes: 0,
         };
@@ -244,12 +248,12 @@ impl Addresses {
                 0
             }
         });
-        // Fresh addresses before expired ones; this server's share of each
-        // before the others' (they are the other servers' first choice).
+        // This server's share before the others' (their first choice);
+        // within each, fresh addresses before expired or released ones.
         let (slot, of) = self.share.as_ref().map_or((0, 1), |s| s.get());
         let passes: &[bool] = if of > 1 { &[true, false] } else { &[false] };
-        for reclaim in [false, true] {
-            for &own_only in passes {
+        for &own_only in passes {
+            for reclaim in [false, true] {
                 for step in 0..len {
                     let n = (start + step) % len;
                     if own_only && n % of != slot {
@@ -339,10 +343,20 @@ impl Addresses {
         let result = self.store.commit();
         if result.is_err() {
             self.roll_back();
+        } else if self.share.is_some() {
+            // Other servers' records of these addresses that the feed has
+            // yet to deliver are older than what memory has now.
+            for undo in &self.journal {
+                if let Undo::Lease(ip, _) = undo {
+                    *self.unseen_own.entry(*ip).or_default() += 1;
+                }
+            }
         }
         self.journal.clear();
-        if let Err(LeaseError::Taken { lease }) = &result {
-            self.learn(lease);
+        if let Err(LeaseError::Taken { leases }) = &result {
+            for lease in leases {
+                self.learn(lease);
+            }
         }
         result
     }
@@ -356,7 +370,10 @@ impl Addresses {
                 self.by_client.remove(&old.client);
             }
         }
-        if lease.state != LeaseState::Declined {
+        // A record the client gave back does not replace the lease it holds.
+        if lease.state == LeaseState::Active
+            || (lease.state == LeaseState::Released && !self.by_client.contains_key(&lease.client))
+        {
             self.by_client.insert(lease.client.clone(), lease.ip);
         }
     }
@@ -373,9 +390,13 @@ impl Addresses {
             .map(|l| Mac(l.mac))
             .into_iter()
             .collect();
+        if self.unseen_own.get(&ip).is_some_and(|n| *n > 0) {
+            // This server committed the address after that record (its own
+            // notification, later in commit order, has not come yet):
+            // memory is newer.
+            return Vec::new();
+        }
         match lease {
-            // This server renewed it since the row was read: memory is newer.
-            Some(lease) if self.by_ip.get(&ip).is_some_and(|l| renews(l, &lease)) => {}
             Some(lease) => {
                 // It took a lease elsewhere: what this server offered it is moot.
                 self.offers.release_client(&lease.client);
@@ -394,6 +415,18 @@ impl Addresses {
         touched
     }
 
+    /// The change feed heard this server's own commits of these addresses.
+    pub fn own_writes_seen(&mut self, ips: impl IntoIterator<Item = Ipv4Addr>) {
+        for ip in ips {
+            if let Some(n) = self.unseen_own.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.unseen_own.remove(&ip);
+                }
+            }
+        }
+    }
+
     /// Replaces every lease in memory with the database's (after the
     /// change feed was interrupted and changes may have been missed).
     /// Returns how many records differed.
@@ -410,9 +443,8 @@ impl Addresses {
                 .filter(|ip| !fresh.contains_key(ip))
                 .count();
         self.by_client = client_index(&fresh);
-        for ip in fresh.keys() {
-            self.offers.release_ip(*ip);
-        }
+        // Memory is the database now: nothing of this server's is newer.
+        self.unseen_own.clear();
         self.by_ip = fresh;
         differed
     }
@@ -467,13 +499,4 @@ fn client_index(by_ip: &HashMap<Ipv4Addr, Lease>) -> HashMap<Vec<u8>, Ipv4Addr> 
         .into_iter()
         .map(|l| (l.client.clone(), l.ip))
         .collect()
-}
-
-/// `newer` is `older`'s lease again, for as long or longer: the same client
-/// holding it actively.
-fn renews(newer: &Lease, older: &Lease) -> bool {
-    newer.client == older.client
-        && newer.state == LeaseState::Active
-        && older.state == LeaseState::Active
-        && newer.expires >= older.expires
 }

@@ -291,11 +291,15 @@ async fn answer(
 }
 
 /// Whether a burst waits for more: lingering is on, and the burst has a
-/// request that writes a lease.
+/// request that may write a lease (one for another server writes nothing).
 fn lingers(burst: &[Received], linger: Duration) -> bool {
     !linger.is_zero()
         && burst.iter().any(|r| {
-            matches!(
+            let ours = r
+                .request
+                .server_id
+                .is_none_or(|id| id == r.arrival.server_ip);
+            ours && matches!(
                 r.request.msg_type,
                 MessageType::Request | MessageType::Release | MessageType::Decline
             )

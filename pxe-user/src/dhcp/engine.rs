@@ -152,6 +152,16 @@ impl Ctx<'_> {
     }
 }
 
+/// One lease record the change feed delivered (see
+/// [`Engine::follow_lease_feed`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FeedRecord {
+    /// Another server committed this record of the address (`None`: removed).
+    Peer(Ipv4Addr, Option<Lease>),
+    /// This server's own commit of the address.
+    Own(Ipv4Addr),
+}
+
 /// How often a burst is decided when the shared database keeps refusing
 /// its addresses (each refusal teaches memory one more holder).
 const MAX_DECISIONS: usize = 4;
@@ -212,9 +222,25 @@ impl Engine {
     /// records (`None`: deleted); memory follows. Returns the machines
     /// whose answers may differ now.
     pub fn absorb_peer_leases(&mut self, changes: Vec<(Ipv4Addr, Option<Lease>)>) -> Vec<Mac> {
+        self.follow_lease_feed(
+            changes
+                .into_iter()
+                .map(|(ip, lease)| FeedRecord::Peer(ip, lease)),
+        )
+    }
+
+    /// The lease records the change feed delivered, in commit order: other
+    /// servers' (memory follows unless this server committed the address
+    /// since) and this server's own (from then on, another server's record
+    /// of that address is newer). Returns the machines whose answers may
+    /// differ now.
+    pub fn follow_lease_feed(&mut self, records: impl IntoIterator<Item = FeedRecord>) -> Vec<Mac> {
         let mut touched = Vec::new();
-        for (ip, lease) in changes {
-            touched.extend(self.addresses.absorb(ip, lease));
+        for record in records {
+            match record {
+                FeedRecord::Peer(ip, lease) => touched.extend(self.addresses.absorb(ip, lease)),
+                FeedRecord::Own(ip) => self.addresses.own_writes_seen([ip]),
+            }
         }
         touched.sort();
         touched.dedup();
@@ -1529,7 +1555,7 @@ mod tests {
                 .any(|l| l.ip == self.theirs.ip && l.client != self.theirs.client)
             {
                 return Err(LeaseError::Taken {
-                    lease: Box::new(self.theirs.clone()),
+                    leases: vec![self.theirs.clone()],
                 });
             }
             Ok(())
@@ -1705,6 +1731,30 @@ mod tests {
             out[1].summary
         );
         assert_eq!(e.lease(offered[1]).map(|l| l.mac), Some(mac(51)));
+    }
+
+    #[test]
+    fn a_peers_record_older_than_this_servers_commit_is_not_applied_over_it() {
+        let mut e = engine(Mode::Full);
+        e.share_pools(std::sync::Arc::new(PoolShare::default()));
+        let ip = dora(&mut e, |k, x| plain(k, 1, x), T0);
+        // The other server's record of the address, committed before ours
+        // (it released it to machine 9): the feed delivers it first.
+        let older = Lease {
+            ip,
+            client: client_key(None, mac(9)),
+            mac: mac(9),
+            expires: T0,
+            state: LeaseState::Released,
+            hostname: None,
+        };
+        let touched = e.follow_lease_feed([FeedRecord::Peer(ip, Some(older.clone()))]);
+        assert!(touched.is_empty());
+        assert_eq!(e.lease(ip).map(|l| l.mac), Some(mac(1)), "ours is newer");
+        // Our own commit comes next in the feed; a later record of theirs counts.
+        e.follow_lease_feed([FeedRecord::Own(ip)]);
+        e.follow_lease_feed([FeedRecord::Peer(ip, Some(older.clone()))]);
+        assert_eq!(e.lease(ip), Some(&older));
     }
 
     #[test]

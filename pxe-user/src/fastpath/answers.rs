@@ -17,14 +17,21 @@ use tracing::{debug, info, warn};
 use super::FastPath;
 use crate::{netif, observe::Observer, policy::Mac};
 
+/// Machines whose last change [`KernelAnswers`] remembers, at most.
+const MAX_CHANGED_MACS: usize = 100_000;
+
 /// Templates in `DHCP_ANSWERS`, by client MAC.
 pub struct KernelAnswers {
     fastpath: Arc<Mutex<FastPath>>,
     held: Mutex<HashMap<[u8; 6], Vec<Held>>>,
-    /// Counts policy changes (changed only with `held` locked). A template
-    /// decided in an earlier epoch is refused: the answer it repeats may be
-    /// the old policy's.
+    /// Counts changes of what machines are told (changed only with `held`
+    /// locked). A template decided before a change that concerns its
+    /// machine is refused: the answer it repeats may be the old one.
     epoch: AtomicU64,
+    /// The epoch of the last change that concerned every machine, and of
+    /// the last that concerned each of a few (both read with `held` locked).
+    all_changed: AtomicU64,
+    changed: Mutex<HashMap<[u8; 6], u64>>,
     /// Told how often the kernel answered each client.
     observer: Arc<Observer>,
 }
@@ -73,21 +80,30 @@ impl KernelAnswers {
             observer,
             held: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
+            all_changed: AtomicU64::new(0),
+            changed: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The policy epoch now: read it before deciding, pass it to [`Self::install`].
+    /// The epoch now: read it before deciding, pass it to [`Self::install`].
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::SeqCst)
     }
 
-    /// Lets the kernel answer with `entry`, decided in policy epoch
-    /// `decided_in`; refused if the policy changed since. A lease for a new
+    /// Lets the kernel answer with `entry`, decided in epoch `decided_in`;
+    /// refused if what its machine is told changed since. A lease for a new
     /// address takes back the client's templates that name another one.
     pub fn install(&self, key: AnswerKey, entry: AnswerEntry, decided_in: u64) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if self.epoch.load(Ordering::SeqCst) != decided_in {
-            debug!(mac = %Mac(key.mac), "DHCP: the policy changed while this answer was decided; the kernel does not learn it");
+        let changed_since = self.all_changed.load(Ordering::SeqCst) > decided_in
+            || self
+                .changed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key.mac)
+                .is_some_and(|at| *at > decided_in);
+        if changed_since {
+            debug!(mac = %Mac(key.mac), "DHCP: what this machine is told changed while its answer was decided; the kernel does not learn it");
             return;
         }
         let mut fastpath = self.fastpath.lock().unwrap_or_else(|e| e.into_inner());
@@ -142,7 +158,19 @@ impl KernelAnswers {
     /// back, and answers decided before now are not learnt. When this
     /// returns, the kernel answers none of them the old way.
     pub fn invalidate(&self, macs: &[[u8; 6]]) {
-        self.bump_epoch();
+        {
+            let _held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            let now = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+            let mut changed = self.changed.lock().unwrap_or_else(|e| e.into_inner());
+            if changed.len() + macs.len() > MAX_CHANGED_MACS {
+                // Remembering each costs more than refusing every answer
+                // decided until now, once.
+                changed.clear();
+                self.all_changed.store(now, Ordering::SeqCst);
+            } else {
+                changed.extend(macs.iter().map(|mac| (*mac, now)));
+            }
+        }
         for mac in macs {
             self.forget(*mac);
         }
@@ -151,15 +179,18 @@ impl KernelAnswers {
     /// The policy changed for any machine (SIGHUP, a profile): every
     /// template is taken back, as in [`Self::invalidate`].
     pub fn invalidate_all(&self) {
-        self.bump_epoch();
+        {
+            let _held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            let now = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+            self.all_changed.store(now, Ordering::SeqCst);
+            self.changed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+        }
         for mac in self.clients() {
             self.forget(mac);
         }
-    }
-
-    fn bump_epoch(&self) {
-        let _held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        self.epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The MACs of the clients with templates, at this moment.

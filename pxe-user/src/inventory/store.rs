@@ -205,7 +205,7 @@ impl InventoryStore for PostgresInventoryStore {
         let names: Vec<String> = profiles.iter().map(|(name, _)| name.clone()).collect();
         let payloads = Change::inventory_payloads(self.cluster.id(), change, &named, &names);
         self.last_change = None;
-        self.call(move |client| {
+        let written = self.call(move |client| {
             let mut tx = client.transaction()?;
             for (mac, record) in &machines {
                 tx.execute(
@@ -228,7 +228,11 @@ impl InventoryStore for PostgresInventoryStore {
                 tx.execute("SELECT pg_notify($1, $2)", &[&CHANGES, payload])?;
             }
             Ok(tx.commit()?)
-        })?;
+        });
+        if written.is_err() {
+            self.cluster.abandon_change(change);
+        }
+        written?;
         self.last_change = Some(change);
         Ok(())
     }
@@ -264,7 +268,8 @@ pub(crate) fn load_pg(
     Ok((machines, profiles))
 }
 
-/// The records of these MACs now (`None`: deleted, or unreadable).
+/// The records of these MACs now (`None`: deleted; an unreadable one is
+/// left out, so memory keeps its own).
 pub(crate) fn read_machines(
     client: &mut postgres::Client,
     macs: &[String],
@@ -276,11 +281,17 @@ pub(crate) fn read_machines(
     )?;
     Ok(macs
         .iter()
-        .filter_map(|text| Some((text.parse::<Mac>().ok()?, found.remove(text))))
+        .filter_map(|text| {
+            let mac = text.parse::<Mac>().ok()?;
+            match found.remove(text) {
+                None => Some((mac, None)),
+                Some(record) => record.map(|r| (mac, Some(r))),
+            }
+        })
         .collect())
 }
 
-/// The records of these profiles now (`None`: deleted, or unreadable).
+/// The records of these profiles now (as [`read_machines`]).
 pub(crate) fn read_profiles(
     client: &mut postgres::Client,
     names: &[String],
@@ -292,27 +303,36 @@ pub(crate) fn read_profiles(
     )?;
     Ok(names
         .iter()
-        .map(|name| (name.clone(), found.remove(name)))
+        .filter_map(|name| match found.remove(name) {
+            None => Some((name.clone(), None)),
+            Some(record) => record.map(|r| (name.clone(), Some(r))),
+        })
         .collect())
 }
 
-/// Key → record for the rows `sql` (key and JSON, for keys = `$1`) returns.
+/// Key → record for the rows `sql` (key and JSON, for keys = `$1`) returns;
+/// `None` for a row that does not parse (absent keys have no row).
 fn read_records<T: serde::de::DeserializeOwned>(
     client: &mut postgres::Client,
     sql: &str,
     keys: &[String],
-) -> Result<std::collections::HashMap<String, T>, postgres::Error> {
+) -> Result<std::collections::HashMap<String, Option<T>>, postgres::Error> {
     if keys.is_empty() {
         return Ok(Default::default());
     }
-    Ok(client
-        .query(sql, &[&keys])?
-        .iter()
-        .filter_map(|r| {
-            let (key, json): (String, String) = (r.get(0), r.get(1));
-            serde_json::from_str(&json).ok().map(|rec| (key, rec))
-        })
-        .collect())
+    let mut found = std::collections::HashMap::new();
+    for row in client.query(sql, &[&keys])? {
+        let (key, json): (String, String) = (row.get(0), row.get(1));
+        match serde_json::from_str(&json) {
+            Ok(record) => drop(found.insert(key, Some(record))),
+            // A newer pxed's record, say: keep what memory has, and say so.
+            Err(e) => {
+                tracing::warn!(%key, "cluster: a record another server wrote is unreadable here ({e}); this server keeps its own");
+                found.insert(key, None);
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// A record as JSON text (records are plain data: this cannot fail).

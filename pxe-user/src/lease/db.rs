@@ -16,15 +16,15 @@ use super::Lease;
 
 /// Why a call failed.
 pub enum Failed {
-    /// Another client holds this lease's address: the batch was rolled back.
-    Taken(Lease),
+    /// Other clients hold these addresses: the batch was rolled back.
+    Taken(Vec<Lease>),
     Error(String),
 }
 
 impl std::fmt::Display for Failed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Taken(lease) => write!(f, "{} is held by another client", lease.ip),
+            Self::Taken(leases) => write!(f, "{} addresses held by other clients", leases.len()),
             Self::Error(e) => f.write_str(e),
         }
     }

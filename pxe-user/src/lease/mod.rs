@@ -106,10 +106,25 @@ pub enum LeaseError {
     Database { path: String, message: String },
     #[error("lease record for {ip} is unreadable: {message}")]
     Corrupt { ip: Ipv4Addr, message: String },
-    /// The shared database has `lease.ip` held by another client (another
-    /// server leased it): the batch did not count, and this is its holder.
-    #[error("{} is held by another client in the lease database (another server leased it)", lease.ip)]
-    Taken { lease: Box<Lease> },
+    /// The shared database has these addresses held by other clients
+    /// (another server leased them): the batch did not count, and these
+    /// are their holders (never empty).
+    #[error(
+        "{} held by another client in the lease database (another server leased it)",
+        taken_list(leases)
+    )]
+    Taken { leases: Vec<Lease> },
+}
+
+fn taken_list(leases: &[Lease]) -> String {
+    match leases {
+        [one] => format!("{} is", one.ip),
+        many => format!(
+            "{} addresses ({}...) are",
+            many.len(),
+            many.first().map_or(String::new(), |l| l.ip.to_string())
+        ),
+    }
 }
 
 /// Durable storage of leases.

@@ -79,9 +79,7 @@ impl PostgresLeaseStore {
         job: impl FnOnce(&mut Client) -> Result<T, Failed> + Send + 'static,
     ) -> Result<T, LeaseError> {
         self.db.call(job).map_err(|e| match e {
-            Failed::Taken(lease) => LeaseError::Taken {
-                lease: Box::new(lease),
-            },
+            Failed::Taken(leases) => LeaseError::Taken { leases },
             Failed::Error(message) => LeaseError::Database {
                 path: self.db.shown().to_owned(),
                 message,
@@ -160,6 +158,7 @@ fn commit(client: &mut Client, ops: &[Op], server: &str) -> Result<(), Failed> {
         .unwrap_or(0);
     let mut tx = client.transaction()?;
     let upsert = tx.prepare(UPSERT)?;
+    let mut taken = Vec::new();
     for op in ops {
         match op {
             Op::Put(lease) => {
@@ -184,13 +183,14 @@ fn commit(client: &mut Client, ops: &[Op], server: &str) -> Result<(), Failed> {
                     ],
                 )?;
                 if written == 0 {
-                    // Its holder, for the engine to learn; dropping the
-                    // transaction rolls the whole batch back.
+                    // Its holder, for the engine to learn. The rest of the
+                    // batch is still tried, so every holder is learnt at
+                    // once; the transaction is then rolled back.
                     let row = tx.query_one(
                         &format!("SELECT {COLUMNS} FROM pxed_leases WHERE ip = $1"),
                         &[&ip],
                     )?;
-                    return Err(Failed::Taken(lease_of(&row)?));
+                    taken.push(lease_of(&row)?);
                 }
             }
             Op::Remove(ip) => {
@@ -198,16 +198,22 @@ fn commit(client: &mut Client, ops: &[Op], server: &str) -> Result<(), Failed> {
             }
         }
     }
+    if !taken.is_empty() {
+        // Dropping the transaction rolls the whole batch back.
+        return Err(Failed::Taken(taken));
+    }
     let written: Vec<LeaseWritten> = ops
         .iter()
         .map(|op| match op {
             Op::Put(lease) => LeaseWritten {
                 ip: lease.ip,
                 lease: Some(lease.clone()),
+                unsent: false,
             },
             Op::Remove(ip) => LeaseWritten {
                 ip: *ip,
                 lease: None,
+                unsent: false,
             },
         })
         .collect();
