@@ -284,13 +284,23 @@ fn print_report(r: &Report) {
     }
     let acks = r.first.exchanges + r.repeat.exchanges;
     println!(
-        "  CPU over {:.1} s: server {:.2} s ({:.0} ACKs per server CPU-s), harness {:.2} s",
+        "  CPU over {:.1} s: server {:.2} s ({} ACKs per server CPU-s), harness {:.2} s",
         r.cpu.seconds,
         r.cpu.server_s,
-        acks as f64 / r.cpu.server_s.max(1e-9),
+        per_cpu_second(acks, r.cpu.server_s),
         r.cpu.harness_s
     );
     for (reason, n) in &r.failures {
         println!("  failed ×{n}: {reason}");
+    }
+}
+
+/// `count` per CPU-second, or "n/a" when the CPU time is under what the
+/// tick-based accounting can measure (a rate over ~0 s says nothing).
+fn per_cpu_second(count: usize, cpu_s: f64) -> String {
+    if cpu_s < 0.05 {
+        "n/a".to_owned()
+    } else {
+        format!("{:.0}", count as f64 / cpu_s)
     }
 }

@@ -12,7 +12,8 @@
 //! given a boot file when it powers on again. Two pxed on one PostgreSQL
 //! must share an API change before the call returns and boot 1,000
 //! machines while one of them is SIGKILLed; a PostgreSQL stopped under
-//! `bench dhcp` load must cost retransmissions, not leases. Needs root.
+//! `bench dhcp` load must cost retransmissions, not leases, and so must a
+//! lease file's filesystem filling up and being freed again. Needs root.
 
 use std::{
     path::{Path, PathBuf},
@@ -116,7 +117,7 @@ fn start_pxed_with(lab: &Lab, server: &Netns, root: &Path, work: &Path, extra: &
         args.extend(["--range", "198.18.0.10-198.18.3.250"]);
     }
     // Leases in a file of the run's unless the caller names a database.
-    if !extra.contains(&"--lease-store") {
+    if !extra.contains(&"--lease-store") && !extra.contains(&"--lease-file") {
         args.extend(["--lease-file", leases.to_str().unwrap()]);
     }
     let pid = lab.spawn_logged(server, pxed(), &args, &log).unwrap();
@@ -1218,48 +1219,19 @@ fn a_database_stopped_under_load_costs_retransmissions_not_leases() {
     );
     let log_path = work.path().join("pxed.log");
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    let json = work.path().join("dhcp.json");
-    let mut bench = client
-        .command(
-            BENCH,
-            &[
-                "dhcp",
-                "--clients",
-                "100",
-                "--repeats",
-                "250",
-                "--time-limit",
-                "120",
-                "--json",
-                json.to_str().unwrap(),
-            ],
-        )
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let wait_for = |what: &str, n: usize| {
-        let until = std::time::Instant::now() + Duration::from_secs(60);
-        while log().matches(what).count() < n {
-            assert!(
-                std::time::Instant::now() < until,
-                "no {n} × {what:?} in:\n{}",
-                log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    wait_for("→ ACK", 300);
+    let bench = BenchDhcp::start(&client, &["--repeats", "250"], work.path());
+    wait_for_log(&log_path, "→ ACK", 300);
     pg.stop().unwrap();
-    wait_for("lease store failing, request not answered", 1);
+    wait_for_log(&log_path, STORE_FAILING, 1);
     std::thread::sleep(Duration::from_secs(2));
     pg.start_again().unwrap();
-    let status = bench.wait().unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    assert!(status.success(), "{}", report["failures"]);
+    let report = bench.finish();
     assert_eq!(count(&report, "leased"), 100, "{}", report["failures"]);
     assert!(count(&report, "retransmits") > 0, "the outage was felt");
     let text = log();
     assert!(text.contains("database reachable again"), "{text}");
+    assert_eq!(text.matches(STORE_FAILING).count(), 1, "said once: {text}");
+    assert!(text.contains("lease store writable again"), "{text}");
     let held = pg
         .psql(
             "postgres",
@@ -1271,4 +1243,158 @@ fn a_database_stopped_under_load_costs_retransmissions_not_leases() {
         "100",
         "every machine's lease is in the database"
     );
+}
+
+/// What pxed logs, once, when its lease store starts failing.
+const STORE_FAILING: &str = "lease store failing, requests that need a write go unanswered";
+
+/// Waits (up to 60 s) until `log` holds `what` at least `n` times.
+fn wait_for_log(log: &Path, what: &str, n: usize) {
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.matches(what).count() >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "no {n} × {what:?} in:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `bench dhcp` (100 machines) running in the background in a client namespace.
+struct BenchDhcp {
+    child: std::process::Child,
+    json: PathBuf,
+}
+
+impl BenchDhcp {
+    fn start(client: &Netns, extra: &[&str], work: &Path) -> Self {
+        let json = work.join("dhcp.json");
+        let mut args = vec!["dhcp", "--clients", "100", "--time-limit", "120", "--json"];
+        args.push(json.to_str().unwrap());
+        args.extend_from_slice(extra);
+        let child = client
+            .command(BENCH, &args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Self { child, json }
+    }
+
+    /// Waits for it to end; its report (it must have succeeded).
+    fn finish(mut self) -> serde_json::Value {
+        let status = self.child.wait().unwrap();
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&self.json).unwrap()).unwrap();
+        assert!(status.success(), "{}", report["failures"]);
+        report
+    }
+}
+
+/// A small tmpfs of the test's own, unmounted when dropped (also on failure).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Self {
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs on {}", dir.display());
+        Self(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The experiment of issue 18: pxed's lease file on a 3 MiB filesystem; 30
+/// machines lease; the filesystem fills up; 100 new machines ask (every
+/// exchange in userspace). pxed says once that its store is failing and
+/// answers nothing that needs a write; the space is freed 2 s later and
+/// pxed carries on by itself, says so, and every machine ends with its
+/// lease. Stopped, its lease file holds every one of them.
+#[test]
+fn a_full_disk_freed_again_costs_retransmissions_not_leases() {
+    if !pxe_lab::privileged("a_full_disk_freed_again_costs_retransmissions_not_leases") {
+        return;
+    }
+    let (lab, server, client) = lab();
+    let root = boot_root();
+    let work = tempfile::tempdir().unwrap();
+    let small = tempfile::tempdir().unwrap();
+    let mount = Tmpfs::mount(small.path(), "3m");
+    let leases = small.path().join("leases.redb");
+    let pid = start_pxed_with(
+        &lab,
+        &server,
+        root.path(),
+        work.path(),
+        &[
+            "--xdp-mode",
+            "off",
+            "--no-tc",
+            "--lease-file",
+            leases.to_str().unwrap(),
+        ],
+    );
+    let log_path = work.path().join("pxed.log");
+    let first = run_bench(
+        &client,
+        &["dhcp"],
+        &["--clients", "30", "--mac-prefix", "32"],
+        work.path(),
+    );
+    assert_eq!(count(&first, "leased"), 30, "{first}");
+
+    // The filesystem fills up.
+    let filler = small.path().join("filler");
+    {
+        use std::io::Write as _;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0x55u8; 64 * 1024];
+        while file.write_all(&chunk).is_ok() {}
+    }
+    let bench = BenchDhcp::start(&client, &["--repeats", "2"], work.path());
+    wait_for_log(&log_path, STORE_FAILING, 1);
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::remove_file(&filler).unwrap();
+    let report = bench.finish();
+    assert_eq!(count(&report, "leased"), 100, "{}", report["failures"]);
+    assert!(count(&report, "retransmits") > 0, "the full disk was felt");
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert_eq!(text.matches(STORE_FAILING).count(), 1, "said once: {text}");
+    assert!(text.contains("lease store writable again"), "{text}");
+
+    // What the file holds is what the machines were told.
+    // SAFETY: stops the pxed this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    if let Some(mut child) = lab.take_child(pid) {
+        child.wait().unwrap();
+    }
+    use pxe_user::lease::LeaseStore as _;
+    let store = pxe_user::lease::RedbLeaseStore::open(&leases).unwrap();
+    let held: std::collections::HashSet<[u8; 6]> = store
+        .load_all()
+        .unwrap()
+        .into_iter()
+        .filter(|l| l.state == pxe_user::lease::LeaseState::Active)
+        .map(|l| l.mac)
+        .collect();
+    let of_prefix = |p: u8| held.iter().filter(|m| m[..4] == [0x52, 0x54, 0, p]).count();
+    assert_eq!(
+        of_prefix(0x10),
+        100,
+        "the 100 that asked while the disk was full"
+    );
+    assert_eq!(of_prefix(0x20), 30, "the 30 before");
+    drop(store);
+    drop(mount);
 }

@@ -379,6 +379,13 @@ fn with_the_kernel_tiers_on_windowed_transfers_are_sent_by_tc_byte_exact_also_un
             &format!("atftp window {window}, kernel tiers on"),
         );
     }
+    // atftp is done once it has the last block; pxed logs the transfer when
+    // the final ACK reaches it, a moment later.
+    served.wait_for_log_count(
+        "TFTP transfer completed",
+        2,
+        std::time::Duration::from_secs(10),
+    );
     let (xdp, tc) = kernel_blocks(&served.log());
     // 2 × 715 blocks; all but the first and the last window of each are the kernel's, all from TC.
     assert!(

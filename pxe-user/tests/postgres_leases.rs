@@ -320,7 +320,7 @@ fn pxed_leases_into_postgres_and_rides_out_the_database_stopping() {
     };
     renew();
     served.wait_for_log(
-        "lease store failing, request not answered",
+        "lease store failing, requests that need a write go unanswered",
         Duration::from_secs(15),
     );
     let (status, health) = api_get(&served.server, "/api/v1/health");

@@ -92,6 +92,11 @@ fn hostile_requests_get_the_rfc_error_and_nothing_outside_the_root() {
             ErrorCode::IllegalOperation,
         ),
         (
+            "mail mode (obsolete, RFC 1350), for a file that exists",
+            b"\0\x01ipxe.efi\0mail\0".to_vec(),
+            ErrorCode::IllegalOperation,
+        ),
+        (
             "DATA to the request port",
             Repr::Data {
                 block: 1,

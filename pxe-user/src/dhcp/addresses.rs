@@ -427,6 +427,16 @@ impl Addresses {
         }
     }
 
+    /// Reads every lease from the store again, replacing memory's (the
+    /// store recovered from failures: what it has is the truth). Returns
+    /// how many leases it holds.
+    pub fn reread(&mut self) -> Result<usize, LeaseError> {
+        let leases = self.store.load_all()?;
+        let n = leases.len();
+        self.resync(leases);
+        Ok(n)
+    }
+
     /// Replaces every lease in memory with the database's (after the
     /// change feed was interrupted and changes may have been missed).
     /// Returns how many records differed.

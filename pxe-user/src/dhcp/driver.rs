@@ -15,7 +15,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{
     classify::{classify, Request},
-    engine::{Arrival, Destination, Engine, Outcome, Problem, PROXY_PORT},
+    engine::{Arrival, Destination, Engine, Outcome, Problem, StoreNews, PROXY_PORT},
     socket::{bind, Port67, DHCP_SERVER_PORT},
     templates::{self, Clocks, Interface},
 };
@@ -188,6 +188,7 @@ pub async fn run(
         let (outcomes, commit) = tokio::task::block_in_place(|| {
             let mut engine = engine.lock().unwrap_or_else(|e| e.into_inner());
             let outcomes = engine.handle_batch(burst.iter().map(|r| (&r.request, r.arrival)), now);
+            log_store_news(engine.take_store_news());
             (outcomes, engine.take_commit())
         });
         observer.dhcp_burst(burst.len(), started.elapsed(), commit);
@@ -246,8 +247,9 @@ async fn answer(
         Some(Problem::Taken(e)) => {
             warn!(mac = %request.mac, "DHCP: not answered: {e}; the client's next request gets another address")
         }
+        // Said once when the store started failing (log_store_news).
         Some(Problem::LeaseStore(e)) => {
-            error!(mac = %request.mac, "DHCP: lease store failing, request not answered: {e}")
+            debug!(mac = %request.mac, "DHCP: not answered, the lease store is failing: {e}")
         }
         None => {}
     }
@@ -287,6 +289,23 @@ async fn answer(
     };
     if let Err(e) = sent {
         warn!(mac = %request.mac, %to, "DHCP: sending the reply failed: {e}");
+    }
+}
+
+/// Says once that the lease store started failing, or recovered.
+fn log_store_news(news: Option<StoreNews>) {
+    match news {
+        Some(StoreNews::Failing(e)) => error!(
+            "DHCP: lease store failing, requests that need a write go unanswered until it recovers: {e} \
+             (said once; /api/v1/health and pxed_lease_store_healthy follow it)"
+        ),
+        Some(StoreNews::Recovered(Ok(leases))) => {
+            info!(leases, "DHCP: lease store writable again; memory read again from it")
+        }
+        Some(StoreNews::Recovered(Err(e))) => warn!(
+            "DHCP: lease store writable again, but reading it back failed ({e}); memory kept"
+        ),
+        None => {}
     }
 }
 

@@ -84,6 +84,8 @@ pub struct Engine {
     stats: EngineStats,
     /// Why the last commit failed, until one succeeds again.
     store_failing: Option<String>,
+    /// A change of the store's state not yet taken ([`Engine::take_store_news`]).
+    store_news: Option<StoreNews>,
     last_commit: Option<CommitTiming>,
 }
 
@@ -93,6 +95,16 @@ pub struct PoolUsage {
     pub subnet: String,
     pub in_use: u64,
     pub free: u64,
+}
+
+/// The lease store changed state: said once, by whoever takes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreNews {
+    /// A commit failed after the last one succeeded: why.
+    Failing(String),
+    /// A commit succeeded after failures; memory was read again from the
+    /// store (`Err`: it could not be, and memory stays as it was).
+    Recovered(Result<usize, String>),
 }
 
 /// One commit of a burst's leases.
@@ -182,6 +194,7 @@ impl Engine {
             addresses,
             stats: EngineStats::default(),
             store_failing: None,
+            store_news: None,
             last_commit: None,
         })
     }
@@ -296,6 +309,12 @@ impl Engine {
         self.store_failing.as_deref()
     }
 
+    /// The store's change of state since the last call, if any: for a
+    /// log line per change, not per request.
+    pub fn take_store_news(&mut self) -> Option<StoreNews> {
+        self.store_news.take()
+    }
+
     /// Decides on one request, at `now` (seconds since the Unix epoch), and
     /// commits the lease it wrote, if any.
     pub fn handle(&mut self, req: &Request, arrival: Arrival, now: u64) -> Outcome {
@@ -362,10 +381,19 @@ impl Engine {
                 ok: committed.is_ok(),
             });
             match committed {
-                Ok(()) => self.store_failing = None,
+                Ok(()) => {
+                    if self.store_failing.take().is_some() {
+                        // The store is the truth again: memory follows it.
+                        let reread = self.addresses.reread().map_err(|e| e.to_string());
+                        self.store_news = Some(StoreNews::Recovered(reread));
+                    }
+                }
                 Err(e) => {
                     // Another server's lease is no failing store.
                     if !matches!(e, LeaseError::Taken { .. }) {
+                        if self.store_failing.is_none() {
+                            self.store_news = Some(StoreNews::Failing(e.to_string()));
+                        }
                         self.store_failing = Some(e.to_string());
                     }
                     for o in outcomes.iter_mut().filter(|o| o.wrote) {

@@ -7,7 +7,11 @@
 //! address (as u32) to the lease as JSON, which keeps records readable and
 //! lets fields be added without a migration.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
@@ -16,30 +20,69 @@ use super::{Lease, LeaseError, LeaseStore};
 const LEASES: TableDefinition<u32, &[u8]> = TableDefinition::new("leases");
 
 pub struct RedbLeaseStore {
-    db: Database,
+    /// `None` between a failure and the reopening that recovers from it.
+    db: Option<Database>,
+    file: PathBuf,
     path: String,
     /// Writes since the last commit; dropped (aborted) if never committed.
     batch: Option<WriteTransaction>,
+    /// When a write last failed (a full or failing disk), and why: redb
+    /// refuses every later one until the database is opened again, which
+    /// the next write tries, at most once per [`REOPEN_EVERY`].
+    failed: Option<(Instant, String)>,
 }
+
+/// How often a failed database is opened again while it keeps failing.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
 impl RedbLeaseStore {
     /// Opens the database at `path`, creating it (and nothing else) if absent.
     pub fn open(path: &Path) -> Result<Self, LeaseError> {
         let shown = path.display().to_string();
-        let error = |message: String| LeaseError::Database {
+        let db = open_database(path).map_err(|message| LeaseError::Database {
             path: shown.clone(),
             message,
-        };
-        let db = Database::create(path).map_err(|e| error(e.to_string()))?;
-        // Create the table so that reads of a fresh database find it.
-        let txn = db.begin_write().map_err(|e| error(e.to_string()))?;
-        txn.open_table(LEASES).map_err(|e| error(e.to_string()))?;
-        txn.commit().map_err(|e| error(e.to_string()))?;
+        })?;
         Ok(Self {
-            db,
+            db: Some(db),
+            file: path.to_owned(),
             path: shown,
             batch: None,
+            failed: None,
         })
+    }
+
+    /// The database, opened again first if a write failed since.
+    fn db(&mut self) -> Result<&Database, LeaseError> {
+        if self.db.is_none() {
+            if let Some((at, why)) = &self.failed {
+                if at.elapsed() < REOPEN_EVERY {
+                    return Err(self.error(format!("{why} (opened again at most once a second)")));
+                }
+            }
+            match open_database(&self.file) {
+                Ok(db) => {
+                    self.db = Some(db);
+                    self.failed = None;
+                }
+                Err(e) => {
+                    self.failed = Some((Instant::now(), e.clone()));
+                    return Err(self.error(e));
+                }
+            }
+        }
+        self.db.as_ref().ok_or_else(|| self.error("not open"))
+    }
+
+    /// After a failed write redb refuses every later one: the database is
+    /// closed, to be opened again by the next write.
+    fn failing<T>(&mut self, result: Result<T, LeaseError>) -> Result<T, LeaseError> {
+        if let Err(e) = &result {
+            self.batch = None;
+            self.db = None;
+            self.failed = Some((Instant::now(), e.to_string()));
+        }
+        result
     }
 
     fn error(&self, e: impl std::fmt::Display) -> LeaseError {
@@ -52,15 +95,30 @@ impl RedbLeaseStore {
     /// The open write transaction, begun on first use.
     fn batch(&mut self) -> Result<&WriteTransaction, LeaseError> {
         if self.batch.is_none() {
-            self.batch = Some(self.db.begin_write().map_err(|e| self.error(e))?);
+            let begun = self.db()?.begin_write().map_err(|e| self.error(e));
+            self.batch = Some(self.failing(begun)?);
         }
         Ok(self.batch.as_ref().expect("just begun"))
     }
 }
 
+/// Opens (or creates) the database and its table.
+fn open_database(path: &Path) -> Result<Database, String> {
+    let db = Database::create(path).map_err(|e| e.to_string())?;
+    // Create the table so that reads of a fresh database find it.
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    txn.open_table(LEASES).map_err(|e| e.to_string())?;
+    txn.commit().map_err(|e| e.to_string())?;
+    Ok(db)
+}
+
 impl LeaseStore for RedbLeaseStore {
     fn load_all(&self) -> Result<Vec<Lease>, LeaseError> {
-        let txn = self.db.begin_read().map_err(|e| self.error(e))?;
+        let db = self
+            .db
+            .as_ref()
+            .ok_or_else(|| self.error("closed after a failed write"))?;
+        let txn = db.begin_read().map_err(|e| self.error(e))?;
         let table = txn.open_table(LEASES).map_err(|e| self.error(e))?;
         let mut leases = Vec::new();
         for entry in table.iter().map_err(|e| self.error(e))? {
@@ -84,7 +142,8 @@ impl LeaseStore for RedbLeaseStore {
                 .map(drop)
                 .map_err(Into::into)
         });
-        written.map_err(|e| self.error(e))
+        let written = written.map_err(|e| self.error(e));
+        self.failing(written)
     }
 
     fn remove(&mut self, ip: Ipv4Addr) -> Result<(), LeaseError> {
@@ -92,15 +151,17 @@ impl LeaseStore for RedbLeaseStore {
             .batch()?
             .open_table(LEASES)
             .and_then(|mut table| table.remove(u32::from(ip)).map(drop).map_err(Into::into));
-        removed.map_err(|e| self.error(e))
+        let removed = removed.map_err(|e| self.error(e));
+        self.failing(removed)
     }
 
     fn commit(&mut self) -> Result<(), LeaseError> {
-        match self.batch.take() {
+        let committed = match self.batch.take() {
             // redb's default durability: on disk (fsync) when commit returns.
             Some(txn) => txn.commit().map_err(|e| self.error(e)),
             None => Ok(()),
-        }
+        };
+        self.failing(committed)
     }
 }
 

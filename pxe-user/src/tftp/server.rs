@@ -22,7 +22,7 @@ use crate::{
     bootroot::{BootFile, BootRoot, OpenError},
     observe::{Observer, TftpEnd, TftpFile},
     policy::FileGate,
-    wire::tftp::{emit_data_header, ErrorCode, Repr, TftpOption, DATA_HEADER_LEN},
+    wire::tftp::{emit_data_header, ErrorCode, Mode, Repr, TftpOption, DATA_HEADER_LEN},
 };
 
 /// Everything the TFTP service can be tuned by.
@@ -192,6 +192,21 @@ impl TftpServer {
             }
         };
         match packet {
+            // RFC 1350 calls mail mode obsolete; it names a recipient, not a
+            // file, and a read-only boot server has nothing to send for it.
+            Repr::ReadRequest {
+                filename,
+                mode: Mode::Mail,
+                ..
+            } => {
+                info!(client = %peer, file = filename, "TFTP: read request in mail mode refused (obsolete, RFC 1350)");
+                self.refuse(
+                    peer,
+                    ErrorCode::IllegalOperation,
+                    "mail mode is obsolete (RFC 1350); ask in octet mode",
+                )
+                .await;
+            }
             Repr::ReadRequest {
                 filename, options, ..
             } => self.start_read(datagram, peer, filename, &options).await,
