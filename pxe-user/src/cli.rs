@@ -246,6 +246,15 @@ pub struct Cli {
     #[arg(long)]
     pub no_observe: bool,
 
+    /// Once its programs are attached and its ports bound, run as this user
+    /// (`pxed`, which the Debian package creates), keeping only CAP_BPF (to
+    /// update its maps) and CAP_NET_ADMIN (to detach its programs at exit),
+    /// in every thread. Its lease and inventory files become the user's;
+    /// the config file and the boot root must be readable by it (SIGHUP
+    /// reads them again).
+    #[arg(long, value_name = "USER", env = "PXED_USER")]
+    pub user: Option<String>,
+
     /// Seconds between counter lines in the log (only when something changed);
     /// 0 logs them only at exit. SIGUSR1 logs them at any time.
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]

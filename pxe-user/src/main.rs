@@ -56,6 +56,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             missing.join(", ")
         );
     }
+    if settings.user.is_some() {
+        // Before the runtime starts its threads: they inherit it.
+        pxe_user::privileges::prepare_to_become_user()?;
+    }
     let open_files = raise_open_file_limit();
     if open_files < OPEN_FILES_FOR_A_RACK {
         warn!(open_files, "the open-file limit caps concurrent TFTP transfers (one socket each); raise it (ulimit -n) for large racks");

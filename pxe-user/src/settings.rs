@@ -73,6 +73,8 @@ pub struct Settings {
     pub timeline_machines: usize,
     pub timeline_bytes: usize,
     pub observe: bool,
+    /// The user to run as once started (`--user`).
+    pub user: Option<String>,
     /// The decision webhook, if one is configured.
     pub decision: Option<Decision>,
     /// The file as loaded (defaults when there is none).
@@ -176,6 +178,7 @@ impl Settings {
             timeline_machines: cli.timeline_machines,
             timeline_bytes: cli.timeline_memory.saturating_mul(1 << 20),
             observe: !cli.no_observe,
+            user: cli.user.clone(),
             config,
         })
     }

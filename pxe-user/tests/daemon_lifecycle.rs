@@ -15,6 +15,8 @@ use nix::{
 };
 use pxe_lab::{Lab, Netns};
 
+mod common;
+
 const PXED: &str = env!("CARGO_BIN_EXE_pxed");
 
 fn lab() -> (Lab, Netns) {
@@ -263,4 +265,160 @@ fn with_only_an_interface_pxed_serves_the_ipxe_binaries_it_finds() {
         "{text}"
     );
     assert!(text.contains("mode=Proxy"), "proxy mode by default: {text}");
+}
+
+/// A system user of the test's own, removed when dropped (also on failure).
+struct TestUser {
+    name: String,
+    uid: u32,
+}
+
+impl TestUser {
+    fn create() -> Self {
+        let name = format!("pxedt{}", std::process::id() % 100_000);
+        let status = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                &name,
+            ])
+            .status()
+            .expect("running useradd");
+        assert!(status.success(), "useradd {name}");
+        let uid = nix::unistd::User::from_name(&name)
+            .unwrap()
+            .expect("just created")
+            .uid
+            .as_raw();
+        Self { name, uid }
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.name).status();
+    }
+}
+
+/// A line of /proc/PID/task/TID/status, after its label.
+fn status_field<'a>(status: &'a str, label: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(label))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no {label} in {status}"))
+}
+
+/// `--user`: once attached and bound, every thread of pxed runs as that user
+/// with exactly CAP_BPF and CAP_NET_ADMIN (effective, permitted and
+/// bounding); it still leases (its lease file is the user's now) and serves
+/// TFTP, reloads its config on SIGHUP, and detaches its programs on SIGTERM.
+#[test]
+fn as_its_own_user_pxed_keeps_two_capabilities_in_every_thread_and_still_serves() {
+    if !pxe_lab::privileged(
+        "as_its_own_user_pxed_keeps_two_capabilities_in_every_thread_and_still_serves",
+    ) || !common::have_tool("busybox", "busybox")
+        || !common::have_tool("curl", "curl")
+    {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let user = TestUser::create();
+    // Readable by the user, as an operator's boot root and config are.
+    let root = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    for dir in [root.path(), work.path()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let nbp = common::patterned(70_000, 3);
+    std::fs::write(root.path().join("ipxe.efi"), &nbp).unwrap();
+    let config = work.path().join("pxed.toml");
+    std::fs::write(
+        &config,
+        "default_profile = \"default\"\n[[profile]]\nname = \"default\"\n",
+    )
+    .unwrap();
+    let leases = work.path().join("leases.redb");
+    let served = common::serve_tftp(
+        root.path(),
+        &[
+            "--dhcp",
+            "full",
+            "--range",
+            "198.18.0.100-198.18.0.199",
+            "--lease-file",
+            leases.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--user",
+            &user.name,
+        ],
+    );
+    served.wait_for_log("running as", Duration::from_secs(20));
+
+    let kept = (1u64 << 39) | (1 << 12); // CAP_BPF, CAP_NET_ADMIN
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{}/task", served.pid))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(tasks.len() > 2, "a multi-threaded daemon: {tasks:?}");
+    for task in &tasks {
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        let uid = user.uid.to_string();
+        assert_eq!(
+            status_field(&status, "Uid:")
+                .split_whitespace()
+                .collect::<Vec<_>>(),
+            [uid.as_str(); 4],
+            "{}",
+            task.display()
+        );
+        for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+            assert_eq!(
+                u64::from_str_radix(status_field(&status, set), 16).unwrap(),
+                kept,
+                "{set} of {}",
+                task.display()
+            );
+        }
+        assert_eq!(status_field(&status, "CapInh:"), "0000000000000000");
+    }
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&leases).unwrap());
+    assert_eq!(owner, user.uid, "the lease file is the user's");
+
+    // Still serving: a lease (written to the user's file), a boot file.
+    let dir = tempfile::tempdir().unwrap();
+    let (_udhcpc, out) = common::start_udhcpc(&served, dir.path());
+    let ip = common::udhcpc_lease(&out);
+    let fetched = dir.path().join("ipxe.efi");
+    common::run_ok(
+        &served.client,
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "20",
+            "-o",
+            fetched.to_str().unwrap(),
+            "tftp://198.18.0.1/ipxe.efi",
+        ],
+    );
+    assert_eq!(
+        std::fs::read(&fetched).unwrap(),
+        nbp,
+        "byte-exact from {ip}"
+    );
+
+    // SIGHUP reads the config again, as the user.
+    kill(Pid::from_raw(served.pid as i32), Signal::SIGHUP).unwrap();
+    served.wait_for_log("SIGHUP: config reloaded", Duration::from_secs(10));
+
+    // SIGTERM: the programs come off the interface.
+    let status = stop_with(&served.lab, served.pid, Signal::SIGTERM);
+    assert!(status.success(), "{status}\n{}", served.log());
+    assert!(!xdp_attached(&served.server), "{}", served.log());
+    assert_eq!(tcx_programs(&served.server), 0, "{}", served.log());
+    assert!(served.log().contains("programs detached; bye"));
 }

@@ -214,6 +214,14 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
         };
         services::start_api(&api, &control, &xdp_modes, &mut services).await?;
     }
+    if let Some(user) = &settings.user {
+        let owned = [
+            settings.lease_file.as_path(),
+            settings.inventory_file.as_path(),
+        ];
+        tokio::task::block_in_place(|| crate::privileges::become_user(user, &owned))?;
+        info!(%user, kept = "CAP_BPF, CAP_NET_ADMIN", "running as {user} from now on, in every thread");
+    }
     Ok(Running {
         settings,
         fastpath,
