@@ -16,6 +16,7 @@ mod bench_observe;
 mod bench_pxe;
 mod bench_webhook;
 mod demo;
+mod package;
 mod peers;
 mod setup;
 
@@ -121,6 +122,11 @@ enum Task {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Build the Debian package (target/debian/pxed_VERSION_ARCH.deb: the
+    /// binary, a hardened systemd unit, the example config, the pxed user)
+    /// and check it without installing it (as root; the check serves one
+    /// machine from the packaged binary in a throwaway namespace).
+    Package,
     /// Run setup, then every test in the workspace (as root: namespaces, BPF).
     Test {
         /// Extra arguments for `cargo test`, e.g. a test name filter.
@@ -142,6 +148,9 @@ fn main() -> ExitCode {
         }
         Task::Bench { clients, only } => setup::run(setup::Mode::Install)
             .and_then(|()| bench_pxe::run(&clients, only.as_deref())),
+        Task::Package => setup::run(setup::Mode::Install)
+            .and_then(|()| package::build())
+            .and_then(|deb| package::check(&deb)),
         Task::BenchCluster { only } => {
             setup::run(setup::Mode::Install).and_then(|()| bench_cluster::run(only.as_deref()))
         }
@@ -242,6 +251,8 @@ fn test(cargo_args: &[String]) -> anyhow::Result<()> {
         bail!("tests failed ({status})");
     }
     if whole {
+        // The package CI ships, checked as an operator would meet it.
+        package::check(&package::build()?)?;
         fuzz()?;
     }
     Ok(())

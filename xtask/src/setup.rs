@@ -85,6 +85,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "postgresql",
         "PostgreSQL for --lease-store; the tests run their own server in a temporary directory (the system's service is never run)",
     ),
+    (
+        "systemd",
+        "systemd-analyze, which verifies the packaged unit (cargo xtask package)",
+    ),
+    (
+        "util-linux",
+        "unshare, for checking the packaged unit in a mount namespace of its own",
+    ),
 ];
 
 /// Services that packages above enable on install, with the package that
