@@ -422,3 +422,41 @@ fn as_its_own_user_pxed_keeps_two_capabilities_in_every_thread_and_still_serves(
     assert_eq!(tcx_programs(&served.server), 0, "{}", served.log());
     assert!(served.log().contains("programs detached; bye"));
 }
+
+/// Under systemd (`Type=notify`): pxed says READY=1 once it serves,
+/// RELOADING=1 then READY=1 around a SIGHUP, and STOPPING=1 on SIGTERM, on
+/// the socket `$NOTIFY_SOCKET` names.
+#[test]
+fn with_a_notify_socket_pxed_tells_systemd_ready_reloading_and_stopping() {
+    if !pxe_lab::privileged("with_a_notify_socket_pxed_tells_systemd_ready_reloading_and_stopping")
+    {
+        return;
+    }
+    let (lab, ns) = lab();
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let next = || {
+        let mut buf = [0u8; 512];
+        let n = socket.recv(&mut buf).expect("a notice within 20 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let env = format!("NOTIFY_SOCKET={}", socket_path.display());
+    let pid = lab
+        .spawn(&ns, "env", &[&env, PXED, "--interface", "eth0"])
+        .expect("starting pxed");
+    assert_eq!(next(), "READY=1");
+    kill(Pid::from_raw(pid as i32), Signal::SIGHUP).unwrap();
+    let reloading = next();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert_eq!(next(), "READY=1");
+    let status = stop_with(&lab, pid, Signal::SIGTERM);
+    assert_eq!(next(), "STOPPING=1");
+    assert!(status.success(), "{status}");
+}

@@ -4,6 +4,7 @@
 //! own ends the daemon with its name and error.
 
 mod found_ipxe;
+mod notify;
 mod services;
 
 use std::{
@@ -255,11 +256,16 @@ impl Running {
             tokio::spawn(log_kernel_answers(Arc::clone(answers)));
         }
         info!("serving; SIGHUP reloads the config, SIGUSR1 logs counters, SIGINT/SIGTERM stops");
+        notify::send("READY=1");
         let failed = loop {
             tokio::select! {
                 _ = signals.term.recv() => { info!("SIGTERM: stopping"); break None; }
                 _ = signals.int.recv() => { info!("SIGINT: stopping"); break None; }
-                _ = signals.hup.recv() => self.reload(),
+                _ = signals.hup.recv() => {
+                    notify::send(&notify::reloading());
+                    self.reload();
+                    notify::send("READY=1");
+                }
                 _ = signals.usr1.recv() => {
                     log_counters("counters", &self.counters()?);
                     self.log_dhcp_stats();
@@ -281,6 +287,7 @@ impl Running {
         }
         log_counters("final counters", &self.counters()?);
         self.log_dhcp_stats();
+        notify::send("STOPPING=1");
         // The services stop before the programs are detached.
         drop(self.services);
         drop(self.fastpath);
