@@ -231,17 +231,6 @@ impl Engine {
         self.addresses.share(share);
     }
 
-    /// Another server on the shared database changed these addresses'
-    /// records (`None`: deleted); memory follows. Returns the machines
-    /// whose answers may differ now.
-    pub fn absorb_peer_leases(&mut self, changes: Vec<(Ipv4Addr, Option<Lease>)>) -> Vec<Mac> {
-        self.follow_lease_feed(
-            changes
-                .into_iter()
-                .map(|(ip, lease)| FeedRecord::Peer(ip, lease)),
-        )
-    }
-
     /// The lease records the change feed delivered, in commit order: other
     /// servers' (memory follows unless this server committed the address
     /// since) and this server's own (from then on, another server's record
@@ -1801,9 +1790,9 @@ mod tests {
         };
         let two = theirs([198, 18, 0, 101], 2);
         let one_moved = theirs([198, 18, 0, 107], 1);
-        let touched = e.absorb_peer_leases(vec![
-            (two.ip, Some(two.clone())),
-            (one_moved.ip, Some(one_moved.clone())),
+        let touched = e.follow_lease_feed([
+            FeedRecord::Peer(two.ip, Some(two.clone())),
+            FeedRecord::Peer(one_moved.ip, Some(one_moved.clone())),
         ]);
         assert_eq!(touched, vec![Mac(mac(1)), Mac(mac(2))]);
         let offer = e.handle(
@@ -1838,7 +1827,7 @@ mod tests {
         );
         // Deleted in the database: gone from memory.
         assert_eq!(
-            e.absorb_peer_leases(vec![(two.ip, None)]),
+            e.follow_lease_feed([FeedRecord::Peer(two.ip, None)]),
             vec![Mac(mac(2))]
         );
         assert_eq!(e.lease(two.ip), None);
