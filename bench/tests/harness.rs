@@ -1326,12 +1326,54 @@ fn a_full_disk_freed_again_costs_retransmissions_not_leases() {
     if !pxe_lab::privileged("a_full_disk_freed_again_costs_retransmissions_not_leases") {
         return;
     }
+    let small = tempfile::tempdir().unwrap();
+    let _mount = Tmpfs::mount(small.path(), "3m");
+    let filler = small.path().join("filler");
+    store_outage_costs_retransmissions_not_leases(
+        &small.path().join("leases.redb"),
+        || {
+            use std::io::Write as _;
+            let mut file = std::fs::File::create(&filler).unwrap();
+            let chunk = vec![0x55u8; 64 * 1024];
+            while file.write_all(&chunk).is_ok() {}
+        },
+        || std::fs::remove_file(&filler).unwrap(),
+    );
+}
+
+/// The same with an I/O error: the lease file on a FUSE filesystem that
+/// answers every write and fsync with EIO for 2 s under load, as a failing
+/// disk does.
+#[test]
+fn an_io_error_under_load_costs_retransmissions_not_leases() {
+    if !pxe_lab::privileged("an_io_error_under_load_costs_retransmissions_not_leases") {
+        return;
+    }
+    let backing = tempfile::tempdir().unwrap();
+    let at = tempfile::tempdir().unwrap();
+    let fs = pxe_lab::faulty_fs::FaultyFs::mount(backing.path(), at.path())
+        .expect("mounting the test's FUSE filesystem (needs /dev/fuse and fusermount3)");
+    store_outage_costs_retransmissions_not_leases(
+        &at.path().join("leases.redb"),
+        || fs.fail_changes(true),
+        || fs.fail_changes(false),
+    );
+    assert!(fs.refused() > 0, "the filesystem failed the store's writes");
+}
+
+/// pxed (full mode, every exchange in userspace) with its lease file at
+/// `leases`: 30 machines lease, `fail` breaks the storage, 100 new machines
+/// ask, and 2 s after pxed said its store fails, `recover` mends it. Every
+/// machine must end with its lease, pxed must say so once each way, and the
+/// file, read after pxed stopped, must hold every lease it handed out.
+fn store_outage_costs_retransmissions_not_leases(
+    leases: &Path,
+    fail: impl FnOnce(),
+    recover: impl FnOnce(),
+) {
     let (lab, server, client) = lab();
     let root = boot_root();
     let work = tempfile::tempdir().unwrap();
-    let small = tempfile::tempdir().unwrap();
-    let mount = Tmpfs::mount(small.path(), "3m");
-    let leases = small.path().join("leases.redb");
     let pid = start_pxed_with(
         &lab,
         &server,
@@ -1354,21 +1396,14 @@ fn a_full_disk_freed_again_costs_retransmissions_not_leases() {
     );
     assert_eq!(count(&first, "leased"), 30, "{first}");
 
-    // The filesystem fills up.
-    let filler = small.path().join("filler");
-    {
-        use std::io::Write as _;
-        let mut file = std::fs::File::create(&filler).unwrap();
-        let chunk = vec![0x55u8; 64 * 1024];
-        while file.write_all(&chunk).is_ok() {}
-    }
+    fail();
     let bench = BenchDhcp::start(&client, &["--repeats", "2"], work.path());
     wait_for_log(&log_path, STORE_FAILING, 1);
     std::thread::sleep(Duration::from_secs(2));
-    std::fs::remove_file(&filler).unwrap();
+    recover();
     let report = bench.finish();
     assert_eq!(count(&report, "leased"), 100, "{}", report["failures"]);
-    assert!(count(&report, "retransmits") > 0, "the full disk was felt");
+    assert!(count(&report, "retransmits") > 0, "the outage was felt");
     let text = std::fs::read_to_string(&log_path).unwrap();
     assert_eq!(text.matches(STORE_FAILING).count(), 1, "said once: {text}");
     assert!(text.contains("lease store writable again"), "{text}");
@@ -1380,7 +1415,7 @@ fn a_full_disk_freed_again_costs_retransmissions_not_leases() {
         child.wait().unwrap();
     }
     use pxe_user::lease::LeaseStore as _;
-    let store = pxe_user::lease::RedbLeaseStore::open(&leases).unwrap();
+    let store = pxe_user::lease::RedbLeaseStore::open(leases).unwrap();
     let held: std::collections::HashSet<[u8; 6]> = store
         .load_all()
         .unwrap()
@@ -1392,9 +1427,7 @@ fn a_full_disk_freed_again_costs_retransmissions_not_leases() {
     assert_eq!(
         of_prefix(0x10),
         100,
-        "the 100 that asked while the disk was full"
+        "the 100 that asked while the store failed"
     );
     assert_eq!(of_prefix(0x20), 30, "the 30 before");
-    drop(store);
-    drop(mount);
 }

@@ -33,6 +33,7 @@ use nix::sched::{setns, CloneFlags};
 
 pub mod client;
 pub mod cpu;
+pub mod faulty_fs;
 pub mod firmware;
 pub mod peers;
 pub mod topology;

@@ -31,7 +31,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("zlib1g-dev", "bpf-linker's LLVM 22 build"),
     ("libzstd-dev", "bpf-linker's LLVM 22 build"),
     ("iproute2", "test namespaces, veth pairs, bridges (ip)"),
-    ("util-linux", "setpriv, to test running without privileges"),
+    (
+        "util-linux",
+        "setpriv, to test running without privileges; unshare, to check the packaged unit in a mount namespace",
+    ),
+    (
+        "fuse3",
+        "fusermount3, which mounts the tests' filesystem that fails writes on demand",
+    ),
     (
         "nftables",
         "packet loss injected in test namespaces (this kernel has no netem)",
@@ -88,10 +95,6 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     (
         "systemd",
         "systemd-analyze, which verifies the packaged unit (cargo xtask package)",
-    ),
-    (
-        "util-linux",
-        "unshare, for checking the packaged unit in a mount namespace of its own",
     ),
 ];
 
