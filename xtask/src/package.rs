@@ -7,7 +7,10 @@
 //! [`check`] is what CI runs on it, without installing anything on the
 //! machine: unpack it into a temporary root, check the shipped config with
 //! the shipped binary, verify the unit with systemd-analyze, and serve one
-//! machine's DHCP and TFTP from the packaged binary in a throwaway lab.
+//! machine's DHCP and TFTP from the packaged binary in a throwaway lab;
+//! then install, remove and purge it with dpkg in a copy-on-write overlay
+//! of the machine's own root, so the maintainer scripts run for real and
+//! every change they make is thrown away with the overlay.
 
 use std::{
     path::{Path, PathBuf},
@@ -95,7 +98,7 @@ pub fn check(deb: &Path) -> anyhow::Result<()> {
     let checked = check_in(deb, &root);
     let _ = std::fs::remove_dir_all(&root);
     checked?;
-    eprintln!("xtask: package: unpacked, config checked, unit verified, one machine served");
+    eprintln!("xtask: package: unpacked, config checked, unit verified, one machine served, installed and purged in an overlay");
     Ok(())
 }
 
@@ -143,7 +146,61 @@ fn check_in(deb: &Path, root: &Path) -> anyhow::Result<()> {
     if !verified.status.success() || said.contains("pxed.service") {
         bail!("systemd-analyze verify pxed.service:\n{said}");
     }
-    serve_one_machine(&pxed, root)
+    serve_one_machine(&pxed, root)?;
+    install_and_purge(deb, root)
+}
+
+/// What runs in the overlay's root, as root: each step says what it proves.
+const INSTALL_AND_PURGE: &str = r#"
+set -e
+fail() { echo "package: $*" >&2; exit 1; }
+dpkg -i /tmp/pxed.deb >/dev/null || fail "dpkg -i failed"
+getent passwd pxed | grep -q ':/usr/sbin/nologin$' || fail "postinst did not create the pxed system user"
+getent group pxed >/dev/null || fail "postinst did not create the pxed group"
+test -d /var/lib/pxed || fail "postinst did not create /var/lib/pxed"
+/usr/sbin/pxed --config /etc/pxed/pxed.toml --check-config >/dev/null || fail "the installed pxed refuses the installed config"
+test "$(dpkg-query -W -f='${Status}' pxed)" = "install ok installed" || fail "dpkg does not list pxed as installed"
+dpkg --remove pxed >/dev/null || fail "dpkg --remove failed"
+test ! -e /usr/sbin/pxed || fail "remove left /usr/sbin/pxed"
+test -f /etc/pxed/pxed.toml || fail "remove took the operator's config (a conffile stays until purge)"
+getent passwd pxed >/dev/null || fail "remove took the pxed user (only purge does)"
+dpkg --purge pxed >/dev/null || fail "dpkg --purge failed"
+test ! -e /etc/pxed/pxed.toml || fail "purge left /etc/pxed/pxed.toml"
+test ! -e /var/lib/pxed || fail "purge left /var/lib/pxed"
+if getent passwd pxed >/dev/null; then fail "purge left the pxed user"; fi
+if dpkg-query -W pxed >/dev/null 2>&1; then fail "dpkg still knows pxed after purge"; fi
+"#;
+
+/// `dpkg -i`, `--remove` and `--purge` of the package in a mount namespace
+/// of their own, chrooted into an overlay whose lower layer is the
+/// machine's root and whose upper layer is a tmpfs: the maintainer scripts
+/// really create and delete the user and the state directory, and the
+/// machine keeps none of it (the namespace and its tmpfs vanish on exit).
+fn install_and_purge(deb: &Path, scratch: &Path) -> anyhow::Result<()> {
+    let layers = scratch.join("overlay");
+    std::fs::create_dir_all(&layers)?;
+    let l = layers.display();
+    let setup = format!(
+        "set -e; mount -t tmpfs tmpfs '{l}'; mkdir '{l}/upper' '{l}/work' '{l}/root'; \
+         mount -t overlay overlay -o 'lowerdir=/,upperdir={l}/upper,workdir={l}/work' '{l}/root'; \
+         mount -t proc proc '{l}/root/proc'; mount --rbind /dev '{l}/root/dev'; \
+         mount -t tmpfs tmpfs '{l}/root/tmp'; mount -t tmpfs tmpfs '{l}/root/run'; \
+         cp '{}' '{l}/root/tmp/pxed.deb'; exec chroot '{l}/root' sh -c \"$0\"",
+        deb.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &setup])
+        .arg(INSTALL_AND_PURGE)
+        .output()
+        .context("running unshare (package util-linux)")?;
+    if !out.status.success() {
+        bail!(
+            "installing and purging the package in an overlay:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 /// The packaged binary in a lab: one simulated UEFI machine gets an
