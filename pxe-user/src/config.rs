@@ -208,6 +208,21 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// What toml says is wrong, or, where it says nothing (a stray control
+/// character, even in a comment), the character it stopped at.
+fn toml_message(text: &str, e: &toml::de::Error) -> String {
+    if !e.message().trim().is_empty() {
+        return e.message().to_owned();
+    }
+    match e.span().and_then(|s| text.get(s.start..)?.chars().next()) {
+        Some(c) => format!(
+            "{c:?} (U+{:04X}) is not allowed here; TOML refuses control characters, also in comments",
+            c as u32
+        ),
+        None => "this is not valid TOML".to_owned(),
+    }
+}
+
 impl Config {
     /// Reads and checks a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -232,7 +247,7 @@ impl Config {
             }
         };
         let file: File =
-            toml::from_str(text).map_err(|e| error_at(e.span(), e.message().to_owned()))?;
+            toml::from_str(text).map_err(|e| error_at(e.span(), toml_message(text, &e)))?;
 
         let mut profiles = HashMap::new();
         for section in &file.profiles {
@@ -528,6 +543,14 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 
 #[cfg(test)]
 mod tests {
+    /// Found by the config_parse fuzz target: toml says nothing about a
+    /// control character in a comment, so the error would be blank.
+    #[test]
+    fn a_control_character_is_named_even_in_a_comment() {
+        let e = Config::parse(Path::new("c.toml"), "# a\u{7f} comment\nx = 1\n").unwrap_err();
+        assert_eq!((e.line, e.column), (1, 4));
+        assert!(e.message.contains("U+007F"), "{e}");
+    }
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
