@@ -8,6 +8,9 @@
 //! - `demo`: the main job on its embedded defaults, with a machine booting.
 //! - `bench`, `bench-dhcp`, `bench-tftp`, `bench-webhook`, `bench-observe`:
 //!   measurements, beside peers where there are any, written to docs/benchmarks.
+//! - `fuzz`: the long fuzzing runs, corpora minimised; docs/benchmarks/fuzz.md.
+//! - `soak`: a long run under waves, reloads and kills; docs/benchmarks/soak.md.
+//! - `package`: the Debian package, built and checked.
 
 mod bench;
 mod bench_cluster;
@@ -16,9 +19,11 @@ mod bench_observe;
 mod bench_pxe;
 mod bench_webhook;
 mod demo;
+mod fuzz_long;
 mod package;
 mod peers;
 mod setup;
+mod soak;
 
 use std::process::{Command, ExitCode};
 
@@ -79,7 +84,7 @@ enum Task {
     /// few minutes).
     BenchCluster {
         /// Measure one setup only, to look into it (no doc is written):
-        /// `redb`, `postgres`, `two-postgres` or `kea`.
+        /// `redb`, `redb-no-linger`, `postgres`, `two-postgres` or `kea`.
         #[arg(long)]
         only: Option<String>,
     },
@@ -124,9 +129,45 @@ enum Task {
     },
     /// Build the Debian package (target/debian/pxed_VERSION_ARCH.deb: the
     /// binary, a hardened systemd unit, the example config, the pxed user)
-    /// and check it without installing it (as root; the check serves one
-    /// machine from the packaged binary in a throwaway namespace).
+    /// and check it without installing it on this machine (as root; the
+    /// check serves one machine from the packaged binary in a throwaway
+    /// namespace, and installs and purges it in a throwaway overlay).
     Package,
+    /// Each fuzz target for 10 million executions or 20 minutes, whichever
+    /// comes first, from and into its corpus in fuzz/corpus/, minimised
+    /// afterwards (cargo fuzz cmin); writes docs/benchmarks/fuzz.md.
+    Fuzz {
+        /// Executions per target.
+        #[arg(long, default_value_t = 10_000_000)]
+        runs: u64,
+        /// Seconds per target at most.
+        #[arg(long, default_value_t = 1200)]
+        seconds: u64,
+        /// Only the targets whose name contains this (no doc is written).
+        #[arg(long)]
+        only: Option<String>,
+        /// Targets fuzzed at once (each one process on one core).
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+    },
+    /// Power-on waves against one pxed for a long time, with a SIGHUP every
+    /// few seconds and a SIGKILL and restart every few minutes: boots fail
+    /// only in flight at a kill, memory and descriptors do not grow; writes
+    /// docs/benchmarks/soak.md (as root; as long as --minutes says).
+    Soak {
+        /// How long.
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+        /// Seconds between SIGHUPs.
+        #[arg(long, default_value_t = 10)]
+        hup_secs: u64,
+        /// Seconds between SIGKILLs (each followed by a restart).
+        #[arg(long, default_value_t = 120)]
+        kill_secs: u64,
+        /// Each run's `bench pxe --power-on` waves, run back to back.
+        #[arg(long, default_value = "100@0,100@5")]
+        waves: String,
+    },
     /// Run setup, then every test in the workspace (as root: namespaces, BPF).
     Test {
         /// Extra arguments for `cargo test`, e.g. a test name filter.
@@ -167,6 +208,35 @@ fn main() -> ExitCode {
         Task::BenchWebhook { clients } => {
             setup::run(setup::Mode::Install).and_then(|()| bench_webhook::run(clients))
         }
+        Task::Fuzz {
+            runs,
+            seconds,
+            only,
+            jobs,
+        } => setup::run(setup::Mode::Install).and_then(|()| {
+            fuzz_long::run(
+                &fuzz_long::Options {
+                    runs,
+                    seconds,
+                    only,
+                    jobs,
+                },
+                FUZZ_TARGETS,
+            )
+        }),
+        Task::Soak {
+            minutes,
+            hup_secs,
+            kill_secs,
+            waves,
+        } => setup::run(setup::Mode::Install).and_then(|()| {
+            soak::run(&soak::Options {
+                minutes,
+                hup_every: std::time::Duration::from_secs(hup_secs),
+                kill_every: std::time::Duration::from_secs(kill_secs),
+                waves,
+            })
+        }),
         Task::BenchObserve { clients, rounds } => {
             setup::run(setup::Mode::Install).and_then(|()| bench_observe::run(clients, rounds))
         }
@@ -226,12 +296,21 @@ pub fn build_release_binaries() -> anyhow::Result<(std::path::PathBuf, std::path
     ))
 }
 
-/// Seconds each fuzz target runs in the test suite: enough to catch a
-/// regression in the parsers' edges, bounded so CI stays well inside its time.
-const FUZZ_SECONDS: u32 = 30;
+/// Seconds each fuzz target runs in the test suite: starting from its
+/// corpus in the repository (fuzz/corpus/TARGET, the minimised result of
+/// the long runs in fuzz/README.md), enough to catch a regression in the
+/// parsers' edges, bounded so CI stays well inside its time.
+const FUZZ_SECONDS: u32 = 20;
 
 /// The fuzz targets of fuzz/Cargo.toml.
-const FUZZ_TARGETS: &[&str] = &["dhcp_decision", "tftp_parse"];
+const FUZZ_TARGETS: &[&str] = &[
+    "dhcp_decision",
+    "tftp_parse",
+    "tftp_session",
+    "config_parse",
+    "script_template",
+    "http_request",
+];
 
 /// The whole suite: formatting and lints, every test, then each fuzz target
 /// for a bounded time. With arguments (a test filter), only `cargo test`.
@@ -295,17 +374,27 @@ fn lint() -> anyhow::Result<()> {
     )
 }
 
-/// Builds the fuzz targets and runs each for [`FUZZ_SECONDS`].
+/// Builds the fuzz targets and runs each for [`FUZZ_SECONDS`], from the
+/// corpus kept in the repository; what it finds new goes to a scratch
+/// directory, so the run leaves the tree as it was.
 fn fuzz() -> anyhow::Result<()> {
     let dir = workspace_root().join("fuzz");
     for target in FUZZ_TARGETS {
-        run_step(
+        let scratch =
+            std::env::temp_dir().join(format!("pxe-fuzz-{target}-{}", std::process::id()));
+        std::fs::create_dir_all(&scratch)?;
+        let ran = run_step(
             &format!("fuzzing {target} for {FUZZ_SECONDS} s"),
             Command::new("cargo")
-                .args(["+nightly", "fuzz", "run", target, "--"])
+                .args(["+nightly", "fuzz", "run", target])
+                .arg(&scratch)
+                .arg(dir.join("corpus").join(target))
+                .arg("--")
                 .arg(format!("-max_total_time={FUZZ_SECONDS}"))
                 .current_dir(&dir),
-        )?;
+        );
+        let _ = std::fs::remove_dir_all(&scratch);
+        ran?;
     }
     Ok(())
 }
