@@ -11,7 +11,7 @@ use libfuzzer_sys::fuzz_target;
 use pxe_user::{
     tftp::{
         negotiate::{negotiate, Limits},
-        transfer::{Outcome, Outgoing, TimerConfig, Transfer},
+        transfer::{KernelProgress, Outcome, Outgoing, TimerConfig, Transfer},
     },
     wire::tftp::Repr,
 };
@@ -42,7 +42,17 @@ fuzz_target!(|data: &[u8]| {
             3 => {
                 let sent = transfer.last_sent() + u64::from(arg & 0xff);
                 let acked = sent.saturating_sub(u64::from(arg >> 8));
-                transfer.handle_kernel_progress(acked, sent, now);
+                let progress = KernelProgress {
+                    last_acked: acked,
+                    last_sent: sent,
+                    sent_at: now.checked_sub(Duration::from_micros(u64::from(arg))),
+                    rtt: (arg & 1 == 1).then(|| {
+                        (Duration::from_micros(u64::from(arg)), Duration::from_micros(u64::from(arg >> 4)))
+                    }),
+                    dup_acks: u64::from(arg >> 12),
+                    ..KernelProgress::default()
+                };
+                transfer.handle_kernel_progress(&progress, now);
             }
             _ => transfer.handle_error(arg, "fuzz"),
         }

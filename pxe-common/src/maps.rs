@@ -17,6 +17,11 @@ pub const TFTP_PORTS: &str = "TFTP_PORTS";
 /// Image chunk index → [`CHUNK_SIZE`] bytes of boot files; filled by the
 /// daemon through `mmap` of the map, read by both programs to build DATA.
 pub const IMAGE_CHUNKS: &str = "IMAGE_CHUNKS";
+/// Chunk index → [`ChunkSums`], the running checksums of that chunk of
+/// `IMAGE_CHUNKS`; written by the daemon with the chunk, read by both
+/// programs, which checksum a DATA block from two of them and the block's
+/// ends instead of from every byte.
+pub const CHUNK_SUMS: &str = "CHUNK_SUMS";
 /// Image id → [`ImageEntry`]; written by the daemon when it loads a file
 /// into `IMAGE_CHUNKS`, read by both programs.
 pub const IMAGES: &str = "IMAGES";
@@ -24,9 +29,9 @@ pub const IMAGES: &str = "IMAGES";
 /// from which point. Written only by the daemon (when it hands a transfer
 /// over), read by both programs.
 pub const TFTP_SESSIONS: &str = "TFTP_SESSIONS";
-/// [`SessionKey`] → [`SessionProgress`]: how far the kernel got. Written only
-/// by the programs (on every in-sequence ACK), read by the daemon for its
-/// retransmit timer.
+/// [`SessionKey`] → [`SessionProgress`]: how far the kernel got, when it
+/// last sent and the round trip it measures. Written only by the programs
+/// (on every in-sequence ACK), read by the daemon for its retransmit timer.
 pub const TFTP_PROGRESS: &str = "TFTP_PROGRESS";
 
 /// Every map the object must define.
@@ -35,6 +40,7 @@ pub const ALL: &[&str] = &[
     TC_COUNTERS,
     TFTP_PORTS,
     IMAGE_CHUNKS,
+    CHUNK_SUMS,
     IMAGES,
     TFTP_SESSIONS,
     TFTP_PROGRESS,
@@ -50,6 +56,18 @@ pub const CHUNK_SIZE: u32 = 1 << 20;
 /// the largest fast-path block, so every block lies inside one chunk and the
 /// verifier can bound the copy by a single map value.
 pub const CHUNK_STRIDE: u32 = CHUNK_SIZE - MAX_FAST_BLKSIZE;
+/// Bytes between two running checksums of a chunk. Smaller grains leave
+/// less to sum at a block's ends and take more memory: at 64 the sums are
+/// 1/16 of the chunks, and each end of a block has under 64 bytes to sum.
+pub const SUM_GRAIN: u32 = 64;
+/// Running checksums per chunk: one at every grain from 0 to CHUNK_SIZE,
+/// and one unused to keep the value a multiple of 8 bytes (an mmapped or
+/// array map's stride).
+pub const SUMS_PER_CHUNK: usize = (CHUNK_SIZE / SUM_GRAIN) as usize + 2;
+/// `sums[k]`: the ones' complement sum (folded, not complemented) of the
+/// chunk's first `k * SUM_GRAIN` bytes as native-order 16-bit words, bytes
+/// past the file's end counted as zero (see `csum::running_sums`).
+pub type ChunkSums = [u32; SUMS_PER_CHUNK];
 /// Number of chunks the object declares; the daemon sets the real size at
 /// load time from its memory budget (an array map is allocated whole).
 pub const IMAGE_CHUNKS_DEFAULT: u32 = 8;
@@ -139,6 +157,18 @@ pub struct SessionProgress {
     pub tc_sent: u32,
     /// Duplicate or stale ACKs dropped.
     pub dup_acks: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the kernel last sent a
+    /// window (0: never): userspace's retransmit deadline counts from here.
+    pub sent_ns: u64,
+    /// Smoothed round trip and its variation in ns (RFC 6298), from ACKs of
+    /// whole kernel-sent windows (0: no sample yet).
+    pub srtt_ns: u64,
+    pub rttvar_ns: u64,
+    /// Non-zero while the window sent at `sent_ns` may be timed: cleared by
+    /// a new hand-over, which userspace publishes when it resends (Karn's
+    /// rule: the ACK of a resent block says nothing about the round trip).
+    pub timed: u32,
+    pub _pad: u32,
 }
 
 impl SessionProgress {
@@ -155,7 +185,38 @@ impl SessionProgress {
         self.handover = config.handover;
         self.last_acked = self.last_acked.max(config.handover_acked);
         self.last_sent = self.last_sent.max(config.handover_sent);
+        self.timed = 0;
         true
+    }
+
+    /// The kernel sent blocks `acked + 1 ..= acked + count` at `now_ns` in
+    /// answer to an ACK of `acked`. An ACK of the whole window sent last
+    /// (and not resent since) is a round-trip sample: the kernel answers at
+    /// once, so ACK to ACK is one round trip.
+    #[inline(always)]
+    pub fn sent_window(&mut self, acked: u32, count: u32, now_ns: u64) {
+        if self.timed != 0 && acked == self.last_sent && self.sent_ns != 0 && now_ns > self.sent_ns
+        {
+            self.sample_rtt(now_ns - self.sent_ns);
+        }
+        self.last_acked = acked;
+        self.last_sent = acked + count;
+        self.sent_ns = now_ns;
+        self.timed = 1;
+    }
+
+    /// RFC 6298 §2 smoothing (gains 1/8 and 1/4), in integers.
+    #[inline(always)]
+    pub fn sample_rtt(&mut self, rtt_ns: u64) {
+        let rtt = if rtt_ns == 0 { 1 } else { rtt_ns };
+        if self.srtt_ns == 0 {
+            self.srtt_ns = rtt;
+            self.rttvar_ns = rtt / 2;
+        } else {
+            let delta = rtt.abs_diff(self.srtt_ns);
+            self.rttvar_ns = (self.rttvar_ns * 3 + delta) / 4;
+            self.srtt_ns = (self.srtt_ns * 7 + rtt) / 8;
+        }
     }
 }
 
@@ -179,7 +240,7 @@ pub const MAX_KERNEL_WINDOW: u32 = 8;
 const _: () = assert!(core::mem::size_of::<ImageEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<SessionKey>() == 8);
 const _: () = assert!(core::mem::size_of::<SessionConfig>() == 32);
-const _: () = assert!(core::mem::size_of::<SessionProgress>() == 24);
+const _: () = assert!(core::mem::size_of::<SessionProgress>() == 56);
 const _: () = assert!(CHUNK_STRIDE > 0);
 
 /// How many transfer ports can be registered at once: one per running transfer.

@@ -23,4 +23,4 @@ pub fn ip_header_sum(ip: &Ipv4Hdr) -> u64 {
 }
 
 /// The fold is the daemon's too: one definition in pxe-common.
-pub use pxe_common::csum::fold;
+pub use pxe_common::csum::{difference, fold};

@@ -35,9 +35,9 @@ use pxe_common::{
     counter::Counter,
     dhcp::{AnswerEntry, AnswerKey, BOOTP_HEAD_LEN, DHCP_ANSWERS_CAPACITY, MAX_REPLY_LEN},
     maps::{
-        ImageEntry, SessionConfig, SessionKey, SessionProgress, TftpPortEntry, TftpPortKey,
-        CHUNK_SIZE, CHUNK_STRIDE, IMAGES_CAPACITY, IMAGE_CHUNKS_DEFAULT, MAX_FAST_BLKSIZE,
-        MAX_KERNEL_WINDOW, TFTP_PORTS_CAPACITY, TFTP_SESSIONS_CAPACITY,
+        ChunkSums, ImageEntry, SessionConfig, SessionKey, SessionProgress, TftpPortEntry,
+        TftpPortKey, CHUNK_SIZE, CHUNK_STRIDE, IMAGES_CAPACITY, IMAGE_CHUNKS_DEFAULT,
+        MAX_FAST_BLKSIZE, MAX_KERNEL_WINDOW, TFTP_PORTS_CAPACITY, TFTP_SESSIONS_CAPACITY,
     },
 };
 
@@ -66,6 +66,11 @@ static TFTP_PORTS: HashMap<TftpPortKey, TftpPortEntry> =
 #[map]
 static IMAGE_CHUNKS: Array<[u8; CHUNK_SIZE as usize]> =
     Array::with_max_entries(IMAGE_CHUNKS_DEFAULT, BPF_F_MMAPABLE);
+
+/// Chunk index → running checksums of that chunk; written by the daemon
+/// with the chunk, read by both programs. Sized with `IMAGE_CHUNKS`.
+#[map]
+static CHUNK_SUMS: Array<ChunkSums> = Array::with_max_entries(IMAGE_CHUNKS_DEFAULT, 0);
 
 /// Image id → where its chunks are; written by the daemon, read by both programs.
 #[map]
@@ -139,7 +144,7 @@ fn xdp_tftp(ctx: &XdpContext, frame: &Frame, off: UdpOffsets) -> (Counter, u32) 
         Plan::Drop => return (Counter::DROP_TFTP_STALE_ACK, xdp_action::XDP_DROP),
         Plan::Build(build) => build,
     };
-    let Some(block) = build.block(&IMAGE_CHUNKS, 0) else {
+    let Some(block) = build.block(&IMAGE_CHUNKS, &CHUNK_SUMS, 0) else {
         return (Counter::PASS_TFTP_TRANSFER, xdp_action::XDP_PASS);
     };
     let grow = build.frame_len as i32 - (frame.end - frame.start) as i32;
@@ -319,12 +324,16 @@ fn tc_tftp(ctx: &TcContext, frame: &Frame, off: UdpOffsets) -> (Counter, i32) {
         if i >= build.count {
             break;
         }
-        let written = build.block(&IMAGE_CHUNKS, i).is_some_and(|block| {
-            store_reply(&block, |offset, from, len| {
-                // SAFETY: as in the XDP tier; RECOMPUTE_CSUM keeps a CHECKSUM_COMPLETE skb's sum right.
-                unsafe { bpf_skb_store_bytes(skb, offset, from, len, BPF_F_RECOMPUTE_CSUM as u64) }
-            })
-        });
+        let written = build
+            .block(&IMAGE_CHUNKS, &CHUNK_SUMS, i)
+            .is_some_and(|block| {
+                store_reply(&block, |offset, from, len| {
+                    // SAFETY: as in the XDP tier; RECOMPUTE_CSUM keeps a CHECKSUM_COMPLETE skb's sum right.
+                    unsafe {
+                        bpf_skb_store_bytes(skb, offset, from, len, BPF_F_RECOMPUTE_CSUM as u64)
+                    }
+                })
+            });
         if !written {
             break;
         }

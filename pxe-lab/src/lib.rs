@@ -359,6 +359,23 @@ fn stale_owner(name: &str) -> Option<u32> {
 /// project's test command sets it, so CI can never pass by skipping.
 pub const REQUIRE_PRIVILEGED_TESTS: &str = "PXE_REQUIRE_PRIVILEGED_TESTS";
 
+/// The sum of `field=N` over the lines of a pxed log that say `event`:
+/// e.g. the blocks resent (`retransmits`) over every "TFTP transfer completed".
+pub fn sum_logged(log: &str, event: &str, field: &str) -> u64 {
+    let key = format!(" {field}=");
+    log.lines()
+        .filter(|line| line.contains(event))
+        .filter_map(|line| {
+            line.split(key.as_str())
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 /// For tests that need root (namespaces, BPF): true when they can run. When
 /// they cannot, prints why and returns false, or panics if
 /// [`REQUIRE_PRIVILEGED_TESTS`] is set.

@@ -326,6 +326,58 @@ fn a_hand_over_from_a_stale_read_never_moves_the_kernels_progress_back() {
 }
 
 #[test]
+fn the_kernel_times_its_sends_and_measures_the_round_trip_of_whole_windows() {
+    if !pxe_lab::privileged(
+        "the_kernel_times_its_sends_and_measures_the_round_trip_of_whole_windows",
+    ) {
+        return;
+    }
+    let file = image(1468 * 20);
+    let mut fp = after_the_kernel_sent_block_2(&file);
+    let first = fp.session(&key()).unwrap().unwrap();
+    assert_ne!(first.sent_ns, 0, "the send is timestamped");
+    assert_eq!(
+        first.srtt_ns, 0,
+        "block 1 was userspace's: no sample from its ACK"
+    );
+
+    // The client's ACK of block 2 arrives 3 ms after the kernel sent it.
+    std::thread::sleep(std::time::Duration::from_millis(3));
+    assert_eq!(run_xdp(&mut fp, &ack(2)).0, XDP_TX);
+    let timed = fp.session(&key()).unwrap().unwrap();
+    assert!(timed.sent_ns > first.sent_ns, "the new send is timestamped");
+    assert!(
+        (3_000_000..1_000_000_000).contains(&timed.srtt_ns),
+        "a 3 ms round trip, measured {} ns",
+        timed.srtt_ns
+    );
+    assert_eq!(
+        timed.rttvar_ns,
+        timed.srtt_ns / 2,
+        "RFC 6298's first sample"
+    );
+
+    // Userspace resends block 3 and says so with a new hand-over: the ACK
+    // that follows is not a sample (Karn), the one after it is again.
+    let config = fp.session_config(&key()).unwrap().unwrap();
+    fp.hand_over(key(), config).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(run_xdp(&mut fp, &ack(3)).0, XDP_TX);
+    let after_resend = fp.session(&key()).unwrap().unwrap();
+    assert_eq!(
+        (after_resend.srtt_ns, after_resend.last_sent),
+        (timed.srtt_ns, 4),
+        "no sample from the ACK of a resent block"
+    );
+    assert_eq!(run_xdp(&mut fp, &ack(4)).0, XDP_TX);
+    let again = fp.session(&key()).unwrap().unwrap();
+    assert!(
+        again.srtt_ns < timed.srtt_ns,
+        "a fast sample pulls the average down"
+    );
+}
+
+#[test]
 fn a_hand_over_ahead_of_the_kernel_is_adopted_and_keeps_its_counters() {
     if !pxe_lab::privileged("a_hand_over_ahead_of_the_kernel_is_adopted_and_keeps_its_counters") {
         return;

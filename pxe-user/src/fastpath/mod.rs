@@ -20,8 +20,9 @@ use aya::{
 use bytemuck::Zeroable as _;
 use pxe_common::dhcp::{AnswerEntry, AnswerKey, DHCP_ANSWERS};
 use pxe_common::maps::{
-    self, next_handover, ImageEntry, SessionConfig, SessionKey, SessionProgress, TftpPortEntry,
-    TftpPortKey, CHUNK_SIZE, CHUNK_STRIDE, FIRST_HANDOVER, IMAGES_CAPACITY,
+    self, next_handover, ChunkSums, ImageEntry, SessionConfig, SessionKey, SessionProgress,
+    TftpPortEntry, TftpPortKey, CHUNK_SIZE, CHUNK_STRIDE, FIRST_HANDOVER, IMAGES_CAPACITY,
+    SUMS_PER_CHUNK, SUM_GRAIN,
 };
 
 pub use self::{
@@ -149,6 +150,7 @@ impl FastPath {
         let chunks = chunks.max(1);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::IMAGE_CHUNKS, chunks)
+            .map_max_entries(maps::CHUNK_SUMS, chunks)
             .load(BPF_OBJECT)
             .map_err(FastPathError::Object)?;
         load_program::<Xdp>(&mut ebpf, XDP_PROGRAM, |p| p.load())?;
@@ -192,6 +194,7 @@ impl FastPath {
         }
         // No msync: BPF map memory is not file-backed (msync is EINVAL there).
         drop(memory);
+        self.store_chunk_sums(first, needed, bytes)?;
         self.next_chunk += needed;
         let entry = ImageEntry {
             first_chunk: first,
@@ -215,6 +218,47 @@ impl FastPath {
                 source,
             })?;
         Ok(entry)
+    }
+
+    /// Writes the running checksums of the `needed` chunks from `first` that
+    /// hold `bytes`, before the image is marked ready: the programs sum a
+    /// block from them (see `maps::ChunkSums`).
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "the sums are 64 KiB: lent to the map update, not copied onto the stack"
+    )]
+    fn store_chunk_sums(
+        &mut self,
+        first: u32,
+        needed: u32,
+        bytes: &[u8],
+    ) -> Result<(), FastPathError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::CHUNK_SUMS)
+            .expect("pxe-ebpf defines CHUNK_SUMS");
+        let mut sums_map: Array<&mut MapData, ChunkSums> =
+            Array::try_from(map).map_err(|source| FastPathError::Map {
+                name: maps::CHUNK_SUMS,
+                source,
+            })?;
+        let mut sums: Box<ChunkSums> = vec![0; SUMS_PER_CHUNK]
+            .into_boxed_slice()
+            .try_into()
+            .expect("SUMS_PER_CHUNK values");
+        for i in 0..needed {
+            let from = (i as usize) * CHUNK_STRIDE as usize;
+            let to = (from + CHUNK_SIZE as usize).min(bytes.len());
+            let piece = bytes.get(from..to).unwrap_or(&[]);
+            pxe_common::csum::running_sums(piece, SUM_GRAIN as usize, &mut sums[..]);
+            sums_map
+                .set(first + i, &*sums, 0)
+                .map_err(|source| FastPathError::Map {
+                    name: maps::CHUNK_SUMS,
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     /// Starts (or restarts) a kernel session at `config`'s hand-over point,

@@ -6,6 +6,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
 };
 
 use bytemuck::Zeroable as _;
@@ -15,7 +16,10 @@ use tracing::{info, warn};
 use super::FastPath;
 use crate::{
     bootroot::BootFile,
-    tftp::server::{KernelProgress, Offload, TransferHooks},
+    tftp::{
+        server::{Offload, TransferHooks},
+        transfer::KernelProgress,
+    },
 };
 
 /// The TFTP server's seam to the kernel programs: transfer ports, images
@@ -95,6 +99,19 @@ pub fn session_key(t: &Offload<'_>) -> Option<SessionKey> {
         client_port: client.port().to_be_bytes(),
         server_port: t.server_port.to_be_bytes(),
     })
+}
+
+/// The `Instant` of a `bpf_ktime_get_ns` reading (CLOCK_MONOTONIC, the
+/// clock `Instant` uses on Linux); None for 0 (never) or a clock error.
+fn kernel_instant(ktime_ns: u64) -> Option<Instant> {
+    if ktime_ns == 0 {
+        return None;
+    }
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+    let now_ns =
+        u64::try_from(now.tv_sec()).ok()? * 1_000_000_000 + u64::try_from(now.tv_nsec()).ok()?;
+    let at = Instant::now();
+    at.checked_sub(Duration::from_nanos(now_ns.saturating_sub(ktime_ns)))
 }
 
 impl FastPathHooks {
@@ -177,6 +194,14 @@ impl TransferHooks for FastPathHooks {
         Some(KernelProgress {
             last_acked: u64::from(s.last_acked),
             last_sent: u64::from(s.last_sent),
+            sent_at: kernel_instant(s.sent_ns),
+            rtt: (s.srtt_ns != 0).then(|| {
+                (
+                    Duration::from_nanos(s.srtt_ns),
+                    Duration::from_nanos(s.rttvar_ns),
+                )
+            }),
+            dup_acks: u64::from(s.dup_acks),
             xdp_sent: u64::from(s.xdp_sent),
             tc_sent: u64::from(s.tc_sent),
         })

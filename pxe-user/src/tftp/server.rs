@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     negotiate::{negotiate, Limits, Negotiated},
-    transfer::{Outcome, Outgoing, TimerConfig, Transfer},
+    transfer::{KernelProgress, Outcome, Outgoing, TimerConfig, Transfer},
 };
 use crate::{
     bootroot::{BootFile, BootRoot, OpenError},
@@ -84,17 +84,6 @@ pub struct Offload<'a> {
     pub acked: u64,
     /// Highest block userspace has sent.
     pub last_sent: u64,
-}
-
-/// What the kernel tiers report of an offloaded transfer.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct KernelProgress {
-    /// Highest block acknowledged to the kernel.
-    pub last_acked: u64,
-    /// Highest block sent, by anyone.
-    pub last_sent: u64,
-    pub xdp_sent: u64,
-    pub tc_sent: u64,
 }
 
 /// Hooks that do nothing: userspace serves everything.
@@ -395,6 +384,7 @@ async fn run_transfer(
     let server_port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
     let mut offloaded = false;
     let mut kernel = KernelProgress::default();
+    let mut retransmits_handed_over = 0;
     let mut transfer = Transfer::new(&agreed, file.len(), timer, started);
     info!(
         client = %peer, file = %file.path, size = file.len(), blksize = agreed.blksize,
@@ -428,11 +418,15 @@ async fn run_transfer(
         let worth_offloading =
             !offloaded && transfer.last_sent() + transfer.window() + 1 < transfer.blocks();
         let ahead_of_kernel = offloaded && transfer.last_sent() > kernel.last_sent;
-        if transfer.is_streaming_data() && (worth_offloading || ahead_of_kernel) {
+        // A resend is published as a new hand-over before it leaves, so the
+        // kernel does not time the round trip from its own lost send (Karn).
+        let resending = offloaded && transfer.stats().retransmits > retransmits_handed_over;
+        if transfer.is_streaming_data() && (worth_offloading || ahead_of_kernel || resending) {
             let offer = offload_of(peer, server_port, &file, &agreed, &transfer);
             if hooks.offload(&offer) {
                 offloaded = true;
                 kernel.last_sent = transfer.last_sent();
+                retransmits_handed_over = transfer.stats().retransmits;
             }
         }
         if let Err(e) = batch.send(&socket, peer).await {
@@ -451,7 +445,7 @@ async fn run_transfer(
                 if offloaded {
                     let offer = offload_of(peer, server_port, &file, &agreed, &transfer);
                     if let Some(p) = catch_up(hooks, &offer, &mut kernel) {
-                        transfer.handle_kernel_progress(p.last_acked, p.last_sent, Instant::now());
+                        transfer.handle_kernel_progress(&p, Instant::now());
                     }
                 }
                 if from != peer {
@@ -468,13 +462,13 @@ async fn run_transfer(
                 }
             }
             () = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
-                // An offloaded transfer that moved on in the kernel is not late.
+                // An offloaded transfer that moved on in the kernel is late
+                // only if the kernel's last send is a timeout old too (the
+                // timer then counts from that send).
                 if offloaded {
                     let offer = offload_of(peer, server_port, &file, &agreed, &transfer);
                     if let Some(p) = catch_up(hooks, &offer, &mut kernel) {
-                        if transfer.handle_kernel_progress(p.last_acked, p.last_sent, Instant::now()) {
-                            continue;
-                        }
+                        transfer.handle_kernel_progress(&p, Instant::now());
                     }
                 }
                 transfer.handle_timeout(Instant::now());
@@ -496,7 +490,7 @@ async fn run_transfer(
             let mbps = file.len() as f64 / elapsed.as_secs_f64().max(1e-9) / 1e6;
             info!(
                 client = %peer, file = %file.path, bytes = file.len(), ms = elapsed.as_millis() as u64,
-                mb_per_s = format!("{mbps:.1}"), retransmits = stats.retransmits, duplicate_acks = stats.duplicate_acks,
+                mb_per_s = format!("{mbps:.1}"), retransmits = stats.retransmits, duplicate_acks = stats.duplicate_acks, spurious_resends = stats.spurious_resends,
                 kernel_xdp = kernel.xdp_sent, kernel_tc = kernel.tc_sent, "TFTP transfer completed"
             );
         }

@@ -9,12 +9,20 @@
 //! - A duplicate or stale ACK changes nothing and triggers no resend (RFC 1123
 //!   §4.2.3.1, the Sorcerer's Apprentice): only our own timer resends.
 //! - The timer adapts to the measured round trip (Jacobson/Karels, Karn's
-//!   rule for retransmitted blocks) with a 10 ms floor, so one lost packet
+//!   rule for retransmitted blocks) with a 5 ms floor, so one lost packet
 //!   costs milliseconds, not the client's multi-second timeout. A spurious
-//!   resend is cheap: the client re-acknowledges, and we ignore duplicates.
-//!   It backs off exponentially, and the transfer is abandoned after a quiet
-//!   `stall_limit`. (Measured: 1 MiB at blksize 512 with 5% loss each way
-//!   took 15.6 s with a 50 ms floor, 2.9 s with 10 ms.)
+//!   resend is cheap: the client re-acknowledges, and we ignore duplicates;
+//!   in lockstep that second acknowledgement proves the resend needless and
+//!   raises the transfer's floor (round trips with a long tail, which the
+//!   samples never show). It backs off exponentially to a ceiling above the
+//!   clients' own timeouts, and the transfer is abandoned after a quiet
+//!   `stall_limit`. (Measured: 1 MiB at blksize 512
+//!   with 5% loss each way took 15.6 s with a 50 ms floor, 2.9 s with 10 ms;
+//!   the 5 ms floor: docs/BENCHMARKS.md, TFTP under loss.)
+//! - While the kernel tiers serve the transfer they see the ACKs: the
+//!   driver passes their progress in ([`Transfer::handle_kernel_progress`]),
+//!   with the time of the kernel's last send and its round trip, and the
+//!   timeout counts from that send.
 
 use std::time::{Duration, Instant};
 
@@ -37,8 +45,13 @@ impl Default for TimerConfig {
     fn default() -> Self {
         Self {
             initial_rto: Duration::from_millis(250),
-            min_rto: Duration::from_millis(10),
-            max_rto: Duration::from_secs(2),
+            min_rto: Duration::from_millis(5),
+            // Above the clients' own timeouts (atftp and tftp-hpa 5 s, EDK2
+            // 4 s): a client that restarts its timer on every block it
+            // ignores (atftp, once its one extra ACK is lost) re-acknowledges
+            // only in a quiet gap longer than that. A client that retries
+            // loses nothing by it: any ACK is answered at once.
+            max_rto: Duration::from_secs(8),
             // Longer than EDK2's 6 retries × 4 s, so a slow client is never
             // cut off while it is still trying.
             stall_limit: Duration::from_secs(30),
@@ -66,12 +79,47 @@ pub enum Outcome {
     TimedOut { acked_blocks: u64 },
 }
 
+/// What the kernel tiers report of a transfer handed to them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelProgress {
+    /// Highest block acknowledged to the kernel.
+    pub last_acked: u64,
+    /// Highest block sent, by anyone.
+    pub last_sent: u64,
+    /// When the kernel sent its last window (None: it has sent none).
+    pub sent_at: Option<Instant>,
+    /// The round trip the kernel measured, smoothed, and its variation.
+    pub rtt: Option<(Duration, Duration)>,
+    /// Duplicate or stale ACKs the kernel dropped.
+    pub dup_acks: u64,
+    pub xdp_sent: u64,
+    pub tc_sent: u64,
+}
+
 /// Counters for the log line at the end of a transfer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TransferStats {
     pub data_sent: u64,
     pub retransmits: u64,
     pub duplicate_acks: u64,
+    /// Resends the client proved needless by acknowledging twice.
+    pub spurious_resends: u64,
+}
+
+/// The highest a transfer's timeout floor rises after spurious resends
+/// (Linux TCP's minimum RTO): a loss must never cost the client's own
+/// timeout.
+const SPURIOUS_FLOOR_CAP: Duration = Duration::from_millis(200);
+
+/// A resend by the timer, until it proves spurious or another replaces it.
+#[derive(Clone, Copy, Debug)]
+struct Resend {
+    /// The block resent (wide index; 0: the OACK); lockstep only.
+    block: u64,
+    /// The timeout that fired.
+    after: Duration,
+    /// The kernel's duplicate-ACK count just before it.
+    kernel_dups: u64,
 }
 
 #[derive(Debug)]
@@ -96,6 +144,17 @@ pub struct Transfer {
     /// A first-transmission block being timed, with its send time.
     probe: Option<(u64, Instant)>,
     deadline: Instant,
+    /// While the kernel tiers serve the transfer and a resend waits out its
+    /// backed-off timeout: when to look at the kernel's progress first. The
+    /// kernel takes the resent block's ACK, and the losses after it must not
+    /// wait for that longer timeout to be noticed.
+    kernel_check: Option<Instant>,
+    /// The kernel tiers have reported progress: they see the ACKs.
+    kernel_serving: bool,
+    /// The kernel's duplicate-ACK count when last looked at.
+    kernel_dups: u64,
+    /// The last resend, watched for proof that it was spurious.
+    resend: Option<Resend>,
     last_progress: Instant,
     outcome: Option<Outcome>,
     stats: TransferStats,
@@ -128,6 +187,10 @@ impl Transfer {
             rttvar: Duration::ZERO,
             probe: None,
             deadline: now + timer.initial_rto,
+            kernel_check: None,
+            kernel_serving: false,
+            kernel_dups: 0,
+            resend: None,
             last_progress: now,
             outcome: None,
             stats: TransferStats::default(),
@@ -176,7 +239,10 @@ impl Transfer {
 
     /// When the driver must call [`Transfer::handle_timeout`].
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.outcome.is_none().then_some(self.deadline)
+        let wake = self
+            .kernel_check
+            .map_or(self.deadline, |check| check.min(self.deadline));
+        self.outcome.is_none().then_some(wake)
     }
 
     /// How the transfer ended, once it has.
@@ -212,9 +278,19 @@ impl Transfer {
         let in_flight = self.acked + 1..self.next;
         let Some(index) = in_flight.clone().find(|i| Self::wire_block(*i) == block) else {
             self.stats.duplicate_acks += 1; // duplicate or stale: never a reason to resend
+            if let Some(resend) = self.resend {
+                if Self::wire_block(resend.block) == block {
+                    // Acknowledged twice: the original arrived after all.
+                    self.resent_spuriously(resend);
+                }
+            }
             return;
         };
         self.progress(index, now);
+        if self.resend.is_some_and(|r| index > r.block) {
+            // Past what was resent: a duplicate now is a gap's, not proof.
+            self.resend = None;
+        }
         if index == self.blocks {
             self.outcome = Some(Outcome::Completed);
             return;
@@ -251,14 +327,25 @@ impl Transfer {
     }
 
     /// The kernel tiers answered ACKs on our behalf: the client acknowledged
-    /// up to `last_acked`, and blocks up to `last_sent` are out. Catches the
-    /// machine up; returns false if that is no news.
-    pub fn handle_kernel_progress(
-        &mut self,
-        last_acked: u64,
-        last_sent: u64,
-        now: Instant,
-    ) -> bool {
+    /// up to `last_acked`, and blocks up to `last_sent` are out, the last
+    /// window sent at `sent_at`. Catches the machine up and counts the
+    /// retransmit timeout from that send, with the kernel's round trip (it
+    /// sees the ACKs now); returns false if that is no news.
+    pub fn handle_kernel_progress(&mut self, kernel: &KernelProgress, now: Instant) -> bool {
+        if let Some((srtt, rttvar)) = kernel.rtt {
+            self.srtt = Some(srtt);
+            self.rttvar = rttvar;
+        }
+        self.kernel_dups = kernel.dup_acks;
+        if let Some(resend) = self.resend {
+            if kernel.dup_acks > resend.kernel_dups {
+                // The client acknowledged a resent block twice (see
+                // `resent_spuriously`); the kernel dropped the second.
+                self.resent_spuriously(resend);
+            }
+        }
+        let (last_acked, last_sent) = (kernel.last_acked, kernel.last_sent);
+        self.kernel_serving = true;
         if self.outcome.is_some()
             || last_sent <= self.max_sent
             || last_sent > self.blocks
@@ -270,11 +357,16 @@ impl Transfer {
         self.next = last_sent + 1;
         self.max_sent = last_sent;
         self.probe = None;
-        self.last_progress = now;
+        let sent_at = kernel.sent_at.filter(|&at| at <= now).unwrap_or(now);
+        self.last_progress = sent_at;
         // Progress ends any backoff, as a new ACK does in TCP: the next loss
         // must again cost one round-trip timeout, not the backed-off one.
+        // (Keeping the backoff until a fresh sample, as Karn would, cost 15%
+        // at 5% loss; round trips that outgrow the timeout are caught by
+        // `resent_spuriously` instead.)
         self.rto = self.base_rto();
-        self.deadline = now + self.rto;
+        self.deadline = sent_at + self.rto;
+        self.kernel_check = None;
         true
     }
 
@@ -298,7 +390,15 @@ impl Transfer {
 
     /// The timer fired: resend what is unacknowledged, or give up.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.outcome.is_some() || now < self.deadline {
+        if self.outcome.is_some() {
+            return;
+        }
+        if now < self.deadline {
+            if self.kernel_check.is_some_and(|at| at <= now) {
+                // The driver looked and the kernel has not moved on: the
+                // resend waits out its backoff.
+                self.kernel_check = None;
+            }
             return;
         }
         if now.duration_since(self.last_progress) >= self.timer.stall_limit {
@@ -309,13 +409,50 @@ impl Transfer {
         }
         self.stats.retransmits += 1;
         self.probe = None; // Karn: a resent packet's ACK says nothing about the RTT
+        let unbacked = self.rto;
+        // Lockstep only: a windowed client acknowledges again whenever a
+        // block arrives twice or out of order, which a resend of a window it
+        // partly had causes too, so it proves nothing there.
+        let block = if self.awaiting_oack_ack {
+            0
+        } else {
+            self.acked + 1
+        };
+        self.resend = (self.window == 1).then_some(Resend {
+            block,
+            after: unbacked,
+            kernel_dups: self.kernel_dups,
+        });
         self.rto = (self.rto * 2).min(self.timer.max_rto);
         self.deadline = now + self.rto;
+        self.kernel_check = self.kernel_serving.then_some(now + unbacked);
         if self.awaiting_oack_ack {
             self.oack_pending = true;
         } else {
             self.next = self.acked + 1;
         }
+    }
+
+    /// A resend proved needless: the client acknowledged the original and
+    /// then the copy (a lost DATA or ACK gets one acknowledgement). The round
+    /// trip's tail outgrew the timeout, which the samples cannot show (the
+    /// ACKs of resent blocks are not samples), so the floor of this
+    /// transfer's timeout goes to twice the one that fired, up to
+    /// [`SPURIOUS_FLOOR_CAP`]. Seen with 512 lockstep clients on 2 cores:
+    /// round trips of 1-3 ms with stalls of 10-75 ms. A timeout before any
+    /// round trip was measured was a guess, and a slow first answer (firmware
+    /// reading the OACK) says nothing about the rest.
+    fn resent_spuriously(&mut self, resend: Resend) {
+        self.resend = None;
+        self.stats.spurious_resends += 1;
+        if self.srtt.is_none() || resend.block == 0 {
+            return;
+        }
+        let floor = (resend.after * 2)
+            .min(SPURIOUS_FLOOR_CAP)
+            .min(self.timer.max_rto);
+        self.timer.min_rto = self.timer.min_rto.max(floor);
+        self.rto = self.rto.max(self.timer.min_rto);
     }
 
     /// Block `index` (0 for the OACK) was acknowledged.
@@ -352,6 +489,29 @@ impl Transfer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The client acknowledges `blocks` one after the other, 100 µs apart.
+    fn acknowledge_quickly(
+        t: &mut Transfer,
+        blocks: std::ops::RangeInclusive<u16>,
+        mut now: Instant,
+    ) -> Instant {
+        for block in blocks {
+            now += Duration::from_micros(100);
+            t.handle_ack(block, now);
+            drain(t, now);
+        }
+        now
+    }
+
+    /// The kernel's report without times: it answered ACKs up to `acked`.
+    fn kernel(acked: u64, sent: u64) -> KernelProgress {
+        KernelProgress {
+            last_acked: acked,
+            last_sent: sent,
+            ..KernelProgress::default()
+        }
+    }
 
     fn agreed(blksize: u16, windowsize: u16, oack: bool) -> Negotiated {
         Negotiated {
@@ -519,6 +679,28 @@ mod tests {
     }
 
     #[test]
+    fn the_backoff_falls_quiet_longer_than_a_clients_own_timeout_before_giving_up() {
+        let t0 = Instant::now();
+        let timer = TimerConfig::default();
+        let mut t = Transfer::new(&agreed(512, 4, false), 512 * 100, timer, t0);
+        drain(&mut t, t0);
+        let (mut now, mut longest_gap) = (t0, Duration::ZERO);
+        loop {
+            let next = t.poll_timeout().unwrap();
+            t.handle_timeout(next);
+            if t.outcome().is_some() {
+                break;
+            }
+            // A gap that ends in a resend, not in giving up.
+            longest_gap = longest_gap.max(next - now);
+            now = next;
+            drain(&mut t, now);
+        }
+        // atftp and tftp-hpa wait 5 s, EDK2 4 s.
+        assert!(longest_gap > Duration::from_secs(5), "{longest_gap:?}");
+    }
+
+    #[test]
     fn a_window_is_sent_whole_and_a_partial_ack_resumes_after_the_gap() {
         let t0 = Instant::now();
         let mut t = Transfer::new(&agreed(512, 4, false), 512 * 10, TimerConfig::default(), t0);
@@ -571,9 +753,9 @@ mod tests {
         assert_eq!(drain(&mut t, t0), data([1]));
         assert!(t.is_streaming_data());
         // The kernel answered ACKs 1..9 and sent up to block 10.
-        assert!(t.handle_kernel_progress(9, 10, t0));
+        assert!(t.handle_kernel_progress(&kernel(9, 10), t0));
         assert!(
-            !t.handle_kernel_progress(9, 10, t0),
+            !t.handle_kernel_progress(&kernel(9, 10), t0),
             "no news the second time"
         );
         assert_eq!(
@@ -601,15 +783,19 @@ mod tests {
         let now = t0 + Duration::from_micros(300);
         t.handle_ack(1, now); // one RTT sample: 300 µs
         drain(&mut t, now);
-        t.handle_kernel_progress(9, 10, now);
+        t.handle_kernel_progress(&kernel(9, 10), now);
         let mut at = now;
-        for _ in 0..4 {
+        let mut resends = 0;
+        while resends < 4 {
+            // Block 10 lost again and again: backoff (with a look at the
+            // kernel's progress, which has nothing new, between resends).
             at = t.poll_timeout().unwrap();
-            t.handle_timeout(at); // block 10 lost again and again: backoff
-            drain(&mut t, at);
+            t.handle_timeout(at);
+            resends += drain(&mut t, at).len();
         }
+        t.handle_timeout(t.poll_timeout().unwrap());
         assert!(t.poll_timeout().unwrap() - at > TimerConfig::default().min_rto * 4);
-        t.handle_kernel_progress(19, 20, at);
+        t.handle_kernel_progress(&kernel(19, 20), at);
         assert_eq!(
             t.poll_timeout().unwrap() - at,
             TimerConfig::default().min_rto,
@@ -627,7 +813,7 @@ mod tests {
             t0,
         );
         drain(&mut t, t0);
-        t.handle_kernel_progress(5, 6, t0);
+        t.handle_kernel_progress(&kernel(5, 6), t0);
         let deadline = t.poll_timeout().unwrap();
         t.handle_timeout(deadline);
         assert_eq!(
@@ -649,7 +835,7 @@ mod tests {
         assert_eq!(drain(&mut t, t0), data(1..=4));
         assert!(t.is_streaming_data());
         // The kernel answered ACKs 4, 8, 12 with whole windows: 13..=16 are out.
-        assert!(t.handle_kernel_progress(12, 16, t0));
+        assert!(t.handle_kernel_progress(&kernel(12, 16), t0));
         assert_eq!(
             drain(&mut t, t0),
             vec![],
@@ -663,7 +849,7 @@ mod tests {
             "that window was lost: resent whole from userspace"
         );
         // The last windows are userspace's again: the ACK of 28 is ours.
-        assert!(t.handle_kernel_progress(24, 28, deadline));
+        assert!(t.handle_kernel_progress(&kernel(24, 28), deadline));
         t.handle_ack(28, deadline);
         assert_eq!(
             drain(&mut t, deadline),
@@ -688,5 +874,226 @@ mod tests {
             drain(&mut t, now);
         }
         assert_eq!(t.poll_timeout().unwrap() - now, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_loss_in_the_kernels_hands_is_resent_one_timeout_after_the_kernel_sent() {
+        let t0 = Instant::now();
+        let mut t = Transfer::new(
+            &agreed(512, 1, false),
+            512 * 100,
+            TimerConfig::default(),
+            t0,
+        );
+        drain(&mut t, t0);
+        // Userspace reads the progress 7 ms after the kernel sent block 40,
+        // with a 200 µs round trip measured in the kernel.
+        let sent_at = t0 + Duration::from_millis(3);
+        let read_at = sent_at + Duration::from_millis(7);
+        let progress = KernelProgress {
+            sent_at: Some(sent_at),
+            rtt: Some((Duration::from_micros(200), Duration::from_micros(50))),
+            ..kernel(39, 40)
+        };
+        assert!(t.handle_kernel_progress(&progress, read_at));
+        assert_eq!(
+            t.poll_timeout().unwrap(),
+            sent_at + TimerConfig::default().min_rto,
+            "one timeout after the kernel's send, not after the read"
+        );
+        t.handle_timeout(sent_at + TimerConfig::default().min_rto);
+        assert_eq!(drain(&mut t, read_at), data([40]));
+    }
+
+    #[test]
+    fn the_kernels_round_trip_sets_the_timeout() {
+        let t0 = Instant::now();
+        let mut t = Transfer::new(
+            &agreed(512, 1, false),
+            512 * 100,
+            TimerConfig::default(),
+            t0,
+        );
+        drain(&mut t, t0);
+        // Before the kernel measured anything: the initial timeout.
+        t.handle_kernel_progress(&kernel(9, 10), t0);
+        assert_eq!(
+            t.poll_timeout().unwrap() - t0,
+            TimerConfig::default().initial_rto
+        );
+        let slow = KernelProgress {
+            rtt: Some((Duration::from_millis(30), Duration::from_millis(5))),
+            sent_at: Some(t0),
+            ..kernel(19, 20)
+        };
+        t.handle_kernel_progress(&slow, t0);
+        assert_eq!(
+            t.poll_timeout().unwrap() - t0,
+            Duration::from_millis(50),
+            "srtt + 4 rttvar"
+        );
+    }
+
+    #[test]
+    fn after_a_resend_the_kernels_progress_is_looked_at_before_the_backed_off_timeout() {
+        let t0 = Instant::now();
+        let rto = TimerConfig::default().min_rto;
+        let mut t = Transfer::new(
+            &agreed(512, 1, false),
+            512 * 100,
+            TimerConfig::default(),
+            t0,
+        );
+        drain(&mut t, t0);
+        let fast = Some((Duration::from_micros(100), Duration::from_micros(20)));
+        let progress = |acked, sent_at| KernelProgress {
+            sent_at: Some(sent_at),
+            rtt: fast,
+            ..kernel(acked, acked + 1)
+        };
+        t.handle_kernel_progress(&progress(9, t0), t0);
+        let lost = t.poll_timeout().unwrap();
+        t.handle_timeout(lost);
+        assert_eq!(drain(&mut t, lost), data([10]), "block 10 resent");
+        let check = t.poll_timeout().unwrap();
+        assert_eq!(
+            check - lost,
+            rto,
+            "looked at one timeout on, not the backed-off two"
+        );
+
+        // Nothing new in the kernel then: the resend waits out its backoff.
+        t.handle_timeout(check);
+        assert_eq!(drain(&mut t, check), vec![]);
+        assert_eq!(t.poll_timeout().unwrap() - lost, rto * 2);
+
+        // The kernel took the resent block's ACK and went on: a later loss
+        // is again one timeout after the kernel's last send.
+        let sent = check + Duration::from_millis(3);
+        let later = sent + Duration::from_millis(4);
+        assert!(t.handle_kernel_progress(&progress(30, sent), later));
+        assert_eq!(t.poll_timeout().unwrap(), sent + rto);
+    }
+
+    #[test]
+    fn an_ack_of_a_resent_block_twice_raises_the_timeouts_floor() {
+        let t0 = Instant::now();
+        let timer = TimerConfig::default();
+        let mut t = Transfer::new(&agreed(512, 1, false), 512 * 100, timer, t0);
+        assert_eq!(drain(&mut t, t0), data([1]));
+        let sampled = t0 + Duration::from_micros(300);
+        t.handle_ack(1, sampled);
+        assert_eq!(drain(&mut t, sampled), data([2]));
+        let fired = t.poll_timeout().unwrap();
+        let fired_after = fired - sampled;
+        t.handle_timeout(fired);
+        assert_eq!(drain(&mut t, fired), data([2]), "resent");
+        // The original's ACK was only slow: the client acknowledges it, then the copy.
+        t.handle_ack(2, fired + Duration::from_millis(1));
+        drain(&mut t, fired);
+        assert_eq!(t.stats().spurious_resends, 0, "one ACK proves nothing");
+        t.handle_ack(2, fired + Duration::from_millis(2));
+        assert_eq!(t.stats().spurious_resends, 1);
+        // Fast round trips since cannot pull the timeout under twice the one that fired.
+        let mut now = fired + Duration::from_millis(2);
+        now = acknowledge_quickly(&mut t, 3..=20, now);
+        assert_eq!(fired_after, timer.min_rto);
+        assert_eq!(t.poll_timeout().unwrap() - now, fired_after * 2);
+    }
+
+    #[test]
+    fn a_slow_first_answer_leaves_the_floor_alone() {
+        let t0 = Instant::now();
+        let mut t = Transfer::new(&agreed(512, 1, true), 512 * 100, TimerConfig::default(), t0);
+        assert_eq!(drain(&mut t, t0), vec![Outgoing::OptionAck]);
+        let fired = t.poll_timeout().unwrap();
+        t.handle_timeout(fired);
+        assert_eq!(drain(&mut t, fired), vec![Outgoing::OptionAck], "resent");
+        // Firmware took 300 ms over the OACK and acknowledges both copies.
+        let mut now = t0 + Duration::from_millis(300);
+        t.handle_ack(0, now);
+        t.handle_ack(0, now);
+        assert_eq!(t.stats().spurious_resends, 1, "counted");
+        drain(&mut t, now);
+        now = acknowledge_quickly(&mut t, 1..=20, now);
+        assert_eq!(
+            t.poll_timeout().unwrap() - now,
+            TimerConfig::default().min_rto,
+            "the measured timeout, not twice the guess"
+        );
+    }
+
+    #[test]
+    fn a_lost_block_resent_is_acknowledged_once_and_leaves_the_floor_alone() {
+        let t0 = Instant::now();
+        let mut t = Transfer::new(
+            &agreed(512, 1, false),
+            512 * 100,
+            TimerConfig::default(),
+            t0,
+        );
+        drain(&mut t, t0);
+        let fired = t.poll_timeout().unwrap();
+        t.handle_timeout(fired);
+        drain(&mut t, fired);
+        let mut now = fired;
+        now = acknowledge_quickly(&mut t, 1..=20, now);
+        assert_eq!(t.stats().spurious_resends, 0);
+        assert_eq!(
+            t.poll_timeout().unwrap() - now,
+            TimerConfig::default().min_rto
+        );
+    }
+
+    #[test]
+    fn a_duplicate_the_kernel_dropped_after_a_resend_proves_it_spurious() {
+        let t0 = Instant::now();
+        let timer = TimerConfig::default();
+        let mut t = Transfer::new(&agreed(512, 1, false), 512 * 100, timer, t0);
+        drain(&mut t, t0);
+        let fast = Some((Duration::from_micros(100), Duration::from_micros(20)));
+        let report = |acked: u64, sent_at, dup_acks| KernelProgress {
+            sent_at: Some(sent_at),
+            rtt: fast,
+            dup_acks,
+            ..kernel(acked, acked + 1)
+        };
+        t.handle_kernel_progress(&report(9, t0, 3), t0);
+        let fired = t.poll_timeout().unwrap();
+        t.handle_kernel_progress(&report(9, t0, 3), fired);
+        t.handle_timeout(fired);
+        assert_eq!(drain(&mut t, fired), data([10]));
+        // The kernel took both ACKs of block 10: it answered one, dropped one.
+        let later = fired + Duration::from_millis(1);
+        t.handle_kernel_progress(&report(10, later, 4), later);
+        assert_eq!(t.stats().spurious_resends, 1);
+        assert_eq!(t.poll_timeout().unwrap() - later, timer.min_rto * 2);
+    }
+
+    #[test]
+    fn a_windowed_clients_gap_acks_after_a_resend_are_no_proof() {
+        let t0 = Instant::now();
+        let mut t = Transfer::new(
+            &agreed(512, 4, false),
+            512 * 100,
+            TimerConfig::default(),
+            t0,
+        );
+        assert_eq!(drain(&mut t, t0), data(1..=4));
+        let mut now = t0 + Duration::from_micros(300);
+        t.handle_ack(4, now);
+        assert_eq!(drain(&mut t, now), data(5..=8));
+        let fired = t.poll_timeout().unwrap();
+        t.handle_timeout(fired);
+        assert_eq!(drain(&mut t, fired), data(5..=8), "the lost window resent");
+        now = fired + Duration::from_micros(300);
+        t.handle_ack(8, now);
+        assert_eq!(drain(&mut t, now), data(9..=12));
+        // Block 10 is lost: the client acknowledges 9 for each of 11 and 12.
+        t.handle_ack(9, now);
+        assert_eq!(drain(&mut t, now), data(10..=13), "resumed after the gap");
+        t.handle_ack(9, now);
+        t.handle_ack(9, now);
+        assert_eq!(t.stats().spurious_resends, 0);
     }
 }
