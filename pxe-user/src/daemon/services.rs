@@ -322,9 +322,13 @@ pub async fn start_api(
     Ok(())
 }
 
-/// How long a burst that writes waits for more requests when leases are in
-/// PostgreSQL (see `Listener::with_commit_linger`; measured in
-/// docs/benchmarks/cluster.md).
+/// How long a burst that writes waits for more requests (see
+/// `Listener::with_commit_linger`): one commit then carries more leases.
+/// On redb a commit is an fsync: 2 ms took pxed's CPU for new machines at
+/// 4,000/s from 2.9 s to 2.2 s (1 ms: 2.4 s; docs/BENCHMARKS.md, DHCP for
+/// new machines). On PostgreSQL it is a round trip, and 1 ms was measured
+/// there (docs/benchmarks/cluster.md).
+const REDB_COMMIT_LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 const POSTGRES_COMMIT_LINGER: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// What the DHCP service shares with the rest of the daemon.
@@ -379,10 +383,12 @@ pub fn start_dhcp(
     let mut listeners = Vec::new();
     for (interface, address) in served {
         let mut listener = Listener::open(interface, *address, mode == DhcpMode::Proxy)?;
-        if settings.lease_store.is_some() && mode == DhcpMode::Full {
-            // A commit is a round trip to the database: a millisecond's
-            // wait lets one carry more leases.
-            listener = listener.with_commit_linger(POSTGRES_COMMIT_LINGER);
+        if mode == DhcpMode::Full {
+            listener = listener.with_commit_linger(if settings.lease_store.is_some() {
+                POSTGRES_COMMIT_LINGER
+            } else {
+                REDB_COMMIT_LINGER
+            });
         }
         if let Some(answers) = answers {
             let xdp_tx =

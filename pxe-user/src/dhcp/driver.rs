@@ -1,22 +1,35 @@
 //! The DHCP loop of one interface: receive, classify, ask the engine, send.
 //! One engine (and so one lease database) serves every interface; each
 //! request carries our address on the interface it arrived on.
+//!
+//! The loop runs on a thread of its own, blocking: a burst's commit waits
+//! for the disk, and nothing else waits on it. Every hop between threads
+//! costs a wake-up, and at a few thousand new machines a second wake-ups
+//! were most of the CPU (docs/BENCHMARKS.md, DHCP for new machines).
 
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    os::{
+        fd::{AsFd, BorrowedFd},
+        unix::net::UnixStream,
+    },
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
 use dhcproto::{v4::MessageType, Encodable, Encoder};
-use tokio::net::UdpSocket;
+use nix::{
+    errno::Errno,
+    poll::{PollFd, PollFlags},
+    sys::time::TimeSpec,
+};
 use tracing::{debug, error, info, warn};
 
 use super::{
     classify::{classify, Request},
     engine::{Arrival, Destination, Engine, Outcome, Problem, StoreNews, PROXY_PORT},
-    socket::{bind, Port67, DHCP_SERVER_PORT},
+    socket::{bind, send_waiting, Port67, DHCP_SERVER_PORT},
     templates::{self, Clocks, Interface},
 };
 use crate::{fastpath::KernelAnswers, observe::Observer};
@@ -62,8 +75,8 @@ impl Listener {
 
     /// A burst with a request that writes a lease waits up to `linger`
     /// for more before it is decided: one commit then covers more leases.
-    /// For a store whose commit is a round trip (PostgreSQL), where the
-    /// commit, not the wait, is the cost.
+    /// A commit (an fsync, a database round trip) costs far more CPU than
+    /// the wait; a client waits milliseconds more for its ACK.
     pub fn with_commit_linger(mut self, linger: Duration) -> Self {
         self.linger = linger;
         self
@@ -99,6 +112,19 @@ pub async fn run(
     listener: Listener,
     observer: Arc<Observer>,
 ) -> io::Result<()> {
+    // Dropping this future drops `_stop`, and the loop sees its peer close.
+    let (_stop, stopped) = UnixStream::pair()?;
+    let served = tokio::task::spawn_blocking(move || serve(&engine, listener, &observer, &stopped));
+    served.await.map_err(io::Error::other)?
+}
+
+/// The loop of [`run`], until `stopped` is readable (its peer closed).
+fn serve(
+    engine: &Mutex<Engine>,
+    listener: Listener,
+    observer: &Observer,
+    stopped: &UnixStream,
+) -> io::Result<()> {
     let Listener {
         interface,
         address,
@@ -108,108 +134,163 @@ pub async fn run(
         linger,
     } = listener;
     let mut warned = Warnings::default();
-    let mut buf_67 = vec![0u8; 4096];
-    let mut buf_4011 = vec![0u8; 4096];
+    let mut buf = vec![0u8; 4096];
     let mut burst: Vec<Received> = Vec::with_capacity(MAX_BURST);
     loop {
-        let (port, received) = tokio::select! {
-            r = dhcp.recv_from(&mut buf_67) => (DHCP_SERVER_PORT, r),
-            r = discovery.recv_from(&mut buf_4011) => (PROXY_PORT, r),
+        let ready = match wait([dhcp.as_fd(), discovery.as_fd(), stopped.as_fd()], None)? {
+            None => continue,
+            Some([_, _, true]) => return Ok(()),
+            Some([on_67, on_4011, false]) => [on_67, on_4011],
         };
-        burst.clear();
-        let buf = if port == PROXY_PORT {
-            &mut buf_4011
-        } else {
-            &mut buf_67
-        };
-        let mut received = Some(received);
-        let mut deadline: Option<Instant> = None;
-        // The first request woke us; take whatever else is already waiting.
-        while burst.len() < MAX_BURST {
-            let next = match received.take() {
-                Some(r) => r,
-                None if port == PROXY_PORT => discovery.try_recv_from(buf),
-                None => dhcp.try_recv_from(buf),
+        for (port, readable) in [(DHCP_SERVER_PORT, ready[0]), (PROXY_PORT, ready[1])] {
+            if !readable {
+                continue;
+            }
+            burst.clear();
+            let receive = |buf: &mut [u8]| {
+                if port == PROXY_PORT {
+                    discovery.recv_from(buf)
+                } else {
+                    dhcp.try_recv_from(buf)
+                }
             };
-            let (len, from) = match next {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if port != PROXY_PORT && lingers(&burst, linger) {
+            let mut deadline: Option<Instant> = None;
+            // Take whatever is already waiting.
+            while burst.len() < MAX_BURST {
+                let (len, from) = match receive(&mut buf) {
+                    Ok(r) => r,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if port == PROXY_PORT || !lingers(&burst, linger) {
+                            break;
+                        }
                         // Nothing more is waiting, but this burst will
                         // commit: the next requests until the deadline share it.
                         let until = *deadline.get_or_insert_with(|| Instant::now() + linger);
-                        if let Ok(r) =
-                            tokio::time::timeout_at(until.into(), dhcp.recv_from(buf)).await
-                        {
-                            received = Some(r);
-                            continue;
+                        let left = until.saturating_duration_since(Instant::now());
+                        match wait([dhcp.as_fd(), stopped.as_fd()], Some(left))? {
+                            Some([true, false]) => continue,
+                            _ => break,
                         }
                     }
-                    break;
+                    // An ICMP error for an earlier reply (a client whose port closed,
+                    // a relay that went away) surfaces on a later receive. It is
+                    // about that reply, not about this socket: never a reason to stop.
+                    Err(e) if is_transient(&e) => {
+                        debug!(
+                            port,
+                            "DHCP: receive reported an error for an earlier reply: {e}"
+                        );
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let SocketAddr::V4(from) = from else { continue };
+                match classify(&buf[..len]) {
+                    Ok(request) => burst.push(Received {
+                        request,
+                        arrival: Arrival {
+                            port,
+                            source: from,
+                            server_ip: address,
+                        },
+                        datagram: kernel.is_some().then(|| buf[..len].to_vec()),
+                    }),
+                    Err(why) => {
+                        debug!(client = %from, port, %interface, "DHCP: ignored: {why}")
+                    }
                 }
-                // An ICMP error for an earlier reply (a client whose port closed,
-                // a relay that went away) surfaces on a later receive. It is
-                // about that reply, not about this socket: never a reason to stop.
-                Err(e) if is_transient(&e) => {
-                    debug!(
-                        port,
-                        "DHCP: receive reported an error for an earlier reply: {e}"
-                    );
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let SocketAddr::V4(from) = from else { continue };
-            match classify(&buf[..len]) {
-                Ok(request) => burst.push(Received {
-                    request,
-                    arrival: Arrival {
-                        port,
-                        source: from,
-                        server_ip: address,
-                    },
-                    datagram: kernel.is_some().then(|| buf[..len].to_vec()),
-                }),
-                Err(why) => debug!(client = %from, port, %interface, "DHCP: ignored: {why}"),
             }
-        }
-        if burst.is_empty() {
-            continue;
-        }
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        // Read before deciding: a policy change after this point makes the
-        // burst's templates stale, and the kernel refuses them.
-        let decided_in = kernel.as_ref().map_or(0, |(answers, _)| answers.epoch());
-        // The engine fsyncs the burst's leases; keep that off the async workers' backs.
-        let started = Instant::now();
-        let (outcomes, commit) = tokio::task::block_in_place(|| {
-            let mut engine = engine.lock().unwrap_or_else(|e| e.into_inner());
-            let outcomes = engine.handle_batch(burst.iter().map(|r| (&r.request, r.arrival)), now);
-            log_store_news(engine.take_store_news());
-            (outcomes, engine.take_commit())
-        });
-        observer.dhcp_burst(burst.len(), started.elapsed(), commit);
-        for (received, outcome) in burst.iter().zip(outcomes) {
-            observer.dhcp(port, &received.request, &outcome);
-            let kernel = kernel.as_ref().map(|(answers, iface)| KernelSide {
-                answers,
-                iface,
-                decided_in,
-            });
-            answer(
-                received,
-                outcome,
+            if burst.is_empty() {
+                continue;
+            }
+            let sockets = Sockets {
+                dhcp: &dhcp,
+                discovery: &discovery,
+            };
+            decide_and_answer(
+                engine,
+                &burst,
                 port,
-                &dhcp,
-                &discovery,
+                sockets,
+                &kernel,
+                observer,
                 &interface,
-                kernel,
                 &mut warned,
-            )
-            .await;
+            );
+        }
+    }
+}
+
+/// A port's sockets, to answer from.
+#[derive(Clone, Copy)]
+struct Sockets<'a> {
+    dhcp: &'a Port67,
+    discovery: &'a UdpSocket,
+}
+
+/// Decides a burst (its leases committed together) and answers each request.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one burst's whole context; a struct would only rename the arguments"
+)]
+fn decide_and_answer(
+    engine: &Mutex<Engine>,
+    burst: &[Received],
+    port: u16,
+    sockets: Sockets<'_>,
+    kernel: &Option<(Arc<KernelAnswers>, Interface)>,
+    observer: &Observer,
+    interface: &str,
+    warned: &mut Warnings,
+) {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // Read before deciding: a policy change after this point makes the
+    // burst's templates stale, and the kernel refuses them.
+    let decided_in = kernel.as_ref().map_or(0, |(answers, _)| answers.epoch());
+    let started = Instant::now();
+    let (outcomes, commit) = {
+        let mut engine = engine.lock().unwrap_or_else(|e| e.into_inner());
+        let outcomes = engine.handle_batch(burst.iter().map(|r| (&r.request, r.arrival)), now);
+        log_store_news(engine.take_store_news());
+        (outcomes, engine.take_commit())
+    };
+    observer.dhcp_burst(burst.len(), started.elapsed(), commit);
+    for (received, outcome) in burst.iter().zip(outcomes) {
+        observer.dhcp(port, &received.request, &outcome);
+        let kernel = kernel.as_ref().map(|(answers, iface)| KernelSide {
+            answers,
+            iface,
+            decided_in,
+        });
+        answer(received, outcome, port, sockets, interface, kernel, warned);
+    }
+}
+
+/// Waits until one of `fds` can be read (or has closed) or `timeout` passes
+/// (`None`: no limit), and says which can be read; `None` when the time
+/// passed. A signal is no reason to return (the privilege drop signals
+/// every thread).
+fn wait<const N: usize>(
+    fds: [BorrowedFd<'_>; N],
+    timeout: Option<Duration>,
+) -> io::Result<Option<[bool; N]>> {
+    let until = timeout.map(|t| Instant::now() + t);
+    let mut polled = fds.map(|fd| PollFd::new(fd, PollFlags::POLLIN));
+    loop {
+        let left =
+            until.map(|u| TimeSpec::from_duration(u.saturating_duration_since(Instant::now())));
+        match nix::poll::ppoll(&mut polled, left, None) {
+            Ok(0) => return Ok(None),
+            Ok(_) => {
+                return Ok(Some(
+                    polled.map(|fd| fd.revents().is_some_and(|r| !r.is_empty())),
+                ))
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -224,16 +305,11 @@ struct KernelSide<'a> {
 
 /// Logs what the engine decided for one request, sends its reply and
 /// gives the kernel what it may answer next time.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one request's whole context; a struct would only rename the arguments"
-)]
-async fn answer(
+fn answer(
     received: &Received,
     outcome: Outcome,
     port: u16,
-    dhcp: &Port67,
-    discovery: &UdpSocket,
+    sockets: Sockets<'_>,
     interface: &str,
     kernel: Option<KernelSide<'_>>,
     warned: &mut Warnings,
@@ -283,9 +359,11 @@ async fn answer(
         }
     }
     let sent = if port == PROXY_PORT {
-        discovery.send_to(&bytes, to).await.map(drop)
+        send_waiting(sockets.discovery.as_fd(), || {
+            sockets.discovery.send_to(&bytes, to)
+        })
     } else {
-        dhcp.send_to(&bytes, to).await
+        sockets.dhcp.send_to(&bytes, to)
     };
     if let Err(e) = sent {
         warn!(mac = %request.mac, %to, "DHCP: sending the reply failed: {e}");

@@ -13,12 +13,13 @@
 
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    os::fd::AsRawFd as _,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    os::fd::{AsFd, AsRawFd as _, BorrowedFd},
+    time::Duration,
 };
 
+use nix::poll::{PollFd, PollFlags, PollTimeout};
 use socket2::{Domain, Protocol, SockFilter, Socket, Type};
-use tokio::{io::unix::AsyncFd, net::UdpSocket};
 
 use crate::wire::udp::{self, Datagram};
 
@@ -30,15 +31,13 @@ const STORM_BUFFER: usize = 16 << 20;
 
 pub const DHCP_SERVER_PORT: u16 = 67;
 
-/// Port 67 on one interface.
+/// Port 67 on one interface. Non-blocking: the DHCP loop waits for it with
+/// the other sockets it serves.
 pub enum Port67 {
     /// Bound as a normal UDP socket.
     Bound(UdpSocket),
     /// Beside a server that holds the port: raw IP, sending from `address`.
-    Beside {
-        socket: AsyncFd<Socket>,
-        address: Ipv4Addr,
-    },
+    Beside { socket: Socket, address: Ipv4Addr },
 }
 
 impl Port67 {
@@ -54,9 +53,6 @@ impl Port67 {
                         format!("{e}; listening beside it through a raw socket failed too: {raw}"),
                     )
                 })?;
-                // SAFETY: the socket owns its descriptor, and AsyncFd owns the socket.
-                let socket = unsafe { AsyncFd::register(socket) }
-                    .map_err(|e| io::Error::other(e.to_string()))?;
                 Ok(Self::Beside { socket, address })
             }
             Err(e) => Err(e),
@@ -68,30 +64,18 @@ impl Port67 {
         matches!(self, Self::Beside { .. })
     }
 
-    /// The next request for port 67: its length in `buf` and its sender.
-    pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        match self {
-            Self::Bound(s) => s.recv_from(buf).await,
-            Self::Beside { socket, .. } => {
-                socket
-                    .async_io(tokio::io::Interest::READABLE, |s| recv_raw(s, buf))
-                    .await
-            }
-        }
-    }
-
     /// A request already waiting, or `WouldBlock`.
     pub fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         match self {
-            Self::Bound(s) => s.try_recv_from(buf),
-            Self::Beside { socket, .. } => recv_raw(socket.get_ref(), buf),
+            Self::Bound(s) => s.recv_from(buf),
+            Self::Beside { socket, .. } => recv_raw(socket, buf),
         }
     }
 
     /// Sends a reply from port 67 to `to`.
-    pub async fn send_to(&self, payload: &[u8], to: SocketAddrV4) -> io::Result<()> {
+    pub fn send_to(&self, payload: &[u8], to: SocketAddrV4) -> io::Result<()> {
         let (socket, address) = match self {
-            Self::Bound(s) => return s.send_to(payload, to).await.map(drop),
+            Self::Bound(s) => return send_waiting(s.as_fd(), || s.send_to(payload, to)),
             Self::Beside { socket, address } => (socket, *address),
         };
         let datagram = Datagram {
@@ -104,10 +88,37 @@ impl Port67 {
         let packet = udp::build(&datagram)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "reply too long"))?;
         let dest = socket2::SockAddr::from(SocketAddrV4::new(*to.ip(), 0));
-        socket
-            .async_io(tokio::io::Interest::WRITABLE, |s| s.send_to(&packet, &dest))
-            .await
-            .map(drop)
+        send_waiting(socket.as_fd(), || socket.send_to(&packet, &dest))
+    }
+}
+
+impl AsFd for Port67 {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Self::Bound(s) => s.as_fd(),
+            Self::Beside { socket, .. } => socket.as_fd(),
+        }
+    }
+}
+
+/// How long a reply waits for room in a full send buffer before it is
+/// given up (the client retransmits).
+const SEND_WAIT: Duration = Duration::from_millis(100);
+
+/// Sends with `send`; a full send buffer waits up to [`SEND_WAIT`] for room.
+pub fn send_waiting(
+    fd: BorrowedFd<'_>,
+    mut send: impl FnMut() -> io::Result<usize>,
+) -> io::Result<()> {
+    match send() {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
+            let wait = PollTimeout::try_from(SEND_WAIT).unwrap_or(PollTimeout::MAX);
+            // Interrupted or timed out: the second try says which.
+            let _ = nix::poll::poll(&mut fds, wait);
+            send().map(drop)
+        }
+        sent => sent.map(drop),
     }
 }
 
@@ -156,7 +167,7 @@ pub fn bind(iface: &str, port: u16) -> io::Result<UdpSocket> {
         };
         io::Error::new(e.kind(), format!("binding UDP port {port} on {iface}: {e}{hint}"))
     })?;
-    UdpSocket::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// A raw IPv4/UDP socket on `iface` that receives only unfragmented UDP for
