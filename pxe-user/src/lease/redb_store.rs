@@ -30,6 +30,10 @@ pub struct RedbLeaseStore {
     /// refuses every later one until the database is opened again, which
     /// the next write tries, at most once per [`REOPEN_EVERY`].
     failed: Option<(Instant, String)>,
+    /// Why a write since the last commit failed: the batch it belonged to
+    /// was dropped with it, and that batch's commit must fail too, or the
+    /// writes before the failure would be acknowledged but never stored.
+    lost: Option<String>,
 }
 
 /// How often a failed database is opened again while it keeps failing.
@@ -49,6 +53,7 @@ impl RedbLeaseStore {
             path: shown,
             batch: None,
             failed: None,
+            lost: None,
         })
     }
 
@@ -80,7 +85,7 @@ impl RedbLeaseStore {
         if let Err(e) = &result {
             self.batch = None;
             self.db = None;
-            self.failed = Some((Instant::now(), e.to_string()));
+            self.failed = Some((Instant::now(), message_of(e)));
         }
         result
     }
@@ -92,6 +97,37 @@ impl RedbLeaseStore {
         }
     }
 
+    /// [`LeaseStore::put`] into the open batch.
+    fn put_in_batch(&mut self, lease: &Lease) -> Result<(), LeaseError> {
+        let bytes = serde_json::to_vec(lease).map_err(|e| self.error(e))?;
+        let written = self.batch()?.open_table(LEASES).and_then(|mut table| {
+            table
+                .insert(u32::from(lease.ip), bytes.as_slice())
+                .map(drop)
+                .map_err(Into::into)
+        });
+        let written = written.map_err(|e| self.error(e));
+        self.failing(written)
+    }
+
+    /// [`LeaseStore::remove`] from the open batch.
+    fn remove_in_batch(&mut self, ip: Ipv4Addr) -> Result<(), LeaseError> {
+        let removed = self
+            .batch()?
+            .open_table(LEASES)
+            .and_then(|mut table| table.remove(u32::from(ip)).map(drop).map_err(Into::into));
+        let removed = removed.map_err(|e| self.error(e));
+        self.failing(removed)
+    }
+
+    /// A write that failed lost its whole batch: remembered for the commit.
+    fn lose_batch_on<T>(&mut self, result: Result<T, LeaseError>) -> Result<T, LeaseError> {
+        if let Err(e) = &result {
+            self.lost.get_or_insert_with(|| message_of(e));
+        }
+        result
+    }
+
     /// The open write transaction, begun on first use.
     fn batch(&mut self) -> Result<&WriteTransaction, LeaseError> {
         if self.batch.is_none() {
@@ -99,6 +135,14 @@ impl RedbLeaseStore {
             self.batch = Some(self.failing(begun)?);
         }
         Ok(self.batch.as_ref().expect("just begun"))
+    }
+}
+
+/// What went wrong, without the path [`RedbLeaseStore::error`] adds again.
+fn message_of(e: &LeaseError) -> String {
+    match e {
+        LeaseError::Database { message, .. } => message.clone(),
+        other => other.to_string(),
     }
 }
 
@@ -135,27 +179,20 @@ impl LeaseStore for RedbLeaseStore {
     }
 
     fn put(&mut self, lease: &Lease) -> Result<(), LeaseError> {
-        let bytes = serde_json::to_vec(lease).map_err(|e| self.error(e))?;
-        let written = self.batch()?.open_table(LEASES).and_then(|mut table| {
-            table
-                .insert(u32::from(lease.ip), bytes.as_slice())
-                .map(drop)
-                .map_err(Into::into)
-        });
-        let written = written.map_err(|e| self.error(e));
-        self.failing(written)
+        let written = self.put_in_batch(lease);
+        self.lose_batch_on(written)
     }
 
     fn remove(&mut self, ip: Ipv4Addr) -> Result<(), LeaseError> {
-        let removed = self
-            .batch()?
-            .open_table(LEASES)
-            .and_then(|mut table| table.remove(u32::from(ip)).map(drop).map_err(Into::into));
-        let removed = removed.map_err(|e| self.error(e));
-        self.failing(removed)
+        let removed = self.remove_in_batch(ip);
+        self.lose_batch_on(removed)
     }
 
     fn commit(&mut self) -> Result<(), LeaseError> {
+        if let Some(lost) = self.lost.take() {
+            self.batch = None;
+            return Err(self.error(format!("{lost} (the batch was dropped with it)")));
+        }
         let committed = match self.batch.take() {
             // redb's default durability: on disk (fsync) when commit returns.
             Some(txn) => txn.commit().map_err(|e| self.error(e)),
@@ -202,6 +239,53 @@ mod tests {
         assert_eq!(all.len(), 49, "the uncommitted 99 is not there");
         assert!(all.contains(&lease(50)));
         assert!(!all.iter().any(|l| l.ip == Ipv4Addr::new(198, 18, 0, 7)));
+    }
+
+    /// On a disk that fails every change, a commit fails, and so does the
+    /// commit of every later batch whose writes failed: a write's failure
+    /// drops its batch, and an empty commit must not pass for a durable one
+    /// (the engine would ACK the batch's earlier leases). Once the disk
+    /// works again the store opens itself again and holds what it committed.
+    #[test]
+    fn no_batch_with_a_failed_write_commits() {
+        if !pxe_lab::privileged("no_batch_with_a_failed_write_commits") {
+            return;
+        }
+        let backing = tempfile::tempdir().unwrap();
+        let at = tempfile::tempdir().unwrap();
+        let fs = pxe_lab::faulty_fs::FaultyFs::mount(backing.path(), at.path())
+            .expect("mounting the test's FUSE filesystem (needs /dev/fuse and fusermount3)");
+        let mut store = RedbLeaseStore::open(&at.path().join("leases.redb")).unwrap();
+        for i in 1..=30 {
+            store.put(&lease(i)).unwrap();
+        }
+        store.commit().unwrap();
+
+        fs.fail_changes(true);
+        store.put(&lease(31)).unwrap();
+        assert!(store.commit().is_err(), "the disk refused it");
+        for round in 0..3 {
+            let written = store.put(&lease(40 + round));
+            let committed = store.commit();
+            assert!(
+                written.is_err() && committed.is_err(),
+                "round {round}: {written:?}, then {committed:?}"
+            );
+        }
+
+        fs.fail_changes(false);
+        std::thread::sleep(REOPEN_EVERY);
+        store.put(&lease(50)).unwrap();
+        store.commit().unwrap();
+        let mut held: Vec<u8> = store
+            .load_all()
+            .unwrap()
+            .iter()
+            .map(|l| l.ip.octets()[3])
+            .collect();
+        held.sort_unstable();
+        let expected: Vec<u8> = (1..=30).chain([50]).collect();
+        assert_eq!(held, expected);
     }
 
     #[test]
