@@ -342,6 +342,20 @@ impl Api {
     }
 }
 
+/// A failed request and what lay under it: reqwest's own message repeats
+/// the URL and says only that sending failed, not why.
+fn with_causes(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 async fn run_machines(args: &Args) -> anyhow::Result<(Report, Option<Reimage>)> {
     let wire = DhcpWire::bind(&args.interface)?;
     let http = reqwest::Client::builder()
@@ -556,8 +570,11 @@ impl Machine {
                 .send()
                 .await
                 .and_then(|r| r.error_for_status())
-                .map_err(|e| format!("os: {url}: {e}"))?;
-            let body = body.bytes().await.map_err(|e| format!("os: {url}: {e}"))?;
+                .map_err(|e| format!("os: {url}: {}", with_causes(e)))?;
+            let body = body
+                .bytes()
+                .await
+                .map_err(|e| format!("os: {url}: {}", with_causes(e)))?;
             let path = url.splitn(4, '/').nth(3).unwrap_or_default();
             let path = path.split('?').next().unwrap_or_default();
             if let Some(want) = self.expected_opt(path)? {
@@ -585,7 +602,7 @@ impl Machine {
             .bearer_auth(&token)
             .send()
             .await
-            .map_err(|e| format!("provision: {done_url}: {e}"))?;
+            .map_err(|e| format!("provision: {done_url}: {}", with_causes(e)))?;
         let status = answer.status();
         if !status.is_success() {
             let text = answer.text().await.unwrap_or_default();

@@ -41,11 +41,6 @@ impl Latencies {
         self.ns.is_empty()
     }
 
-    /// How many durations were recorded.
-    pub fn len(&self) -> u64 {
-        self.ns.len()
-    }
-
     /// The duration at quantile `p` (0.0-1.0); zero when empty. Quantile 1
     /// is the exact largest.
     pub fn quantile(&self, p: f64) -> Duration {
@@ -90,7 +85,7 @@ pub fn by_reason<'a>(failures: impl Iterator<Item = &'a str>) -> BTreeMap<String
             + ": "
             + f.split_once(": ").map_or("", |(_, rest)| rest);
         *counts
-            .entry(reason.chars().take(120).collect())
+            .entry(reason.chars().take(240).collect())
             .or_insert(0) += 1;
     }
     counts

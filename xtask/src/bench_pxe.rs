@@ -18,8 +18,10 @@ const SERVER_CIDR: &str = "198.18.0.1/16";
 const CLIENT_CIDR: &str = "198.18.255.254/16";
 /// The client namespace's address (a relay's, for perfdhcp).
 pub const CLIENT: &str = "198.18.255.254";
+/// About 65,000 addresses: more than any benchmark's distinct machines
+/// (`bench-dhcp`'s new-machine loads draw from 60,000 MACs).
 const POOL_FIRST: &str = "198.18.1.0";
-const POOL_LAST: &str = "198.18.63.254";
+const POOL_LAST: &str = "198.18.254.254";
 /// The boot program every machine downloads: what a real UEFI rack fetches.
 pub const NBP: &str = "ipxe.efi";
 
