@@ -1094,8 +1094,7 @@ fn two_servers_on_one_database_share_the_api_and_survive_one_being_killed() {
         // in flight. Not more: which server a machine takes is a race, and
         // A has won as few as 4 of the 1,000 (B answered first for the rest).
         let until = std::time::Instant::now() + Duration::from_secs(60);
-        while acks(&a_log) < acked_before + A_ACKS_BEFORE_KILL
-            && std::time::Instant::now() < until
+        while acks(&a_log) < acked_before + A_ACKS_BEFORE_KILL && std::time::Instant::now() < until
         {
             std::thread::sleep(Duration::from_millis(5));
         }
