@@ -40,6 +40,7 @@ fuzz_target!(|data: &[u8]| {
             dns: vec![],
             domain: None,
             lease_time: 3600,
+            options: Default::default(),
         }],
         reservations: HashMap::new(),
         authoritative: selector & 2 != 0,

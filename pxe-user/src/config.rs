@@ -3,7 +3,7 @@
 //! and the key, so a typo is found in one look.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fmt,
     net::Ipv4Addr,
     ops::Range,
@@ -17,6 +17,7 @@ use toml::Spanned;
 
 use crate::dhcp::pool::{parse_range, Subnet};
 use crate::policy::{
+    options::{self, OptionSet},
     r#static::{BootFiles, MachineEntry, Profile},
     render, Arch, ClientKind, Mac,
 };
@@ -80,7 +81,14 @@ struct SubnetSection {
     dns: Vec<Spanned<String>>,
     domain: Option<String>,
     lease_time: Option<u32>,
+    #[serde(default)]
+    options: OptionsSection,
 }
+
+/// `options`: by name (`ntp-servers = ["10.0.0.5"]`) or by code with a
+/// type (`"224" = { type = "hex", value = "01:02" }`); see
+/// [`crate::policy::options`].
+type OptionsSection = BTreeMap<Spanned<String>, toml::Value>;
 
 /// How pxed takes part in DHCP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -104,6 +112,8 @@ struct ProfileSection {
     ipxe_script: Option<Spanned<String>>,
     #[serde(default)]
     boot_files: BootFilesSection,
+    #[serde(default)]
+    options: OptionsSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -130,6 +140,8 @@ struct MachineSection {
     arch: Option<Spanned<String>>,
     /// Answer as to this kind of boot client: "pxe", "ipxe" or "http".
     client: Option<Spanned<String>>,
+    #[serde(default)]
+    options: OptionsSection,
 }
 
 fn yes() -> bool {
@@ -281,6 +293,11 @@ impl Config {
                 })?;
                 profile.ipxe_script = script.get_ref().clone();
             }
+            profile.options = option_set(
+                &section.options,
+                &format!("profile {:?}", section.name),
+                &error_at,
+            )?;
             if profiles.insert(section.name.clone(), profile).is_some() {
                 return Err(error_at(
                     Some(span),
@@ -359,6 +376,7 @@ impl Config {
                 arch,
                 client,
                 vars: Default::default(),
+                options: option_set(&machine.options, &format!("machine {mac}"), &error_at)?,
             };
             if machines.insert(mac, entry).is_some() {
                 return Err(error_at(
@@ -436,6 +454,11 @@ impl Config {
                 dns,
                 domain: subnet.domain.clone(),
                 lease_time: subnet.lease_time.unwrap_or(3600).max(60),
+                options: option_set(
+                    &subnet.options,
+                    &format!("dhcp.subnet {network}"),
+                    &error_at,
+                )?,
             });
         }
         if file.dhcp.mode == Some(DhcpMode::Full) && subnets.is_empty() {
@@ -533,6 +556,33 @@ fn ipv4(
     })
 }
 
+/// The `options` of `owner` (for errors: `profile "x"`), checked and encoded.
+fn option_set(
+    section: &OptionsSection,
+    owner: &str,
+    error_at: &impl Fn(Option<Range<usize>>, String) -> ConfigError,
+) -> Result<OptionSet, ConfigError> {
+    let mut set = OptionSet::default();
+    for (key, value) in section {
+        let (code, bytes) = options::parse(key.get_ref(), value).map_err(|e| {
+            error_at(
+                Some(key.span()),
+                format!("{owner}, options.{}: {e}", key.get_ref()),
+            )
+        })?;
+        if !set.insert(code, bytes) {
+            return Err(error_at(
+                Some(key.span()),
+                format!(
+                    "{owner}, options.{}: option {code} is set twice (by name and by code)",
+                    key.get_ref()
+                ),
+            ));
+        }
+    }
+    Ok(set)
+}
+
 /// 1-based line and column of a byte offset.
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
@@ -566,6 +616,59 @@ mod tests {
         );
         assert!(parse("").unwrap().kernel_answers);
         assert!(Config::default().kernel_answers);
+    }
+
+    #[test]
+    fn options_are_read_at_every_level() {
+        let config = parse(
+            r#"
+[[dhcp.subnet]]
+network = "198.18.0.0/24"
+pools = ["198.18.0.100-198.18.0.199"]
+options = { ntp-servers = ["198.18.0.5"] }
+
+[[profile]]
+name = "default"
+[profile.options]
+"224" = { type = "u16", value = 515 }
+
+[[machine]]
+mac = "52:54:00:00:00:01"
+options = { domain-name = "rack7.example.net" }
+"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let codes = |set: &OptionSet| set.iter().map(|(c, v)| (c, v.to_vec())).collect::<Vec<_>>();
+        assert_eq!(
+            codes(&config.subnets[0].options),
+            vec![(42, vec![198, 18, 0, 5])]
+        );
+        assert_eq!(
+            codes(&config.profiles["default"].options),
+            vec![(224, vec![2, 3])]
+        );
+        let mac: Mac = "52:54:00:00:00:01".parse().unwrap();
+        assert_eq!(
+            codes(&config.machines[&mac].options),
+            vec![(15, b"rack7.example.net".to_vec())]
+        );
+    }
+
+    #[test]
+    fn a_bad_option_names_its_line_owner_and_key() {
+        let e = parse("[[profile]]\nname = \"rescue\"\n[profile.options]\n\"300\" = { type = \"u8\", value = 1 }\n")
+            .unwrap_err();
+        assert_eq!(e.line, 4, "{e}");
+        assert!(
+            e.message
+                .starts_with("profile \"rescue\", options.300: option code 300"),
+            "{e}"
+        );
+        let twice = parse(
+            "[[machine]]\nmac = \"52:54:00:00:00:01\"\noptions = { ntp-servers = \"10.0.0.1\", \"42\" = { type = \"ip\", value = \"10.0.0.2\" } }\n",
+        )
+        .unwrap_err();
+        assert!(twice.message.contains("option 42 is set twice"), "{twice}");
     }
 
     #[test]

@@ -283,6 +283,7 @@ impl Settings {
                 dns: vec![],
                 domain: None,
                 lease_time: self.lease_time.max(MIN_LEASE_TIME),
+                options: Default::default(),
             });
         }
         Ok(subnets)

@@ -67,6 +67,37 @@ fn addresses(ns: &pxe_lab::Netns) -> String {
     .into_owned()
 }
 
+/// pxed on `server`'s eth0 with `config` (written to `work`), its leases
+/// in `work`, and `extra` flags, once it listens on 67; its log's path.
+fn start_with_config(
+    lab: &Lab,
+    server: &pxe_lab::Netns,
+    work: &Path,
+    config: &str,
+    extra: &[&str],
+) -> std::path::PathBuf {
+    let config_path = work.join("pxed.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let leases = work.join("leases.redb");
+    let log = work.join("pxed.log");
+    let mut args = vec![
+        "--interface",
+        "eth0",
+        "--config",
+        config_path.to_str().unwrap(),
+        "--lease-file",
+        leases.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    lab.spawn_logged(server, PXED, &args, &log).unwrap();
+    assert!(
+        server.wait_for_udp_port(67, Duration::from_secs(20)),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    log
+}
+
 /// Whether `address` is configured on eth0 within a few seconds: a client
 /// logs its lease before its script has configured it.
 fn configured(ns: &pxe_lab::Netns, address: &str) -> bool {
@@ -214,9 +245,10 @@ fn a_request_relayed_by_dnsmasq_gets_an_address_from_the_relays_subnet() {
         .unwrap();
 
     let work = tempfile::tempdir().unwrap();
-    let config = work.path().join("pxed.toml");
-    std::fs::write(
-        &config,
+    let log = start_with_config(
+        &lab,
+        &server,
+        work.path(),
         r#"
 [dhcp]
 mode = "full"
@@ -228,31 +260,7 @@ network = "198.18.5.0/24"
 pools = ["198.18.5.10-198.18.5.50"]
 router = "198.18.5.1"
 "#,
-    )
-    .unwrap();
-    let leases = work.path().join("leases.redb");
-    let log = work.path().join("pxed.log");
-    lab.spawn_logged(
-        &server,
-        PXED,
-        &[
-            "--interface",
-            "eth0",
-            "--config",
-            config.to_str().unwrap(),
-            "--lease-file",
-            leases.to_str().unwrap(),
-            "--xdp-mode",
-            "off",
-            "--no-tc",
-        ],
-        &log,
-    )
-    .unwrap();
-    assert!(
-        server.wait_for_udp_port(67, Duration::from_secs(20)),
-        "{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+        &["--xdp-mode", "off", "--no-tc"],
     );
     let relay_log = work.path().join("dnsmasq.log");
     Dnsmasq::new()
@@ -867,4 +875,116 @@ fn kea_config_json(dir: &Path) -> String {
   "loggers": [{{"name": "kea-dhcp4", "output_options": [{{"output": "stdout"}}], "severity": "INFO"}}]
 }}}}"#
     )
+}
+
+/// Options an operator sets reach a real client, each level's where the
+/// level above sets nothing: the subnet's option 224 (by code, hex), the
+/// default profile's domain search list (119), and the machine's NTP
+/// server (42), which replaces the profile's and the subnet's. The same
+/// options again when udhcpc renews (the kernel answers it if it can: its
+/// template is the userspace reply).
+#[test]
+fn udhcpc_gets_the_options_of_its_subnet_profile_and_machine() {
+    if !pxe_lab::privileged("udhcpc_gets_the_options_of_its_subnet_profile_and_machine")
+        || !have_tool("busybox", "busybox")
+    {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let pxe_lab::Pair { server, client } = lab
+        .pair()
+        .client_addr(pxe_lab::CLIENT_CIDR)
+        .build()
+        .unwrap();
+    let link = client
+        .output("ip", &["-br", "link", "show", "dev", "eth0"])
+        .unwrap();
+    let mac = String::from_utf8_lossy(&link.stdout)
+        .split_whitespace()
+        .nth(2)
+        .expect("ip -br link: name, state, MAC")
+        .to_owned();
+    let root = boot_root();
+    let work = tempfile::tempdir().unwrap();
+    start_with_config(
+        &lab,
+        &server,
+        work.path(),
+        &format!(
+            r#"
+[dhcp]
+mode = "full"
+
+[[dhcp.subnet]]
+network = "198.18.0.0/24"
+pools = ["{POOL}"]
+[dhcp.subnet.options]
+ntp-servers = ["198.18.0.41"]
+"224" = {{ type = "hex", value = "01:02:ab" }}
+
+[[profile]]
+name = "default"
+[profile.options]
+ntp-servers = ["198.18.0.42"]
+domain-search = ["rack7.example.net", "example.net"]
+
+[[machine]]
+mac = "{mac}"
+[machine.options]
+ntp-servers = ["198.18.0.43", "198.18.0.44"]
+"#
+        ),
+        &["--boot-root", root.path().to_str().unwrap()],
+    );
+
+    let dir = work.path().to_str().unwrap();
+    let script = write_script(
+        work.path(),
+        "udhcpc.sh",
+        &format!(
+            r#"
+case "$1" in
+  bound|renew) ip addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface"
+    env > "{dir}/$1.env" ;;
+  deconfig) ip addr flush dev "$interface" ;;
+esac
+"#
+        ),
+    );
+    let out = work.path().join("udhcpc.log");
+    let pid = lab
+        .spawn_logged(
+            &client,
+            "busybox",
+            &[
+                "udhcpc", "-i", "eth0", "-f", "-t", "5", "-T", "1", "-O", "224", "-O", "119", "-s",
+                &script,
+            ],
+            &out,
+        )
+        .unwrap();
+    let check = |event: &str| {
+        let path = work.path().join(format!("{event}.env"));
+        wait_for_file_text(&path, "ntpsrv=", Duration::from_secs(20));
+        let env = std::fs::read_to_string(&path).unwrap();
+        let var = |name: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            var("ntpsrv").as_deref(),
+            Some("198.18.0.43 198.18.0.44"),
+            "{env}"
+        );
+        assert_eq!(var("opt224").as_deref(), Some("0102ab"), "{env}");
+        assert_eq!(
+            var("search").as_deref(),
+            Some("rack7.example.net example.net"),
+            "{env}"
+        );
+    };
+    check("bound");
+    kill(Pid::from_raw(pid as i32), Signal::SIGUSR1).unwrap(); // renew now
+    check("renew");
 }

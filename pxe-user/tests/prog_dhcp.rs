@@ -60,6 +60,7 @@ fn subnet(net: &str, range: &str) -> Subnet {
         dns: vec![SERVER],
         domain: Some("lab".into()),
         lease_time: 3600,
+        options: Default::default(),
     }
 }
 

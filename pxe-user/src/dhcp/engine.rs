@@ -763,14 +763,19 @@ impl Engine {
         subnet: usize,
     ) -> (String, bool) {
         let hostname = ctx.policy.hostname(ctx.req.mac);
-        reply::add_lease_options(message, &self.config.subnets[subnet], hostname);
-        match self.boot_answer(ctx) {
+        let subnet = &self.config.subnets[subnet];
+        reply::add_lease_options(message, subnet, hostname);
+        let note = match self.boot_answer(ctx) {
             (Some(boot), repeatable) => {
                 reply::add_boot(message, ctx.req, &boot, ctx.here);
                 (format!(", boot {}", boot.file), repeatable)
             }
             (None, repeatable) => (String::new(), repeatable),
-        }
+        };
+        // Last: what the operator set replaces what pxed chose.
+        let configured = ctx.policy.options(ctx.req.mac).over(&subnet.options);
+        reply::add_configured_options(message, &configured);
+        note
     }
 }
 
@@ -799,6 +804,7 @@ mod tests {
             dns: vec![SERVER],
             domain: Some("lab".into()),
             lease_time: 3600,
+            options: Default::default(),
         }
     }
 
@@ -1026,6 +1032,7 @@ mod tests {
                 arch: None,
                 client: None,
                 vars: Default::default(),
+                options: Default::default(),
             },
         )]
         .into();
@@ -1071,6 +1078,7 @@ mod tests {
                 arch: None,
                 client: Some(ClientKind::Pxe),
                 vars: Default::default(),
+                options: Default::default(),
             },
         )]
         .into();

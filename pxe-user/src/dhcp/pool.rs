@@ -17,6 +17,9 @@ pub struct Subnet {
     pub domain: Option<String>,
     /// Seconds.
     pub lease_time: u32,
+    /// `[dhcp.subnet.options]`: what every lease of the subnet carries,
+    /// unless its machine's profile or entry sets the same code.
+    pub options: crate::policy::options::OptionSet,
 }
 
 impl Subnet {
@@ -85,6 +88,7 @@ mod tests {
             dns: vec![],
             domain: None,
             lease_time: 3600,
+            options: Default::default(),
         };
         assert_eq!(s.pool_len(), 4);
         assert_eq!(s.nth(3), Some("198.18.0.20".parse().unwrap()));

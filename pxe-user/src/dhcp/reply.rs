@@ -3,10 +3,10 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode};
+use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode, UnknownOption};
 
 use super::{classify::Request, outcome::Destination, pool::Subnet};
-use crate::policy::BootAnswer;
+use crate::policy::{options::OptionSet, BootAnswer};
 
 /// The skeleton of every reply from `server`: the request's xid, flags,
 /// relay and chaddr, the message type and our server identifier.
@@ -53,6 +53,19 @@ pub fn add_lease_options(reply: &mut Message, subnet: &Subnet, hostname: Option<
     }
     if let Some(hostname) = hostname {
         opts.insert(DhcpOption::Hostname(hostname));
+    }
+}
+
+/// The options the operator configured (crate::policy::options), each
+/// replacing any pxed set with the same code.
+pub fn add_configured_options(reply: &mut Message, options: &OptionSet) {
+    for (code, value) in options.iter() {
+        reply
+            .opts_mut()
+            .insert(DhcpOption::Unknown(UnknownOption::new(
+                code.into(),
+                value.to_vec(),
+            )));
     }
 }
 

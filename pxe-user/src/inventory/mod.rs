@@ -150,13 +150,23 @@ impl Inventory {
     }
 
     /// The policy in force: the file's, with the inventory laid over it.
+    /// DHCP options are the file's alone: a record that replaces the
+    /// file's entry or profile of the same name keeps its options.
     pub fn over(&self, file: &StaticPolicy) -> StaticPolicy {
         let mut policy = file.clone();
         for (name, p) in &self.profiles {
-            policy.profiles.insert(name.clone(), p.to_profile());
+            let mut profile = p.to_profile();
+            if let Some(filed) = file.profiles.get(name) {
+                profile.options.clone_from(&filed.options);
+            }
+            policy.profiles.insert(name.clone(), profile);
         }
         for (mac, m) in &self.machines {
-            policy.machines.insert(*mac, m.to_entry());
+            let mut entry = m.to_entry();
+            if let Some(filed) = file.machines.get(mac) {
+                entry.options.clone_from(&filed.options);
+            }
+            policy.machines.insert(*mac, entry);
         }
         policy
     }
@@ -172,6 +182,7 @@ impl MachineRecord {
             arch: self.arch,
             client: self.client,
             vars: self.vars.clone(),
+            options: Default::default(),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! inventory changed at run time is another. A reload swaps the whole
 //! policy at once: every request sees the old one or the new one, never a mix.
 
+pub mod options;
 pub mod provision;
 pub mod render;
 pub mod r#static;
@@ -13,6 +14,8 @@ pub mod webhook;
 use std::{fmt, net::Ipv4Addr, sync::Arc};
 
 use arc_swap::ArcSwap;
+
+use options::OptionSet;
 
 pub use self::r#static::ServerUrls;
 
@@ -177,6 +180,11 @@ pub trait BootPolicy: Send + Sync {
     /// The host name a lease for `mac` carries, whoever asks (cheap: asked
     /// for every lease, PXE or not).
     fn hostname(&self, mac: Mac) -> Option<String>;
+    /// The DHCP options a lease for `mac` carries from its profile and its
+    /// entry (the machine's over the profile's); the subnet's go under them.
+    fn options(&self, _mac: Mac) -> OptionSet {
+        OptionSet::default()
+    }
     /// False for a machine marked not to netboot (provisioned): TFTP and
     /// HTTP refuse it boot files. Cheap: asked per file request.
     fn may_netboot(&self, mac: Mac) -> bool;

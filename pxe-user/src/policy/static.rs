@@ -6,6 +6,7 @@ use std::{
 };
 
 use super::{
+    options::OptionSet,
     provision::{ProvisionKey, PROVISIONED_PATH},
     render, Arch, BootPolicy, BootSpec, ClientKind, Decision, Mac, Machine, Verdict,
 };
@@ -52,6 +53,8 @@ pub struct Profile {
     pub cmdline: String,
     /// Checked with [`render::check`].
     pub ipxe_script: String,
+    /// DHCP options its machines' leases carry (over the subnet's).
+    pub options: OptionSet,
 }
 
 impl Profile {
@@ -65,6 +68,7 @@ impl Profile {
             // named becomes /dev/console.
             cmdline: "console=tty0 console=ttyS0,115200".into(),
             ipxe_script: DEFAULT_IPXE_SCRIPT.to_owned(),
+            options: OptionSet::default(),
         }
     }
 
@@ -96,6 +100,8 @@ pub struct MachineEntry {
     pub client: Option<ClientKind>,
     /// Free-form values its scripts use as `{{var.NAME}}`.
     pub vars: BTreeMap<String, String>,
+    /// DHCP options its leases carry (over its profile's and the subnet's).
+    pub options: OptionSet,
 }
 
 impl Default for MachineEntry {
@@ -108,6 +114,7 @@ impl Default for MachineEntry {
             arch: None,
             client: None,
             vars: BTreeMap::new(),
+            options: OptionSet::default(),
         }
     }
 }
@@ -160,6 +167,19 @@ impl BootPolicy for StaticPolicy {
 
     fn hostname(&self, mac: Mac) -> Option<String> {
         self.machines.get(&mac).and_then(|m| m.hostname.clone())
+    }
+
+    fn options(&self, mac: Mac) -> OptionSet {
+        let entry = self.machines.get(&mac);
+        let profile = entry
+            .and_then(|e| e.profile.as_ref())
+            .or(self.default_profile.as_ref())
+            .and_then(|name| self.profiles.get(name));
+        let of_profile = profile.map(|p| p.options.clone()).unwrap_or_default();
+        match entry {
+            Some(e) if !e.options.is_empty() => e.options.over(&of_profile),
+            _ => of_profile,
+        }
     }
 
     fn may_netboot(&self, mac: Mac) -> bool {
@@ -270,6 +290,7 @@ mod tests {
                 arch: None,
                 client: None,
                 vars: Default::default(),
+                options: Default::default(),
             },
         );
         machines.insert(
@@ -281,6 +302,7 @@ mod tests {
                 arch: None,
                 client: None,
                 vars: Default::default(),
+                options: Default::default(),
             },
         );
         StaticPolicy {
@@ -370,6 +392,7 @@ mod tests {
                 arch: Some(Arch::UefiArm64),
                 client: None,
                 vars: Default::default(),
+                options: Default::default(),
             },
         );
         let Decision::Boot(spec) = p.decide(&machine(4, 0), &urls()).decision else {

@@ -27,7 +27,8 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use super::{
-    r#static::StaticPolicy, BootPolicy, BootSpec, Decision, Mac, Machine, ServerUrls, Verdict,
+    options::OptionSet, r#static::StaticPolicy, BootPolicy, BootSpec, Decision, Mac, Machine,
+    ServerUrls, Verdict,
 };
 
 /// Which machines the webhook decides for.
@@ -272,6 +273,10 @@ impl BootPolicy for WebhookPolicy {
 
     fn hostname(&self, mac: Mac) -> Option<String> {
         self.base.hostname(mac)
+    }
+
+    fn options(&self, mac: Mac) -> OptionSet {
+        self.base.options(mac)
     }
 
     fn may_netboot(&self, mac: Mac) -> bool {
