@@ -564,13 +564,13 @@ fn option_set(
 ) -> Result<OptionSet, ConfigError> {
     let mut set = OptionSet::default();
     for (key, value) in section {
-        let (code, bytes) = options::parse(key.get_ref(), value).map_err(|e| {
+        let (code, option) = options::parse(key.get_ref(), value).map_err(|e| {
             error_at(
                 Some(key.span()),
                 format!("{owner}, options.{}: {e}", key.get_ref()),
             )
         })?;
-        if !set.insert(code, bytes) {
+        if !set.insert(code, option) {
             return Err(error_at(
                 Some(key.span()),
                 format!(
@@ -638,7 +638,11 @@ options = { domain-name = "rack7.example.net" }
 "#,
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let codes = |set: &OptionSet| set.iter().map(|(c, v)| (c, v.to_vec())).collect::<Vec<_>>();
+        let codes = |set: &OptionSet| {
+            set.iter()
+                .map(|(c, o)| (c, o.value.clone()))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
             codes(&config.subnets[0].options),
             vec![(42, vec![198, 18, 0, 5])]

@@ -880,9 +880,9 @@ fn kea_config_json(dir: &Path) -> String {
 /// Options an operator sets reach a real client, each level's where the
 /// level above sets nothing: the subnet's option 224 (by code, hex), the
 /// default profile's domain search list (119), and the machine's NTP
-/// server (42), which replaces the profile's and the subnet's. The same
-/// options again when udhcpc renews (the kernel answers it if it can: its
-/// template is the userspace reply).
+/// server (42), which replaces the profile's and the subnet's. Options the
+/// client did not ask for (option 55) are left out unless always sent.
+/// The same again when udhcpc renews.
 #[test]
 fn udhcpc_gets_the_options_of_its_subnet_profile_and_machine() {
     if !pxe_lab::privileged("udhcpc_gets_the_options_of_its_subnet_profile_and_machine")
@@ -921,6 +921,8 @@ pools = ["{POOL}"]
 [dhcp.subnet.options]
 ntp-servers = ["198.18.0.41"]
 "224" = {{ type = "hex", value = "01:02:ab" }}
+"225" = {{ type = "u8", value = 7 }}
+"226" = {{ type = "string", value = "rack-7", always_send = true }}
 
 [[profile]]
 name = "default"
@@ -957,8 +959,8 @@ esac
             &client,
             "busybox",
             &[
-                "udhcpc", "-i", "eth0", "-f", "-t", "5", "-T", "1", "-O", "224", "-O", "119", "-s",
-                &script,
+                "udhcpc", "-i", "eth0", "-f", "-t", "5", "-T", "1", "-O", "ntpsrv", "-O", "224",
+                "-O", "119", "-s", &script,
             ],
             &out,
         )
@@ -978,6 +980,12 @@ esac
             "{env}"
         );
         assert_eq!(var("opt224").as_deref(), Some("0102ab"), "{env}");
+        assert_eq!(var("opt225"), None, "not asked for: {env}");
+        assert_eq!(
+            var("opt226").as_deref(),
+            Some("7261636b2d37"),
+            "always sent: {env}"
+        );
         assert_eq!(
             var("search").as_deref(),
             Some("rack7.example.net example.net"),

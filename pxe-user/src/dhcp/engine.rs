@@ -774,8 +774,10 @@ impl Engine {
         };
         // Last: what the operator set replaces what pxed chose.
         let configured = ctx.policy.options(ctx.req.mac).over(&subnet.options);
-        reply::add_configured_options(message, &configured);
-        note
+        let by_request_list = reply::add_configured_options(message, ctx.req, &configured);
+        // The kernel's signature leaves option 55 out: a reply it shaped
+        // stays with userspace.
+        (note.0, note.1 && !by_request_list)
     }
 }
 

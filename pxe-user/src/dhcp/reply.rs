@@ -56,10 +56,20 @@ pub fn add_lease_options(reply: &mut Message, subnet: &Subnet, hostname: Option<
     }
 }
 
-/// The options the operator configured (crate::policy::options), each
-/// replacing any pxed set with the same code.
-pub fn add_configured_options(reply: &mut Message, options: &OptionSet) {
-    for (code, value) in options.iter() {
+/// The options the operator configured (crate::policy::options) that
+/// `req` asked for or that are always sent, each replacing any pxed set
+/// with the same code. Returns whether the request's option 55 decided
+/// which (the kernel's templates do not tell lists apart).
+pub fn add_configured_options(reply: &mut Message, req: &Request, options: &OptionSet) -> bool {
+    let requested: Option<Vec<u8>> = match req.message.opts().get(OptionCode::ParameterRequestList)
+    {
+        Some(DhcpOption::ParameterRequestList(codes)) => {
+            Some(codes.iter().map(|c| u8::from(*c)).collect())
+        }
+        _ => None,
+    };
+    let (sent, depends) = options.for_request(requested.as_deref());
+    for (code, value) in sent {
         reply
             .opts_mut()
             .insert(DhcpOption::Unknown(UnknownOption::new(
@@ -67,6 +77,7 @@ pub fn add_configured_options(reply: &mut Message, options: &OptionSet) {
                 value.to_vec(),
             )));
     }
+    depends
 }
 
 /// RFC 2131 §3.4: no lease time in an answer to INFORM.

@@ -7,6 +7,11 @@
 //! replaces what pxed would send itself (router, DNS, domain, 66, 67...).
 //! The codes pxed must own (message type, server identifier, lease times,
 //! the subnet mask...) cannot be set.
+//!
+//! A configured option goes to a client that lists it in its parameter
+//! request list (option 55), or to every client when it is marked
+//! `always_send` (RFC 2131 §4.3.1 lets a server send options not asked
+//! for; some clients want them and do not ask).
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
@@ -14,16 +19,25 @@ use ipnet::Ipv4Net;
 
 /// Options by code, each value already in its wire form.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct OptionSet(BTreeMap<u8, Vec<u8>>);
+pub struct OptionSet(BTreeMap<u8, Configured>);
+
+/// One option as configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Configured {
+    /// The value in wire form.
+    pub value: Vec<u8>,
+    /// Sent whether or not the client asked for it (option 55).
+    pub always_send: bool,
+}
 
 impl OptionSet {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
-    /// Sets `code` to `value` (wire form); `false` if it was already set.
-    pub fn insert(&mut self, code: u8, value: Vec<u8>) -> bool {
-        self.0.insert(code, value).is_none()
+    /// Sets `code`; `false` if it was already set.
+    pub fn insert(&mut self, code: u8, option: Configured) -> bool {
+        self.0.insert(code, option).is_none()
     }
 
     /// These options over `below`'s: a code set in both is taken from here.
@@ -35,8 +49,25 @@ impl OptionSet {
         merged
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (u8, &[u8])> {
-        self.0.iter().map(|(code, value)| (*code, value.as_slice()))
+    pub fn iter(&self) -> impl Iterator<Item = (u8, &Configured)> {
+        self.0.iter().map(|(code, option)| (*code, option))
+    }
+
+    /// The options a client gets that asked for `requested` (its option
+    /// 55, `None` when it sent none), and whether what it asked for decided
+    /// it: then the reply is for requests with that list only.
+    pub fn for_request<'a>(
+        &'a self,
+        requested: Option<&'a [u8]>,
+    ) -> (impl Iterator<Item = (u8, &'a [u8])> + 'a, bool) {
+        let asked = move |code: u8| requested.is_some_and(|list| list.contains(&code));
+        let depends = self.0.values().any(|o| !o.always_send);
+        let sent = self
+            .0
+            .iter()
+            .filter(move |(code, o)| o.always_send || asked(**code))
+            .map(|(code, o)| (*code, o.value.as_slice()));
+        (sent, depends)
     }
 }
 
@@ -120,23 +151,30 @@ const OWN: &[(u8, &str)] = &[
 ];
 
 /// One option as written under `options`: `key` is a name from the table
-/// above (the value as its type wants it) or a code, `"224"`, whose value
-/// says its type: `{ type = "hex", value = "01:02" }`. Returns the code and
-/// the value in wire form, or what is wrong, for the config's error.
-pub fn parse(key: &str, value: &toml::Value) -> Result<(u8, Vec<u8>), String> {
-    let (code, kind, value) = match NAMED.iter().find(|(name, ..)| *name == key) {
+/// above, its value as its type wants it (or `{ value = ..., always_send =
+/// true }`), or a code, `"224"`, whose value says its type: `{ type =
+/// "hex", value = "01:02" }` (and `always_send` if wanted). Returns the
+/// code and the option, or what is wrong, for the config's error.
+pub fn parse(key: &str, value: &toml::Value) -> Result<(u8, Configured), String> {
+    let (code, kind, value, always_send) = match NAMED.iter().find(|(name, ..)| *name == key) {
         Some((_, code, kind)) => {
-            if value.is_table() {
-                return Err(format!(
-                    "{key} is option {code}, whose type pxed knows: give its value alone"
-                ));
-            }
-            (*code, *kind, value)
+            let (value, always_send) = match value.as_table() {
+                Some(table) => {
+                    if table.contains_key("type") {
+                        return Err(format!(
+                            "{key} is option {code}, whose type pxed knows: leave out type"
+                        ));
+                    }
+                    with_always_send(table, "{ value = ..., always_send = true }")?
+                }
+                None => (value, false),
+            };
+            (*code, *kind, value, always_send)
         }
         None => {
             let code = code_of(key)?;
-            let (kind, value) = typed(value)?;
-            (code, kind, value)
+            let (kind, value, always_send) = typed(value)?;
+            (code, kind, value, always_send)
         }
     };
     if let Some((_, why)) = OWN.iter().find(|(own, _)| *own == code) {
@@ -149,7 +187,36 @@ pub fn parse(key: &str, value: &toml::Value) -> Result<(u8, Vec<u8>), String> {
             bytes.len()
         ));
     }
-    Ok((code, bytes))
+    Ok((
+        code,
+        Configured {
+            value: bytes,
+            always_send,
+        },
+    ))
+}
+
+/// A table's `value` and `always_send`; `form` says how it is written.
+fn with_always_send<'a>(
+    table: &'a toml::Table,
+    form: &str,
+) -> Result<(&'a toml::Value, bool), String> {
+    if let Some(other) = table
+        .keys()
+        .find(|k| !["type", "value", "always_send"].contains(&k.as_str()))
+    {
+        return Err(format!("unknown key {other:?}; write {form}"));
+    }
+    let value = table
+        .get("value")
+        .ok_or_else(|| format!("no value; write {form}"))?;
+    let always_send = match table.get("always_send") {
+        None => false,
+        Some(flag) => flag
+            .as_bool()
+            .ok_or_else(|| format!("always_send is true or false, not {flag}"))?,
+    };
+    Ok((value, always_send))
 }
 
 fn code_of(key: &str) -> Result<u8, String> {
@@ -166,19 +233,14 @@ fn code_of(key: &str) -> Result<u8, String> {
         .ok_or_else(|| format!("option code {number} is outside 1 to 254"))
 }
 
-/// `{ type = "...", value = ... }`: the kind and the value.
-fn typed(value: &toml::Value) -> Result<(Kind, &toml::Value), String> {
+/// `{ type = "...", value = ..., always_send = ... }`: the kind, the
+/// value and whether it is always sent.
+fn typed(value: &toml::Value) -> Result<(Kind, &toml::Value, bool), String> {
     let types: Vec<&str> = KINDS.iter().map(|(name, _)| *name).collect();
-    let expected = || {
-        format!(
-            "an option given by code needs {{ type = \"{}\", value = ... }}",
-            types.join("\" | \"")
-        )
-    };
+    let form = format!("{{ type = \"{}\", value = ... }}", types.join("\" | \""));
+    let expected = || format!("an option given by code needs {form}");
     let table = value.as_table().ok_or_else(expected)?;
-    if let Some(other) = table.keys().find(|k| *k != "type" && *k != "value") {
-        return Err(format!("unknown key {other:?}; {}", expected()));
-    }
+    let (value, always_send) = with_always_send(table, &form)?;
     let name = table
         .get("type")
         .and_then(toml::Value::as_str)
@@ -188,8 +250,7 @@ fn typed(value: &toml::Value) -> Result<(Kind, &toml::Value), String> {
         .find(|(n, _)| *n == name)
         .map(|(_, kind)| *kind)
         .ok_or_else(|| format!("type {name:?} is not one of {}", types.join(", ")))?;
-    let value = table.get("value").ok_or_else(expected)?;
-    Ok((kind, value))
+    Ok((kind, value, always_send))
 }
 
 fn encode(kind: Kind, value: &toml::Value) -> Result<Vec<u8>, String> {
@@ -320,7 +381,8 @@ mod tests {
     }
 
     fn ok(key: &str, toml_value: &str) -> (u8, Vec<u8>) {
-        parse(key, &value(toml_value)).unwrap()
+        let (code, option) = parse(key, &value(toml_value)).unwrap();
+        (code, option.value)
     }
 
     fn err(key: &str, toml_value: &str) -> String {
@@ -412,15 +474,52 @@ mod tests {
         assert!(err("224", &long).contains("1 to 255"));
     }
 
+    fn option(value: &[u8], always_send: bool) -> Configured {
+        Configured {
+            value: value.to_vec(),
+            always_send,
+        }
+    }
+
     #[test]
     fn the_more_specific_set_wins_code_by_code() {
         let mut subnet = OptionSet::default();
-        subnet.insert(42, vec![1, 1, 1, 1]);
-        subnet.insert(26, vec![5, 220]);
+        subnet.insert(42, option(&[1, 1, 1, 1], false));
+        subnet.insert(26, option(&[5, 220], false));
         let mut machine = OptionSet::default();
-        machine.insert(42, vec![2, 2, 2, 2]);
+        machine.insert(42, option(&[2, 2, 2, 2], false));
         let merged = machine.over(&subnet);
-        let codes: Vec<(u8, Vec<u8>)> = merged.iter().map(|(c, v)| (c, v.to_vec())).collect();
-        assert_eq!(codes, vec![(26, vec![5, 220]), (42, vec![2, 2, 2, 2])]);
+        let (sent, _) = merged.for_request(Some(&[42, 26]));
+        let sent: Vec<(u8, Vec<u8>)> = sent.map(|(c, v)| (c, v.to_vec())).collect();
+        assert_eq!(sent, vec![(26, vec![5, 220]), (42, vec![2, 2, 2, 2])]);
+    }
+
+    #[test]
+    fn a_client_gets_what_it_asked_for_and_what_is_always_sent() {
+        let (code, always) = parse(
+            "wpad",
+            &value(r#"{ value = "http://wpad/wpad.dat", always_send = true }"#),
+        )
+        .unwrap();
+        assert!(always.always_send);
+        let mut set = OptionSet::default();
+        set.insert(code, always);
+        set.insert(42, option(&[10, 0, 0, 5], false));
+        let codes = |requested: Option<&[u8]>| {
+            let (sent, depends) = set.for_request(requested);
+            (sent.map(|(c, _)| c).collect::<Vec<_>>(), depends)
+        };
+        assert_eq!(codes(Some(&[1, 3, 42])), (vec![42, 252], true));
+        assert_eq!(codes(Some(&[1, 3])), (vec![252], true));
+        assert_eq!(codes(None), (vec![252], true));
+        let mut only_always = OptionSet::default();
+        only_always.insert(252, option(b"x", true));
+        assert!(!only_always.for_request(None).1, "the list decided nothing");
+        assert!(parse(
+            "224",
+            &value(r#"{ type = "u8", value = 1, always_send = "yes" }"#)
+        )
+        .unwrap_err()
+        .contains("true or false"));
     }
 }
