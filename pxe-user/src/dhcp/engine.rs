@@ -775,6 +775,13 @@ impl Engine {
         // Last: what the operator set replaces what pxed chose.
         let configured = ctx.policy.options(ctx.req.mac).over(&subnet.options);
         let by_request_list = reply::add_configured_options(message, ctx.req, &configured);
+        let left_out = reply::fit_configured(message, ctx.req, &configured);
+        let mut note = note;
+        if !left_out.is_empty() {
+            note.0.push_str(&format!(
+                "; options {left_out:?} left out, the reply would exceed the datagram the client accepts"
+            ));
+        }
         // The kernel's signature leaves option 55 out: a reply it shaped
         // stays with userspace.
         (note.0, note.1 && !by_request_list)

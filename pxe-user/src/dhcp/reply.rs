@@ -3,7 +3,10 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode, UnknownOption};
+use dhcproto::{
+    v4::{DhcpOption, Message, MessageType, Opcode, OptionCode, UnknownOption},
+    Encodable as _,
+};
 
 use super::{classify::Request, outcome::Destination, pool::Subnet};
 use crate::policy::{options::OptionSet, BootAnswer};
@@ -80,6 +83,39 @@ pub fn add_configured_options(reply: &mut Message, req: &Request, options: &Opti
     depends
 }
 
+/// RFC 2131 §2: every client accepts a 576-byte datagram; option 57 may
+/// say it takes more.
+const SMALLEST_MAX_DATAGRAM: u16 = 576;
+/// The IPv4 and UDP headers around a DHCP message.
+const IP_UDP_HEADERS: usize = 28;
+
+/// Leaves configured options out, largest first, until the reply fits the
+/// datagram `req`'s client accepts (its option 57, at least 576 bytes).
+/// Returns the codes left out, for the log.
+pub fn fit_configured(reply: &mut Message, req: &Request, configured: &OptionSet) -> Vec<u8> {
+    let accepted = match req.message.opts().get(OptionCode::MaxMessageSize) {
+        Some(DhcpOption::MaxMessageSize(n)) => (*n).max(SMALLEST_MAX_DATAGRAM),
+        _ => SMALLEST_MAX_DATAGRAM,
+    };
+    let room = usize::from(accepted) - IP_UDP_HEADERS;
+    let encoded_len = |m: &Message| m.to_vec().map_or(usize::MAX, |bytes| bytes.len());
+    let mut by_size: Vec<(usize, u8)> = configured
+        .iter()
+        .map(|(code, o)| (o.value.len(), code))
+        .collect();
+    by_size.sort_unstable();
+    let mut left_out = Vec::new();
+    while encoded_len(reply) > room {
+        let Some((_, code)) = by_size.pop() else {
+            break;
+        };
+        if reply.opts_mut().remove(OptionCode::from(code)).is_some() {
+            left_out.push(code);
+        }
+    }
+    left_out
+}
+
 /// RFC 2131 §3.4: no lease time in an answer to INFORM.
 pub fn remove_lease_times(reply: &mut Message) {
     for code in [
@@ -138,4 +174,57 @@ pub fn destination(req: &Request) -> Destination {
         return Destination::Unicast(SocketAddrV4::new(m.ciaddr(), 68));
     }
     Destination::Broadcast
+}
+
+#[cfg(test)]
+mod tests {
+    use dhcproto::v4::{DhcpOption, MessageType};
+
+    use super::*;
+    use crate::{
+        dhcp::classify::{classify, tests::request},
+        policy::options::Configured,
+    };
+
+    fn three_long_options() -> OptionSet {
+        let mut set = OptionSet::default();
+        for (code, len) in [(224, 200), (225, 150), (226, 100)] {
+            set.insert(
+                code,
+                Configured {
+                    value: vec![7; len],
+                    always_send: true,
+                },
+            );
+        }
+        set
+    }
+
+    fn offer_to(options: Vec<DhcpOption>, configured: &OptionSet) -> (Message, Vec<u8>) {
+        let req = classify(&request(MessageType::Discover, [2, 0, 0, 0, 0, 1], options)).unwrap();
+        let mut reply = reply_to(
+            &req,
+            MessageType::Offer,
+            Ipv4Addr::new(198, 18, 0, 10),
+            Ipv4Addr::new(198, 18, 0, 1),
+        );
+        add_configured_options(&mut reply, &req, configured);
+        let left_out = fit_configured(&mut reply, &req, configured);
+        (reply, left_out)
+    }
+
+    #[test]
+    fn configured_options_are_left_out_largest_first_until_the_reply_fits() {
+        let configured = three_long_options();
+        let (reply, left_out) = offer_to(vec![], &configured);
+        assert_eq!(left_out, vec![224], "200 bytes over 548 with the others");
+        assert!(reply.to_vec().unwrap().len() <= 548);
+        // A client that takes 1,500-byte datagrams (option 57) gets them all.
+        let (reply, left_out) = offer_to(vec![DhcpOption::MaxMessageSize(1500)], &configured);
+        assert!(left_out.is_empty());
+        assert!(reply.to_vec().unwrap().len() > 548);
+        // One that says less than 576 still gets 576 (RFC 2131 §2).
+        let (_, left_out) = offer_to(vec![DhcpOption::MaxMessageSize(300)], &configured);
+        assert_eq!(left_out, vec![224]);
+    }
 }
