@@ -110,6 +110,8 @@ struct ProfileSection {
     initrd: Option<String>,
     cmdline: Option<String>,
     ipxe_script: Option<Spanned<String>>,
+    /// Another host serving the boot files over TFTP (next-server, 66).
+    tftp_server: Option<Spanned<String>>,
     #[serde(default)]
     boot_files: BootFilesSection,
     #[serde(default)]
@@ -293,6 +295,17 @@ impl Config {
                 })?;
                 profile.ipxe_script = script.get_ref().clone();
             }
+            profile.tftp_server = section
+                .tftp_server
+                .as_ref()
+                .map(|host| {
+                    ipv4(
+                        host,
+                        &format!("profile {:?}, tftp_server", section.name),
+                        &error_at,
+                    )
+                })
+                .transpose()?;
             profile.options = option_set(
                 &section.options,
                 &format!("profile {:?}", section.name),

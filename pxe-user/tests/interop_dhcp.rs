@@ -98,6 +98,43 @@ fn start_with_config(
     log
 }
 
+/// A lab of two namespaces and pxed on it with the config `config` writes
+/// (it may look at the client's namespace first), a boot root and a work
+/// directory of its own.
+struct ServedWithConfig {
+    lab: Lab,
+    client: pxe_lab::Netns,
+    work: tempfile::TempDir,
+    _root: tempfile::TempDir,
+    _server: pxe_lab::Netns,
+}
+
+fn served_with_config(config: impl FnOnce(&pxe_lab::Netns) -> String) -> ServedWithConfig {
+    let lab = Lab::new().unwrap();
+    let pxe_lab::Pair { server, client } = lab
+        .pair()
+        .client_addr(pxe_lab::CLIENT_CIDR)
+        .build()
+        .unwrap();
+    let root = boot_root();
+    let work = tempfile::tempdir().unwrap();
+    let text = config(&client);
+    start_with_config(
+        &lab,
+        &server,
+        work.path(),
+        &text,
+        &["--boot-root", root.path().to_str().unwrap()],
+    );
+    ServedWithConfig {
+        lab,
+        client,
+        work,
+        _root: root,
+        _server: server,
+    }
+}
+
 /// Whether `address` is configured on eth0 within a few seconds: a client
 /// logs its lease before its script has configured it.
 fn configured(ns: &pxe_lab::Netns, address: &str) -> bool {
@@ -890,27 +927,16 @@ fn udhcpc_gets_the_options_of_its_subnet_profile_and_machine() {
     {
         return;
     }
-    let lab = Lab::new().unwrap();
-    let pxe_lab::Pair { server, client } = lab
-        .pair()
-        .client_addr(pxe_lab::CLIENT_CIDR)
-        .build()
-        .unwrap();
-    let link = client
-        .output("ip", &["-br", "link", "show", "dev", "eth0"])
-        .unwrap();
-    let mac = String::from_utf8_lossy(&link.stdout)
-        .split_whitespace()
-        .nth(2)
-        .expect("ip -br link: name, state, MAC")
-        .to_owned();
-    let root = boot_root();
-    let work = tempfile::tempdir().unwrap();
-    start_with_config(
-        &lab,
-        &server,
-        work.path(),
-        &format!(
+    let served = served_with_config(|client| {
+        let link = client
+            .output("ip", &["-br", "link", "show", "dev", "eth0"])
+            .unwrap();
+        let mac = String::from_utf8_lossy(&link.stdout)
+            .split_whitespace()
+            .nth(2)
+            .expect("ip -br link: name, state, MAC")
+            .to_owned();
+        format!(
             r#"
 [dhcp]
 mode = "full"
@@ -935,13 +961,13 @@ mac = "{mac}"
 [machine.options]
 ntp-servers = ["198.18.0.43", "198.18.0.44"]
 "#
-        ),
-        &["--boot-root", root.path().to_str().unwrap()],
-    );
+        )
+    });
+    let (lab, client, work) = (&served.lab, &served.client, served.work.path());
 
-    let dir = work.path().to_str().unwrap();
+    let dir = work.to_str().unwrap();
     let script = write_script(
-        work.path(),
+        work,
         "udhcpc.sh",
         &format!(
             r#"
@@ -953,10 +979,10 @@ esac
 "#
         ),
     );
-    let out = work.path().join("udhcpc.log");
+    let out = work.join("udhcpc.log");
     let pid = lab
         .spawn_logged(
-            &client,
+            client,
             "busybox",
             &[
                 "udhcpc", "-i", "eth0", "-f", "-t", "5", "-T", "1", "-O", "ntpsrv", "-O", "224",
@@ -966,7 +992,7 @@ esac
         )
         .unwrap();
     let check = |event: &str| {
-        let path = work.path().join(format!("{event}.env"));
+        let path = work.join(format!("{event}.env"));
         wait_for_file_text(&path, "ntpsrv=", Duration::from_secs(20));
         let env = std::fs::read_to_string(&path).unwrap();
         let var = |name: &str| {
@@ -995,4 +1021,63 @@ esac
     check("bound");
     kill(Pid::from_raw(pid as i32), Signal::SIGUSR1).unwrap(); // renew now
     check("renew");
+}
+
+/// A profile whose boot files are on another TFTP server: its machines'
+/// offers name that host as next-server and in option 66, and still carry
+/// the profile's boot file; a machine of another profile gets pxed's own.
+#[test]
+fn a_profile_can_send_its_machines_to_another_tftp_server() {
+    if !pxe_lab::privileged("a_profile_can_send_its_machines_to_another_tftp_server") {
+        return;
+    }
+    let served = served_with_config(|_| {
+        format!(
+            r#"
+[dhcp]
+mode = "full"
+[[dhcp.subnet]]
+network = "198.18.0.0/24"
+pools = ["{POOL}"]
+
+[[profile]]
+name = "default"
+
+[[profile]]
+name = "elsewhere"
+tftp_server = "198.18.0.9"
+
+[[machine]]
+mac = "52:54:00:99:00:09"
+profile = "elsewhere"
+"#
+        )
+    });
+    let offer_to = |mac: [u8; 6], xid: u32| {
+        served
+            .client
+            .run(move || {
+                let socket = dc::client_socket("eth0");
+                dc::ask(
+                    &socket,
+                    &dc::message(MessageType::Discover, mac, xid, true, vec![]),
+                    xid,
+                    Duration::from_secs(3),
+                )
+            })
+            .unwrap()
+            .expect("an offer")
+    };
+    let tftp_server_name =
+        |m: &dhcproto::v4::Message| match m.opts().get(OptionCode::TFTPServerName) {
+            Some(DhcpOption::TFTPServerName(name)) => String::from_utf8_lossy(name).into_owned(),
+            other => panic!("option 66: {other:?}"),
+        };
+    let elsewhere = offer_to([0x52, 0x54, 0x00, 0x99, 0x00, 0x09], 0x5eed_0009);
+    assert_eq!(elsewhere.siaddr(), Ipv4Addr::new(198, 18, 0, 9));
+    assert_eq!(tftp_server_name(&elsewhere), "198.18.0.9");
+    assert_eq!(dc::boot_file(&elsewhere).as_deref(), Some("ipxe.efi"));
+    let here = offer_to([0x52, 0x54, 0x00, 0x99, 0x00, 0x0a], 0x5eed_000a);
+    assert_eq!(here.siaddr(), Ipv4Addr::new(198, 18, 0, 1));
+    assert_eq!(tftp_server_name(&here), "198.18.0.1");
 }

@@ -127,16 +127,23 @@ pub fn remove_lease_times(reply: &mut Message) {
     }
 }
 
-/// The boot file or URL, from `server`.
+/// The boot file or URL, from `server` (or over TFTP from the profile's
+/// `tftp_server`).
 pub fn add_boot(reply: &mut Message, req: &Request, boot: &BootAnswer, server: Ipv4Addr) {
-    reply.set_siaddr(server);
+    let tftp_host = match (boot.tftp, boot.tftp_server) {
+        (true, Some(elsewhere)) => elsewhere,
+        _ => server,
+    };
+    reply.set_siaddr(tftp_host);
     reply.set_fname_str(&boot.file);
     let opts = reply.opts_mut();
     // PXE 2.1 §2.5: replies to PXE clients carry option 60; UEFI HTTP Boot
     // requires "HTTPClient" (UEFI 2.x §24.7).
     opts.insert(DhcpOption::ClassIdentifier(boot.vendor_class.to_vec()));
     if boot.tftp {
-        opts.insert(DhcpOption::TFTPServerName(server.to_string().into_bytes()));
+        opts.insert(DhcpOption::TFTPServerName(
+            tftp_host.to_string().into_bytes(),
+        ));
         opts.insert(DhcpOption::BootfileName(boot.file.clone().into_bytes()));
         // PXE_DISCOVERY_CONTROL = 8: use the boot file given here, skip
         // boot server discovery (PXE 2.1 §2.4.2.1).

@@ -150,14 +150,16 @@ impl Inventory {
     }
 
     /// The policy in force: the file's, with the inventory laid over it.
-    /// DHCP options are the file's alone: a record that replaces the
-    /// file's entry or profile of the same name keeps its options.
+    /// DHCP options and a profile's TFTP server are the file's alone: a
+    /// record that replaces the file's entry or profile of the same name
+    /// keeps them.
     pub fn over(&self, file: &StaticPolicy) -> StaticPolicy {
         let mut policy = file.clone();
         for (name, p) in &self.profiles {
             let mut profile = p.to_profile();
             if let Some(filed) = file.profiles.get(name) {
                 profile.options.clone_from(&filed.options);
+                profile.tftp_server = filed.tftp_server;
             }
             policy.profiles.insert(name.clone(), profile);
         }

@@ -228,8 +228,10 @@ pub struct BootAnswer {
     pub file: String,
     /// Option 60 of the reply: `PXEClient`, or `HTTPClient` for UEFI HTTP Boot.
     pub vendor_class: &'static [u8],
-    /// The file is fetched over TFTP from this server (next-server, 66, 67).
+    /// The file is fetched over TFTP (next-server, 66, 67): from this
+    /// server, or from `tftp_server` when set.
     pub tftp: bool,
+    pub tftp_server: Option<Ipv4Addr>,
     /// The kernel may repeat the reply that carries it (see [`Verdict::repeatable`]).
     pub repeatable: bool,
 }
@@ -255,6 +257,7 @@ impl Verdict {
                     file: url,
                     vendor_class: b"PXEClient",
                     tftp: false,
+                    tftp_server: None,
                     repeatable: self.repeatable,
                 })
             }
@@ -262,12 +265,14 @@ impl Verdict {
                 file: format!("{}/{}", urls.http, spec.boot_file.as_ref()?),
                 vendor_class: b"HTTPClient",
                 tftp: false,
+                tftp_server: None,
                 repeatable: self.repeatable,
             }),
             (ClientKind::Pxe, Decision::Boot(spec)) => Some(BootAnswer {
                 file: spec.boot_file.clone()?,
                 vendor_class: b"PXEClient",
                 tftp: true,
+                tftp_server: spec.tftp_server,
                 repeatable: self.repeatable,
             }),
             (ClientKind::Pxe | ClientKind::HttpBoot, Decision::LocalBoot) => None,
@@ -314,6 +319,9 @@ pub struct BootSpec {
     pub ipxe_script: String,
     /// Host name to hand out, if configured.
     pub hostname: Option<String>,
+    /// Where firmware fetches `boot_file` over TFTP when it is not this
+    /// pxed (the profile's `tftp_server`).
+    pub tftp_server: Option<Ipv4Addr>,
 }
 
 /// The iPXE script for a machine that must not netboot: boot from disk.
@@ -357,6 +365,7 @@ mod tests {
             boot_file: boot_file.map(str::to_owned),
             ipxe_script: String::new(),
             hostname: None,
+            tftp_server: None,
         })
     }
 

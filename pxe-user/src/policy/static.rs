@@ -55,6 +55,9 @@ pub struct Profile {
     pub ipxe_script: String,
     /// DHCP options its machines' leases carry (over the subnet's).
     pub options: OptionSet,
+    /// The host firmware fetches the boot files from over TFTP, when it is
+    /// not this pxed (next-server and option 66 name it).
+    pub tftp_server: Option<Ipv4Addr>,
 }
 
 impl Profile {
@@ -69,6 +72,7 @@ impl Profile {
             cmdline: "console=tty0 console=ttyS0,115200".into(),
             ipxe_script: DEFAULT_IPXE_SCRIPT.to_owned(),
             options: OptionSet::default(),
+            tftp_server: None,
         }
     }
 
@@ -268,6 +272,7 @@ impl StaticPolicy {
             boot_file: profile.boot_file(arch).map(str::to_owned),
             ipxe_script,
             hostname,
+            tftp_server: profile.tftp_server,
         })
     }
 }

@@ -253,9 +253,9 @@ impl BootPolicy for WebhookPolicy {
             },
             Said::Boot(answer) => {
                 let verdict = base();
-                let boot_file = match &verdict.decision {
-                    Decision::Boot(spec) => spec.boot_file.clone(),
-                    _ => None,
+                let (boot_file, tftp_server) = match &verdict.decision {
+                    Decision::Boot(spec) => (spec.boot_file.clone(), spec.tftp_server),
+                    _ => (None, None),
                 };
                 Verdict {
                     client: verdict.client,
@@ -264,6 +264,7 @@ impl BootPolicy for WebhookPolicy {
                         boot_file,
                         ipxe_script: script(&answer, urls),
                         hostname: self.base.hostname(machine.mac),
+                        tftp_server,
                     }),
                     repeatable: false,
                 }
