@@ -1081,3 +1081,108 @@ profile = "elsewhere"
     assert_eq!(here.siaddr(), Ipv4Addr::new(198, 18, 0, 1));
     assert_eq!(tftp_server_name(&here), "198.18.0.1");
 }
+
+/// A Raspberry Pi 4's DISCOVER, byte for byte as its boot ROM sends it
+/// (the tcpdump of one in the Raspberry Pi documentation's network-boot
+/// guide): options 53, 55 (1 3 43 60 66 67 128-135), 93 = 0, 94 = 1.2.1,
+/// 97 (type 0 and sixteen bytes 0x44) and 60 "PXEClient:Arch:00000:UNDI:002001".
+/// One bit differs: the broadcast flag is set, as the test's socket has no
+/// address to receive dnsmasq's unicast offer on.
+fn raspberry_pi_4_discover(mac: [u8; 6], xid: u32) -> Vec<u8> {
+    let mut d = vec![1, 1, 6, 0];
+    d.extend_from_slice(&xid.to_be_bytes());
+    d.extend_from_slice(&[0, 0, 0x80, 0]); // secs; flags: broadcast
+    d.extend_from_slice(&[0; 16]); // ciaddr, yiaddr, siaddr, giaddr
+    d.extend_from_slice(&mac);
+    d.extend_from_slice(&[0; 10 + 64 + 128]); // chaddr padding, sname, file
+    d.extend_from_slice(&[99, 130, 83, 99]);
+    d.extend_from_slice(&[53, 1, 1]);
+    d.extend_from_slice(&[
+        55, 14, 1, 3, 43, 60, 66, 67, 128, 129, 130, 131, 132, 133, 134, 135,
+    ]);
+    d.extend_from_slice(&[93, 2, 0, 0]);
+    d.extend_from_slice(&[94, 3, 1, 2, 1]);
+    d.extend_from_slice(&[97, 17, 0]);
+    d.extend_from_slice(&[0x44; 16]);
+    d.push(60);
+    d.push(32);
+    d.extend_from_slice(b"PXEClient:Arch:00000:UNDI:002001");
+    d.push(255);
+    d
+}
+
+/// A Raspberry Pi (its OUI, its boot ROM's DISCOVER) is offered the boot
+/// menu its ROM looks for, byte for byte what dnsmasq's
+/// `pxe-service=0,"Raspberry Pi Boot"` sends it, with pxed as its TFTP
+/// server in option 66.
+#[test]
+fn a_raspberry_pi_is_offered_the_boot_menu_dnsmasq_would_send_it() {
+    if !pxe_lab::privileged("a_raspberry_pi_is_offered_the_boot_menu_dnsmasq_would_send_it")
+        || !have_tool("dnsmasq", "dnsmasq-base")
+    {
+        return;
+    }
+    let mac = [0xdc, 0xa6, 0x32, 0x01, 0x02, 0x03];
+    let vendor_option = |m: &dhcproto::v4::Message| match m.opts().get(OptionCode::VendorExtensions)
+    {
+        Some(DhcpOption::VendorExtensions(bytes)) => bytes.clone(),
+        other => panic!("option 43: {other:?}"),
+    };
+    let offer_from = |client: &pxe_lab::Netns, xid: u32| {
+        client
+            .run(move || {
+                let socket = dc::client_socket("eth0");
+                dc::ask(
+                    &socket,
+                    &raspberry_pi_4_discover(mac, xid),
+                    xid,
+                    Duration::from_secs(3),
+                )
+            })
+            .unwrap()
+    };
+
+    let lab = Lab::new().unwrap();
+    let pxe_lab::Pair { server, client } = lab.pair().build().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    Dnsmasq::new()
+        .interface("eth0")
+        .dhcp_range("198.18.0.100,198.18.0.150,1h")
+        .lease_file(&work.path().join("dnsmasq.leases"))
+        .no_ping()
+        .arg("--log-dhcp")
+        .arg("--pxe-service=0,Raspberry Pi Boot")
+        .spawn(&lab, &server, &work.path().join("dnsmasq.log"))
+        .unwrap();
+    assert!(server.wait_for_udp_port(67, Duration::from_secs(20)));
+    let dnsmasq_offer = offer_from(&client, 0x9100_0001).unwrap_or_else(|| {
+        panic!(
+            "no offer from dnsmasq:\n{}",
+            std::fs::read_to_string(work.path().join("dnsmasq.log")).unwrap_or_default()
+        )
+    });
+    let from_dnsmasq = vendor_option(&dnsmasq_offer);
+    drop(lab);
+
+    let served = served_with_config(|_| {
+        format!(
+            r#"
+[dhcp]
+mode = "full"
+[[dhcp.subnet]]
+network = "198.18.0.0/24"
+pools = ["{POOL}"]
+"#
+        )
+    });
+    let offer = offer_from(&served.client, 0x9100_0002).expect("an offer from pxed");
+    assert_eq!(vendor_option(&offer), from_dnsmasq);
+    assert!(
+        String::from_utf8_lossy(&from_dnsmasq).contains("Raspberry Pi Boot"),
+        "{from_dnsmasq:?}"
+    );
+    match offer.opts().get(OptionCode::TFTPServerName) {
+        Some(DhcpOption::TFTPServerName(name)) => assert_eq!(name.as_slice(), b"198.18.0.1"),
+        other => panic!("option 66: {other:?}"),
+    }
+}

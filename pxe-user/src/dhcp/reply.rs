@@ -9,7 +9,7 @@ use dhcproto::{
 };
 
 use super::{classify::Request, outcome::Destination, pool::Subnet};
-use crate::policy::{options::OptionSet, BootAnswer};
+use crate::policy::{options::OptionSet, Arch, BootAnswer};
 
 /// The skeleton of every reply from `server`: the request's xid, flags,
 /// relay and chaddr, the message type and our server identifier.
@@ -145,14 +145,29 @@ pub fn add_boot(reply: &mut Message, req: &Request, boot: &BootAnswer, server: I
             tftp_host.to_string().into_bytes(),
         ));
         opts.insert(DhcpOption::BootfileName(boot.file.clone().into_bytes()));
-        // PXE_DISCOVERY_CONTROL = 8: use the boot file given here, skip
-        // boot server discovery (PXE 2.1 §2.4.2.1).
-        opts.insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
+        let vendor = if req.arch == Arch::RaspberryPi {
+            RASPBERRY_PI_BOOT_MENU.to_vec()
+        } else {
+            // PXE_DISCOVERY_CONTROL = 8: use the boot file given here, skip
+            // boot server discovery (PXE 2.1 §2.4.2.1).
+            vec![6, 1, 8, 255]
+        };
+        opts.insert(DhcpOption::VendorExtensions(vendor));
     }
     if let Some(uuid) = &req.uuid_raw {
         opts.insert(DhcpOption::ClientMachineIdentifier(uuid.clone()));
     }
 }
+
+/// Option 43 for a Raspberry Pi's boot ROM, which boots from the network
+/// only when it finds a boot menu item named "Raspberry Pi Boot". The bytes
+/// dnsmasq sends for `pxe-service=0,"Raspberry Pi Boot"` (a test compares
+/// them with dnsmasq's own): PXE sub-options (PXE 2.1 §2.4.2.1) 6,
+/// discovery control = 3 (no broadcast or multicast discovery); 10, menu
+/// prompt, timeout 0, "PXE"; 9, one menu item, type 0, "Raspberry Pi
+/// Boot"; end.
+const RASPBERRY_PI_BOOT_MENU: [u8; 32] =
+    *b"\x06\x01\x03\x0a\x04\x00PXE\x09\x14\x00\x00\x11Raspberry Pi Boot\xff";
 
 /// A NAK saying `why`, and where it goes: RFC 2131 §4.1, broadcast unless
 /// it goes to a relay.
