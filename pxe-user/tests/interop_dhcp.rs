@@ -26,6 +26,15 @@ use pxe_lab::{peers::Dnsmasq, Lab};
 
 const POOL: &str = "198.18.0.100-198.18.0.199";
 
+/// A config that hands out [`POOL`]; tests add profiles and machines.
+const FULL_MODE_ON_POOL: &str = r#"
+[dhcp]
+mode = "full"
+[[dhcp.subnet]]
+network = "198.18.0.0/24"
+pools = ["198.18.0.100-198.18.0.199"]
+"#;
+
 fn in_pool(ip: Ipv4Addr) -> bool {
     (Ipv4Addr::new(198, 18, 0, 100)..=Ipv4Addr::new(198, 18, 0, 199)).contains(&ip)
 }
@@ -1032,14 +1041,8 @@ fn a_profile_can_send_its_machines_to_another_tftp_server() {
         return;
     }
     let served = served_with_config(|_| {
-        format!(
-            r#"
-[dhcp]
-mode = "full"
-[[dhcp.subnet]]
-network = "198.18.0.0/24"
-pools = ["{POOL}"]
-
+        FULL_MODE_ON_POOL.to_owned()
+            + r#"
 [[profile]]
 name = "default"
 
@@ -1051,7 +1054,6 @@ tftp_server = "198.18.0.9"
 mac = "52:54:00:99:00:09"
 profile = "elsewhere"
 "#
-        )
     });
     let offer_to = |mac: [u8; 6], xid: u32| {
         served
@@ -1164,17 +1166,7 @@ fn a_raspberry_pi_is_offered_the_boot_menu_dnsmasq_would_send_it() {
     let from_dnsmasq = vendor_option(&dnsmasq_offer);
     drop(lab);
 
-    let served = served_with_config(|_| {
-        format!(
-            r#"
-[dhcp]
-mode = "full"
-[[dhcp.subnet]]
-network = "198.18.0.0/24"
-pools = ["{POOL}"]
-"#
-        )
-    });
+    let served = served_with_config(|_| FULL_MODE_ON_POOL.to_owned());
     let offer = offer_from(&served.client, 0x9100_0002).expect("an offer from pxed");
     assert_eq!(vendor_option(&offer), from_dnsmasq);
     assert!(
