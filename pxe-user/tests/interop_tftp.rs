@@ -525,3 +525,45 @@ fn a_client_that_re_acknowledges_a_resent_window_only_once_still_completes() {
     );
     assert_same(&dest, &kernel.1, "atftp after losing both ACKs of a window");
 }
+
+/// A Raspberry Pi asks for its files under its serial number: a Pi whose
+/// directory holds the file gets that one, any other Pi the root's (curl,
+/// byte exact, kernel tiers on).
+#[test]
+fn a_pi_gets_its_own_files_under_its_serial_or_else_the_roots() {
+    if !pxe_lab::privileged("a_pi_gets_its_own_files_under_its_serial_or_else_the_roots")
+        || !have_tool("curl", "curl")
+    {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let shared: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+    let own = b"config for one Pi\n".to_vec();
+    std::fs::write(root.path().join("start4.elf"), &shared).unwrap();
+    std::fs::write(root.path().join("config.txt"), b"shared config\n").unwrap();
+    std::fs::create_dir(root.path().join("dca63201")).unwrap();
+    std::fs::write(root.path().join("dca63201/config.txt"), &own).unwrap();
+    let served = serve_tftp(root.path(), &[]);
+    let out = tempfile::tempdir().unwrap();
+    for (path, want) in [
+        ("dca63201/config.txt", &own),
+        ("dca63201/start4.elf", &shared),
+        ("1a2b3c4d/start4.elf", &shared),
+    ] {
+        let dest = out.path().join(path.replace('/', "-"));
+        let url = format!("tftp://{SERVER_IP}/{path}");
+        run_ok(
+            &served.client,
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "30",
+                "-o",
+                dest.to_str().unwrap(),
+                &url,
+            ],
+        );
+        assert_same(&dest, want, path);
+    }
+}

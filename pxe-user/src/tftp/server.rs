@@ -262,7 +262,7 @@ impl TftpServer {
                     .await;
             }
         }
-        let file = match self.root.open_file(filename).await {
+        let file = match self.open_for_tftp(filename).await {
             Ok(f) => f,
             Err(OpenError::NotFound) => {
                 info!(client = %peer, file = filename, "TFTP: file not found");
@@ -360,6 +360,26 @@ impl TftpServer {
             },
         };
         self.observer.tftp(client, file);
+    }
+
+    /// The file `filename` names, or, for a Raspberry Pi asking under its
+    /// serial number (`1a2b3c4d/start4.elf`) where the root has no such
+    /// directory or file, the root's own: one set of files serves every Pi,
+    /// and a directory named after a Pi's serial gives that Pi its own.
+    async fn open_for_tftp(&self, filename: &str) -> Result<Arc<BootFile>, OpenError> {
+        match self.root.open_file(filename).await {
+            Err(OpenError::NotFound) => match without_pi_serial(filename) {
+                Some(shared) => {
+                    let file = self.root.open_file(shared).await;
+                    if file.is_ok() {
+                        debug!(file = filename, "TFTP: no such file under the Pi's serial; the root's {shared} serves it");
+                    }
+                    file
+                }
+                None => Err(OpenError::NotFound),
+            },
+            other => other,
+        }
     }
 
     async fn refuse(&self, peer: SocketAddr, code: ErrorCode, message: &str) {
@@ -669,6 +689,14 @@ async fn send_gso(
         .await
 }
 
+/// `rest` of `SERIAL/rest`, where SERIAL is eight hex digits: how a
+/// Raspberry Pi 4 or 5 boot ROM names its files (its TFTP_PREFIX default).
+fn without_pi_serial(filename: &str) -> Option<&str> {
+    let (dir, rest) = filename.trim_start_matches('/').split_once('/')?;
+    (dir.len() == 8 && dir.bytes().all(|b| b.is_ascii_hexdigit()) && !rest.is_empty())
+        .then_some(rest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -712,5 +740,23 @@ mod tests {
         let mut oack = Batch::with_capacity(12, 1, true);
         oack.push(&[0; 20]);
         assert!(!oack.uniform(), "a packet longer than a segment is not");
+    }
+
+    #[test]
+    fn a_pi_serial_directory_is_recognised_and_nothing_else() {
+        assert_eq!(without_pi_serial("1a2b3c4d/start4.elf"), Some("start4.elf"));
+        assert_eq!(
+            without_pi_serial("/DCA63201/overlays/x.dtbo"),
+            Some("overlays/x.dtbo")
+        );
+        for other in [
+            "start4.elf",
+            "1a2b3c4/start4.elf",
+            "1a2b3c4g/x",
+            "1a2b3c4d/",
+            "efi/boot/x",
+        ] {
+            assert_eq!(without_pi_serial(other), None, "{other}");
+        }
     }
 }
