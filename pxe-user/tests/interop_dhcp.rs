@@ -780,6 +780,8 @@ fn one_pxed_serves_two_networks_each_from_its_own_address() {
     )
     .unwrap();
     wait_for_file_text(&out, "obtained from 198.18.1.1", Duration::from_secs(20));
+    // udhcpc logs the lease before its script has put the address on.
+    assert!(configured(&rack_b, "inet 198.18.1."), "{}", addresses(&rack_b));
     let fetched = work.path().join("fetched.efi");
     run_ok(
         &rack_b,
