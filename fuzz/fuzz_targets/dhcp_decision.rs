@@ -29,6 +29,7 @@ fuzz_target!(|data: &[u8]| {
         machines: HashMap::new(),
         default_profile: Some("default".into()),
         provision: None,
+        classes: Vec::new(),
     });
     let config = EngineConfig {
         mode: if selector & 1 == 0 { Mode::Full } else { Mode::Proxy },

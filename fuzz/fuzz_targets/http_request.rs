@@ -66,6 +66,7 @@ fn routers(world: &World) -> (Router, Router) {
         machines: HashMap::new(),
         default_profile: Some("default".into()),
         provision: None,
+        classes: Vec::new(),
     };
     let policy = SharedPolicy::new(file.clone());
     let observer = Arc::new(Observer::new(64, 1 << 20));

@@ -17,6 +17,7 @@ use toml::Spanned;
 
 use crate::dhcp::pool::{parse_range, Subnet};
 use crate::policy::{
+    class::{Class, Match},
     options::{self, OptionSet},
     r#static::{BootFiles, MachineEntry, Profile},
     render, Arch, ClientKind, Mac,
@@ -42,6 +43,23 @@ struct File {
     profiles: Vec<Spanned<ProfileSection>>,
     #[serde(default, rename = "machine")]
     machines: Vec<Spanned<MachineSection>>,
+    #[serde(default, rename = "class")]
+    classes: Vec<Spanned<ClassSection>>,
+}
+
+/// `[[class]]`: machines matched by their requests (crate::policy::class).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClassSection {
+    name: Spanned<String>,
+    vendor_class: Option<String>,
+    user_class: Option<String>,
+    arch: Option<Spanned<String>>,
+    mac_prefix: Option<Spanned<String>>,
+    relay: Option<Spanned<String>>,
+    profile: Option<Spanned<String>>,
+    #[serde(default)]
+    options: OptionsSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -173,6 +191,8 @@ pub struct Config {
     pub kernel_answers: bool,
     pub subnets: Vec<Subnet>,
     pub reservations: HashMap<Mac, Ipv4Addr>,
+    /// `[[class]]`, in the order written.
+    pub classes: Vec<Class>,
 }
 
 impl Default for Config {
@@ -194,6 +214,7 @@ impl Default for Config {
             kernel_answers: true,
             subnets: Vec::new(),
             reservations: HashMap::new(),
+            classes: Vec::new(),
         }
     }
 }
@@ -361,15 +382,11 @@ impl Config {
                 }
                 reservations.insert(mac, ip);
             }
-            let arch = match &machine.arch {
-                Some(name) => Some(Arch::from_name(name.get_ref()).ok_or_else(|| {
-                    error_at(
-                        Some(name.span()),
-                        format!("machine arch {:?}: not one of bios, uefi-ia32, uefi-x64, uefi-arm64, uefi-x64-http, uefi-arm64-http, rpi", name.get_ref()),
-                    )
-                })?),
-                None => None,
-            };
+            let arch = machine
+                .arch
+                .as_ref()
+                .map(|name| arch(name, "machine arch", &error_at))
+                .transpose()?;
             let client = match &machine.client {
                 Some(name) => Some(ClientKind::from_name(name.get_ref()).ok_or_else(|| {
                     error_at(
@@ -398,6 +415,8 @@ impl Config {
                 ));
             }
         }
+
+        let classes = classes(&file.classes, &profiles, &error_at)?;
 
         if let Some(b) = file.tftp.max_blksize {
             if !(8..=65464).contains(&b) {
@@ -531,6 +550,7 @@ impl Config {
             profiles,
             machines,
             default_profile,
+            classes,
         })
     }
 }
@@ -567,6 +587,109 @@ fn ipv4(
             format!("{key} {:?} is not an IPv4 address", text.get_ref()),
         )
     })
+}
+
+/// `[[class]]`, checked: names unique and fit for a URL, profiles known,
+/// and none that an earlier class would always win over.
+fn classes(
+    sections: &[Spanned<ClassSection>],
+    profiles: &HashMap<String, Profile>,
+    error_at: &impl Fn(Option<Range<usize>>, String) -> ConfigError,
+) -> Result<Vec<Class>, ConfigError> {
+    let mut classes: Vec<Class> = Vec::new();
+    for section in sections {
+        let c = section.get_ref();
+        let name = c.name.get_ref();
+        let at_name = |message: String| error_at(Some(c.name.span()), message);
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+        {
+            return Err(at_name(format!(
+                "class name {name:?}: letters, digits, '-', '_' and '.' only (it goes into iPXE's script URL)"
+            )));
+        }
+        if classes.iter().any(|earlier| &earlier.name == name) {
+            return Err(at_name(format!("class {name:?} is defined twice")));
+        }
+        let arch = c
+            .arch
+            .as_ref()
+            .map(|a| arch(a, &format!("class {name:?}, arch"), error_at))
+            .transpose()?;
+        let mac_prefix = match &c.mac_prefix {
+            Some(p) => Some(mac_prefix(p.get_ref()).ok_or_else(|| {
+                error_at(
+                    Some(p.span()),
+                    format!(
+                        "class {name:?}, mac_prefix {:?}: one to six hex bytes, like \"b8:27:eb\"",
+                        p.get_ref()
+                    ),
+                )
+            })?),
+            None => None,
+        };
+        let relay = c
+            .relay
+            .as_ref()
+            .map(|r| ipv4(r, &format!("class {name:?}, relay"), error_at))
+            .transpose()?;
+        let profile = c
+            .profile
+            .as_ref()
+            .map(|p| known_profile(profiles, p, &format!("class {name:?}, profile"), error_at))
+            .transpose()?;
+        let class = Class {
+            name: name.clone(),
+            matches: Match {
+                vendor_class: c.vendor_class.clone().map(String::into_bytes),
+                user_class: c.user_class.clone().map(String::into_bytes),
+                arch,
+                mac_prefix,
+                relay,
+            },
+            profile,
+            options: option_set(&c.options, &format!("class {name:?}"), error_at)?,
+        };
+        if let Some(earlier) = classes.iter().find(|e| e.matches.covers(&class.matches)) {
+            return Err(at_name(format!(
+                "class {name:?} can never be chosen: class {:?}, written before it, matches every machine it does",
+                earlier.name
+            )));
+        }
+        classes.push(class);
+    }
+    Ok(classes)
+}
+
+/// An architecture by the name pxed gives it.
+fn arch(
+    name: &Spanned<String>,
+    key: &str,
+    error_at: &impl Fn(Option<Range<usize>>, String) -> ConfigError,
+) -> Result<Arch, ConfigError> {
+    Arch::from_name(name.get_ref()).ok_or_else(|| {
+        error_at(
+            Some(name.span()),
+            format!(
+                "{key} {:?}: not one of bios, uefi-ia32, uefi-x64, uefi-arm64, uefi-x64-http, uefi-arm64-http, rpi",
+                name.get_ref()
+            ),
+        )
+    })
+}
+
+/// `"b8:27:eb"` (or `-`, or no separators): one to six bytes.
+fn mac_prefix(text: &str) -> Option<Vec<u8>> {
+    let hex: String = text.chars().filter(|c| *c != ':' && *c != '-').collect();
+    if hex.is_empty() || hex.len() > 12 || !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+        .collect()
 }
 
 /// The `options` of `owner` (for errors: `profile "x"`), checked and encoded.
@@ -686,6 +809,57 @@ options = { domain-name = "rack7.example.net" }
         )
         .unwrap_err();
         assert!(twice.message.contains("option 42 is set twice"), "{twice}");
+    }
+
+    #[test]
+    fn classes_are_read_in_order_and_checked() {
+        let config = parse(
+            r#"
+[[profile]]
+name = "default"
+[[profile]]
+name = "rescue"
+
+[[class]]
+name = "pis"
+mac_prefix = "b8:27:eb"
+options = { ntp-servers = ["198.18.0.5"] }
+
+[[class]]
+name = "rack-b"
+vendor_class = "PXEClient:Arch:00007"
+relay = "198.18.5.1"
+profile = "rescue"
+"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let names: Vec<&str> = config.classes.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["pis", "rack-b"]);
+        assert_eq!(
+            config.classes[0].matches.mac_prefix,
+            Some(vec![0xb8, 0x27, 0xeb])
+        );
+        assert_eq!(config.classes[1].profile.as_deref(), Some("rescue"));
+
+        let error = |text: &str| parse(text).unwrap_err().to_string();
+        assert!(
+            error("[[class]]\nname = \"a\"\nprofile = \"nope\"\n").contains("names no profile"),
+        );
+        let shadowed = error(
+            "[[class]]\nname = \"uefi\"\nvendor_class = \"PXEClient:Arch:00007\"\n\
+             [[class]]\nname = \"rack\"\nvendor_class = \"PXEClient:Arch:00007:UNDI\"\nmac_prefix = \"52:54:00\"\n",
+        );
+        assert!(shadowed.contains("pxed.toml:5:"), "{shadowed}");
+        assert!(
+            shadowed.contains("class \"rack\" can never be chosen: class \"uefi\""),
+            "{shadowed}"
+        );
+        assert!(error("[[class]]\nname = \"a b\"\n").contains("letters, digits"));
+        assert!(error("[[class]]\nname = \"a\"\nmac_prefix = \"b8:27:e\"\n").contains("hex bytes"));
+        assert!(error("[[class]]\nname = \"a\"\narch = \"sparc\"\n").contains("not one of"));
+        assert!(
+            error("[[class]]\nname = \"a\"\n[[class]]\nname = \"a\"\n").contains("defined twice")
+        );
     }
 
     #[test]

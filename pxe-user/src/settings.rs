@@ -190,6 +190,7 @@ impl Settings {
             machines: config.machines.clone(),
             default_profile: config.default_profile.clone(),
             provision: None,
+            classes: config.classes.clone(),
         }
     }
 

@@ -781,7 +781,11 @@ fn one_pxed_serves_two_networks_each_from_its_own_address() {
     .unwrap();
     wait_for_file_text(&out, "obtained from 198.18.1.1", Duration::from_secs(20));
     // udhcpc logs the lease before its script has put the address on.
-    assert!(configured(&rack_b, "inet 198.18.1."), "{}", addresses(&rack_b));
+    assert!(
+        configured(&rack_b, "inet 198.18.1."),
+        "{}",
+        addresses(&rack_b)
+    );
     let fetched = work.path().join("fetched.efi");
     run_ok(
         &rack_b,
@@ -1179,4 +1183,103 @@ fn a_raspberry_pi_is_offered_the_boot_menu_dnsmasq_would_send_it() {
         Some(DhcpOption::TFTPServerName(name)) => assert_eq!(name.as_slice(), b"198.18.0.1"),
         other => panic!("option 66: {other:?}"),
     }
+}
+
+/// Classes choose a machine's profile and options from what its requests
+/// say. A UEFI machine (vendor class prefix) boots the class's profile:
+/// firmware gets its boot file, iPXE a script URL that names the class,
+/// and the script served at that URL, which carries no vendor class, is
+/// that profile's. A plain client with another vendor class gets its
+/// class's option, and one that matches no class neither.
+#[test]
+fn classes_choose_the_profile_and_options_from_the_request() {
+    if !pxe_lab::privileged("classes_choose_the_profile_and_options_from_the_request")
+        || !have_tool("curl", "curl")
+    {
+        return;
+    }
+    use pxe_lab::client::dhcp::{self as client, Identity};
+    let served = served_with_config(|_| {
+        FULL_MODE_ON_POOL.to_owned()
+            + r##"
+[[profile]]
+name = "default"
+[[profile]]
+name = "rescue"
+ipxe_script = "#!ipxe\necho rescue for {{mac}}\n"
+[profile.boot_files]
+uefi_x64 = "rescue.efi"
+
+[[class]]
+name = "uefi-rescue"
+vendor_class = "PXEClient:Arch:00007"
+profile = "rescue"
+[class.options]
+ntp-servers = { value = ["198.18.0.77"], always_send = true }
+
+[[class]]
+name = "vendor-a"
+vendor_class = "vendor-a"
+[class.options]
+"224" = { type = "string", value = "from-a", always_send = true }
+"##
+    });
+    let offer = |identity: Identity, xid: u32| {
+        served
+            .client
+            .run(move || {
+                let socket = dc::client_socket("eth0");
+                let bytes = client::encode(&client::request(
+                    &identity,
+                    MessageType::Discover,
+                    xid,
+                    vec![],
+                ));
+                dc::ask(&socket, &bytes, xid, Duration::from_secs(3))
+            })
+            .unwrap()
+            .expect("an offer")
+    };
+    // An option's value as it went on the wire (after its code and length).
+    let raw = |m: &dhcproto::v4::Message, code: u8| {
+        m.opts().get(OptionCode::from(code)).map(|option| {
+            let mut bytes = Vec::new();
+            dhcproto::Encodable::encode(option, &mut dhcproto::Encoder::new(&mut bytes)).unwrap();
+            bytes[2..].to_vec()
+        })
+    };
+    let mac = [0x52, 0x54, 0x00, 0x77, 0x00, 0x01];
+    let uefi = Identity {
+        vendor_class: Some(dc::UEFI_VENDOR_CLASS.to_vec()),
+        arch: Some(7),
+        ..Identity::plain(mac)
+    };
+    let firmware = offer(uefi.clone(), 0xc1a5_0001);
+    assert_eq!(dc::boot_file(&firmware).as_deref(), Some("rescue.efi"));
+    assert_eq!(raw(&firmware, 42), Some(vec![198, 18, 0, 77]));
+
+    let ipxe = offer(uefi.as_ipxe(), 0xc1a5_0002);
+    let url = dc::boot_file(&ipxe).expect("a script URL");
+    assert!(url.ends_with("&class=uefi-rescue"), "{url}");
+    let script = served
+        .client
+        .output("curl", &["-sS", "--max-time", "10", &url])
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&script.stdout),
+        "#!ipxe\necho rescue for 52:54:00:77:00:01\n"
+    );
+
+    let vendor_a = Identity {
+        vendor_class: Some(b"vendor-a".to_vec()),
+        ..Identity::plain([0x52, 0x54, 0x00, 0x77, 0x00, 0x02])
+    };
+    let a = offer(vendor_a, 0xc1a5_0003);
+    assert_eq!(raw(&a, 224), Some(b"from-a".to_vec()));
+    assert_eq!(raw(&a, 42), None);
+    let plain = offer(
+        Identity::plain([0x52, 0x54, 0x00, 0x77, 0x00, 0x03]),
+        0xc1a5_0004,
+    );
+    assert_eq!((raw(&plain, 224), raw(&plain, 42)), (None, None));
 }

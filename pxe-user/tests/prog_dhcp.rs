@@ -92,6 +92,7 @@ impl Lab {
             machines: HashMap::new(),
             default_profile: Some("default".into()),
             provision: None,
+            classes: Vec::new(),
         });
         let engine =
             Engine::new(config, policy.clone(), Box::new(MemLeaseStore::default())).unwrap();

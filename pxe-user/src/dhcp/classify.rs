@@ -48,6 +48,9 @@ pub struct Request {
     pub requested_ip: Option<Ipv4Addr>,
     pub server_id: Option<Ipv4Addr>,
     pub hostname: Option<String>,
+    /// Options 60 and 77 as sent, for the config's classes.
+    pub vendor_class: Option<Vec<u8>>,
+    pub user_class: Option<Vec<u8>>,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -115,6 +118,8 @@ pub fn classify(datagram: &[u8]) -> Result<Request, Ignore> {
     }
     let uuid_raw = bytes(opts, OptionCode::ClientMachineIdentifier).map(<[u8]>::to_vec);
     let request = Request {
+        vendor_class: vendor_class.map(<[u8]>::to_vec),
+        user_class: user_class.map(<[u8]>::to_vec),
         msg_type,
         mac: Mac(mac),
         client_id: bytes(opts, OptionCode::ClientIdentifier).map(<[u8]>::to_vec),

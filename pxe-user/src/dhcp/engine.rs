@@ -733,21 +733,10 @@ impl Engine {
     /// What to boot, if this client boots from us, and whether the answer
     /// stands until the policy changes (the kernel may repeat it).
     fn boot_answer(&self, ctx: &Ctx<'_>) -> (Option<BootAnswer>, bool) {
-        let req = ctx.req;
-        let client = match req.firmware {
-            Firmware::NotPxe => return (None, true),
-            Firmware::Pxe => ClientKind::Pxe,
-            Firmware::Ipxe => ClientKind::Ipxe,
-            Firmware::HttpBoot => ClientKind::HttpBoot,
-        };
-        let giaddr = req.message.giaddr();
-        let machine = Machine {
-            mac: req.mac,
-            arch: req.arch,
-            uuid: req.uuid.clone(),
-            client,
-            relay: (!giaddr.is_unspecified()).then_some(giaddr),
-        };
+        if ctx.req.firmware == Firmware::NotPxe {
+            return (None, true);
+        }
+        let machine = machine_of(ctx.req);
         let urls = ServerUrls::new(ctx.here, self.config.http_port);
         let verdict = ctx.policy.decide(&machine, &urls);
         (verdict.boot_answer(&machine, &urls), verdict.repeatable)
@@ -773,7 +762,10 @@ impl Engine {
             (None, repeatable) => (String::new(), repeatable),
         };
         // Last: what the operator set replaces what pxed chose.
-        let configured = ctx.policy.options(ctx.req.mac).over(&subnet.options);
+        let configured = ctx
+            .policy
+            .options(&machine_of(ctx.req))
+            .over(&subnet.options);
         let by_request_list = reply::add_configured_options(message, ctx.req, &configured);
         let left_out = reply::fit_configured(message, ctx.req, &configured);
         let mut note = note;
@@ -785,6 +777,27 @@ impl Engine {
         // The kernel's signature leaves option 55 out: a reply it shaped
         // stays with userspace.
         (note.0, note.1 && !by_request_list)
+    }
+}
+
+/// The policy's view of the machine that sent `req`.
+fn machine_of(req: &Request) -> Machine {
+    let client = match req.firmware {
+        // The policy answers a plain DHCP client only with its options.
+        Firmware::NotPxe | Firmware::Pxe => ClientKind::Pxe,
+        Firmware::Ipxe => ClientKind::Ipxe,
+        Firmware::HttpBoot => ClientKind::HttpBoot,
+    };
+    let giaddr = req.message.giaddr();
+    Machine {
+        mac: req.mac,
+        arch: req.arch,
+        uuid: req.uuid.clone(),
+        client,
+        relay: (!giaddr.is_unspecified()).then_some(giaddr),
+        vendor_class: req.vendor_class.clone(),
+        user_class: req.user_class.clone(),
+        class: None,
     }
 }
 
@@ -823,6 +836,7 @@ mod tests {
             machines,
             default_profile: Some("default".into()),
             provision: None,
+            classes: Vec::new(),
         })
     }
 

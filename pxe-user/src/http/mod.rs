@@ -58,6 +58,8 @@ struct ScriptQuery {
     mac: String,
     arch: Option<String>,
     uuid: Option<String>,
+    /// The class the DHCP answer chose (the URL it gave names it).
+    class: Option<String>,
 }
 
 async fn ipxe_script(State(state): State<HttpState>, Query(q): Query<ScriptQuery>) -> Response {
@@ -80,6 +82,9 @@ async fn ipxe_script(State(state): State<HttpState>, Query(q): Query<ScriptQuery
         // Only iPXE fetches its script.
         client: ClientKind::Ipxe,
         relay: None,
+        vendor_class: None,
+        user_class: None,
+        class: q.class.filter(|c| !c.is_empty()),
     };
     let script = match state
         .policy

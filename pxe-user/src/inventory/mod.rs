@@ -240,6 +240,7 @@ mod tests {
             machines,
             default_profile: Some("default".into()),
             provision: None,
+            classes: Vec::new(),
         }
     }
 

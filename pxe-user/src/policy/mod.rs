@@ -5,6 +5,7 @@
 //! inventory changed at run time is another. A reload swaps the whole
 //! policy at once: every request sees the old one or the new one, never a mix.
 
+pub mod class;
 pub mod options;
 pub mod provision;
 pub mod render;
@@ -171,6 +172,12 @@ pub struct Machine {
     pub client: ClientKind,
     /// The relay the request came through (giaddr), if any.
     pub relay: Option<Ipv4Addr>,
+    /// Option 60 as sent (none over HTTP).
+    pub vendor_class: Option<Vec<u8>>,
+    /// Option 77 as sent (none over HTTP).
+    pub user_class: Option<Vec<u8>>,
+    /// The class the DHCP answer chose, as iPXE's script URL names it.
+    pub class: Option<String>,
 }
 
 /// The operator's intent, asked by every server the same way.
@@ -180,9 +187,9 @@ pub trait BootPolicy: Send + Sync {
     /// The host name a lease for `mac` carries, whoever asks (cheap: asked
     /// for every lease, PXE or not).
     fn hostname(&self, mac: Mac) -> Option<String>;
-    /// The DHCP options a lease for `mac` carries from its profile and its
-    /// entry (the machine's over the profile's); the subnet's go under them.
-    fn options(&self, _mac: Mac) -> OptionSet {
+    /// The DHCP options a lease for `machine` carries from its entry, its
+    /// class and its profile (in that precedence); the subnet's go under.
+    fn options(&self, _machine: &Machine) -> OptionSet {
         OptionSet::default()
     }
     /// False for a machine marked not to netboot (provisioned): TFTP and
@@ -253,6 +260,12 @@ impl Verdict {
                 if let Some(uuid) = &machine.uuid {
                     url.push_str(&format!("&uuid={uuid}"));
                 }
+                if let Decision::Boot(BootSpec {
+                    class: Some(class), ..
+                }) = &self.decision
+                {
+                    url.push_str(&format!("&class={class}"));
+                }
                 Some(BootAnswer {
                     file: url,
                     vendor_class: b"PXEClient",
@@ -322,6 +335,8 @@ pub struct BootSpec {
     /// Where firmware fetches `boot_file` over TFTP when it is not this
     /// pxed (the profile's `tftp_server`).
     pub tftp_server: Option<Ipv4Addr>,
+    /// The class that chose the profile, for iPXE's script URL.
+    pub class: Option<String>,
 }
 
 /// The iPXE script for a machine that must not netboot: boot from disk.
@@ -366,6 +381,7 @@ mod tests {
             ipxe_script: String::new(),
             hostname: None,
             tftp_server: None,
+            class: None,
         })
     }
 
@@ -378,6 +394,9 @@ mod tests {
             uuid: Some("u-1".into()),
             client: ClientKind::Pxe,
             relay: None,
+            vendor_class: None,
+            user_class: None,
+            class: None,
         };
         let answer = |client, decision| verdict(client, decision).boot_answer(&machine, &urls);
         let pxe = answer(ClientKind::Pxe, spec(Some("ipxe.efi"))).unwrap();

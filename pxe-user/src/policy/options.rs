@@ -2,7 +2,7 @@
 //! ones, by code with a type for any other, each encoded once when the
 //! config is read (RFC 2132 and the RFCs named below).
 //!
-//! Precedence, most specific first: machine, profile, subnet. An option
+//! Precedence, most specific first: machine, class, profile, subnet. An option
 //! set at a level replaces the same code from the levels under it, and
 //! replaces what pxed would send itself (router, DNS, domain, 66, 67...).
 //! The codes pxed must own (message type, server identifier, lease times,

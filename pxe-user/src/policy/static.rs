@@ -6,6 +6,7 @@ use std::{
 };
 
 use super::{
+    class::{class_of, Class},
     options::OptionSet,
     provision::{ProvisionKey, PROVISIONED_PATH},
     render, Arch, BootPolicy, BootSpec, ClientKind, Decision, Mac, Machine, Verdict,
@@ -157,6 +158,8 @@ pub struct StaticPolicy {
     /// Signs each machine's `{{provision_token}}`; without it (no API) the
     /// token renders empty.
     pub provision: Option<ProvisionKey>,
+    /// `[[class]]`, in the order written: the first that matches counts.
+    pub classes: Vec<Class>,
 }
 
 impl BootPolicy for StaticPolicy {
@@ -173,16 +176,21 @@ impl BootPolicy for StaticPolicy {
         self.machines.get(&mac).and_then(|m| m.hostname.clone())
     }
 
-    fn options(&self, mac: Mac) -> OptionSet {
-        let entry = self.machines.get(&mac);
+    fn options(&self, machine: &Machine) -> OptionSet {
+        let entry = self.machines.get(&machine.mac);
+        let class = class_of(&self.classes, machine);
         let profile = entry
             .and_then(|e| e.profile.as_ref())
+            .or(class.and_then(|c| c.profile.as_ref()))
             .or(self.default_profile.as_ref())
             .and_then(|name| self.profiles.get(name));
-        let of_profile = profile.map(|p| p.options.clone()).unwrap_or_default();
+        let mut options = profile.map(|p| p.options.clone()).unwrap_or_default();
+        if let Some(class) = class.filter(|c| !c.options.is_empty()) {
+            options = class.options.over(&options);
+        }
         match entry {
-            Some(e) if !e.options.is_empty() => e.options.over(&of_profile),
-            _ => of_profile,
+            Some(e) if !e.options.is_empty() => e.options.over(&options),
+            _ => options,
         }
     }
 
@@ -227,8 +235,10 @@ impl StaticPolicy {
         if entry.is_some_and(|e| !e.netboot) {
             return Decision::LocalBoot;
         }
+        let class = class_of(&self.classes, machine);
         let profile_name = forced_profile
             .or(entry.and_then(|e| e.profile.as_deref()))
+            .or(class.and_then(|c| c.profile.as_deref()))
             .or(self.default_profile.as_deref());
         let Some(profile) = profile_name.and_then(|name| self.profiles.get(name)) else {
             return Decision::Ignore;
@@ -273,6 +283,7 @@ impl StaticPolicy {
             ipxe_script,
             hostname,
             tftp_server: profile.tftp_server,
+            class: class.map(|c| c.name.clone()),
         })
     }
 }
@@ -319,6 +330,7 @@ mod tests {
             machines,
             default_profile: Some("default".into()),
             provision: None,
+            classes: Vec::new(),
         }
     }
 
@@ -333,6 +345,9 @@ mod tests {
             uuid: None,
             client: ClientKind::Pxe,
             relay: None,
+            vendor_class: None,
+            user_class: None,
+            class: None,
         }
     }
 

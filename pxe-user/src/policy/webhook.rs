@@ -253,9 +253,11 @@ impl BootPolicy for WebhookPolicy {
             },
             Said::Boot(answer) => {
                 let verdict = base();
-                let (boot_file, tftp_server) = match &verdict.decision {
-                    Decision::Boot(spec) => (spec.boot_file.clone(), spec.tftp_server),
-                    _ => (None, None),
+                let (boot_file, tftp_server, class) = match &verdict.decision {
+                    Decision::Boot(spec) => {
+                        (spec.boot_file.clone(), spec.tftp_server, spec.class.clone())
+                    }
+                    _ => (None, None, None),
                 };
                 Verdict {
                     client: verdict.client,
@@ -265,6 +267,7 @@ impl BootPolicy for WebhookPolicy {
                         ipxe_script: script(&answer, urls),
                         hostname: self.base.hostname(machine.mac),
                         tftp_server,
+                        class,
                     }),
                     repeatable: false,
                 }
@@ -276,8 +279,8 @@ impl BootPolicy for WebhookPolicy {
         self.base.hostname(mac)
     }
 
-    fn options(&self, mac: Mac) -> OptionSet {
-        self.base.options(mac)
+    fn options(&self, machine: &Machine) -> OptionSet {
+        self.base.options(machine)
     }
 
     fn may_netboot(&self, mac: Mac) -> bool {
