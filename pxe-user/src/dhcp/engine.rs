@@ -895,6 +895,47 @@ mod tests {
         }
     }
 
+    /// The kernel's signature leaves option 55 out: an ACK whose options the
+    /// client's list chose is not the kernel's to repeat, one whose options
+    /// are all always sent is.
+    #[test]
+    fn the_kernel_repeats_no_answer_that_option_55_shaped() {
+        use crate::policy::options::Configured;
+        let kernel_of = |always_send: bool| {
+            let mut config = config(Mode::Full);
+            config.kernel_answers = true;
+            config.subnets[0].options.insert(
+                42,
+                Configured {
+                    value: vec![198, 18, 0, 5],
+                    always_send,
+                },
+            );
+            let mut engine = Engine::new(
+                config,
+                policy(HashMap::new()),
+                Box::new(MemLeaseStore::default()),
+            )
+            .unwrap();
+            let discover = uefi(MessageType::Discover, 1, vec![]);
+            let offer = engine.handle(&discover, at(67, src()), T0);
+            let offered = offer.reply.expect("an offer").message.yiaddr();
+            let request = uefi(
+                MessageType::Request,
+                1,
+                vec![
+                    DhcpOption::ServerIdentifier(SERVER),
+                    DhcpOption::RequestedIpAddress(offered),
+                ],
+            );
+            let ack = engine.handle(&request, at(67, src()), T0);
+            assert_eq!(msg_type(&ack), Some(MessageType::Ack));
+            ack.kernel.is_some()
+        };
+        assert!(kernel_of(true), "all always sent: the kernel may repeat it");
+        assert!(!kernel_of(false), "shaped by option 55: userspace only");
+    }
+
     fn msg_type(o: &Outcome) -> Option<MessageType> {
         o.reply.as_ref()?.message.opts().msg_type()
     }
