@@ -17,7 +17,7 @@ use toml::Spanned;
 
 use crate::dhcp::pool::{parse_range, Subnet};
 use crate::policy::{
-    class::{Class, Match},
+    class::{Class, Labels, Match},
     options::{self, OptionSet},
     r#static::{BootFiles, MachineEntry, Profile},
     render, Arch, ClientKind, Mac,
@@ -57,6 +57,11 @@ struct ClassSection {
     arch: Option<Spanned<String>>,
     mac_prefix: Option<Spanned<String>>,
     relay: Option<Spanned<String>>,
+    /// Option 82 sub-options 1 and 2: text, or hex bytes as "00:1a:2b".
+    circuit_id: Option<String>,
+    remote_id: Option<String>,
+    #[serde(default)]
+    labels: Labels,
     profile: Option<Spanned<String>>,
     #[serde(default)]
     options: OptionsSection,
@@ -160,6 +165,9 @@ struct MachineSection {
     arch: Option<Spanned<String>>,
     /// Answer as to this kind of boot client: "pxe", "ipxe" or "http".
     client: Option<Spanned<String>>,
+    /// What classes may match it on (`labels = { rack = "r12" }`).
+    #[serde(default)]
+    labels: Labels,
     #[serde(default)]
     options: OptionsSection,
 }
@@ -407,6 +415,7 @@ impl Config {
                 client,
                 vars: Default::default(),
                 options: option_set(&machine.options, &format!("machine {mac}"), &error_at)?,
+                labels: machine.labels.clone(),
             };
             if machines.insert(mac, entry).is_some() {
                 return Err(error_at(
@@ -648,6 +657,9 @@ fn classes(
                 arch,
                 mac_prefix,
                 relay,
+                circuit_id: c.circuit_id.as_deref().map(relay_agent_id),
+                remote_id: c.remote_id.as_deref().map(relay_agent_id),
+                labels: c.labels.clone(),
             },
             profile,
             options: option_set(&c.options, &format!("class {name:?}"), error_at)?,
@@ -681,6 +693,25 @@ fn arch(
 }
 
 /// `"b8:27:eb"` (or `-`, or no separators): one to six bytes.
+/// An option 82 id as written: colon-separated hex bytes ("00:1a:2b", as
+/// switches print a remote id) when it reads as that, else the text itself
+/// (a circuit id like "Gi1/0/7"), as dnsmasq reads them.
+pub fn relay_agent_id(text: &str) -> Vec<u8> {
+    let hex_bytes = || {
+        text.split(':')
+            .map(|pair| {
+                (pair.len() == 2)
+                    .then(|| u8::from_str_radix(pair, 16).ok())
+                    .flatten()
+            })
+            .collect::<Option<Vec<u8>>>()
+    };
+    match text.contains(':').then(hex_bytes).flatten() {
+        Some(bytes) => bytes,
+        None => text.as_bytes().to_vec(),
+    }
+}
+
 fn mac_prefix(text: &str) -> Option<Vec<u8>> {
     let hex: String = text.chars().filter(|c| *c != ':' && *c != '-').collect();
     if hex.is_empty() || hex.len() > 12 || !hex.len().is_multiple_of(2) {
@@ -830,11 +861,31 @@ name = "rack-b"
 vendor_class = "PXEClient:Arch:00007"
 relay = "198.18.5.1"
 profile = "rescue"
+
+[[class]]
+name = "port-7"
+circuit_id = "Gi1/0/7"
+remote_id = "00:1a:2b:3c:4d:5e"
+labels = { rack = "r12" }
+
+[[machine]]
+mac = "52:54:00:00:00:07"
+labels = { rack = "r12", role = "db" }
 "#,
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let names: Vec<&str> = config.classes.iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(names, ["pis", "rack-b"]);
+        assert_eq!(names, ["pis", "rack-b", "port-7"]);
+        let port = &config.classes[2].matches;
+        assert_eq!(port.circuit_id.as_deref(), Some(&b"Gi1/0/7"[..]));
+        assert_eq!(
+            port.remote_id.as_deref(),
+            Some(&[0x00, 0x1a, 0x2b, 0x3c, 0x4d, 0x5e][..]),
+            "hex bytes, as switches print a remote id"
+        );
+        assert_eq!(port.labels.get("rack").map(String::as_str), Some("r12"));
+        let machine = &config.machines[&"52:54:00:00:00:07".parse().unwrap()];
+        assert_eq!(machine.labels.len(), 2);
         assert_eq!(
             config.classes[0].matches.mac_prefix,
             Some(vec![0xb8, 0x27, 0xeb])

@@ -264,14 +264,9 @@ esac
     served.wait_for_log(&format!("{ip} is free again"), Duration::from_secs(10));
 }
 
-#[test]
-fn a_request_relayed_by_dnsmasq_gets_an_address_from_the_relays_subnet() {
-    if !pxe_lab::privileged("a_request_relayed_by_dnsmasq_gets_an_address_from_the_relays_subnet")
-        || !have_tool("dnsmasq", "dnsmasq-base")
-        || !have_tool("busybox", "busybox")
-    {
-        return;
-    }
+/// A server, a relay and a client: the server on 198.18.0.0/24, the relay
+/// between it (eth0, .2) and the client's 198.18.5.0/24 (eth1, .1).
+fn relayed_lab() -> (Lab, [pxe_lab::Netns; 3]) {
     let lab = Lab::new().unwrap();
     let server = lab.add_netns("srv").unwrap();
     let relay = lab.add_netns("relay").unwrap();
@@ -289,13 +284,11 @@ fn a_request_relayed_by_dnsmasq_gets_an_address_from_the_relays_subnet() {
     server
         .ip(["route", "add", "198.18.5.0/24", "via", "198.18.0.2"])
         .unwrap();
+    (lab, [server, relay, client])
+}
 
-    let work = tempfile::tempdir().unwrap();
-    let log = start_with_config(
-        &lab,
-        &server,
-        work.path(),
-        r#"
+/// Full mode on the server's network and on the client's behind the relay.
+const RELAYED_SUBNETS: &str = r#"
 [dhcp]
 mode = "full"
 [[dhcp.subnet]]
@@ -305,7 +298,36 @@ pools = ["198.18.0.100-198.18.0.199"]
 network = "198.18.5.0/24"
 pools = ["198.18.5.10-198.18.5.50"]
 router = "198.18.5.1"
-"#,
+"#;
+
+/// The MAC of `ns`'s eth0, as the config's `[[machine]]` writes it.
+fn mac_of(ns: &pxe_lab::Netns) -> String {
+    let link = ns
+        .output("ip", &["-br", "link", "show", "dev", "eth0"])
+        .unwrap();
+    String::from_utf8_lossy(&link.stdout)
+        .split_whitespace()
+        .nth(2)
+        .expect("ip -br link: name, state, MAC")
+        .to_owned()
+}
+
+#[test]
+fn a_request_relayed_by_dnsmasq_gets_an_address_from_the_relays_subnet() {
+    if !pxe_lab::privileged("a_request_relayed_by_dnsmasq_gets_an_address_from_the_relays_subnet")
+        || !have_tool("dnsmasq", "dnsmasq-base")
+        || !have_tool("busybox", "busybox")
+    {
+        return;
+    }
+    let (lab, [server, relay, client]) = relayed_lab();
+
+    let work = tempfile::tempdir().unwrap();
+    let log = start_with_config(
+        &lab,
+        &server,
+        work.path(),
+        RELAYED_SUBNETS,
         &["--xdp-mode", "off", "--no-tc"],
     );
     let relay_log = work.path().join("dnsmasq.log");
@@ -353,6 +375,122 @@ router = "198.18.5.1"
         "{ip} is from the relay's subnet"
     );
     wait_for_file_text(&log, &format!("→ ACK {ip}"), Duration::from_secs(5));
+}
+
+/// ISC's dhcrelay adds option 82 with the client's port as circuit id
+/// (`-a`: the interface name) and forwards only replies that carry it back.
+/// Classes on that circuit id and on the machine's inventory labels choose
+/// the options its lease gets; the classes written before the right one
+/// differ from it in one criterion each and must not match.
+#[test]
+fn a_relay_agents_circuit_id_and_the_machines_labels_choose_its_class() {
+    if !pxe_lab::privileged("a_relay_agents_circuit_id_and_the_machines_labels_choose_its_class")
+        || !have_tool("dhcrelay", "isc-dhcp-relay")
+        || !have_tool("busybox", "busybox")
+    {
+        return;
+    }
+    let (lab, [server, relay, client]) = relayed_lab();
+    let mac = mac_of(&client);
+
+    let work = tempfile::tempdir().unwrap();
+    let log = start_with_config(
+        &lab,
+        &server,
+        work.path(),
+        &format!(
+            r#"{RELAYED_SUBNETS}
+[[class]]
+name = "other-port"
+circuit_id = "eth2"
+labels = {{ rack = "r12" }}
+options = {{ ntp-servers = {{ value = ["198.18.0.66"], always_send = true }} }}
+
+[[class]]
+name = "other-rack"
+circuit_id = "eth1"
+labels = {{ rack = "r13" }}
+options = {{ ntp-servers = {{ value = ["198.18.0.67"], always_send = true }} }}
+
+[[class]]
+name = "r12-port-1"
+circuit_id = "eth1"
+labels = {{ rack = "r12" }}
+options = {{ ntp-servers = {{ value = ["198.18.0.55"], always_send = true }} }}
+
+[[machine]]
+mac = "{mac}"
+labels = {{ rack = "r12", row = "2" }}
+"#
+        ),
+        &["--xdp-mode", "off", "--no-tc"],
+    );
+    let relay_log = work.path().join("dhcrelay.log");
+    let pid_file = work.path().join("dhcrelay.pid");
+    lab.spawn_logged(
+        &relay,
+        "dhcrelay",
+        &[
+            "-4",
+            "-d",
+            "-a",
+            "-pf",
+            pid_file.to_str().unwrap(),
+            "-iu",
+            "eth0",
+            "-id",
+            "eth1",
+            "198.18.0.1",
+        ],
+        &relay_log,
+    )
+    .unwrap();
+    assert!(relay.wait_for_udp_port(67, Duration::from_secs(20)));
+
+    let dir = work.path().to_str().unwrap();
+    let script = write_script(
+        work.path(),
+        "udhcpc.sh",
+        &format!(
+            r#"
+case "$1" in
+  bound) env > "{dir}/bound.env" ;;
+esac
+"#
+        ),
+    );
+    let out = client
+        .output(
+            "busybox",
+            &[
+                "udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", "5", "-T", "2", "-s", &script,
+            ],
+        )
+        .unwrap();
+    let env = std::fs::read_to_string(work.path().join("bound.env")).unwrap_or_else(|_| {
+        panic!(
+            "no lease through dhcrelay:\n{}{}\ndhcrelay:\n{}\npxed:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&relay_log).unwrap_or_default(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
+    let var = |name: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .map(str::to_owned)
+    };
+    let ip: Ipv4Addr = var("ip").expect("udhcpc's ip").parse().unwrap();
+    assert!(
+        (Ipv4Addr::new(198, 18, 5, 10)..=Ipv4Addr::new(198, 18, 5, 50)).contains(&ip),
+        "{ip} is from the relay's subnet"
+    );
+    assert_eq!(
+        var("ntpsrv").as_deref(),
+        Some("198.18.0.55"),
+        "class r12-port-1's option: {env}"
+    );
 }
 
 #[test]
@@ -943,14 +1081,7 @@ fn udhcpc_gets_the_options_of_its_subnet_profile_and_machine() {
         return;
     }
     let served = served_with_config(|client| {
-        let link = client
-            .output("ip", &["-br", "link", "show", "dev", "eth0"])
-            .unwrap();
-        let mac = String::from_utf8_lossy(&link.stdout)
-            .split_whitespace()
-            .nth(2)
-            .expect("ip -br link: name, state, MAC")
-            .to_owned();
+        let mac = mac_of(client);
         format!(
             r#"
 [dhcp]

@@ -73,6 +73,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "dhclient, a DHCP client in the interop tests",
     ),
     (
+        "isc-dhcp-relay",
+        "dhcrelay, a relay agent that adds option 82 and forwards only replies that echo it (its service is never run)",
+    ),
+    (
         "dnsmasq-base",
         "a peer DHCP/TFTP server for interop tests and benchmarks (no service)",
     ),
@@ -102,8 +106,11 @@ const APT_PACKAGES: &[(&str, &str)] = &[
 /// brings each. The tests start their own instance inside a lab; one running
 /// as a system service would sit in the root namespace, on the machine's
 /// real network, and start again on every boot.
-const SERVICES_NEVER_RUN: &[(&str, &str)] =
-    &[("prometheus", "prometheus"), ("postgresql", "postgresql")];
+const SERVICES_NEVER_RUN: &[(&str, &str)] = &[
+    ("prometheus", "prometheus"),
+    ("postgresql", "postgresql"),
+    ("isc-dhcp-relay", "isc-dhcp-relay"),
+];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13";

@@ -13,11 +13,14 @@
 use std::net::Ipv4Addr;
 
 use dhcproto::{
-    v4::{DhcpOption, DhcpOptions, Message, MessageType, OptionCode},
+    v4::{
+        relay::{RelayCode, RelayInfo},
+        DhcpOption, DhcpOptions, Message, MessageType, OptionCode,
+    },
     Decodable, Decoder,
 };
 
-use crate::policy::{Arch, Mac};
+use crate::policy::{Arch, ClientKind, Mac};
 
 /// What kind of boot client sent the request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,6 +33,17 @@ pub enum Firmware {
     Ipxe,
     /// UEFI HTTP Boot: wants a URL.
     HttpBoot,
+}
+
+impl Firmware {
+    /// How the policy answers it; a plain DHCP client gets only its options.
+    pub fn client(self) -> ClientKind {
+        match self {
+            Self::NotPxe | Self::Pxe => ClientKind::Pxe,
+            Self::Ipxe => ClientKind::Ipxe,
+            Self::HttpBoot => ClientKind::HttpBoot,
+        }
+    }
 }
 
 /// A parsed, classified request.
@@ -51,6 +65,9 @@ pub struct Request {
     /// Options 60 and 77 as sent, for the config's classes.
     pub vendor_class: Option<Vec<u8>>,
     pub user_class: Option<Vec<u8>>,
+    /// Option 82's circuit id (sub-option 1) and remote id (2), for classes.
+    pub circuit_id: Option<Vec<u8>>,
+    pub remote_id: Option<Vec<u8>>,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -100,24 +117,13 @@ pub fn classify(datagram: &[u8]) -> Result<Request, Ignore> {
         Some(DhcpOption::ClientSystemArchitecture(a)) => Some(u16::from(*a)),
         _ => None,
     };
-    let firmware = if user_class.is_some_and(is_ipxe_user_class) {
-        Firmware::Ipxe
-    } else if vendor_class.is_some_and(|v| v.starts_with(b"HTTPClient")) {
-        Firmware::HttpBoot
-    } else if vendor_class.is_some_and(|v| v.starts_with(b"PXEClient")) {
-        Firmware::Pxe
-    } else {
-        Firmware::NotPxe
-    };
-    let mut arch = Arch::from_code(arch_code.unwrap_or(0));
-    if arch == Arch::Bios
-        && vendor_class.is_some_and(|v| v.starts_with(b"PXEClient:Arch:00000:UNDI:002001"))
-        && RASPBERRY_PI_OUIS.contains(&[mac[0], mac[1], mac[2]])
-    {
-        arch = Arch::RaspberryPi;
-    }
+    let firmware = firmware_of(vendor_class, user_class);
+    let arch = arch_of(arch_code, vendor_class, Mac(mac));
     let uuid_raw = bytes(opts, OptionCode::ClientMachineIdentifier).map(<[u8]>::to_vec);
+    let (circuit_id, remote_id) = relay_agent_ids(opts);
     let request = Request {
+        circuit_id,
+        remote_id,
         vendor_class: vendor_class.map(<[u8]>::to_vec),
         user_class: user_class.map(<[u8]>::to_vec),
         msg_type,
@@ -167,6 +173,47 @@ fn bytes(opts: &DhcpOptions, code: OptionCode) -> Option<&[u8]> {
         | DhcpOption::ClientIdentifier(b) => Some(b),
         _ => None,
     }
+}
+
+/// The boot client, from options 60 and 77 as sent.
+pub fn firmware_of(vendor_class: Option<&[u8]>, user_class: Option<&[u8]>) -> Firmware {
+    if user_class.is_some_and(is_ipxe_user_class) {
+        Firmware::Ipxe
+    } else if vendor_class.is_some_and(|v| v.starts_with(b"HTTPClient")) {
+        Firmware::HttpBoot
+    } else if vendor_class.is_some_and(|v| v.starts_with(b"PXEClient")) {
+        Firmware::Pxe
+    } else {
+        Firmware::NotPxe
+    }
+}
+
+/// The architecture, from option 93 (none: a legacy BIOS ROM), or a
+/// Raspberry Pi's boot ROM, which says 0 but is known by its vendor class
+/// and MAC prefix.
+pub fn arch_of(code: Option<u16>, vendor_class: Option<&[u8]>, mac: Mac) -> Arch {
+    let arch = Arch::from_code(code.unwrap_or(0));
+    let [a, b, c, ..] = mac.0;
+    if arch == Arch::Bios
+        && vendor_class.is_some_and(|v| v.starts_with(b"PXEClient:Arch:00000:UNDI:002001"))
+        && RASPBERRY_PI_OUIS.contains(&[a, b, c])
+    {
+        return Arch::RaspberryPi;
+    }
+    arch
+}
+
+/// Option 82's circuit id and remote id (RFC 3046 §2.0), when a relay added them.
+fn relay_agent_ids(opts: &DhcpOptions) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+    let Some(DhcpOption::RelayAgentInformation(info)) = opts.get(OptionCode::RelayAgentInformation)
+    else {
+        return (None, None);
+    };
+    let id = |code| match info.get(code) {
+        Some(RelayInfo::AgentCircuitId(id) | RelayInfo::AgentRemoteId(id)) => Some(id.clone()),
+        _ => None,
+    };
+    (id(RelayCode::AgentCircuitId), id(RelayCode::AgentRemoteId))
 }
 
 /// iPXE's user class: RFC 3004 instances (length-prefixed), or the bare
@@ -265,6 +312,22 @@ pub(crate) mod tests {
     }
 
     const MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
+
+    #[test]
+    fn a_relays_circuit_and_remote_ids_are_read_from_option_82() {
+        let mut datagram = request(MessageType::Discover, MAC, vec![]);
+        let end = datagram.len() - 1;
+        assert_eq!(datagram[end], 255);
+        let agent = [
+            82, 14, 1, 7, b'G', b'i', b'1', b'/', b'0', b'/', b'7', 2, 3, 0x00, 0x1a, 0x2b,
+        ];
+        datagram.splice(end..end, agent);
+        let r = classify(&datagram).unwrap();
+        assert_eq!(r.circuit_id.as_deref(), Some(&b"Gi1/0/7"[..]));
+        assert_eq!(r.remote_id.as_deref(), Some(&[0x00, 0x1a, 0x2b][..]));
+        let plain = classify(&request(MessageType::Discover, MAC, vec![])).unwrap();
+        assert_eq!((plain.circuit_id, plain.remote_id), (None, None));
+    }
 
     #[test]
     fn uefi_pxe_ipxe_and_http_boot_are_told_apart() {

@@ -33,7 +33,7 @@ use super::{
 };
 use crate::{
     lease::{client_key, Lease, LeaseError, LeaseState, LeaseStore},
-    policy::{BootAnswer, BootPolicy, ClientKind, Mac, Machine, ServerUrls, SharedPolicy},
+    policy::{BootAnswer, BootPolicy, Mac, Machine, ServerUrls, SharedPolicy},
 };
 
 /// How long an offered address is held for the client that was offered it.
@@ -782,12 +782,7 @@ impl Engine {
 
 /// The policy's view of the machine that sent `req`.
 fn machine_of(req: &Request) -> Machine {
-    let client = match req.firmware {
-        // The policy answers a plain DHCP client only with its options.
-        Firmware::NotPxe | Firmware::Pxe => ClientKind::Pxe,
-        Firmware::Ipxe => ClientKind::Ipxe,
-        Firmware::HttpBoot => ClientKind::HttpBoot,
-    };
+    let client = req.firmware.client();
     let giaddr = req.message.giaddr();
     Machine {
         mac: req.mac,
@@ -797,6 +792,8 @@ fn machine_of(req: &Request) -> Machine {
         relay: (!giaddr.is_unspecified()).then_some(giaddr),
         vendor_class: req.vendor_class.clone(),
         user_class: req.user_class.clone(),
+        circuit_id: req.circuit_id.clone(),
+        remote_id: req.remote_id.clone(),
         class: None,
     }
 }
@@ -1095,8 +1092,7 @@ mod tests {
                 hostname: Some("n6".into()),
                 arch: None,
                 client: None,
-                vars: Default::default(),
-                options: Default::default(),
+                ..MachineEntry::default()
             },
         )]
         .into();
@@ -1140,9 +1136,8 @@ mod tests {
                 netboot: true,
                 hostname: None,
                 arch: None,
-                client: Some(ClientKind::Pxe),
-                vars: Default::default(),
-                options: Default::default(),
+                client: Some(crate::policy::ClientKind::Pxe),
+                ..MachineEntry::default()
             },
         )]
         .into();

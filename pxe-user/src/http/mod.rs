@@ -76,15 +76,10 @@ async fn ipxe_script(State(state): State<HttpState>, Query(q): Query<ScriptQuery
         .and_then(Arch::from_name)
         .unwrap_or(Arch::Other(u16::MAX));
     let machine = Machine {
-        mac,
-        arch,
         uuid: q.uuid.filter(|u| !u.is_empty()),
-        // Only iPXE fetches its script.
-        client: ClientKind::Ipxe,
-        relay: None,
-        vendor_class: None,
-        user_class: None,
         class: q.class.filter(|c| !c.is_empty()),
+        // Only iPXE fetches its script.
+        ..Machine::new(mac, arch, ClientKind::Ipxe)
     };
     let script = match state
         .policy

@@ -185,6 +185,7 @@ impl MachineRecord {
             client: self.client,
             vars: self.vars.clone(),
             options: Default::default(),
+            labels: self.labels.clone(),
         }
     }
 }

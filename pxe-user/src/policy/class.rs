@@ -1,5 +1,6 @@
 //! Classes: machines matched by what their requests say (vendor class,
-//! user class, architecture, MAC prefix, relay), like dnsmasq's tags and
+//! user class, architecture, MAC prefix, relay and its option 82 ids) and by
+//! the labels the inventory gives them, like dnsmasq's tags and
 //! Kea's client classes. The first class that matches, in the order the
 //! config writes them, gives a machine its profile (unless its own entry
 //! names one) and options (over the profile's, under the machine's).
@@ -8,7 +9,7 @@
 //! the DHCP answer names the class in the script URL (`class=`) and the
 //! script comes from the same profile as the boot file.
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use super::{options::OptionSet, Arch, Machine};
 
@@ -33,10 +34,19 @@ pub struct Match {
     pub mac_prefix: Option<Vec<u8>>,
     /// The request came through this relay (giaddr).
     pub relay: Option<Ipv4Addr>,
+    /// The relay's option 82 circuit id (sub-option 1) is exactly this.
+    pub circuit_id: Option<Vec<u8>>,
+    /// The relay's option 82 remote id (sub-option 2) is exactly this.
+    pub remote_id: Option<Vec<u8>>,
+    /// The machine's inventory entry carries every one of these labels.
+    pub labels: BTreeMap<String, String>,
 }
 
+/// A machine's labels, as its inventory entry (or the config's) gives them.
+pub type Labels = BTreeMap<String, String>;
+
 impl Match {
-    pub fn matches(&self, machine: &Machine) -> bool {
+    pub fn matches(&self, machine: &Machine, labels: Option<&Labels>) -> bool {
         let prefix = |want: &Option<Vec<u8>>, got: Option<&[u8]>| match want {
             None => true,
             Some(want) => got.is_some_and(|got| got.starts_with(want)),
@@ -51,6 +61,12 @@ impl Match {
             })
             && self.arch.is_none_or(|arch| arch == machine.arch)
             && self.relay.is_none_or(|relay| machine.relay == Some(relay))
+            && exact(&self.circuit_id, machine.circuit_id.as_deref())
+            && exact(&self.remote_id, machine.remote_id.as_deref())
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
     }
 
     /// Whether every machine `later` matches is matched by this one too: a
@@ -66,7 +82,17 @@ impl Match {
             && (self.user_class.is_none() || self.user_class == later.user_class)
             && (self.arch.is_none() || self.arch == later.arch)
             && (self.relay.is_none() || self.relay == later.relay)
+            && (self.circuit_id.is_none() || self.circuit_id == later.circuit_id)
+            && (self.remote_id.is_none() || self.remote_id == later.remote_id)
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| later.labels.get(k) == Some(v))
     }
+}
+
+fn exact(want: &Option<Vec<u8>>, got: Option<&[u8]>) -> bool {
+    want.as_deref().is_none_or(|want| got == Some(want))
 }
 
 /// Option 77's entries: RFC 3004's length-prefixed list when the bytes are
@@ -89,15 +115,20 @@ fn user_classes(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
     entries.into_iter()
 }
 
-/// The first of `classes` that `machine` matches: the one its script URL
-/// named, if it names one that exists, else the first whose criteria hold.
-pub fn class_of<'a>(classes: &'a [Class], machine: &Machine) -> Option<&'a Class> {
+/// The first of `classes` that `machine` (with its entry's `labels`)
+/// matches: the one its script URL named, if it names one that exists, else
+/// the first whose criteria hold.
+pub fn class_of<'a>(
+    classes: &'a [Class],
+    machine: &Machine,
+    labels: Option<&Labels>,
+) -> Option<&'a Class> {
     if let Some(named) = &machine.class {
         if let Some(class) = classes.iter().find(|c| &c.name == named) {
             return Some(class);
         }
     }
-    classes.iter().find(|c| c.matches.matches(machine))
+    classes.iter().find(|c| c.matches.matches(machine, labels))
 }
 
 #[cfg(test)]
@@ -114,8 +145,16 @@ mod tests {
             relay: Some(Ipv4Addr::new(198, 18, 5, 1)),
             vendor_class: Some(b"PXEClient:Arch:00007:UNDI:003016".to_vec()),
             user_class: Some(b"\x04iPXE\x04rack".to_vec()),
+            circuit_id: Some(b"Gi1/0/7".to_vec()),
+            remote_id: Some(vec![0x00, 0x1a, 0x2b, 0x3c, 0x4d, 0x5e]),
             class: None,
         }
+    }
+
+    fn labels() -> Labels {
+        [("rack", "r12"), ("role", "db")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .into()
     }
 
     #[test]
@@ -127,9 +166,20 @@ mod tests {
             arch: Some(Arch::UefiX64),
             mac_prefix: Some(vec![0x52, 0x54, 0x00]),
             relay: Some(Ipv4Addr::new(198, 18, 5, 1)),
+            circuit_id: Some(b"Gi1/0/7".to_vec()),
+            remote_id: Some(vec![0x00, 0x1a, 0x2b, 0x3c, 0x4d, 0x5e]),
+            labels: [("rack".to_owned(), "r12".to_owned())].into(),
         };
-        assert!(all.matches(&m));
-        assert!(Match::default().matches(&m), "no criterion: every machine");
+        let labels = labels();
+        assert!(all.matches(&m, Some(&labels)));
+        assert!(
+            Match::default().matches(&m, None),
+            "no criterion: every machine"
+        );
+        assert!(
+            !all.matches(&m, None),
+            "labels wanted, the machine has none"
+        );
         for wrong in [
             Match {
                 vendor_class: Some(b"HTTPClient".to_vec()),
@@ -151,8 +201,24 @@ mod tests {
                 relay: Some(Ipv4Addr::new(198, 18, 6, 1)),
                 ..all.clone()
             },
+            Match {
+                circuit_id: Some(b"Gi1/0/70".to_vec()),
+                ..all.clone()
+            },
+            Match {
+                circuit_id: Some(b"Gi1/0/".to_vec()),
+                ..all.clone()
+            },
+            Match {
+                remote_id: Some(vec![0x00, 0x1a]),
+                ..all.clone()
+            },
+            Match {
+                labels: [("rack".to_owned(), "r1".to_owned())].into(),
+                ..all.clone()
+            },
         ] {
-            assert!(!wrong.matches(&m), "{wrong:?}");
+            assert!(!wrong.matches(&m, Some(&labels)), "{wrong:?}");
         }
         let plain = Machine {
             user_class: Some(b"iPXE".to_vec()),
@@ -162,7 +228,7 @@ mod tests {
             user_class: Some(b"iPXE".to_vec()),
             ..Match::default()
         }
-        .matches(&plain));
+        .matches(&plain, None));
     }
 
     #[test]
@@ -184,6 +250,21 @@ mod tests {
             ..Match::default()
         };
         assert!(!other_arch.covers(&uefi));
+        let rack = |pairs: &[(&str, &str)]| Match {
+            labels: pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Match::default()
+        };
+        assert!(rack(&[("rack", "r1")]).covers(&rack(&[("rack", "r1"), ("role", "db")])));
+        assert!(!rack(&[("rack", "r1"), ("role", "db")]).covers(&rack(&[("rack", "r1")])));
+        let port = |id: &[u8]| Match {
+            circuit_id: Some(id.to_vec()),
+            ..Match::default()
+        };
+        assert!(port(b"Gi1/0/7").covers(&port(b"Gi1/0/7")));
+        assert!(!port(b"Gi1/0/7").covers(&port(b"Gi1/0/8")));
     }
 
     #[test]
@@ -205,13 +286,16 @@ mod tests {
             class("any", Match::default()),
         ];
         let m = machine();
-        assert_eq!(class_of(&classes, &m).map(|c| c.name.as_str()), Some("any"));
+        assert_eq!(
+            class_of(&classes, &m, None).map(|c| c.name.as_str()),
+            Some("any")
+        );
         let named = Machine {
             class: Some("bios".into()),
             ..machine()
         };
         assert_eq!(
-            class_of(&classes, &named).map(|c| c.name.as_str()),
+            class_of(&classes, &named, None).map(|c| c.name.as_str()),
             Some("bios")
         );
         let unknown = Machine {
@@ -219,7 +303,7 @@ mod tests {
             ..machine()
         };
         assert_eq!(
-            class_of(&classes, &unknown).map(|c| c.name.as_str()),
+            class_of(&classes, &unknown, None).map(|c| c.name.as_str()),
             Some("any")
         );
     }

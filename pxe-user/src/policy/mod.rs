@@ -176,8 +176,30 @@ pub struct Machine {
     pub vendor_class: Option<Vec<u8>>,
     /// Option 77 as sent (none over HTTP).
     pub user_class: Option<Vec<u8>>,
+    /// Option 82's circuit id and remote id, as the relay put them.
+    pub circuit_id: Option<Vec<u8>>,
+    pub remote_id: Option<Vec<u8>>,
     /// The class the DHCP answer chose, as iPXE's script URL names it.
     pub class: Option<String>,
+}
+
+impl Machine {
+    /// A machine known only by MAC, architecture and boot client (what an
+    /// HTTP script request says); the rest is filled in by those who know it.
+    pub fn new(mac: Mac, arch: Arch, client: ClientKind) -> Self {
+        Self {
+            mac,
+            arch,
+            uuid: None,
+            client,
+            relay: None,
+            vendor_class: None,
+            user_class: None,
+            circuit_id: None,
+            remote_id: None,
+            class: None,
+        }
+    }
 }
 
 /// The operator's intent, asked by every server the same way.
@@ -389,14 +411,8 @@ mod tests {
     fn each_boot_client_is_answered_in_its_own_terms() {
         let urls = ServerUrls::new(Ipv4Addr::new(198, 18, 0, 1), 8080);
         let machine = Machine {
-            mac: Mac([2, 0, 0, 0, 0, 1]),
-            arch: Arch::UefiX64,
             uuid: Some("u-1".into()),
-            client: ClientKind::Pxe,
-            relay: None,
-            vendor_class: None,
-            user_class: None,
-            class: None,
+            ..Machine::new(Mac([2, 0, 0, 0, 0, 1]), Arch::UefiX64, ClientKind::Pxe)
         };
         let answer = |client, decision| verdict(client, decision).boot_answer(&machine, &urls);
         let pxe = answer(ClientKind::Pxe, spec(Some("ipxe.efi"))).unwrap();

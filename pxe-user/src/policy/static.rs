@@ -6,7 +6,7 @@ use std::{
 };
 
 use super::{
-    class::{class_of, Class},
+    class::{class_of, Class, Labels},
     options::OptionSet,
     provision::{ProvisionKey, PROVISIONED_PATH},
     render, Arch, BootPolicy, BootSpec, ClientKind, Decision, Mac, Machine, Verdict,
@@ -107,6 +107,8 @@ pub struct MachineEntry {
     pub vars: BTreeMap<String, String>,
     /// DHCP options its leases carry (over its profile's and the subnet's).
     pub options: OptionSet,
+    /// What classes may match it on besides its requests (`rack = "r12"`).
+    pub labels: Labels,
 }
 
 impl Default for MachineEntry {
@@ -120,6 +122,7 @@ impl Default for MachineEntry {
             client: None,
             vars: BTreeMap::new(),
             options: OptionSet::default(),
+            labels: Labels::new(),
         }
     }
 }
@@ -178,7 +181,7 @@ impl BootPolicy for StaticPolicy {
 
     fn options(&self, machine: &Machine) -> OptionSet {
         let entry = self.machines.get(&machine.mac);
-        let class = class_of(&self.classes, machine);
+        let class = self.class_of(machine);
         let profile = entry
             .and_then(|e| e.profile.as_ref())
             .or(class.and_then(|c| c.profile.as_ref()))
@@ -200,6 +203,12 @@ impl BootPolicy for StaticPolicy {
 }
 
 impl StaticPolicy {
+    /// The class `machine` falls in: its request, and its entry's labels.
+    pub fn class_of(&self, machine: &Machine) -> Option<&Class> {
+        let labels = self.machines.get(&machine.mac).map(|e| &e.labels);
+        class_of(&self.classes, machine, labels)
+    }
+
     /// What `machine` boots with `profile`, whatever its entry names (the
     /// decision webhook's choice); `netboot = false` still wins.
     pub fn decide_with_profile(
@@ -235,7 +244,7 @@ impl StaticPolicy {
         if entry.is_some_and(|e| !e.netboot) {
             return Decision::LocalBoot;
         }
-        let class = class_of(&self.classes, machine);
+        let class = self.class_of(machine);
         let profile_name = forced_profile
             .or(entry.and_then(|e| e.profile.as_deref()))
             .or(class.and_then(|c| c.profile.as_deref()))
@@ -305,8 +314,7 @@ mod tests {
                 hostname: Some("node1".into()),
                 arch: None,
                 client: None,
-                vars: Default::default(),
-                options: Default::default(),
+                ..MachineEntry::default()
             },
         );
         machines.insert(
@@ -317,8 +325,7 @@ mod tests {
                 hostname: None,
                 arch: None,
                 client: None,
-                vars: Default::default(),
-                options: Default::default(),
+                ..MachineEntry::default()
             },
         );
         StaticPolicy {
@@ -339,16 +346,11 @@ mod tests {
     }
 
     fn machine(last: u8, code: u16) -> Machine {
-        Machine {
-            mac: Mac([2, 0, 0, 0, 0, last]),
-            arch: Arch::from_code(code),
-            uuid: None,
-            client: ClientKind::Pxe,
-            relay: None,
-            vendor_class: None,
-            user_class: None,
-            class: None,
-        }
+        Machine::new(
+            Mac([2, 0, 0, 0, 0, last]),
+            Arch::from_code(code),
+            ClientKind::Pxe,
+        )
     }
 
     #[test]
@@ -411,8 +413,7 @@ mod tests {
                 hostname: None,
                 arch: Some(Arch::UefiArm64),
                 client: None,
-                vars: Default::default(),
-                options: Default::default(),
+                ..MachineEntry::default()
             },
         );
         let Decision::Boot(spec) = p.decide(&machine(4, 0), &urls()).decision else {
