@@ -58,6 +58,16 @@ pub struct Cli {
     #[arg(long, requires = "config")]
     pub check_config: bool,
 
+    /// With --check-config: say which class, profile, boot file and DHCP
+    /// options a request like this one would get (repeatable), e.g.
+    /// `--explain 52:54:00:12:34:56,uefi-x64,vendor_class=PXEClient:Arch:00007`.
+    /// A sample is MAC[,ARCH][,KEY=VALUE]... with KEY one of arch (a name or
+    /// option 93's number), vendor_class (60), user_class (77), relay
+    /// (giaddr), circuit_id and remote_id (82: text, or hex as 00:1a:2b)
+    /// and client (pxe, ipxe, http; else read from 60 and 77 as pxed does).
+    #[arg(long, requires = "check_config", value_name = "SAMPLE")]
+    pub explain: Vec<crate::explain::Sample>,
+
     /// Interface to serve on, e.g. `eth1` (repeatable, or comma-separated).
     /// Its XDP and TC ingress hooks are used, and the services answer from
     /// its first IPv4 address. Nothing is served on other interfaces.

@@ -16,6 +16,7 @@ pub mod control;
 pub mod ctl;
 pub mod daemon;
 pub mod dhcp;
+pub mod explain;
 pub mod fastpath;
 pub mod http;
 pub mod inventory;

@@ -46,6 +46,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     if cli.check_config {
         print_check(&cli, &config);
+        for sample in &cli.explain {
+            println!("{}", pxe_user::explain::explain(&config, sample));
+        }
         return Ok(());
     }
     let settings = Settings::merge(cli, config)?;

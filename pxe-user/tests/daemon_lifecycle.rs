@@ -191,6 +191,95 @@ fn without_privileges_pxed_says_it_needs_root() {
     assert!(stderr.contains("CAP_BPF"), "{stderr}");
 }
 
+/// `--check-config --explain` on the shipped example: each sample lands in
+/// the class, profile and options the example's comments promise.
+#[test]
+fn check_config_explains_what_sample_requests_would_get() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/pxed.example.toml");
+    let out = Command::new(PXED)
+        .args(["--config", example, "--check-config"])
+        .args([
+            "--explain",
+            "52:54:00:77:00:01,uefi-x64,vendor_class=PXEClient:Arch:00007:UNDI:003000",
+            "--explain",
+            "52:54:00:12:34:56,uefi-x64,relay=198.18.0.2,circuit_id=Gi1/0/7,remote_id=00:1a:2b:3c:4d:5e",
+            "--explain",
+            "52:54:00:12:34:56,uefi-x64,relay=198.18.0.2,circuit_id=Gi1/0/8",
+            "--explain",
+            "52:54:00:12:34:57,bios",
+            "--explain",
+            "aa:bb:cc:00:00:01,user_class=iPXE,arch=7",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.len(),
+        6,
+        "the summary, then one line per sample:\n{text}"
+    );
+    let has = |line: usize, parts: &[&str]| {
+        for part in parts {
+            assert!(
+                lines[line].contains(part),
+                "line {line} lacks {part:?}:\n{}",
+                lines[line]
+            );
+        }
+    };
+    has(
+        1,
+        &[
+            "(uefi-x64, pxe)",
+            "class \"lab-uefi\"",
+            "profile \"rescue\"",
+            "42 ntp-servers = 198.18.0.77 (if asked)",
+            "252 wpad = \"http://198.18.0.1/wpad.dat\" (always)",
+        ],
+    );
+    has(
+        2,
+        &[
+            "class \"rack-12-port-7\"",
+            "with subnet 198.18.0.0/24's",
+            "119 domain-search = r12.example.net",
+        ],
+    );
+    has(3, &["no class", "119 domain-search = lab.example"]);
+    has(4, &["netboot = false: told to boot from its disk"]);
+    has(
+        5,
+        &[
+            "(uefi-x64, ipxe)",
+            "profile \"default\"",
+            "boot URL \"http://<pxed>",
+        ],
+    );
+
+    let bad = Command::new(PXED)
+        .args([
+            "--config",
+            example,
+            "--check-config",
+            "--explain",
+            "52:54:00:12:34:56,relay=10.0.0",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(
+        stderr.contains("relay \"10.0.0\" is not an IPv4 address"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn help_explains_the_xdp_modes() {
     let out = Command::new(PXED).arg("--help").output().unwrap();

@@ -132,6 +132,86 @@ const NAMED: &[(&str, u8, Kind)] = &[
     ("wpad", 252, Kind::Text),
 ];
 
+/// The name `code` is known by in the config, if it has one.
+pub fn name_of(code: u8) -> Option<&'static str> {
+    NAMED
+        .iter()
+        .find(|(_, c, _)| *c == code)
+        .map(|(name, ..)| *name)
+}
+
+/// `value` of option `code` as a person reads it: decoded by its type when
+/// pxed knows the code by name, else as hex bytes.
+pub fn show(code: u8, value: &[u8]) -> String {
+    let kind = NAMED.iter().find(|(_, c, _)| *c == code).map(|(.., k)| *k);
+    kind.and_then(|kind| decode(kind, value))
+        .unwrap_or_else(|| hex_text(value))
+}
+
+fn hex_text(value: &[u8]) -> String {
+    let bytes: Vec<String> = value.iter().map(|b| format!("{b:02x}")).collect();
+    bytes.join(":")
+}
+
+/// The config's form of a wire value, `None` when it is not one of `kind`.
+fn decode(kind: Kind, value: &[u8]) -> Option<String> {
+    let ips = |bytes: &[u8]| -> Option<Vec<String>> {
+        (bytes.len().is_multiple_of(4) && !bytes.is_empty()).then(|| {
+            bytes
+                .chunks(4)
+                .map(|q| Ipv4Addr::new(q[0], q[1], q[2], q[3]).to_string())
+                .collect()
+        })
+    };
+    Some(match (kind, value) {
+        (Kind::Ip | Kind::Ips, _) => ips(value)?.join(", "),
+        (Kind::U8, [n]) => n.to_string(),
+        (Kind::Bool, [n]) => (*n != 0).to_string(),
+        (Kind::U16, [a, b]) => u16::from_be_bytes([*a, *b]).to_string(),
+        (Kind::U32, [a, b, c, d]) => u32::from_be_bytes([*a, *b, *c, *d]).to_string(),
+        (Kind::I32, [a, b, c, d]) => i32::from_be_bytes([*a, *b, *c, *d]).to_string(),
+        (Kind::Text, _) => format!("{:?}", String::from_utf8_lossy(value)),
+        (Kind::Domains, _) => {
+            let mut names = Vec::new();
+            let mut rest = value;
+            while !rest.is_empty() {
+                let mut labels = Vec::new();
+                loop {
+                    let (&len, tail) = rest.split_first()?;
+                    rest = tail;
+                    if len == 0 {
+                        break;
+                    }
+                    let label = rest.get(..usize::from(len))?;
+                    labels.push(String::from_utf8_lossy(label).into_owned());
+                    rest = &rest[usize::from(len)..];
+                }
+                names.push(labels.join("."));
+            }
+            names.join(", ")
+        }
+        (Kind::Routes, _) => {
+            let mut routes = Vec::new();
+            let mut rest = value;
+            while let Some((&width, tail)) = rest.split_first() {
+                let octets = usize::from(width).div_ceil(8);
+                let (net, tail) = (tail.get(..octets)?, tail.get(octets..)?);
+                let (via, tail) = (tail.get(..4)?, &tail[4..]);
+                let mut dest = [0u8; 4];
+                dest.get_mut(..octets)?.copy_from_slice(net);
+                routes.push(format!(
+                    "{}/{width} via {}",
+                    Ipv4Addr::from(dest),
+                    Ipv4Addr::new(via[0], via[1], via[2], via[3])
+                ));
+                rest = tail;
+            }
+            routes.join(", ")
+        }
+        _ => return None,
+    })
+}
+
 /// Codes pxed writes from what it decides, and why none may be set.
 const OWN: &[(u8, &str)] = &[
     (0, "padding"),
@@ -383,6 +463,42 @@ mod tests {
     fn ok(key: &str, toml_value: &str) -> (u8, Vec<u8>) {
         let (code, option) = parse(key, &value(toml_value)).unwrap();
         (code, option.value)
+    }
+
+    #[test]
+    fn values_are_shown_as_the_config_writes_them() {
+        for (key, written, shown) in [
+            ("time-offset", "-3600", "-3600"),
+            (
+                "routers",
+                r#"["198.18.0.1", "198.18.0.2"]"#,
+                "198.18.0.1, 198.18.0.2",
+            ),
+            ("host-name", r#""node-7""#, r#""node-7""#),
+            ("ip-forwarding", "true", "true"),
+            ("interface-mtu", "9000", "9000"),
+            ("default-ttl", "64", "64"),
+            (
+                "domain-search",
+                r#"["r12.example.net", "example.net"]"#,
+                "r12.example.net, example.net",
+            ),
+            (
+                "classless-static-routes",
+                r#"["10.20.0.0/16 via 198.18.0.254", "0.0.0.0/0 via 198.18.0.1"]"#,
+                "10.20.0.0/16 via 198.18.0.254, 0.0.0.0/0 via 198.18.0.1",
+            ),
+            ("vendor-encapsulated-options", r#""01:02:ab""#, "01:02:ab"),
+            ("224", r#"{ type = "u8", value = 7 }"#, "07"),
+        ] {
+            let (code, wire) = ok(key, written);
+            assert_eq!(show(code, &wire), shown, "{key}");
+        }
+        assert_eq!(
+            show(3, &[198, 18, 0]),
+            "c6:12:00",
+            "not whole addresses: hex"
+        );
     }
 
     fn err(key: &str, toml_value: &str) -> String {
