@@ -1169,6 +1169,64 @@ esac
     check("renew");
 }
 
+/// Options that overflow the 576-byte datagram udhcpc takes (its option 57)
+/// continue in the file and sname fields (option 52), and udhcpc, which
+/// reads them there, hands its script every one; the log says so.
+#[test]
+fn options_beyond_the_options_field_reach_udhcpc_through_file_and_sname() {
+    if !pxe_lab::privileged("options_beyond_the_options_field_reach_udhcpc_through_file_and_sname")
+        || !have_tool("busybox", "busybox")
+    {
+        return;
+    }
+    // Six options of 60 bytes: 372 bytes, more than the options field of a
+    // 576-byte reply holds beside the lease's own.
+    let sixty = "x".repeat(60);
+    let served = served_with_config(|_| {
+        let mut config = FULL_MODE_ON_POOL.to_owned() + "[dhcp.subnet.options]\n";
+        for code in 224..230 {
+            config.push_str(&format!(
+                "\"{code}\" = {{ type = \"string\", value = \"{sixty}\", always_send = true }}\n"
+            ));
+        }
+        config + "[[profile]]\nname = \"default\"\n"
+    });
+    let (client, work) = (&served.client, served.work.path());
+    let dir = work.to_str().unwrap();
+    let script = write_script(
+        work,
+        "udhcpc.sh",
+        &format!("\ncase \"$1\" in\n  bound) env > \"{dir}/bound.env\" ;;\nesac\n"),
+    );
+    let out = client
+        .output(
+            "busybox",
+            &[
+                "udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", "5", "-T", "2", "-s", &script,
+            ],
+        )
+        .unwrap();
+    let log = std::fs::read_to_string(work.join("pxed.log")).unwrap_or_default();
+    let env = std::fs::read_to_string(work.join("bound.env")).unwrap_or_else(|_| {
+        panic!(
+            "no lease:\n{}{}\npxed:\n{log}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let hex: String = sixty.bytes().map(|b| format!("{b:02x}")).collect();
+    for code in 224..230 {
+        assert!(
+            env.lines().any(|l| l == format!("opt{code}={hex}")),
+            "option {code} reached udhcpc's script:\n{env}"
+        );
+    }
+    assert!(
+        log.contains("carried in the file/sname fields (overload)"),
+        "{log}"
+    );
+}
+
 /// A profile whose boot files are on another TFTP server: its machines'
 /// offers name that host as next-server and in option 66, and still carry
 /// the profile's boot file; a machine of another profile gets pxed's own.

@@ -252,7 +252,7 @@ fn uuid_text(raw: &[u8]) -> Option<String> {
 /// RFC 2132 §9.3: with option 52, more options live in the `file` (1), `sname`
 /// (2) or both (3) fields. dhcproto reads those fields as strings, so they are
 /// parsed here from the datagram itself; options already seen win.
-fn merge_overloaded_options(datagram: &[u8], message: &mut Message) {
+pub(crate) fn merge_overloaded_options(datagram: &[u8], message: &mut Message) {
     let Some(DhcpOption::OptionOverload(which)) =
         message.opts().get(OptionCode::OptionOverload).cloned()
     else {

@@ -767,16 +767,22 @@ impl Engine {
             .options(&machine_of(ctx.req))
             .over(&subnet.options);
         let by_request_list = reply::add_configured_options(message, ctx.req, &configured);
-        let left_out = reply::fit_configured(message, ctx.req, &configured);
+        let (moved, left_out) = reply::fit_configured(message, ctx.req, &configured);
         let mut note = note;
+        if !moved.is_empty() {
+            note.0.push_str(&format!(
+                "; options {moved:?} carried in the file/sname fields (overload), the options field was full"
+            ));
+        }
         if !left_out.is_empty() {
             note.0.push_str(&format!(
                 "; options {left_out:?} left out, the reply would exceed the datagram the client accepts"
             ));
         }
-        // The kernel's signature leaves option 55 out: a reply it shaped
-        // stays with userspace.
-        (note.0, note.1 && !by_request_list)
+        // The kernel's signature leaves options 55 and 57 out: a reply they
+        // shaped stays with userspace.
+        let fitted = !moved.is_empty() || !left_out.is_empty();
+        (note.0, note.1 && !by_request_list && !fitted)
     }
 }
 

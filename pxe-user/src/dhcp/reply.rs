@@ -89,26 +89,36 @@ const SMALLEST_MAX_DATAGRAM: u16 = 576;
 /// The IPv4 and UDP headers around a DHCP message.
 const IP_UDP_HEADERS: usize = 28;
 
-/// Leaves configured options out, largest first, until the reply fits the
-/// datagram `req`'s client accepts (its option 57, at least 576 bytes).
-/// Returns the codes left out, for the log.
-pub fn fit_configured(reply: &mut Message, req: &Request, configured: &OptionSet) -> Vec<u8> {
+/// Makes the reply fit the datagram `req`'s client accepts (its option 57,
+/// at least 576 bytes): configured options move into the `file` and `sname`
+/// fields where the reply leaves them empty (overload, option 52), then
+/// are left out, largest first. Returns the codes moved and those left out,
+/// for the log.
+pub fn fit_configured(
+    reply: &mut Message,
+    req: &Request,
+    configured: &OptionSet,
+) -> (Vec<u8>, Vec<u8>) {
     // Measuring encodes the reply: not for the replies of every lease when
-    // nothing configured could be left out.
+    // nothing configured could be moved or left out.
     if configured.is_empty() {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     }
     let accepted = match req.message.opts().get(OptionCode::MaxMessageSize) {
         Some(DhcpOption::MaxMessageSize(n)) => (*n).max(SMALLEST_MAX_DATAGRAM),
         _ => SMALLEST_MAX_DATAGRAM,
     };
     let room = usize::from(accepted) - IP_UDP_HEADERS;
-    let encoded_len = |m: &Message| m.to_vec().map_or(usize::MAX, |bytes| bytes.len());
     let mut by_size: Vec<(usize, u8)> = configured
         .iter()
+        .filter(|(code, _)| reply.opts().get(OptionCode::from(*code)).is_some())
         .map(|(code, o)| (o.value.len(), code))
         .collect();
     by_size.sort_unstable();
+    if encoded_len(reply) <= room {
+        return (Vec::new(), Vec::new());
+    }
+    let moved = overload(reply, configured, &mut by_size, room);
     let mut left_out = Vec::new();
     while encoded_len(reply) > room {
         let Some((_, code)) = by_size.pop() else {
@@ -118,7 +128,78 @@ pub fn fit_configured(reply: &mut Message, req: &Request, configured: &OptionSet
             left_out.push(code);
         }
     }
-    left_out
+    (moved, left_out)
+}
+
+fn encoded_len(m: &Message) -> usize {
+    m.to_vec().map_or(usize::MAX, |bytes| bytes.len())
+}
+
+/// The header fields options may continue in (RFC 2131 §4.1), with the
+/// value option 52 gives each (RFC 2132 §9.3) and its size.
+const OVERLOAD_FIELDS: [(u8, usize); 2] = [(1, 128), (2, 64)];
+
+/// Moves configured options, largest first, from the options field into
+/// `file` and `sname` where the reply leaves them empty, until it fits in
+/// `room`; each field's options end with option 255. Moved codes leave
+/// `by_size`. Returns them.
+fn overload(
+    reply: &mut Message,
+    configured: &OptionSet,
+    by_size: &mut Vec<(usize, u8)>,
+    room: usize,
+) -> Vec<u8> {
+    let empty = |field: Option<&[u8]>| field.is_none_or(|f| f.iter().all(|b| *b == 0));
+    let mut fields: Vec<(u8, usize, Vec<u8>)> = OVERLOAD_FIELDS
+        .iter()
+        .filter(|(which, _)| match which {
+            1 => empty(reply.fname()),
+            _ => empty(reply.sname()),
+        })
+        .map(|&(which, size)| (which, size, Vec::new()))
+        .collect();
+    if fields.is_empty() {
+        return Vec::new();
+    }
+    // Option 52 itself takes room in the options field: counted from the start.
+    reply.opts_mut().insert(DhcpOption::OptionOverload(3));
+    let mut moved = Vec::new();
+    let mut i = by_size.len();
+    while i > 0 && encoded_len(reply) > room {
+        i -= 1;
+        let code = by_size[i].1;
+        let Some(option) = configured.get(code) else {
+            continue;
+        };
+        let entry = 2 + option.value.len();
+        // One byte stays for the field's end option.
+        let Some(field) = fields
+            .iter_mut()
+            .find(|(_, size, bytes)| bytes.len() + entry < *size)
+        else {
+            continue;
+        };
+        field.2.extend_from_slice(&[code, option.value.len() as u8]);
+        field.2.extend_from_slice(&option.value);
+        reply.opts_mut().remove(OptionCode::from(code));
+        moved.push(code);
+        by_size.remove(i);
+    }
+    let mut used = 0;
+    for (which, _, mut bytes) in fields.into_iter().filter(|(.., b)| !b.is_empty()) {
+        bytes.push(255);
+        used |= which;
+        match which {
+            1 => reply.set_fname(&bytes),
+            _ => reply.set_sname(&bytes),
+        };
+    }
+    if used == 0 {
+        reply.opts_mut().remove(OptionCode::OptionOverload);
+    } else {
+        reply.opts_mut().insert(DhcpOption::OptionOverload(used));
+    }
+    moved
 }
 
 /// RFC 2131 §3.4: no lease time in an answer to INFORM.
@@ -205,11 +286,14 @@ pub fn destination(req: &Request) -> Destination {
 
 #[cfg(test)]
 mod tests {
-    use dhcproto::v4::{DhcpOption, MessageType};
+    use dhcproto::{
+        v4::{DhcpOption, MessageType},
+        Decodable as _,
+    };
 
     use super::*;
     use crate::{
-        dhcp::classify::{classify, tests::request},
+        dhcp::classify::{classify, merge_overloaded_options, tests::request},
         policy::options::Configured,
     };
 
@@ -227,7 +311,13 @@ mod tests {
         set
     }
 
-    fn offer_to(options: Vec<DhcpOption>, configured: &OptionSet) -> (Message, Vec<u8>) {
+    /// An OFFER to a DISCOVER with `options`, fitted; with the codes moved
+    /// into file/sname and those left out.
+    fn offer_to(
+        options: Vec<DhcpOption>,
+        configured: &OptionSet,
+        boot_file: Option<&str>,
+    ) -> (Message, Vec<u8>, Vec<u8>) {
         let req = classify(&request(MessageType::Discover, [2, 0, 0, 0, 0, 1], options)).unwrap();
         let mut reply = reply_to(
             &req,
@@ -235,23 +325,92 @@ mod tests {
             Ipv4Addr::new(198, 18, 0, 10),
             Ipv4Addr::new(198, 18, 0, 1),
         );
+        if let Some(file) = boot_file {
+            reply.set_fname_str(file);
+        }
         add_configured_options(&mut reply, &req, configured);
-        let left_out = fit_configured(&mut reply, &req, configured);
-        (reply, left_out)
+        let (moved, left_out) = fit_configured(&mut reply, &req, configured);
+        (reply, moved, left_out)
+    }
+
+    /// What a client reads from `reply`'s bytes: the options field, then
+    /// file and sname as option 52 says.
+    fn as_received(reply: &Message) -> (usize, Message) {
+        let bytes = reply.to_vec().unwrap();
+        let mut received = Message::decode(&mut dhcproto::Decoder::new(&bytes)).unwrap();
+        merge_overloaded_options(&bytes, &mut received);
+        (bytes.len(), received)
+    }
+
+    fn same_options(n: u8, len: usize) -> OptionSet {
+        let mut set = OptionSet::default();
+        for code in 224..224 + n {
+            set.insert(
+                code,
+                Configured {
+                    value: vec![code; len],
+                    always_send: true,
+                },
+            );
+        }
+        set
     }
 
     #[test]
     fn configured_options_are_left_out_largest_first_until_the_reply_fits() {
         let configured = three_long_options();
-        let (reply, left_out) = offer_to(vec![], &configured);
+        let (reply, moved, left_out) = offer_to(vec![], &configured, None);
+        assert_eq!(moved, vec![226], "100 bytes fit the file field, 150 do not");
         assert_eq!(left_out, vec![224], "200 bytes over 548 with the others");
         assert!(reply.to_vec().unwrap().len() <= 548);
         // A client that takes 1,500-byte datagrams (option 57) gets them all.
-        let (reply, left_out) = offer_to(vec![DhcpOption::MaxMessageSize(1500)], &configured);
-        assert!(left_out.is_empty());
+        let (reply, moved, left_out) =
+            offer_to(vec![DhcpOption::MaxMessageSize(1500)], &configured, None);
+        assert!(moved.is_empty() && left_out.is_empty());
         assert!(reply.to_vec().unwrap().len() > 548);
+        assert!(reply.opts().get(OptionCode::OptionOverload).is_none());
         // One that says less than 576 still gets 576 (RFC 2131 §2).
-        let (_, left_out) = offer_to(vec![DhcpOption::MaxMessageSize(300)], &configured);
+        let (_, _, left_out) = offer_to(vec![DhcpOption::MaxMessageSize(300)], &configured, None);
         assert_eq!(left_out, vec![224]);
+    }
+
+    #[test]
+    fn options_that_overflow_continue_in_the_file_and_sname_fields() {
+        // Six of 60 bytes: 372 bytes, over the 548 a 576-byte datagram holds.
+        let configured = same_options(6, 60);
+        let (reply, moved, left_out) = offer_to(vec![], &configured, None);
+        assert_eq!(moved, vec![229, 228], "the largest (then highest) first");
+        assert!(left_out.is_empty());
+        assert_eq!(
+            reply.opts().get(OptionCode::OptionOverload),
+            Some(&DhcpOption::OptionOverload(1)),
+            "two of 62 bytes fit the 128-byte file field with its end option"
+        );
+        let (len, received) = as_received(&reply);
+        assert!(len <= 548, "{len}");
+        for code in 224..230 {
+            let got = received.opts().get(OptionCode::from(code));
+            assert_eq!(
+                got,
+                Some(&DhcpOption::Unknown(UnknownOption::new(
+                    code.into(),
+                    vec![code; 60]
+                ))),
+                "option {code}"
+            );
+        }
+
+        // With the boot file in `file`, only sname is free: one more fits.
+        let (reply, moved, left_out) = offer_to(vec![], &configured, Some("ipxe.efi"));
+        assert_eq!(moved, vec![229]);
+        assert_eq!(left_out, vec![228]);
+        assert_eq!(
+            reply.opts().get(OptionCode::OptionOverload),
+            Some(&DhcpOption::OptionOverload(2))
+        );
+        let (len, received) = as_received(&reply);
+        assert!(len <= 548, "{len}");
+        assert!(received.opts().get(OptionCode::from(229)).is_some());
+        assert_eq!(reply.fname(), Some(&b"ipxe.efi"[..]), "the boot file stays");
     }
 }

@@ -49,6 +49,10 @@ impl OptionSet {
         merged
     }
 
+    pub fn get(&self, code: u8) -> Option<&Configured> {
+        self.0.get(&code)
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (u8, &Configured)> {
         self.0.iter().map(|(code, option)| (*code, option))
     }
