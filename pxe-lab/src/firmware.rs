@@ -356,11 +356,16 @@ pub enum Firmware {
     UefiPxe,
     /// OVMF's UEFI HTTP Boot: option 60 `HTTPClient`, option 93 = 16.
     UefiHttp,
+    /// AAVMF (EDK2 for ARM64, Debian `qemu-efi-aarch64`) on QEMU's `virt`
+    /// board with its own PXE stack: option 93 = 11.
+    UefiArm64Pxe,
 }
 
 const IPXE_LKRN: &str = "/usr/lib/ipxe/ipxe.lkrn";
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS.fd";
+pub const AAVMF_CODE: &str = "/usr/share/AAVMF/AAVMF_CODE.fd";
+const AAVMF_VARS: &str = "/usr/share/AAVMF/AAVMF_VARS.fd";
 
 /// Starts a QEMU guest in `ns` on tap device `tap`, serial console to
 /// `serial_log`. The lab stops it (by PID) when dropped.
@@ -402,7 +407,13 @@ pub fn start_machine_with(
         "-accel".into(),
         "tcg".into(),
         "-m".into(),
-        "512".into(),
+        // The ARM64 machine boots Debian's installer, whose initrd is 40 MB.
+        if firmware == Firmware::UefiArm64Pxe {
+            "1024"
+        } else {
+            "512"
+        }
+        .into(),
         "-smp".into(),
         "1".into(),
         "-display".into(),
@@ -456,12 +467,33 @@ pub fn start_machine_with(
                 ]);
             }
         }
+        Firmware::UefiArm64Pxe => {
+            let vars = work.join(format!("AAVMF_VARS-{}.fd", mac.replace(':', "")));
+            std::fs::copy(AAVMF_VARS, &vars)?;
+            args.extend([
+                "-machine".into(),
+                "virt".into(),
+                // Not `max`: its pointer authentication is slow to emulate.
+                "-cpu".into(),
+                "cortex-a72".into(),
+                "-drive".into(),
+                format!("if=pflash,format=raw,unit=0,readonly=on,file={AAVMF_CODE}"),
+                "-drive".into(),
+                format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
+                "-device".into(),
+                format!("virtio-net-pci,netdev=n0,mac={mac},romfile="),
+            ]);
+        }
     }
     args.extend(extra.iter().map(|a| a.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let qemu = match firmware {
+        Firmware::UefiArm64Pxe => "qemu-system-aarch64",
+        _ => "qemu-system-x86_64",
+    };
     lab.spawn_logged(
         ns,
-        "qemu-system-x86_64",
+        qemu,
         &args,
         &work.join(format!("qemu-{}.log", mac.replace(':', ""))),
     )

@@ -1,8 +1,9 @@
 //! Real firmware boots Linux from pxed: QEMU machines (TCG) in a client
 //! namespace, bridged to pxed's namespace, must reach Linux userspace from a
 //! kernel and initramfs pxed served, and print the lab marker on their serial
-//! console. Needs root, qemu-system-x86, ovmf and ipxe-qemu; each boot takes
-//! 20–60 s under TCG. The reimaging workflow too: a machine's installer marks
+//! console. Needs root, qemu-system-x86, ovmf and ipxe-qemu (and for ARM64
+//! qemu-system-arm, qemu-efi-aarch64 and Debian's arm64 netboot installer);
+//! each boot takes 20–60 s under TCG. The reimaging workflow too: a machine's installer marks
 //! it provisioned through the API, and powered on again the machine gets no
 //! boot file and its firmware falls through to its next boot option.
 
@@ -316,6 +317,74 @@ fn uefi_http_boot_gets_a_url_and_boots_linux_over_http() {
     assert!(
         !log.contains("file=ipxe.efi"),
         "nothing went over TFTP:\n{log}"
+    );
+}
+
+/// Debian's arm64 netboot installer (`debian-installer-12-netboot-arm64`):
+/// its GRUB, kernel and initrd, as the package lays them out.
+const DEBIAN_INSTALLER_ARM64: &str = "/usr/lib/debian-installer/images/12/arm64/text";
+
+/// What the ARM64 machine prints once the installer's kernel runs its
+/// initrd's init: Linux userspace reached.
+const ARM64_USERSPACE: &str = "Run /init as init process";
+
+fn have_arm64_lab() -> bool {
+    have_tool(
+        "qemu-system-aarch64",
+        "qemu-system-arm (bookworm-backports)",
+    ) && pxe_lab::have_file(firmware::AAVMF_CODE, "qemu-efi-aarch64")
+        && pxe_lab::have_file(
+            format!("{DEBIAN_INSTALLER_ARM64}/debian-installer/arm64/grubaa64.efi"),
+            "debian-installer-12-netboot-arm64",
+        )
+}
+
+/// ARM64 UEFI for real: AAVMF's PXE asks with option 93 = 11, gets the
+/// profile's arm64 boot file (Debian's signed netboot GRUB), which fetches
+/// its config, the kernel and the initrd over TFTP and starts Linux.
+#[test]
+fn uefi_arm64_pxe_boots_debian_installers_grub_and_linux() {
+    if !pxe_lab::privileged("uefi_arm64_pxe_boots_debian_installers_grub_and_linux")
+        || !have_arm64_lab()
+    {
+        return;
+    }
+    let lab = firmware_lab_with(
+        1,
+        false,
+        &["--dhcp", "full", "--range", "198.18.0.100-198.18.0.199"],
+        "[profile.boot_files]\nuefi_arm64 = \"debian-installer/arm64/grubaa64.efi\"\n",
+    );
+    let boot = lab.work.path().join("boot");
+    let installer = Path::new(DEBIAN_INSTALLER_ARM64).join("debian-installer/arm64");
+    let into = boot.join("debian-installer/arm64");
+    std::fs::create_dir_all(into.join("grub")).unwrap();
+    for file in ["grubaa64.efi", "linux", "initrd.gz"] {
+        std::fs::copy(installer.join(file), into.join(file)).unwrap();
+    }
+    // The installer's own menu waits for a key; this one boots at once.
+    std::fs::write(
+        into.join("grub/grub.cfg"),
+        "set timeout=0\nmenuentry 'pxed arm64' {\n  linux /debian-installer/arm64/linux console=ttyAMA0 panic=-1 ---\n  initrd /debian-installer/arm64/initrd.gz\n}\n",
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let (serial, _) = lab.boot(0, "52:54:00:fa:00:0b", Firmware::UefiArm64Pxe);
+    let (seen, text) =
+        firmware::wait_for_any(&serial, &[ARM64_USERSPACE], Duration::from_secs(420));
+    let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap_or_default();
+    assert!(
+        seen.is_some(),
+        "AAVMF → GRUB → Linux did not reach userspace.\nserial:\n{text}\npxed:\n{log}"
+    );
+    eprintln!("arm64: userspace {:?} after power-on", started.elapsed());
+    assert!(
+        log.contains("(PXE, uefi-arm64) → OFFER"),
+        "firmware PXE with option 93 = 11:\n{log}"
+    );
+    assert!(
+        log.contains("file=debian-installer/arm64/grubaa64.efi"),
+        "the profile's arm64 boot file went over TFTP:\n{log}"
     );
 }
 

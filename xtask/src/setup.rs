@@ -55,6 +55,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "UEFI firmware for the QEMU machines of the firmware lab",
     ),
     (
+        "qemu-efi-aarch64",
+        "AAVMF, the ARM64 UEFI firmware of the firmware lab's arm64 machine",
+    ),
+    (
+        "debian-installer-12-netboot-arm64",
+        "the arm64 netboot GRUB, kernel and initrd the firmware lab's arm64 machine boots",
+    ),
+    (
         "pxelinux",
         "PXELINUX for the firmware lab's all-TFTP BIOS boot",
     ),
@@ -135,13 +143,20 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
         }
     }
 
-    if !dpkg_installed("qemu-system-x86") {
+    let qemu_missing: Vec<&str> = BACKPORTS_QEMU
+        .iter()
+        .copied()
+        .filter(|name| !dpkg_installed(name))
+        .collect();
+    if !qemu_missing.is_empty() {
         if can_install {
-            install_backports_qemu()?;
+            install_backports_qemu(&qemu_missing)?;
         } else {
-            problems.push(
-                "qemu-system-x86 is missing (the firmware lab's machines); fix: add bookworm-backports and apt-get install -t bookworm-backports qemu-system-x86".to_owned(),
-            );
+            problems.push(format!(
+                "{} missing (the firmware lab's x86 and ARM64 machines); fix: add bookworm-backports and apt-get install -t bookworm-backports {}",
+                qemu_missing.join(", "),
+                qemu_missing.join(" ")
+            ));
         }
     }
 
@@ -361,9 +376,13 @@ fn has_program(name: &str) -> bool {
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
 }
 
+/// The QEMU system emulators the firmware lab runs: x86 (SeaBIOS, OVMF) and
+/// ARM64 (AAVMF). Both share qemu-system-common, so both come from the same place.
+const BACKPORTS_QEMU: [&str; 2] = ["qemu-system-x86", "qemu-system-arm"];
+
 /// QEMU must come from bookworm-backports: the image's qemu-utils 10 (from
 /// backports) conflicts with bookworm's QEMU 7.2. Only QEMU is taken from there.
-fn install_backports_qemu() -> anyhow::Result<()> {
+fn install_backports_qemu(packages: &[&str]) -> anyhow::Result<()> {
     let bookworm =
         std::fs::read_to_string("/etc/debian_version").is_ok_and(|v| v.starts_with("12"));
     let list = Path::new("/etc/apt/sources.list.d/pxe-bookworm-backports.sources");
@@ -375,7 +394,7 @@ fn install_backports_qemu() -> anyhow::Result<()> {
         )
         .context("writing the bookworm-backports source")?;
     }
-    step("installing qemu-system-x86");
+    step(&format!("installing {}", packages.join(" ")));
     run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
     let mut install = Command::new("apt-get");
     install
@@ -384,7 +403,7 @@ fn install_backports_qemu() -> anyhow::Result<()> {
     if bookworm {
         install.args(["-t", "bookworm-backports"]);
     }
-    run_cmd(install.arg("qemu-system-x86"))
+    run_cmd(install.args(packages))
 }
 
 fn has_toolchain(toolchain: &str) -> bool {
