@@ -33,7 +33,10 @@ use super::{
 };
 use crate::{
     lease::{client_key, Lease, LeaseError, LeaseState, LeaseStore},
-    policy::{BootAnswer, BootPolicy, Mac, Machine, ServerUrls, SharedPolicy},
+    policy::{
+        options::{self, OptionSet},
+        BootAnswer, BootPolicy, Mac, Machine, ServerUrls, SharedPolicy,
+    },
 };
 
 /// How long an offered address is held for the client that was offered it.
@@ -426,14 +429,15 @@ impl Engine {
         };
         let mut message = ctx.reply(MessageType::Offer, Ipv4Addr::UNSPECIFIED);
         reply::add_boot(&mut message, req, &boot, ctx.here);
+        let (note, fixed) = self.add_boot_server_options(ctx, &mut message);
         let summary = format!(
-            "DISCOVER from {} ({}) → proxy OFFER, boot {}",
+            "DISCOVER from {} ({}) → proxy OFFER, boot {}{note}",
             req.mac,
             describe(req),
             boot.file
         );
         let outcome = Outcome::answered(summary, message, reply::destination(req));
-        self.kernel_may_repeat(outcome, KernelAnswer::Boot, repeatable)
+        self.kernel_may_repeat(outcome, KernelAnswer::Boot, repeatable && fixed)
     }
 
     /// Port 4011: the client has an address and asks for its boot file.
@@ -445,8 +449,9 @@ impl Engine {
         let mut message = ctx.reply(MessageType::Ack, Ipv4Addr::UNSPECIFIED);
         message.set_ciaddr(req.message.ciaddr());
         reply::add_boot(&mut message, req, &boot, ctx.here);
+        let (note, fixed) = self.add_boot_server_options(ctx, &mut message);
         let summary = format!(
-            "{} from {} on 4011 ({}) → ACK, boot {}",
+            "{} from {} on 4011 ({}) → ACK, boot {}{note}",
             name(req.msg_type),
             req.mac,
             describe(req),
@@ -454,7 +459,7 @@ impl Engine {
         );
         let outcome = Outcome::answered(summary, message, Destination::Unicast(source));
         if req.msg_type == MessageType::Request {
-            return self.kernel_may_repeat(outcome, KernelAnswer::Boot, repeatable);
+            return self.kernel_may_repeat(outcome, KernelAnswer::Boot, repeatable && fixed);
         }
         outcome
     }
@@ -766,24 +771,42 @@ impl Engine {
             .policy
             .options(&machine_of(ctx.req))
             .over(&subnet.options);
-        let by_request_list = reply::add_configured_options(message, ctx.req, &configured);
-        let (moved, left_out) = reply::fit_configured(message, ctx.req, &configured);
-        let mut note = note;
-        if !moved.is_empty() {
-            note.0.push_str(&format!(
-                "; options {moved:?} carried in the file/sname fields (overload), the options field was full"
-            ));
-        }
-        if !left_out.is_empty() {
-            note.0.push_str(&format!(
-                "; options {left_out:?} left out, the reply would exceed the datagram the client accepts"
-            ));
-        }
-        // The kernel's signature leaves options 55 and 57 out: a reply they
-        // shaped stays with userspace.
-        let fitted = !moved.is_empty() || !left_out.is_empty();
-        (note.0, note.1 && !by_request_list && !fitted)
+        let (more, fixed) = add_configured(ctx.req, message, &configured);
+        (note.0 + &more, note.1 && fixed)
     }
+
+    /// A proxyDHCP answer's boot options from the config (crate::policy::
+    /// options::is_boot_server_option): the lease's are the site server's.
+    fn add_boot_server_options(&self, ctx: &Ctx<'_>, message: &mut Message) -> (String, bool) {
+        let configured = ctx
+            .policy
+            .options(&machine_of(ctx.req))
+            .only(options::is_boot_server_option);
+        add_configured(ctx.req, message, &configured)
+    }
+}
+
+/// Adds the `configured` options `req` gets and fits the reply to the
+/// datagram its client accepts. Returns what the log should add, and
+/// whether the reply is the same for every request of its kernel signature.
+fn add_configured(req: &Request, message: &mut Message, configured: &OptionSet) -> (String, bool) {
+    let by_request_list = reply::add_configured_options(message, req, configured);
+    let (moved, left_out) = reply::fit_configured(message, req, configured);
+    let mut note = String::new();
+    if !moved.is_empty() {
+        note.push_str(&format!(
+            "; options {moved:?} carried in the file/sname fields (overload), the options field was full"
+        ));
+    }
+    if !left_out.is_empty() {
+        note.push_str(&format!(
+            "; options {left_out:?} left out, the reply would exceed the datagram the client accepts"
+        ));
+    }
+    // The kernel's signature leaves options 55 and 57 out: a reply they
+    // shaped stays with userspace.
+    let fitted = !moved.is_empty() || !left_out.is_empty();
+    (note, !by_request_list && !fitted)
 }
 
 /// The policy's view of the machine that sent `req`.
@@ -1446,6 +1469,58 @@ mod tests {
             e.handle(&chose_first, on_second, T0).reply.is_none(),
             "on this network our identifier is {second}"
         );
+    }
+
+    /// A proxy OFFER and a 4011 ACK carry the profile's boot-server options
+    /// (here PXELINUX's config file, 209) but not its lease options (42),
+    /// which are the site DHCP server's to give.
+    #[test]
+    fn proxy_answers_carry_the_configured_boot_options_only() {
+        use crate::policy::options::Configured;
+        let mut profile = Profile::named("default");
+        for code in [42, 209] {
+            profile.options.insert(
+                code,
+                Configured {
+                    value: b"x".to_vec(),
+                    always_send: true,
+                },
+            );
+        }
+        let policy = SharedPolicy::new(StaticPolicy {
+            profiles: [("default".to_owned(), profile)].into(),
+            machines: HashMap::new(),
+            default_profile: Some("default".into()),
+            provision: None,
+            classes: Vec::new(),
+        });
+        let mut e = Engine::new(
+            config(Mode::Proxy),
+            policy,
+            Box::new(MemLeaseStore::default()),
+        )
+        .unwrap();
+        let offer = e
+            .handle(&uefi(MessageType::Discover, 23, vec![]), at(67, src()), T0)
+            .reply
+            .expect("a proxy offer")
+            .message;
+        let on_4011 = e
+            .handle(
+                &uefi(MessageType::Request, 23, vec![]),
+                at(
+                    4011,
+                    SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 150), 4011),
+                ),
+                T0,
+            )
+            .reply
+            .expect("a 4011 ack")
+            .message;
+        for reply in [offer, on_4011] {
+            assert!(reply.opts().get(OptionCode::from(209)).is_some());
+            assert!(reply.opts().get(OptionCode::from(42)).is_none());
+        }
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! A configured option goes to a client that lists it in its parameter
 //! request list (option 55), or to every client when it is marked
 //! `always_send` (RFC 2131 §4.3.1 lets a server send options not asked
-//! for; some clients want them and do not ask).
+//! for; some clients want them and do not ask). A proxyDHCP answer carries
+//! only the boot options among them ([`is_boot_server_option`]).
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
@@ -47,6 +48,17 @@ impl OptionSet {
             .0
             .extend(self.0.iter().map(|(code, value)| (*code, value.clone())));
         merged
+    }
+
+    /// The options whose code `keep` accepts.
+    pub fn only(&self, keep: impl Fn(u8) -> bool) -> OptionSet {
+        OptionSet(
+            self.0
+                .iter()
+                .filter(|(code, _)| keep(**code))
+                .map(|(code, o)| (*code, o.clone()))
+                .collect(),
+        )
     }
 
     pub fn get(&self, code: u8) -> Option<&Configured> {
@@ -135,6 +147,16 @@ const NAMED: &[(&str, u8, Kind)] = &[
     ("tftp-server-address", 150, Kind::Ips),
     ("wpad", 252, Kind::Text),
 ];
+
+/// Whether a proxyDHCP answer (beside the site's DHCP server, and on port
+/// 4011) carries configured option `code`: what a PXE client takes from a
+/// boot server (PXE 2.1 §2.2), not what its lease carries, which is the
+/// site server's to give. 43 (PXE's and vendors' sub-options), 66 and 67,
+/// 128-135 (PXE's vendor-specific), 175 (iPXE's), 209-211 (PXELINUX's
+/// config file, path prefix and reboot time, RFC 5071).
+pub fn is_boot_server_option(code: u8) -> bool {
+    matches!(code, 43 | 66 | 67 | 128..=135 | 175 | 209..=211)
+}
 
 /// The name `code` is known by in the config, if it has one.
 pub fn name_of(code: u8) -> Option<&'static str> {
