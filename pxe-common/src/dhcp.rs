@@ -11,10 +11,13 @@
 //! template's: the key holds the MAC, and a relay must match.
 //!
 //! The signature covers the options the daemon's answer is computed from:
-//! vendor class (60), client identifier (61), user class (77), client
-//! architecture (93) and machine identifier (97). Each is mixed in as its
-//! code and length, then its value in little-endian 64-bit words, bytes past
-//! the option's end zeroed. A request whose shape option is longer than
+//! the parameter request list (55: which configured options are sent), the
+//! maximum message size (57: which fit), vendor class (60), client
+//! identifier (61), user class (77), relay agent information (82: a class
+//! may match its ids, and the reply echoes it), client architecture (93)
+//! and machine identifier (97). Each is mixed in as its code and length,
+//! then its value in little-endian 64-bit words, bytes past the option's
+//! end zeroed. A request whose shape option is longer than
 //! [`MAX_SHAPE_OPTION_LEN`] or repeated is never answered in the kernel.
 
 use bytemuck::{Pod, Zeroable};
@@ -29,8 +32,9 @@ pub const DHCP_ANSWERS_CAPACITY: u32 = 65_536;
 /// Longest reply template: the BOOTP message of a 576-byte datagram, the
 /// size every client must accept (RFC 2131 §2).
 pub const MAX_REPLY_LEN: usize = 548;
-/// Longest value of a shape option the kernel mixes into the signature.
-pub const MAX_SHAPE_OPTION_LEN: usize = 32;
+/// Longest value of a shape option the kernel mixes into the signature:
+/// room for OVMF's option 55 (35 codes) and a relay's circuit and remote ids.
+pub const MAX_SHAPE_OPTION_LEN: usize = 64;
 /// Options (pad bytes included) the kernel walks before giving up.
 pub const MAX_OPTION_ITEMS: u32 = 40;
 
@@ -64,7 +68,7 @@ pub const DHCPACK: u8 = 5;
 
 /// The options an answer depends on, in the order of their bit in a
 /// seen-mask (a repeat is refused).
-pub const SHAPE_OPTIONS: [u8; 5] = [60, 61, 77, 93, 97];
+pub const SHAPE_OPTIONS: [u8; 8] = [60, 61, 77, 93, 97, 55, 57, 82];
 
 /// Bit of `code` in a seen-mask, if it is a shape option.
 pub const fn shape_bit(code: u8) -> u32 {
@@ -74,6 +78,9 @@ pub const fn shape_bit(code: u8) -> u32 {
         77 => 4,
         93 => 8,
         97 => 16,
+        55 => 32,
+        57 => 64,
+        82 => 128,
         _ => 0,
     }
 }
@@ -169,7 +176,7 @@ pub struct OptionWalk {
 impl OptionWalk {
     /// Walks the options in `[start, end)` of `bytes`; false for anything
     /// the kernel does not answer (see `PASS_DHCP_UNPARSED`): option
-    /// overload, relay agent information, a malformed 50, 53 or 54, a
+    /// overload, a malformed 50, 53 or 54, a
     /// repeated or long shape option, an option running past `end`, or more
     /// than [`MAX_OPTION_ITEMS`] items. `start` is at least 6 (options
     /// follow the BOOTP fixed part), which [`Self::mix_option`] relies on.
@@ -223,7 +230,7 @@ impl OptionWalk {
         data: usize,
     ) -> bool {
         match code {
-            OPT_OVERLOAD | OPT_RELAY_AGENT => false,
+            OPT_OVERLOAD => false,
             OPT_MESSAGE_TYPE if len == 1 => bytes
                 .byte(data)
                 .map(|t| set(&mut self.msg_type, t))
@@ -266,7 +273,7 @@ impl OptionWalk {
         }
     }
 
-    /// Mixes one shape option (≤ 32 bytes at `data`) into the signature.
+    /// Mixes one shape option (≤ [`MAX_SHAPE_OPTION_LEN`] bytes at `data`) into the signature.
     /// Every read ends inside the option: a datagram may end right after it
     /// (with its END), so bytes past it may not exist. A last word shorter
     /// than eight bytes is read as the eight bytes ending with the option,
@@ -390,8 +397,8 @@ mod tests {
     }
 
     /// A BOOTP message whose options are `options`.
-    fn message(options: &[u8]) -> [u8; 300] {
-        let mut m = [0u8; 300];
+    fn message(options: &[u8]) -> [u8; 400] {
+        let mut m = [0u8; 400];
         m[BOOTP_MAGIC..BOOTP_OPTIONS].copy_from_slice(&MAGIC_COOKIE);
         m[BOOTP_OPTIONS..BOOTP_OPTIONS + options.len()].copy_from_slice(options);
         m
@@ -424,7 +431,24 @@ mod tests {
             walk(&[60, 1, 1, 60, 1, 1]).is_none(),
             "a repeated shape option"
         );
-        assert!(walk(&[82, 0]).is_none(), "relay agent information");
+        let relayed = walk(&[53, 1, 1, 82, 4, 1, 2, b'p', b'7']).unwrap();
+        let other_port = walk(&[53, 1, 1, 82, 4, 1, 2, b'p', b'8']).unwrap();
+        assert_ne!(relayed.signature, SIGNATURE_SEED, "82 is a shape option");
+        assert_ne!(relayed.signature, other_port.signature);
+        let request_list = |codes: u8| {
+            let mut options = [0u8; 5 + 65];
+            options[..5].copy_from_slice(&[53, 1, 1, 55, codes]);
+            for (code, slot) in (1..=codes).zip(&mut options[5..]) {
+                *slot = code;
+            }
+            walk(&options[..5 + usize::from(codes)])
+        };
+        assert!(request_list(64).is_some(), "a 64-code request list");
+        assert!(
+            request_list(65).is_none(),
+            "longer than the kernel mixes in"
+        );
+        assert!(walk(&[52, 1, 3]).is_none(), "option overload");
         assert!(walk(&[60, 9, 1]).is_none(), "an option past the end");
         assert!(walk(&[0; 41]).is_none(), "more items than the kernel walks");
     }

@@ -429,7 +429,7 @@ impl Engine {
         };
         let mut message = ctx.reply(MessageType::Offer, Ipv4Addr::UNSPECIFIED);
         reply::add_boot(&mut message, req, &boot, ctx.here);
-        let (note, fixed) = self.add_boot_server_options(ctx, &mut message);
+        let note = self.add_boot_server_options(ctx, &mut message);
         let summary = format!(
             "DISCOVER from {} ({}) → proxy OFFER, boot {}{note}",
             req.mac,
@@ -437,7 +437,7 @@ impl Engine {
             boot.file
         );
         let outcome = Outcome::answered(summary, message, reply::destination(req));
-        self.kernel_may_repeat(outcome, KernelAnswer::Boot, repeatable && fixed)
+        self.kernel_may_repeat(outcome, KernelAnswer::Boot, repeatable)
     }
 
     /// Port 4011: the client has an address and asks for its boot file.
@@ -449,7 +449,7 @@ impl Engine {
         let mut message = ctx.reply(MessageType::Ack, Ipv4Addr::UNSPECIFIED);
         message.set_ciaddr(req.message.ciaddr());
         reply::add_boot(&mut message, req, &boot, ctx.here);
-        let (note, fixed) = self.add_boot_server_options(ctx, &mut message);
+        let note = self.add_boot_server_options(ctx, &mut message);
         let summary = format!(
             "{} from {} on 4011 ({}) → ACK, boot {}{note}",
             name(req.msg_type),
@@ -459,7 +459,7 @@ impl Engine {
         );
         let outcome = Outcome::answered(summary, message, Destination::Unicast(source));
         if req.msg_type == MessageType::Request {
-            return self.kernel_may_repeat(outcome, KernelAnswer::Boot, repeatable && fixed);
+            return self.kernel_may_repeat(outcome, KernelAnswer::Boot, repeatable);
         }
         outcome
     }
@@ -771,13 +771,13 @@ impl Engine {
             .policy
             .options(&machine_of(ctx.req))
             .over(&subnet.options);
-        let (more, fixed) = add_configured(ctx.req, message, &configured);
-        (note.0 + &more, note.1 && fixed)
+        let more = add_configured(ctx.req, message, &configured);
+        (note.0 + &more, note.1)
     }
 
     /// A proxyDHCP answer's boot options from the config (crate::policy::
     /// options::is_boot_server_option): the lease's are the site server's.
-    fn add_boot_server_options(&self, ctx: &Ctx<'_>, message: &mut Message) -> (String, bool) {
+    fn add_boot_server_options(&self, ctx: &Ctx<'_>, message: &mut Message) -> String {
         let configured = ctx
             .policy
             .options(&machine_of(ctx.req))
@@ -787,10 +787,11 @@ impl Engine {
 }
 
 /// Adds the `configured` options `req` gets and fits the reply to the
-/// datagram its client accepts. Returns what the log should add, and
-/// whether the reply is the same for every request of its kernel signature.
-fn add_configured(req: &Request, message: &mut Message, configured: &OptionSet) -> (String, bool) {
-    let by_request_list = reply::add_configured_options(message, req, configured);
+/// datagram its client accepts. Returns what the log should add. What
+/// decided both (options 55 and 57) is in the kernel's request signature,
+/// so the reply stays one the kernel may repeat.
+fn add_configured(req: &Request, message: &mut Message, configured: &OptionSet) -> String {
+    reply::add_configured_options(message, req, configured);
     let (moved, left_out) = reply::fit_configured(message, req, configured);
     let mut note = String::new();
     if !moved.is_empty() {
@@ -803,10 +804,7 @@ fn add_configured(req: &Request, message: &mut Message, configured: &OptionSet) 
             "; options {left_out:?} left out, the reply would exceed the datagram the client accepts"
         ));
     }
-    // The kernel's signature leaves options 55 and 57 out: a reply they
-    // shaped stays with userspace.
-    let fitted = !moved.is_empty() || !left_out.is_empty();
-    (note, !by_request_list && !fitted)
+    note
 }
 
 /// The policy's view of the machine that sent `req`.
@@ -921,11 +919,11 @@ mod tests {
         }
     }
 
-    /// The kernel's signature leaves option 55 out: an ACK whose options the
-    /// client's list chose is not the kernel's to repeat, one whose options
-    /// are all always sent is.
+    /// Option 55 is in the kernel's signature: an ACK whose options the
+    /// client's list chose is the kernel's to repeat, to requests with the
+    /// same list, like one whose options are all always sent.
     #[test]
-    fn the_kernel_repeats_no_answer_that_option_55_shaped() {
+    fn the_kernel_may_repeat_answers_that_option_55_shaped() {
         use crate::policy::options::Configured;
         let kernel_of = |always_send: bool| {
             let mut config = config(Mode::Full);
@@ -959,7 +957,10 @@ mod tests {
             ack.kernel.is_some()
         };
         assert!(kernel_of(true), "all always sent: the kernel may repeat it");
-        assert!(!kernel_of(false), "shaped by option 55: userspace only");
+        assert!(
+            kernel_of(false),
+            "shaped by option 55, which is in the kernel's signature"
+        );
     }
 
     fn msg_type(o: &Outcome) -> Option<MessageType> {

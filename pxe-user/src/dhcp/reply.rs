@@ -61,9 +61,8 @@ pub fn add_lease_options(reply: &mut Message, subnet: &Subnet, hostname: Option<
 
 /// The options the operator configured (crate::policy::options) that
 /// `req` asked for or that are always sent, each replacing any pxed set
-/// with the same code. Returns whether the request's option 55 decided
-/// which (the kernel's templates do not tell lists apart).
-pub fn add_configured_options(reply: &mut Message, req: &Request, options: &OptionSet) -> bool {
+/// with the same code.
+pub fn add_configured_options(reply: &mut Message, req: &Request, options: &OptionSet) {
     let requested: Option<Vec<u8>> = match req.message.opts().get(OptionCode::ParameterRequestList)
     {
         Some(DhcpOption::ParameterRequestList(codes)) => {
@@ -71,8 +70,7 @@ pub fn add_configured_options(reply: &mut Message, req: &Request, options: &Opti
         }
         _ => None,
     };
-    let (sent, depends) = options.for_request(requested.as_deref());
-    for (code, value) in sent {
+    for (code, value) in options.for_request(requested.as_deref()) {
         reply
             .opts_mut()
             .insert(DhcpOption::Unknown(UnknownOption::new(
@@ -80,7 +78,6 @@ pub fn add_configured_options(reply: &mut Message, req: &Request, options: &Opti
                 value.to_vec(),
             )));
     }
-    depends
 }
 
 /// RFC 2131 §2: every client accepts a 576-byte datagram; option 57 may

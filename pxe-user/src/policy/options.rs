@@ -70,20 +70,16 @@ impl OptionSet {
     }
 
     /// The options a client gets that asked for `requested` (its option
-    /// 55, `None` when it sent none), and whether what it asked for decided
-    /// it: then the reply is for requests with that list only.
+    /// 55, `None` when it sent none).
     pub fn for_request<'a>(
         &'a self,
         requested: Option<&'a [u8]>,
-    ) -> (impl Iterator<Item = (u8, &'a [u8])> + 'a, bool) {
+    ) -> impl Iterator<Item = (u8, &'a [u8])> + 'a {
         let asked = move |code: u8| requested.is_some_and(|list| list.contains(&code));
-        let depends = self.0.values().any(|o| !o.always_send);
-        let sent = self
-            .0
+        self.0
             .iter()
             .filter(move |(code, o)| o.always_send || asked(**code))
-            .map(|(code, o)| (*code, o.value.as_slice()));
-        (sent, depends)
+            .map(|(code, o)| (*code, o.value.as_slice()))
     }
 }
 
@@ -631,7 +627,7 @@ mod tests {
         let mut machine = OptionSet::default();
         machine.insert(42, option(&[2, 2, 2, 2], false));
         let merged = machine.over(&subnet);
-        let (sent, _) = merged.for_request(Some(&[42, 26]));
+        let sent = merged.for_request(Some(&[42, 26]));
         let sent: Vec<(u8, Vec<u8>)> = sent.map(|(c, v)| (c, v.to_vec())).collect();
         assert_eq!(sent, vec![(26, vec![5, 220]), (42, vec![2, 2, 2, 2])]);
     }
@@ -648,15 +644,13 @@ mod tests {
         set.insert(code, always);
         set.insert(42, option(&[10, 0, 0, 5], false));
         let codes = |requested: Option<&[u8]>| {
-            let (sent, depends) = set.for_request(requested);
-            (sent.map(|(c, _)| c).collect::<Vec<_>>(), depends)
+            set.for_request(requested)
+                .map(|(c, _)| c)
+                .collect::<Vec<_>>()
         };
-        assert_eq!(codes(Some(&[1, 3, 42])), (vec![42, 252], true));
-        assert_eq!(codes(Some(&[1, 3])), (vec![252], true));
-        assert_eq!(codes(None), (vec![252], true));
-        let mut only_always = OptionSet::default();
-        only_always.insert(252, option(b"x", true));
-        assert!(!only_always.for_request(None).1, "the list decided nothing");
+        assert_eq!(codes(Some(&[1, 3, 42])), vec![42, 252]);
+        assert_eq!(codes(Some(&[1, 3])), vec![252]);
+        assert_eq!(codes(None), vec![252]);
         assert!(parse(
             "224",
             &value(r#"{ type = "u8", value = 1, always_send = "yes" }"#)
