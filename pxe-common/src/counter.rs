@@ -136,16 +136,17 @@ impl Counter {
 }
 
 /// Verdict for a whole, well-formed UDP datagram by its destination port.
-/// `transfer_port_registered` says whether userspace registered `dst_port` as
-/// the server side of a running TFTP transfer (a map lookup only the kernel
-/// side can make).
-pub const fn classify_udp(dst_port: u16, transfer_port_registered: bool) -> Counter {
+/// `transfer` says whether it belongs to a TFTP transfer: its port is one
+/// userspace registered as a running transfer's server side (a map lookup
+/// only the kernel side can make), or it is an ACK to port 69 (transfers
+/// on one port).
+pub const fn classify_udp(dst_port: u16, transfer: bool) -> Counter {
     match dst_port {
         DHCP_SERVER_PORT => Counter::PASS_DHCP_TO_SERVER,
         DHCP_CLIENT_PORT => Counter::PASS_DHCP_TO_CLIENT,
         PXE_PROXY_PORT => Counter::PASS_PROXY_DHCP,
+        _ if transfer => Counter::PASS_TFTP_TRANSFER,
         TFTP_PORT => Counter::PASS_TFTP_REQUEST,
-        _ if transfer_port_registered => Counter::PASS_TFTP_TRANSFER,
         _ => Counter::PASS_OTHER_UDP,
     }
 }
@@ -195,16 +196,16 @@ mod tests {
             (68, false, Counter::PASS_DHCP_TO_CLIENT),
             (4011, false, Counter::PASS_PROXY_DHCP),
             (69, false, Counter::PASS_TFTP_REQUEST),
-            (69, true, Counter::PASS_TFTP_REQUEST),
+            (69, true, Counter::PASS_TFTP_TRANSFER),
             (50000, true, Counter::PASS_TFTP_TRANSFER),
             (50000, false, Counter::PASS_OTHER_UDP),
             (53, false, Counter::PASS_OTHER_UDP),
         ];
-        for (port, registered, want) in cases {
+        for (port, transfer, want) in cases {
             assert_eq!(
-                classify_udp(port, registered),
+                classify_udp(port, transfer),
                 want,
-                "port {port} registered={registered}"
+                "port {port} transfer={transfer}"
             );
         }
     }

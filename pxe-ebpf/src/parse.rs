@@ -8,7 +8,7 @@
 use core::mem::size_of;
 
 use pxe_common::{
-    consts::{ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, IPPROTO_UDP},
+    consts::{ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, IPPROTO_UDP, TFTP_OP_ACK, TFTP_PORT},
     counter::{classify_udp, is_well_known, Counter},
     hdr::{EthHdr, Ipv4Hdr, UdpHdr, VlanHdr},
 };
@@ -126,9 +126,16 @@ pub fn classify(frame: &Frame, is_transfer_port: impl Fn(u16) -> bool) -> Classi
     }
     // SAFETY: ptr_at checked that the UDP header lies inside the frame.
     let dst_port = unsafe { (*udp).dst_port() };
-    let registered = !is_well_known(dst_port) && is_transfer_port(dst_port);
+    let transfer = if dst_port == TFTP_PORT {
+        // A transfer on one port: its ACKs come to 69 too.
+        ptr_at::<[u8; 2]>(frame, l4_offset + UdpHdr::LEN)
+            // SAFETY: ptr_at checked the two bytes lie inside the frame.
+            .is_some_and(|op| u16::from_be_bytes(unsafe { *op }) == TFTP_OP_ACK)
+    } else {
+        !is_well_known(dst_port) && is_transfer_port(dst_port)
+    };
     Classified {
-        verdict: classify_udp(dst_port, registered),
+        verdict: classify_udp(dst_port, transfer),
         vlan_tagged,
         udp: Some(UdpOffsets {
             l3: l3_offset,

@@ -170,6 +170,14 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 128)]
     pub tftp_max_per_client: usize,
 
+    /// Answer every TFTP transfer from port 69 (the request port) instead of
+    /// a fresh port per transfer, told apart by the client's address and
+    /// port: for firewalls and NAT that pass only port 69 (a BMC across
+    /// subnets). The kernel tiers serve these transfers too. Also
+    /// `[tftp] single_port = true`.
+    #[arg(long)]
+    pub tftp_single_port: bool,
+
     /// Send TFTP windows one packet per system call instead of one UDP GSO
     /// send per window (for measurement, or a path where GSO misbehaves).
     #[arg(long)]

@@ -72,6 +72,8 @@ struct ClassSection {
 struct TftpSection {
     max_blksize: Option<u16>,
     max_windowsize: Option<u16>,
+    #[serde(default)]
+    single_port: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -184,6 +186,8 @@ pub struct Config {
     pub boot_root: Option<PathBuf>,
     pub tftp_max_blksize: Option<u16>,
     pub tftp_max_windowsize: Option<u16>,
+    /// `[tftp] single_port`: every transfer answered from the request port.
+    pub tftp_single_port: bool,
     pub http_port: Option<u16>,
     pub profiles: HashMap<String, Profile>,
     pub machines: HashMap<Mac, MachineEntry>,
@@ -211,6 +215,7 @@ impl Default for Config {
             boot_root: None,
             tftp_max_blksize: None,
             tftp_max_windowsize: None,
+            tftp_single_port: false,
             http_port: None,
             profiles: [("default".to_owned(), Profile::named("default"))].into(),
             machines: HashMap::new(),
@@ -555,6 +560,7 @@ impl Config {
             boot_root: file.boot_root,
             tftp_max_blksize: file.tftp.max_blksize,
             tftp_max_windowsize: file.tftp.max_windowsize,
+            tftp_single_port: file.tftp.single_port,
             http_port: file.http.port,
             profiles,
             machines,

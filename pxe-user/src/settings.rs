@@ -61,6 +61,7 @@ pub struct Settings {
     pub tftp_max_blksize: Option<u16>,
     pub tftp_max_windowsize: u16,
     pub tftp_max_per_client: usize,
+    pub tftp_single_port: bool,
     pub tftp_gso: bool,
     pub http_port: u16,
     pub stats_interval: u64,
@@ -168,6 +169,7 @@ impl Settings {
                 .or(config.tftp_max_windowsize)
                 .unwrap_or(DEFAULT_MAX_WINDOWSIZE),
             tftp_max_per_client: cli.tftp_max_per_client,
+            tftp_single_port: cli.tftp_single_port || config.tftp_single_port,
             tftp_gso: !cli.tftp_no_gso,
             http_port: cli
                 .http_port
@@ -327,9 +329,10 @@ mod tests {
     fn flags_win_over_the_file_and_the_file_over_the_defaults() {
         let file = config(
             "interface = \"eth9\"\nboot_root = \"/srv/file\"\n[http]\nport = 8080\n\
-             [tftp]\nmax_windowsize = 8\n[dhcp]\nmode = \"off\"\nlease_file = \"/var/file.redb\"\n",
+             [tftp]\nmax_windowsize = 8\nsingle_port = true\n[dhcp]\nmode = \"off\"\nlease_file = \"/var/file.redb\"\n",
         );
         let s = Settings::merge(cli(&["-i", "eth1", "--http-port", "81"]), file.clone()).unwrap();
+        assert!(s.tftp_single_port, "[tftp] single_port");
         assert_eq!(s.interfaces, ["eth1"]);
         assert_eq!(s.http_port, 81);
         assert_eq!(s.boot_root, Some(PathBuf::from("/srv/file")));
@@ -340,6 +343,15 @@ mod tests {
         assert_eq!(s.interfaces, ["eth9"], "the file's interface without -i");
         assert_eq!(s.dhcp, DhcpMode::Proxy);
         let s = Settings::merge(cli(&["-i", "eth1"]), Config::default()).unwrap();
+        assert!(!s.tftp_single_port, "a fresh port per transfer unless told");
+        assert!(
+            Settings::merge(
+                cli(&["-i", "eth1", "--tftp-single-port"]),
+                Config::default()
+            )
+            .unwrap()
+            .tftp_single_port
+        );
         assert_eq!(s.http_port, DEFAULT_HTTP_PORT);
         assert_eq!(s.tftp_max_windowsize, DEFAULT_MAX_WINDOWSIZE);
         assert_eq!(s.lease_file, PathBuf::from(DEFAULT_LEASE_FILE));

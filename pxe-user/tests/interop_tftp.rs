@@ -42,6 +42,31 @@ fn serve_boot_files(
     (root, files, served)
 }
 
+/// tftp-hpa fetches `name` into `dest`, in binary mode.
+fn tftp_hpa_get(served: &common::Served, name: &str, dest: &Path) {
+    let dest = dest.to_str().unwrap();
+    let args = ["-m", "binary", SERVER_IP, "-c", "get", name, dest];
+    run_ok(&served.client, "tftp", &args);
+}
+
+/// atftp fetches `name` into `dest` with blksize 1468 and `window` (an
+/// atftp option, `windowsize N`).
+fn atftp_get(served: &common::Served, name: &str, dest: &Path, window: &str) {
+    let args = [
+        "--get",
+        "-r",
+        name,
+        "-l",
+        dest.to_str().unwrap(),
+        "--option",
+        "blksize 1468",
+        "--option",
+        window,
+        SERVER_IP,
+    ];
+    run_ok(&served.client, "atftp", &args);
+}
+
 fn assert_same(got: &Path, want: &[u8], what: &str) {
     let got = std::fs::read(got).unwrap_or_else(|e| panic!("{what}: no output file: {e}"));
     assert_eq!(got.len(), want.len(), "{what}: length");
@@ -91,19 +116,7 @@ fn tftp_hpa_downloads_every_size_byte_exact() {
     let out = tempfile::tempdir().unwrap();
     for (name, bytes) in &files {
         let dest = out.path().join(name);
-        run_ok(
-            &served.client,
-            "tftp",
-            &[
-                "-m",
-                "binary",
-                SERVER_IP,
-                "-c",
-                "get",
-                name,
-                dest.to_str().unwrap(),
-            ],
-        );
+        tftp_hpa_get(&served, name, &dest);
         assert_same(&dest, bytes, &format!("tftp-hpa {name}"));
     }
 }
@@ -162,19 +175,7 @@ fn files_over_65535_blocks_roll_the_block_number_over() {
     assert_same(&dest, &huge, "curl, 65,538 blocks of 512");
     if have_tool("tftp", "tftp-hpa") {
         let dest = out.path().join("huge-hpa");
-        run_ok(
-            &served.client,
-            "tftp",
-            &[
-                "-m",
-                "binary",
-                SERVER_IP,
-                "-c",
-                "get",
-                "huge",
-                dest.to_str().unwrap(),
-            ],
-        );
+        tftp_hpa_get(&served, "huge", &dest);
         assert_same(&dest, &huge, "tftp-hpa, 65,538 blocks of 512");
     }
 }
@@ -276,19 +277,7 @@ fn with_the_kernel_tiers_on_real_clients_get_byte_exact_files_served_by_the_kern
             );
         }
         let dest = out.path().join(format!("{name}-hpa"));
-        run_ok(
-            &served.client,
-            "tftp",
-            &[
-                "-m",
-                "binary",
-                SERVER_IP,
-                "-c",
-                "get",
-                name,
-                dest.to_str().unwrap(),
-            ],
-        );
+        tftp_hpa_get(&served, name, &dest);
         assert_same(&dest, bytes, &format!("tftp-hpa {name}, kernel tiers on"));
     }
     let (xdp, tc) = kernel_blocks(&served.log());
@@ -354,22 +343,7 @@ fn with_the_kernel_tiers_on_windowed_transfers_are_sent_by_tc_byte_exact_also_un
     for window in ["4", "8"] {
         let dest = out.path().join(format!("kernel-w{window}"));
         let window_option = format!("windowsize {window}");
-        run_ok(
-            &served.client,
-            "atftp",
-            &[
-                "--get",
-                "-r",
-                kernel.0,
-                "-l",
-                dest.to_str().unwrap(),
-                "--option",
-                "blksize 1468",
-                "--option",
-                &window_option,
-                SERVER_IP,
-            ],
-        );
+        atftp_get(&served, kernel.0, &dest, &window_option);
         assert_same(
             &dest,
             &kernel.1,
@@ -426,6 +400,112 @@ fn with_the_kernel_tiers_on_windowed_transfers_are_sent_by_tc_byte_exact_also_un
         &kernel.1,
         "atftp window 4 under 5% loss, kernel tiers on",
     );
+}
+
+/// The client's firewall lets in only UDP from port 69, as a NAT or a
+/// firewall in front of a BMC across subnets does: without
+/// `--tftp-single-port` a transfer's DATA (from a fresh port) never
+/// arrives; with it, curl, tftp-hpa and atftp (windowed) get every file
+/// byte-exact, the kernel tiers serve the blocks, and so they do under 5%
+/// loss each way.
+#[test]
+fn with_one_port_transfers_pass_a_firewall_that_admits_only_port_69() {
+    if !pxe_lab::privileged("with_one_port_transfers_pass_a_firewall_that_admits_only_port_69")
+        || !have_tool("curl", "curl")
+        || !have_tool("tftp", "tftp-hpa")
+        || !have_tool("atftp", "atftp")
+        || !have_tool("nft", "nftables")
+    {
+        return;
+    }
+    let admit_only_port_69 = |served: &common::Served, scratch: &Path| {
+        let rules = "table netdev only69 {
+            chain arriving { type filter hook ingress device \"eth0\" priority -1; udp sport != 69 drop; }
+        }";
+        let rules_file = scratch.join("only69.nft");
+        std::fs::write(&rules_file, rules).unwrap();
+        run_ok(&served.client, "nft", &["-f", rules_file.to_str().unwrap()]);
+    };
+    let curl = |served: &common::Served, dest: &Path, name: &str, seconds: &str| {
+        served
+            .client
+            .output(
+                "curl",
+                &[
+                    "-sS",
+                    "--max-time",
+                    seconds,
+                    "--tftp-blksize",
+                    "1468",
+                    "-o",
+                    dest.to_str().unwrap(),
+                    &format!("tftp://{SERVER_IP}/{name}"),
+                ],
+            )
+            .unwrap()
+    };
+    let out = tempfile::tempdir().unwrap();
+    {
+        let (root, _files, served) = serve_boot_files(&["--dhcp", "off"]);
+        admit_only_port_69(&served, root.path());
+        let tried = curl(&served, &out.path().join("blocked"), "blocks-1468x6", "4");
+        assert!(
+            !tried.status.success(),
+            "a fresh port per transfer does not pass the firewall"
+        );
+    }
+
+    let (root, files, served) = serve_boot_files(&[
+        "--dhcp",
+        "off",
+        "--fastpath-memory",
+        "16",
+        "--tftp-single-port",
+    ]);
+    admit_only_port_69(&served, root.path());
+    let mut transfers = 0;
+    for (name, bytes) in files.iter().filter(|(name, _)| *name != "empty") {
+        let dest = out.path().join(format!("{name}-curl"));
+        let got = curl(&served, &dest, name, "60");
+        assert!(
+            got.status.success(),
+            "curl {name}: {}",
+            String::from_utf8_lossy(&got.stderr)
+        );
+        assert_same(&dest, bytes, &format!("curl {name}, one port"));
+        let dest = out.path().join(format!("{name}-hpa"));
+        tftp_hpa_get(&served, name, &dest);
+        assert_same(&dest, bytes, &format!("tftp-hpa {name}, one port"));
+        transfers += 2;
+    }
+    let kernel = files.iter().find(|(name, _)| *name == "kernel").unwrap();
+    let dest = out.path().join("kernel-atftp");
+    atftp_get(&served, kernel.0, &dest, "windowsize 8");
+    assert_same(&dest, &kernel.1, "atftp window 8, one port");
+    transfers += 1;
+    served.wait_for_log_count(
+        "TFTP transfer completed",
+        transfers,
+        std::time::Duration::from_secs(10),
+    );
+    let (xdp, tc) = kernel_blocks(&served.log());
+    assert!(
+        xdp + tc > 1_000,
+        "the kernel tiers served transfers on port 69: XDP {xdp}, TC {tc}\n{}",
+        served.log()
+    );
+
+    drop_five_percent_of_udp(&served, root.path());
+    for attempt in ["a", "b"] {
+        let dest = out.path().join(format!("kernel-lossy-{attempt}"));
+        let got = curl(&served, &dest, kernel.0, "120");
+        assert!(
+            got.status.success(),
+            "curl under loss: {}",
+            String::from_utf8_lossy(&got.stderr)
+        );
+        assert_same(&dest, &kernel.1, "curl under 5% loss, one port");
+    }
 }
 
 /// atftp answers a resent window whose blocks it already has with one extra

@@ -76,6 +76,11 @@ fn fixtures() -> Vec<Fixture> {
             Counter::PASS_TFTP_TRANSFER,
         ),
         fixture(
+            "TFTP ACK to port 69 is transfer traffic (transfers on one port)",
+            FrameSpec::udp(2070, 69, &tftp_ack(1)).build(),
+            Counter::PASS_TFTP_TRANSFER,
+        ),
+        fixture(
             "TFTP ACK to an unregistered port is other UDP",
             FrameSpec::udp(2070, TRANSFER_PORT + 1, &tftp_ack(1)).build(),
             Counter::PASS_OTHER_UDP,

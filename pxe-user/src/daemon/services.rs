@@ -149,6 +149,7 @@ async fn start_tftp(
         },
         max_transfers_per_client: settings.tftp_max_per_client,
         gso: settings.tftp_gso,
+        single_port: settings.tftp_single_port,
         ..TftpConfig::default()
     };
     let max_blksize = config.limits.max_blksize;

@@ -1,7 +1,10 @@
 //! The TFTP driver: a listener on port 69 and one task per transfer, each on a
-//! fresh server port (its transfer ID, RFC 1350 §4). The tasks only move bytes
-//! between sockets and the sans-IO [`Transfer`]; every decision is made there
-//! or in [`negotiate`].
+//! fresh server port (its transfer ID, RFC 1350 §4), or with `single_port`
+//! on port 69 too: a socket connected to the client, beside the listener
+//! (SO_REUSEPORT), gets that client's packets, as the kernel delivers a
+//! datagram to the socket connected to its sender before an unconnected one.
+//! The tasks only move bytes between sockets and the sans-IO [`Transfer`];
+//! every decision is made there or in [`negotiate`].
 
 use std::{
     collections::HashMap,
@@ -39,6 +42,8 @@ pub struct TftpConfig {
     /// Send a window of DATA with one UDP GSO system call (falls back to one
     /// send per packet where the kernel refuses).
     pub gso: bool,
+    /// Answer every transfer from the request port (firewalls, NAT).
+    pub single_port: bool,
 }
 
 impl Default for TftpConfig {
@@ -49,6 +54,7 @@ impl Default for TftpConfig {
             max_transfers: 16_384,
             max_transfers_per_client: 128,
             gso: true,
+            single_port: false,
         }
     }
 }
@@ -116,9 +122,15 @@ impl TftpServer {
         config: TftpConfig,
         hooks: Arc<dyn TransferHooks>,
     ) -> io::Result<Self> {
-        let listener = UdpSocket::bind(addr)
-            .await
+        let listener = bind_udp(addr, config.single_port, None)
             .map_err(|e| io::Error::new(e.kind(), format!("binding TFTP to {addr}: {e}")))?;
+        if config.single_port {
+            // Port 69 the kernel tiers know; another one (a test's) is
+            // registered once, for the life of the server.
+            if addr.port() != 69 {
+                hooks.opened(addr.port());
+            }
+        }
         // A boot storm sends thousands of RRQs at once; don't drop them at the door.
         crate::netif::grow_receive_buffer(&listener, 16 << 20);
         Ok(Self {
@@ -207,6 +219,11 @@ impl TftpServer {
                     "this server is read-only",
                 )
                 .await;
+            }
+            Repr::Ack { .. } | Repr::Error { .. } if self.config.single_port => {
+                // A late packet of a transfer that has ended (its socket is
+                // gone): on one port it arrives here, and needs no answer.
+                debug!(client = %peer, "TFTP: {packet:?} after its transfer ended");
             }
             other => {
                 debug!(client = %peer, "TFTP: {other:?} sent to the request port");
@@ -298,10 +315,7 @@ impl TftpServer {
                     .await;
             }
         };
-        let socket = match std::net::UdpSocket::bind((self.local_ip, 0)).and_then(|s| {
-            s.set_nonblocking(true)?;
-            UdpSocket::from_std(s)
-        }) {
+        let socket = match self.transfer_socket(peer) {
             Ok(s) => s,
             Err(e) => {
                 warn!(client = %peer, "TFTP: no transfer socket: {e}");
@@ -323,21 +337,38 @@ impl TftpServer {
         let hooks = Arc::clone(&self.hooks);
         let observer = Arc::clone(&self.observer);
         let (timer, gso) = (self.config.timer, self.config.gso);
+        // On one port, the port is the listener's: registered with it.
+        let own_port = !self.config.single_port;
         tokio::spawn(async move {
             let port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
-            hooks.opened(port);
+            if own_port {
+                hooks.opened(port);
+            }
             let in_flight = observer.tftp_started();
             let served = run_transfer(socket, peer, file, agreed, timer, gso, hooks.as_ref()).await;
             drop(in_flight);
             if let IpAddr::V4(client) = peer.ip() {
                 observer.tftp(client, served);
             }
-            hooks.closed(port);
+            if own_port {
+                hooks.closed(port);
+            }
             active
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&peer);
         });
+    }
+
+    /// The socket a transfer with `peer` runs on: a fresh port, or with
+    /// `single_port` the listener's, connected to `peer`.
+    fn transfer_socket(&self, peer: SocketAddr) -> io::Result<UdpSocket> {
+        if self.config.single_port {
+            let here = self.listener.local_addr()?;
+            bind_udp(here, true, Some(peer))
+        } else {
+            bind_udp(SocketAddr::new(self.local_ip, 0), false, None)
+        }
     }
 
     /// Tells the observer a request was refused before any transfer.
@@ -391,6 +422,23 @@ impl TftpServer {
 }
 
 /// Drives one transfer to its end; says how it was served.
+/// A UDP socket bound to `addr`; with `shared`, beside others on the same
+/// port (SO_REUSEPORT), and connected to `peer` when given.
+fn bind_udp(addr: SocketAddr, shared: bool, peer: Option<SocketAddr>) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if shared {
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+    }
+    socket.bind(&addr.into())?;
+    if let Some(peer) = peer {
+        socket.connect(&peer.into())?;
+    }
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket.into())
+}
+
 async fn run_transfer(
     socket: UdpSocket,
     peer: SocketAddr,
