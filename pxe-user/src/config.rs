@@ -52,7 +52,10 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct ClassSection {
     name: Spanned<String>,
+    /// Option 60 starts with it.
     vendor_class: Option<String>,
+    /// Option 60 is exactly it.
+    vendor_class_exact: Option<String>,
     user_class: Option<String>,
     arch: Option<Spanned<String>>,
     mac_prefix: Option<Spanned<String>>,
@@ -659,6 +662,7 @@ fn classes(
             name: name.clone(),
             matches: Match {
                 vendor_class: c.vendor_class.clone().map(String::into_bytes),
+                vendor_class_exact: c.vendor_class_exact.clone().map(String::into_bytes),
                 user_class: c.user_class.clone().map(String::into_bytes),
                 arch,
                 mac_prefix,
@@ -869,6 +873,10 @@ relay = "198.18.5.1"
 profile = "rescue"
 
 [[class]]
+name = "one-rom"
+vendor_class_exact = "PXEClient:Arch:00000:UNDI:002001"
+
+[[class]]
 name = "port-7"
 circuit_id = "Gi1/0/7"
 remote_id = "00:1a:2b:3c:4d:5e"
@@ -881,8 +889,12 @@ labels = { rack = "r12", role = "db" }
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let names: Vec<&str> = config.classes.iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(names, ["pis", "rack-b", "port-7"]);
-        let port = &config.classes[2].matches;
+        assert_eq!(names, ["pis", "rack-b", "one-rom", "port-7"]);
+        assert_eq!(
+            config.classes[2].matches.vendor_class_exact.as_deref(),
+            Some(&b"PXEClient:Arch:00000:UNDI:002001"[..])
+        );
+        let port = &config.classes[3].matches;
         assert_eq!(port.circuit_id.as_deref(), Some(&b"Gi1/0/7"[..]));
         assert_eq!(
             port.remote_id.as_deref(),

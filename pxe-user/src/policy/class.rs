@@ -27,6 +27,8 @@ pub struct Class {
 pub struct Match {
     /// Option 60 starts with this.
     pub vendor_class: Option<Vec<u8>>,
+    /// Option 60 is exactly this.
+    pub vendor_class_exact: Option<Vec<u8>>,
     /// Option 77 is this, or holds it as one of its RFC 3004 entries.
     pub user_class: Option<Vec<u8>>,
     pub arch: Option<Arch>,
@@ -52,6 +54,7 @@ impl Match {
             Some(want) => got.is_some_and(|got| got.starts_with(want)),
         };
         prefix(&self.vendor_class, machine.vendor_class.as_deref())
+            && exact(&self.vendor_class_exact, machine.vendor_class.as_deref())
             && prefix(&self.mac_prefix, Some(&machine.mac.0))
             && self.user_class.as_ref().is_none_or(|want| {
                 machine
@@ -77,7 +80,23 @@ impl Match {
             (Some(mine), Some(theirs)) => theirs.starts_with(mine),
             (Some(_), None) => false,
         };
-        prefix(&self.vendor_class, &later.vendor_class)
+        // A later exact vendor class is a value every earlier criterion on
+        // option 60 must admit; a later prefix admits more than one value,
+        // which an earlier exact one cannot cover.
+        let later_vendor = later
+            .vendor_class_exact
+            .as_ref()
+            .or(later.vendor_class.as_ref());
+        let vendor_prefix_covers = match (&self.vendor_class, later_vendor) {
+            (None, _) => true,
+            (Some(mine), Some(theirs)) => theirs.starts_with(mine),
+            (Some(_), None) => false,
+        };
+        let vendor_exact_covers = self.vendor_class_exact.is_none()
+            || (later.vendor_class_exact.is_some()
+                && self.vendor_class_exact == later.vendor_class_exact);
+        vendor_prefix_covers
+            && vendor_exact_covers
             && prefix(&self.mac_prefix, &later.mac_prefix)
             && (self.user_class.is_none() || self.user_class == later.user_class)
             && (self.arch.is_none() || self.arch == later.arch)
@@ -162,6 +181,7 @@ mod tests {
         let m = machine();
         let all = Match {
             vendor_class: Some(b"PXEClient:Arch:00007".to_vec()),
+            vendor_class_exact: Some(b"PXEClient:Arch:00007:UNDI:003016".to_vec()),
             user_class: Some(b"rack".to_vec()),
             arch: Some(Arch::UefiX64),
             mac_prefix: Some(vec![0x52, 0x54, 0x00]),
@@ -183,6 +203,10 @@ mod tests {
         for wrong in [
             Match {
                 vendor_class: Some(b"HTTPClient".to_vec()),
+                ..all.clone()
+            },
+            Match {
+                vendor_class_exact: Some(b"PXEClient:Arch:00007".to_vec()),
                 ..all.clone()
             },
             Match {
@@ -250,6 +274,17 @@ mod tests {
             ..Match::default()
         };
         assert!(!other_arch.covers(&uefi));
+        let exact = |v: &[u8]| Match {
+            vendor_class_exact: Some(v.to_vec()),
+            ..Match::default()
+        };
+        assert!(uefi.covers(&exact(b"PXEClient:Arch:00007:UNDI:003016")));
+        assert!(!uefi.covers(&exact(b"PXEClient:Arch:00000")));
+        assert!(
+            !exact(b"PXEClient:Arch:00007").covers(&uefi),
+            "exact is narrower"
+        );
+        assert!(exact(b"PXEClient").covers(&exact(b"PXEClient")));
         let rack = |pairs: &[(&str, &str)]| Match {
             labels: pairs
                 .iter()
