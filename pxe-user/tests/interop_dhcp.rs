@@ -497,6 +497,7 @@ esac
             "{run} run: class r12-port-1's option: {env}"
         );
     }
+    wait_for_file_text(&log, ", class r12-port-1", Duration::from_secs(5));
     wait_for_file_text(&log, "the kernel answered", Duration::from_secs(15));
 }
 

@@ -767,12 +767,14 @@ impl Engine {
             (None, repeatable) => (String::new(), repeatable),
         };
         // Last: what the operator set replaces what pxed chose.
-        let configured = ctx
-            .policy
-            .options(&machine_of(ctx.req))
-            .over(&subnet.options);
-        let more = add_configured(ctx.req, message, &configured);
-        (note.0 + &more, note.1)
+        let machine = machine_of(ctx.req);
+        let configured = ctx.policy.options(&machine).over(&subnet.options);
+        let mut text = note.0;
+        if let Some(class) = ctx.policy.class_name(&machine) {
+            text.push_str(&format!(", class {class}"));
+        }
+        text.push_str(&add_configured(ctx.req, message, &configured));
+        (text, note.1)
     }
 
     /// A proxyDHCP answer's boot options from the config (crate::policy::

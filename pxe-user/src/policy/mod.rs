@@ -214,6 +214,10 @@ pub trait BootPolicy: Send + Sync {
     fn options(&self, _machine: &Machine) -> OptionSet {
         OptionSet::default()
     }
+    /// The `[[class]]` `machine` falls in, for the log.
+    fn class_name(&self, _machine: &Machine) -> Option<String> {
+        None
+    }
     /// False for a machine marked not to netboot (provisioned): TFTP and
     /// HTTP refuse it boot files. Cheap: asked per file request.
     fn may_netboot(&self, mac: Mac) -> bool;

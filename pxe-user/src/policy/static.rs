@@ -197,6 +197,10 @@ impl BootPolicy for StaticPolicy {
         }
     }
 
+    fn class_name(&self, machine: &Machine) -> Option<String> {
+        self.class_of(machine).map(|c| c.name.clone())
+    }
+
     fn may_netboot(&self, mac: Mac) -> bool {
         self.machines.get(&mac).is_none_or(|m| m.netboot)
     }

@@ -283,6 +283,10 @@ impl BootPolicy for WebhookPolicy {
         self.base.options(machine)
     }
 
+    fn class_name(&self, machine: &Machine) -> Option<String> {
+        self.base.class_name(machine)
+    }
+
     fn may_netboot(&self, mac: Mac) -> bool {
         self.base.may_netboot(mac)
     }
