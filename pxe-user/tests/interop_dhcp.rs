@@ -300,6 +300,34 @@ pools = ["198.18.5.10-198.18.5.50"]
 router = "198.18.5.1"
 "#;
 
+/// One udhcpc run on `ns`'s eth0 that quits once leased (no script): the
+/// address it logged, if any, and all it printed.
+fn udhcpc_once(ns: &pxe_lab::Netns) -> (Option<Ipv4Addr>, String) {
+    let args = [
+        "udhcpc",
+        "-i",
+        "eth0",
+        "-n",
+        "-q",
+        "-f",
+        "-t",
+        "5",
+        "-T",
+        "2",
+        "-s",
+        "/bin/true",
+    ];
+    let out = ns.output("busybox", &args).unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let ip = text
+        .split("lease of ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok());
+    (ip, text)
+}
+
 /// The MAC of `ns`'s eth0, as the config's `[[machine]]` writes it.
 fn mac_of(ns: &pxe_lab::Netns) -> String {
     let link = ns
@@ -338,38 +366,13 @@ fn a_request_relayed_by_dnsmasq_gets_an_address_from_the_relays_subnet() {
         .unwrap();
     assert!(relay.wait_for_udp_port(67, Duration::from_secs(20)));
 
-    let out = client
-        .output(
-            "busybox",
-            &[
-                "udhcpc",
-                "-i",
-                "eth0",
-                "-n",
-                "-q",
-                "-f",
-                "-t",
-                "5",
-                "-T",
-                "2",
-                "-s",
-                "/bin/true",
-            ],
+    let (ip, text) = udhcpc_once(&client);
+    let ip = ip.unwrap_or_else(|| {
+        panic!(
+            "no lease:\n{text}\npxed:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
         )
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    let ip: Ipv4Addr = text
-        .split("lease of ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "no lease:\n{text}\npxed:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        });
+    });
     assert!(
         (Ipv4Addr::new(198, 18, 5, 10)..=Ipv4Addr::new(198, 18, 5, 50)).contains(&ip),
         "{ip} is from the relay's subnet"
@@ -1232,6 +1235,86 @@ fn options_beyond_the_options_field_reach_udhcpc_through_file_and_sname() {
     assert!(
         log.contains("carried in the file/sname fields (overload)"),
         "{log}"
+    );
+}
+
+/// 5,000 DISCOVERs from made-up MACs against a pool of 100: they may hold
+/// only half of it, so afterwards a new machine (udhcpc, its own MAC) gets
+/// an address at once, and a reserved one (udhcpc again, the reserved MAC)
+/// its own. Before the bound, such a flood held all 100 for a minute.
+#[test]
+fn a_discover_flood_from_made_up_macs_leaves_addresses_for_honest_machines() {
+    if !pxe_lab::privileged(
+        "a_discover_flood_from_made_up_macs_leaves_addresses_for_honest_machines",
+    ) || !have_tool("busybox", "busybox")
+    {
+        return;
+    }
+    use pxe_lab::client::dhcp::{self as client, Identity};
+    let reserved_mac = "52:54:00:99:00:01";
+    let served = served_with_config(|_| {
+        FULL_MODE_ON_POOL.to_owned()
+            + &format!(
+                "[[profile]]\nname = \"default\"\n[[machine]]\nmac = \"{reserved_mac}\"\naddress = \"198.18.0.250\"\n"
+            )
+    });
+    let sent = served
+        .client
+        .run(|| {
+            let socket = dc::client_socket("eth0");
+            let mut sent = 0u32;
+            for n in 0..5_000u32 {
+                let [_, a, b, c] = n.to_be_bytes();
+                let mac = [0x02, 0xf1, 0x00, a, b, c];
+                let discover =
+                    client::request(&Identity::plain(mac), MessageType::Discover, n, vec![]);
+                if socket
+                    .send_to(&client::encode(&discover), (Ipv4Addr::BROADCAST, 67))
+                    .is_ok()
+                {
+                    sent += 1;
+                }
+                if n % 100 == 99 {
+                    // Paced (about 20,000/s), so the server's socket keeps up.
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            sent
+        })
+        .unwrap();
+    assert_eq!(sent, 5_000);
+    let log = served.work.path().join("pxed.log");
+    wait_for_file_text(
+        &log,
+        "not held: offers to unknown machines hold 50 addresses",
+        Duration::from_secs(20),
+    );
+
+    let lease = |what: &str| {
+        let (ip, text) = udhcpc_once(&served.client);
+        ip.unwrap_or_else(|| {
+            panic!(
+                "{what}: no lease after the flood:\n{text}\npxed (last lines):\n{}",
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .lines()
+                    .rev()
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        })
+    };
+    let honest = lease("a new machine");
+    assert!(in_pool(honest), "{honest}");
+    run_ok(
+        &served.client,
+        "ip",
+        &["link", "set", "eth0", "address", reserved_mac],
+    );
+    assert_eq!(
+        lease("the reserved machine"),
+        Ipv4Addr::new(198, 18, 0, 250)
     );
 }
 

@@ -17,7 +17,10 @@ use std::{
     },
 };
 
-use super::{offers::Offers, pool::Subnet};
+use super::{
+    offers::{Held, Offers},
+    pool::Subnet,
+};
 use crate::{
     lease::{Lease, LeaseError, LeaseState, LeaseStore},
     policy::Mac,
@@ -60,7 +63,7 @@ pub const DECLINE_QUARANTINE_SECS: u64 = 600;
 enum Undo {
     Lease(Ipv4Addr, Option<Lease>),
     Client(Vec<u8>, Option<Ipv4Addr>),
-    Offer(Ipv4Addr, Option<(Vec<u8>, u64)>),
+    Offer(Ipv4Addr, Option<Held>),
 }
 
 pub struct Addresses {
@@ -182,10 +185,29 @@ impl Addresses {
         self.offers.sweep(now);
     }
 
-    /// Holds `ip` for `client` until `until` (not journalled: an offer
-    /// writes nothing to disk, so nothing can disagree with it).
-    pub fn hold_offer(&mut self, ip: Ipv4Addr, client: Vec<u8>, until: u64) {
-        self.offers.hold(ip, client, until);
+    /// Holds `ip` for `client` until `until`, counted as a stranger's in
+    /// `stranger_in` (not journalled: an offer writes nothing to disk, so
+    /// nothing can disagree with it).
+    pub fn hold_offer(
+        &mut self,
+        ip: Ipv4Addr,
+        client: Vec<u8>,
+        until: u64,
+        stranger_in: Option<usize>,
+    ) {
+        self.offers.hold(
+            ip,
+            Held {
+                client,
+                until,
+                stranger_in,
+            },
+        );
+    }
+
+    /// Offers held for strangers in subnet `subnet`.
+    pub fn offers_held_for_strangers(&self, subnet: usize) -> usize {
+        self.offers.held_for_strangers(subnet)
     }
 
     pub fn is_offered_to(&self, ip: Ipv4Addr, client: &[u8]) -> bool {
@@ -466,7 +488,7 @@ impl Addresses {
                 Undo::Lease(ip, None) => drop(self.by_ip.remove(&ip)),
                 Undo::Client(client, Some(ip)) => drop(self.by_client.insert(client, ip)),
                 Undo::Client(client, None) => drop(self.by_client.remove(&client)),
-                Undo::Offer(ip, Some((client, until))) => self.offers.hold(ip, client, until),
+                Undo::Offer(ip, Some(held)) => self.offers.hold(ip, held),
                 Undo::Offer(_, None) => {}
             }
         }

@@ -41,6 +41,12 @@ use crate::{
 
 /// How long an offered address is held for the client that was offered it.
 const OFFER_HOLD_SECS: u64 = 60;
+/// The share of a pool that offers to strangers (machines with no
+/// reservation, no inventory entry and no lease) may hold: past it, a
+/// stranger is still offered an address, but it stays free for whoever
+/// requests it first. A flood of DISCOVERs from made-up MACs then cannot
+/// leave an honest machine without an address.
+const STRANGER_HOLD_SHARE: (u64, u64) = (1, 2);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -486,14 +492,32 @@ impl Engine {
                 Problem::PoolExhausted { subnet: network },
             );
         };
-        self.addresses
-            .hold_offer(ip, client, ctx.now + OFFER_HOLD_SECS);
+        let stranger = self.addresses.reservation(req.mac).is_none()
+            && self.addresses.of_client(&client).is_none()
+            && !ctx.policy.knows(req.mac);
+        let bound = stranger_hold_bound(pool.pool_len());
+        let held = !stranger || self.addresses.offers_held_for_strangers(subnet) < bound;
+        if held {
+            self.addresses.hold_offer(
+                ip,
+                client,
+                ctx.now + OFFER_HOLD_SECS,
+                stranger.then_some(subnet),
+            );
+        }
         let mut message = ctx.reply(MessageType::Offer, ip);
         // Only an ACK becomes a kernel template (which then OFFERs too):
         // whether this OFFER could be repeated is not asked.
         let (boot, _) = self.add_lease_and_boot(ctx, &mut message, subnet);
+        let unheld = if held {
+            String::new()
+        } else {
+            format!(
+                "; not held: offers to unknown machines hold {bound} addresses, the most they may"
+            )
+        };
         let summary = format!(
-            "DISCOVER from {} ({}) → OFFER {ip}{boot}",
+            "DISCOVER from {} ({}) → OFFER {ip}{boot}{unheld}",
             req.mac,
             describe(req)
         );
@@ -536,7 +560,11 @@ impl Engine {
             return ctx.nak("no subnet for this request");
         };
         let pool = &self.config.subnets[subnet];
-        if !(offered || held)
+        // Past the bound on strangers' offers, an offer is not held: the
+        // address goes to the first stranger that requests it while free.
+        let offered_unheld = self.addresses.offers_held_for_strangers(subnet)
+            >= stranger_hold_bound(pool.pool_len());
+        if !(offered || held || offered_unheld)
             || !self
                 .addresses
                 .assignable(ip, pool, ctx.claim(&client, subnet))
@@ -807,6 +835,12 @@ fn add_configured(req: &Request, message: &mut Message, configured: &OptionSet) 
         ));
     }
     note
+}
+
+/// How many of a pool of `len` addresses offers to strangers may hold.
+fn stranger_hold_bound(len: u64) -> usize {
+    let (num, den) = STRANGER_HOLD_SHARE;
+    usize::try_from((len * num / den).max(1)).unwrap_or(usize::MAX)
 }
 
 /// The policy's view of the machine that sent `req`.
@@ -1524,6 +1558,44 @@ mod tests {
             assert!(reply.opts().get(OptionCode::from(209)).is_some());
             assert!(reply.opts().get(OptionCode::from(42)).is_none());
         }
+    }
+
+    /// A flood of DISCOVERs from made-up MACs holds at most half the pool
+    /// (10 addresses here); the rest are offered unheld. A new honest
+    /// machine then still gets an address, and a reserved one its own.
+    #[test]
+    fn a_flood_of_strangers_cannot_hold_the_whole_pool() {
+        let mut config = config(Mode::Full);
+        let reserved_at = Ipv4Addr::new(198, 18, 0, 109);
+        config.reservations.insert(Mac(mac(200)), reserved_at);
+        let mut e = Engine::new(
+            config,
+            policy(HashMap::new()),
+            Box::new(MemLeaseStore::default()),
+        )
+        .unwrap();
+        let mut unheld = 0;
+        for n in 0..40 {
+            let offer = e.handle(&plain(MessageType::Discover, n, vec![]), at(67, src()), T0);
+            assert_eq!(
+                msg_type(&offer),
+                Some(MessageType::Offer),
+                "{}",
+                offer.summary
+            );
+            if offer.summary.contains("not held") {
+                unheld += 1;
+            }
+        }
+        assert_eq!(e.addresses.offers_held_for_strangers(0), 5, "half of 10");
+        assert_eq!(unheld, 35);
+        let honest = dora(&mut e, |k, o| plain(k, 100, o), T0);
+        assert!(
+            honest.octets()[2] == 0,
+            "an address for a new machine: {honest}"
+        );
+        let reserved = dora(&mut e, |k, o| plain(k, 200, o), T0);
+        assert_eq!(reserved, reserved_at);
     }
 
     #[test]

@@ -214,6 +214,11 @@ pub trait BootPolicy: Send + Sync {
     fn options(&self, _machine: &Machine) -> OptionSet {
         OptionSet::default()
     }
+    /// Whether `mac` has an entry (the config's or the inventory's): such a
+    /// machine is never treated as a stranger.
+    fn knows(&self, _mac: Mac) -> bool {
+        false
+    }
     /// The `[[class]]` `machine` falls in, for the log.
     fn class_name(&self, _machine: &Machine) -> Option<String> {
         None

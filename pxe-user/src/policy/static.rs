@@ -197,6 +197,10 @@ impl BootPolicy for StaticPolicy {
         }
     }
 
+    fn knows(&self, mac: Mac) -> bool {
+        self.machines.contains_key(&mac)
+    }
+
     fn class_name(&self, machine: &Machine) -> Option<String> {
         self.class_of(machine).map(|c| c.name.clone())
     }

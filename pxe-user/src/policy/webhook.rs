@@ -283,6 +283,10 @@ impl BootPolicy for WebhookPolicy {
         self.base.options(machine)
     }
 
+    fn knows(&self, mac: Mac) -> bool {
+        self.base.knows(mac)
+    }
+
     fn class_name(&self, machine: &Machine) -> Option<String> {
         self.base.class_name(machine)
     }
