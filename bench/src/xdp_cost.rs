@@ -165,6 +165,12 @@ fn single_runs(
 /// A UEFI client's REQUEST and, in the kernel, the template of the ACK the
 /// daemon would send it (a reply of realistic size: lease options and boot
 /// file). Returns the request frame and the reply's length.
+/// Option 55 of an OVMF PXE request: 35 codes.
+const OVMF_REQUEST_LIST: [u8; 35] = [
+    1, 2, 3, 4, 5, 6, 12, 13, 15, 17, 18, 22, 23, 28, 40, 41, 42, 43, 50, 51, 54, 58, 59, 60, 66,
+    67, 97, 128, 129, 130, 131, 132, 133, 134, 135,
+];
+
 fn dhcp_template(fp: &mut FastPath) -> anyhow::Result<(Vec<u8>, usize)> {
     use dhcproto::{
         v4::{Architecture, DhcpOption, Message, MessageType, Opcode},
@@ -194,6 +200,12 @@ fn dhcp_template(fp: &mut FastPath) -> anyhow::Result<(Vec<u8>, usize)> {
         b"PXEClient:Arch:00007:UNDI:003016".to_vec(),
     ));
     opts.insert(DhcpOption::ClientSystemArchitecture(Architecture::from(7)));
+    // What OVMF's PXE asks for (EDK2's PxeBcDhcp4.c) and the size it takes:
+    // shape options the kernel mixes into the request's signature too.
+    opts.insert(DhcpOption::ParameterRequestList(
+        OVMF_REQUEST_LIST.iter().map(|c| (*c).into()).collect(),
+    ));
+    opts.insert(DhcpOption::MaxMessageSize(1472));
     let request = encode(&request)?;
     let mut reply = Message::new_with_id(1, unspecified, ip, server, unspecified, &mac);
     reply.set_opcode(Opcode::BootReply);
