@@ -119,6 +119,11 @@ struct ServedWithConfig {
 }
 
 fn served_with_config(config: impl FnOnce(&pxe_lab::Netns) -> String) -> ServedWithConfig {
+    served_with(config, &[])
+}
+
+/// [`served_with_config`], pxed also given `extra` flags.
+fn served_with(config: impl FnOnce(&pxe_lab::Netns) -> String, extra: &[&str]) -> ServedWithConfig {
     let lab = Lab::new().unwrap();
     let pxe_lab::Pair { server, client } = lab
         .pair()
@@ -128,13 +133,9 @@ fn served_with_config(config: impl FnOnce(&pxe_lab::Netns) -> String) -> ServedW
     let root = boot_root();
     let work = tempfile::tempdir().unwrap();
     let text = config(&client);
-    start_with_config(
-        &lab,
-        &server,
-        work.path(),
-        &text,
-        &["--boot-root", root.path().to_str().unwrap()],
-    );
+    let mut args = vec!["--boot-root", root.path().to_str().unwrap()];
+    args.extend_from_slice(extra);
+    start_with_config(&lab, &server, work.path(), &text, &args);
     ServedWithConfig {
         lab,
         client,
@@ -1247,17 +1248,29 @@ fn a_discover_flood_from_made_up_macs_leaves_addresses_for_honest_machines() {
     if !pxe_lab::privileged(
         "a_discover_flood_from_made_up_macs_leaves_addresses_for_honest_machines",
     ) || !have_tool("busybox", "busybox")
+        || !have_tool("curl", "curl")
     {
         return;
     }
     use pxe_lab::client::dhcp::{self as client, Identity};
     let reserved_mac = "52:54:00:99:00:01";
-    let served = served_with_config(|_| {
-        FULL_MODE_ON_POOL.to_owned()
-            + &format!(
-                "[[profile]]\nname = \"default\"\n[[machine]]\nmac = \"{reserved_mac}\"\naddress = \"198.18.0.250\"\n"
-            )
-    });
+    let token = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token.path(), "flood-test-token\n").unwrap();
+    let served = served_with(
+        |_| {
+            FULL_MODE_ON_POOL.to_owned()
+                + &format!(
+                    "[[profile]]\nname = \"default\"\n[[machine]]\nmac = \"{reserved_mac}\"\naddress = \"198.18.0.250\"\n"
+                )
+        },
+        &[
+            "--api",
+            "198.18.0.1:8067",
+            "--api-token-file",
+            token.path().to_str().unwrap(),
+            "--metrics-public",
+        ],
+    );
     let sent = served
         .client
         .run(|| {
@@ -1305,6 +1318,25 @@ fn a_discover_flood_from_made_up_macs_leaves_addresses_for_honest_machines() {
             )
         })
     };
+    // The metrics say how many offers went unheld.
+    let metrics = served
+        .client
+        .output(
+            "curl",
+            &["-sS", "--max-time", "10", "http://198.18.0.1:8067/metrics"],
+        )
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let unheld: f64 = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("pxed_dhcp_requests_total")
+                && l.contains("message=\"discover\"")
+                && l.contains("outcome=\"offered_unheld\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no unheld offers counted:\n{metrics}"));
+    assert!(unheld > 1_000.0, "{unheld} offers unheld of 5,000");
     let honest = lease("a new machine");
     assert!(in_pool(honest), "{honest}");
     run_ok(

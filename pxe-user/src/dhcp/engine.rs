@@ -521,7 +521,10 @@ impl Engine {
             req.mac,
             describe(req)
         );
-        Outcome::answered(summary, message, reply::destination(req))
+        Outcome {
+            unheld_offer: !held,
+            ..Outcome::answered(summary, message, reply::destination(req))
+        }
     }
 
     fn request(&mut self, ctx: &Ctx<'_>) -> Outcome {
@@ -1583,7 +1586,8 @@ mod tests {
                 "{}",
                 offer.summary
             );
-            if offer.summary.contains("not held") {
+            assert_eq!(offer.unheld_offer, offer.summary.contains("not held"));
+            if offer.unheld_offer {
                 unheld += 1;
             }
         }

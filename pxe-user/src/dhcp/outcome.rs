@@ -62,6 +62,9 @@ pub struct Outcome {
     /// The request wrote to the lease store: its reply may leave only once
     /// the write is committed.
     pub(super) wrote: bool,
+    /// An OFFER whose address was not held: offers to unknown machines
+    /// already held as much of the pool as they may.
+    pub unheld_offer: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +89,7 @@ impl Outcome {
             kernel: None,
             forget: false,
             wrote: false,
+            unheld_offer: false,
         }
     }
 

@@ -123,7 +123,10 @@ impl Observer {
             .get_or_create(&DhcpLabels {
                 port,
                 message: message_label(request.msg_type),
-                outcome: outcome_label(&step, leased, problem.is_some()),
+                outcome: match outcome_label(&step, leased, problem.is_some()) {
+                    "offered" if outcome.unheld_offer => "offered_unheld",
+                    label => label,
+                },
             })
             .inc();
         if problem.is_some() {
