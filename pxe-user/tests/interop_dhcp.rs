@@ -1254,8 +1254,11 @@ fn a_discover_flood_from_made_up_macs_leaves_addresses_for_honest_machines() {
     }
     use pxe_lab::client::dhcp::{self as client, Identity};
     let reserved_mac = "52:54:00:99:00:01";
-    let token = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(token.path(), "flood-test-token\n").unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let token = scratch.path().join("token");
+    std::fs::write(&token, "flood-test-token\n").unwrap();
+    // The API keeps an inventory: the test's own, never the system's.
+    let inventory = scratch.path().join("inventory.redb");
     let served = served_with(
         |_| {
             FULL_MODE_ON_POOL.to_owned()
@@ -1267,7 +1270,9 @@ fn a_discover_flood_from_made_up_macs_leaves_addresses_for_honest_machines() {
             "--api",
             "198.18.0.1:8067",
             "--api-token-file",
-            token.path().to_str().unwrap(),
+            token.to_str().unwrap(),
+            "--inventory-file",
+            inventory.to_str().unwrap(),
             "--metrics-public",
         ],
     );
