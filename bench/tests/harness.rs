@@ -110,6 +110,9 @@ fn start_pxed_with(lab: &Lab, server: &Netns, root: &Path, work: &Path, extra: &
         "full",
         "--tftp-max-per-client",
         "100000",
+        // One address for every simulated machine: no per-source budget.
+        "--admit-tftp-per-source",
+        "0",
     ];
     let mut args: Vec<&str> = args.iter().chain(extra).copied().collect();
     if !extra.contains(&"--range") {

@@ -113,13 +113,28 @@ counters! {
     DROP_DHCP_HALF_BUILT = 27,
     /// TC could not resize the skb into the reply: left to userspace.
     PASS_DHCP_RESIZE_FAILED = 28,
+    /// A DHCP request from a MAC pxed does not know, past its interface's
+    /// or relay's budget for unknown machines: dropped (see `admit`).
+    DROP_DHCP_UNKNOWN_OVER_RATE = 29,
+    /// A DISCOVER from a MAC sending them faster than the per-MAC limit:
+    /// dropped.
+    DROP_DHCP_MAC_OVER_RATE = 30,
+    /// A TFTP read request from a client address past its own budget of
+    /// new transfers: dropped (the firmware sends it again).
+    DROP_TFTP_SOURCE_OVER_RATE = 31,
+    /// A TFTP read request past the server's budget of new transfers:
+    /// dropped (the firmware sends it again).
+    DROP_TFTP_OVER_RATE = 32,
     /// Observation: the frame carried one 802.1Q tag (counted besides its verdict).
-    SEEN_VLAN_TAG = 29,
+    SEEN_VLAN_TAG = 33,
+    /// Observation: a DHCP request from a MAC pxed does not know was
+    /// admitted within its budget (counted besides its verdict).
+    SEEN_DHCP_UNKNOWN_ADMITTED = 34,
 }
 
 impl Counter {
     /// Length of a counter array.
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 35;
 
     /// The counter's name, e.g. `PASS_TFTP_REQUEST`.
     pub fn name(self) -> &'static str {

@@ -6,6 +6,7 @@
 //! kernel/userspace boundary: there is no second copy to keep in sync.
 #![no_std]
 
+pub mod admit;
 pub mod consts;
 pub mod counter;
 pub mod csum;

@@ -45,6 +45,12 @@ pub const ALL: &[&str] = &[
     TFTP_SESSIONS,
     TFTP_PROGRESS,
     crate::dhcp::DHCP_ANSWERS,
+    crate::admit::ADMIT_CONFIG,
+    crate::admit::DHCP_KNOWN,
+    crate::admit::DHCP_BUCKETS,
+    crate::admit::DHCP_MAC_RATE,
+    crate::admit::TFTP_SOURCE_RATE,
+    crate::admit::TFTP_GLOBAL_RATE,
 ];
 
 /// Largest TFTP block the kernel tiers build: a DATA frame of 1514 bytes at

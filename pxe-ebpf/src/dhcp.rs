@@ -25,6 +25,7 @@ use pxe_common::{
 };
 
 use crate::{
+    admit::{self, Admission},
     csum::{fold, ip_header_sum, ne},
     parse::{byte_at, opaque, ptr_at, Frame, UdpOffsets},
 };
@@ -65,6 +66,10 @@ pub struct Reply {
 
 pub enum Plan {
     Pass(Counter),
+    /// Passed, from a machine pxed does not know, within its budget.
+    Admitted(Counter),
+    /// Refused by admission control: drop it, count this.
+    Drop(Counter),
     Reply(Reply),
 }
 
@@ -76,12 +81,14 @@ pub struct Scratch {
 }
 
 /// Decides on a DHCP request (UDP to 67 or 4011) at `off`, arrived on
-/// `ifindex`. `unanswered` is the port's verdict when no template applies.
+/// `ifindex`. `unanswered` is the port's verdict when no template applies;
+/// such a request is then put to admission control if `tier` enforces it.
 #[inline(always)]
 pub fn plan(
     frame: &Frame,
     off: UdpOffsets,
     ifindex: u32,
+    tier: u32,
     answers: &HashMap<AnswerKey, AnswerEntry>,
     scratch: &PerCpuArray<Scratch>,
     unanswered: Counter,
@@ -118,11 +125,22 @@ pub fn plan(
     };
     // SAFETY: this CPU's scratch value; nothing else runs on it meanwhile.
     let (prefix, opts) = unsafe { (&mut (*work).prefix as *mut Prefix, &mut (*work).options) };
+    let admitted = |discover: bool, verdict: Counter| match admit::dhcp(
+        tier,
+        ifindex,
+        fixed.mac,
+        fixed.giaddr,
+        discover,
+    ) {
+        Admission::Free => Plan::Pass(verdict),
+        Admission::Unknown => Plan::Admitted(verdict),
+        Admission::Refused(refused) => Plan::Drop(refused),
+    };
     if !opts.walk(frame, bootp + BOOTP_OPTIONS, end) {
-        return Plan::Pass(Counter::PASS_DHCP_UNPARSED);
+        return admitted(false, Counter::PASS_DHCP_UNPARSED);
     }
     if opts.msg_type != DHCPDISCOVER && opts.msg_type != DHCPREQUEST {
-        return Plan::Pass(unanswered);
+        return admitted(false, unanswered);
     }
     let proxy = udp.dst_port() == PXE_PROXY_PORT;
     let key = AnswerKey {
@@ -137,7 +155,7 @@ pub fn plan(
         _pad: [0; 5],
     };
     let Some(entry) = answers.get_ptr_mut(key) else {
-        return Plan::Pass(unanswered);
+        return admitted(opts.msg_type == DHCPDISCOVER, unanswered);
     };
     // SAFETY: a map value pointer the lookup just returned.
     let e = unsafe { &*entry };

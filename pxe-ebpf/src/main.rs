@@ -13,6 +13,7 @@
 #![no_std]
 #![no_main]
 
+mod admit;
 mod csum;
 mod dhcp;
 mod parse;
@@ -32,6 +33,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use pxe_common::{
+    admit::{TIER_TC, TIER_XDP},
     counter::Counter,
     dhcp::{AnswerEntry, AnswerKey, BOOTP_HEAD_LEN, DHCP_ANSWERS_CAPACITY, MAX_REPLY_LEN},
     maps::{
@@ -130,6 +132,10 @@ fn handle_xdp(ctx: &XdpContext) -> u32 {
         (verdict @ (Counter::PASS_DHCP_TO_SERVER | Counter::PASS_PROXY_DHCP), Some(off)) => {
             xdp_dhcp(ctx, &frame, off, verdict)
         }
+        (Counter::PASS_TFTP_REQUEST, Some(off)) => match tftp_request(&frame, off, TIER_XDP) {
+            Some(refused) => (refused, xdp_action::XDP_DROP),
+            None => (Counter::PASS_TFTP_REQUEST, xdp_action::XDP_PASS),
+        },
         (verdict, _) => (verdict, xdp_action::XDP_PASS),
     };
     count(&XDP_COUNTERS, verdict, classified.vlan_tagged);
@@ -179,11 +185,17 @@ fn xdp_dhcp(
         frame,
         off,
         ifindex,
+        TIER_XDP,
         &DHCP_ANSWERS,
         &DHCP_SCRATCH,
         unanswered,
     ) {
         dhcp::Plan::Pass(counter) => return (counter, xdp_action::XDP_PASS),
+        dhcp::Plan::Admitted(counter) => {
+            bump(&XDP_COUNTERS, Counter::SEEN_DHCP_UNKNOWN_ADMITTED);
+            return (counter, xdp_action::XDP_PASS);
+        }
+        dhcp::Plan::Drop(counter) => return (counter, xdp_action::XDP_DROP),
         dhcp::Plan::Reply(reply) => reply,
     };
     if !reply.xdp_tx {
@@ -289,6 +301,10 @@ fn handle_tc(ctx: &TcContext) -> i32 {
         (verdict @ (Counter::PASS_DHCP_TO_SERVER | Counter::PASS_PROXY_DHCP), Some(off)) => {
             tc_dhcp(ctx, &frame, off, verdict)
         }
+        (Counter::PASS_TFTP_REQUEST, Some(off)) => match tftp_request(&frame, off, TIER_TC) {
+            Some(refused) => (refused, TC_ACT_SHOT),
+            None => (Counter::PASS_TFTP_REQUEST, TC_ACT_UNSPEC),
+        },
         (verdict, _) => (verdict, TC_ACT_UNSPEC),
     };
     count(&TC_COUNTERS, verdict, classified.vlan_tagged);
@@ -368,11 +384,17 @@ fn tc_dhcp(ctx: &TcContext, frame: &Frame, off: UdpOffsets, unanswered: Counter)
         frame,
         off,
         ifindex,
+        TIER_TC,
         &DHCP_ANSWERS,
         &DHCP_SCRATCH,
         unanswered,
     ) {
         dhcp::Plan::Pass(counter) => return (counter, TC_ACT_UNSPEC),
+        dhcp::Plan::Admitted(counter) => {
+            bump(&TC_COUNTERS, Counter::SEEN_DHCP_UNKNOWN_ADMITTED);
+            return (counter, TC_ACT_UNSPEC);
+        }
+        dhcp::Plan::Drop(counter) => return (counter, TC_ACT_SHOT),
         dhcp::Plan::Reply(reply) => reply,
     };
     // SAFETY: the skb is the program's own; the helper validates the length.
@@ -391,6 +413,18 @@ fn tc_dhcp(ctx: &TcContext, frame: &Frame, off: UdpOffsets, unanswered: Counter)
     // SAFETY: redirecting our own skb to the egress of its interface.
     let action = unsafe { bpf_redirect(ifindex, 0) } as i32;
     (Counter::REDIRECT_DHCP_REPLY, action)
+}
+
+/// Admission of a packet to port 69 by `tier`: the verdict of a refusal.
+#[inline(always)]
+fn tftp_request(frame: &Frame, off: UdpOffsets, tier: u32) -> Option<Counter> {
+    let ip = parse::ptr_at::<pxe_common::hdr::Ipv4Hdr>(frame, off.l3)?;
+    // SAFETY: ptr_at checked the header lies inside the frame.
+    let source = unsafe { (*ip).src };
+    match admit::tftp_request(tier, source) {
+        admit::Admission::Refused(refused) => Some(refused),
+        admit::Admission::Free | admit::Admission::Unknown => None,
+    }
 }
 
 #[inline(always)]

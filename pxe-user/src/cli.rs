@@ -138,6 +138,49 @@ pub struct Cli {
     #[arg(long, env = "PXED_NO_KERNEL_DHCP")]
     pub no_kernel_dhcp: bool,
 
+    /// Turn off admission control: every DHCP request and TFTP read request
+    /// the kernel does not answer reaches userspace, however many. By
+    /// default the XDP (or TC) program drops what exceeds the `--admit-*`
+    /// budgets and counts it (docs/ADMISSION.md); machines pxed knows are
+    /// always admitted. Also `[admission] enabled = false`.
+    #[arg(long)]
+    pub no_admission: bool,
+
+    /// DHCP requests a second admitted from machines pxed does not know (no
+    /// reservation, inventory entry, lease or held offer), per interface
+    /// and per relay; 0: unlimited [default: 2000].
+    #[arg(long, value_name = "PER_SECOND", value_parser = rate)]
+    pub admit_dhcp_unknown: Option<f64>,
+
+    /// How many of those are admitted at once from a full budget: a rack
+    /// powering on together [default: 20000].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub admit_dhcp_unknown_burst: Option<u32>,
+
+    /// DISCOVERs a second admitted from any one MAC, known or not; 0:
+    /// unlimited [default: 10].
+    #[arg(long, value_name = "PER_SECOND", value_parser = rate)]
+    pub admit_discover_per_mac: Option<f64>,
+
+    /// New TFTP transfers (read requests to port 69) a second admitted in
+    /// all; 0: unlimited. Transfers already running are never limited
+    /// [default: 2000].
+    #[arg(long, value_name = "PER_SECOND", value_parser = rate)]
+    pub admit_tftp: Option<f64>,
+
+    /// How many new TFTP transfers are admitted at once [default: 20000].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub admit_tftp_burst: Option<u32>,
+
+    /// New TFTP transfers a second admitted from one client address; 0:
+    /// unlimited [default: 20].
+    #[arg(long, value_name = "PER_SECOND", value_parser = rate)]
+    pub admit_tftp_per_source: Option<f64>,
+
+    /// How many at once from one client address [default: 64].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub admit_tftp_per_source_burst: Option<u32>,
+
     /// Kernel memory for boot images the XDP/TC tiers serve from, in MiB.
     /// Files are loaded on first request while it lasts; others are served
     /// from userspace. With `--xdp-mode off --no-tc` none is used.
@@ -287,5 +330,15 @@ pub(crate) fn postgres_url(s: &str) -> Result<String, String> {
             "{:?} is not a PostgreSQL URL (postgres://USER:PASSWORD@HOST/DATABASE)",
             crate::lease::postgres_store::without_password(s)
         ))
+    }
+}
+
+/// A rate per second: a number, 0 or more (0: unlimited).
+fn rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a rate per second (a number, 0 or more; 0: unlimited)"
+        )),
     }
 }

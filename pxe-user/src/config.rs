@@ -39,6 +39,8 @@ struct File {
     http: HttpSection,
     #[serde(default)]
     dhcp: DhcpSection,
+    #[serde(default)]
+    admission: AdmissionKeys,
     #[serde(default, rename = "profile")]
     profiles: Vec<Spanned<ProfileSection>>,
     #[serde(default, rename = "machine")]
@@ -77,6 +79,22 @@ struct TftpSection {
     max_windowsize: Option<u16>,
     #[serde(default)]
     single_port: bool,
+}
+
+/// `[admission]`: the kernel's limits on what of a storm or a flood
+/// reaches userspace (each key as its `--admit-*` flag; the flag wins).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionKeys {
+    /// false turns admission control off (as `--no-admission`).
+    pub enabled: Option<bool>,
+    pub dhcp_unknown_rate: Option<f64>,
+    pub dhcp_unknown_burst: Option<u32>,
+    pub dhcp_discover_per_mac: Option<f64>,
+    pub tftp_rate: Option<f64>,
+    pub tftp_burst: Option<u32>,
+    pub tftp_per_source: Option<f64>,
+    pub tftp_per_source_burst: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -208,6 +226,7 @@ pub struct Config {
     pub reservations: HashMap<Mac, Ipv4Addr>,
     /// `[[class]]`, in the order written.
     pub classes: Vec<Class>,
+    pub admission: AdmissionKeys,
 }
 
 impl Default for Config {
@@ -228,6 +247,7 @@ impl Default for Config {
             lease_store: None,
             authoritative: false,
             kernel_answers: true,
+            admission: AdmissionKeys::default(),
             subnets: Vec::new(),
             reservations: HashMap::new(),
             classes: Vec::new(),
@@ -443,6 +463,7 @@ impl Config {
                 ));
             }
         }
+        check_admission(&file.admission).map_err(|e| error_at(None, e))?;
         if file.tftp.max_windowsize == Some(0) {
             return Err(error_at(
                 None,
@@ -564,6 +585,7 @@ impl Config {
             tftp_max_blksize: file.tftp.max_blksize,
             tftp_max_windowsize: file.tftp.max_windowsize,
             tftp_single_port: file.tftp.single_port,
+            admission: file.admission,
             http_port: file.http.port,
             profiles,
             machines,
@@ -571,6 +593,32 @@ impl Config {
             classes,
         })
     }
+}
+
+/// Rates are per second, at least 0 (0: unlimited); bursts at least 1.
+fn check_admission(keys: &AdmissionKeys) -> Result<(), String> {
+    let rates = [
+        ("dhcp_unknown_rate", keys.dhcp_unknown_rate),
+        ("dhcp_discover_per_mac", keys.dhcp_discover_per_mac),
+        ("tftp_rate", keys.tftp_rate),
+        ("tftp_per_source", keys.tftp_per_source),
+    ];
+    for (key, rate) in rates {
+        if let Some(r) = rate.filter(|r| !r.is_finite() || *r < 0.0) {
+            return Err(format!(
+                "admission.{key} {r} must be a rate per second, 0 or more (0: unlimited)"
+            ));
+        }
+    }
+    let bursts = [
+        ("dhcp_unknown_burst", keys.dhcp_unknown_burst),
+        ("tftp_burst", keys.tftp_burst),
+        ("tftp_per_source_burst", keys.tftp_per_source_burst),
+    ];
+    if let Some((key, _)) = bursts.iter().find(|(_, b)| *b == Some(0)) {
+        return Err(format!("admission.{key} must be at least 1"));
+    }
+    Ok(())
 }
 
 fn known_profile(

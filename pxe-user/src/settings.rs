@@ -10,12 +10,12 @@ use ipnet::Ipv4Net;
 
 use crate::{
     cli::Cli,
-    config::{Config, DhcpMode},
+    config::{AdmissionKeys, Config, DhcpMode},
     dhcp::{
         engine::{EngineConfig, Mode},
         pool::{parse_range, Subnet},
     },
-    fastpath::XdpModeChoice,
+    fastpath::{AdmissionLimits, XdpModeChoice},
     netif,
     policy::r#static::StaticPolicy,
 };
@@ -55,6 +55,8 @@ pub struct Settings {
     pub xdp_mode: XdpModeChoice,
     pub no_tc: bool,
     pub no_kernel_dhcp: bool,
+    /// The kernel's admission limits; `None`: admission off.
+    pub admission: Option<AdmissionLimits>,
     pub fastpath_memory: u32,
     pub boot_root: Option<PathBuf>,
     pub tftp_port: u16,
@@ -85,6 +87,7 @@ pub struct Settings {
 impl Settings {
     /// Flags over file; refuses combinations that cannot serve.
     pub fn merge(cli: Cli, config: Config) -> anyhow::Result<Self> {
+        let admission = admission_limits(&cli, &config.admission);
         let interfaces = if cli.interface.is_empty() {
             config.interfaces.clone()
         } else {
@@ -160,6 +163,7 @@ impl Settings {
             xdp_mode: cli.xdp_mode,
             no_tc: cli.no_tc,
             no_kernel_dhcp: cli.no_kernel_dhcp || !config.kernel_answers,
+            admission,
             fastpath_memory: cli.fastpath_memory,
             boot_root: cli.boot_root.or_else(|| config.boot_root.clone()),
             tftp_port: cli.tftp_port,
@@ -307,6 +311,41 @@ fn read_token(file: &std::path::Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// The admission limits: each flag over its `[admission]` key over the default.
+fn admission_limits(cli: &Cli, keys: &AdmissionKeys) -> Option<AdmissionLimits> {
+    if cli.no_admission || keys.enabled == Some(false) {
+        return None;
+    }
+    let d = AdmissionLimits::default();
+    Some(AdmissionLimits {
+        dhcp_unknown_rate: cli
+            .admit_dhcp_unknown
+            .or(keys.dhcp_unknown_rate)
+            .unwrap_or(d.dhcp_unknown_rate),
+        dhcp_unknown_burst: cli
+            .admit_dhcp_unknown_burst
+            .or(keys.dhcp_unknown_burst)
+            .unwrap_or(d.dhcp_unknown_burst),
+        dhcp_discover_per_mac: cli
+            .admit_discover_per_mac
+            .or(keys.dhcp_discover_per_mac)
+            .unwrap_or(d.dhcp_discover_per_mac),
+        tftp_rate: cli.admit_tftp.or(keys.tftp_rate).unwrap_or(d.tftp_rate),
+        tftp_burst: cli
+            .admit_tftp_burst
+            .or(keys.tftp_burst)
+            .unwrap_or(d.tftp_burst),
+        tftp_per_source: cli
+            .admit_tftp_per_source
+            .or(keys.tftp_per_source)
+            .unwrap_or(d.tftp_per_source),
+        tftp_per_source_burst: cli
+            .admit_tftp_per_source_burst
+            .or(keys.tftp_per_source_burst)
+            .unwrap_or(d.tftp_per_source_burst),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
@@ -356,6 +395,75 @@ mod tests {
         assert_eq!(s.tftp_max_windowsize, DEFAULT_MAX_WINDOWSIZE);
         assert_eq!(s.lease_file, PathBuf::from(DEFAULT_LEASE_FILE));
         assert_eq!(s.dhcp, DhcpMode::Proxy, "proxy unless told");
+    }
+
+    #[test]
+    fn admission_limits_come_from_flags_over_the_file_over_the_defaults() {
+        let s = Settings::merge(cli(&["-i", "eth1"]), Config::default()).unwrap();
+        assert_eq!(
+            s.admission,
+            Some(AdmissionLimits::default()),
+            "on by default"
+        );
+        let file =
+            config("[admission]\ndhcp_unknown_rate = 500\ntftp_per_source = 0\ntftp_burst = 7\n");
+        let s = Settings::merge(
+            cli(&[
+                "-i",
+                "eth1",
+                "--admit-dhcp-unknown",
+                "900",
+                "--admit-tftp-burst",
+                "9",
+            ]),
+            file.clone(),
+        )
+        .unwrap();
+        let limits = s.admission.unwrap();
+        assert_eq!(limits.dhcp_unknown_rate, 900.0, "the flag wins");
+        assert_eq!(limits.tftp_burst, 9);
+        assert_eq!(limits.tftp_per_source, 0.0, "the file's key: unlimited");
+        assert_eq!(
+            limits.dhcp_unknown_burst,
+            AdmissionLimits::default().dhcp_unknown_burst
+        );
+        let s = Settings::merge(cli(&["-i", "eth1"]), file).unwrap();
+        assert_eq!(s.admission.unwrap().dhcp_unknown_rate, 500.0);
+        let off = Settings::merge(cli(&["-i", "eth1", "--no-admission"]), Config::default());
+        assert_eq!(off.unwrap().admission, None);
+        let off = Settings::merge(
+            cli(&["-i", "eth1"]),
+            config("[admission]\nenabled = false\n"),
+        );
+        assert_eq!(off.unwrap().admission, None);
+    }
+
+    #[test]
+    fn bad_admission_limits_are_refused_with_the_key_named() {
+        for bad in [
+            "--admit-dhcp-unknown=-1",
+            "--admit-dhcp-unknown=fast",
+            "--admit-dhcp-unknown=inf",
+        ] {
+            let e = Cli::try_parse_from(["pxed", "-i", "e", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("not a rate per second"), "{bad}: {e}");
+        }
+        assert!(Cli::try_parse_from(["pxed", "-i", "e", "--admit-tftp-burst", "0"]).is_err());
+        for (toml, key) in [
+            ("[admission]\ntftp_rate = -3\n", "admission.tftp_rate"),
+            (
+                "[admission]\ndhcp_unknown_burst = 0\n",
+                "admission.dhcp_unknown_burst",
+            ),
+            ("[admission]\nrate = 3\n", "rate"),
+        ] {
+            let e = Config::parse(std::path::Path::new("t.toml"), toml)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+        }
     }
 
     #[test]

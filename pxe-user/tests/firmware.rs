@@ -399,8 +399,7 @@ fn bios_pxelinux_boots_linux_all_over_tftp_with_the_kernel_serving_the_blocks() 
     }
     // iPXE stands in for a legacy PXE ROM (QEMU ships no other BIOS ROM); the
     // machine entry makes pxed answer it as firmware PXE: pxelinux.0 over TFTP.
-    let extra = "[[profile]]\nname = \"legacy\"\n[profile.boot_files]\nbios = \"pxelinux.0\"\n\
-                 [[machine]]\nmac = \"52:54:00:fa:00:06\"\nprofile = \"legacy\"\nclient = \"pxe\"\n";
+    let extra = &legacy_pxe_machine("52:54:00:fa:00:06");
     let lab = firmware_lab_with(
         1,
         false,
@@ -454,6 +453,71 @@ fn bios_pxelinux_boots_linux_all_over_tftp_with_the_kernel_serving_the_blocks() 
         kernel_blocks > 1000,
         "the kernel tiers served the kernel and initrd ({kernel_blocks} blocks):\n{log}"
     );
+}
+
+/// A TFTP read request refused by admission control is dropped, and real
+/// firmware sends it again: with a budget of one new transfer per client
+/// address every 2 s, OVMF (EDK2's PXE: a size probe, then the download)
+/// and PXELINUX (loaded by iPXE's PXE stack; a dozen requests, config
+/// probes included) both boot, with requests of each refused on the way.
+#[test]
+fn firmware_resends_tftp_requests_that_admission_control_drops() {
+    if !pxe_lab::privileged("firmware_resends_tftp_requests_that_admission_control_drops")
+        || !have_qemu()
+        || !have_pxelinux()
+    {
+        return;
+    }
+    let extra = &legacy_pxe_machine("52:54:00:fa:02:01");
+    let lab = firmware_lab_with(
+        2,
+        false,
+        &[
+            "--dhcp",
+            "full",
+            "--range",
+            "198.18.0.100-198.18.0.199",
+            "--fastpath-memory",
+            "64",
+            "--admit-tftp-per-source",
+            "0.5",
+            "--admit-tftp-per-source-burst",
+            "1",
+            "--stats-interval",
+            "1",
+        ],
+        extra,
+    );
+    add_pxelinux(&lab.work.path().join("boot"));
+    let (uefi, _) = lab.boot(0, "52:54:00:fa:02:00", Firmware::UefiPxe);
+    let (pxelinux, _) = lab.boot(1, "52:54:00:fa:02:01", Firmware::BiosIpxe);
+    lab.assert_booted(&uefi, "OVMF PXE with its requests refused at first");
+    lab.assert_booted(&pxelinux, "PXELINUX with its requests refused at first");
+    let log = std::fs::read_to_string(lab.work.path().join("pxed.log")).unwrap();
+    let refused: u64 = log
+        .lines()
+        .filter(|l| l.contains("counters"))
+        .filter_map(|l| {
+            l.split("DROP_TFTP_SOURCE_OVER_RATE=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0);
+    eprintln!("read requests refused on the way: {refused}");
+    assert!(
+        refused >= 2,
+        "read requests were refused on the way ({refused}):\n{log}"
+    );
+    for file in ["ipxe.efi", "pxelinux.0", "ldlinux.c32", "vmlinuz"] {
+        assert!(
+            log.contains(&format!("file={file} bytes=")),
+            "{file} went over TFTP:\n{log}"
+        );
+    }
 }
 
 #[test]
@@ -532,8 +596,7 @@ fn pxelinux_boots_all_over_tftp_with_pxed_in_proxy_mode() {
     {
         return;
     }
-    let extra = "[[profile]]\nname = \"legacy\"\n[profile.boot_files]\nbios = \"pxelinux.0\"\n\
-                 [[machine]]\nmac = \"52:54:00:fa:00:0a\"\nprofile = \"legacy\"\nclient = \"pxe\"\n";
+    let extra = &legacy_pxe_machine("52:54:00:fa:00:0a");
     let lab = firmware_lab_with(1, true, &["--dhcp", "proxy"], extra);
     let boot = lab.work.path().join("boot");
     add_pxelinux(&boot);
@@ -577,6 +640,17 @@ fn a_unified_kernel_image_boots_over_http_with_pxed_in_proxy_mode() {
 }
 
 /// Whether PXELINUX and the ldlinux.c32 it loads are installed (see [`have_file`](pxe_lab::have_file)).
+/// A `legacy` profile booting pxelinux.0, and the machine `mac` in it
+/// answered as firmware PXE. iPXE stands in for a legacy PXE ROM (QEMU
+/// ships no other BIOS ROM): the entry makes pxed answer it with
+/// pxelinux.0 over TFTP.
+fn legacy_pxe_machine(mac: &str) -> String {
+    format!(
+        "[[profile]]\nname = \"legacy\"\n[profile.boot_files]\nbios = \"pxelinux.0\"\n\
+         [[machine]]\nmac = \"{mac}\"\nprofile = \"legacy\"\nclient = \"pxe\"\n"
+    )
+}
+
 fn have_pxelinux() -> bool {
     pxe_lab::have_file("/usr/lib/PXELINUX/pxelinux.0", "pxelinux")
         && pxe_lab::have_file(

@@ -1239,6 +1239,51 @@ fn options_beyond_the_options_field_reach_udhcpc_through_file_and_sname() {
     );
 }
 
+/// Full DHCP on the pool with `reserved_mac` reserved 198.18.0.250, the
+/// API (metrics public) on the server's address, and `extra` flags; the
+/// directory holding the API's token and inventory comes back with it.
+fn served_with_a_reserved_machine(
+    reserved_mac: &str,
+    extra: &[&str],
+) -> (ServedWithConfig, tempfile::TempDir) {
+    let scratch = tempfile::tempdir().unwrap();
+    let token = scratch.path().join("token");
+    std::fs::write(&token, "flood-test-token\n").unwrap();
+    // The API keeps an inventory: the test's own, never the system's.
+    let inventory = scratch.path().join("inventory.redb");
+    let mut args = vec![
+        "--api",
+        "198.18.0.1:8067",
+        "--api-token-file",
+        token.to_str().unwrap(),
+        "--inventory-file",
+        inventory.to_str().unwrap(),
+        "--metrics-public",
+    ];
+    args.extend_from_slice(extra);
+    let served = served_with(
+        |_| {
+            FULL_MODE_ON_POOL.to_owned()
+                + &format!(
+                    "[[profile]]\nname = \"default\"\n[[machine]]\nmac = \"{reserved_mac}\"\naddress = \"198.18.0.250\"\n"
+                )
+        },
+        &args,
+    );
+    (served, scratch)
+}
+
+/// `/metrics` of the server [`served_with_a_reserved_machine`] starts.
+fn scrape_metrics(client: &pxe_lab::Netns) -> String {
+    let out = client
+        .output(
+            "curl",
+            &["-sS", "--max-time", "10", "http://198.18.0.1:8067/metrics"],
+        )
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// 5,000 DISCOVERs from made-up MACs against a pool of 100: they may hold
 /// only half of it, so afterwards a new machine (udhcpc, its own MAC) gets
 /// an address at once, and a reserved one (udhcpc again, the reserved MAC)
@@ -1254,28 +1299,7 @@ fn a_discover_flood_from_made_up_macs_leaves_addresses_for_honest_machines() {
     }
     use pxe_lab::client::dhcp::{self as client, Identity};
     let reserved_mac = "52:54:00:99:00:01";
-    let scratch = tempfile::tempdir().unwrap();
-    let token = scratch.path().join("token");
-    std::fs::write(&token, "flood-test-token\n").unwrap();
-    // The API keeps an inventory: the test's own, never the system's.
-    let inventory = scratch.path().join("inventory.redb");
-    let served = served_with(
-        |_| {
-            FULL_MODE_ON_POOL.to_owned()
-                + &format!(
-                    "[[profile]]\nname = \"default\"\n[[machine]]\nmac = \"{reserved_mac}\"\naddress = \"198.18.0.250\"\n"
-                )
-        },
-        &[
-            "--api",
-            "198.18.0.1:8067",
-            "--api-token-file",
-            token.to_str().unwrap(),
-            "--inventory-file",
-            inventory.to_str().unwrap(),
-            "--metrics-public",
-        ],
-    );
+    let (served, _scratch) = served_with_a_reserved_machine(reserved_mac, &[]);
     let sent = served
         .client
         .run(|| {
@@ -1324,14 +1348,7 @@ fn a_discover_flood_from_made_up_macs_leaves_addresses_for_honest_machines() {
         })
     };
     // The metrics say how many offers went unheld.
-    let metrics = served
-        .client
-        .output(
-            "curl",
-            &["-sS", "--max-time", "10", "http://198.18.0.1:8067/metrics"],
-        )
-        .unwrap();
-    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let metrics = scrape_metrics(&served.client);
     let unheld: f64 = metrics
         .lines()
         .find(|l| {
@@ -1353,6 +1370,177 @@ fn a_discover_flood_from_made_up_macs_leaves_addresses_for_honest_machines() {
         lease("the reserved machine"),
         Ipv4Addr::new(198, 18, 0, 250)
     );
+}
+
+/// The kernel's admission control beside real clients: while over 20,000
+/// DISCOVERs and REQUESTs from made-up MACs arrive over 3 s, far past the
+/// budget for unknown machines (50/s, 100 at once), a reserved machine
+/// (udhcpc) gets its address at once; the flood is dropped in XDP and
+/// counted, and userspace sees only the budget. After it, a new machine is
+/// admitted again. Meanwhile 2,000 TFTP read requests from one host are
+/// refused past its per-source budget, and curl from another address gets
+/// its file.
+#[test]
+fn a_flood_is_dropped_in_the_kernel_while_known_machines_are_served() {
+    if !pxe_lab::privileged("a_flood_is_dropped_in_the_kernel_while_known_machines_are_served")
+        || !have_tool("busybox", "busybox")
+        || !have_tool("curl", "curl")
+    {
+        return;
+    }
+    use pxe_lab::client::dhcp::{self as client, Identity};
+    let reserved_mac = "52:54:00:99:00:02";
+    let (served, _scratch) = served_with_a_reserved_machine(
+        reserved_mac,
+        &[
+            "--admit-dhcp-unknown",
+            "50",
+            "--admit-dhcp-unknown-burst",
+            "100",
+        ],
+    );
+    let log = served.work.path().join("pxed.log");
+    wait_for_file_text(&log, "admission control on", Duration::from_secs(10));
+    run_ok(
+        &served.client,
+        "ip",
+        &["link", "set", "eth0", "address", reserved_mac],
+    );
+    served
+        .client
+        .ip(["addr", "add", "198.18.0.3/24", "dev", "eth0"])
+        .unwrap();
+    let flood_dhcp = || {
+        let socket = dc::client_socket("eth0");
+        let started = std::time::Instant::now();
+        let mut n = 0u32;
+        while started.elapsed() < Duration::from_secs(3) {
+            let [_, a, b, c] = n.to_be_bytes();
+            let mac = [0x02, 0xf2, 0x00, a, b, c];
+            let extra = vec![
+                DhcpOption::ServerIdentifier(Ipv4Addr::new(198, 18, 0, 1)),
+                DhcpOption::RequestedIpAddress(Ipv4Addr::new(198, 18, 0, 100 + (n % 100) as u8)),
+            ];
+            let (kind, extra) = if n % 4 == 3 {
+                (MessageType::Request, extra)
+            } else {
+                (MessageType::Discover, vec![])
+            };
+            let message = client::request(&Identity::plain(mac), kind, n, extra);
+            let _ = socket.send_to(&client::encode(&message), (Ipv4Addr::BROADCAST, 67));
+            n += 1;
+            if n.is_multiple_of(100) {
+                // About 10,000 a second: the test VM's own budget.
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        n
+    };
+    let flood_tftp = || {
+        let socket = std::net::UdpSocket::bind("198.18.0.3:0").unwrap();
+        let mut rrq = vec![0, 1];
+        rrq.extend_from_slice(b"ipxe.efi\0octet\0");
+        for _ in 0..2_000 {
+            let _ = socket.send_to(&rrq, "198.18.0.1:69");
+        }
+    };
+    let (flooded, reserved) = std::thread::scope(|scope| {
+        let flood = scope.spawn(|| {
+            served
+                .client
+                .run(|| {
+                    flood_tftp();
+                    flood_dhcp()
+                })
+                .unwrap()
+        });
+        // Served while the flood is on.
+        std::thread::sleep(Duration::from_millis(300));
+        let reserved = udhcpc_once(&served.client);
+        (flood.join().unwrap(), reserved)
+    });
+    assert!(flooded > 20_000, "{flooded} sent");
+    let tail = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        reserved.0,
+        Some(Ipv4Addr::new(198, 18, 0, 250)),
+        "the reserved machine during the flood:\n{}\npxed:\n{}",
+        reserved.1,
+        tail()
+    );
+
+    let metrics = scrape_metrics(&served.client);
+    let sum = |filter: &dyn Fn(&str) -> bool| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| !l.starts_with('#') && filter(l))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let verdict = |name: &str| {
+        let wanted = format!("counter=\"{name}\"");
+        sum(&|l: &str| l.starts_with("pxed_kernel_verdicts_total") && l.contains(&wanted))
+    };
+    let dropped = verdict("DROP_DHCP_UNKNOWN_OVER_RATE");
+    assert!(
+        dropped > f64::from(flooded) * 0.9,
+        "{dropped} of {flooded} dropped in the kernel:\n{metrics}"
+    );
+    let admitted = verdict("SEEN_DHCP_UNKNOWN_ADMITTED");
+    // The burst, 50 a second for the flood's few seconds, and a little
+    // more for CPUs racing on the bucket.
+    assert!(
+        (50.0..=600.0).contains(&admitted),
+        "{admitted} unknown requests admitted:\n{metrics}"
+    );
+    // Userspace decided the admitted ones and the reserved machine's.
+    let decided = sum(&|l: &str| l.starts_with("pxed_dhcp_requests_total"));
+    assert!(
+        decided <= admitted + 20.0,
+        "userspace decided {decided} requests, the kernel admitted {admitted} unknown ones"
+    );
+    assert!(
+        verdict("DROP_TFTP_SOURCE_OVER_RATE") > 1_500.0,
+        "read requests from one host past its budget:\n{metrics}"
+    );
+
+    // Another host's TFTP is served, and after the flood a new machine gets
+    // an address: the budget refilled.
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("ipxe.efi");
+    run_ok(
+        &served.client,
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "20",
+            "--interface",
+            "198.18.0.2",
+            "-o",
+            dest.to_str().unwrap(),
+            "tftp://198.18.0.1/ipxe.efi",
+        ],
+    );
+    assert_eq!(std::fs::read(&dest).unwrap(), b"ipxe");
+    std::thread::sleep(Duration::from_secs(1));
+    run_ok(
+        &served.client,
+        "ip",
+        &["link", "set", "eth0", "address", "52:54:00:99:00:03"],
+    );
+    let (honest, text) = udhcpc_once(&served.client);
+    let honest =
+        honest.unwrap_or_else(|| panic!("a new machine after the flood:\n{text}\n{}", tail()));
+    assert!(in_pool(honest), "{honest}");
 }
 
 /// A profile whose boot files are on another TFTP server: its machines'

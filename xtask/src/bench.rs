@@ -81,6 +81,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         "0".into(),
         "--tftp-max-per-client".into(),
         "100000".into(),
+        // One address for every load client: no per-source budget.
+        "--admit-tftp-per-source".into(),
+        "0".into(),
     ];
     // The same pxed with its kernel tiers: XDP attached (native on veth,
     // which has no tailroom, so TC builds the blocks) and TC.

@@ -98,6 +98,9 @@ pub fn servers(pxed: &Path, tftpd: &Path, root: &Path, work: &Path) -> anyhow::R
             &leases,
             "--tftp-max-per-client",
             "100000",
+            // One address for every simulated machine: no per-source budget.
+            "--admit-tftp-per-source",
+            "0",
             "--http-port",
             "0",
         ]);
@@ -144,6 +147,9 @@ pub fn servers(pxed: &Path, tftpd: &Path, root: &Path, work: &Path) -> anyhow::R
                         "proxy",
                         "--tftp-max-per-client",
                         "100000",
+                        // One address for every simulated machine: no per-source budget.
+                        "--admit-tftp-per-source",
+                        "0",
                         "--http-port",
                         "0",
                         "--fastpath-memory",

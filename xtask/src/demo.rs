@@ -85,6 +85,9 @@ fn run_lab(
         leases.to_str().unwrap(),
         "--tftp-max-per-client",
         "100000",
+        // One address for every simulated machine: no per-source budget.
+        "--admit-tftp-per-source",
+        "0",
     ];
     eprintln!("demo: pxed {}", args.join(" "));
     let pid = lab.spawn_logged(&server, pxed, &args, &log)?;

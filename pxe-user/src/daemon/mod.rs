@@ -30,7 +30,10 @@ use crate::{
     config::{Config, DhcpMode},
     control::Control,
     dhcp::engine::Engine,
-    fastpath::{CounterSnapshot, Counters, FastPath, KernelAnswers},
+    fastpath::{
+        enforcing_tier, CounterSnapshot, Counters, FastPath, KernelAdmission, KernelAnswers,
+        XdpModeChoice,
+    },
     netif,
     observe::Observer,
     policy::SharedPolicy,
@@ -131,6 +134,7 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
     });
     observer.watch_fastpath(&fastpath);
 
+    let admission = start_admission(&settings, &fastpath)?;
     let answers = settings.kernel_answers().then(|| {
         Arc::new(KernelAnswers::new(
             Arc::clone(&fastpath),
@@ -152,12 +156,19 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
             &xdp_modes,
             &services::Shared {
                 answers: answers.as_ref(),
+                admission: admission.as_ref(),
                 policy: &policy,
                 observer: &observer,
                 cluster: cluster.as_ref(),
             },
             &mut services,
         )?;
+        if let Some(admission) = &admission {
+            tokio::spawn(follow_known_machines(
+                Arc::clone(admission),
+                Arc::clone(&engine),
+            ));
+        }
         Some(engine)
     };
     // The inventory over the file: published before any file is served.
@@ -232,6 +243,69 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
         services,
         _found_ipxe: found_ipxe,
     })
+}
+
+/// Sets the programs' admission limits, unless the operator turned them
+/// off or no program is attached to enforce them.
+fn start_admission(
+    settings: &Settings,
+    fastpath: &Arc<Mutex<FastPath>>,
+) -> anyhow::Result<Option<Arc<KernelAdmission>>> {
+    let Some(limits) = &settings.admission else {
+        info!("admission control off (--no-admission): every request reaches userspace");
+        return Ok(None);
+    };
+    if !settings.kernel_tiers() {
+        info!("admission control off: it runs in the XDP or TC program, and both are off");
+        return Ok(None);
+    }
+    let xdp = settings.xdp_mode != XdpModeChoice::Off;
+    let ifindexes = settings
+        .interfaces
+        .iter()
+        .map(|i| netif::index(i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let config = limits.kernel_config(enforcing_tier(xdp));
+    let admission = KernelAdmission::start(Arc::clone(fastpath), config, &ifindexes)
+        .context("setting the kernel's admission limits")?;
+    info!(
+        program = if xdp { "xdp" } else { "tc" },
+        dhcp_unknown_per_s = limits.dhcp_unknown_rate,
+        dhcp_unknown_burst = limits.dhcp_unknown_burst,
+        discover_per_mac_per_s = limits.dhcp_discover_per_mac,
+        tftp_per_s = limits.tftp_rate,
+        tftp_burst = limits.tftp_burst,
+        tftp_per_source_per_s = limits.tftp_per_source,
+        tftp_per_source_burst = limits.tftp_per_source_burst,
+        "admission control on (0: unlimited; --no-admission turns it off)"
+    );
+    Ok(Some(Arc::new(admission)))
+}
+
+/// How often the kernel's known machines are made the daemon's again: a
+/// machine whose lease ended leaves it within this, one the API added joins.
+const KNOWN_MACHINES_PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Keeps the kernel's known machines those the engine knows.
+async fn follow_known_machines(admission: Arc<KernelAdmission>, engine: Arc<Mutex<Engine>>) {
+    let mut ticker = tokio::time::interval(KNOWN_MACHINES_PERIOD);
+    loop {
+        ticker.tick().await;
+        let (admission, engine) = (Arc::clone(&admission), Arc::clone(&engine));
+        let followed = tokio::task::spawn_blocking(move || {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let known = engine
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .known_macs(now);
+            admission.reconcile(&known);
+        });
+        if followed.await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Each interface's first address: what its services bind to and answer

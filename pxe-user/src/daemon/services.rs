@@ -25,7 +25,7 @@ use crate::{
         engine::{Engine, EngineConfig},
         templates,
     },
-    fastpath::{AttachedXdp, FastPath, FastPathHooks, KernelAnswers},
+    fastpath::{AttachedXdp, FastPath, FastPathHooks, KernelAdmission, KernelAnswers},
     http,
     inventory::{
         Inventory, InventoryStore, MemInventoryStore, PostgresInventoryStore, RedbInventoryStore,
@@ -337,6 +337,8 @@ const POSTGRES_COMMIT_LINGER: std::time::Duration = std::time::Duration::from_mi
 pub struct Shared<'a> {
     /// The kernel's DHCP templates, when the kernel answers.
     pub answers: Option<&'a Arc<KernelAnswers>>,
+    /// The kernel's admission limits, when they are on.
+    pub admission: Option<&'a Arc<KernelAdmission>>,
     pub policy: &'a SharedPolicy,
     pub observer: &'a Arc<Observer>,
     /// This server among others on a shared lease database.
@@ -354,6 +356,7 @@ pub fn start_dhcp(
 ) -> anyhow::Result<Arc<Mutex<Engine>>> {
     let Shared {
         answers,
+        admission,
         policy,
         observer,
         cluster,
@@ -390,6 +393,9 @@ pub fn start_dhcp(
             } else {
                 REDB_COMMIT_LINGER
             });
+        }
+        if let Some(admission) = admission {
+            listener = listener.with_admission(Arc::clone(admission), netif::index(interface)?);
         }
         if let Some(answers) = answers {
             let xdp_tx =

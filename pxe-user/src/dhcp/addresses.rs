@@ -192,6 +192,7 @@ impl Addresses {
         &mut self,
         ip: Ipv4Addr,
         client: Vec<u8>,
+        mac: Mac,
         until: u64,
         stranger_in: Option<usize>,
     ) {
@@ -199,10 +200,21 @@ impl Addresses {
             ip,
             Held {
                 client,
+                mac: mac.0,
                 until,
                 stranger_in,
             },
         );
+    }
+
+    /// The machines offers are held for.
+    pub fn offered_macs(&self) -> impl Iterator<Item = [u8; 6]> + '_ {
+        self.offers.macs()
+    }
+
+    /// The machines with a reservation.
+    pub fn reserved_macs(&self) -> impl Iterator<Item = [u8; 6]> + '_ {
+        self.reservations.keys().map(|mac| mac.0)
     }
 
     /// Offers held for strangers in subnet `subnet`.

@@ -32,7 +32,10 @@ use super::{
     socket::{bind, send_waiting, Port67, DHCP_SERVER_PORT},
     templates::{self, Clocks, Interface},
 };
-use crate::{fastpath::KernelAnswers, observe::Observer};
+use crate::{
+    fastpath::{KernelAdmission, KernelAnswers},
+    observe::Observer,
+};
 
 /// The DHCP sockets of one interface.
 pub struct Listener {
@@ -45,6 +48,8 @@ pub struct Listener {
     discovery: UdpSocket,
     /// Where the kernel answers repeat requests from our replies, if it does.
     kernel: Option<(Arc<KernelAnswers>, Interface)>,
+    /// The kernel's admission limits and this interface's index, if on.
+    admission: Option<(Arc<KernelAdmission>, u32)>,
     /// How long a burst that will write waits for more requests (see
     /// [`Listener::with_commit_linger`]).
     linger: Duration,
@@ -69,6 +74,7 @@ impl Listener {
             dhcp,
             discovery,
             kernel: None,
+            admission: None,
             linger: Duration::ZERO,
         })
     }
@@ -79,6 +85,13 @@ impl Listener {
     /// the wait; a client waits milliseconds more for its ACK.
     pub fn with_commit_linger(mut self, linger: Duration) -> Self {
         self.linger = linger;
+        self
+    }
+
+    /// Tells the kernel's admission control which machines and relays pxed
+    /// now knows (`ifindex`: this interface's).
+    pub fn with_admission(mut self, admission: Arc<KernelAdmission>, ifindex: u32) -> Self {
+        self.admission = Some((admission, ifindex));
         self
     }
 
@@ -131,6 +144,7 @@ fn serve(
         dhcp,
         discovery,
         kernel,
+        admission,
         linger,
     } = listener;
     let mut warned = Warnings::default();
@@ -213,6 +227,7 @@ fn serve(
                 port,
                 sockets,
                 &kernel,
+                admission.as_ref(),
                 observer,
                 &interface,
                 &mut warned,
@@ -239,6 +254,7 @@ fn decide_and_answer(
     port: u16,
     sockets: Sockets<'_>,
     kernel: &Option<(Arc<KernelAnswers>, Interface)>,
+    admission: Option<&(Arc<KernelAdmission>, u32)>,
     observer: &Observer,
     interface: &str,
     warned: &mut Warnings,
@@ -260,12 +276,38 @@ fn decide_and_answer(
     observer.dhcp_burst(burst.len(), started.elapsed(), commit);
     for (received, outcome) in burst.iter().zip(outcomes) {
         observer.dhcp(port, &received.request, &outcome);
+        if let Some((admission, ifindex)) = admission {
+            tell_admission(admission, *ifindex, &received.request, &outcome);
+        }
         let kernel = kernel.as_ref().map(|(answers, iface)| KernelSide {
             answers,
             iface,
             decided_in,
         });
         answer(received, outcome, port, sockets, interface, kernel, warned);
+    }
+}
+
+/// A machine offered an address held for it, or granted a lease, is known
+/// from now on: its next request is admitted whatever its interface's
+/// budget. A relay answered through gets a budget of its own.
+fn tell_admission(admission: &KernelAdmission, ifindex: u32, request: &Request, outcome: &Outcome) {
+    let Some(reply) = &outcome.reply else {
+        return;
+    };
+    let relay = request.message.giaddr();
+    if !relay.is_unspecified() {
+        admission.relay_answered(ifindex, relay);
+    }
+    let leased = !reply.message.yiaddr().is_unspecified();
+    let kind = reply.message.opts().msg_type();
+    let holds = match kind {
+        Some(MessageType::Offer) => leased && !outcome.unheld_offer,
+        Some(MessageType::Ack) => leased,
+        _ => false,
+    };
+    if holds {
+        admission.know(request.mac);
     }
 }
 

@@ -234,6 +234,24 @@ impl Engine {
         self.addresses.leases()
     }
 
+    /// The machines pxed knows at `now`, which the kernel always admits:
+    /// reservations, the policy's machines (config and inventory), live
+    /// leases and held offers.
+    pub fn known_macs(&self, now: u64) -> std::collections::HashSet<[u8; 6]> {
+        let policy = self.policy.current();
+        let mut known: std::collections::HashSet<[u8; 6]> =
+            policy.known_macs().into_iter().map(|mac| mac.0).collect();
+        known.extend(self.addresses.reserved_macs());
+        known.extend(self.addresses.offered_macs());
+        known.extend(
+            self.addresses
+                .leases()
+                .filter(|lease| lease.is_current(now) && lease.state == LeaseState::Active)
+                .map(|lease| lease.mac),
+        );
+        known
+    }
+
     /// Other servers lease from these pools: this server prefers `share`
     /// of them (kept current by `crate::cluster`).
     pub fn share_pools(&mut self, share: std::sync::Arc<super::PoolShare>) {
@@ -501,6 +519,7 @@ impl Engine {
             self.addresses.hold_offer(
                 ip,
                 client,
+                req.mac,
                 ctx.now + OFFER_HOLD_SECS,
                 stranger.then_some(subnet),
             );

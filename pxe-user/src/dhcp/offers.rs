@@ -17,6 +17,8 @@ use std::{collections::HashMap, net::Ipv4Addr};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Held {
     pub client: Vec<u8>,
+    /// The machine's hardware address (chaddr), which the kernel knows it by.
+    pub mac: [u8; 6],
     pub until: u64,
     /// The subnet, when it was offered to a stranger.
     pub stranger_in: Option<usize>,
@@ -64,6 +66,11 @@ impl Offers {
         }
         self.by_client.insert(held.client.clone(), ip);
         self.by_ip.insert(ip, held);
+    }
+
+    /// The machines offers are held for.
+    pub fn macs(&self) -> impl Iterator<Item = [u8; 6]> + '_ {
+        self.by_ip.values().map(|held| held.mac)
     }
 
     /// Offers held for strangers in `subnet`.
@@ -128,6 +135,7 @@ mod tests {
     fn held(client: &[u8], until: u64) -> Held {
         Held {
             client: client.to_vec(),
+            mac: [0; 6],
             until,
             stranger_in: None,
         }

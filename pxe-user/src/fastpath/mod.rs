@@ -6,6 +6,7 @@
 //! reason, SIGKILL and crashes included: a dead daemon never leaves a program
 //! on an operator's interface.
 
+mod admission;
 mod answers;
 mod counters;
 pub mod tftp_sessions;
@@ -26,6 +27,7 @@ use pxe_common::maps::{
 };
 
 pub use self::{
+    admission::{enforcing_tier, AdmissionLimits, KernelAdmission},
     answers::KernelAnswers,
     counters::{CounterSnapshot, Counters},
     tftp_sessions::FastPathHooks,

@@ -219,6 +219,11 @@ pub trait BootPolicy: Send + Sync {
     fn knows(&self, _mac: Mac) -> bool {
         false
     }
+    /// Every MAC [`Self::knows`]: admitted by the kernel whatever its
+    /// interface's budget for unknown machines.
+    fn known_macs(&self) -> Vec<Mac> {
+        Vec::new()
+    }
     /// The `[[class]]` `machine` falls in, for the log.
     fn class_name(&self, _machine: &Machine) -> Option<String> {
         None

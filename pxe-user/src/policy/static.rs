@@ -201,6 +201,10 @@ impl BootPolicy for StaticPolicy {
         self.machines.contains_key(&mac)
     }
 
+    fn known_macs(&self) -> Vec<Mac> {
+        self.machines.keys().copied().collect()
+    }
+
     fn class_name(&self, machine: &Machine) -> Option<String> {
         self.class_of(machine).map(|c| c.name.clone())
     }

@@ -287,6 +287,10 @@ impl BootPolicy for WebhookPolicy {
         self.base.knows(mac)
     }
 
+    fn known_macs(&self) -> Vec<Mac> {
+        self.base.known_macs()
+    }
+
     fn class_name(&self, machine: &Machine) -> Option<String> {
         self.base.class_name(machine)
     }
