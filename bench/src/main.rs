@@ -7,12 +7,15 @@
 //! - `bench dhcp`: N machines lease an address, then lease it again and
 //!   again; server latency percentiles, first exchanges apart from repeats.
 //! - `bench tftp`: N concurrent TFTP downloads of one file.
+//! - `bench flood`: DISCOVERs from random MACs and TFTP read requests from
+//!   random ports at a set rate, for admission control's benchmark.
 //!
 //! Point it only at servers in your own test network: it sends as fast as the
 //! server answers, bounded by `--clients` and `--time-limit`.
 
 mod dhcp;
 mod dhcp_load;
+mod flood;
 mod plot;
 mod progress;
 mod pxe;
@@ -43,6 +46,8 @@ enum Command {
     Dhcp(dhcp_load::Args),
     /// Concurrent TFTP downloads of one file.
     Tftp(tftp::Args),
+    /// DISCOVERs from random MACs and TFTP read requests at a set rate, for a set time.
+    Flood(flood::Args),
     /// Per-packet cost of the XDP program, by BPF_PROG_TEST_RUN (as root).
     XdpCost(xdp_cost::Args),
 }
@@ -55,6 +60,7 @@ fn main() -> ExitCode {
         Command::Pxe(args) => pxe::run(args),
         Command::Dhcp(args) => dhcp_load::run(args),
         Command::Tftp(args) => tftp::run(args),
+        Command::Flood(args) => flood::run(args),
         Command::XdpCost(args) => xdp_cost::run(args),
     };
     match result {

@@ -364,6 +364,103 @@ fn two_hundred_machines_boot_from_pxed_through_ipxe_byte_exact() {
     );
 }
 
+/// `bench flood` sends what it is asked for and says what it achieved;
+/// pxed's admission control drops what is past its budgets, in the kernel.
+#[test]
+fn bench_flood_reports_its_rates_and_pxed_drops_what_is_past_its_budgets() {
+    if !pxe_lab::privileged("bench_flood_reports_its_rates_and_pxed_drops_what_is_past_its_budgets")
+    {
+        return;
+    }
+    let (lab, server, client) = lab();
+    let root = boot_root();
+    let work = tempfile::tempdir().unwrap();
+    let pid = start_pxed_with(
+        &lab,
+        &server,
+        root.path(),
+        work.path(),
+        &[
+            "--admit-dhcp-unknown",
+            "100",
+            "--admit-dhcp-unknown-burst",
+            "100",
+            // The harness's pxed has no per-source budget: the server's own.
+            "--admit-tftp",
+            "100",
+            "--admit-tftp-burst",
+            "100",
+            "--stats-interval",
+            "1",
+        ],
+    );
+    client
+        .ip(["addr", "add", "198.18.3.253/22", "dev", "eth0"])
+        .unwrap();
+    let json = work.path().join("flood.json");
+    let out = client
+        .output(
+            BENCH,
+            &[
+                "flood",
+                "--dhcp-rate",
+                "20000",
+                "--tftp-server",
+                "198.18.0.1",
+                "--tftp-source",
+                "198.18.3.253",
+                "--tftp-rate",
+                "2000",
+                "--seconds",
+                "2",
+                "--json",
+                json.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let sent = |proto: &str| report[proto]["sent"].as_u64().unwrap();
+    let (discovers, rrqs) = (sent("dhcp"), sent("tftp"));
+    assert!(discovers >= 30_000, "{report}");
+    assert!(rrqs >= 3_000, "{report}");
+    let achieved = report["dhcp"]["achieved_per_s"].as_f64().unwrap();
+    assert!((15_000.0..=21_000.0).contains(&achieved), "{report}");
+    // SAFETY: signals a process this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGUSR1) }, 0);
+    let log = work.path().join("pxed.log");
+    let counter = |name: &str| -> u64 {
+        let key = format!("{name}=");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines()
+            .rev()
+            .find(|l| l.contains(&key))
+            .and_then(|l| {
+                l[l.find(&key)? + key.len()..]
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let dropped = counter("DROP_DHCP_UNKNOWN_OVER_RATE");
+    assert!(
+        dropped as f64 > discovers as f64 * 0.9,
+        "{dropped} of {discovers} DISCOVERs dropped in the kernel"
+    );
+    let refused = counter("DROP_TFTP_OVER_RATE");
+    assert!(
+        refused as f64 > rrqs as f64 * 0.9,
+        "{refused} of {rrqs} read requests refused"
+    );
+}
+
 #[test]
 fn bench_dhcp_leases_again_and_pxeds_kernel_answers_every_repeat() {
     if !pxe_lab::privileged("bench_dhcp_leases_again_and_pxeds_kernel_answers_every_repeat") {

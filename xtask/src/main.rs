@@ -6,7 +6,8 @@
 //!   privileged tests required to run rather than allowed to skip), and each
 //!   fuzz target for a bounded time.
 //! - `demo`: the main job on its embedded defaults, with a machine booting.
-//! - `bench`, `bench-dhcp`, `bench-tftp`, `bench-webhook`, `bench-observe`:
+//! - `bench`, `bench-dhcp`, `bench-tftp`, `bench-webhook`, `bench-observe`,
+//!   `bench-flood`:
 //!   measurements, beside peers where there are any, written to docs/benchmarks.
 //! - `fuzz`: the long fuzzing runs, corpora minimised; docs/benchmarks/fuzz.md.
 //! - `soak`: a long run under waves, reloads and kills; docs/benchmarks/soak.md.
@@ -15,6 +16,7 @@
 mod bench;
 mod bench_cluster;
 mod bench_dhcp;
+mod bench_flood;
 mod bench_observe;
 mod bench_pxe;
 mod bench_webhook;
@@ -83,6 +85,11 @@ enum Task {
         #[arg(long)]
         sustained_only: bool,
     },
+    /// Admission control under a flood: 200 machines pxed knows boot while
+    /// `bench flood` sends 100,000 DISCOVERs/s and 10,000 TFTP read
+    /// requests/s, with admission on, off, and on in TC only; writes
+    /// docs/benchmarks/flood.md (as root; about ten minutes).
+    BenchFlood,
     /// DHCP with the leases on PostgreSQL: perfdhcp (new clients, repeats)
     /// against pxed on redb, one and two pxed on one PostgreSQL, and Kea
     /// 2.2 on PostgreSQL; writes docs/benchmarks/cluster.md (as root; a
@@ -212,6 +219,7 @@ fn main() -> ExitCode {
         Task::Package => setup::run(setup::Mode::Install)
             .and_then(|()| package::build())
             .and_then(|deb| package::check(&deb)),
+        Task::BenchFlood => setup::run(setup::Mode::Install).and_then(|()| bench_flood::run()),
         Task::BenchCluster { only } => {
             setup::run(setup::Mode::Install).and_then(|()| bench_cluster::run(only.as_deref()))
         }

@@ -296,11 +296,14 @@ async fn follow_known_machines(admission: Arc<KernelAdmission>, engine: Arc<Mute
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            let known = engine
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .known_macs(now);
-            admission.reconcile(&known);
+            // The engine is locked inside the table's lock, never the other
+            // way round: the DHCP threads tell the table after the engine.
+            admission.reconcile(|| {
+                engine
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .known_macs(now)
+            });
         });
         if followed.await.is_err() {
             return;

@@ -138,10 +138,13 @@ impl KernelAdmission {
         }
     }
 
-    /// Makes the kernel's known machines exactly `wanted`.
-    pub fn reconcile(&self, wanted: &HashSet<[u8; 6]>) {
+    /// Makes the kernel's known machines exactly those `wanted` returns.
+    /// It is asked with the table locked, so a machine [`Self::know`] adds
+    /// meanwhile (an offer just made) is in its answer, not removed by it.
+    pub fn reconcile(&self, wanted: impl FnOnce() -> HashSet<[u8; 6]>) {
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        let gone: Vec<[u8; 6]> = known.difference(wanted).copied().collect();
+        let wanted = wanted();
+        let gone: Vec<[u8; 6]> = known.difference(&wanted).copied().collect();
         for mac in gone {
             let removed = self.lock_fastpath().remove_known(mac);
             match removed {
