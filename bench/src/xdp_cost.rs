@@ -2,7 +2,8 @@
 //! BPF_PROG_TEST_RUN on the real object (nothing is attached, nothing is
 //! sent): building a DATA block in place (the TFTP fast path), answering a
 //! DHCP REQUEST from its client's template (the DHCP fast path), dropping a
-//! stale ACK, and passing a packet that is not ours.
+//! stale ACK, passing a packet that is not ours, and dropping a flood's
+//! packets past admission control's budgets.
 
 use std::time::Duration;
 
@@ -140,7 +141,71 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         pass_mean.as_nanos(),
         args.repeat
     );
+    admission_drops(&mut fp, args.repeat)?;
     Ok(true)
+}
+
+/// What a flood's packet costs once admission control refuses it: a
+/// DISCOVER from an unknown MAC past its interface's budget, one past its
+/// MAC's rate, and a TFTP read request past its source's budget.
+fn admission_drops(fp: &mut FastPath, repeat: u32) -> anyhow::Result<()> {
+    use pxe_common::admit::{AdmitConfig, BucketKey, Rate, TIER_XDP};
+    let discover = pxe_lab::client::dhcp::encode(&pxe_lab::client::dhcp::request(
+        &pxe_lab::client::dhcp::Identity::plain([0x02, 0xf1, 0, 0, 0, 1]),
+        dhcproto::v4::MessageType::Discover,
+        1,
+        vec![],
+    ));
+    let discover = frame_from(68, 67, &discover);
+    let rrq = frame(69, b"\0\x01ipxe.efi\0octet\0blksize\x001468\0");
+    // BPF_PROG_TEST_RUN reports the loopback interface.
+    fp.create_bucket(BucketKey {
+        ifindex: 1,
+        giaddr: [0; 4],
+    })?;
+    let cases = [
+        (
+            "drop an unknown DISCOVER past its budget",
+            AdmitConfig {
+                dhcp_unknown: Rate::new(1.0, 1),
+                ..limits(TIER_XDP)
+            },
+            &discover,
+        ),
+        (
+            "drop a DISCOVER past its MAC's rate",
+            AdmitConfig {
+                dhcp_mac_discover: Rate::new(1.0, 1),
+                ..limits(TIER_XDP)
+            },
+            &discover,
+        ),
+        (
+            "drop an RRQ past its source's budget",
+            AdmitConfig {
+                tftp_source: Rate::new(1.0, 1),
+                ..limits(TIER_XDP)
+            },
+            &rrq,
+        ),
+    ];
+    for (what, config, packet) in cases {
+        fp.set_admission(config)?;
+        // The first run takes the budget's one token; every later one is refused.
+        run_once(fp, packet, 1)?;
+        let (action, per) = run_once(fp, packet, repeat)?;
+        anyhow::ensure!(action == 1, "{what}: expected XDP_DROP, got {action}");
+        println!("  {what:<40} {:>5} ns (mean of {repeat})", per.as_nanos());
+    }
+    fp.set_admission(limits(0))?;
+    Ok(())
+}
+
+fn limits(tier: u32) -> pxe_common::admit::AdmitConfig {
+    pxe_common::admit::AdmitConfig {
+        tier,
+        ..bytemuck::Zeroable::zeroed()
+    }
 }
 
 /// The median of `samples` single runs of `frame`, each expected to end in

@@ -1372,6 +1372,47 @@ fn a_discover_flood_from_made_up_macs_leaves_addresses_for_honest_machines() {
     );
 }
 
+/// A flood that takes real leases: 100 made-up machines run whole DORAs
+/// until the pool of 100 is full; the reserved machine (udhcpc) is still
+/// served its own address.
+#[test]
+fn a_pool_taken_by_a_flood_of_real_leases_still_serves_the_reserved_machine() {
+    if !pxe_lab::privileged(
+        "a_pool_taken_by_a_flood_of_real_leases_still_serves_the_reserved_machine",
+    ) || !have_tool("busybox", "busybox")
+        || !have_tool("curl", "curl")
+    {
+        return;
+    }
+    let reserved_mac = "52:54:00:99:00:04";
+    let (served, _scratch) = served_with_a_reserved_machine(reserved_mac, &[]);
+    let leased: std::collections::BTreeSet<Ipv4Addr> = served
+        .client
+        .run(|| {
+            let socket = dc::client_socket("eth0");
+            (0..100u32)
+                .map(|n| {
+                    let [_, a, b, c] = n.to_be_bytes();
+                    dc::dora(&socket, [0x02, 0xf3, 0x00, a, b, c], 0x7000 + n).unwrap()
+                })
+                .collect()
+        })
+        .unwrap();
+    assert_eq!(leased.len(), 100, "every address of the pool leased once");
+    assert!(leased.iter().all(|ip| in_pool(*ip)));
+    run_ok(
+        &served.client,
+        "ip",
+        &["link", "set", "eth0", "address", reserved_mac],
+    );
+    let (ip, text) = udhcpc_once(&served.client);
+    assert_eq!(
+        ip,
+        Some(Ipv4Addr::new(198, 18, 0, 250)),
+        "the reserved machine with the pool taken:\n{text}"
+    );
+}
+
 /// The kernel's admission control beside real clients: while over 20,000
 /// DISCOVERs and REQUESTs from made-up MACs arrive over 3 s, far past the
 /// budget for unknown machines (50/s, 100 at once), a reserved machine

@@ -30,20 +30,32 @@ const FLOOD_SECONDS: u64 = 20;
 struct Setting {
     name: &'static str,
     flags: &'static [&'static str],
+    /// The flood is sent but dropped at the egress of the client's end of
+    /// the veth (nftables, netdev family): what generating it costs the
+    /// machine, with nothing crossing to pxed.
+    control: bool,
 }
 
 const SETTINGS: &[Setting] = &[
     Setting {
+        name: "control: flood sent, dropped on the client's device",
+        flags: &[],
+        control: true,
+    },
+    Setting {
         name: "admission on (XDP + TC)",
         flags: &[],
+        control: false,
     },
     Setting {
         name: "admission off (XDP + TC)",
         flags: &["--no-admission"],
+        control: false,
     },
     Setting {
         name: "admission on, TC only (`--xdp-mode off`)",
         flags: &["--xdp-mode", "off"],
+        control: false,
     },
 ];
 
@@ -81,8 +93,13 @@ pub fn run() -> anyhow::Result<()> {
         let mut unloaded = Vec::new();
         let mut flooded = Vec::new();
         for run in 0..RUNS {
-            unloaded.push(measure(&server, &bench, &root, &work, false)?);
-            flooded.push(measure(&server, &bench, &root, &work, true)?);
+            unloaded.push(measure(&server, &bench, &root, &work, Flood::None)?);
+            let flood = if setting.control {
+                Flood::DroppedAtTheClient
+            } else {
+                Flood::Sent
+            };
+            flooded.push(measure(&server, &bench, &root, &work, flood)?);
             eprintln!(
                 "{}, run {}: unloaded p99 {:.0} ms; flooded p99 {:.0} ms, {} failed, pxed {:.0}% of a core (flood alone {:.0}%), flood {:.0} DISCOVERs/s",
                 setting.name,
@@ -155,18 +172,40 @@ fn pxed_server(pxed: &Path, root: &Path, config: &Path, work: &Path, flags: &[&s
     }
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Flood {
+    None,
+    Sent,
+    DroppedAtTheClient,
+}
+
+/// nftables at the client's eth0 egress (after the socket sent it, so each
+/// send succeeds as in the real flood) dropping the flood: its DISCOVERs
+/// (from ports other than 68) and everything from its address.
+const DROP_THE_FLOOD: &str = "table netdev flood {\n  chain egress {\n    \
+     type filter hook egress device \"eth0\" priority 0;\n    \
+     udp dport 67 udp sport != 68 drop\n    ip saddr 198.18.255.253 drop\n  }\n}\n";
+
 fn measure(
     server: &Server,
     bench: &Path,
     root: &Path,
     work: &Path,
-    flood: bool,
+    flood: Flood,
 ) -> anyhow::Result<Run> {
     let (lab, srv, cli, pids) = bench_pxe::start_with_pids(server, work)?;
     let pxed = pids[0];
     let flood_json = work.join("flood.json");
     let _ = std::fs::remove_file(&flood_json);
-    let flood_pid = if flood {
+    if flood == Flood::DroppedAtTheClient {
+        let rules = work.join("flood.nft");
+        std::fs::write(&rules, DROP_THE_FLOOD)?;
+        let out = cli.output("nft", &["-f", rules.to_str().unwrap()])?;
+        if !out.status.success() {
+            bail!("nft: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    let flood_pid = if flood != Flood::None {
         cli.ip(["addr", "add", &format!("{FLOOD_SOURCE}/16"), "dev", "eth0"])?;
         let args = flood_args(&flood_json);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -179,7 +218,7 @@ fn measure(
     // The flood alone: what deciding it costs pxed, with no machine to serve.
     let flood_only = Duration::from_millis(1500);
     let cpu_flood_start = process_cpu_seconds(pxed)?;
-    if flood {
+    if flood != Flood::None {
         std::thread::sleep(flood_only);
     }
     let pxed_cpu_flood_only =
