@@ -3,7 +3,10 @@
 //! relayed by dnsmasq gets an address from the relay's subnet; in proxy mode
 //! beside dnsmasq (sharing port 67) or Kea (holding it) a PXE client gets its
 //! address from one and its boot file from the other; one pxed serves two
-//! networks; and leases survive SIGKILL. Needs root and the clients.
+//! networks; leases survive SIGKILL; and the kernel's admission control
+//! keeps serving known machines through floods, knows a machine from its
+//! offer until its lease ends, and gives an answered relay its own budget.
+//! Needs root and the clients.
 
 mod common;
 
@@ -115,7 +118,7 @@ struct ServedWithConfig {
     client: pxe_lab::Netns,
     work: tempfile::TempDir,
     _root: tempfile::TempDir,
-    _server: pxe_lab::Netns,
+    server: pxe_lab::Netns,
 }
 
 fn served_with_config(config: impl FnOnce(&pxe_lab::Netns) -> String) -> ServedWithConfig {
@@ -141,7 +144,7 @@ fn served_with(config: impl FnOnce(&pxe_lab::Netns) -> String, extra: &[&str]) -
         client,
         work,
         _root: root,
-        _server: server,
+        server,
     }
 }
 
@@ -1582,6 +1585,213 @@ fn a_flood_is_dropped_in_the_kernel_while_known_machines_are_served() {
     let honest =
         honest.unwrap_or_else(|| panic!("a new machine after the flood:\n{text}\n{}", tail()));
     assert!(in_pool(honest), "{honest}");
+}
+
+/// The budget for unknown machines of these tests: one request, then one a
+/// second. A request that follows another within the second is admitted
+/// only if the daemon has told the kernel about its machine.
+const ONE_A_SECOND: &[&str] = &[
+    "--admit-dhcp-unknown",
+    "1",
+    "--admit-dhcp-unknown-burst",
+    "1",
+];
+
+/// The first reply to `message` (broadcast, or sent to `to`) within `wait`.
+fn reply_to(
+    socket: &UdpSocket,
+    message: &dhcproto::v4::Message,
+    to: SocketAddrV4,
+    wait: Duration,
+) -> Option<dhcproto::v4::Message> {
+    use pxe_lab::client::dhcp as client;
+    socket.send_to(&client::encode(message), to).unwrap();
+    dc::first(socket, message.xid(), wait).map(|(m, _)| m)
+}
+
+/// The daemon keeps the kernel's table of known machines: a new machine it
+/// offers an address is known at once, so its REQUEST passes with the
+/// interface's budget spent (the 2 s reconcile is far too late for it, and
+/// the budget refills only after a second); once its lease is released the
+/// reconcile forgets it, and its next DISCOVER waits for the budget like any
+/// stranger's.
+#[test]
+fn a_machine_is_admitted_from_its_offer_until_its_lease_is_released() {
+    if !pxe_lab::privileged("a_machine_is_admitted_from_its_offer_until_its_lease_is_released")
+        || !have_tool("curl", "curl")
+    {
+        return;
+    }
+    use pxe_lab::client::dhcp::{self as client, Identity};
+    let (served, _scratch) = served_with_a_reserved_machine("52:54:00:99:00:05", ONE_A_SECOND);
+    let log = served.work.path().join("pxed.log");
+    wait_for_file_text(&log, "admission control on", Duration::from_secs(10));
+    let broadcast = SocketAddrV4::new(Ipv4Addr::BROADCAST, 67);
+    let server = Ipv4Addr::new(198, 18, 0, 1);
+    let wait = Duration::from_millis(500);
+    let discover = |mac: [u8; 6], xid: u32| {
+        client::request(&Identity::plain(mac), MessageType::Discover, xid, vec![])
+    };
+    served
+        .client
+        .run(|| {
+            let socket = dc::client_socket("eth0");
+            let mut leased = Vec::new();
+            for n in 0..3u8 {
+                // A full bucket (one request), which the DISCOVER takes.
+                std::thread::sleep(Duration::from_millis(1_100));
+                let mac = [0x02, 0xa0, 0, 0, 0, n];
+                let xid = 0x5100 + u32::from(n);
+                let offer = reply_to(&socket, &discover(mac, xid), broadcast, wait)
+                    .unwrap_or_else(|| panic!("machine {n}: no OFFER with the bucket full"));
+                let request = client::request(
+                    &Identity::plain(mac),
+                    MessageType::Request,
+                    xid,
+                    vec![
+                        DhcpOption::ServerIdentifier(server),
+                        DhcpOption::RequestedIpAddress(offer.yiaddr()),
+                    ],
+                );
+                let ack = reply_to(&socket, &request, broadcast, wait)
+                    .unwrap_or_else(|| panic!("machine {n}: its REQUEST was refused"));
+                assert_eq!(dc::kind(&ack), Some(MessageType::Ack), "machine {n}");
+                // The budget is spent indeed: a stranger now is refused.
+                let stranger = discover([0x02, 0xa1, 0, 0, 0, n], 0x5200 + u32::from(n));
+                assert!(
+                    reply_to(&socket, &stranger, broadcast, wait).is_none(),
+                    "round {n}: a stranger was admitted with the budget spent"
+                );
+                leased.push((mac, ack.yiaddr()));
+            }
+            // The first machine releases its lease; within the reconcile's
+            // 2 s it is a stranger again (and the bucket has refilled).
+            let (mac, ip) = leased[0];
+            let mut release = client::request(
+                &Identity::plain(mac),
+                MessageType::Release,
+                0x5300,
+                vec![DhcpOption::ServerIdentifier(server)],
+            );
+            release.set_ciaddr(ip);
+            socket
+                .send_to(&client::encode(&release), broadcast)
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(3_000));
+            assert!(
+                reply_to(
+                    &socket,
+                    &discover([0x02, 0xa2, 0, 0, 0, 0], 0x5400),
+                    broadcast,
+                    wait
+                )
+                .is_some(),
+                "a stranger with the bucket refilled"
+            );
+            assert!(
+                reply_to(&socket, &discover(mac, 0x5401), broadcast, wait).is_none(),
+                "the released machine is still admitted with the budget spent"
+            );
+            let (still, _) = leased[1];
+            assert!(
+                reply_to(&socket, &discover(still, 0x5402), broadcast, wait).is_some(),
+                "a machine with a live lease is admitted with the budget spent"
+            );
+        })
+        .unwrap();
+}
+
+/// A relay pxed has answered through gets a budget of its own: requests
+/// through relays not answered yet (here a second one) share one bucket, and
+/// when it is spent the answered relay's machines are still admitted.
+#[test]
+fn a_relay_answered_gets_a_budget_of_its_own() {
+    if !pxe_lab::privileged("a_relay_answered_gets_a_budget_of_its_own") {
+        return;
+    }
+    use pxe_lab::client::dhcp::{self as client, Identity};
+    let relays = [Ipv4Addr::new(198, 18, 7, 1), Ipv4Addr::new(198, 18, 8, 1)];
+    let served = served_with(
+        |_| {
+            FULL_MODE_ON_POOL.to_owned()
+                + r#"
+[[dhcp.subnet]]
+network = "198.18.7.0/24"
+pools = ["198.18.7.10-198.18.7.50"]
+[[dhcp.subnet]]
+network = "198.18.8.0/24"
+pools = ["198.18.8.10-198.18.8.50"]
+"#
+        },
+        ONE_A_SECOND,
+    );
+    let log = served.work.path().join("pxed.log");
+    wait_for_file_text(&log, "admission control on", Duration::from_secs(10));
+    for relay in relays {
+        served
+            .client
+            .ip(["addr", "add", &format!("{relay}/32"), "dev", "eth0"])
+            .unwrap();
+        served
+            .server
+            .ip(["route", "add", &format!("{relay}/32"), "via", "198.18.0.2"])
+            .unwrap();
+    }
+    let relayed = |relay: Ipv4Addr, mac: [u8; 6], xid: u32| {
+        let mut m = client::request(&Identity::plain(mac), MessageType::Discover, xid, vec![]);
+        m.set_giaddr(relay).set_hops(1);
+        m
+    };
+    let server = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 67);
+    let wait = Duration::from_millis(300);
+    served
+        .client
+        .run(|| {
+            // The relays' side: replies come to port 67 of the giaddr.
+            let socket = UdpSocket::bind("0.0.0.0:67").unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
+            let started = std::time::Instant::now();
+            let first = reply_to(
+                &socket,
+                &relayed(relays[0], [2, 0xb0, 0, 0, 0, 1], 0x6001),
+                server,
+                wait,
+            )
+            .expect("the first relayed DISCOVER, with the new relays' bucket full");
+            assert_eq!(first.yiaddr().octets()[..3], [198, 18, 7]);
+            assert!(
+                reply_to(
+                    &socket,
+                    &relayed(relays[1], [2, 0xb0, 0, 0, 0, 2], 0x6002),
+                    server,
+                    wait
+                )
+                .is_none(),
+                "a second new relay shares the spent bucket of relays not answered"
+            );
+            let again = reply_to(
+                &socket,
+                &relayed(relays[0], [2, 0xb0, 0, 0, 0, 3], 0x6003),
+                server,
+                wait,
+            )
+            .expect("the answered relay's own budget admits its next machine");
+            assert_eq!(again.yiaddr().octets()[..3], [198, 18, 7]);
+            // All within the second the shared bucket takes to refill.
+            assert!(
+                started.elapsed() < Duration::from_millis(900),
+                "{:?}",
+                started.elapsed()
+            );
+        })
+        .unwrap();
+    wait_for_file_text(
+        &log,
+        "this relay's unknown machines get a budget of their own",
+        Duration::from_secs(1),
+    );
 }
 
 /// A profile whose boot files are on another TFTP server: its machines'

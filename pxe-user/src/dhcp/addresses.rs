@@ -207,9 +207,9 @@ impl Addresses {
         );
     }
 
-    /// The machines offers are held for.
-    pub fn offered_macs(&self) -> impl Iterator<Item = [u8; 6]> + '_ {
-        self.offers.macs()
+    /// The machines offers are held for at `now`.
+    pub fn offered_macs(&self, now: u64) -> impl Iterator<Item = [u8; 6]> + '_ {
+        self.offers.macs(now)
     }
 
     /// The machines with a reservation.

@@ -242,7 +242,7 @@ impl Engine {
         let mut known: std::collections::HashSet<[u8; 6]> =
             policy.known_macs().into_iter().map(|mac| mac.0).collect();
         known.extend(self.addresses.reserved_macs());
-        known.extend(self.addresses.offered_macs());
+        known.extend(self.addresses.offered_macs(now));
         known.extend(
             self.addresses
                 .leases()

@@ -68,9 +68,13 @@ impl Offers {
         self.by_ip.insert(ip, held);
     }
 
-    /// The machines offers are held for.
-    pub fn macs(&self) -> impl Iterator<Item = [u8; 6]> + '_ {
-        self.by_ip.values().map(|held| held.mac)
+    /// The machines offers are held for at `now` (an offer past its deadline
+    /// may wait for the next sweep; it holds nothing).
+    pub fn macs(&self, now: u64) -> impl Iterator<Item = [u8; 6]> + '_ {
+        self.by_ip
+            .values()
+            .filter(move |held| held.until > now)
+            .map(|held| held.mac)
     }
 
     /// Offers held for strangers in `subnet`.
@@ -163,6 +167,33 @@ mod tests {
         o.hold(A, stranger(b"four"));
         o.sweep(100);
         assert_eq!(o.held_for_strangers(0), 0, "expired");
+    }
+
+    #[test]
+    fn the_machines_offers_are_held_for_exclude_offers_past_their_deadline() {
+        let mut o = Offers::default();
+        o.hold(
+            A,
+            Held {
+                mac: [1; 6],
+                ..held(b"one", 100)
+            },
+        );
+        o.hold(
+            B,
+            Held {
+                mac: [2; 6],
+                ..held(b"two", 200)
+            },
+        );
+        let macs = |o: &Offers, now| {
+            let mut m: Vec<_> = o.macs(now).collect();
+            m.sort();
+            m
+        };
+        assert_eq!(macs(&o, 99), [[1; 6], [2; 6]]);
+        // Not swept yet, and still not admitted as known.
+        assert_eq!(macs(&o, 100), [[2; 6]]);
     }
 
     #[test]

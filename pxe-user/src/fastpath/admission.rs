@@ -214,11 +214,6 @@ impl KernelAdmission {
         buckets.insert(key);
         Ok(())
     }
-
-    /// Machines the kernel holds as known.
-    pub fn known_len(&self) -> usize {
-        self.known.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
 }
 
 /// `BPF_NOEXIST`: create, never replace (the programs own the value).
@@ -260,12 +255,6 @@ impl FastPath {
                 source,
             }),
         }
-    }
-
-    /// A bucket's state, for tests.
-    pub fn bucket(&mut self, key: BucketKey) -> Result<Option<Gcra>, FastPathError> {
-        let buckets: HashMap<_, BucketKey, Gcra> = self.hash_map(DHCP_BUCKETS)?;
-        super::get_entry(&buckets, DHCP_BUCKETS, &key)
     }
 
     pub fn insert_known(&mut self, mac: [u8; 6]) -> Result<(), FastPathError> {
