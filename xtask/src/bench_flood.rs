@@ -53,6 +53,11 @@ const SETTINGS: &[Setting] = &[
         control: false,
     },
     Setting {
+        name: "admission on, generic XDP (`--xdp-mode generic`) + TC",
+        flags: &["--xdp-mode", "generic"],
+        control: false,
+    },
+    Setting {
         name: "admission on, TC only (`--xdp-mode off`)",
         flags: &["--xdp-mode", "off"],
         control: false,
@@ -66,6 +71,9 @@ struct Run {
     booted: u64,
     failed: u64,
     p99_ms: f64,
+    /// The machines' own resends: a request of theirs lost or refused.
+    dhcp_retransmits: u64,
+    tftp_retransmits: u64,
     /// pxed's CPU while the machines boot, and before, with the flood alone.
     pxed_cpu: f64,
     pxed_cpu_flood_only: f64,
@@ -231,6 +239,8 @@ fn measure(
         booted: report["booted"].as_u64().unwrap_or(0),
         failed: report["failed"].as_u64().unwrap_or(0),
         p99_ms: boot_p99(&report),
+        dhcp_retransmits: report["dhcp_retransmits"].as_u64().unwrap_or(0),
+        tftp_retransmits: report["tftp_retransmits"].as_u64().unwrap_or(0),
         pxed_cpu,
         pxed_cpu_flood_only,
         ..Run::default()
@@ -363,15 +373,17 @@ fn write_doc(path: &Path, rows: &[(&str, Vec<Run>, Vec<Run>)]) -> anyhow::Result
          run; {RUNS} runs per setting, medians shown. `pxed CPU` is pxed's own user and system time as a share\n\
          of one core: with the flood alone (the 1.5 s before the machines power on), and while the machines boot\n\
          (serving them included: unloaded, that alone is about a third of a core for the half second they take).\n\
-         The counters are the programs' (XDP and TC summed) at the end of the run.\n"
+         The counters are the programs' (XDP and TC summed) at the end of the run. The machines' retransmissions\n\
+         are their resent DHCP requests and TFTP ACKs, summed over the flooded runs (a request refused or lost\n\
+         costs its machine a resend: 4 s for UEFI's DHCP and TFTP).\n"
     );
     let _ = writeln!(
         doc,
-        "| setting | booted (of {MACHINES}, worst run) | unloaded p99 ms | flooded p99 ms | ratio | pxed CPU, flood alone / booting | flood DISCOVERs/s | flood RRQs/s | DHCP dropped | unknown admitted | RRQs dropped |"
+        "| setting | booted (of {MACHINES}, worst run) | unloaded p99 ms | flooded p99 ms | ratio | machines' retransmissions, DHCP / TFTP | pxed CPU, flood alone / booting | flood DISCOVERs/s | flood RRQs/s | DHCP dropped | unknown admitted | RRQs dropped |"
     );
     let _ = writeln!(
         doc,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for (name, unloaded, flooded) in rows {
         let base = median(unloaded.iter().map(|r| r.p99_ms));
@@ -379,9 +391,11 @@ fn write_doc(path: &Path, rows: &[(&str, Vec<Run>, Vec<Run>)]) -> anyhow::Result
         let m = |f: fn(&Run) -> f64| median(flooded.iter().map(f));
         let _ = writeln!(
             doc,
-            "| {name} | {} | {base:.0} | {loaded:.0} | {:.2}× | {:.0}% / {:.0}% | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            "| {name} | {} | {base:.0} | {loaded:.0} | {:.2}× | {} / {} | {:.0}% / {:.0}% | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
             flooded.iter().map(|r| r.booted).min().unwrap_or(0),
             loaded / base,
+            flooded.iter().map(|r| r.dhcp_retransmits).sum::<u64>(),
+            flooded.iter().map(|r| r.tftp_retransmits).sum::<u64>(),
             m(|r| r.pxed_cpu_flood_only) * 100.0,
             m(|r| r.pxed_cpu) * 100.0,
             m(|r| r.flood_dhcp_per_s),
