@@ -96,6 +96,8 @@ pub struct Report {
     pub client_retransmits: u64,
     pub failures: Vec<String>,
     pub cpu: pxe_lab::cpu::CpuUsage,
+    /// pxed's programs over the run (none for servers without them).
+    pub bpf: Vec<crate::bpf_stats::ProgramRun>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<bool> {
@@ -107,6 +109,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         bail!("--clients must be at least 1");
     }
     let meter = pxe_lab::cpu::CpuMeter::start(pxe_lab::cpu::LoadGenerator::ThisProcess);
+    let bpf = crate::bpf_stats::BpfMeter::start();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.time_limit);
     let results = match args.io {
@@ -137,7 +140,8 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
                 .with_context(|| format!("receiving through a packet socket on {interface}"))?
         }
     };
-    let report = report(args.clients, expected.len() as u64, results, started, meter);
+    let mut report = report(args.clients, expected.len() as u64, results, started, meter);
+    report.bpf = bpf.stop();
     println!(
         "tftp: {} clients, {} ok, {} failed, {:.1} MB in {:.2} s = {:.1} MB/s; transfer p50 {:.0} ms, p99 {:.0} ms; {} client retransmits",
         report.clients,
@@ -151,6 +155,15 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         report.client_retransmits
     );
     println!("  {}", report.cpu.describe(report.bytes));
+    for program in &report.bpf {
+        println!(
+            "  program {}: {} runs, {:.0} ns each, {:.3} s in all",
+            program.name,
+            program.runs,
+            program.ns_per_run(),
+            program.run_time_ns as f64 / 1e9
+        );
+    }
     for failure in report.failures.iter().take(10) {
         println!("  failed: {failure}");
     }
@@ -223,6 +236,7 @@ fn report(
         client_retransmits: retransmits,
         failures,
         cpu: meter.stop(),
+        bpf: Vec::new(),
     }
 }
 
