@@ -13,7 +13,6 @@
 //! Point it only at servers in your own test network: it sends as fast as the
 //! server answers, bounded by `--clients` and `--time-limit`.
 
-mod bpf_stats;
 mod dhcp;
 mod dhcp_load;
 mod flood;

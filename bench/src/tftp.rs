@@ -97,7 +97,7 @@ pub struct Report {
     pub failures: Vec<String>,
     pub cpu: pxe_lab::cpu::CpuUsage,
     /// pxed's programs over the run (none for servers without them).
-    pub bpf: Vec<crate::bpf_stats::ProgramRun>,
+    pub bpf: Vec<pxe_lab::bpf_stats::ProgramRun>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<bool> {
@@ -109,7 +109,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         bail!("--clients must be at least 1");
     }
     let meter = pxe_lab::cpu::CpuMeter::start(pxe_lab::cpu::LoadGenerator::ThisProcess);
-    let bpf = crate::bpf_stats::BpfMeter::start();
+    let bpf = pxe_lab::bpf_stats::BpfMeter::start();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.time_limit);
     let results = match args.io {

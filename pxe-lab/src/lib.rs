@@ -31,6 +31,7 @@ use std::{
 
 use nix::sched::{setns, CloneFlags};
 
+pub mod bpf_stats;
 pub mod client;
 pub mod cpu;
 pub mod faulty_fs;

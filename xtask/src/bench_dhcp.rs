@@ -84,6 +84,12 @@ struct Sustained {
     server_cpu_s: f64,
     /// User and system time of the server's own processes: no softirq work.
     process_cpu_s: f64,
+    /// Every core's busy time, perfdhcp's included: the same load generator
+    /// for every server, so comparable across them (issue 17's honest
+    /// accounting, beside the flattering "server CPU").
+    machine_cpu_s: f64,
+    /// The run time the kernel counted for pxed's programs (none for peers).
+    programs: Vec<pxe_lab::bpf_stats::ProgramRun>,
     /// perfdhcp's average and largest REQUEST→ACK delay, milliseconds.
     ack_delay_ms: (f64, f64),
 }
@@ -107,8 +113,15 @@ pub fn run(clients: &[usize], sustained_only: bool) -> anyhow::Result<()> {
         for (name, label) in MEASURED {
             let result = sustain(server_named(name)?, label, load, &work)?;
             eprintln!(
-                "{label}, {} at {}/s: {:.0} DORA/s, {} ACKs; server CPU {:.2} s (its processes {:.2} s)",
-                load.0, load.1, result.rate, result.acks, result.server_cpu_s, result.process_cpu_s
+                "{label}, {} at {}/s: {:.0} DORA/s, {} ACKs; server CPU {:.2} s (its processes {:.2} s); machine {:.2} s; programs {}",
+                load.0,
+                load.1,
+                result.rate,
+                result.acks,
+                result.server_cpu_s,
+                result.process_cpu_s,
+                result.machine_cpu_s,
+                programs_summary(&result.programs),
             );
             sustained.push(result);
         }
@@ -239,6 +252,7 @@ fn sustain(
             .sum()
     };
     let own_before = own_cpu();
+    let programs = pxe_lab::bpf_stats::BpfMeter::start();
     let meter = CpuMeter::start(LoadGenerator::WaitedChildren);
     let out = cli.output(
         "taskset",
@@ -261,6 +275,7 @@ fn sustain(
         ],
     )?;
     let cpu = meter.stop();
+    let programs = programs.stop();
     let process_cpu_s = own_cpu() - own_before;
     let text = String::from_utf8_lossy(&out.stdout);
     let achieved = text
@@ -288,11 +303,36 @@ fn sustain(
         acks,
         server_cpu_s: cpu.server_s,
         process_cpu_s,
+        machine_cpu_s: cpu.machine_busy_s,
+        programs,
         ack_delay_ms: (
             last_value(&text, "avg delay: "),
             last_value(&text, "max delay: "),
         ),
     })
+}
+
+/// The whole machine's busy seconds per 1,000 ACKs, perfdhcp included.
+fn machine_per_thousand(r: &Sustained) -> String {
+    if r.acks == 0 {
+        return "-".into();
+    }
+    format!("{:.3}", r.machine_cpu_s * 1000.0 / r.acks as f64)
+}
+
+/// The programs' total run time and each one's mean per run, or "-" for a
+/// server without them.
+fn programs_summary(programs: &[pxe_lab::bpf_stats::ProgramRun]) -> String {
+    if programs.is_empty() {
+        return "-".into();
+    }
+    let total_s: f64 = programs.iter().map(|p| p.run_time_ns as f64 / 1e9).sum();
+    let each = programs
+        .iter()
+        .map(|p| format!("{} {:.0}", p.name, p.ns_per_run()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("{total_s:.3} ({each})")
 }
 
 /// `bench dhcp` in the client namespace: `clients` machines on the link, each
@@ -379,15 +419,15 @@ fn write_doc(
     );
     let _ = writeln!(
         doc,
-        "perfdhcp runs single-threaded (in its default mode it busy-polls every core) as a relay in the client namespace;\nthe server starts fresh with an empty, durable lease database (pxed's redb fsyncs each commit before its ACKs;\nKea's memfile appends without an fsync).\n\n## Sustained load: new machines and repeats\n\n`taskset -c {PERFDHCP_CORE} perfdhcp -4 -g single -r RATE -p SECONDS -R CLIENTS`, the server pinned to core {SERVER_CORE} (`taskset -a -p`):\nDORA exchanges offered at RATE per second among CLIENTS distinct MACs, each ACK a lease. New machines: 60,000 MACs,\nso at 4,000/s nearly every exchange is a machine the server has never seen (about two visits per MAC at 20,000/s).\nRepeats: each of 10,000 MACs comes back about twenty times; after its first DORA, pxed's programs answer its\nDISCOVERs and REQUESTs from templates (on this veth, the TC program; XDP leaves them to TC), unless\n`--no-kernel-dhcp` (the userspace row). Server CPU is the machine's busy time less perfdhcp's own, so the\nkernel's packet work for the server is counted wherever it ran; its processes' own user + system time beside it\n(no softirq work in that). perfdhcp reports delays as average and maximum, not percentiles.\n"
+        "perfdhcp runs single-threaded (in its default mode it busy-polls every core) as a relay in the client namespace;\nthe server starts fresh with an empty, durable lease database (pxed's redb fsyncs each commit before its ACKs;\nKea's memfile appends without an fsync).\n\n## Sustained load: new machines and repeats\n\n`taskset -c {PERFDHCP_CORE} perfdhcp -4 -g single -r RATE -p SECONDS -R CLIENTS`, the server pinned to core {SERVER_CORE} (`taskset -a -p`):\nDORA exchanges offered at RATE per second among CLIENTS distinct MACs, each ACK a lease. New machines: 60,000 MACs,\nso at 4,000/s nearly every exchange is a machine the server has never seen (about two visits per MAC at 20,000/s).\nRepeats: each of 10,000 MACs comes back about twenty times; after its first DORA, pxed's programs answer its\nDISCOVERs and REQUESTs from templates (on this veth, the TC program; XDP leaves them to TC), unless\n`--no-kernel-dhcp` (the userspace row). Server CPU is the machine's busy time less perfdhcp's own, so the\nkernel's packet work for the server is counted wherever it ran; its processes' own user + system time beside it\n(no softirq work in that). Machine CPU per 1,000 ACKs is every core's busy time, perfdhcp's included: the same load\ngenerator for every server, so nothing is subtracted that the server caused. The programs' CPU is the run time the\nkernel counted for pxed's XDP and TC programs (`BPF_ENABLE_STATS`), whichever thread ran them. perfdhcp reports\ndelays as average and maximum, not percentiles. pxed runs with `--admit-dhcp-unknown 0`: these loads bring new\nmachines faster than its default admission allows, on purpose.\n"
     );
     let _ = writeln!(
         doc,
-        "| load | offered DORA/s | server | DORA/s achieved | ACKs | server CPU s | its processes CPU s | ACKs per server CPU-s | REQUEST→ACK avg / max ms |"
+        "| load | offered DORA/s | server | DORA/s achieved | ACKs | server CPU s | its processes CPU s | ACKs per server CPU-s | machine CPU s per 1,000 ACKs | programs: CPU s, ns per run | REQUEST→ACK avg / max ms |"
     );
     let _ = writeln!(
         doc,
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for r in sustained {
         let per_cpu = if r.server_cpu_s > 0.05 {
@@ -397,7 +437,7 @@ fn write_doc(
         };
         let _ = writeln!(
             doc,
-            "| {} ({} MACs) | {} | {} | {:.0} | {} | {:.2} | {:.2} | {per_cpu} | {:.3} / {:.1} |",
+            "| {} ({} MACs) | {} | {} | {:.0} | {} | {:.2} | {:.2} | {per_cpu} | {} | {} | {:.3} / {:.1} |",
             r.load.0,
             r.load.2,
             r.load.1,
@@ -406,6 +446,8 @@ fn write_doc(
             r.acks,
             r.server_cpu_s,
             r.process_cpu_s,
+            machine_per_thousand(r),
+            programs_summary(&r.programs),
             r.ack_delay_ms.0,
             r.ack_delay_ms.1
         );

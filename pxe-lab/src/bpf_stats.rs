@@ -41,7 +41,7 @@ impl BpfMeter {
         let enabled = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
             Ok(fd) => Some(fd),
             Err(e) => {
-                eprintln!("bench: BPF run-time statistics unavailable ({e}); the report has none");
+                eprintln!("BPF run-time statistics unavailable ({e}); the report has none");
                 None
             }
         };
