@@ -240,7 +240,9 @@ pub const fn next_handover(previous: u32) -> u32 {
 
 /// Largest window the kernel tiers serve: the TC tier sends a window as one
 /// frame per block (clone and redirect), unrolled this many times at most.
-/// UEFI (EDK2) asks for 4; larger windows stay in userspace (GSO).
+/// UEFI (EDK2) asks for 4; larger windows stay in userspace, whose GSO
+/// sends a window in one call: at 16 that beat the clones per block
+/// (docs/BENCHMARKS.md, windows above 8).
 pub const MAX_KERNEL_WINDOW: u32 = 8;
 
 const _: () = assert!(core::mem::size_of::<ImageEntry>() == 16);
