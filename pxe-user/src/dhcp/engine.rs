@@ -448,12 +448,13 @@ impl Engine {
     /// Port 67 in proxy mode: a boot-only OFFER to PXE DISCOVERs.
     fn proxy_offer(&self, ctx: &Ctx<'_>) -> Outcome {
         let req = ctx.req;
-        let (Some(boot), repeatable) = self.boot_answer(ctx) else {
+        let machine = machine_of(req);
+        let (Some(boot), repeatable) = self.boot_answer(ctx, &machine) else {
             return ctx.silent(format_args!(" ({}): no boot answer", describe(req)));
         };
         let mut message = ctx.reply(MessageType::Offer, Ipv4Addr::UNSPECIFIED);
         reply::add_boot(&mut message, req, &boot, ctx.here);
-        let note = self.add_boot_server_options(ctx, &mut message);
+        let note = self.add_boot_server_options(ctx, &machine, &mut message);
         let summary = format!(
             "DISCOVER from {} ({}) → proxy OFFER, boot {}{note}",
             req.mac,
@@ -467,13 +468,14 @@ impl Engine {
     /// Port 4011: the client has an address and asks for its boot file.
     fn boot_server_discovery(&self, ctx: &Ctx<'_>, source: SocketAddrV4) -> Outcome {
         let req = ctx.req;
-        let (Some(boot), repeatable) = self.boot_answer(ctx) else {
+        let machine = machine_of(req);
+        let (Some(boot), repeatable) = self.boot_answer(ctx, &machine) else {
             return ctx.silent(format_args!(" on 4011 ({}): no boot answer", describe(req)));
         };
         let mut message = ctx.reply(MessageType::Ack, Ipv4Addr::UNSPECIFIED);
         message.set_ciaddr(req.message.ciaddr());
         reply::add_boot(&mut message, req, &boot, ctx.here);
-        let note = self.add_boot_server_options(ctx, &mut message);
+        let note = self.add_boot_server_options(ctx, &machine, &mut message);
         let summary = format!(
             "{} from {} on 4011 ({}) → ACK, boot {}{note}",
             name(req.msg_type),
@@ -785,16 +787,16 @@ impl Engine {
 
     // ---- boot answers -----------------------------------------------------
 
-    /// What to boot, if this client boots from us, and whether the answer
-    /// stands until the policy changes (the kernel may repeat it).
-    fn boot_answer(&self, ctx: &Ctx<'_>) -> (Option<BootAnswer>, bool) {
+    /// What to boot, if `machine` (the one that sent the request) boots
+    /// from us, and whether the answer stands until the policy changes (the
+    /// kernel may repeat it).
+    fn boot_answer(&self, ctx: &Ctx<'_>, machine: &Machine) -> (Option<BootAnswer>, bool) {
         if ctx.req.firmware == Firmware::NotPxe {
             return (None, true);
         }
-        let machine = machine_of(ctx.req);
         let urls = ServerUrls::new(ctx.here, self.config.http_port);
-        let verdict = ctx.policy.decide(&machine, &urls);
-        (verdict.boot_answer(&machine, &urls), verdict.repeatable)
+        let verdict = ctx.policy.decide(machine, &urls);
+        (verdict.boot_answer(machine, &urls), verdict.repeatable)
     }
 
     /// The lease options of `subnet`, and the client's boot information if
@@ -809,7 +811,8 @@ impl Engine {
         let hostname = ctx.policy.hostname(ctx.req.mac);
         let subnet = &self.config.subnets[subnet];
         reply::add_lease_options(message, subnet, hostname);
-        let note = match self.boot_answer(ctx) {
+        let machine = machine_of(ctx.req);
+        let note = match self.boot_answer(ctx, &machine) {
             (Some(boot), repeatable) => {
                 reply::add_boot(message, ctx.req, &boot, ctx.here);
                 (format!(", boot {}", boot.file), repeatable)
@@ -817,7 +820,6 @@ impl Engine {
             (None, repeatable) => (String::new(), repeatable),
         };
         // Last: what the operator set replaces what pxed chose.
-        let machine = machine_of(ctx.req);
         let configured = ctx.policy.options(&machine).over(&subnet.options);
         let mut text = note.0;
         if let Some(class) = ctx.policy.class_name(&machine) {
@@ -829,10 +831,15 @@ impl Engine {
 
     /// A proxyDHCP answer's boot options from the config (crate::policy::
     /// options::is_boot_server_option): the lease's are the site server's.
-    fn add_boot_server_options(&self, ctx: &Ctx<'_>, message: &mut Message) -> String {
+    fn add_boot_server_options(
+        &self,
+        ctx: &Ctx<'_>,
+        machine: &Machine,
+        message: &mut Message,
+    ) -> String {
         let configured = ctx
             .policy
-            .options(&machine_of(ctx.req))
+            .options(machine)
             .only(options::is_boot_server_option);
         add_configured(ctx.req, message, &configured)
     }
