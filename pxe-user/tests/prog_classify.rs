@@ -427,3 +427,33 @@ fn object_defines_every_shared_map_and_both_programs() {
     assert!(ebpf.program(XDP_PROGRAM).is_some());
     assert!(ebpf.program(TC_PROGRAM).is_some());
 }
+
+/// The meter the benchmarks read the programs' own cost with (issue 17's
+/// honest accounting) counts every run of each program by its name. Other
+/// tests of this binary may run copies of the programs meanwhile, so the
+/// counts are floors.
+#[test]
+fn the_benchmarks_bpf_meter_counts_each_programs_runs() {
+    if !pxe_lab::privileged("the_benchmarks_bpf_meter_counts_each_programs_runs") {
+        return;
+    }
+    let mut fastpath = load();
+    let frame = FrameSpec::udp(68, 67, &dhcp_payload()).build();
+    let meter = pxe_lab::bpf_stats::BpfMeter::start();
+    for _ in 0..25 {
+        run_xdp(&mut fastpath, &frame);
+    }
+    for _ in 0..10 {
+        run_tc(&mut fastpath, &frame);
+    }
+    let programs = meter.stop();
+    let of = |name: &str| {
+        programs
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("{name} not metered: {programs:?}"))
+    };
+    let (xdp, tc) = (of("pxe_ingress"), of("pxe_tc_ingress"));
+    assert!(xdp.runs >= 25 && xdp.run_time_ns > 0, "{xdp:?}");
+    assert!(tc.runs >= 10 && tc.run_time_ns > 0, "{tc:?}");
+}
